@@ -1,0 +1,106 @@
+"""Open a built artifact for inference: verify it, pick backend and variant, respect the gate.
+
+Shared by ``evaluate``, the stream service and the benchmarks, so all three make the
+same choice for the same artifact and machine.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ArtifactError, ConfigError
+from .manifest import check_engine, read_manifest, verify_file
+from .runtime import Backend, available_backends, open_backend
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "tensorrt", "openvino", "onnxruntime")
+# Fastest first, per runtime, among variants of equal trust.
+_CPU_ORDER = ("int8", "fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Selection:
+    backend: str
+    precision: str
+    file: Path
+    exact: bool
+    reason: str
+
+
+def gate_passed(manifest: dict, variant: str, runtime: str, exact: bool) -> bool | None:
+    """Did (variant, runtime, mode) pass validation? None when it was never checked."""
+    if variant == "fp32" and runtime == "onnxruntime":
+        return True   # the reference itself
+    mode = "exact" if exact or runtime != "openvino" else "default"
+    for check in manifest.get("validation", {}).get("checks", []):
+        if check["variant"] == variant and check["runtime"] == runtime and check["mode"] == mode and not check.get("note"):
+            return bool(check["passed"])
+    return None
+
+
+def _tensorrt_choice(directory: Path, manifest: dict, explicit: bool, max_batch: int | None) -> Selection | None:
+    entry = manifest["files"].get("tensorrt")
+    if entry is None:
+        if explicit:
+            raise ArtifactError(f"{directory} has no TensorRT engine: rebuild with --tensorrt on a GPU machine")
+        return None
+    reason = available_backends()["tensorrt"]
+    if reason:
+        if explicit:
+            raise ArtifactError(f"--backend tensorrt: {reason}")
+        log.info("not using the TensorRT engine: %s", reason)
+        return None
+    from .tensorrt_build import tensorrt_identity
+    check_engine(entry, tensorrt_identity())   # stale engines are refused, never loaded
+    if gate_passed(manifest, "tensorrt", "tensorrt", True) is False:
+        raise ArtifactError("engine.plan failed its validation gate; rebuild it")
+    return Selection("tensorrt", "fp16", directory / entry["file"], True, "TensorRT engine and a GPU are present")
+
+
+def select(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
+           max_batch: int | None = None) -> tuple[dict, Selection]:
+    """Choose what to run; raises a one-line UserError when the request cannot be honoured."""
+    directory = Path(directory)
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
+    manifest = read_manifest(directory)
+    files = manifest["files"]
+    if backend in ("auto", "tensorrt") and precision in (None, "fp16"):
+        choice = _tensorrt_choice(directory, manifest, backend == "tensorrt", max_batch)
+        if choice:
+            return manifest, choice
+    elif backend == "tensorrt":
+        raise ConfigError(f"--backend tensorrt runs the FP16 engine; --precision {precision} is not available there")
+    runtimes = [backend] if backend != "auto" else [b for b in ("openvino", "onnxruntime") if not available_backends()[b]]
+    if not runtimes:
+        raise ArtifactError("no inference runtime is installed (pip install openvino onnxruntime)")
+    candidates = [precision] if precision else [p for p in _CPU_ORDER if p in files]
+    refused = []
+    for runtime in runtimes:
+        reason = available_backends()[runtime]
+        if reason:
+            raise ConfigError(f"--backend {runtime}: {reason}")
+        for variant in candidates:
+            if variant not in files:
+                raise ArtifactError(f"{directory} has no {variant} variant (built: {', '.join(k for k in files if k != 'tensorrt')})")
+            passed = gate_passed(manifest, variant, runtime, exact)
+            if passed:
+                why = ("explicit request" if precision else "fastest variant that passed its gate") + \
+                      (f", {runtime} chosen automatically" if backend == "auto" else "")
+                return manifest, Selection(runtime, variant, directory / files[variant]["file"], exact, why)
+            refused.append(f"{variant} on {runtime}{'' if exact or runtime != 'openvino' else ' (lowered precision)'}: "
+                           + ("failed its validation gate" if passed is False else "never validated"))
+    hint = "" if exact else "; --exact-precision runs the file's own precision"
+    raise ArtifactError(f"nothing in {directory} may run here: {'; '.join(refused)}{hint}")
+
+
+def open_artifact(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
+                  max_batch: int = 32, threads: int | None = None) -> tuple[dict, Selection, Backend]:
+    """Verify, select and open; the file's sha256 is checked against the manifest first."""
+    manifest, choice = select(directory, backend, precision, exact, max_batch)
+    key = "tensorrt" if choice.backend == "tensorrt" else choice.precision
+    verify_file(Path(directory), manifest["files"][key])
+    opened = open_backend(choice.backend, choice.file, choice.precision, max_batch, exact=choice.exact, threads=threads)
+    log.info("running %s (%s)", opened.describe(), choice.reason)
+    return manifest, choice, opened

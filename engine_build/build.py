@@ -1,0 +1,182 @@
+"""The build as small steps over one frozen config: import, emit, quantise, compile, validate, record."""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .caffe_io import iter_caffemodel, load_prototxt
+from .caffe_net import Net, attach_weights, build_net
+from .errors import BackendUnavailable, ConfigError, ValidationFailed
+from .imaging import builtin_photos, decode, list_images, photo_views
+from .manifest import (ENGINE_FILE, FORMAT, TIMING_CACHE, VARIANT_FILES, engine_staleness, read_manifest,
+                       sha256, write_manifest)
+from .onnx_graph import build_onnx
+from .placeholder import PLACEHOLDER_NAME
+from .preprocess import CROP_SIZE, IMAGE_SIZE, LABELS, MEAN_BGR
+from .validate import as_records, blocking_failures, run_checks, table
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    prototxt: Path
+    caffemodel: Path
+    output: Path
+    precisions: tuple[str, ...] = PRECISIONS
+    oversample: bool = False
+    max_batch: int = 32
+    tensorrt: bool = False
+    calibration_images: Path | None = None
+    validation_images: Path | None = None
+    thresholds: dict = field(default_factory=lambda: {"fp16": 0.995, "int8": 0.98})
+    placeholder: bool | None = None     # None: detect from the caffemodel's network name
+    progress: bool | None = None
+
+
+def load_images(folder: Path | None, what: str) -> tuple[np.ndarray, str]:
+    """Decoded 256x256 images from a folder, or views of the built-in photos."""
+    if folder is None:
+        return photo_views(builtin_photos()), "built-in photos (engine_build/photos, 6 views each)"
+    paths = list_images(folder) if Path(folder).is_dir() else []
+    if not paths:
+        raise ConfigError(f"--{what}-images {folder}: no JPEG/PNG/WebP/BMP/TIFF files there")
+    return np.stack([decode(p.read_bytes()) for p in paths]), str(folder)
+
+
+def import_caffe(cfg: BuildConfig) -> tuple[Net, bool]:
+    """Parse the deploy prototxt and attach the caffemodel's weights; returns (net, placeholder?)."""
+    proto = load_prototxt(cfg.prototxt)
+    net = build_net(proto)
+    ignored = attach_weights(net, iter_caffemodel(cfg.caffemodel, progress=cfg.progress))
+    if ignored:
+        log.info("ignored caffemodel layers not in the deploy net: %s", ", ".join(ignored))
+    placeholder = cfg.placeholder if cfg.placeholder is not None else PLACEHOLDER_NAME in (proto.name or "")
+    if net.output_shape != (len(LABELS),):
+        raise ConfigError(f"the net outputs {list(net.output_shape)} values; a sentiment model has {len(LABELS)}")
+    if net.input_shape != (3, CROP_SIZE, CROP_SIZE):
+        raise ConfigError(f"the net takes {list(net.input_shape)}; the authors' preprocessing needs [3, {CROP_SIZE}, {CROP_SIZE}]")
+    return net, placeholder
+
+
+def emit_onnx(cfg: BuildConfig, net: Net, placeholder: bool) -> dict[str, Path]:
+    meta = {"placeholder": str(placeholder).lower(), "labels": ",".join(LABELS), "oversample": str(cfg.oversample).lower()}
+    paths = {}
+    for precision in ("fp32", "fp16"):
+        if precision == "fp32" or precision in cfg.precisions:
+            path = cfg.output / VARIANT_FILES[precision]
+            onnx.save(build_onnx(net, cfg.oversample, "float16" if precision == "fp16" else "float32",
+                                 {**meta, "precision": precision}), path)
+            paths[precision] = path
+    return paths
+
+
+def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None) -> dict | None:
+    """Build engine.plan (or keep a still-valid one); None with a warning when TensorRT is missing."""
+    if not cfg.tensorrt:
+        return None
+    from .runtime.tensorrt_backend import tensorrt_unavailable_reason
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        print(f"engine_build: TensorRT engine skipped: {reason}. The CPU artifacts are still built.")
+        return None
+    if fp16_path is None:
+        raise ConfigError("--tensorrt builds from the FP16 model: include fp16 in --precision")
+    from .tensorrt_build import build_engine, tensorrt_identity
+    plan, cache = cfg.output / ENGINE_FILE, cfg.output / TIMING_CACHE
+    old = (previous or {}).get("files", {}).get("tensorrt")
+    if old and plan.exists() and old.get("onnx_sha256") == sha256(fp16_path):
+        why = engine_staleness(old, tensorrt_identity(), cfg.max_batch)
+        if why is None:
+            log.info("engine.plan is current; kept")
+            return old
+        log.info("engine.plan is stale (%s); rebuilding", why)
+    identity = build_engine(fp16_path, plan, cache, cfg.max_batch)
+    return {"file": ENGINE_FILE, "precision": "fp16", "min_batch": 1, "max_batch": cfg.max_batch,
+            "timing_cache": TIMING_CACHE, "onnx_sha256": sha256(fp16_path), **identity}
+
+
+def tool_versions() -> dict:
+    import cv2
+    import onnxruntime
+    versions = {"engine_build": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__}
+    try:
+        import openvino
+        versions["openvino"] = openvino.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def run_build(cfg: BuildConfig) -> dict:
+    """Every step in order; returns the manifest written (raises ValidationFailed after writing it)."""
+    started = time.perf_counter()
+    bad = [p for p in cfg.precisions if p not in PRECISIONS]
+    if bad:
+        raise ConfigError(f"--precision {bad[0]}: choose from {', '.join(PRECISIONS)}")
+    if cfg.max_batch < 1:
+        raise ConfigError("--max-batch must be at least 1")
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    try:
+        previous = read_manifest(cfg.output)
+    except Exception:
+        previous = None
+    net, placeholder = import_caffe(cfg)
+    print(f"imported {net.name}: {len(net.layers)} layers, "
+          f"{sum(w.size for layer in net.learned() for w in layer.weights):,} weights"
+          + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
+    paths = emit_onnx(cfg, net, placeholder)
+    del net
+    if "int8" in cfg.precisions:
+        from .quantize import quantize_int8
+        calibration, _ = load_images(cfg.calibration_images, "calibration")
+        quantize_int8(paths["fp32"], cfg.output / VARIANT_FILES["int8"], calibration)
+        paths["int8"] = cfg.output / VARIANT_FILES["int8"]
+    for stale in [p for k, p in ((k, cfg.output / f) for k, f in VARIANT_FILES.items()) if k not in paths and p.exists()]:
+        stale.unlink()
+    engine = maybe_engine(cfg, paths.get("fp16"), previous)
+    images, source = load_images(cfg.validation_images, "validation")
+    _, checks = run_checks(paths, cfg.output / ENGINE_FILE if engine else None, images, cfg.thresholds)
+    print(table(checks))
+    files = {k: {"file": p.name, "precision": k, "sha256": sha256(p)} for k, p in paths.items()}
+    if engine:
+        files["tensorrt"] = {**engine, "sha256": sha256(cfg.output / ENGINE_FILE)}
+    manifest = {
+        "format": FORMAT,
+        "model": {"name": PLACEHOLDER_NAME if placeholder else cfg.prototxt.stem, "placeholder": placeholder,
+                  "labels": list(LABELS),
+                  "source": {"prototxt": {"path": str(cfg.prototxt), "sha256": sha256(cfg.prototxt)},
+                             "caffemodel": {"path": str(cfg.caffemodel), "sha256": sha256(cfg.caffemodel)}}},
+        "input": {"name": "images", "dtype": "uint8", "shape": ["N", IMAGE_SIZE, IMAGE_SIZE, 3],
+                  "layout": "NHWC", "channels": "BGR"},
+        "outputs": {"probs": {"dtype": "float32", "shape": ["N", 2], "meaning": "softmax; index 0 negative, 1 positive"},
+                    "logits": {"dtype": "float32", "shape": ["N", 2]}},
+        "preprocessing": {"resize": f"{IMAGE_SIZE}x{IMAGE_SIZE} bilinear, aspect not kept (done by the caller)",
+                          "mean_bgr": list(MEAN_BGR), "crop": "10 crops averaged" if cfg.oversample else "centre",
+                          "crop_size": CROP_SIZE, "oversample": cfg.oversample},
+        "files": files,
+        "tools": tool_versions(),
+        "validation": {"reference": "onnxruntime model.onnx", "images": int(len(images)), "source": source,
+                       "thresholds": cfg.thresholds, "checks": as_records(checks)},
+        "build": {"seconds": round(time.perf_counter() - started, 1),
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    }
+    write_manifest(cfg.output, manifest)
+    failures = blocking_failures(checks)
+    if failures:
+        f = failures[0]
+        raise ValidationFailed(f"validation failed: {f.variant} on {f.runtime} agrees on {100 * f.agreement:.1f}% "
+                               f"of {f.images} images, needs {100 * f.threshold:.1f}% (NaN: {f.nan})")
+    return manifest

@@ -1,0 +1,82 @@
+"""The authors' evaluation protocol on their list format (``IMAGE LABEL`` lines)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import ConfigError, DecodeError
+from .imaging import decode
+from .preprocess import LABELS
+from .runtime.base import Backend
+
+
+@dataclass
+class Evaluation:
+    total: int
+    correct: int
+    confusion: np.ndarray          # [true, predicted]
+    skipped: list[tuple[str, str]]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    def report(self) -> str:
+        lines = [f"accuracy {self.accuracy:.4f} ({self.correct}/{self.total})",
+                 "confusion (rows true, columns predicted):",
+                 f"{'':>10}{LABELS[0]:>10}{LABELS[1]:>10}{'count':>8}"]
+        for i, name in enumerate(LABELS):
+            lines.append(f"{name:>10}{self.confusion[i, 0]:>10}{self.confusion[i, 1]:>10}{self.confusion[i].sum():>8}")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} unreadable images, first: {self.skipped[0][0]} ({self.skipped[0][1]})")
+        return "\n".join(lines)
+
+
+def read_list(path: Path) -> list[tuple[str, int]]:
+    entries = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read list {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[1] not in ("0", "1"):
+            raise ConfigError(f"{path}:{number}: expected 'IMAGE LABEL' with label 0 or 1, got {line.strip()!r}")
+        entries.append((parts[0], int(parts[1])))
+    if not entries:
+        raise ConfigError(f"list {path} is empty")
+    return entries
+
+
+def evaluate(backend: Backend, images_dir: Path, entries: list[tuple[str, int]], batch: int = 16,
+             progress: bool | None = None) -> Evaluation:
+    confusion = np.zeros((2, 2), dtype=int)
+    skipped: list[tuple[str, str]] = []
+    pending: list[tuple[np.ndarray, int]] = []
+
+    def flush() -> None:
+        if pending:
+            predicted = backend.infer(np.stack([p[0] for p in pending])).probs.argmax(1)
+            for (_, truth), guess in zip(pending, predicted):
+                confusion[truth, guess] += 1
+            pending.clear()
+
+    for name, label in tqdm(entries, desc="evaluating", unit="img", disable=None if progress is None else not progress):
+        path = Path(images_dir) / name
+        try:
+            pending.append((decode(path.read_bytes()), label))
+        except FileNotFoundError:
+            skipped.append((name, "missing"))
+        except DecodeError as exc:
+            skipped.append((name, exc.reason))
+        if len(pending) >= batch:
+            flush()
+    flush()
+    if not confusion.sum():
+        raise ConfigError(f"none of the {len(entries)} listed images could be read from {images_dir}")
+    return Evaluation(int(confusion.sum()), int(np.trace(confusion)), confusion, skipped)

@@ -1,0 +1,78 @@
+"""``manifest.json``: what an artifact holds and how far it can be trusted.
+
+The service reads it to choose a variant, refuses files whose sha256 differ from it,
+and refuses engines built for another GPU, TensorRT version or batch range.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import ArtifactError, StaleEngineError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+ENGINE_FILE, TIMING_CACHE = "engine.plan", "timing.cache"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    path = Path(directory) / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory} has no {MANIFEST}: build it with python -m engine_build build") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is unreadable: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} has format {manifest.get('format')!r}, this version reads {FORMAT}")
+    return manifest
+
+
+def verify_file(directory: Path, entry: dict) -> Path:
+    """The file of a manifest entry, after checking it exists and its sha256 matches."""
+    path = Path(directory) / entry["file"]
+    if not path.exists():
+        raise ArtifactError(f"{path} is listed in the manifest but missing")
+    actual = sha256(path)
+    if actual != entry["sha256"]:
+        raise ArtifactError(f"{path} does not match its manifest (sha256 {actual[:12]}..., "
+                            f"manifest says {entry['sha256'][:12]}...): the artifact was modified; rebuild it")
+    return path
+
+
+def engine_staleness(entry: dict, current: dict, max_batch: int | None = None) -> str | None:
+    """Why a manifest's engine entry does not fit this machine, or None if it does."""
+    for key, label in (("tensorrt", "TensorRT"), ("gpu", "GPU"), ("compute_capability", "compute capability")):
+        if entry.get(key) != current.get(key):
+            return f"built for {label} {entry.get(key)}, this machine has {current.get(key)}"
+    if entry.get("precision") != "fp16":
+        return f"built in {entry.get('precision')}, expected fp16"
+    if max_batch is not None and entry.get("max_batch") != max_batch:
+        return f"built for batch 1..{entry.get('max_batch')}, {max_batch} requested"
+    return None
+
+
+def check_engine(entry: dict, current: dict, max_batch: int | None = None) -> None:
+    reason = engine_staleness(entry, current, max_batch)
+    if reason:
+        raise StaleEngineError(f"engine.plan is stale ({reason}); rebuild with python -m engine_build build --tensorrt")

@@ -1,0 +1,154 @@
+"""Emit the ONNX graph: authors' preprocessing + the Caffe net, in FP32 or FP16.
+
+Contract (relied on by the service and by users):
+  input  ``images``  uint8 [N, 256, 256, 3], BGR, N dynamic
+  output ``probs``   float32 [N, 2]  softmax (averaged over crops with oversampling)
+  output ``logits``  float32 [N, 2]  pre-softmax scores (mean over crops with oversampling)
+
+The FP16 graph keeps the preprocessing and the final softmax in FP32 and computes the
+network itself in FP16, so a strongly typed TensorRT build gets FP16 kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .caffe_net import Layer, Net, pool_out
+from .preprocess import CROP_SIZE, IMAGE_SIZE, MEAN_BGR, crop_origins
+
+OPSET = 17
+INPUT, PROBS, LOGITS = "images", "probs", "logits"
+
+
+class _Graph:
+    def __init__(self, dtype: np.dtype) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.dtype = np.dtype(dtype)
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, hint: str, value, dtype=None) -> str:
+        array = np.asarray(value, dtype=dtype if dtype is not None else self.dtype)
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:
+        out = self.name(hint)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _preprocess(g: _Graph, oversample: bool) -> tuple[str, int]:
+    crops = []
+    for row, col, mirrored in crop_origins(oversample):
+        if mirrored:
+            starts = [row, col + CROP_SIZE - 1]
+            ends = [row + CROP_SIZE, col - 1 if col > 0 else -(IMAGE_SIZE + 1)]
+            steps = [1, -1]
+        else:
+            starts, ends, steps = [row, col], [row + CROP_SIZE, col + CROP_SIZE], [1, 1]
+        crops.append(g.op("Slice", [INPUT, g.const("starts", starts, np.int64), g.const("ends", ends, np.int64),
+                                    g.const("axes", [1, 2], np.int64), g.const("steps", steps, np.int64)], "crop"))
+    x = crops[0] if len(crops) == 1 else g.op("Concat", crops, "crops", axis=0)
+    x = g.op("Cast", [x], "as_float", to=TensorProto.FLOAT)
+    x = g.op("Sub", [x, g.const("mean_bgr", MEAN_BGR, np.float32)], "centred")
+    if g.dtype == np.float16:
+        x = g.op("Cast", [x], "as_half", to=TensorProto.FLOAT16)
+    return g.op("Transpose", [x], "nchw", perm=[0, 3, 1, 2]), len(crops)
+
+
+def _pool(g: _Graph, layer: Layer, x: str) -> str:
+    p = layer.params
+    if p["global_pooling"]:
+        return g.op("GlobalMaxPool" if p["pool"] == "MAX" else "GlobalAveragePool", [x], layer.name)
+    extra = []
+    for size, k, pad, s in zip(layer.in_shape[1:], p["kernel"], p["pad"], p["stride"]):
+        out = pool_out(size, k, pad, s)
+        # End padding so that floor rounding yields Caffe's ceil-rounded size.
+        extra.append(max(0, (out - 1) * s + k - (size + 2 * pad)))
+    common = dict(kernel_shape=list(p["kernel"]), strides=list(p["stride"]))
+    if p["pool"] == "MAX":
+        pads = [p["pad"][0], p["pad"][1], p["pad"][0] + extra[0], p["pad"][1] + extra[1]]
+        return g.op("MaxPool", [x], layer.name, pads=pads, **common)
+    # Caffe's average divides by the window clipped to the padded input (pads count,
+    # the ceil overhang does not): pad explicitly, then exclude only the overhang.
+    if any(p["pad"]):
+        pads = [0, 0, p["pad"][0], p["pad"][1], 0, 0, p["pad"][0], p["pad"][1]]
+        x = g.op("Pad", [x, g.const("pads", pads, np.int64)], layer.name + "_pad")
+    return g.op("AveragePool", [x], layer.name, pads=[0, 0, extra[0], extra[1]], count_include_pad=0, **common)
+
+
+def _layer(g: _Graph, layer: Layer, x: str) -> str:
+    p = layer.params
+    if layer.type == "Convolution":
+        inputs = [x, g.const(layer.name + "_w", layer.weights[0])]
+        if p["bias_term"]:
+            inputs.append(g.const(layer.name + "_b", layer.weights[1]))
+        return g.op("Conv", inputs, layer.name, kernel_shape=list(p["kernel"]), strides=list(p["stride"]),
+                    pads=[p["pad"][0], p["pad"][1], p["pad"][0], p["pad"][1]], dilations=list(p["dilation"]),
+                    group=p["group"])
+    if layer.type == "InnerProduct":
+        if len(layer.in_shape) != 1:
+            x = g.op("Flatten", [x], layer.name + "_flat", axis=1)
+        inputs = [x, g.const(layer.name + "_w", layer.weights[0])]
+        if p["bias_term"]:
+            inputs.append(g.const(layer.name + "_b", layer.weights[1]))
+        return g.op("Gemm", inputs, layer.name, transB=0 if p["transpose"] else 1)
+    if layer.type == "ReLU":
+        if p["negative_slope"]:
+            return g.op("LeakyRelu", [x], layer.name, alpha=p["negative_slope"])
+        return g.op("Relu", [x], layer.name)
+    if layer.type == "Pooling":
+        return _pool(g, layer, x)
+    if layer.type == "LRN":
+        return g.op("LRN", [x], layer.name, size=p["local_size"], alpha=p["alpha"], beta=p["beta"], bias=p["k"])
+    if layer.type == "Dropout":
+        return x   # identity at inference
+    if layer.type == "Softmax":
+        return g.op("Softmax", [x], layer.name, axis=1)
+    raise AssertionError(layer.type)
+
+
+def build_onnx(net: Net, oversample: bool = False, dtype: str = "float32",
+               metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """The whole classifier as one ONNX model honouring the I/O contract above."""
+    g = _Graph(np.float16 if dtype == "float16" else np.float32)
+    x, n_crops = _preprocess(g, oversample)
+    layers = net.layers
+    if layers[-1].type == "Softmax":   # we emit our own FP32 softmax after the logits
+        layers = layers[:-1]
+    for layer in layers:
+        x = _layer(g, layer, x)
+    if g.dtype != np.float32:
+        x = g.op("Cast", [x], "logits_f32", to=TensorProto.FLOAT)
+    classes = net.output_shape[0]
+    if n_crops == 1:
+        g.nodes.append(helper.make_node("Identity", [x], [LOGITS], name=LOGITS))
+        g.nodes.append(helper.make_node("Softmax", [x], [PROBS], name=PROBS, axis=1))
+    else:
+        shape = g.const("crop_major", [n_crops, -1, classes], np.int64)
+        axes = g.const("crop_axis", [0], np.int64)
+        probs = g.op("Softmax", [x], "crop_probs", axis=1)
+        grouped_p = g.op("Reshape", [probs, shape], "crop_probs_grouped")
+        grouped_l = g.op("Reshape", [x, shape], "crop_logits_grouped")
+        g.nodes.append(helper.make_node("ReduceMean", [grouped_p, axes], [PROBS], name=PROBS, keepdims=0))
+        g.nodes.append(helper.make_node("ReduceMean", [grouped_l, axes], [LOGITS], name=LOGITS, keepdims=0))
+    graph = helper.make_graph(
+        g.nodes, net.name,
+        [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["N", IMAGE_SIZE, IMAGE_SIZE, 3])],
+        [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", classes]),
+         helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["N", classes])],
+        initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="engine_build")
+    model.ir_version = 8
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(model)
+    return model

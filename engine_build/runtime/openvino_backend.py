@@ -1,0 +1,47 @@
+"""OpenVINO on CPU: reads the artifact's ONNX files directly.
+
+On CPUs with bf16 support OpenVINO computes FP32 (and FP16) files in bf16 unless
+told otherwise; ``compute_precision`` reports what it actually chose and
+``exact=True`` pins it to FP32.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from .base import Backend, Outputs
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+
+    def __init__(self, path: Path, precision: str, max_batch: int, exact: bool = False,
+                 threads: int | None = None) -> None:
+        super().__init__(path, precision, max_batch)
+        import openvino as ov
+
+        core = ov.Core()
+        config: dict = {"PERFORMANCE_HINT": "LATENCY"}
+        if exact:
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except RuntimeError as exc:
+            raise ModelFormatError(f"OpenVINO cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        hint = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        lowered = {"<Type: 'bfloat16'>": "bf16", "bf16": "bf16", "<Type: 'float16'>": "fp16", "f16": "fp16"}
+        compute = lowered.get(hint, "fp32")
+        # INT8 files keep INT8 where quantized; the rest runs in the hinted precision.
+        self.compute_precision = precision if precision == "int8" and compute == "fp32" else (
+            f"int8+{compute}" if precision == "int8" else compute)
+        self._request = self._compiled.create_infer_request()
+        self._outputs = [self._compiled.output("probs"), self._compiled.output("logits")]
+
+    def _infer_impl(self, images: np.ndarray) -> Outputs:
+        result = self._request.infer({"images": images})
+        return Outputs(np.array(result[self._outputs[0]], dtype=np.float32),
+                       np.array(result[self._outputs[1]], dtype=np.float32))
