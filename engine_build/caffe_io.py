@@ -117,6 +117,8 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                 try:
                     tag, pos = _varint(buf, pos, size)
                     field, wire = tag >> 3, tag & 7
+                    if field == 0:
+                        raise ValueError("field number 0")
                     if wire == 0:
                         _, pos = _varint(buf, pos, size)
                         continue
@@ -125,7 +127,7 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                         if pos > size:
                             raise EOFError
                         continue
-                    if wire != 2 or field == 0:
+                    if wire != 2:
                         raise ValueError(f"invalid field {field} wire type {wire}")
                     length, pos = _varint(buf, pos, size)
                 except EOFError:
@@ -157,6 +159,8 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                                                 legacy_shapes=list(legacy), offset=start)
                 bar.update(end - bar.n)
                 pos = end
+            if index == 0:
+                raise ModelFormatError(f"caffemodel {path} holds no layers; is it a caffemodel?")
 
 
 def write_caffemodel(path: str | os.PathLike, name: str,

@@ -133,12 +133,11 @@ def build_onnx(net: Net, oversample: bool = False, dtype: str = "float32",
         g.nodes.append(helper.make_node("Softmax", [x], [PROBS], name=PROBS, axis=1))
     else:
         shape = g.const("crop_major", [n_crops, -1, classes], np.int64)
-        axes = g.const("crop_axis", [0], np.int64)
         probs = g.op("Softmax", [x], "crop_probs", axis=1)
         grouped_p = g.op("Reshape", [probs, shape], "crop_probs_grouped")
         grouped_l = g.op("Reshape", [x, shape], "crop_logits_grouped")
-        g.nodes.append(helper.make_node("ReduceMean", [grouped_p, axes], [PROBS], name=PROBS, keepdims=0))
-        g.nodes.append(helper.make_node("ReduceMean", [grouped_l, axes], [LOGITS], name=LOGITS, keepdims=0))
+        g.nodes.append(helper.make_node("ReduceMean", [grouped_p], [PROBS], name=PROBS, axes=[0], keepdims=0))
+        g.nodes.append(helper.make_node("ReduceMean", [grouped_l], [LOGITS], name=LOGITS, axes=[0], keepdims=0))
     graph = helper.make_graph(
         g.nodes, net.name,
         [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["N", IMAGE_SIZE, IMAGE_SIZE, 3])],

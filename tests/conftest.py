@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine_build.imaging import builtin_photos, decode
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE / "sentiment_deploy.prototxt").exists():
+        pytest.skip(f"the shared reference folder is absent ({REFERENCE})")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def photos() -> np.ndarray:
+    """The built-in real photos, decoded to uint8 BGR [10, 256, 256, 3]."""
+    return np.stack([decode(p.read_bytes()) for p in builtin_photos()])
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A quarter-width CaffeNet-Twitter placeholder (same layer types, fast to write)."""
+    from engine_build.placeholder import write_placeholder
+    return write_placeholder(tmp_path_factory.mktemp("small"), width=0.25, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_artifact(small_model, tmp_path_factory) -> Path:
+    from engine_build.cli import main
+    out = tmp_path_factory.mktemp("artifact")
+    assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
+                 "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_model(tmp_path_factory) -> tuple[Path, Path]:
+    """Full-size placeholder (57M weights, ~217 MiB), written once per session."""
+    from engine_build.placeholder import write_placeholder
+    return write_placeholder(tmp_path_factory.mktemp("full"), seed=0)

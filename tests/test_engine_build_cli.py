@@ -1,0 +1,158 @@
+"""The build command end to end: artifact contents, gate, manifest, inspect, evaluate, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from engine_build.cli import main
+from engine_build.errors import ArtifactError, StaleEngineError
+from engine_build.manifest import check_engine, read_manifest, verify_file
+from engine_build.runtime import open_backend
+
+
+def test_artifact_honours_the_io_contract(small_artifact, photos):
+    manifest = read_manifest(small_artifact)
+    assert set(manifest["files"]) == {"fp32", "fp16", "int8"}
+    for entry in manifest["files"].values():
+        model = onnx.load(str(small_artifact / entry["file"]), load_external_data=False)
+        (inp,) = model.graph.input
+        assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        assert dims == ["N", 256, 256, 3]
+        assert [o.name for o in model.graph.output] == ["probs", "logits"]
+        assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+    fp16 = onnx.load(str(small_artifact / "model.fp16.onnx"))
+    assert {t.data_type for t in fp16.graph.initializer if t.name.startswith("conv")} == {onnx.TensorProto.FLOAT16}
+    with open_backend("onnxruntime", small_artifact / "model.onnx", "fp32") as backend:
+        out = backend.infer(photos[:5])
+    assert out.probs.shape == (5, 2) and np.allclose(out.probs.sum(1), 1, atol=1e-5)
+
+
+def test_manifest_records_gate_sources_and_placeholder(small_artifact, small_model):
+    manifest = read_manifest(small_artifact)
+    assert manifest["model"]["placeholder"] is True
+    assert manifest["model"]["labels"] == ["negative", "positive"]
+    assert manifest["preprocessing"]["mean_bgr"] == [104.0069879317889, 116.66876761696767, 122.6789143406786]
+    assert manifest["model"]["source"]["caffemodel"]["sha256"]
+    checks = manifest["validation"]["checks"]
+    seen = {(c["variant"], c["runtime"], c["mode"]) for c in checks}
+    assert {("fp16", "onnxruntime", "exact"), ("int8", "onnxruntime", "exact"), ("fp32", "openvino", "default"),
+            ("int8", "openvino", "default")} <= seen
+    for c in checks:
+        assert c["images"] == 60 and c["passed"], c
+        assert not c["nan"]
+    assert {"onnxruntime", "openvino", "onnx", "numpy"} <= set(manifest["tools"])
+
+
+def test_inspect_shows_the_placeholder_flag(small_artifact, capsys):
+    assert main(["inspect", str(small_artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "PLACEHOLDER WEIGHTS" in out and "int8" in out and "PASS" in out
+
+
+def test_tampered_file_is_refused(small_artifact, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(small_artifact, copy)
+    manifest = read_manifest(copy)
+    verify_file(copy, manifest["files"]["fp32"])
+    data = bytearray((copy / "model.int8.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "model.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        verify_file(copy, manifest["files"]["int8"])
+
+
+def test_stale_engine_is_detected():
+    entry = {"tensorrt": "10.3.0", "gpu": "NVIDIA A10", "compute_capability": "8.6", "precision": "fp16", "max_batch": 32}
+    check_engine(entry, {"tensorrt": "10.3.0", "gpu": "NVIDIA A10", "compute_capability": "8.6"}, 32)
+    for current, batch, why in [
+        ({"tensorrt": "10.3.0", "gpu": "NVIDIA H200", "compute_capability": "9.0"}, 32, "GPU"),
+        ({"tensorrt": "11.4.0", "gpu": "NVIDIA A10", "compute_capability": "8.6"}, 32, "TensorRT"),
+        ({"tensorrt": "10.3.0", "gpu": "NVIDIA A10", "compute_capability": "8.6"}, 64, "batch"),
+    ]:
+        with pytest.raises(StaleEngineError, match=why):
+            check_engine(entry, current, batch)
+
+
+def test_failing_gate_fails_the_build(small_model, tmp_path, capsys):
+    code = main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
+                 "--output", str(tmp_path / "a"), "--precision", "fp32", "int8", "--int8-threshold", "100.1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "validation failed: int8" in err and err.count("\n") == 1
+    assert (tmp_path / "a" / "manifest.json").exists(), "the manifest records the failed gate"
+
+
+def test_tensorrt_missing_is_one_line_and_cpu_artifacts_still_built(small_model, tmp_path, capsys):
+    code = main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
+                 "--output", str(tmp_path / "t"), "--precision", "fp32", "fp16", "--tensorrt",
+                 "--validation-images", str(Path(__file__).parents[1] / "engine_build" / "photos")])
+    out = capsys.readouterr().out
+    from engine_build.runtime.tensorrt_backend import tensorrt_unavailable_reason
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT is present here: covered by the gpu tests")
+    assert code == 0
+    assert "TensorRT engine skipped:" in out and "pip install" in out
+    assert (tmp_path / "t" / "model.fp16.onnx").exists() and not (tmp_path / "t" / "engine.plan").exists()
+
+
+def test_evaluate_on_a_folder_and_list(small_artifact, tmp_path, capsys):
+    import shutil
+    images = tmp_path / "imgs"
+    images.mkdir()
+    photos = sorted((Path(__file__).parents[1] / "engine_build" / "photos").glob("*.jpg"))
+    lines = []
+    for i, p in enumerate(photos):
+        shutil.copy(p, images / p.name)
+        lines.append(f"{p.name} {i % 2}")
+    lines.append("missing.jpg 1")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    assert main(["evaluate", str(small_artifact), "--images", str(images), "--list", str(tmp_path / "list.txt"),
+                 "--precision", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "(" in out and "/10)" in out
+    assert "skipped 1 unreadable images, first: missing.jpg (missing)" in out
+    assert "PLACEHOLDER" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["build", "--prototxt", "/nope.prototxt", "--caffemodel", "/nope", "--output", "/tmp/x"], "--prototxt /nope.prototxt: no such file"),
+    (["inspect", "/definitely/not/here"], "does not exist"),
+    (["evaluate", "/definitely/not/here", "--images", "/tmp", "--list", "/nope.txt"], "cannot read list"),
+])
+def test_user_errors_are_one_line_exit_1(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_help_works_without_tensorrt():
+    result = subprocess.run([sys.executable, "-m", "engine_build", "build", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--tensorrt" in result.stdout
+
+
+@pytest.mark.slow
+def test_full_size_caffemodel_memory_bound(full_model):
+    """Loading 217 MiB of weights stays under two copies of them (plus the interpreter)."""
+    code = f"""
+import resource, sys
+from engine_build.caffe_io import iter_caffemodel, load_prototxt
+from engine_build.caffe_net import attach_weights, build_net
+import numpy, onnxruntime, google.protobuf, tqdm
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+net = build_net(load_prototxt({str(full_model[0])!r}))
+attach_weights(net, iter_caffemodel({str(full_model[1])!r}, progress=True))
+weights = sum(w.nbytes for l in net.learned() for w in l.weights)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(weights, (peak - base) * 1024)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    weights, grown = map(int, result.stdout.split())
+    assert weights > 200 * 2**20
+    assert grown < 2 * weights, f"grew {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights"
