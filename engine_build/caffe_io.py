@@ -150,6 +150,7 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                             raise ModelFormatError(
                                 f"caffemodel {path}: layer #{index} at byte offset {start} is corrupt ({exc})") from None
                     index += 1
+                    _release(buf, pos, end)   # the parsed message now holds these bytes
                     if len(layer.blobs):
                         name, kind = layer.name, layer_type(layer)
                         where = f"caffemodel layer '{name}' (byte offset {start})"
@@ -161,6 +162,18 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                 pos = end
             if index == 0:
                 raise ModelFormatError(f"caffemodel {path} holds no layers; is it a caffemodel?")
+
+
+def _release(buf: mmap.mmap, start: int, end: int) -> None:
+    """Drop mapped file pages from this process (they stay in the page cache).
+
+    Keeps resident memory at the arrays plus one layer in flight, instead of the
+    arrays plus the whole mapped file.
+    """
+    page = mmap.PAGESIZE
+    first, last = (start // page) * page, (end // page) * page
+    if last > first and hasattr(buf, "madvise"):
+        buf.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def write_caffemodel(path: str | os.PathLike, name: str,
