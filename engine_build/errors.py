@@ -9,8 +9,9 @@
     │   │   └── StaleEngineError    engine.plan was built for another GPU/TensorRT/batch range
     │   ├── ValidationFailed        a variant is under its agreement threshold
     │   └── BackendUnavailable      a runtime (TensorRT, GPU, OpenVINO) is not installed/usable
-    └── DecodeError                 one message's image is rejected (becomes a dead letter);
-                                    ``reason`` is a short machine-readable code
+    ├── DecodeError                 one message's image is rejected (becomes a dead letter);
+    │                               ``reason`` is a short machine-readable code
+    └── BrokerUnavailable           Kafka cannot be reached right now; the service retries
 
 Third-party exceptions are translated at the boundary (``raise Ours(...) from exc``).
 Anything else is a bug and keeps its traceback.
@@ -60,3 +61,7 @@ class DecodeError(SentimentError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class BrokerUnavailable(SentimentError):
+    """Kafka is unreachable; the service keeps retrying with backoff and reports not-ready."""

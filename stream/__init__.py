@@ -1,0 +1,1 @@
+"""``python -m stream``: Kafka in, sentiment labels out, at least once."""

@@ -1,0 +1,51 @@
+"""``python -m stream``: the long-running service."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from engine_build.errors import UserError
+
+from .config import add_arguments, from_namespace
+
+DESCRIPTION = """Consume encoded images from Kafka, decode them with OpenCV, batch them, classify their
+sentiment with an artifact built by `python -m engine_build build`, and publish one JSON record per
+image (label, scores, source, model, timing) to the output topic; rejected inputs go to the
+dead-letter topic. At least once: an offset is committed only after every message at or below it
+has its record acknowledged by the broker (acks=all). SIGTERM/SIGINT drain, publish, commit, exit 0.
+Every flag has an environment variable twin, shown in brackets."""
+
+
+def parser(environ: dict) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stream", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, environ)
+    return p
+
+
+def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
+    environ = dict(os.environ if environ is None else environ)
+    try:
+        args = parser(environ).parse_args(argv)
+        cfg = from_namespace(args)
+    except UserError as exc:
+        print(f"stream: error: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    from .service import Service
+    try:
+        service = Service(cfg)
+    except UserError as exc:
+        print(f"stream: error: {exc}", file=sys.stderr)
+        return 1
+    if service.model_info["placeholder"]:
+        logging.getLogger("stream").warning("artifact %s holds PLACEHOLDER weights: its labels are meaningless", cfg.artifact)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.stop())
+    stats = service.run()
+    logging.getLogger("stream").info("exiting: consumed %d, finished %d in %.1f s", stats.consumed, stats.finished, stats.seconds)
+    return 0

@@ -1,0 +1,101 @@
+"""Prometheus metrics plus ``/healthz`` and ``/readyz`` on one port."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """All service metrics in one registry (a fresh one per service, so tests stay apart)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.images = Counter("sentiment_images", "Messages finished, by outcome", ["outcome"], registry=r)
+        self.decode_failures = Counter("sentiment_decode_failures", "Rejected inputs, by reason", ["reason"], registry=r)
+        self.dead_letters = Counter("sentiment_dead_letters", "Dead-letter records acknowledged", registry=r)
+        self.batch_size = Histogram("sentiment_batch_size", "Images per inference batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.inference = Histogram("sentiment_inference_seconds", "Inference time per batch", buckets=_LATENCY, registry=r)
+        self.end_to_end = Histogram("sentiment_end_to_end_seconds", "Poll to broker acknowledgement, per message",
+                                    buckets=_LATENCY, registry=r)
+        self.lag = Gauge("sentiment_consumer_lag", "Log end offset minus committed offset", ["topic", "partition"], registry=r)
+        self.in_flight = Gauge("sentiment_in_flight", "Messages received and not yet acknowledged", registry=r)
+        self.rate = Gauge("sentiment_images_per_second", "Messages finished per second over the last 10 s", registry=r)
+        self.ready = Gauge("sentiment_ready", "1 when connected to the broker and consuming", registry=r)
+        self.publish_retries = Counter("sentiment_publish_retries", "Publishes retried after a broker error", registry=r)
+        self._finished: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def finished(self, outcome: str, received: float) -> None:
+        now = time.monotonic()
+        self.images.labels(outcome).inc()
+        self.end_to_end.observe(now - received)
+        with self._lock:
+            self._finished.append(now)
+            while self._finished and self._finished[0] < now - 10:
+                self._finished.popleft()
+            self.rate.set(len(self._finished) / 10.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """Serves /metrics, /healthz (the loop is alive) and /readyz (broker reachable, consuming)."""
+
+    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+        self.metrics = metrics
+        self.alive_at = time.monotonic()
+        self.is_ready = False
+        self.reason = "starting"
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                if self.path == "/metrics":
+                    self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    alive = time.monotonic() - outer.alive_at < 60
+                    self._send(200 if alive else 503, b"ok\n" if alive else b"poll loop stalled\n")
+                elif self.path == "/readyz":
+                    self._send(200 if outer.is_ready else 503,
+                               b"ready\n" if outer.is_ready else f"not ready: {outer.reason}\n".encode())
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+
+    def start(self) -> "HealthServer":
+        self._thread.start()
+        return self
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        self.is_ready = ready
+        self.reason = reason
+        self.metrics.ready.set(1 if ready else 0)
+
+    def tick(self) -> None:
+        self.alive_at = time.monotonic()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
