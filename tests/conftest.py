@@ -45,3 +45,12 @@ def full_model(tmp_path_factory) -> tuple[Path, Path]:
     """Full-size placeholder (57M weights, ~217 MiB), written once per session."""
     from engine_build.placeholder import write_placeholder
     return write_placeholder(tmp_path_factory.mktemp("full"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """A real Kafka-protocol broker (tansu, in memory) on a free loopback port."""
+    from stream.embedded_broker import EmbeddedBroker
+    broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("tansu") / "tansu.log").start()
+    yield broker
+    broker.stop()

@@ -1,0 +1,158 @@
+"""The service against a real Kafka-protocol broker: nothing lost, ever."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stream.config import StreamConfig
+from stream.service import Service
+
+from .images import bad_images, good_images
+from .kafka_helpers import committed, produce, read_all
+
+pytestmark = pytest.mark.kafka
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def names(kafka_broker, partitions: int = 2) -> dict:
+    run = uuid.uuid4().hex[:8]
+    topics = {"input": f"images-{run}", "output": f"labels-{run}", "dlq": f"dead-{run}", "group": f"g-{run}"}
+    kafka_broker.create_topics({topics["input"]: partitions, topics["output"]: 1, topics["dlq"]: 1})
+    return topics
+
+
+def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_broker, small_artifact):
+    t = names(kafka_broker)
+    good, bad = good_images(), bad_images()
+    produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, v in good.items()],
+            headers=[("trace-id", b"abc")])
+    produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, (v, _) in bad.items()])
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
+                       group_id=t["group"], metrics_port=0, max_batch=8, commit_interval_ms=100).validate()
+    stats = Service(cfg).run(count=len(good) + len(bad), timeout=120)
+    assert stats.finished == len(good) + len(bad)
+
+    out = read_all(kafka_broker.bootstrap, t["output"], len(good))
+    assert sorted(r.key.decode() for r in out) == sorted(good)
+    for r in out:
+        record = json.loads(r.value)
+        assert record["label"] in ("negative", "positive") and record["model"]["placeholder"] is True
+        assert ("trace-id", b"abc") in r.headers
+    dead = read_all(kafka_broker.bootstrap, t["dlq"], len(bad))
+    assert {r.key.decode(): dict(r.headers)["error.reason"].decode() for r in dead} == \
+        {k: reason for k, (_, reason) in bad.items()}
+    assert all(r.value == bad[r.key.decode()][0] for r in dead), "original value kept"
+    total = len(good) + len(bad)
+    assert sum(committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) == total
+
+
+def start_service(kafka_broker, t: dict, artifact: Path, log: Path, **extra) -> subprocess.Popen:
+    env = {**os.environ, "STREAM_BOOTSTRAP_SERVERS": kafka_broker.bootstrap, "STREAM_INPUT_TOPIC": t["input"],
+           "STREAM_OUTPUT_TOPIC": t["output"], "STREAM_DEAD_LETTER_TOPIC": t["dlq"], "STREAM_GROUP_ID": t["group"],
+           "STREAM_ARTIFACT": str(artifact), "STREAM_METRICS_PORT": "0", "STREAM_MAX_BATCH": "8",
+           "STREAM_COMMIT_INTERVAL_MS": "200", "STREAM_DECODE_WORKERS": "2", "PYTHONUNBUFFERED": "1",
+           **{f"STREAM_{k.upper()}": str(v) for k, v in extra.items()}}
+    return subprocess.Popen([sys.executable, "-m", "stream"], cwd=ROOT, env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def positions(records) -> list[tuple[int, int]]:
+    return [(json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"]) for r in records]
+
+
+def wait_for_outputs(kafka_broker, topic: str, at_least: int, timeout: float = 120) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = read_all(kafka_broker.bootstrap, topic, at_least, timeout=3)
+        if len(records) >= at_least:
+            return records
+    raise AssertionError(f"fewer than {at_least} records on {topic} after {timeout} s")
+
+
+def stop(process: subprocess.Popen, log: Path) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("service did not stop within 60 s of SIGTERM:\n" + log.read_text()[-3000:])
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path):
+    t = names(kafka_broker, partitions=2)
+    image = good_images()["jpeg_coffee"]
+    total = 1500
+    produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), image) for i in range(total)])
+    first = start_service(kafka_broker, t, small_artifact, tmp_path / "first.log")
+    wait_for_outputs(kafka_broker, t["output"], 40)
+    stop(first, tmp_path / "first.log")
+    log = (tmp_path / "first.log").read_text()
+    assert "stopped:" in log
+
+    # Offsets committed by the stopped process are all backed by published records.
+    after_first = read_all(kafka_broker.bootstrap, t["output"], 1)
+    done = set(positions(after_first))
+    marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
+    assert sum(v or 0 for v in marks.values()) < total, "the first process was stopped mid-stream"
+    for partition, mark in marks.items():
+        assert all((partition, o) in done for o in range(mark or 0)), f"committed past an unpublished offset on {partition}"
+
+    # A restarted member picks up from the committed offsets; together nothing is missing.
+    second = start_service(kafka_broker, t, small_artifact, tmp_path / "second.log")
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
+            if sum(v or 0 for v in marks.values()) == total:
+                break
+            time.sleep(1)
+    finally:
+        stop(second, tmp_path / "second.log")
+    records = read_all(kafka_broker.bootstrap, t["output"], total)
+    assert set(positions(records)) == {(p, o) for p, mark in marks.items() for o in range(mark)}
+    assert sum(marks.values()) == total
+
+
+def test_two_processes_in_one_group_share_the_work(kafka_broker, small_artifact, tmp_path):
+    t = names(kafka_broker, partitions=4)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    processes = [start_service(kafka_broker, t, small_artifact, log) for log in logs]
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not all(
+                "partitions assigned: images" in log.read_text() and
+                log.read_text().count("partitions assigned") >= 1 for log in logs):
+            time.sleep(0.5)
+        time.sleep(3)   # let the group settle on its final assignment
+        image = good_images()["png"]
+        total = 400
+        produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), image) for i in range(total)])
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if sum(v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) == total:
+                break
+            time.sleep(1)
+    finally:
+        for process, log in zip(processes, logs):
+            stop(process, log)
+    marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
+    assert sum(marks.values()) == total
+    records = read_all(kafka_broker.bootstrap, t["output"], total)
+    assert set(positions(records)) == {(p, o) for p, mark in marks.items() for o in range(mark)}
+    assert len({r.key for r in records}) == total, "every message has its record"
+    owned = []
+    for log in logs:
+        text = log.read_text()
+        assert "batch " in text, f"{log.name} did no work:\n{text[-2000:]}"
+        last = [line for line in text.splitlines() if "partitions assigned:" in line][-1]
+        owned.append(set(last.split("partitions assigned:")[1].strip().split(", ")))
+    assert owned[0] and owned[1] and not owned[0] & owned[1], f"partitions not shared: {owned}"
