@@ -56,6 +56,10 @@ OPTIONS = [
     Option("--drain-timeout-s", type=float, default=30.0, help="on shutdown or revocation, how long to finish in-flight work"),
     Option("--auto-offset-reset", default="earliest", choices=("earliest", "latest"), help="where a new group starts"),
     Option("--max-poll-records", type=int, default=256, help="records fetched per poll"),
+    Option("--session-timeout-ms", type=int, default=10_000,
+           help="group session timeout: a dead member's partitions move after this; joining waits about half of it"),
+    Option("--max-poll-interval-ms", type=int, default=300_000,
+           help="rebalance timeout; the poll loop never blocks on inference, so it is not reached in normal work"),
     Option("--metrics-port", type=int, default=9108, help="Prometheus /metrics, /healthz, /readyz (0 = off)"),
     Option("--security-protocol", default="PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
            help="Kafka security protocol"),
@@ -94,6 +98,8 @@ class StreamConfig:
     drain_timeout_s: float = 30.0
     auto_offset_reset: str = "earliest"
     max_poll_records: int = 256
+    session_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
     metrics_port: int = 9108
     security_protocol: str = "PLAINTEXT"
     ssl_cafile: str | None = None
@@ -113,7 +119,8 @@ class StreamConfig:
         return {k: v for k, v in options.items() if v is not None}
 
     def validate(self) -> "StreamConfig":
-        for name in ("max_batch", "decode_workers", "max_in_flight", "max_message_bytes", "max_pixels", "max_poll_records"):
+        for name in ("max_batch", "decode_workers", "max_in_flight", "max_message_bytes", "max_pixels", "max_poll_records",
+                     "session_timeout_ms", "max_poll_interval_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_delay_ms < 0 or self.commit_interval_ms <= 0 or self.drain_timeout_s <= 0:

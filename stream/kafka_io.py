@@ -26,7 +26,8 @@ class KafkaSource:
 
     def __init__(self, bootstrap: str, topics: list[str], group_id: str, client_options: dict,
                  on_revoked: Callable[[list[Partition]], None], on_assigned: Callable[[list[Partition]], None],
-                 max_poll_records: int = 500, auto_offset_reset: str = "earliest") -> None:
+                 max_poll_records: int = 500, auto_offset_reset: str = "earliest",
+                 session_timeout_ms: int = 10_000, max_poll_interval_ms: int = 300_000) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
         from kafka.errors import KafkaError
 
@@ -41,6 +42,8 @@ class KafkaSource:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
                 auto_offset_reset=auto_offset_reset, max_poll_records=max_poll_records,
+                session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(100, session_timeout_ms // 4),
+                max_poll_interval_ms=max_poll_interval_ms,
                 client_id=f"sentiment-stream-{group_id}", **client_options)
             self._consumer.subscribe(topics=topics, listener=Listener())
         except KafkaError as exc:

@@ -30,18 +30,21 @@ class Metrics:
         self.rate = Gauge("sentiment_images_per_second", "Messages finished per second over the last 10 s", registry=r)
         self.ready = Gauge("sentiment_ready", "1 when connected to the broker and consuming", registry=r)
         self.publish_retries = Counter("sentiment_publish_retries", "Publishes retried after a broker error", registry=r)
-        self._finished: deque[float] = deque()
+        self.finished_total = 0
+        self._recent: deque[float] = deque()
         self._lock = threading.Lock()
 
-    def finished(self, outcome: str, received: float) -> None:
+    def record_finished(self, outcome: str, received: float) -> None:
+        """One message's record (result or dead letter) was acknowledged by the broker."""
         now = time.monotonic()
         self.images.labels(outcome).inc()
         self.end_to_end.observe(now - received)
         with self._lock:
-            self._finished.append(now)
-            while self._finished and self._finished[0] < now - 10:
-                self._finished.popleft()
-            self.rate.set(len(self._finished) / 10.0)
+            self.finished_total += 1
+            self._recent.append(now)
+            while self._recent and self._recent[0] < now - 10:
+                self._recent.popleft()
+            self.rate.set(len(self._recent) / 10.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -166,7 +166,7 @@ class Processor:
         def acknowledged() -> None:
             self.tracker.done((message.topic, message.partition), message.offset)
             self.metrics.in_flight.dec()
-            self.metrics.finished(outcome, message.received)
+            self.metrics.record_finished(outcome, message.received)
             if outcome == "dead_letter":
                 self.metrics.dead_letters.inc()
         self.sink.publish(record, acknowledged)

@@ -61,7 +61,7 @@ class Service:
         from .kafka_io import KafkaSource
         return KafkaSource(self.cfg.bootstrap_servers, list(self.cfg.input_topic), self.cfg.group_id,
                            self.cfg.client_options(), on_revoked, on_assigned, self.cfg.max_poll_records,
-                           self.cfg.auto_offset_reset)
+                           self.cfg.auto_offset_reset, self.cfg.session_timeout_ms, self.cfg.max_poll_interval_ms)
 
     def _kafka_sink(self, on_retry):
         from .kafka_io import KafkaSink
@@ -146,7 +146,7 @@ class Service:
             while not self._stop.is_set():
                 if self.health:
                     self.health.tick()
-                finished = self._finished()
+                finished = self.finished()
                 if count is not None and finished >= count and self.tracker.in_flight() == 0:
                     break
                 if timeout is not None and time.monotonic() - started > timeout:
@@ -174,15 +174,16 @@ class Service:
                     failing = getattr(self.sink, "failing_since", None)
                     self._ready(failing is None, "publishing to Kafka is failing" if failing else "")
         finally:
-            stats.finished = self._finished()
+            stats.finished = self.finished()
             self._close(processor)
-        stats.finished = self._finished()
+        stats.finished = self.finished()
         stats.commits = self._commits
         stats.seconds = time.monotonic() - started
         return stats
 
-    def _finished(self) -> int:
-        return int(sum(s.value for m in self.metrics.images.collect() for s in m.samples if s.name.endswith("_total")))
+    def finished(self) -> int:
+        """Messages whose record (result or dead letter) the broker has acknowledged."""
+        return self.metrics.finished_total
 
     def _close(self, processor: Processor, started_threads: bool = True) -> None:
         """Stop fetching, finish in-flight batches, publish, commit, close."""
@@ -204,4 +205,4 @@ class Service:
         self.backend.close()
         if self.health:
             self.health.close()
-        log.info("stopped: %d messages finished, offsets committed", self._finished())
+        log.info("stopped: %d messages finished, offsets committed", self.finished())

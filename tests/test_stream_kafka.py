@@ -36,7 +36,8 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
             headers=[("trace-id", b"abc")])
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, (v, _) in bad.items()])
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
-                       group_id=t["group"], metrics_port=0, max_batch=8, commit_interval_ms=100).validate()
+                       group_id=t["group"], metrics_port=0, max_batch=8, commit_interval_ms=100,
+                       session_timeout_ms=6000).validate()
     stats = Service(cfg).run(count=len(good) + len(bad), timeout=120)
     assert stats.finished == len(good) + len(bad)
 
@@ -58,7 +59,8 @@ def start_service(kafka_broker, t: dict, artifact: Path, log: Path, **extra) -> 
     env = {**os.environ, "STREAM_BOOTSTRAP_SERVERS": kafka_broker.bootstrap, "STREAM_INPUT_TOPIC": t["input"],
            "STREAM_OUTPUT_TOPIC": t["output"], "STREAM_DEAD_LETTER_TOPIC": t["dlq"], "STREAM_GROUP_ID": t["group"],
            "STREAM_ARTIFACT": str(artifact), "STREAM_METRICS_PORT": "0", "STREAM_MAX_BATCH": "8",
-           "STREAM_COMMIT_INTERVAL_MS": "200", "STREAM_DECODE_WORKERS": "2", "PYTHONUNBUFFERED": "1",
+           "STREAM_COMMIT_INTERVAL_MS": "200", "STREAM_DECODE_WORKERS": "2",
+           "STREAM_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1",
            **{f"STREAM_{k.upper()}": str(v) for k, v in extra.items()}}
     return subprocess.Popen([sys.executable, "-m", "stream"], cwd=ROOT, env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)

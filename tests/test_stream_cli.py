@@ -1,0 +1,98 @@
+"""``python -m stream`` start-up: bad flags and bad artifacts end in one line before consuming."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from stream.cli import main
+from stream.config import OPTIONS, StreamConfig
+
+BASE = ["--bootstrap-servers", "127.0.0.1:1", "--input-topic", "in", "--output-topic", "out",
+        "--dead-letter-topic", "dlq", "--metrics-port", "0"]
+
+
+def run(argv, capsys, environ=None):
+    code = main(argv, environ or {})
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_missing_required_flag_is_one_line(capsys):
+    code, err = run(["--output-topic", "out"], capsys)
+    assert code == 1 and err.strip() == "stream: error: missing --bootstrap-servers (or STREAM_BOOTSTRAP_SERVERS)"
+
+
+def test_environment_twins_fill_every_flag(tmp_path, capsys, small_artifact):
+    environ = {"STREAM_BOOTSTRAP_SERVERS": "h:1", "STREAM_INPUT_TOPIC": "a, b", "STREAM_OUTPUT_TOPIC": "o",
+               "STREAM_DEAD_LETTER_TOPIC": "d", "STREAM_ARTIFACT": str(small_artifact), "STREAM_MAX_BATCH": "4",
+               "STREAM_EXACT_PRECISION": "true", "STREAM_SASL_PASSWORD": "s3cret"}
+    from stream.cli import parser
+    from stream.config import from_namespace
+    cfg = from_namespace(parser(environ).parse_args([]))
+    assert cfg.input_topic == ("a", "b") and cfg.max_batch == 4 and cfg.exact_precision is True
+    assert "s3cret" not in repr(cfg)
+    assert all(o.env.startswith("STREAM_") for o in OPTIONS)
+    assert len({o.env for o in OPTIONS}) == len(OPTIONS)
+
+
+def test_help_lists_every_environment_variable(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"], {})
+    out = capsys.readouterr().out
+    for option in OPTIONS:
+        assert option.env in out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--output-topic", "in"], "must differ from the input topics"),
+    (["--input-codec", "nope"], "--input-codec nope: no such plugin"),
+    (["--precision", "fp16", "--backend", "tensorrt"], "TensorRT"),
+])
+def test_bad_config_is_one_line(extra, message, capsys, small_artifact):
+    code, err = run(BASE + ["--artifact", str(small_artifact)] + extra, capsys)
+    assert code == 1 and message in err and err.count("\n") == 1, err
+
+
+def test_tampered_artifact_is_refused_before_consuming(small_artifact, tmp_path, capsys):
+    copy = tmp_path / "art"
+    shutil.copytree(small_artifact, copy)
+    data = bytearray((copy / "model.int8.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "model.int8.onnx").write_bytes(bytes(data))
+    code, err = run(BASE + ["--artifact", str(copy), "--backend", "onnxruntime"], capsys)
+    assert code == 1 and "does not match its manifest" in err and err.count("\n") == 1
+
+
+def test_missing_artifact_is_refused(capsys, tmp_path):
+    code, err = run(BASE + ["--artifact", str(tmp_path / "none")], capsys)
+    assert code == 1 and "does not exist" in err
+
+
+def test_gate_failure_for_lowered_precision_is_respected(small_artifact, tmp_path):
+    """A runtime that lowers precision must have passed its gate, or be told to run exact."""
+    import json
+    from engine_build.artifact import select
+    from engine_build.errors import ArtifactError
+    copy = tmp_path / "art"
+    shutil.copytree(small_artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for check in manifest["validation"]["checks"]:
+        if check["runtime"] == "openvino" and check["mode"] == "default":
+            check["passed"] = False
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="failed its validation gate; --exact-precision"):
+        select(copy, "openvino")
+    _, choice = select(copy, "openvino", exact=True)
+    assert choice.exact and choice.precision == "fp32"   # int8 on OpenVINO is only checked in default mode
+    _, auto = select(copy, "auto")
+    assert auto.backend == "onnxruntime" and auto.precision == "int8"
+
+
+def test_default_precision_is_fastest_passing(small_artifact):
+    from engine_build.artifact import select
+    _, choice = select(small_artifact, "openvino")
+    assert choice.precision == "int8" and not choice.exact
+    cfg = StreamConfig("h:1", ("in",), "out", "dlq", small_artifact)
+    assert cfg.precision is None
