@@ -17,6 +17,19 @@ log = logging.getLogger(__name__)
 Partition = tuple[str, int]
 
 
+def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
+    """Whether any bootstrap server accepts a TCP connection (a cheap liveness probe)."""
+    import socket
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def _translate(exc: Exception, what: str) -> BrokerUnavailable:
     return BrokerUnavailable(f"{what}: {type(exc).__name__}: {exc}")
 
@@ -43,7 +56,7 @@ class KafkaSource:
                 bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
                 auto_offset_reset=auto_offset_reset, max_poll_records=max_poll_records,
                 session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(100, session_timeout_ms // 4),
-                max_poll_interval_ms=max_poll_interval_ms,
+                max_poll_interval_ms=max_poll_interval_ms, bootstrap_timeout_ms=5_000,
                 client_id=f"sentiment-stream-{group_id}", **client_options)
             self._consumer.subscribe(topics=topics, listener=Listener())
         except KafkaError as exc:
@@ -99,7 +112,8 @@ class KafkaSink:
         from kafka.errors import KafkaError
         try:
             self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms,
-                                           max_block_ms=10_000, retries=5, **client_options)
+                                           max_block_ms=10_000, retries=5, bootstrap_timeout_ms=5_000,
+                                           **client_options)
         except KafkaError as exc:
             raise _translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
         self._on_retry = on_retry

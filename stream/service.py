@@ -53,6 +53,9 @@ class Service:
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
         self._source_factory = source_factory or self._kafka_source
         self._sink_factory = sink_factory or self._kafka_sink
+        self._probe_broker = source_factory is None   # the fake broker has no address to probe
+        self._reachable = True
+        self._commit_ok = True
         self.health = HealthServer(self.metrics, cfg.metrics_port).start() if cfg.metrics_port else None
         self.source = self.sink = None
 
@@ -77,6 +80,23 @@ class Service:
         else:
             self.metrics.ready.set(1 if ready else 0)
 
+    def _watch_broker(self) -> None:
+        """Every few seconds, whether the brokers answer at all (for /readyz); never blocks the poll loop."""
+        from .kafka_io import reachable
+        while not self._stop.wait(3.0):
+            self._reachable = reachable(self.cfg.bootstrap_servers)
+
+    def _update_readiness(self) -> None:
+        failing = getattr(self.sink, "failing_since", None) is not None
+        if not self._reachable:
+            self._ready(False, f"Kafka at {self.cfg.bootstrap_servers} is unreachable")
+        elif failing:
+            self._ready(False, "publishing to Kafka is failing; retrying")
+        elif not self._commit_ok:
+            self._ready(False, "committing offsets is failing; retrying")
+        else:
+            self._ready(True)
+
     def _connect(self) -> bool:
         delay = 0.5
         while not self._stop.is_set():
@@ -91,7 +111,7 @@ class Service:
                 self._ready(False, str(exc))
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 10.0)
         return False
 
     # ---- rebalance: finish and commit revoked partitions' work before release ----
@@ -115,9 +135,10 @@ class Service:
         try:
             self.source.commit(offsets)
         except BrokerUnavailable as exc:
-            self._ready(False, str(exc))
+            self._commit_ok = False
             log.warning("%s; will retry", exc)
             return
+        self._commit_ok = True
         self.tracker.committed(offsets)
         self._commits += 1
         ends = self.source.end_offsets()
@@ -141,6 +162,8 @@ class Service:
             return stats
         processor.sink = self.sink
         processor.start()
+        if self._probe_broker:
+            threading.Thread(target=self._watch_broker, name="broker-probe", daemon=True).start()
         paused, last_commit = False, time.monotonic()
         try:
             while not self._stop.is_set():
@@ -171,8 +194,7 @@ class Service:
                 if time.monotonic() - last_commit >= self.cfg.commit_interval_ms / 1000:
                     self._commit()
                     last_commit = time.monotonic()
-                    failing = getattr(self.sink, "failing_since", None)
-                    self._ready(failing is None, "publishing to Kafka is failing" if failing else "")
+                    self._update_readiness()
         finally:
             stats.finished = self.finished()
             self._close(processor)

@@ -158,3 +158,53 @@ def test_two_processes_in_one_group_share_the_work(kafka_broker, small_artifact,
         last = [line for line in text.splitlines() if "partitions assigned:" in line][-1]
         owned.append(set(last.split("partitions assigned:")[1].strip().split(", ")))
     assert owned[0] and owned[1] and not owned[0] & owned[1], f"partitions not shared: {owned}"
+
+
+def readyz(port: int) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_broker_unreachable_then_back_then_gone_never_crashes(small_artifact, tmp_path):
+    """Not-ready while Kafka is away, works once it comes, survives it vanishing, stops cleanly."""
+    from stream.embedded_broker import EmbeddedBroker, free_port
+    port, metrics = free_port(), free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log")
+    t = {"input": "images", "output": "labels", "dlq": "dead", "group": "outage"}
+    log = tmp_path / "service.log"
+    service = start_service(broker, t, small_artifact, log, metrics_port=metrics)
+    try:
+        wait_until(lambda: readyz(metrics) [0] == 503 and "cannot reach Kafka" in readyz(metrics)[1], 60,
+                   "/readyz to answer 503 'cannot reach Kafka' while Kafka is away")
+        time.sleep(3)
+        assert service.poll() is None, "the service must keep retrying, not exit"
+        broker.start()
+        broker.create_topics({"images": 1, "labels": 1, "dead": 1})
+        image = good_images()["jpeg_rocket"]
+        produce(broker.bootstrap, "images", [(str(i).encode(), image) for i in range(20)])
+        wait_for_outputs(broker, "labels", 20, timeout=120)
+        wait_until(lambda: readyz(metrics)[0] == 200, 30, "/readyz to answer 200 once connected")
+        broker.stop()
+        wait_until(lambda: readyz(metrics)[0] == 503, 30, "/readyz to answer 503 after the broker vanished")
+        time.sleep(2)
+        assert service.poll() is None, "the service must survive the broker going away"
+    finally:
+        stop(service, log)
+        broker.stop()
+    assert "Traceback" not in log.read_text()
