@@ -4,9 +4,5 @@
 # photos, runs the service, prints the labels and metrics, and stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[demo]'
+bash scripts/setup-venv.sh demo
 exec .venv/bin/python -m stream.demo "$@"

@@ -3,9 +3,5 @@
 # Extra arguments go to pytest (e.g. bash scripts/test.sh -m "not kafka").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+bash scripts/setup-venv.sh test
 exec .venv/bin/python -m pytest "$@"
