@@ -143,8 +143,9 @@ def run_build(cfg: BuildConfig) -> dict:
         calibration, _ = load_images(cfg.calibration_images, "calibration")
         quantize_int8(paths["fp32"], cfg.output / VARIANT_FILES["int8"], calibration)
         paths["int8"] = cfg.output / VARIANT_FILES["int8"]
-    for stale in [p for k, p in ((k, cfg.output / f) for k, f in VARIANT_FILES.items()) if k not in paths and p.exists()]:
-        stale.unlink()
+    for variant, name in VARIANT_FILES.items():   # variants not asked for this time must not linger
+        if variant not in paths:
+            (cfg.output / name).unlink(missing_ok=True)
     engine = maybe_engine(cfg, paths.get("fp16"), previous)
     images, source = load_images(cfg.validation_images, "validation")
     _, checks = run_checks(paths, cfg.output / ENGINE_FILE if engine else None, images, cfg.thresholds)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import Iterable
-
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -229,7 +227,3 @@ V1_TO_TYPE = {
     "MEMORY_DATA": "MemoryData", "HDF5_DATA": "HDF5Data", "WINDOW_DATA": "WindowData",
     "DUMMY_DATA": "DummyData", "SILENCE": "Silence", "ARGMAX": "ArgMax",
 }
-
-
-def names(values: Iterable[str]) -> str:
-    return ", ".join(sorted(values))

@@ -125,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("artifact", type=Path, help="artifact directory")
     e.add_argument("--images", type=Path, required=True, help="folder the list's image names are relative to")
     e.add_argument("--list", type=Path, required=True, help="list file, e.g. ground_truth/test4/test.txt")
-    e.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="variant (default: fastest that passed its gate)")
+    e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="variant to evaluate (default fp32, the reference)")
     e.add_argument("--backend", default="onnxruntime", choices=["auto", "tensorrt", "openvino", "onnxruntime"],
                    help="runtime (default onnxruntime, the reference)")
     e.add_argument("--exact-precision", action="store_true", help="forbid runtimes from lowering precision (OpenVINO bf16)")

@@ -85,7 +85,7 @@ def test_gate_failure_for_lowered_precision_is_respected(small_artifact, tmp_pat
     with pytest.raises(ArtifactError, match="failed its validation gate; --exact-precision"):
         select(copy, "openvino")
     _, choice = select(copy, "openvino", exact=True)
-    assert choice.exact and choice.precision == "fp32"   # int8 on OpenVINO is only checked in default mode
+    assert choice.exact and choice.precision == "int8"
     _, auto = select(copy, "auto")
     assert auto.backend == "onnxruntime" and auto.precision == "int8"
 

@@ -35,9 +35,9 @@ class OpenVinoBackend(Backend):
         hint = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         lowered = {"<Type: 'bfloat16'>": "bf16", "bf16": "bf16", "<Type: 'float16'>": "fp16", "f16": "fp16"}
         compute = lowered.get(hint, "fp32")
-        # INT8 files keep INT8 where quantized; the rest runs in the hinted precision.
-        self.compute_precision = precision if precision == "int8" and compute == "fp32" else (
-            f"int8+{compute}" if precision == "int8" else compute)
+        if precision == "int8":   # quantized layers run in INT8, the rest in the hinted precision
+            compute = "int8" if compute == "fp32" else f"int8+{compute}"
+        self.compute_precision = compute
         self._request = self._compiled.create_infer_request()
         self._outputs = [self._compiled.output("probs"), self._compiled.output("logits")]
 
