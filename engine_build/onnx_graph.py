@@ -45,6 +45,9 @@ class _Graph:
 
 
 def _preprocess(g: _Graph, oversample: bool) -> tuple[str, int]:
+    # Cast first: TensorRT accepts a uint8 network input only as the input of a Cast.
+    x = g.op("Cast", [INPUT], "as_float", to=TensorProto.FLOAT)
+    x = g.op("Sub", [x, g.const("mean_bgr", MEAN_BGR, np.float32)], "centred")
     crops = []
     for row, col, mirrored in crop_origins(oversample):
         if mirrored:
@@ -53,11 +56,9 @@ def _preprocess(g: _Graph, oversample: bool) -> tuple[str, int]:
             steps = [1, -1]
         else:
             starts, ends, steps = [row, col], [row + CROP_SIZE, col + CROP_SIZE], [1, 1]
-        crops.append(g.op("Slice", [INPUT, g.const("starts", starts, np.int64), g.const("ends", ends, np.int64),
+        crops.append(g.op("Slice", [x, g.const("starts", starts, np.int64), g.const("ends", ends, np.int64),
                                     g.const("axes", [1, 2], np.int64), g.const("steps", steps, np.int64)], "crop"))
     x = crops[0] if len(crops) == 1 else g.op("Concat", crops, "crops", axis=0)
-    x = g.op("Cast", [x], "as_float", to=TensorProto.FLOAT)
-    x = g.op("Sub", [x, g.const("mean_bgr", MEAN_BGR, np.float32)], "centred")
     if g.dtype == np.float16:
         x = g.op("Cast", [x], "as_half", to=TensorProto.FLOAT16)
     return g.op("Transpose", [x], "nchw", perm=[0, 3, 1, 2]), len(crops)

@@ -156,3 +156,12 @@ print(weights, (peak - base) * 1024)
     weights, grown = map(int, result.stdout.split())
     assert weights > 200 * 2**20
     assert grown < 2 * weights, f"grew {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights"
+
+
+def test_uint8_input_feeds_only_a_cast_as_tensorrt_requires(small_artifact):
+    """TensorRT accepts a uint8 network input only as the input of a Cast."""
+    for name in ("model.onnx", "model.fp16.onnx"):
+        graph = onnx.load(str(small_artifact / name)).graph
+        consumers = [n for n in graph.node if "images" in n.input]
+        assert [n.op_type for n in consumers] == ["Cast"], name
+        assert consumers[0].attribute[0].i == onnx.TensorProto.FLOAT
