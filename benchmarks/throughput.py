@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.artifact:
         artifact = args.artifact
         source = read_manifest(artifact)["model"]["source"]
-        prototxt, caffemodel = Path(source["prototxt"]["path"]), Path(source["caffemodel"]["path"])
+        prototxt = Path(source.get("prototxt", {}).get("path", "-"))
+        caffemodel = Path(source.get("caffemodel", {}).get("path", "-"))
     else:
         artifact, prototxt, caffemodel = ensure_artifact(args.workdir)
     images = photo_views(builtin_photos())

@@ -30,9 +30,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass(frozen=True)
 class BuildConfig:
-    prototxt: Path
-    caffemodel: Path
+    prototxt: Path | None
+    caffemodel: Path | None
     output: Path
+    onnx: Path | None = None            # an ONNX classifier instead of the Caffe files
     precisions: tuple[str, ...] = PRECISIONS
     oversample: bool = False
     max_batch: int = 32
@@ -69,16 +70,25 @@ def import_caffe(cfg: BuildConfig) -> tuple[Net, bool]:
     return net, placeholder
 
 
-def emit_onnx(cfg: BuildConfig, net: Net, placeholder: bool) -> dict[str, Path]:
+def emit_onnx(cfg: BuildConfig, source, placeholder: bool) -> dict[str, Path]:
+    """model.onnx and model.fp16.onnx from an imported Caffe ``Net`` or an ONNX classifier."""
+    from .onnx_import import wrap_classifier
     meta = {"placeholder": str(placeholder).lower(), "labels": ",".join(LABELS), "oversample": str(cfg.oversample).lower()}
+    emit = build_onnx if isinstance(source, Net) else wrap_classifier
     paths = {}
     for precision in ("fp32", "fp16"):
         if precision == "fp32" or precision in cfg.precisions:
             path = cfg.output / VARIANT_FILES[precision]
-            onnx.save(build_onnx(net, cfg.oversample, "float16" if precision == "fp16" else "float32",
-                                 {**meta, "precision": precision}), path)
+            onnx.save(emit(source, cfg.oversample, "float16" if precision == "fp16" else "float32",
+                           {**meta, "precision": precision}), path)
             paths[precision] = path
     return paths
+
+
+def sources(cfg: BuildConfig) -> dict:
+    """Path and sha256 of each input file, for the manifest."""
+    files = {"onnx": cfg.onnx} if cfg.onnx else {"prototxt": cfg.prototxt, "caffemodel": cfg.caffemodel}
+    return {kind: {"path": str(path), "sha256": sha256(path)} for kind, path in files.items()}
 
 
 def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None) -> dict | None:
@@ -132,12 +142,18 @@ def run_build(cfg: BuildConfig) -> dict:
         previous = read_manifest(cfg.output)
     except Exception:
         previous = None
-    net, placeholder = import_caffe(cfg)
-    print(f"imported {net.name}: {len(net.layers)} layers, "
-          f"{sum(w.size for layer in net.learned() for w in layer.weights):,} weights"
-          + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
-    paths = emit_onnx(cfg, net, placeholder)
-    del net
+    if cfg.onnx:
+        from .onnx_import import load_classifier
+        model, placeholder = load_classifier(cfg.onnx), bool(cfg.placeholder)
+        print(f"imported ONNX classifier {model.graph.name or cfg.onnx.name}: {len(model.graph.node)} nodes"
+              + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
+    else:
+        model, placeholder = import_caffe(cfg)
+        print(f"imported {model.name}: {len(model.layers)} layers, "
+              f"{sum(w.size for layer in model.learned() for w in layer.weights):,} weights"
+              + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
+    paths = emit_onnx(cfg, model, placeholder)
+    del model
     if "int8" in cfg.precisions:
         from .quantize import quantize_int8
         calibration, _ = load_images(cfg.calibration_images, "calibration")
@@ -155,10 +171,8 @@ def run_build(cfg: BuildConfig) -> dict:
         files["tensorrt"] = {**engine, "sha256": sha256(cfg.output / ENGINE_FILE)}
     manifest = {
         "format": FORMAT,
-        "model": {"name": PLACEHOLDER_NAME if placeholder else cfg.prototxt.stem, "placeholder": placeholder,
-                  "labels": list(LABELS),
-                  "source": {"prototxt": {"path": str(cfg.prototxt), "sha256": sha256(cfg.prototxt)},
-                             "caffemodel": {"path": str(cfg.caffemodel), "sha256": sha256(cfg.caffemodel)}}},
+        "model": {"name": PLACEHOLDER_NAME if placeholder else (cfg.onnx or cfg.prototxt).stem,
+                  "placeholder": placeholder, "labels": list(LABELS), "source": sources(cfg)},
         "input": {"name": "images", "dtype": "uint8", "shape": ["N", IMAGE_SIZE, IMAGE_SIZE, 3],
                   "layout": "NHWC", "channels": "BGR"},
         "outputs": {"probs": {"dtype": "float32", "shape": ["N", 2], "meaning": "softmax; index 0 negative, 1 positive"},

@@ -20,13 +20,15 @@ REAL_WEIGHTS_HINT = ("The authors publish the real weights (twitter_finetuned_te
 
 def _build(args: argparse.Namespace) -> int:
     from .build import BuildConfig, run_build
-    cfg = BuildConfig(prototxt=args.prototxt, caffemodel=args.caffemodel, output=args.output,
+    if bool(args.onnx) == bool(args.prototxt or args.caffemodel) or bool(args.prototxt) != bool(args.caffemodel):
+        raise UserError("give either --prototxt and --caffemodel, or --onnx")
+    cfg = BuildConfig(prototxt=args.prototxt, caffemodel=args.caffemodel, onnx=args.onnx, output=args.output,
                       precisions=tuple(dict.fromkeys(args.precision)), oversample=args.oversample,
                       max_batch=args.max_batch, tensorrt=args.tensorrt,
                       calibration_images=args.calibration_images, validation_images=args.validation_images,
                       thresholds={"fp16": args.fp16_threshold / 100, "int8": args.int8_threshold / 100})
-    for path, flag in ((args.prototxt, "--prototxt"), (args.caffemodel, "--caffemodel")):
-        if not path.is_file():
+    for path, flag in ((args.prototxt, "--prototxt"), (args.caffemodel, "--caffemodel"), (args.onnx, "--onnx")):
+        if path is not None and not path.is_file():
             raise UserError(f"{flag} {path}: no such file")
     manifest = run_build(cfg)
     print(f"artifact written to {args.output} in {manifest['build']['seconds']} s "
@@ -69,7 +71,8 @@ def _inspect(args: argparse.Namespace) -> int:
         extra = f"  {entry.get('gpu')} sm {entry.get('compute_capability')} TensorRT {entry.get('tensorrt')} batch 1..{entry.get('max_batch')}" \
             if key == "tensorrt" else ""
         print(f"file        {entry['file']:<18} {entry['precision']:<5} sha256 {entry['sha256'][:16]}{extra}")
-    print(f"source      {model['source']['caffemodel']['path']} (sha256 {model['source']['caffemodel']['sha256'][:16]})")
+    for kind, entry in model["source"].items():
+        print(f"source      {kind} {entry['path']} (sha256 {entry['sha256'][:16]})")
     print(f"built       {manifest['build']['created']} in {manifest['build']['seconds']} s, "
           f"tools: {', '.join(f'{k} {v}' for k, v in manifest['tools'].items())}")
     v = manifest["validation"]
@@ -102,8 +105,11 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build and validate an artifact directory",
                        description="Build DIR/model.onnx (+ model.fp16.onnx, model.int8.onnx, engine.plan) and "
                                    "DIR/manifest.json. Input: uint8 [N,256,256,3] BGR; outputs probs and logits [N,2].")
-    b.add_argument("--prototxt", type=Path, required=True, help="deploy prototxt (text)")
-    b.add_argument("--caffemodel", type=Path, required=True, help="trained weights (binary)")
+    b.add_argument("--prototxt", type=Path, help="deploy prototxt (text)")
+    b.add_argument("--caffemodel", type=Path, help="trained weights (binary)")
+    b.add_argument("--onnx", type=Path,
+                   help="instead of the Caffe files: an ONNX classifier taking Caffe's data blob, float32 "
+                        "[N,3,227,227] mean-subtracted BGR, and giving 2 scores (logits or softmax; 0 negative)")
     b.add_argument("--output", type=Path, required=True, help="artifact directory to write")
     b.add_argument("--precision", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"],
                    help="variants to make (fp32 is always made: it is the reference); default all three")

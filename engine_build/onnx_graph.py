@@ -116,19 +116,11 @@ def _layer(g: _Graph, layer: Layer, x: str) -> str:
     raise AssertionError(layer.type)
 
 
-def build_onnx(net: Net, oversample: bool = False, dtype: str = "float32",
-               metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """The whole classifier as one ONNX model honouring the I/O contract above."""
-    g = _Graph(np.float16 if dtype == "float16" else np.float32)
-    x, n_crops = _preprocess(g, oversample)
-    layers = net.layers
-    if layers[-1].type == "Softmax":   # we emit our own FP32 softmax after the logits
-        layers = layers[:-1]
-    for layer in layers:
-        x = _layer(g, layer, x)
+def _finish(g: _Graph, x: str, n_crops: int, classes: int, name: str, metadata: dict[str, str] | None,
+            opset: int = OPSET) -> onnx.ModelProto:
+    """Logits ``x`` (any float type) -> the contract's FP32 ``logits`` and ``probs``, averaged over crops."""
     if g.dtype != np.float32:
         x = g.op("Cast", [x], "logits_f32", to=TensorProto.FLOAT)
-    classes = net.output_shape[0]
     if n_crops == 1:
         g.nodes.append(helper.make_node("Identity", [x], [LOGITS], name=LOGITS))
         g.nodes.append(helper.make_node("Softmax", [x], [PROBS], name=PROBS, axis=1))
@@ -140,15 +132,45 @@ def build_onnx(net: Net, oversample: bool = False, dtype: str = "float32",
         g.nodes.append(helper.make_node("ReduceMean", [grouped_p], [PROBS], name=PROBS, axes=[0], keepdims=0))
         g.nodes.append(helper.make_node("ReduceMean", [grouped_l], [LOGITS], name=LOGITS, axes=[0], keepdims=0))
     graph = helper.make_graph(
-        g.nodes, net.name,
+        g.nodes, name,
         [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["N", IMAGE_SIZE, IMAGE_SIZE, 3])],
         [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", classes]),
          helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["N", classes])],
         initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="engine_build")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="engine_build")
     model.ir_version = 8
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _body_layers(net: Net) -> list[Layer]:
+    """The net without its final Softmax: we emit our own FP32 softmax after the logits."""
+    return net.layers[:-1] if net.layers[-1].type == "Softmax" else net.layers
+
+
+def build_onnx(net: Net, oversample: bool = False, dtype: str = "float32",
+               metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """The whole classifier as one ONNX model honouring the I/O contract above."""
+    g = _Graph(np.float16 if dtype == "float16" else np.float32)
+    x, n_crops = _preprocess(g, oversample)
+    for layer in _body_layers(net):
+        x = _layer(g, layer, x)
+    return _finish(g, x, n_crops, net.output_shape[0], net.name, metadata)
+
+
+def build_classifier_onnx(net: Net) -> onnx.ModelProto:
+    """The Caffe net alone, as Caffe runs it: ``data`` float [N,3,227,227] (mean-subtracted BGR) -> ``prob``."""
+    g = _Graph(np.float32)
+    x = "data"
+    for layer in _body_layers(net):
+        x = _layer(g, layer, x)
+    g.nodes.append(helper.make_node("Softmax", [x], ["prob"], name="prob", axis=1))
+    graph = helper.make_graph(
+        g.nodes, net.name, [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", *net.input_shape])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", net.output_shape[0]])], initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="engine_build")
+    model.ir_version = 8
     onnx.checker.check_model(model)
     return model

@@ -39,7 +39,7 @@ def ensure_artifact(workdir: Path) -> Path:
         print(f"real weights not found at {REAL_WEIGHTS}: using a PLACEHOLDER model (labels are meaningless)")
     try:
         manifest = read_manifest(artifact)
-        if manifest["model"]["source"]["caffemodel"]["path"] == str(caffemodel):
+        if manifest["model"]["source"].get("caffemodel", {}).get("path") == str(caffemodel):
             print(f"reusing artifact {artifact}")
             return artifact
     except UserError:

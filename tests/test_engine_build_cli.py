@@ -165,3 +165,43 @@ def test_uint8_input_feeds_only_a_cast_as_tensorrt_requires(small_artifact):
         consumers = [n for n in graph.node if "images" in n.input]
         assert [n.op_type for n in consumers] == ["Cast"], name
         assert consumers[0].attribute[0].i == onnx.TensorProto.FLOAT
+
+
+def test_onnx_classifier_import_matches_the_caffe_import(small_model, small_artifact, tmp_path, photos):
+    """The same net given as an ONNX classifier yields the same artifact outputs."""
+    from engine_build.caffe_io import iter_caffemodel, load_prototxt
+    from engine_build.caffe_net import attach_weights, build_net
+    from engine_build.onnx_graph import build_classifier_onnx
+    net = build_net(load_prototxt(small_model[0]))
+    attach_weights(net, iter_caffemodel(small_model[1], progress=False))
+    classifier = build_classifier_onnx(net)
+    classifier.opset_import[0].version = 13      # an older exporter: converted to our opset on import
+    onnx.save(classifier, tmp_path / "classifier.onnx")
+    out = tmp_path / "from-onnx"
+    assert main(["build", "--onnx", str(tmp_path / "classifier.onnx"), "--output", str(out)]) == 0
+    manifest = read_manifest(out)
+    assert set(manifest["model"]["source"]) == {"onnx"} and manifest["model"]["placeholder"] is False
+    assert all(c["passed"] for c in manifest["validation"]["checks"])
+    for variant, atol in (("model.onnx", 0.0), ("model.fp16.onnx", 5e-3)):
+        with open_backend("onnxruntime", out / variant, "fp32") as ours, \
+                open_backend("onnxruntime", small_artifact / variant, "fp32") as caffe:
+            np.testing.assert_allclose(ours.infer(photos).probs, caffe.infer(photos).probs, atol=max(atol, 1e-6))
+
+
+@pytest.mark.parametrize("shape,message", [([None, 3, 224, 224], r"must be float32 \[N,3,227,227\]"),
+                                           ([None, 1, 227, 227], r"must be float32 \[N,3,227,227\]")])
+def test_onnx_classifier_with_wrong_input_is_one_line(tmp_path, shape, message, capsys):
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 1, 1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "bad.onnx")
+    assert main(["build", "--onnx", str(tmp_path / "bad.onnx"), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err) and err.count("\n") == 1
+
+
+def test_build_needs_one_kind_of_source(tmp_path, capsys, small_model):
+    assert main(["build", "--prototxt", str(small_model[0]), "--onnx", str(small_model[1]),
+                 "--output", str(tmp_path)]) == 1
+    assert "either --prototxt and --caffemodel, or --onnx" in capsys.readouterr().err
