@@ -14,7 +14,7 @@ from typing import Callable
 
 import plugins
 from engine_build.artifact import open_artifact
-from engine_build.errors import BrokerUnavailable
+from engine_build.errors import BrokerUnavailable, ConfigError
 from engine_build.imaging import DecodeLimits
 
 from .config import StreamConfig
@@ -56,7 +56,11 @@ class Service:
         self._probe_broker = source_factory is None   # the fake broker has no address to probe
         self._reachable = True
         self._commit_ok = True
-        self.health = HealthServer(self.metrics, cfg.metrics_port).start() if cfg.metrics_port else None
+        try:
+            self.health = HealthServer(self.metrics, cfg.metrics_port).start() if cfg.metrics_port else None
+        except OSError as exc:
+            self.backend.close()
+            raise ConfigError(f"--metrics-port {cfg.metrics_port}: {exc.strerror or exc}") from None
         self.source = self.sink = None
 
     # ---- Kafka wiring (replaced by the fake broker in unit tests) ----

@@ -96,3 +96,14 @@ def test_default_precision_is_fastest_passing(small_artifact):
     assert choice.precision == "int8" and not choice.exact
     cfg = StreamConfig("h:1", ("in",), "out", "dlq", small_artifact)
     assert cfg.precision is None
+
+
+def test_metrics_port_in_use_is_one_line(small_artifact, capsys):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = BASE[:-1] + [str(port), "--artifact", str(small_artifact)]
+        code, err = run(argv, capsys)
+    assert code == 1 and f"--metrics-port {port}:" in err and err.count("\n") == 1, err
