@@ -135,6 +135,9 @@ class Processor:
             if p is None:
                 self._reject(decoded.message, "inference_error", "the model failed on this image")
                 continue
+            if not np.all(np.isfinite(p)):
+                self._reject(decoded.message, "invalid_output", f"the model returned non-finite scores {p.tolist()}")
+                continue
             timing = {"decode": decoded.decode_ms, "queue": (batch_start - decoded.ready_at) * 1000,
                       "inference": infer_ms, "total": (time.monotonic() - decoded.message.received) * 1000}
             prediction = Prediction(decoded.message, p, decoded.metadata, timing, self.model_info)

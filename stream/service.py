@@ -56,6 +56,7 @@ class Service:
         self._probe_broker = source_factory is None   # the fake broker has no address to probe
         self._reachable = True
         self._commit_ok = True
+        self._commits = 0
         try:
             self.health = HealthServer(self.metrics, cfg.metrics_port).start() if cfg.metrics_port else None
         except OSError as exc:
@@ -153,19 +154,16 @@ class Service:
     def run(self, count: int | None = None, timeout: float | None = None) -> RunStats:
         """Consume until stopped, or until ``count`` messages are finished, or ``timeout`` s pass."""
         started = time.monotonic()
-        self._commits = 0
         stats = RunStats()
-        processor = Processor(self.backend, self.codec, self.encoder, None, self.tracker, self.metrics,
+        if not self._connect():
+            self._close(None)
+            return stats
+        processor = Processor(self.backend, self.codec, self.encoder, self.sink, self.tracker, self.metrics,
                               self.model_info, PipelineConfig(
                                   self.cfg.output_topic, self.cfg.dead_letter_topic, self.cfg.max_batch,
                                   self.cfg.max_delay_ms, self.cfg.decode_workers,
                                   DecodeLimits(self.cfg.max_message_bytes, self.cfg.max_pixels,
-                                               not self.cfg.no_reduced_decode)))
-        if not self._connect():
-            self._close(processor, started_threads=False)
-            return stats
-        processor.sink = self.sink
-        processor.start()
+                                               not self.cfg.no_reduced_decode))).start()
         if self._probe_broker:
             threading.Thread(target=self._watch_broker, name="broker-probe", daemon=True).start()
         paused, last_commit = False, time.monotonic()
@@ -200,7 +198,6 @@ class Service:
                     last_commit = time.monotonic()
                     self._update_readiness()
         finally:
-            stats.finished = self.finished()
             self._close(processor)
         stats.finished = self.finished()
         stats.commits = self._commits
@@ -211,12 +208,12 @@ class Service:
         """Messages whose record (result or dead letter) the broker has acknowledged."""
         return self.metrics.finished_total
 
-    def _close(self, processor: Processor, started_threads: bool = True) -> None:
+    def _close(self, processor: Processor | None) -> None:
         """Stop fetching, finish in-flight batches, publish, commit, close."""
         self._ready(False, "shutting down")
         if self.source is not None:
             self.source.pause_all()
-        if started_threads:
+        if processor is not None:
             processor.stop(self.cfg.drain_timeout_s)
             if not self.tracker.wait_idle(self.cfg.drain_timeout_s):
                 log.warning("%d messages unacknowledged after %.0f s: left uncommitted (they will be redelivered)",

@@ -208,3 +208,33 @@ def test_a_users_plugin_is_found_through_entry_points(tmp_path, monkeypatch):
     codec = plugins.load(plugins.INPUT_GROUP, "upper")
     assert codec.unpack(b"x", []) == (b"x", {"seen": True})
     sys.modules.pop("userplug_mod", None)
+
+
+def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash(small_artifact):
+    """One bad image gets its own error; the rest of its batch is published."""
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    images = good_images()
+    for name in ("png", "webp", "bmp", "tiff"):
+        broker.produce("in", images[name], key=name.encode())
+    svc = service(broker, config(small_artifact, max_batch=4, max_delay_ms=200))
+    real_infer = svc.backend.infer
+    calls = []
+
+    def flaky(batch):
+        calls.append(len(batch))
+        if len(batch) > 1:
+            raise RuntimeError("device lost")          # the whole batch fails ...
+        out = real_infer(batch)
+        if len(calls) == 2:                            # ... then the first image fails alone,
+            raise RuntimeError("bad image")
+        if len(calls) == 3:                            # the second yields NaN,
+            out.probs[:] = np.nan
+        return out                                     # the rest succeed
+    svc.backend.infer = flaky
+    svc.run(count=4, timeout=30)
+    assert calls == [4, 1, 1, 1, 1]
+    assert len(broker.records("out")) == 2
+    reasons = sorted(dict(h)["error.reason"].decode() for _, _, h in broker.records("dlq"))
+    assert reasons == ["inference_error", "invalid_output"]
+    assert broker.committed["sentiment-stream"] == {("in", 0): 4}
