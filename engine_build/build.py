@@ -15,7 +15,7 @@ import onnx
 from . import __version__
 from .caffe_io import iter_caffemodel, load_prototxt
 from .caffe_net import Net, attach_weights, build_net
-from .errors import BackendUnavailable, ConfigError, ValidationFailed
+from .errors import ArtifactError, ConfigError, ValidationFailed
 from .imaging import builtin_photos, decode, list_images, photo_views
 from .manifest import (ENGINE_FILE, FORMAT, TIMING_CACHE, VARIANT_FILES, engine_staleness, read_manifest,
                        sha256, write_manifest)
@@ -100,8 +100,6 @@ def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None
     if reason:
         print(f"engine_build: TensorRT engine skipped: {reason}. The CPU artifacts are still built.")
         return None
-    if fp16_path is None:
-        raise ConfigError("--tensorrt builds from the FP16 model: include fp16 in --precision")
     from .tensorrt_build import build_engine, tensorrt_identity
     plan, cache = cfg.output / ENGINE_FILE, cfg.output / TIMING_CACHE
     old = (previous or {}).get("files", {}).get("tensorrt")
@@ -129,47 +127,37 @@ def tool_versions() -> dict:
     return versions
 
 
-def run_build(cfg: BuildConfig) -> dict:
-    """Every step in order; returns the manifest written (raises ValidationFailed after writing it)."""
-    started = time.perf_counter()
+def check_config(cfg: BuildConfig) -> None:
+    """Everything about the request that can be wrong, before any work is done."""
     bad = [p for p in cfg.precisions if p not in PRECISIONS]
     if bad:
         raise ConfigError(f"--precision {bad[0]}: choose from {', '.join(PRECISIONS)}")
     if cfg.max_batch < 1:
         raise ConfigError("--max-batch must be at least 1")
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    try:
-        previous = read_manifest(cfg.output)
-    except Exception:
-        previous = None
+    for kind, value in cfg.thresholds.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{kind}-threshold {100 * value:g}: must be between 0 and 100")
+    if cfg.tensorrt and "fp16" not in cfg.precisions:
+        raise ConfigError("--tensorrt builds from the FP16 model: include fp16 in --precision")
+
+
+def import_source(cfg: BuildConfig) -> tuple[object, bool]:
+    """The Caffe net or the ONNX classifier, and whether its weights are placeholders."""
     if cfg.onnx:
         from .onnx_import import load_classifier
         model, placeholder = load_classifier(cfg.onnx), bool(cfg.placeholder)
         print(f"imported ONNX classifier {model.graph.name or cfg.onnx.name}: {len(model.graph.node)} nodes"
               + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
-    else:
-        model, placeholder = import_caffe(cfg)
-        print(f"imported {model.name}: {len(model.layers)} layers, "
-              f"{sum(w.size for layer in model.learned() for w in layer.weights):,} weights"
-              + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
-    paths = emit_onnx(cfg, model, placeholder)
-    del model
-    if "int8" in cfg.precisions:
-        from .quantize import quantize_int8
-        calibration, _ = load_images(cfg.calibration_images, "calibration")
-        quantize_int8(paths["fp32"], cfg.output / VARIANT_FILES["int8"], calibration)
-        paths["int8"] = cfg.output / VARIANT_FILES["int8"]
-    for variant, name in VARIANT_FILES.items():   # variants not asked for this time must not linger
-        if variant not in paths:
-            (cfg.output / name).unlink(missing_ok=True)
-    engine = maybe_engine(cfg, paths.get("fp16"), previous)
-    images, source = load_images(cfg.validation_images, "validation")
-    _, checks = run_checks(paths, cfg.output / ENGINE_FILE if engine else None, images, cfg.thresholds)
-    print(table(checks))
-    files = {k: {"file": p.name, "precision": k, "sha256": sha256(p)} for k, p in paths.items()}
-    if engine:
-        files["tensorrt"] = {**engine, "sha256": sha256(cfg.output / ENGINE_FILE)}
-    manifest = {
+        return model, placeholder
+    net, placeholder = import_caffe(cfg)
+    print(f"imported {net.name}: {len(net.layers)} layers, "
+          f"{sum(w.size for layer in net.learned() for w in layer.weights):,} weights"
+          + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
+    return net, placeholder
+
+
+def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict, validation: dict, started: float) -> dict:
+    return {
         "format": FORMAT,
         "model": {"name": PLACEHOLDER_NAME if placeholder else (cfg.onnx or cfg.prototxt).stem,
                   "placeholder": placeholder, "labels": list(LABELS), "source": sources(cfg)},
@@ -182,12 +170,44 @@ def run_build(cfg: BuildConfig) -> dict:
                           "crop_size": CROP_SIZE, "oversample": cfg.oversample},
         "files": files,
         "tools": tool_versions(),
-        "validation": {"reference": "onnxruntime model.onnx", "images": int(len(images)), "source": source,
-                       "thresholds": cfg.thresholds, "checks": as_records(checks)},
+        "validation": validation,
         "build": {"seconds": round(time.perf_counter() - started, 1),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
+
+
+def run_build(cfg: BuildConfig) -> dict:
+    """Every step in order; returns the manifest written (raises ValidationFailed after writing it)."""
+    started = time.perf_counter()
+    check_config(cfg)
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    try:
+        previous = read_manifest(cfg.output)
+    except ArtifactError:
+        previous = None
+    model, placeholder = import_source(cfg)
+    paths = emit_onnx(cfg, model, placeholder)
+    del model
+    if "int8" in cfg.precisions:
+        from .quantize import quantize_int8
+        calibration, _ = load_images(cfg.calibration_images, "calibration")
+        quantize_int8(paths["fp32"], cfg.output / VARIANT_FILES["int8"], calibration)
+        paths["int8"] = cfg.output / VARIANT_FILES["int8"]
+    engine = maybe_engine(cfg, paths.get("fp16"), previous)
+    # Files from an earlier build that this one did not make must not linger (the timing cache may).
+    for variant, name in [*VARIANT_FILES.items(), ("tensorrt", ENGINE_FILE)]:
+        if variant not in paths and not (variant == "tensorrt" and engine):
+            (cfg.output / name).unlink(missing_ok=True)
+    images, source = load_images(cfg.validation_images, "validation")
+    _, checks = run_checks(paths, cfg.output / ENGINE_FILE if engine else None, images, cfg.thresholds)
+    print(table(checks))
+    files = {k: {"file": p.name, "precision": k, "sha256": sha256(p)} for k, p in paths.items()}
+    if engine:
+        files["tensorrt"] = {**engine, "sha256": sha256(cfg.output / ENGINE_FILE)}
+    validation = {"reference": "onnxruntime model.onnx", "images": int(len(images)), "source": source,
+                  "thresholds": cfg.thresholds, "checks": as_records(checks)}
+    manifest = make_manifest(cfg, placeholder, files, validation, started)
     write_manifest(cfg.output, manifest)
     failures = blocking_failures(checks)
     if failures:

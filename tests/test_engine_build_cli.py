@@ -1,7 +1,6 @@
 """The build command end to end: artifact contents, gate, manifest, inspect, evaluate, errors."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +81,13 @@ def test_stale_engine_is_detected():
 
 
 def test_failing_gate_fails_the_build(small_model, tmp_path, capsys):
+    """INT8 calibrated on one flat grey image saturates on real photos: the gate must catch it."""
+    import cv2
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    cv2.imwrite(str(flat / "grey.png"), np.full((256, 256, 3), 128, np.uint8))
     code = main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
-                 "--output", str(tmp_path / "a"), "--precision", "fp32", "int8", "--int8-threshold", "100.1"])
+                 "--output", str(tmp_path / "a"), "--precision", "fp32", "int8", "--calibration-images", str(flat)])
     err = capsys.readouterr().err
     assert code == 1 and "validation failed: int8" in err and err.count("\n") == 1
     assert (tmp_path / "a" / "manifest.json").exists(), "the manifest records the failed gate"
@@ -205,3 +209,15 @@ def test_build_needs_one_kind_of_source(tmp_path, capsys, small_model):
     assert main(["build", "--prototxt", str(small_model[0]), "--onnx", str(small_model[1]),
                  "--output", str(tmp_path)]) == 1
     assert "either --prototxt and --caffemodel, or --onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--int8-threshold", "120"], "--int8-threshold 120: must be between 0 and 100"),
+    (["--precision", "fp32", "int8", "--tensorrt"], "--tensorrt builds from the FP16 model"),
+])
+def test_bad_build_requests_fail_before_any_work(small_model, tmp_path, extra, message, capsys):
+    out = tmp_path / "never"
+    assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
+                 "--output", str(out)] + extra) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists(), "nothing was written"
