@@ -22,6 +22,7 @@ class FakeBroker:
         self.topics: dict[str, list[list[tuple[bytes | None, bytes | None, Headers]]]] = {}
         self.committed: dict[str, dict[Partition, int]] = defaultdict(dict)
         self.fail_next_publishes = 0          # make the next N sends fail once each
+        self.max_record_bytes: int | None = None   # like a broker's message.max.bytes
 
     def create_topic(self, name: str, partitions: int = 1) -> None:
         with self.lock:
@@ -101,6 +102,12 @@ class FakeSink:
         if fail:   # like the Kafka sink: retried, never dropped
             self._on_retry()
             threading.Timer(0.01, self.publish, (record, on_ack)).start()
+            return
+        limit = self.broker.max_record_bytes
+        if limit is not None and len(record.value) > limit:
+            if record.fallback is None:   # the Kafka sink would retry forever; make that visible here
+                raise AssertionError(f"record of {len(record.value)} bytes exceeds {limit} and has no fallback")
+            self.publish(record.fallback, on_ack)
             return
         self.broker.produce(record.topic, record.value, record.key, record.headers, partition=0)
         on_ack()

@@ -30,6 +30,17 @@ def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
     return False
 
 
+def _too_large(exc: BaseException) -> bool:
+    from kafka.errors import MessageSizeTooLargeError
+    too_large = [MessageSizeTooLargeError]
+    try:
+        from kafka.errors import RecordTooLargeError   # the broker's answer in newer clients
+        too_large.append(RecordTooLargeError)
+    except ImportError:
+        pass
+    return isinstance(exc, tuple(too_large))
+
+
 def _translate(exc: Exception, what: str) -> BrokerUnavailable:
     return BrokerUnavailable(f"{what}: {type(exc).__name__}: {exc}")
 
@@ -107,13 +118,13 @@ class KafkaSink:
     """acks=all producer; a failed send is retried with backoff until acknowledged or closed."""
 
     def __init__(self, bootstrap: str, client_options: dict, on_retry: Callable[[], None] = lambda: None,
-                 linger_ms: int = 5) -> None:
+                 linger_ms: int = 5, max_request_size: int = 1 << 20) -> None:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
         try:
             self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms,
                                            max_block_ms=10_000, retries=5, bootstrap_timeout_ms=5_000,
-                                           **client_options)
+                                           max_request_size=max_request_size, **client_options)
         except KafkaError as exc:
             raise _translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
         self._on_retry = on_retry
@@ -141,6 +152,11 @@ class KafkaSink:
         future.add_errback(failed)
 
     def _schedule(self, record: Outgoing, on_ack, attempt: int, exc: BaseException) -> None:
+        if record.fallback is not None and _too_large(exc):
+            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
+                        len(record.value), record.topic)
+            self.publish(record.fallback, on_ack)
+            return
         if self.failing_since is None:
             self.failing_since = time.monotonic()
         delay = min(5.0, 0.1 * 2 ** attempt)

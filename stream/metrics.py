@@ -33,6 +33,7 @@ class Metrics:
         self.finished_total = 0
         self._recent: deque[float] = deque()
         self._lock = threading.Lock()
+        self.rate.set_function(self._rate)
 
     def record_finished(self, outcome: str, received: float) -> None:
         """One message's record (result or dead letter) was acknowledged by the broker."""
@@ -42,9 +43,14 @@ class Metrics:
         with self._lock:
             self.finished_total += 1
             self._recent.append(now)
+
+    def _rate(self) -> float:
+        """Computed at scrape time, so it falls to 0 when traffic stops."""
+        now = time.monotonic()
+        with self._lock:
             while self._recent and self._recent[0] < now - 10:
                 self._recent.popleft()
-            self.rate.set(len(self._recent) / 10.0)
+            return len(self._recent) / 10.0
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -40,12 +40,18 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A record to publish: encoder output or a dead letter."""
+    """A record to publish: encoder output or a dead letter.
+
+    ``fallback`` is published instead when the broker refuses this record as too
+    large (a dead letter keeps its headers and drops the original value), so a huge
+    bad input can never stall its partition.
+    """
 
     topic: str
     key: bytes | None
     value: bytes
     headers: Headers
+    fallback: "Outgoing | None" = None
 
 
 def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoing:
@@ -57,4 +63,6 @@ def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoin
         ("source.partition", str(message.partition).encode()),
         ("source.offset", str(message.offset).encode()),
     ]
-    return Outgoing(topic, message.key, message.value or b"", headers)
+    value = message.value or b""
+    slim = Outgoing(topic, message.key, b"", headers + [("error.value_dropped", str(len(value)).encode())])
+    return Outgoing(topic, message.key, value, headers, fallback=slim)

@@ -73,7 +73,9 @@ class Service:
 
     def _kafka_sink(self, on_retry):
         from .kafka_io import KafkaSink
-        return KafkaSink(self.cfg.bootstrap_servers, self.cfg.client_options(), on_retry)
+        # Room for a dead letter carrying the largest accepted input, plus headers.
+        return KafkaSink(self.cfg.bootstrap_servers, self.cfg.client_options(), on_retry,
+                         max_request_size=max(1 << 20, self.cfg.max_message_bytes + (64 << 10)))
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""

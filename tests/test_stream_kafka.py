@@ -208,3 +208,20 @@ def test_broker_unreachable_then_back_then_gone_never_crashes(small_artifact, tm
         stop(service, log)
         broker.stop()
     assert "Traceback" not in log.read_text()
+
+
+def test_kafka_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker):
+    import threading
+    from stream.kafka_io import KafkaSink
+    from stream.records import Message, dead_letter
+    t = names(kafka_broker, partitions=1)
+    sink = KafkaSink(kafka_broker.bootstrap, {}, max_request_size=100_000)
+    acked = threading.Event()
+    try:
+        message = Message(t["input"], 0, 7, b"k", b"y" * 300_000)
+        sink.publish(dead_letter(message, t["dlq"], "not_an_image", "text"), acked.set)
+        assert acked.wait(30), "the fallback was acknowledged"
+    finally:
+        sink.close()
+    (record,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
+    assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"

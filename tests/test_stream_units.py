@@ -238,3 +238,30 @@ def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash(small_artifac
     reasons = sorted(dict(h)["error.reason"].decode() for _, _, h in broker.records("dlq"))
     assert reasons == ["inference_error", "invalid_output"]
     assert broker.committed["sentiment-stream"] == {("in", 0): 4}
+
+
+def test_dead_letter_too_large_for_the_broker_keeps_headers_and_drops_the_value(small_artifact):
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.max_record_bytes = 1000
+    broker.produce("in", b"x" * 50_000, key=b"huge-text")
+    broker.produce("in", good_images()["png"], key=b"ok")
+    service(broker, config(small_artifact)).run(count=2, timeout=30)
+    ((key, value, headers),) = broker.records("dlq")
+    headers = dict(headers)
+    assert key == b"huge-text" and value == b""
+    assert headers["error.reason"] == b"not_an_image" and headers["error.value_dropped"] == b"50000"
+    assert broker.committed["sentiment-stream"] == {("in", 0): 2}
+
+
+def test_images_per_second_is_measured_at_scrape_time(monkeypatch):
+    from stream import metrics as metrics_module
+    from stream.metrics import Metrics
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
+    m = Metrics()
+    for _ in range(30):
+        m.record_finished("published", clock[0] - 0.1)
+    assert "sentiment_images_per_second 3.0" in m.render().decode()
+    clock[0] += 11
+    assert "sentiment_images_per_second 0.0" in m.render().decode()
