@@ -44,8 +44,18 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
         return 1
     if service.model_info["placeholder"]:
         logging.getLogger("stream").warning("artifact %s holds PLACEHOLDER weights: its labels are meaningless", cfg.artifact)
+    received = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            logging.getLogger("stream").info("%s: draining (signal again to exit at once; uncommitted work "
+                                             "is redelivered)", signal.Signals(signum).name)
+            service.stop()
+        else:
+            os._exit(128 + signum)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.stop())
+        signal.signal(sig, on_signal)
     stats = service.run()
     logging.getLogger("stream").info("exiting: consumed %d, finished %d in %.1f s", stats.consumed, stats.finished, stats.seconds)
     return 0
