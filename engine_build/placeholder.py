@@ -40,7 +40,8 @@ _ARCH = [
     ("prob", "Softmax", {}),
 ]
 _PARAM_FIELD = {"Convolution": "convolution_param", "InnerProduct": "inner_product_param",
-                "Pooling": "pooling_param", "LRN": "lrn_param", "Dropout": "dropout_param"}
+                "Pooling": "pooling_param", "LRN": "lrn_param", "Dropout": "dropout_param",
+                "ReLU": "relu_param"}
 
 
 def deploy_net(width: float = 1.0, name: str = PLACEHOLDER_NAME, input_form: str = "input_dim",

@@ -61,13 +61,16 @@ POOLING_CASES = {
     "max_overhang": {"pool2": dict(pool="MAX", kernel_size=2, stride=2)},
     "ave_plain": {"pool1": dict(pool="AVE", kernel_size=3, stride=2)},
     "dilated_leaky": {"conv3": dict(num_output=384, pad=2, kernel_size=3, dilation=2),
-                      "relu3": {}},
+                      "relu3": dict(negative_slope=0.1)},
 }
 
 
 @pytest.mark.parametrize("case", sorted(POOLING_CASES))
 def test_pooling_and_convolution_rules_match_opencv(tmp_path, photos, case):
     prototxt, caffemodel = write_placeholder(tmp_path, width=0.25, seed=5, overrides=POOLING_CASES[case])
+    for layer, params in POOLING_CASES[case].items():   # the variant really is in the file
+        for key in params:
+            assert f"{key}:" in prototxt.read_text(), (layer, key)
     _, logits = ours(prototxt, caffemodel, photos[:4])
     assert_close_relative(logits, opencv_logits(prototxt, caffemodel, reference_crops(photos[:4], False)))
 
