@@ -167,18 +167,6 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     cv2.imwrite(str(path), img)
 
 
-def ensure_artifact(workdir: Path) -> tuple[Path, Path, Path]:
-    from engine_build.cli import main as build_main
-    prototxt, caffemodel = workdir / "model" / "deploy.prototxt", workdir / "model" / "placeholder.caffemodel"
-    artifact = workdir / "artifact"
-    if not caffemodel.exists():
-        build_main(["placeholder-model", "--output", str(prototxt.parent)])
-    if not (artifact / "manifest.json").exists():
-        if build_main(["build", "--prototxt", str(prototxt), "--caffemodel", str(caffemodel), "--output", str(artifact)]):
-            raise SystemExit("artifact build failed")
-    return artifact, prototxt, caffemodel
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, help="artifact to measure (default: build a full-size placeholder)")
@@ -194,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         prototxt = Path(source.get("prototxt", {}).get("path", "-"))
         caffemodel = Path(source.get("caffemodel", {}).get("path", "-"))
     else:
-        artifact, prototxt, caffemodel = ensure_artifact(args.workdir)
+        from engine_build.build import ensure_artifact
+        from engine_build.placeholder import ensure_placeholder
+        prototxt, caffemodel = ensure_placeholder(args.workdir / "model")
+        artifact = ensure_artifact(prototxt, caffemodel, args.workdir / "artifact")
     images = photo_views(builtin_photos())
     reps = max(args.batch_sizes)
     images = np.concatenate([images] * (1 + reps // len(images)))[:reps]

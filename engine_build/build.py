@@ -146,14 +146,13 @@ def import_source(cfg: BuildConfig) -> tuple[object, bool]:
     if cfg.onnx:
         from .onnx_import import load_classifier
         model, placeholder = load_classifier(cfg.onnx), bool(cfg.placeholder)
-        print(f"imported ONNX classifier {model.graph.name or cfg.onnx.name}: {len(model.graph.node)} nodes"
-              + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
-        return model, placeholder
-    net, placeholder = import_caffe(cfg)
-    print(f"imported {net.name}: {len(net.layers)} layers, "
-          f"{sum(w.size for layer in net.learned() for w in layer.weights):,} weights"
-          + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
-    return net, placeholder
+        what = f"ONNX classifier {model.graph.name or cfg.onnx.name}: {len(model.graph.node)} nodes"
+    else:
+        model, placeholder = import_caffe(cfg)
+        what = (f"{model.name}: {len(model.layers)} layers, "
+                f"{sum(w.size for layer in model.learned() for w in layer.weights):,} weights")
+    print(f"imported {what}" + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
+    return model, placeholder
 
 
 def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict, validation: dict, started: float) -> dict:
@@ -215,3 +214,18 @@ def run_build(cfg: BuildConfig) -> dict:
         raise ValidationFailed(f"validation failed: {f.variant} on {f.runtime} agrees on {100 * f.agreement:.1f}% "
                                f"of {f.images} images, needs {100 * f.threshold:.1f}% (NaN: {f.nan})")
     return manifest
+
+
+def ensure_artifact(prototxt: Path, caffemodel: Path, output: Path) -> Path:
+    """``output`` built from these files: kept when its manifest names the same sources, else rebuilt."""
+    try:
+        source = read_manifest(output)["model"]["source"]
+        if (source.get("prototxt", {}).get("sha256") == sha256(prototxt)
+                and source.get("caffemodel", {}).get("sha256") == sha256(caffemodel)):
+            print(f"reusing artifact {output}")
+            return output
+    except ArtifactError:
+        pass
+    manifest = run_build(BuildConfig(prototxt, caffemodel, output))
+    print(f"artifact written to {output} in {manifest['build']['seconds']} s")
+    return output

@@ -118,8 +118,18 @@ def _layer(g: _Graph, layer: Layer, x: str) -> str:
     raise AssertionError(layer.type)
 
 
-def _finish(g: _Graph, x: str, n_crops: int, classes: int, name: str, metadata: dict[str, str] | None,
-            opset: int = OPSET) -> onnx.ModelProto:
+def _model(graph: onnx.GraphProto, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Wrap a graph at this project's opset and IR version, with metadata, checked."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="engine_build")
+    model.ir_version = 8
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _finish(g: _Graph, x: str, n_crops: int, classes: int, name: str,
+            metadata: dict[str, str] | None) -> onnx.ModelProto:
     """Logits ``x`` (any float type) -> the contract's FP32 ``logits`` and ``probs``, averaged over crops."""
     if g.dtype != np.float32:
         x = g.op("Cast", [x], "logits_f32", to=TensorProto.FLOAT)
@@ -139,12 +149,7 @@ def _finish(g: _Graph, x: str, n_crops: int, classes: int, name: str, metadata: 
         [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", classes]),
          helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["N", classes])],
         initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="engine_build")
-    model.ir_version = 8
-    for key, value in (metadata or {}).items():
-        model.metadata_props.add(key=key, value=str(value))
-    onnx.checker.check_model(model)
-    return model
+    return _model(graph, metadata)
 
 
 def _body_layers(net: Net) -> list[Layer]:
@@ -172,7 +177,4 @@ def build_classifier_onnx(net: Net) -> onnx.ModelProto:
     graph = helper.make_graph(
         g.nodes, net.name, [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", *net.input_shape])],
         [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", net.output_shape[0]])], initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="engine_build")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _model(graph)

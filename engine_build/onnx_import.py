@@ -72,15 +72,16 @@ def _logits_only(model: onnx.ModelProto) -> onnx.ModelProto:
 def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
     """Nodes ordered so each comes after the producers of its inputs (the float16 converter
     appends its boundary casts at the end of the list)."""
-    ordered, pending, ready = [], list(nodes), set(available)
+    ordered, pending, ready = [], list(range(len(nodes))), set(available)
     while pending:
-        runnable = [n for n in pending if all(not t or t in ready for t in n.input)]
+        runnable = [i for i in pending if all(not t or t in ready for t in nodes[i].input)]
         if not runnable:
-            raise ModelFormatError(f"the classifier graph has a cycle or a dangling input near node '{pending[0].name}'")
-        for node in runnable:
-            ordered.append(node)
-            ready.update(node.output)
-        pending = [n for n in pending if n not in runnable]
+            raise ModelFormatError(f"the classifier graph has a cycle or a dangling input near node "
+                                   f"'{nodes[pending[0]].name}'")
+        for i in runnable:
+            ordered.append(nodes[i])
+            ready.update(nodes[i].output)
+        pending = sorted(set(pending) - set(runnable))
     return ordered
 
 

@@ -150,3 +150,12 @@ def write_placeholder(output: str | Path, width: float = 1.0, seed: int = 0,
     write_caffemodel(caffemodel, proto.name, seeded_weights(net, seed),
                      legacy_format=legacy_format, legacy_shapes=legacy_shapes, packed=packed)
     return prototxt, caffemodel
+
+
+def ensure_placeholder(output: str | Path) -> tuple[Path, Path]:
+    """The placeholder files in ``output``, written only if they are not there yet."""
+    output = Path(output)
+    prototxt, caffemodel = output / "deploy.prototxt", output / "placeholder.caffemodel"
+    if prototxt.exists() and caffemodel.exists():
+        return prototxt, caffemodel
+    return write_placeholder(output)

@@ -25,28 +25,17 @@ METRIC_LINES = ("sentiment_images_total", "sentiment_decode_failures_total", "se
                 "sentiment_ready")
 
 
-def ensure_artifact(workdir: Path) -> Path:
-    from engine_build.cli import main as build_main
-    from engine_build.manifest import read_manifest
-    artifact = workdir / "artifact"
+def demo_artifact(workdir: Path) -> Path:
+    """Built from the authors' weights when they are in models/, else from placeholder weights."""
+    from engine_build.build import ensure_artifact
+    from engine_build.placeholder import ensure_placeholder
     if REAL_WEIGHTS.exists() and REAL_PROTOTXT.exists():
         prototxt, caffemodel = REAL_PROTOTXT, REAL_WEIGHTS
         print(f"using the authors' weights: {REAL_WEIGHTS}")
     else:
-        prototxt, caffemodel = workdir / "placeholder" / "deploy.prototxt", workdir / "placeholder" / "placeholder.caffemodel"
-        if not caffemodel.exists():
-            build_main(["placeholder-model", "--output", str(prototxt.parent)])
+        prototxt, caffemodel = ensure_placeholder(workdir / "placeholder")
         print(f"real weights not found at {REAL_WEIGHTS}: using a PLACEHOLDER model (labels are meaningless)")
-    try:
-        manifest = read_manifest(artifact)
-        if manifest["model"]["source"].get("caffemodel", {}).get("path") == str(caffemodel):
-            print(f"reusing artifact {artifact}")
-            return artifact
-    except UserError:
-        pass
-    if build_main(["build", "--prototxt", str(prototxt), "--caffemodel", str(caffemodel), "--output", str(artifact)]):
-        raise UserError("the artifact build failed (see above)")
-    return artifact
+    return ensure_artifact(prototxt, caffemodel, workdir / "artifact")
 
 
 def demo_inputs() -> list[tuple[bytes, bytes]]:
@@ -71,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from stream.service import Service
     try:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        artifact = ensure_artifact(args.workdir)
+        artifact = demo_artifact(args.workdir)
         inputs = demo_inputs()
         with EmbeddedBroker(log_path=args.workdir / "broker.log") as broker:
             print(f"embedded Kafka-protocol broker (tansu) on {broker.bootstrap}")

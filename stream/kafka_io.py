@@ -31,14 +31,9 @@ def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
 
 
 def _too_large(exc: BaseException) -> bool:
+    """kafka-python raises this both for its own size check and for the broker's MESSAGE_TOO_LARGE."""
     from kafka.errors import MessageSizeTooLargeError
-    too_large = [MessageSizeTooLargeError]
-    try:
-        from kafka.errors import RecordTooLargeError   # the broker's answer in newer clients
-        too_large.append(RecordTooLargeError)
-    except ImportError:
-        pass
-    return isinstance(exc, tuple(too_large))
+    return isinstance(exc, MessageSizeTooLargeError)
 
 
 def _translate(exc: Exception, what: str) -> BrokerUnavailable:
