@@ -158,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger().setLevel(logging.ERROR)   # ORT's quantizer warns on the root logger
     try:
         return args.func(args)
     except UserError as exc:

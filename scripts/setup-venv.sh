@@ -7,4 +7,6 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[$extra]"
+# A regular install (editable ones print a setuptools warning on every run); the scripts run
+# from the repository root, where Python imports the working tree first.
+.venv/bin/python -m pip install --quiet ".[$extra]"
