@@ -123,7 +123,7 @@ def end_to_end(artifact: Path, messages: int, backend: str, precision: str | Non
         producer.close()
         cfg = StreamConfig(broker.bootstrap, ("bench-in",), "bench-out", "bench-dlq", artifact, group_id="bench",
                            backend=backend, precision=precision, metrics_port=0, max_batch=32, max_delay_ms=20,
-                           decode_workers=os.cpu_count() or 2, max_in_flight=512, session_timeout_ms=6000).validate()
+                           decode_workers=os.cpu_count() or 2, max_in_flight=512, session_timeout_ms=6000)
         service = Service(cfg)
         describe = service.backend.describe()
         # Time from the first finished message, so group join is not counted.

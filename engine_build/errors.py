@@ -8,10 +8,14 @@
     │   ├── ArtifactError           an artifact directory is missing, tampered with or stale
     │   │   └── StaleEngineError    engine.plan was built for another GPU/TensorRT/batch range
     │   ├── ValidationFailed        a variant is under its agreement threshold
+    │   ├── KafkaPermanent          a Kafka error that can never succeed (unsupported codec,
+    │   │                           authorisation, corrupt batch); the service drains and exits
     │   └── BackendUnavailable      a runtime (TensorRT, GPU, OpenVINO) is not installed/usable
     ├── DecodeError                 one message's image is rejected (becomes a dead letter);
     │                               ``reason`` is a short machine-readable code
-    └── BrokerUnavailable           Kafka cannot be reached right now; the service retries
+    ├── BrokerUnavailable           Kafka cannot be reached right now; the service retries
+    └── KafkaTransient              a Kafka client error worth retrying that is not an outage;
+                                    retried with backoff, fatal if it lasts past a limit
 
 Third-party exceptions are translated at the boundary (``raise Ours(...) from exc``).
 Anything else is a bug and keeps its traceback.
@@ -65,3 +69,11 @@ class DecodeError(SentimentError):
 
 class BrokerUnavailable(SentimentError):
     """Kafka is unreachable; the service keeps retrying with backoff and reports not-ready."""
+
+
+class KafkaTransient(SentimentError):
+    """A Kafka client error worth retrying that is not an outage (the brokers answer)."""
+
+
+class KafkaPermanent(UserError):
+    """A Kafka client error that retrying cannot fix; the message says what to do."""

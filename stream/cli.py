@@ -9,7 +9,7 @@ import sys
 
 from engine_build.errors import UserError
 
-from .config import add_arguments, from_namespace
+from .config import build_parser, from_args
 
 DESCRIPTION = """Consume encoded images from Kafka, decode them with OpenCV, batch them, classify their
 sentiment with an artifact built by `python -m engine_build build`, and publish one JSON record per
@@ -19,18 +19,14 @@ has its record acknowledged by the broker (acks=all). SIGTERM/SIGINT drain, publ
 Every flag has an environment variable twin, shown in brackets."""
 
 
-def parser(environ: dict) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stream", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, environ)
-    return p
+def parser() -> argparse.ArgumentParser:
+    return build_parser("python -m stream", DESCRIPTION)
 
 
 def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     environ = dict(os.environ if environ is None else environ)
     try:
-        args = parser(environ).parse_args(argv)
-        cfg = from_namespace(args)
+        cfg = from_args(parser().parse_args(argv), environ)
     except UserError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
@@ -56,6 +52,10 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
             os._exit(128 + signum)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    stats = service.run()
+    try:
+        stats = service.run()
+    except UserError as exc:
+        print(f"stream: error: {exc}", file=sys.stderr)
+        return 1
     logging.getLogger("stream").info("exiting: consumed %d, finished %d in %.1f s", stats.consumed, stats.finished, stats.seconds)
     return 0

@@ -1,116 +1,122 @@
-"""The service's one frozen config; every flag has an environment twin, declared once here."""
+"""The service's one frozen config, declared once: each field carries its flag's help and
+choices; the command line and the environment twins (``STREAM_<FIELD>``) are derived
+from the fields, and every instance is validated when it is made."""
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any, get_type_hints
 
 from engine_build.errors import ConfigError
 
-
-@dataclass(frozen=True)
-class Option:
-    flag: str
-    type: type = str
-    default: object = None
-    help: str = ""
-    required: bool = False
-    repeat: bool = False
-    secret: bool = False
-    choices: tuple | None = None
-    switch: bool = False
-
-    @property
-    def dest(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
-
-    @property
-    def env(self) -> str:
-        return "STREAM_" + self.dest.upper()
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
-OPTIONS = [
-    Option("--bootstrap-servers", help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]", required=True),
-    Option("--input-topic", help="topic to consume (repeat for several; env: comma-separated)", required=True, repeat=True),
-    Option("--output-topic", help="topic for one JSON label record per image", required=True),
-    Option("--dead-letter-topic", help="topic for rejected inputs (original key/value + error.* headers)", required=True),
-    Option("--group-id", default="sentiment-stream", help="consumer group; processes in one group share the partitions"),
-    Option("--artifact", type=Path, help="artifact directory made by python -m engine_build build", required=True),
-    Option("--backend", default="auto", choices=("auto", "tensorrt", "openvino", "onnxruntime"),
-           help="inference runtime; auto = TensorRT if a usable engine and GPU exist, else OpenVINO, else ONNX Runtime"),
-    Option("--precision", choices=("fp32", "fp16", "int8"), help="variant to run (default: fastest that passed its validation gate)"),
-    Option("--exact-precision", switch=True, default=False,
-           help="make runtimes compute in the file's own precision (no OpenVINO bf16)"),
-    Option("--max-batch", type=int, default=32, help="a batch closes at this many images ..."),
-    Option("--max-delay-ms", type=float, default=20.0, help="... or this long after its first image"),
-    Option("--decode-workers", type=int, default=max(1, os.cpu_count() or 1), help="threads decoding images"),
-    Option("--inference-threads", type=int, default=0, help="CPU threads per inference call (0 = runtime default)"),
-    Option("--max-in-flight", type=int, default=512, help="messages in flight before partitions are paused (backpressure)"),
-    Option("--input-codec", default="raw", help="how a message value becomes image bytes (plugins: raw, json, or your own)"),
-    Option("--output-codec", default="json", help="how a prediction becomes a record (plugins: json, or your own)"),
-    Option("--max-message-bytes", type=int, default=20 * 1024 * 1024, help="larger values are dead-lettered unread"),
-    Option("--max-pixels", type=int, default=64_000_000, help="images declaring more pixels are dead-lettered before decoding"),
-    Option("--no-reduced-decode", switch=True, default=False, help="always decode JPEGs at full size"),
-    Option("--commit-interval-ms", type=float, default=1000.0, help="how often acknowledged offsets are committed"),
-    Option("--drain-timeout-s", type=float, default=30.0, help="on shutdown or revocation, how long to finish in-flight work"),
-    Option("--auto-offset-reset", default="earliest", choices=("earliest", "latest"), help="where a new group starts"),
-    Option("--max-poll-records", type=int, default=256, help="records fetched per poll"),
-    Option("--session-timeout-ms", type=int, default=10_000,
-           help="group session timeout: a dead member's partitions move after this; joining waits about half of it"),
-    Option("--max-poll-interval-ms", type=int, default=300_000,
-           help="rebalance timeout; the poll loop never blocks on inference, so it is not reached in normal work"),
-    Option("--metrics-port", type=int, default=9108, help="Prometheus /metrics, /healthz, /readyz (0 = off)"),
-    Option("--security-protocol", default="PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-           help="Kafka security protocol"),
-    Option("--ssl-cafile", help="CA bundle for TLS"),
-    Option("--ssl-certfile", help="client certificate for TLS"),
-    Option("--ssl-keyfile", help="client key for TLS"),
-    Option("--sasl-mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"), help="SASL mechanism"),
-    Option("--sasl-username", help="SASL user name"),
-    Option("--sasl-password", help="SASL password (prefer the environment variable; never printed)", secret=True),
-    Option("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log verbosity"),
-]
+def option(default: Any = MISSING, help: str = "", choices: tuple[str, ...] | None = None,
+           secret: bool = False) -> Any:
+    """A config field with what its flag needs: ``help``, ``choices``; ``secret`` hides it from repr."""
+    return field(default=default, repr=not secret, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    bootstrap_servers: str
-    input_topic: tuple[str, ...]
-    output_topic: str
-    dead_letter_topic: str
-    artifact: Path
-    group_id: str = "sentiment-stream"
-    backend: str = "auto"
-    precision: str | None = None
-    exact_precision: bool = False
-    max_batch: int = 32
-    max_delay_ms: float = 20.0
-    decode_workers: int = 2
-    inference_threads: int = 0
-    max_in_flight: int = 512
-    input_codec: str = "raw"
-    output_codec: str = "json"
-    max_message_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 64_000_000
-    no_reduced_decode: bool = False
-    commit_interval_ms: float = 1000.0
-    drain_timeout_s: float = 30.0
-    auto_offset_reset: str = "earliest"
-    max_poll_records: int = 256
-    session_timeout_ms: int = 10_000
-    max_poll_interval_ms: int = 300_000
-    metrics_port: int = 9108
-    security_protocol: str = "PLAINTEXT"
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = field(default=None, repr=False)
-    log_level: str = "INFO"
+    bootstrap_servers: str = option(help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
+    input_topic: tuple[str, ...] = option(help="topic to consume (repeat for several; env: comma-separated)")
+    output_topic: str = option(help="topic for one JSON label record per image")
+    dead_letter_topic: str = option(help="topic for rejected inputs (original key/value + error.* headers)")
+    artifact: Path = option(help="artifact directory made by python -m engine_build build")
+    group_id: str = option("sentiment-stream", "consumer group; processes in one group share the partitions")
+    backend: str = option("auto", "inference runtime; auto = TensorRT if a usable engine and GPU exist, "
+                                  "else OpenVINO, else ONNX Runtime",
+                          choices=("auto", "tensorrt", "openvino", "onnxruntime"))
+    precision: str | None = option(None, "variant to run (default: fastest that passed its validation gate)",
+                                   choices=("fp32", "fp16", "int8"))
+    exact_precision: bool = option(False, "make runtimes compute in the file's own precision (no OpenVINO bf16)")
+    max_batch: int = option(32, "a batch closes at this many images ...")
+    max_delay_ms: float = option(20.0, "... or this long after its first image")
+    decode_workers: int = option(max(1, os.cpu_count() or 1), "threads decoding images (default: one per core)")
+    inference_threads: int = option(0, "CPU threads per inference call (0 = runtime default)")
+    max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")
+    input_codec: str = option("raw", "how a message value becomes image bytes (plugins: raw, json, or your own)")
+    output_codec: str = option("json", "how a prediction becomes a record (plugins: json, or your own)")
+    compression_type: str = option("zstd", "compression of the records the service publishes (zstd: a tenth of "
+                                           "the bytes at no measurable producer CPU, python -m "
+                                           "benchmarks.publish_codecs; gzip for readers without zstd)",
+                                   choices=CODECS)
+    max_message_bytes: int = option(20 * 1024 * 1024, "larger values are dead-lettered unread")
+    max_pixels: int = option(64_000_000, "images declaring more pixels are dead-lettered before decoding")
+    no_reduced_decode: bool = option(False, "always decode JPEGs at full size")
+    commit_interval_ms: float = option(1000.0, "how often acknowledged offsets are committed")
+    drain_timeout_s: float = option(30.0, "on shutdown or revocation, how long to finish in-flight work")
+    fail_after_s: float = option(120.0, "a Kafka client error that is not an outage and keeps failing this long "
+                                        "ends the process (exit 1) so its supervisor can restart it")
+    auto_offset_reset: str = option("earliest", "where a new group starts", choices=("earliest", "latest"))
+    max_poll_records: int = option(256, "records fetched per poll")
+    session_timeout_ms: int = option(10_000, "group session timeout: a dead member's partitions move after "
+                                             "this; joining waits about half of it")
+    max_poll_interval_ms: int = option(300_000, "rebalance timeout; the poll loop never blocks on inference, "
+                                                "so it is not reached in normal work")
+    metrics_port: int = option(9108, "Prometheus /metrics, /healthz, /readyz (0 = off)")
+    security_protocol: str = option("PLAINTEXT", "Kafka security protocol",
+                                    choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+    ssl_cafile: str | None = option(None, "CA bundle for TLS")
+    ssl_certfile: str | None = option(None, "client certificate for TLS")
+    ssl_keyfile: str | None = option(None, "client key for TLS")
+    sasl_mechanism: str | None = option(None, "SASL mechanism",
+                                        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"))
+    sasl_username: str | None = option(None, "SASL user name")
+    sasl_password: str | None = option(None, "SASL password (prefer the environment variable; never printed)",
+                                       secret=True)
+    log_level: str = option("INFO", "log verbosity (any case)", choices=LOG_LEVELS)
 
-    def client_options(self) -> dict:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_level", str(self.log_level).upper())
+        object.__setattr__(self, "input_topic", tuple(self.input_topic))
+        object.__setattr__(self, "artifact", Path(self.artifact))
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{flag(f.name)} {value}: choose from {', '.join(choices)}")
+        self._check_numbers()
+        self._check_kafka()
+
+    def _check_numbers(self) -> None:
+        for name in ("max_batch", "decode_workers", "max_in_flight", "max_message_bytes", "max_pixels",
+                     "max_poll_records", "session_timeout_ms", "max_poll_interval_ms"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)} must be at least 1")
+        if self.inference_threads < 0 or self.max_delay_ms < 0:
+            raise ConfigError("--inference-threads and --max-delay-ms must be >= 0")
+        for name in ("commit_interval_ms", "drain_timeout_s", "fail_after_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{flag(name)} must be > 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port}: not a port")
+        if self.max_in_flight < self.max_batch:
+            raise ConfigError("--max-in-flight must be at least --max-batch")
+
+    def _check_kafka(self) -> None:
+        for server in self.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"--bootstrap-servers {self.bootstrap_servers!r}: expected HOST:PORT[,HOST:PORT]")
+        if not self.input_topic or not all(self.input_topic):
+            raise ConfigError("--input-topic: at least one topic name")
+        if self.output_topic in self.input_topic or self.dead_letter_topic in self.input_topic:
+            raise ConfigError("the output and dead-letter topics must differ from the input topics")
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ConfigError(f"--security-protocol {self.security_protocol} needs --sasl-mechanism")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{flag(name)} {path}: no such file")
+
+    def client_options(self) -> dict[str, Any]:
         """TLS/SASL settings for both Kafka clients (only those that are set)."""
         options = {"security_protocol": self.security_protocol, "ssl_cafile": self.ssl_cafile,
                    "ssl_certfile": self.ssl_certfile, "ssl_keyfile": self.ssl_keyfile,
@@ -118,60 +124,71 @@ class StreamConfig:
                    "sasl_plain_password": self.sasl_password}
         return {k: v for k, v in options.items() if v is not None}
 
-    def validate(self) -> "StreamConfig":
-        for name in ("max_batch", "decode_workers", "max_in_flight", "max_message_bytes", "max_pixels", "max_poll_records",
-                     "session_timeout_ms", "max_poll_interval_ms"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_delay_ms < 0 or self.commit_interval_ms <= 0 or self.drain_timeout_s <= 0:
-            raise ConfigError("--max-delay-ms must be >= 0; --commit-interval-ms and --drain-timeout-s > 0")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"--metrics-port {self.metrics_port}: not a port")
-        if self.max_in_flight < self.max_batch:
-            raise ConfigError("--max-in-flight must be at least --max-batch")
-        if self.output_topic in self.input_topic or self.dead_letter_topic in self.input_topic:
-            raise ConfigError("the output and dead-letter topics must differ from the input topics")
-        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
-            raise ConfigError(f"--security-protocol {self.security_protocol} needs --sasl-mechanism")
-        return self
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _typed(option: Option, text: str):
-    if option.switch:
-        return text.strip().lower() in ("1", "true", "yes", "on")
-    if option.repeat:
-        return [t.strip() for t in text.split(",") if t.strip()]
+def env_name(name: str) -> str:
+    return "STREAM_" + name.upper()
+
+
+def _kind(name: str) -> Any:
+    """The field's plain type: str, int, float, bool, Path or tuple (for repeatable flags)."""
+    hint = get_type_hints(StreamConfig)[name]
+    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+    if getattr(hint, "__origin__", None) is tuple:
+        return tuple
+    return args[0] if args else hint
+
+
+def _parse(name: str, text: str, source: str) -> Any:
+    kind = _kind(name)
+    if kind is bool:
+        if text.strip().lower() in _TRUE + _FALSE:
+            return text.strip().lower() in _TRUE
+        raise ConfigError(f"{source}={text!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+    if kind is tuple:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
     try:
-        return option.type(text)
-    except ValueError:
-        raise ConfigError(f"{option.env}={text!r}: expected {option.type.__name__}") from None
+        return kind(text)
+    except ValueError as exc:
+        raise ConfigError(f"{source}={text!r}: expected {kind.__name__}") from exc
 
 
-def add_arguments(parser: argparse.ArgumentParser, environ: dict) -> None:
-    for option in OPTIONS:
-        default = _typed(option, environ[option.env]) if option.env in environ else option.default
-        text = f"{option.help} [env {option.env}" + (f"; default {option.default}" if option.default not in (None, False) else "") + "]"
-        if option.switch:
-            parser.add_argument(option.flag, action="store_true", default=default, help=text)
-        elif option.repeat:
-            parser.add_argument(option.flag, action="append", default=None, help=text, metavar=option.dest.upper())
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the project's one-line ConfigError instead of argparse's exit 2."""
+
+    def error(self, message: str) -> Any:
+        raise ConfigError(message)
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per config field; a flag not given falls back to its environment twin, then the default."""
+    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(StreamConfig):
+        default = "" if f.default in (MISSING, None, False) else f"; default {f.default}"
+        text = f"{f.metadata['help']} [env {env_name(f.name)}{default}]"
+        kind = _kind(f.name)
+        if kind is bool:
+            parser.add_argument(flag(f.name), action="store_const", const="true", default=None, help=text)
+        elif kind is tuple:
+            parser.add_argument(flag(f.name), action="append", default=None, help=text, metavar=f.name.upper())
         else:
-            parser.add_argument(option.flag, type=option.type, default=default, choices=option.choices, help=text,
-                                metavar=option.dest.upper() if not option.choices else None)
-    parser.set_defaults(_environ=environ)
+            parser.add_argument(flag(f.name), default=None, help=text, metavar=f.name.upper())
+    return parser
 
 
-def from_namespace(args: argparse.Namespace) -> StreamConfig:
-    environ = args._environ
-    values = {}
-    for option in OPTIONS:
-        value = getattr(args, option.dest)
-        if option.repeat and value is None and option.env in environ:
-            value = _typed(option, environ[option.env])
-        if option.required and not value:
-            raise ConfigError(f"missing {option.flag} (or {option.env})")
-        if option.choices and value is not None and value not in option.choices:
-            raise ConfigError(f"{option.env}={value}: choose from {', '.join(option.choices)}")
-        values[option.dest] = tuple(value) if option.repeat else value
-    known = {f.name for f in fields(StreamConfig)}
-    return StreamConfig(**{k: v for k, v in values.items() if k in known}).validate()
+def from_args(args: argparse.Namespace, environ: dict[str, str]) -> StreamConfig:
+    """The config from parsed flags, then environment twins, then defaults (validated)."""
+    values: dict[str, Any] = {}
+    for f in fields(StreamConfig):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name] = (tuple(t for item in given for t in _parse(f.name, item, flag(f.name)))
+                              if isinstance(given, list) else _parse(f.name, given, flag(f.name)))
+        elif env_name(f.name) in environ:
+            values[f.name] = _parse(f.name, environ[env_name(f.name)], env_name(f.name))
+        elif f.default is MISSING:
+            raise ConfigError(f"missing {flag(f.name)} (or {env_name(f.name)})")
+    return StreamConfig(**values)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             port = args.metrics_port or free_port()
             cfg = StreamConfig(broker.bootstrap, ("images",), "sentiment", "sentiment-dead-letters", artifact,
                                group_id="demo", metrics_port=port, max_batch=8, commit_interval_ms=200,
-                               session_timeout_ms=6000).validate()
+                               session_timeout_ms=6000)
             service = Service(cfg)
             print(f"service: {service.backend.describe()}, metrics on http://127.0.0.1:{port}/metrics")
             metrics_text: list[str] = []

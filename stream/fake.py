@@ -1,28 +1,37 @@
-"""An in-process fake broker with the service's source and sink interfaces.
+"""An in-process fake broker implementing the service's ports (:mod:`.ports`).
 
 For fast, honest unit tests of the service logic (batching, dead letters, offset
-commits, draining): it keeps records and committed offsets like a single-member
-consumer group would. It is not Kafka; integration tests use a real broker.
+commits, draining, rebalances): it keeps partitioned logs, committed offsets and
+consumer groups whose members rebalance eagerly (every member revokes, draining
+and committing through its :class:`RebalanceHandler`, before any is assigned). It is
+not Kafka; integration tests use a real broker.
 """
 from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
+from .ports import Partition, RebalanceHandler
 from .records import Headers, Message, Outgoing
 
-Partition = tuple[str, int]
+Record = tuple[bytes | None, bytes | None, Headers]
 
 
 class FakeBroker:
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.topics: dict[str, list[list[tuple[bytes | None, bytes | None, Headers]]]] = {}
+        self.lock = threading.RLock()
+        self.topics: dict[str, list[list[Record]]] = {}
         self.committed: dict[str, dict[Partition, int]] = defaultdict(dict)
         self.fail_next_publishes = 0          # make the next N sends fail once each
         self.max_record_bytes: int | None = None   # like a broker's message.max.bytes
+        self.poll_errors: list[BaseException] = []  # raised by the next polls, one each
+        self.up = True                        # what reachable() answers
+        self.errors: list[BaseException] = []       # a sink's assertion, re-raised on the poll thread
+        self._members: dict[str, list[FakeSource]] = defaultdict(list)
+        self._generation: dict[str, int] = defaultdict(int)
 
     def create_topic(self, name: str, partitions: int = 1) -> None:
         with self.lock:
@@ -30,50 +39,120 @@ class FakeBroker:
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None, headers: Headers | None = None,
                 partition: int | None = None) -> int:
+        """Append a record; without a partition, a stable hash of the key chooses (keyless: partition 0)."""
         with self.lock:
             parts = self.topics.setdefault(topic, [[]])
-            index = partition if partition is not None else (hash(key) % len(parts) if key else 0)
+            index = partition if partition is not None else (zlib.crc32(key) % len(parts) if key else 0)
             parts[index].append((key, value, list(headers or [])))
             return len(parts[index]) - 1
 
-    def records(self, topic: str) -> list[tuple[bytes | None, bytes | None, Headers]]:
+    def records(self, topic: str) -> list[Record]:
         with self.lock:
             return [r for part in self.topics.get(topic, []) for r in part]
 
+    def connector(self, topics: list[str], group_id: str) -> FakeConnector:
+        return FakeConnector(self, topics, group_id)
+
+    # ---- consumer groups ----
+    def _join(self, member: FakeSource) -> None:
+        with self.lock:
+            self._members[member.group].append(member)
+            self._generation[member.group] += 1
+
+    def _leave(self, member: FakeSource) -> None:
+        with self.lock:
+            if member in self._members[member.group]:
+                self._members[member.group].remove(member)
+                self._generation[member.group] += 1
+
+    def _assignment(self, member: FakeSource) -> list[Partition] | None:
+        """The member's share of the current generation, once every member has revoked; else None."""
+        with self.lock:
+            members = self._members[member.group]
+            generation = self._generation[member.group]
+            if any(m.revoked_generation < generation for m in members):
+                return None
+            partitions = sorted((t, i) for t in member.topics for i in range(len(self.topics.get(t, [[]]))))
+            return [p for n, p in enumerate(partitions) if members[n % len(members)] is member]
+
 
 class FakeSource:
-    def __init__(self, broker: FakeBroker, topics: list[str], group_id: str,
-                 on_revoked: Callable = lambda p: None, on_assigned: Callable = lambda p: None) -> None:
-        self.broker, self.group = broker, group_id
-        with broker.lock:
-            self._assigned = [(t, i) for t in topics for i in range(len(broker.topics.get(t, [[]])))]
-        start = broker.committed[group_id]
-        self._position = {p: start.get(p, 0) for p in self._assigned}
+    """A group member: rebalances happen inside :meth:`poll`, as kafka-python's do."""
+
+    def __init__(self, broker: FakeBroker, topics: list[str], group_id: str, rebalance: RebalanceHandler) -> None:
+        self.broker, self.topics, self.group, self.rebalance = broker, topics, group_id, rebalance
+        self.assigned: list[Partition] = []
+        self.revoked_generation = -1
+        self.generation = -1
+        self._position: dict[Partition, int] = {}
         self.paused = False
         self.closed = False
-        on_assigned(list(self._assigned))
+        broker._join(self)
 
-    def poll(self, timeout_s: float, max_records: int | None = None) -> list[Message]:
+    def poll(self, timeout_s: float, max_records: int) -> list[Message]:
+        with self.broker.lock:
+            if self.broker.errors:
+                raise self.broker.errors.pop(0)
+            if self.broker.poll_errors:
+                raise self.broker.poll_errors.pop(0)
+        if not self._stable():
+            time.sleep(min(timeout_s, 0.01))
+            return []
+        out = self._fetch(max_records) if not self.paused else []
+        if not out:
+            time.sleep(min(timeout_s, 0.01))
+        return out
+
+    def _stable(self) -> bool:
+        generation = self.broker._generation[self.group]
+        if self.generation == generation:
+            return True
+        if self.revoked_generation < generation:
+            self._revoke(self.assigned)
+            self.assigned = []
+            self.revoked_generation = generation
+        share = self.broker._assignment(self)
+        if share is None:
+            return False
+        self.generation = generation
+        self.assigned = share
+        start = self.broker.committed[self.group]
+        self._position = {p: start.get(p, 0) for p in share}
+        self.rebalance.assigned(list(share))
+        return True
+
+    def _revoke(self, partitions: list[Partition]) -> None:
+        if not partitions:
+            return
+        deadline = time.monotonic() + self.rebalance.drain_timeout_s
+        while not self.rebalance.drained(partitions) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        offsets = self.rebalance.committable(partitions)
+        if offsets:
+            self.commit(offsets)
+            self.rebalance.committed(offsets)
+        self.rebalance.released(partitions, lost=False)
+
+    def _fetch(self, max_records: int) -> list[Message]:
+        """Round-robin over the assigned partitions, one record at a time, as fair as Kafka's fetches."""
         out: list[Message] = []
-        if not self.paused:
-            with self.broker.lock:
-                for (topic, index) in self._assigned:
+        with self.broker.lock:
+            progress = True
+            while progress and len(out) < max_records:
+                progress = False
+                for (topic, index) in self.assigned:
                     log = self.broker.topics[topic][index]
-                    while self._position[(topic, index)] < len(log) and (max_records is None or len(out) < max_records):
-                        offset = self._position[(topic, index)]
+                    offset = self._position[(topic, index)]
+                    if offset < len(log) and len(out) < max_records:
                         key, value, headers = log[offset]
                         out.append(Message(topic, index, offset, key, value, headers, int(time.time() * 1000)))
                         self._position[(topic, index)] += 1
-        if not out:
-            time.sleep(min(timeout_s, 0.01))
+                        progress = True
         return out
 
     def commit(self, offsets: dict[Partition, int]) -> None:
         with self.broker.lock:
             self.broker.committed[self.group].update(offsets)
-
-    def assignment(self) -> list[Partition]:
-        return list(self._assigned)
 
     def pause_all(self) -> None:
         self.paused = True
@@ -83,16 +162,26 @@ class FakeSource:
 
     def end_offsets(self) -> dict[Partition, int]:
         with self.broker.lock:
-            return {(t, i): len(self.broker.topics[t][i]) for t, i in self._assigned}
+            return {(t, i): len(self.broker.topics[t][i]) for t, i in self.assigned}
+
+    def reachable(self) -> bool:
+        return self.broker.up
 
     def close(self) -> None:
-        self.closed = True
+        """Leave the group, revoking (draining, committing) what this member owns, as kafka-python does."""
+        if not self.closed:
+            self._revoke(self.assigned)
+            self.assigned = []
+            self.broker._leave(self)
+            self.closed = True
 
 
 class FakeSink:
     def __init__(self, broker: FakeBroker, on_retry: Callable[[], None] = lambda: None) -> None:
         self.broker, self._on_retry = broker, on_retry
-        self.failing_since = None
+        self.failing_since: float | None = None
+        self._retrying = 0
+        self._lock = threading.Lock()
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None]) -> None:
         with self.broker.lock:
@@ -101,22 +190,50 @@ class FakeSink:
                 self.broker.fail_next_publishes -= 1
         if fail:   # like the Kafka sink: retried, never dropped
             self._on_retry()
-            threading.Timer(0.01, self.publish, (record, on_ack)).start()
+            with self._lock:
+                self._retrying += 1
+            threading.Timer(0.01, self._retry, (record, on_ack)).start()
             return
         limit = self.broker.max_record_bytes
         if limit is not None and len(record.value) > limit:
-            if record.fallback is None:   # the Kafka sink would retry forever; make that visible here
-                raise AssertionError(f"record of {len(record.value)} bytes exceeds {limit} and has no fallback")
+            if record.fallback is None:   # the Kafka sink would retry forever: fail the test on its poll thread
+                with self.broker.lock:
+                    self.broker.errors.append(AssertionError(
+                        f"record of {len(record.value)} bytes exceeds {limit} and has no fallback"))
+                return
             self.publish(record.fallback, on_ack)
             return
         self.broker.produce(record.topic, record.value, record.key, record.headers, partition=0)
         on_ack()
 
+    def _retry(self, record: Outgoing, on_ack: Callable[[], None]) -> None:
+        with self._lock:
+            self._retrying -= 1
+        self.publish(record, on_ack)
+
     def flush(self, timeout: float) -> bool:
-        return True
+        """Wait until no retry is pending (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while self.pending_retries() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self.pending_retries()
 
     def pending_retries(self) -> int:
-        return 0
+        with self._lock:
+            return self._retrying
 
     def close(self) -> None:
         pass
+
+
+class FakeConnector:
+    """Makes fake sources (one group member each) and sinks on one broker."""
+
+    def __init__(self, broker: FakeBroker, topics: list[str], group_id: str) -> None:
+        self.broker, self.topics, self.group_id = broker, topics, group_id
+
+    def source(self, rebalance: RebalanceHandler) -> FakeSource:
+        return FakeSource(self.broker, self.topics, self.group_id, rebalance)
+
+    def sink(self, on_retry: Callable[[], None]) -> FakeSink:
+        return FakeSink(self.broker, on_retry)

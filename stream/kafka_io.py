@@ -1,25 +1,36 @@
-"""The Kafka client, wrapped thinly: a source (consumer group) and a sink (acks=all producer).
+"""The Kafka client, wrapped thinly: a source (consumer-group member) and a sink (acks=all producer).
 
-Everything here runs kafka-python; nothing else in the service imports it.
+Everything here runs kafka-python; nothing else in the service imports it. Client
+errors leave this module as the project's own: :class:`BrokerUnavailable` (an
+outage), :class:`KafkaTransient` (retry) or :class:`KafkaPermanent` (never succeeds).
+
+kafka-python 3 runs rebalance listeners on its IO thread, where a blocking client call
+is refused; the source's listener is therefore asynchronous: it awaits the drain and
+the offset commit on the client's own event loop, so heartbeats go on meanwhile.
 """
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from engine_build.errors import BrokerUnavailable
+from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 
+from .ports import Partition, RebalanceHandler, show
 from .records import Message, Outgoing
 
+if TYPE_CHECKING:
+    from .config import StreamConfig
+
 log = logging.getLogger(__name__)
-Partition = tuple[str, int]
+_DRAIN_STEP_S = 0.02
 
 
 def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
     """Whether any bootstrap server accepts a TCP connection (a cheap liveness probe)."""
-    import socket
     for server in bootstrap.split(","):
         host, _, port = server.strip().rpartition(":")
         try:
@@ -30,65 +41,136 @@ def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
     return False
 
 
-def _too_large(exc: BaseException) -> bool:
-    """kafka-python raises this both for its own size check and for the broker's MESSAGE_TOO_LARGE."""
-    from kafka.errors import MessageSizeTooLargeError
-    return isinstance(exc, MessageSizeTooLargeError)
+def _advice(exc: BaseException, where: str, group: str) -> str | None:
+    """For an error retrying cannot fix: one line with what to do; None for any other error."""
+    from kafka import errors as e
+    if isinstance(exc, e.UnsupportedCodecError):
+        return (f"{where}: {exc}: records there are compressed with a codec this installation cannot "
+                f"decode; install the service's codec libraries (pip install lz4 zstandard python-snappy) "
+                f"and restart")
+    if isinstance(exc, e.CorruptRecordError):
+        return (f"{where}: {exc}: a corrupt record batch the client cannot skip; move the group "
+                f"{group!r} past it (kafka-consumer-groups --reset-offsets) and restart")
+    if isinstance(exc, (e.AuthorizationError, e.SaslAuthenticationFailedError)):
+        return (f"{where}: {exc}: check the credentials and grant READ on the input topics and group "
+                f"{group!r}, WRITE on the output and dead-letter topics")
+    if isinstance(exc, (e.UnsupportedVersionError, e.InvalidTopicError, e.KafkaConfigurationError)):
+        return f"{where}: {exc}"
+    return None
 
 
-def _translate(exc: Exception, what: str) -> BrokerUnavailable:
-    return BrokerUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+def _outage(exc: BaseException) -> bool:
+    from kafka import errors as e
+    return isinstance(exc, (e.KafkaConnectionError, e.KafkaTimeoutError, e.NodeNotReadyError,
+                            e.CoordinatorNotAvailableError, e.RequestTimedOutError))
+
+
+def translate(exc: BaseException, what: str, group: str = "") -> Exception:
+    """A client exception as the project's own: outage, transient or permanent."""
+    advice = _advice(exc, what, group)
+    if advice is not None:
+        return KafkaPermanent(advice)
+    text = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
+    if _outage(exc):
+        return BrokerUnavailable(f"{what}: {text}")
+    return KafkaTransient(f"{what}: {text}")
+
+
+def _tp_list(partitions: Any) -> list[Partition]:
+    return sorted((tp.topic, tp.partition) for tp in partitions)
 
 
 class KafkaSource:
-    """A consumer-group member; all calls come from the poll-loop thread."""
+    """A consumer-group member; all calls but the rebalance listener's come from the poll thread."""
 
-    def __init__(self, bootstrap: str, topics: list[str], group_id: str, client_options: dict,
-                 on_revoked: Callable[[list[Partition]], None], on_assigned: Callable[[list[Partition]], None],
-                 max_poll_records: int = 500, auto_offset_reset: str = "earliest",
-                 session_timeout_ms: int = 10_000, max_poll_interval_ms: int = 300_000) -> None:
-        from kafka import ConsumerRebalanceListener, KafkaConsumer
+    def __init__(self, cfg: StreamConfig, rebalance: RebalanceHandler) -> None:
+        from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
         from kafka.errors import KafkaError
 
-        class Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked) -> None:
-                on_revoked([(tp.topic, tp.partition) for tp in revoked])
+        self._bootstrap, self._group = cfg.bootstrap_servers, cfg.group_id
+        source = self
 
-            def on_partitions_assigned(self, assigned) -> None:
-                on_assigned([(tp.topic, tp.partition) for tp in assigned])
+        class Listener(AsyncConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                await source._revoke(_tp_list(revoked))
 
+            async def on_partitions_lost(self, lost: Any) -> None:
+                rebalance.released(_tp_list(lost), lost=True)
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                rebalance.assigned(_tp_list(assigned))
+
+        self._rebalance = rebalance
         try:
             self._consumer = KafkaConsumer(
-                bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
-                auto_offset_reset=auto_offset_reset, max_poll_records=max_poll_records,
-                session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(100, session_timeout_ms // 4),
-                max_poll_interval_ms=max_poll_interval_ms, bootstrap_timeout_ms=5_000,
-                client_id=f"sentiment-stream-{group_id}", **client_options)
-            self._consumer.subscribe(topics=topics, listener=Listener())
+                bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
+                auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.max_poll_records,
+                session_timeout_ms=cfg.session_timeout_ms,
+                heartbeat_interval_ms=max(100, cfg.session_timeout_ms // 4),
+                max_poll_interval_ms=cfg.max_poll_interval_ms, bootstrap_timeout_ms=5_000,
+                client_id=f"sentiment-stream-{cfg.group_id}", **cfg.client_options())
+            self._consumer.subscribe(topics=list(cfg.input_topic), listener=Listener())
         except KafkaError as exc:
-            raise _translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
+            raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id) from exc
+        # The listener waits on the client's own event loop; kafka-python 3 offers no public sleep.
+        self._loop_sleep = getattr(getattr(self._consumer, "_net", None), "sleep", None)
+        if self._loop_sleep is None:
+            self._consumer.close(autocommit=False)
+            raise ConfigError("this kafka-python has no event-loop sleep for the rebalance listener; "
+                              "install kafka-python>=3.0.12,<3.1")
 
-    def poll(self, timeout_s: float, max_records: int | None = None) -> list[Message]:
+    async def _revoke(self, partitions: list[Partition]) -> None:
+        """Drain the revoked partitions' work (up to the drain timeout), commit it, release them."""
+        if not partitions:
+            return
         from kafka.errors import KafkaError
+        handler = self._rebalance
+        deadline = time.monotonic() + handler.drain_timeout_s
+        while not handler.drained(partitions) and time.monotonic() < deadline:
+            await self._loop_sleep(_DRAIN_STEP_S)
+        drained = handler.drained(partitions)
+        offsets = handler.committable(partitions)
+        if offsets:
+            try:
+                await self._consumer.commit_async(self._kafka_offsets(offsets))
+                handler.committed(offsets)
+            except KafkaError as exc:
+                log.warning("revoked %s: commit failed (%s); their unacknowledged work will be redelivered",
+                            show(partitions), exc)
+        if not drained:
+            log.warning("revoked %s with work still in flight after %.0f s: left uncommitted (it will be "
+                        "redelivered)", show(partitions), handler.drain_timeout_s)
+        handler.released(partitions, lost=False)
+
+    @staticmethod
+    def _kafka_offsets(offsets: dict[Partition, int]) -> dict[Any, Any]:
+        from kafka import OffsetAndMetadata, TopicPartition
+        extra = ("", -1) if len(OffsetAndMetadata._fields) == 3 else ("",)
+        return {TopicPartition(t, p): OffsetAndMetadata(o, *extra) for (t, p), o in offsets.items()}
+
+    def _failing_partition(self) -> str:
+        """The partition whose records the client was parsing when it raised (best effort)."""
+        records = getattr(getattr(self._consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(records, "topic_partition", None)
+        if tp is not None:
+            return f"{tp.topic}[{tp.partition}]"
+        return f"one of {show(_tp_list(self._consumer.assignment()))}"
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        except KafkaError as exc:
-            raise _translate(exc, "poll failed") from exc
+        except Exception as exc:   # kafka-python raises its own errors and, from listeners, anything
+            raise translate(exc, f"consuming {self._failing_partition()}", self._group) from exc
         now = time.monotonic()
         return [Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp, now)
                 for records in batches.values() for r in records]
 
     def commit(self, offsets: dict[Partition, int]) -> None:
-        from kafka import OffsetAndMetadata, TopicPartition
         from kafka.errors import KafkaError
-        extra = ("", -1) if len(OffsetAndMetadata._fields) == 3 else ("",)
         try:
-            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, *extra) for (t, p), o in offsets.items()})
+            self._consumer.commit(self._kafka_offsets(offsets))
         except KafkaError as exc:
-            raise _translate(exc, "commit failed") from exc
-
-    def assignment(self) -> list[Partition]:
-        return [(tp.topic, tp.partition) for tp in self._consumer.assignment()]
+            raise translate(exc, "commit failed", self._group) from exc
 
     def pause_all(self) -> None:
         self._consumer.pause(*self._consumer.assignment())
@@ -105,6 +187,9 @@ class KafkaSource:
                 out[(tp.topic, tp.partition)] = high
         return out
 
+    def reachable(self) -> bool:
+        return reachable(self._bootstrap)
+
     def close(self) -> None:
         self._consumer.close(autocommit=False)
 
@@ -112,16 +197,17 @@ class KafkaSource:
 class KafkaSink:
     """acks=all producer; a failed send is retried with backoff until acknowledged or closed."""
 
-    def __init__(self, bootstrap: str, client_options: dict, on_retry: Callable[[], None] = lambda: None,
-                 linger_ms: int = 5, max_request_size: int = 1 << 20) -> None:
+    def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
+                 linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None) -> None:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
         try:
             self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms,
                                            max_block_ms=10_000, retries=5, bootstrap_timeout_ms=5_000,
-                                           max_request_size=max_request_size, **client_options)
+                                           max_request_size=max_request_size, compression_type=compression_type,
+                                           **client_options)
         except KafkaError as exc:
-            raise _translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
+            raise translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
         self._on_retry = on_retry
         self._retry_lock = threading.Condition()
         self._retries: list[tuple[float, Outgoing, Callable[[], None], int]] = []
@@ -131,11 +217,11 @@ class KafkaSink:
         self._thread.start()
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], attempt: int = 0) -> None:
-        def ok(_metadata) -> None:
+        def ok(_metadata: Any) -> None:
             self.failing_since = None
             on_ack()
 
-        def failed(exc) -> None:
+        def failed(exc: BaseException) -> None:
             self._schedule(record, on_ack, attempt, exc)
 
         try:
@@ -146,8 +232,9 @@ class KafkaSink:
         future.add_callback(ok)
         future.add_errback(failed)
 
-    def _schedule(self, record: Outgoing, on_ack, attempt: int, exc: BaseException) -> None:
-        if record.fallback is not None and _too_large(exc):
+    def _schedule(self, record: Outgoing, on_ack: Callable[[], None], attempt: int, exc: BaseException) -> None:
+        from kafka.errors import MessageSizeTooLargeError
+        if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value), record.topic)
             self.publish(record.fallback, on_ack)
@@ -155,7 +242,7 @@ class KafkaSink:
         if self.failing_since is None:
             self.failing_since = time.monotonic()
         delay = min(5.0, 0.1 * 2 ** attempt)
-        log.warning("publish to %s failed (%s: %s); retrying in %.1f s", record.topic, type(exc).__name__, exc, delay)
+        log.warning("publish to %s failed (%s); retrying in %.1f s", record.topic, exc, delay)
         self._on_retry()
         with self._retry_lock:
             self._retries.append((time.monotonic() + delay, record, on_ack, attempt + 1))
@@ -198,3 +285,27 @@ class KafkaSink:
             self._closed = True
             self._retry_lock.notify_all()
         self._producer.close(timeout=5)
+
+
+class KafkaConnector:
+    """Makes the Kafka source and sink from the service config."""
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        from kafka import codec
+        has = {"gzip": codec.has_gzip, "snappy": codec.has_snappy, "lz4": codec.has_lz4, "zstd": codec.has_zstd}
+        library = {"snappy": "python-snappy", "zstd": "zstandard"}.get(cfg.compression_type, cfg.compression_type)
+        if cfg.compression_type in has and not has[cfg.compression_type]():
+            raise ConfigError(f"--compression-type {cfg.compression_type}: its library is missing "
+                              f"(pip install {library})")
+        self.cfg = cfg
+
+    def source(self, rebalance: RebalanceHandler) -> KafkaSource:
+        return KafkaSource(self.cfg, rebalance)
+
+    def sink(self, on_retry: Callable[[], None]) -> KafkaSink:
+        cfg = self.cfg
+        # Room for a dead letter carrying the largest accepted input, plus headers.
+        return KafkaSink(cfg.bootstrap_servers, cfg.client_options(), on_retry,
+                         max_request_size=max(1 << 20, cfg.max_message_bytes + (64 << 10)),
+                         compression_type=None if cfg.compression_type == "none" else cfg.compression_type)
+

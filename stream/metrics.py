@@ -29,6 +29,8 @@ class Metrics:
         self.in_flight = Gauge("sentiment_in_flight", "Messages received and not yet acknowledged", registry=r)
         self.rate = Gauge("sentiment_images_per_second", "Messages finished per second over the last 10 s", registry=r)
         self.ready = Gauge("sentiment_ready", "1 when connected to the broker and consuming", registry=r)
+        self.poll_errors = Counter("sentiment_poll_errors", "Failed polls, by kind (outage, transient)", ["kind"],
+                                   registry=r)
         self.publish_retries = Counter("sentiment_publish_retries", "Publishes retried after a broker error", registry=r)
         self.finished_total = 0
         self._recent: deque[float] = deque()

@@ -14,7 +14,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Protocol
 
 import numpy as np
 
@@ -24,18 +23,10 @@ from engine_build.imaging import DecodeLimits, decode
 from .batching import Batcher
 from .metrics import Metrics
 from .offsets import OffsetTracker
+from .ports import Sink
 from .records import Message, Outgoing, Prediction, dead_letter
 
 log = logging.getLogger(__name__)
-
-
-class Sink(Protocol):
-    """Where records go. ``publish`` keeps retrying until the broker acknowledges,
-    then calls ``on_ack`` (from any thread)."""
-
-    def publish(self, record: Outgoing, on_ack: Callable[[], None]) -> None: ...
-
-    def flush(self, timeout: float) -> bool: ...
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The service loop: connect, poll, hand off, commit what is acknowledged, drain on stop.
 
-All consumer calls happen on the thread that calls :meth:`Service.run`; decoding,
-inference and publishing run on their own threads (see :mod:`.pipeline`), so the
-poll loop never waits for a batch and the member is never evicted for slowness.
+All consumer calls but the rebalance listener's happen on the thread that calls
+:meth:`Service.run`; decoding, inference and publishing run on their own threads (see
+:mod:`.pipeline`), so the poll loop never waits for a batch and the member is never
+evicted for slowness. A Kafka error that can never succeed ends the run after the
+drain, raised as :class:`KafkaPermanent`; others are retried and shown on ``/readyz``.
 """
 from __future__ import annotations
 
@@ -10,17 +12,20 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import plugins
 from engine_build.artifact import open_artifact
-from engine_build.errors import BrokerUnavailable, ConfigError
+from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 from engine_build.imaging import DecodeLimits
 
 from .config import StreamConfig
+from .failures import FailureWatch
 from .metrics import HealthServer, Metrics
 from .offsets import OffsetTracker
 from .pipeline import PipelineConfig, Processor
+from .ports import Connector, Partition, Sink, Source
+from .rebalance import Rebalance
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +39,16 @@ class RunStats:
 
 
 class Service:
-    def __init__(self, cfg: StreamConfig, source_factory: Callable | None = None,
-                 sink_factory: Callable | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: StreamConfig, connector: Connector | None = None, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.tracker = OffsetTracker()
+        self.rebalance = Rebalance(self.tracker, self.metrics, cfg.drain_timeout_s)
         self._stop = threading.Event()
+        if connector is None:
+            from .kafka_io import KafkaConnector
+            connector = KafkaConnector(cfg)
+        self.connector = connector
         # Everything that can be wrong with the artifact or the plugins fails here,
         # before anything is consumed.
         self.codec = plugins.load(plugins.INPUT_GROUP, cfg.input_codec)
@@ -51,65 +60,58 @@ class Service:
         self.model_info = {"name": self.manifest["model"]["name"], "sha256": self.manifest["files"][key]["sha256"],
                            "precision": self.selection.precision, "placeholder": self.manifest["model"]["placeholder"],
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
-        self._source_factory = source_factory or self._kafka_source
-        self._sink_factory = sink_factory or self._kafka_sink
-        self._probe_broker = source_factory is None   # the fake broker has no address to probe
         self._reachable = True
-        self._commit_ok = True
-        self._commits = 0
+        self._polls = FailureWatch("consuming from Kafka")
+        self._commits = FailureWatch("committing offsets")
+        self._failure: KafkaPermanent | None = None
+        self._commit_count = 0
         try:
             self.health = HealthServer(self.metrics, cfg.metrics_port).start() if cfg.metrics_port else None
         except OSError as exc:
             self.backend.close()
-            raise ConfigError(f"--metrics-port {cfg.metrics_port}: {exc.strerror or exc}") from None
-        self.source = self.sink = None
-
-    # ---- Kafka wiring (replaced by the fake broker in unit tests) ----
-    def _kafka_source(self, on_revoked, on_assigned):
-        from .kafka_io import KafkaSource
-        return KafkaSource(self.cfg.bootstrap_servers, list(self.cfg.input_topic), self.cfg.group_id,
-                           self.cfg.client_options(), on_revoked, on_assigned, self.cfg.max_poll_records,
-                           self.cfg.auto_offset_reset, self.cfg.session_timeout_ms, self.cfg.max_poll_interval_ms)
-
-    def _kafka_sink(self, on_retry):
-        from .kafka_io import KafkaSink
-        # Room for a dead letter carrying the largest accepted input, plus headers.
-        return KafkaSink(self.cfg.bootstrap_servers, self.cfg.client_options(), on_retry,
-                         max_request_size=max(1 << 20, self.cfg.max_message_bytes + (64 << 10)))
+            raise ConfigError(f"--metrics-port {cfg.metrics_port}: {exc.strerror or exc}") from exc
+        self.source: Source | None = None
+        self.sink: Sink | None = None
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
         self._stop.set()
 
+    def finished(self) -> int:
+        """Messages whose record (result or dead letter) the broker has acknowledged."""
+        return self.metrics.finished_total
+
+    # ---- readiness ----
     def _ready(self, ready: bool, reason: str = "") -> None:
         if self.health:
             self.health.set_ready(ready, reason)
         else:
             self.metrics.ready.set(1 if ready else 0)
 
-    def _watch_broker(self) -> None:
-        """Every few seconds, whether the brokers answer at all (for /readyz); never blocks the poll loop."""
-        from .kafka_io import reachable
-        while not self._stop.wait(3.0):
-            self._reachable = reachable(self.cfg.bootstrap_servers)
-
     def _update_readiness(self) -> None:
-        failing = getattr(self.sink, "failing_since", None) is not None
         if not self._reachable:
             self._ready(False, f"Kafka at {self.cfg.bootstrap_servers} is unreachable")
-        elif failing:
+        elif self._polls.failing:
+            self._ready(False, f"consuming is failing: {self._polls.error}")
+        elif self.sink is not None and self.sink.failing_since is not None:
             self._ready(False, "publishing to Kafka is failing; retrying")
-        elif not self._commit_ok:
-            self._ready(False, "committing offsets is failing; retrying")
+        elif self._commits.failing:
+            self._ready(False, f"committing offsets is failing: {self._commits.error}")
         else:
             self._ready(True)
 
+    def _watch_broker(self, source: Source) -> None:
+        """Every few seconds, whether the brokers answer at all (for /readyz); never blocks the poll loop."""
+        while not self._stop.wait(3.0):
+            self._reachable = source.reachable()
+
+    # ---- connecting ----
     def _connect(self) -> bool:
         delay = 0.5
         while not self._stop.is_set():
             try:
-                self.sink = self.sink or self._sink_factory(self.metrics.publish_retries.inc)
-                self.source = self._source_factory(self._on_revoked, self._on_assigned)
+                self.sink = self.sink or self.connector.sink(self.metrics.publish_retries.inc)
+                self.source = self.connector.source(self.rebalance)
                 self._ready(True)
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
@@ -121,94 +123,112 @@ class Service:
                 delay = min(delay * 2, 10.0)
         return False
 
-    # ---- rebalance: finish and commit revoked partitions' work before release ----
-    def _on_revoked(self, partitions) -> None:
-        if not partitions:
-            return
-        drained = self.tracker.wait_idle(self.cfg.drain_timeout_s, partitions)
-        self._commit({p: o for p, o in self.tracker.committable().items() if p in partitions})
-        if not drained:
-            log.warning("revoked %s with work still in flight: left uncommitted (it will be redelivered)", partitions)
-        self.tracker.forget(partitions)
-        log.info("partitions revoked: %s", ", ".join(f"{t}[{p}]" for t, p in partitions))
-
-    def _on_assigned(self, partitions) -> None:
-        log.info("partitions assigned: %s", ", ".join(f"{t}[{p}]" for t, p in partitions) or "none")
-
-    def _commit(self, offsets=None) -> None:
+    # ---- committing ----
+    def _commit(self, offsets: dict[Partition, int] | None = None) -> None:
         offsets = self.tracker.committable() if offsets is None else offsets
         if not offsets or self.source is None:
             return
         try:
             self.source.commit(offsets)
-        except BrokerUnavailable as exc:
-            self._commit_ok = False
-            log.warning("%s; will retry", exc)
+        except (BrokerUnavailable, KafkaTransient) as exc:
+            self._commits.failed(exc)
             return
-        self._commit_ok = True
+        self._commits.ok()
         self.tracker.committed(offsets)
-        self._commits += 1
+        self._commit_count += 1
         ends = self.source.end_offsets()
         for (topic, partition), offset in offsets.items():
             if (topic, partition) in ends:
                 self.metrics.lag.labels(topic, str(partition)).set(max(0, ends[(topic, partition)] - offset))
 
+    # ---- the loop ----
     def run(self, count: int | None = None, timeout: float | None = None) -> RunStats:
-        """Consume until stopped, or until ``count`` messages are finished, or ``timeout`` s pass."""
+        """Consume until stopped, or until ``count`` messages are finished, or ``timeout`` s pass.
+
+        Raises :class:`KafkaPermanent` (after draining) when consuming can never succeed.
+        """
         started = time.monotonic()
         stats = RunStats()
         if not self._connect():
             self._close(None)
             return stats
+        assert self.source is not None and self.sink is not None
         processor = Processor(self.backend, self.codec, self.encoder, self.sink, self.tracker, self.metrics,
-                              self.model_info, PipelineConfig(
-                                  self.cfg.output_topic, self.cfg.dead_letter_topic, self.cfg.max_batch,
-                                  self.cfg.max_delay_ms, self.cfg.decode_workers,
-                                  DecodeLimits(self.cfg.max_message_bytes, self.cfg.max_pixels,
-                                               not self.cfg.no_reduced_decode))).start()
-        if self._probe_broker:
-            threading.Thread(target=self._watch_broker, name="broker-probe", daemon=True).start()
-        paused, last_commit = False, time.monotonic()
+                              self.model_info, self._pipeline_config()).start()
+        threading.Thread(target=self._watch_broker, args=(self.source,), name="broker-probe", daemon=True).start()
         try:
-            while not self._stop.is_set():
-                if self.health:
-                    self.health.tick()
-                finished = self.finished()
-                if count is not None and finished >= count and self.tracker.in_flight() == 0:
-                    break
-                if timeout is not None and time.monotonic() - started > timeout:
-                    break
-                in_flight = self.tracker.in_flight()
-                if not paused and in_flight >= self.cfg.max_in_flight:
-                    self.source.pause_all()
-                    paused = True
-                elif paused and in_flight <= self.cfg.max_in_flight // 2:
-                    self.source.resume_all()
-                    paused = False
-                try:
-                    messages = self.source.poll(0.1, self.cfg.max_poll_records)
-                except BrokerUnavailable as exc:
-                    self._ready(False, str(exc))
-                    log.warning("%s", exc)
-                    self._stop.wait(1.0)
-                    continue
-                for message in messages:
-                    processor.submit(message)
-                stats.consumed += len(messages)
-                if time.monotonic() - last_commit >= self.cfg.commit_interval_ms / 1000:
-                    self._commit()
-                    last_commit = time.monotonic()
-                    self._update_readiness()
+            self._loop(processor, stats, count, None if timeout is None else started + timeout)
         finally:
             self._close(processor)
         stats.finished = self.finished()
-        stats.commits = self._commits
+        stats.commits = self._commit_count
         stats.seconds = time.monotonic() - started
+        if self._failure is not None:
+            raise self._failure
         return stats
 
-    def finished(self) -> int:
-        """Messages whose record (result or dead letter) the broker has acknowledged."""
-        return self.metrics.finished_total
+    def _pipeline_config(self) -> PipelineConfig:
+        cfg = self.cfg
+        return PipelineConfig(cfg.output_topic, cfg.dead_letter_topic, cfg.max_batch, cfg.max_delay_ms,
+                              cfg.decode_workers,
+                              DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, not cfg.no_reduced_decode))
+
+    def _loop(self, processor: Processor, stats: RunStats, count: int | None, deadline: float | None) -> None:
+        assert self.source is not None
+        paused, last_commit = False, time.monotonic()
+        while not self._stop.is_set():
+            if self.health:
+                self.health.tick()
+            if count is not None and self.finished() >= count and self.tracker.in_flight() == 0:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            paused = self._backpressure(paused)
+            messages = self._poll()
+            if self._failure is not None:
+                return
+            for message in messages:
+                processor.submit(message)
+            stats.consumed += len(messages)
+            if time.monotonic() - last_commit >= self.cfg.commit_interval_ms / 1000:
+                self._commit()
+                last_commit = time.monotonic()
+                self._update_readiness()
+
+    def _backpressure(self, paused: bool) -> bool:
+        """Pause every partition while too much is in flight; resume at half. Returns the new state."""
+        assert self.source is not None
+        in_flight = self.tracker.in_flight()
+        if not paused and in_flight >= self.cfg.max_in_flight:
+            self.source.pause_all()
+            return True
+        if paused and in_flight <= self.cfg.max_in_flight // 2:
+            self.source.resume_all()
+            return False
+        return paused
+
+    def _poll(self) -> list[Any]:
+        """One poll; errors are classified: outages and transient ones retried, permanent ones end the run."""
+        assert self.source is not None
+        try:
+            messages = self.source.poll(0.1, self.cfg.max_poll_records)
+        except KafkaPermanent as exc:
+            self._failure = exc
+            return []
+        except (BrokerUnavailable, KafkaTransient) as exc:
+            failing_for = self._polls.failed(exc)
+            self.metrics.poll_errors.labels("outage" if isinstance(exc, BrokerUnavailable) else "transient").inc()
+            self._update_readiness()
+            if isinstance(exc, KafkaTransient) and failing_for > self.cfg.fail_after_s:
+                self._failure = KafkaPermanent(f"{exc} (failing for {failing_for:.0f} s, past --fail-after-s "
+                                               f"{self.cfg.fail_after_s:g}); exiting so a restart makes a new client")
+                return []
+            self._stop.wait(self._polls.backoff())
+            return []
+        if self._polls.failing:
+            self._polls.ok()
+            self._update_readiness()
+        return messages
 
     def _close(self, processor: Processor | None) -> None:
         """Stop fetching, finish in-flight batches, publish, commit, close."""

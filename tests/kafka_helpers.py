@@ -1,9 +1,18 @@
 """Producing to and reading back from the real broker in integration tests."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]], headers=None) -> None:
@@ -44,3 +53,46 @@ def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
     out = {p: consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
     consumer.close()
     return out
+
+
+def names(kafka_broker, partitions: int = 2) -> dict:
+    run = uuid.uuid4().hex[:8]
+    topics = {"input": f"images-{run}", "output": f"labels-{run}", "dlq": f"dead-{run}", "group": f"g-{run}"}
+    kafka_broker.create_topics({topics["input"]: partitions, topics["output"]: 1, topics["dlq"]: 1})
+    return topics
+
+
+def start_service(kafka_broker, t: dict, artifact: Path, log: Path, environ: dict | None = None,
+                  **extra) -> subprocess.Popen:
+    """``python -m stream`` configured through its environment twins (``extra``: STREAM_<KEY>)."""
+    env = {**os.environ, **(environ or {}), "STREAM_BOOTSTRAP_SERVERS": kafka_broker.bootstrap, "STREAM_INPUT_TOPIC": t["input"],
+           "STREAM_OUTPUT_TOPIC": t["output"], "STREAM_DEAD_LETTER_TOPIC": t["dlq"], "STREAM_GROUP_ID": t["group"],
+           "STREAM_ARTIFACT": str(artifact), "STREAM_METRICS_PORT": "0", "STREAM_MAX_BATCH": "8",
+           "STREAM_COMMIT_INTERVAL_MS": "200", "STREAM_DECODE_WORKERS": "2",
+           "STREAM_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1",
+           **{f"STREAM_{k.upper()}": str(v) for k, v in extra.items()}}
+    return subprocess.Popen([sys.executable, "-m", "stream"], cwd=ROOT, env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def positions(records) -> list[tuple[int, int]]:
+    return [(json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"]) for r in records]
+
+
+def wait_for_outputs(kafka_broker, topic: str, at_least: int, timeout: float = 120) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = read_all(kafka_broker.bootstrap, topic, at_least, timeout=3)
+        if len(records) >= at_least:
+            return records
+    raise AssertionError(f"fewer than {at_least} records on {topic} after {timeout} s")
+
+
+def stop(process: subprocess.Popen, log: Path) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("service did not stop within 60 s of SIGTERM:\n" + log.read_text()[-3000:])
+    assert code == 0, log.read_text()[-3000:]

@@ -16,17 +16,10 @@ from stream.config import StreamConfig
 from stream.service import Service
 
 from .images import bad_images, good_images
-from .kafka_helpers import committed, produce, read_all
+from .kafka_helpers import committed, names, positions, produce, read_all, start_service, stop, wait_for_outputs
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def names(kafka_broker, partitions: int = 2) -> dict:
-    run = uuid.uuid4().hex[:8]
-    topics = {"input": f"images-{run}", "output": f"labels-{run}", "dlq": f"dead-{run}", "group": f"g-{run}"}
-    kafka_broker.create_topics({topics["input"]: partitions, topics["output"]: 1, topics["dlq"]: 1})
-    return topics
 
 
 def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_broker, small_artifact):
@@ -37,7 +30,7 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, (v, _) in bad.items()])
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=8, commit_interval_ms=100,
-                       session_timeout_ms=6000).validate()
+                       session_timeout_ms=6000)
     stats = Service(cfg).run(count=len(good) + len(bad), timeout=120)
     assert stats.finished == len(good) + len(bad)
 
@@ -53,40 +46,6 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
     assert all(r.value == bad[r.key.decode()][0] for r in dead), "original value kept"
     total = len(good) + len(bad)
     assert sum(committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) == total
-
-
-def start_service(kafka_broker, t: dict, artifact: Path, log: Path, **extra) -> subprocess.Popen:
-    env = {**os.environ, "STREAM_BOOTSTRAP_SERVERS": kafka_broker.bootstrap, "STREAM_INPUT_TOPIC": t["input"],
-           "STREAM_OUTPUT_TOPIC": t["output"], "STREAM_DEAD_LETTER_TOPIC": t["dlq"], "STREAM_GROUP_ID": t["group"],
-           "STREAM_ARTIFACT": str(artifact), "STREAM_METRICS_PORT": "0", "STREAM_MAX_BATCH": "8",
-           "STREAM_COMMIT_INTERVAL_MS": "200", "STREAM_DECODE_WORKERS": "2",
-           "STREAM_SESSION_TIMEOUT_MS": "6000", "PYTHONUNBUFFERED": "1",
-           **{f"STREAM_{k.upper()}": str(v) for k, v in extra.items()}}
-    return subprocess.Popen([sys.executable, "-m", "stream"], cwd=ROOT, env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-
-
-def positions(records) -> list[tuple[int, int]]:
-    return [(json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"]) for r in records]
-
-
-def wait_for_outputs(kafka_broker, topic: str, at_least: int, timeout: float = 120) -> list:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        records = read_all(kafka_broker.bootstrap, topic, at_least, timeout=3)
-        if len(records) >= at_least:
-            return records
-    raise AssertionError(f"fewer than {at_least} records on {topic} after {timeout} s")
-
-
-def stop(process: subprocess.Popen, log: Path) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise AssertionError("service did not stop within 60 s of SIGTERM:\n" + log.read_text()[-3000:])
-    assert code == 0, log.read_text()[-3000:]
 
 
 def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from engine_build.errors import ConfigError
 from stream.batching import Batcher
 from stream.config import StreamConfig
-from stream.fake import FakeBroker, FakeSink, FakeSource
+from stream.fake import FakeBroker
 from stream.offsets import OffsetTracker
 from stream.service import Service
 
@@ -47,15 +49,14 @@ def test_offsets_commit_only_below_the_oldest_unacknowledged():
 
 
 def config(artifact: Path, **overrides) -> StreamConfig:
-    values = dict(bootstrap_servers="fake", input_topic=("in",), output_topic="out", dead_letter_topic="dlq",
+    values = dict(bootstrap_servers="fake:9092", input_topic=("in",), output_topic="out", dead_letter_topic="dlq",
                   artifact=artifact, metrics_port=0, max_batch=8, max_delay_ms=5, commit_interval_ms=50)
     values.update(overrides)
-    return StreamConfig(**values).validate()
+    return StreamConfig(**values)
 
 
 def service(broker: FakeBroker, cfg: StreamConfig) -> Service:
-    return Service(cfg, source_factory=lambda r, a: FakeSource(broker, list(cfg.input_topic), cfg.group_id, r, a),
-                   sink_factory=lambda on_retry: FakeSink(broker, on_retry))
+    return Service(cfg, broker.connector(list(cfg.input_topic), cfg.group_id))
 
 
 def fill(broker: FakeBroker, partitions: int = 2) -> tuple[int, int]:
@@ -97,7 +98,7 @@ def test_failed_publishes_are_retried_not_lost(small_artifact):
     svc = service(broker, config(small_artifact))
     svc.run(count=good + bad, timeout=60)
     assert len(broker.records("out")) + len(broker.records("dlq")) == good + bad
-    assert svc.metrics.publish_retries._value.get() == 7
+    assert "sentiment_publish_retries_total 7.0" in svc.metrics.render().decode()
     assert broker.committed["sentiment-stream"] == {("in", 0): good + bad}
 
 
@@ -153,17 +154,29 @@ def test_json_envelope_codec_passes_metadata(small_artifact):
 
 
 def test_metrics_and_health_endpoints(small_artifact):
+    """Scraped over HTTP while the service runs, as Prometheus would."""
     from stream.embedded_broker import free_port
     broker = FakeBroker()
     good, bad = fill(broker, partitions=1)
     port = free_port()
     svc = service(broker, config(small_artifact, metrics_port=port))
-    svc.run(count=good + bad, timeout=60)
-    text = svc.metrics.render().decode()
-    assert f'sentiment_images_total{{outcome="published"}} {float(good)}' in text
-    assert 'sentiment_decode_failures_total{reason="truncated"} 1.0' in text
-    assert "sentiment_batch_size_bucket" in text and "sentiment_end_to_end_seconds_count" in text
-    assert 'sentiment_consumer_lag{partition="0",topic="in"} 0.0' in text
+    worker = threading.Thread(target=svc.run, kwargs={"timeout": 60}, daemon=True)
+    worker.start()
+    expected = [f'sentiment_images_total{{outcome="published"}} {float(good)}',
+                'sentiment_decode_failures_total{reason="truncated"} 1.0',
+                'sentiment_consumer_lag{partition="0",topic="in"} 0.0', "sentiment_ready 1.0",
+                "sentiment_batch_size_bucket", "sentiment_end_to_end_seconds_count"]
+    deadline = time.monotonic() + 60
+    text = ""
+    try:
+        while time.monotonic() < deadline and not all(e in text for e in expected):
+            threading.Event().wait(0.1)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz").status == 200
+    finally:
+        svc.stop()
+        worker.join(30)
+    assert [e for e in expected if e not in text] == []
 
 
 def test_health_server_answers(small_artifact):
@@ -265,3 +278,125 @@ def test_images_per_second_is_measured_at_scrape_time(monkeypatch):
     assert "sentiment_images_per_second 3.0" in m.render().decode()
     clock[0] += 11
     assert "sentiment_images_per_second 0.0" in m.render().decode()
+
+
+def sources(records) -> list[tuple[int, int]]:
+    return [(json.loads(v)["source"]["partition"], json.loads(v)["source"]["offset"]) for _, v, _ in records]
+
+
+def slow(svc: Service, seconds: float) -> Service:
+    real = svc.backend.infer
+
+    def infer(batch):
+        threading.Event().wait(seconds)
+        return real(batch)
+    svc.backend.infer = infer
+    return svc
+
+
+def test_revocation_drains_and_commits_before_another_member_is_assigned(small_artifact):
+    """A member joins mid-stream: the first one finishes and commits the revoked partitions' work
+    before the newcomer is assigned them, so the newcomer starts exactly where the work ended."""
+    from stream.metrics import Metrics
+    from stream.offsets import OffsetTracker
+    from stream.rebalance import Rebalance
+    broker = FakeBroker()
+    broker.create_topic("in", 2)
+    total = 160
+    for i in range(total):
+        broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
+    cfg = config(small_artifact, max_batch=4, max_in_flight=8, max_poll_records=4)
+    first = slow(service(broker, cfg), 0.02)
+    worker = threading.Thread(target=first.run, kwargs={"count": total, "timeout": 60}, daemon=True)
+    worker.start()
+    while len(broker.records("out")) < 20:
+        threading.Event().wait(0.005)
+
+    handler = Rebalance(OffsetTracker(), Metrics(), drain_timeout_s=5)
+    newcomer = broker.connector(["in"], cfg.group_id).source(handler)
+    deadline = time.monotonic() + 30
+    while not handler.owned() and time.monotonic() < deadline:
+        newcomer.poll(0.01, 4)
+    (taken,) = handler.owned()
+    published = sorted(o for p, o in sources(broker.records("out")) if p == taken[1])
+    assert published == list(range(len(published))), "in order, no gaps, no duplicates"
+    assert published, "the revoked partition had work done on it"
+    assert broker.committed[cfg.group_id][taken] == len(published), "revoked work was drained and committed"
+    assert first.tracker.in_flight([taken]) == 0 and taken not in first.rebalance.owned()
+
+    newcomer.close()   # leaves without consuming: the first member gets the partition back
+    worker.join(60)
+    assert not worker.is_alive()
+    assert sorted(sources(broker.records("out"))) == sorted((i % 2, i // 2) for i in range(total))
+    assert broker.committed[cfg.group_id] == {("in", 0): total // 2, ("in", 1): total // 2}
+
+
+def test_transient_poll_errors_are_said_once_retried_and_counted(small_artifact, caplog):
+    from engine_build.errors import KafkaTransient
+    broker = FakeBroker()
+    good, bad = fill(broker, partitions=1)
+    broker.poll_errors = [KafkaTransient("consuming in[0]: RequestTimedOut") for _ in range(3)]
+    svc = service(broker, config(small_artifact))
+    with caplog.at_level("INFO", logger="stream"):
+        stats = svc.run(count=good + bad, timeout=60)
+    assert stats.finished == good + bad
+    assert 'sentiment_poll_errors_total{kind="transient"} 3.0' in svc.metrics.render().decode()
+    lines = [r.getMessage() for r in caplog.records if "consuming from Kafka" in r.getMessage()]
+    assert len(lines) == 2 and "failing" in lines[0] and "recovered" in lines[1], lines
+
+
+def test_a_permanent_consumer_error_drains_then_ends_the_run(small_artifact):
+    from engine_build.errors import KafkaPermanent
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    for i in range(40):
+        broker.produce("in", good_images()["png"], key=str(i).encode())
+    svc = slow(service(broker, config(small_artifact, max_batch=4)), 0.01)
+
+    def fail_once_flowing() -> None:
+        while len(broker.records("out")) < 4:
+            threading.Event().wait(0.002)
+        broker.poll_errors.append(KafkaPermanent("consuming in[0]: UnsupportedCodecError: install lz4"))
+    threading.Thread(target=fail_once_flowing, daemon=True).start()
+    with pytest.raises(KafkaPermanent, match=r"in\[0\].*install lz4"):
+        svc.run(timeout=60)
+    published = len(broker.records("out"))
+    assert published >= 4 and broker.committed["sentiment-stream"] == {("in", 0): published}, \
+        "what was in flight was finished and committed before the end"
+
+
+def test_a_transient_error_that_lasts_past_the_limit_ends_the_run(small_artifact):
+    from engine_build.errors import KafkaPermanent, KafkaTransient
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.poll_errors = [KafkaTransient("User rebalance callback throws an error") for _ in range(1000)]
+    svc = service(broker, config(small_artifact, fail_after_s=0.5))
+    with pytest.raises(KafkaPermanent, match="rebalance callback.*--fail-after-s"):
+        svc.run(timeout=30)
+    assert "sentiment_ready 0.0" in svc.metrics.render().decode()
+
+
+def test_failure_watch_says_once_and_backs_off():
+    from stream.failures import FailureWatch
+    now = [0.0]
+    watch = FailureWatch("polling", clock=lambda: now[0])
+    assert watch.failed(ValueError("a")) == 0 and watch.failing and watch.backoff() == pytest.approx(0.1)
+    now[0] = 2.0
+    assert watch.failed(ValueError("a")) == 2.0 and watch.backoff() == pytest.approx(0.2)
+    for _ in range(10):
+        watch.failed(ValueError("a"))
+    assert watch.backoff() == 5.0
+    watch.ok()
+    assert not watch.failing and watch.failed(ValueError("b")) == 0
+
+
+def test_fake_partitioning_is_stable_across_processes():
+    import subprocess
+    import sys
+    code = ("from stream.fake import FakeBroker; b = FakeBroker(); b.create_topic('t', 4); "
+            "print([b.produce('t', b'v', key=k) for k in (b'a', b'b', b'c')] and "
+            "[i for i, p in enumerate(b.topics['t']) if p])")
+    root = Path(__file__).resolve().parents[1]
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                           env={"PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(runs) == 1

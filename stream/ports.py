@@ -1,0 +1,90 @@
+"""The service's two ports to a broker, and the rebalance contract between them.
+
+:class:`Source` (a consumer-group member) and :class:`Sink` (a producer) are what the
+service needs from Kafka; :mod:`.kafka_io` implements them with kafka-python and
+:mod:`.fake` in memory. A :class:`Connector` makes both. A source calls its
+:class:`RebalanceHandler` when partitions come and go; the handler is pure service
+logic (what is drained, what may be committed) and never touches a client.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from .records import Message, Outgoing
+
+Partition = tuple[str, int]
+"""(topic, partition)."""
+
+
+def show(partitions: Sequence[Partition]) -> str:
+    """``topic[0], topic[1]`` for log lines."""
+    return ", ".join(f"{t}[{p}]" for t, p in sorted(partitions)) or "none"
+
+
+class RebalanceHandler(Protocol):
+    """What a source asks of the service when the group moves partitions.
+
+    On revocation a source waits (without blocking its client's IO) until
+    :meth:`drained` or ``drain_timeout_s``, commits :meth:`committable`, reports
+    what it committed through :meth:`committed`, then calls :meth:`released`.
+    Lost partitions (the member was evicted) go straight to :meth:`released`.
+    """
+
+    drain_timeout_s: float
+
+    def drained(self, partitions: Sequence[Partition]) -> bool: ...
+
+    def committable(self, partitions: Sequence[Partition]) -> dict[Partition, int]: ...
+
+    def committed(self, offsets: dict[Partition, int]) -> None: ...
+
+    def released(self, partitions: Sequence[Partition], lost: bool) -> None: ...
+
+    def assigned(self, partitions: Sequence[Partition]) -> None: ...
+
+
+class Source(Protocol):
+    """A consumer-group member. Every call comes from the service's poll thread.
+
+    ``poll`` raises :class:`~engine_build.errors.BrokerUnavailable` while Kafka is
+    away, :class:`~engine_build.errors.KafkaTransient` for errors worth retrying and
+    :class:`~engine_build.errors.KafkaPermanent` for those that can never succeed.
+    """
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Message]: ...
+
+    def commit(self, offsets: dict[Partition, int]) -> None: ...
+
+    def pause_all(self) -> None: ...
+
+    def resume_all(self) -> None: ...
+
+    def end_offsets(self) -> dict[Partition, int]: ...
+
+    def reachable(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """A producer. ``publish`` retries until the broker acknowledges, then calls
+    ``on_ack`` (from any thread); ``failing_since`` is set while sends fail."""
+
+    failing_since: float | None
+
+    def publish(self, record: Outgoing, on_ack: Callable[[], None]) -> None: ...
+
+    def flush(self, timeout: float) -> bool: ...
+
+    def pending_retries(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Connector(Protocol):
+    """Makes the service's source and sink (Kafka in production, the fake broker in unit tests)."""
+
+    def source(self, rebalance: RebalanceHandler) -> Source: ...
+
+    def sink(self, on_retry: Callable[[], None]) -> Sink: ...

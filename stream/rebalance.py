@@ -1,0 +1,60 @@
+"""The service's side of a rebalance: what is drained, what may be committed, what to forget.
+
+Pure logic over the offset tracker; sources call it from wherever their client runs
+rebalance callbacks (kafka-python's IO thread), so nothing here blocks.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from .metrics import Metrics
+from .offsets import OffsetTracker
+from .ports import Partition, show
+
+log = logging.getLogger(__name__)
+
+
+class Rebalance:
+    """Implements :class:`~.ports.RebalanceHandler` for the service."""
+
+    def __init__(self, tracker: OffsetTracker, metrics: Metrics, drain_timeout_s: float) -> None:
+        self.tracker, self.metrics = tracker, metrics
+        self.drain_timeout_s = drain_timeout_s
+        self._lock = threading.Lock()
+        self._owned: set[Partition] = set()
+
+    def drained(self, partitions: Sequence[Partition]) -> bool:
+        return self.tracker.in_flight(list(partitions)) == 0
+
+    def committable(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        wanted = set(partitions)
+        return {p: o for p, o in self.tracker.committable().items() if p in wanted}
+
+    def committed(self, offsets: dict[Partition, int]) -> None:
+        self.tracker.committed(offsets)
+
+    def released(self, partitions: Sequence[Partition], lost: bool) -> None:
+        self.tracker.forget(list(partitions))
+        for topic, partition in partitions:
+            try:
+                self.metrics.lag.remove(topic, str(partition))
+            except KeyError:   # no lag was reported for it yet
+                pass
+        with self._lock:
+            self._owned -= set(partitions)
+        if lost:
+            log.warning("partitions lost (this member was evicted from the group): %s; their uncommitted work "
+                        "will be redelivered to the new owner", show(partitions))
+        else:
+            log.info("partitions revoked: %s", show(partitions))
+
+    def assigned(self, partitions: Sequence[Partition]) -> None:
+        with self._lock:
+            self._owned |= set(partitions)
+        log.info("partitions assigned: %s", show(partitions))
+
+    def owned(self) -> set[Partition]:
+        with self._lock:
+            return set(self._owned)

@@ -1,0 +1,90 @@
+"""Scaling out on the real broker: members join and leave while a stream is in flight."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from .images import good_images
+from .kafka_helpers import committed, names, positions, read_all, start_service, stop
+
+pytestmark = pytest.mark.kafka
+
+
+def produce_steadily(bootstrap: str, topic: str, total: int, seconds: float) -> threading.Thread:
+    """A producer thread spreading ``total`` records over ``seconds``, so every step lands mid-stream."""
+    from kafka import KafkaProducer
+    image = good_images()["jpeg_coffee"]
+
+    def run() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        started = time.monotonic()
+        for i in range(total):
+            producer.send(topic, key=str(i).encode(), value=image)
+            lag = started + seconds * (i + 1) / total - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+        producer.flush()
+        producer.close()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def assigned_some(log) -> bool:
+    return any(line.split("partitions assigned:")[1].strip() != "none"
+               for line in log.read_text().splitlines() if "partitions assigned:" in line)
+
+
+def wait_assigned(log, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if assigned_some(log):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{log.name} was never assigned a partition:\n{log.read_text()[-3000:]}")
+
+
+def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small_artifact, tmp_path):
+    t = names(kafka_broker, partitions=6)
+    total, seconds = 1800, 36
+    producer = produce_steadily(kafka_broker.bootstrap, t["input"], total, seconds)
+    logs = {name: tmp_path / f"{name}.log" for name in "abc"}
+    started = {"a": start_service(kafka_broker, t, small_artifact, logs["a"])}
+    events = []
+    try:
+        wait_assigned(logs["a"])
+        for name in "bc":                                   # two joins, each mid-stream
+            started[name] = start_service(kafka_broker, t, small_artifact, logs[name])
+            wait_assigned(logs[name])
+            events.append((f"join {name}", producer.is_alive()))
+        for name in "ab":                                   # two leaves, each mid-stream
+            stop(started.pop(name), logs[name])
+            events.append((f"leave {name}", producer.is_alive()))
+            time.sleep(2)
+        producer.join(120)
+        inputs = read_all(kafka_broker.bootstrap, t["input"], total)
+        ends = {}
+        for r in inputs:
+            ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
+            if all((marks.get(p) or 0) >= end for p, end in ends.items()):
+                break
+            time.sleep(1)
+    finally:
+        for name, process in started.items():
+            stop(process, logs[name])
+    assert all(alive for _, alive in events), f"a step landed after the stream ended: {events}"
+    assert len(inputs) == total
+    marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
+    assert {p: marks.get(p) for p in ends} == ends, "committed offsets reach the end of every partition"
+    done = set(positions(read_all(kafka_broker.bootstrap, t["output"], total)))
+    missing = {(r.partition, r.offset) for r in inputs} - done
+    assert not missing, f"{len(missing)} inputs without a result"
+    for name, log in logs.items():
+        text = log.read_text()
+        assert "rebalance callback throws" not in text and "Traceback" not in text, text[-3000:]
+        assert "partitions revoked" in text or name == "c", f"{name} never gave partitions back"
