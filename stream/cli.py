@@ -6,10 +6,17 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
+from typing import TYPE_CHECKING
 
 from engine_build.errors import UserError
 
 from .config import build_parser, from_args
+from .logs import configure as configure_logging
+
+if TYPE_CHECKING:
+    from .service import Service
 
 DESCRIPTION = """Consume encoded images from Kafka, decode them with OpenCV, batch them, classify their
 sentiment with an artifact built by `python -m engine_build build`, and publish one JSON record per
@@ -17,6 +24,19 @@ image (label, scores, source, model, timing) to the output topic; rejected input
 dead-letter topic. At least once: an offset is committed only after every message at or below it
 has its record acknowledged by the broker (acks=all). SIGTERM/SIGINT drain, publish, commit, exit 0.
 Every flag has an environment variable twin, shown in brackets."""
+
+
+SHUTDOWN_GRACE_S = 5.0   # beyond --drain-timeout-s, for the commit and closing the clients
+
+
+def _exit_when_overdue(service: Service, seconds: float) -> None:
+    """Shutdown always ends: past its deadline (the Kafka client can block without a timeout while
+    the broker is gone), say what was left uncommitted and exit 1; it will be redelivered."""
+    time.sleep(seconds)
+    logging.getLogger("stream").error("shutdown did not finish within %g s; exiting with %s (redelivered to the "
+                                      "next member)", seconds, service.uncommitted())
+    logging.shutdown()
+    os._exit(1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,8 +50,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     except UserError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    configure_logging(cfg.log_level)
     from .service import Service
     try:
         service = Service(cfg)
@@ -42,12 +61,15 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
         logging.getLogger("stream").warning("artifact %s holds PLACEHOLDER weights: its labels are meaningless", cfg.artifact)
     received = []
 
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
         received.append(signum)
         if len(received) == 1:
-            logging.getLogger("stream").info("%s: draining (signal again to exit at once; uncommitted work "
-                                             "is redelivered)", signal.Signals(signum).name)
+            logging.getLogger("stream").info("%s: draining for up to %g s (signal again to exit at once; "
+                                             "uncommitted work is redelivered)", signal.Signals(signum).name,
+                                             cfg.drain_timeout_s)
             service.stop()
+            threading.Thread(target=_exit_when_overdue, args=(service, cfg.drain_timeout_s + SHUTDOWN_GRACE_S),
+                             name="shutdown-deadline", daemon=True).start()
         else:
             os._exit(128 + signum)
     for sig in (signal.SIGTERM, signal.SIGINT):

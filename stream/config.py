@@ -47,6 +47,8 @@ class StreamConfig:
                                            "the bytes at no measurable producer CPU, python -m "
                                            "benchmarks.publish_codecs; gzip for readers without zstd)",
                                    choices=CODECS)
+    unordered: bool = option(False, "publish each result as soon as it is ready instead of in each input "
+                                    "partition's offset order (ordering costs no measurable throughput)")
     max_message_bytes: int = option(20 * 1024 * 1024, "larger values are dead-lettered unread")
     max_pixels: int = option(64_000_000, "images declaring more pixels are dead-lettered before decoding")
     no_reduced_decode: bool = option(False, "always decode JPEGs at full size")

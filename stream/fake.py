@@ -72,7 +72,7 @@ class FakeBroker:
             generation = self._generation[member.group]
             if any(m.revoked_generation < generation for m in members):
                 return None
-            partitions = sorted((t, i) for t in member.topics for i in range(len(self.topics.get(t, [[]]))))
+            partitions = sorted((t, i) for t in member.topics for i in range(len(self.topics.get(t, []))))
             return [p for n, p in enumerate(partitions) if members[n % len(members)] is member]
 
 
@@ -166,6 +166,10 @@ class FakeSource:
 
     def reachable(self) -> bool:
         return self.broker.up
+
+    def missing_topics(self) -> list[str]:
+        with self.broker.lock:
+            return [t for t in self.topics if t not in self.broker.topics]
 
     def close(self) -> None:
         """Leave the group, revoking (draining, committing) what this member owns, as kafka-python does."""

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _DRAIN_STEP_S = 0.02
+_CLIENT_TIMEOUT_MS = 5_000   # commit and close; shutdown must end even with the broker gone
 
 
 def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
@@ -87,7 +88,7 @@ class KafkaSource:
         from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
         from kafka.errors import KafkaError
 
-        self._bootstrap, self._group = cfg.bootstrap_servers, cfg.group_id
+        self._bootstrap, self._group, self._topics = cfg.bootstrap_servers, cfg.group_id, list(cfg.input_topic)
         source = self
 
         class Listener(AsyncConsumerRebalanceListener):
@@ -108,7 +109,8 @@ class KafkaSource:
                 session_timeout_ms=cfg.session_timeout_ms,
                 heartbeat_interval_ms=max(100, cfg.session_timeout_ms // 4),
                 max_poll_interval_ms=cfg.max_poll_interval_ms, bootstrap_timeout_ms=5_000,
-                client_id=f"sentiment-stream-{cfg.group_id}", **cfg.client_options())
+                client_id=f"sentiment-stream-{cfg.group_id}", allow_auto_create_topics=False,
+                **cfg.client_options())
             self._consumer.subscribe(topics=list(cfg.input_topic), listener=Listener())
         except KafkaError as exc:
             raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id) from exc
@@ -168,7 +170,7 @@ class KafkaSource:
     def commit(self, offsets: dict[Partition, int]) -> None:
         from kafka.errors import KafkaError
         try:
-            self._consumer.commit(self._kafka_offsets(offsets))
+            self._consumer.commit(self._kafka_offsets(offsets), timeout_ms=_CLIENT_TIMEOUT_MS)
         except KafkaError as exc:
             raise translate(exc, "commit failed", self._group) from exc
 
@@ -190,8 +192,17 @@ class KafkaSource:
     def reachable(self) -> bool:
         return reachable(self._bootstrap)
 
+    def missing_topics(self) -> list[str]:
+        """Subscribed input topics the cluster does not have (the consumer never creates them)."""
+        from kafka.errors import KafkaError
+        try:
+            existing = self._consumer.topics()
+        except KafkaError:
+            return []   # unknown while the broker is away; readiness already says so
+        return [t for t in self._topics if t not in existing]
+
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        self._consumer.close(autocommit=False, timeout_ms=_CLIENT_TIMEOUT_MS)
 
 
 class KafkaSink:
@@ -304,8 +315,43 @@ class KafkaConnector:
 
     def sink(self, on_retry: Callable[[], None]) -> KafkaSink:
         cfg = self.cfg
+        log.info("%s", ensure_output_topics(cfg))
         # Room for a dead letter carrying the largest accepted input, plus headers.
         return KafkaSink(cfg.bootstrap_servers, cfg.client_options(), on_retry,
                          max_request_size=max(1 << 20, cfg.max_message_bytes + (64 << 10)),
                          compression_type=None if cfg.compression_type == "none" else cfg.compression_type)
 
+
+
+def ensure_output_topics(cfg: StreamConfig) -> str:
+    """Create the output and dead-letter topics if missing (as many partitions as the first input
+    topic, the broker's default replication); one line saying which existed and which were made."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="sentiment-stream-admin",
+                                 bootstrap_timeout_ms=5_000, **cfg.client_options())
+    except KafkaError as exc:
+        raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}") from exc
+    try:
+        existing = set(admin.list_topics())
+        wanted = {"output": cfg.output_topic, "dead-letter": cfg.dead_letter_topic}
+        missing = [t for t in dict.fromkeys(wanted.values()) if t not in existing]
+        partitions = 1
+        if cfg.input_topic[0] in existing:
+            (described,) = admin.describe_topics([cfg.input_topic[0]])
+            partitions = max(1, len(described.get("partitions", ())))
+        if missing:
+            try:
+                admin.create_topics([NewTopic(t, partitions, -1) for t in missing])
+            except TopicAlreadyExistsError:
+                pass   # another member made it first
+            except KafkaError as exc:
+                raise KafkaPermanent(f"{', '.join(missing)}: missing and cannot be created ({exc}); create them "
+                                     f"(README: Topics) or grant CREATE") from exc
+    except (KafkaError, ValueError) as exc:
+        raise translate(exc, "checking the output topics") from exc
+    finally:
+        admin.close()
+    return "; ".join(f"{kind} topic {name!r} " + (f"created with {partitions} partitions" if name in missing
+                                                   else "exists") for kind, name in wanted.items())

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from engine_build.imaging import DecodeLimits, decode
 from .batching import Batcher
 from .metrics import Metrics
 from .offsets import OffsetTracker
+from .ordering import InOrder
 from .ports import Sink
 from .records import Message, Outgoing, Prediction, dead_letter
 
@@ -37,6 +39,7 @@ class PipelineConfig:
     max_delay_ms: float = 20.0
     decode_workers: int = 2
     limits: DecodeLimits = DecodeLimits()
+    keep_order: bool = True
 
 
 @dataclass
@@ -59,6 +62,9 @@ class Processor:
         self._threads = [threading.Thread(target=self._infer_loop, name=f"infer-{i}", daemon=True)
                          for i in range(max(1, backend.concurrency))]
         self.batches = 0
+        self._order: InOrder[tuple[Message, Outgoing, str]] = InOrder(cfg.keep_order)
+        self._rejected: Counter[str] = Counter()
+        self._rejected_lock = threading.Lock()
 
     def start(self) -> "Processor":
         for thread in self._threads:
@@ -68,6 +74,7 @@ class Processor:
     # ---- input side (poll-loop thread) ----
     def submit(self, message: Message) -> None:
         self.tracker.add((message.topic, message.partition), message.offset)
+        self._order.expect((message.topic, message.partition), message.offset)
         self.metrics.in_flight.inc()
         self._pool.submit(self._decode, message)
 
@@ -119,9 +126,9 @@ class Processor:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.inference.observe(time.perf_counter() - started)
         labels = [int(np.argmax(p)) for _, p, _ in results if p is not None]
-        log.info("batch %d: %d images, %.1f ms inference, %d positive, %d negative%s", self.batches, len(batch),
+        log.info("batch %d: %d images, %.1f ms inference, %d positive, %d negative%s%s", self.batches, len(batch),
                  (time.perf_counter() - started) * 1000, sum(labels), len(labels) - sum(labels),
-                 " [PLACEHOLDER MODEL]" if self.model_info.get("placeholder") else "")
+                 self._dead_letter_summary(), " [PLACEHOLDER MODEL]" if self.model_info.get("placeholder") else "")
         for decoded, p, infer_ms in results:
             if p is None:
                 self._reject(decoded.message, "inference_error", "the model failed on this image")
@@ -154,9 +161,32 @@ class Processor:
 
     # ---- output side ----
     def _reject(self, message: Message, reason: str, text: str) -> None:
+        with self._rejected_lock:
+            self._rejected[reason] += 1
         self._send(message, dead_letter(message, self.cfg.dead_letter_topic, reason, text), "dead_letter")
 
+    def _dead_letter_summary(self) -> str:
+        """``; dead letters since the last line: reason=n, ...`` (empty when there were none)."""
+        with self._rejected_lock:
+            counts, self._rejected = self._rejected, Counter()
+        if not counts:
+            return ""
+        return "; dead letters since the last line: " + ", ".join(f"{r}={n}" for r, n in sorted(counts.items()))
+
+    def report_dead_letters(self) -> None:
+        """A line for dead letters no batch line has counted yet (a stream of only bad inputs has no batches)."""
+        summary = self._dead_letter_summary()
+        if summary:
+            log.warning("no batch%s", summary)
+
     def _send(self, message: Message, record: Outgoing, outcome: str) -> None:
+        """Publish in each partition's arrival order (unless ``keep_order`` is off)."""
+        self._order.complete((message.topic, message.partition), message.offset, (message, record, outcome),
+                             self._publish)
+
+    def _publish(self, item: tuple[Message, Outgoing, str]) -> None:
+        message, record, outcome = item
+
         def acknowledged() -> None:
             self.tracker.done((message.topic, message.partition), message.offset)
             self.metrics.in_flight.dec()

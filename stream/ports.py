@@ -64,6 +64,10 @@ class Source(Protocol):
 
     def reachable(self) -> bool: ...
 
+    def missing_topics(self) -> list[str]:
+        """Subscribed topics the cluster does not have (never created by consuming)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -28,6 +28,7 @@ from .ports import Connector, Partition, Sink, Source
 from .rebalance import Rebalance
 
 log = logging.getLogger(__name__)
+DEAD_LETTER_REPORT_S = 10.0   # how often dead letters no batch line counted are summarised
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Service:
                            "precision": self.selection.precision, "placeholder": self.manifest["model"]["placeholder"],
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
         self._reachable = True
+        self._missing: list[str] = []
+        self._readiness: tuple[bool, str] = (False, "starting")
         self._polls = FailureWatch("consuming from Kafka")
         self._commits = FailureWatch("committing offsets")
         self._failure: KafkaPermanent | None = None
@@ -77,12 +80,23 @@ class Service:
         """Ask the loop to finish (safe from a signal handler)."""
         self._stop.set()
 
+    def uncommitted(self) -> str:
+        """What a shutdown would leave for redelivery, for its last log line."""
+        pending = ", ".join(f"{t}[{p}] below {o}" for (t, p), o in sorted(self.tracker.committable().items()))
+        return f"{self.tracker.in_flight()} messages unfinished; acknowledged, not committed: {pending or 'none'}"
+
     def finished(self) -> int:
         """Messages whose record (result or dead letter) the broker has acknowledged."""
         return self.metrics.finished_total
 
     # ---- readiness ----
     def _ready(self, ready: bool, reason: str = "") -> None:
+        if ready != self._readiness[0] and self._readiness[1] != "shutting down":
+            if ready:
+                log.info("ready")
+            else:
+                log.warning("not ready: %s", reason)
+        self._readiness = (ready, reason)
         if self.health:
             self.health.set_ready(ready, reason)
         else:
@@ -91,6 +105,8 @@ class Service:
     def _update_readiness(self) -> None:
         if not self._reachable:
             self._ready(False, f"Kafka at {self.cfg.bootstrap_servers} is unreachable")
+        elif self._missing:
+            self._ready(False, f"input topic {', '.join(self._missing)} does not exist")
         elif self._polls.failing:
             self._ready(False, f"consuming is failing: {self._polls.error}")
         elif self.sink is not None and self.sink.failing_since is not None:
@@ -101,9 +117,27 @@ class Service:
             self._ready(True)
 
     def _watch_broker(self, source: Source) -> None:
-        """Every few seconds, whether the brokers answer at all (for /readyz); never blocks the poll loop."""
-        while not self._stop.wait(3.0):
-            self._reachable = source.reachable()
+        """Every few seconds: do the brokers answer, do the input topics exist (for /readyz and one log
+        line per change); never blocks the poll loop."""
+        while True:
+            reachable = source.reachable()
+            if reachable != self._reachable:
+                if reachable:
+                    log.info("Kafka at %s answers again", self.cfg.bootstrap_servers)
+                else:
+                    log.warning("Kafka at %s is unreachable; retrying", self.cfg.bootstrap_servers)
+            self._reachable = reachable
+            missing = source.missing_topics() if reachable else self._missing
+            if missing != self._missing:
+                if missing:
+                    log.warning("input topic %s does not exist (it is not created by consuming): create it or fix "
+                                "--input-topic", ", ".join(repr(t) for t in missing))
+                else:
+                    log.info("every input topic exists")
+            self._missing = missing
+            self._update_readiness()
+            if self._stop.wait(3.0):
+                return
 
     # ---- connecting ----
     def _connect(self) -> bool:
@@ -171,11 +205,12 @@ class Service:
         cfg = self.cfg
         return PipelineConfig(cfg.output_topic, cfg.dead_letter_topic, cfg.max_batch, cfg.max_delay_ms,
                               cfg.decode_workers,
-                              DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, not cfg.no_reduced_decode))
+                              DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, not cfg.no_reduced_decode),
+                              keep_order=not cfg.unordered)
 
     def _loop(self, processor: Processor, stats: RunStats, count: int | None, deadline: float | None) -> None:
         assert self.source is not None
-        paused, last_commit = False, time.monotonic()
+        paused, last_commit, last_report = False, time.monotonic(), time.monotonic()
         while not self._stop.is_set():
             if self.health:
                 self.health.tick()
@@ -194,6 +229,9 @@ class Service:
                 self._commit()
                 last_commit = time.monotonic()
                 self._update_readiness()
+            if time.monotonic() - last_report >= DEAD_LETTER_REPORT_S:
+                processor.report_dead_letters()
+                last_report = time.monotonic()
 
     def _backpressure(self, paused: bool) -> bool:
         """Pause every partition while too much is in flight; resume at half. Returns the new state."""
@@ -237,6 +275,7 @@ class Service:
             self.source.pause_all()
         if processor is not None:
             processor.stop(self.cfg.drain_timeout_s)
+            processor.report_dead_letters()
             if not self.tracker.wait_idle(self.cfg.drain_timeout_s):
                 log.warning("%d messages unacknowledged after %.0f s: left uncommitted (they will be redelivered)",
                             self.tracker.in_flight(), self.cfg.drain_timeout_s)

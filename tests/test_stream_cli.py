@@ -113,3 +113,26 @@ def test_metrics_port_in_use_is_one_line(small_artifact, capsys):
         argv = BASE[:-1] + [str(port), "--artifact", str(small_artifact)]
         code, err = run(argv, capsys)
     assert code == 1 and f"--metrics-port {port}:" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("STREAM_EXACT_PRECISION", "maybe", "STREAM_EXACT_PRECISION='maybe': expected one of"),
+    ("STREAM_BOOTSTRAP_SERVERS", "kafka:notaport", "expected HOST:PORT"),
+    ("STREAM_MAX_BATCH", "-3", "--max-batch must be at least 1"),
+])
+def test_bad_environment_values_are_one_line_before_the_model_loads(name, value, message, capsys, tmp_path):
+    environ = {"STREAM_BOOTSTRAP_SERVERS": "127.0.0.1:1", "STREAM_INPUT_TOPIC": "in", "STREAM_OUTPUT_TOPIC": "out",
+               "STREAM_DEAD_LETTER_TOPIC": "dlq", "STREAM_METRICS_PORT": "0",
+               "STREAM_ARTIFACT": str(tmp_path / "no-artifact"), name: value}
+    code, err = run([], capsys, environ)
+    assert code == 1 and message in err and err.count("\n") == 1, err
+    assert "artifact" not in err, "config is validated before the artifact is opened"
+
+
+def test_log_level_is_accepted_in_any_case(small_artifact):
+    from stream.cli import parser
+    from stream.config import from_args
+    cfg = from_args(parser().parse_args([]), {"STREAM_LOG_LEVEL": "info", "STREAM_BOOTSTRAP_SERVERS": "h:1",
+                                              "STREAM_INPUT_TOPIC": "i", "STREAM_OUTPUT_TOPIC": "o",
+                                              "STREAM_DEAD_LETTER_TOPIC": "d", "STREAM_ARTIFACT": str(small_artifact)})
+    assert cfg.log_level == "INFO"

@@ -184,3 +184,34 @@ def test_kafka_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_brok
         sink.close()
     (record,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
     assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"
+
+
+def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_artifact, tmp_path):
+    """The broker dies at the moment of SIGTERM: the process still ends in time and says what it left."""
+    from stream.embedded_broker import EmbeddedBroker
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    t = {"input": "images", "output": "labels", "dlq": "dead", "group": "gone"}
+    broker.create_topics({"images": 2, "labels": 1, "dead": 1})
+    produce(broker.bootstrap, "images", [(str(i).encode(), good_images()["jpeg_coffee"]) for i in range(3000)])
+    log = tmp_path / "service.log"
+    drain = 4
+    service = start_service(broker, t, small_artifact, log, drain_timeout_s=drain)
+    try:
+        wait_for_outputs(broker, "labels", 30)
+        print("outputs seen", time.monotonic())
+        broker.stop()
+        service.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        try:
+            code = service.wait(drain + 5 + 15)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            raise AssertionError("still running long after SIGTERM:\n" + log.read_text()[-3000:]) from None
+        took = time.monotonic() - started
+    finally:
+        broker.stop()
+    text = log.read_text()
+    assert took <= drain + 5 + 5, f"took {took:.1f} s"
+    assert ("shutdown did not finish" in text and "messages unfinished" in text) or \
+        ("stopped:" in text and code == 0), text[-3000:]
+    assert "Traceback" not in text

@@ -400,3 +400,94 @@ def test_fake_partitioning_is_stable_across_processes():
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                            env={"PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
     assert len(runs) == 1
+
+
+def test_in_order_releases_each_partition_in_arrival_order():
+    from stream.ordering import InOrder
+    order: InOrder[str] = InOrder()
+    out: list[str] = []
+    for offset in (5, 6, 9):
+        order.expect("a", offset)
+    order.expect("b", 0)
+    order.complete("a", 9, "a9", out.append)
+    order.complete("b", 0, "b0", out.append)
+    order.complete("a", 6, "a6", out.append)
+    assert out == ["b0"] and order.waiting() == 2
+    order.complete("a", 5, "a5", out.append)
+    assert out == ["b0", "a5", "a6", "a9"] and order.waiting() == 0
+    unordered: InOrder[str] = InOrder(enabled=False)
+    unordered.complete("a", 3, "a3", out.append)
+    assert out[-1] == "a3"
+
+
+def test_results_are_published_in_each_partitions_offset_order(small_artifact):
+    """Large and small images decode at different speeds on four threads; the output keeps input order."""
+    broker = FakeBroker()
+    broker.create_topic("in", 2)
+    images = good_images()
+    names = ["jpeg_2048", "png", "jpeg_chelsea", "bmp", "jpeg_coins", "png16", "gray_png", "webp"] * 5
+    for i, name in enumerate(names):
+        broker.produce("in", images[name], partition=i % 2, key=str(i).encode())
+    broker.produce("in", b"not an image", partition=0, key=b"bad")
+    service(broker, config(small_artifact, decode_workers=4, max_batch=3)).run(count=len(names) + 1, timeout=60)
+    got = sources(broker.records("out"))
+    for partition in (0, 1):
+        offsets = [o for p, o in got if p == partition]
+        assert offsets == sorted(offsets) and len(offsets) == len(names) // 2
+
+
+def test_client_chatter_is_rate_limited_and_counted():
+    import logging
+
+    from stream.logs import ClientChatter
+    now = [0.0]
+    chatter = ClientChatter(interval_s=60, clock=lambda: now[0])
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, (), None)
+    assert chatter.filter(record("kafka.conn", "connect to %s failed"))
+    assert not any(chatter.filter(record("kafka.conn", "connect to %s failed")) for _ in range(15))
+    assert chatter.filter(record("stream.service", "ours")), "the service's own lines always pass"
+    now[0] = 61
+    passed = record("kafka.conn", "connect to %s failed")
+    assert chatter.filter(passed) and "[15 like this held back" in passed.msg
+
+
+def test_dead_letters_are_counted_in_the_log_even_with_no_batch(small_artifact, caplog, monkeypatch):
+    from stream import service as service_module
+    monkeypatch.setattr(service_module, "DEAD_LETTER_REPORT_S", 0.05)
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    for i in range(6):
+        broker.produce("in", b"plain text, not an image", key=str(i).encode())
+    svc = service(broker, config(small_artifact))
+    with caplog.at_level("INFO", logger="stream"):
+        svc.run(count=6, timeout=30)
+        svc_lines = [r.getMessage() for r in caplog.records if "dead letters since the last line" in r.getMessage()]
+    assert svc_lines and "not_an_image=6" in " ".join(svc_lines), svc_lines
+
+
+def test_a_missing_input_topic_is_not_ready_and_said_once(small_artifact, caplog):
+    from stream.embedded_broker import free_port
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    port = free_port()
+    svc = service(broker, config(small_artifact, input_topic=("in", "typo"), metrics_port=port))
+    worker = threading.Thread(target=svc.run, kwargs={"timeout": 30}, daemon=True)
+    with caplog.at_level("INFO", logger="stream"):
+        worker.start()
+        deadline = time.monotonic() + 20
+        answer = ""
+        while time.monotonic() < deadline and "typo" not in answer:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz")
+            except urllib.error.HTTPError as exc:
+                answer = exc.read().decode()
+            except OSError:
+                pass
+            threading.Event().wait(0.1)
+        svc.stop()
+        worker.join(30)
+    assert "input topic typo does not exist" in answer
+    warnings = [r.getMessage() for r in caplog.records if "'typo' does not exist" in r.getMessage()]
+    assert len(warnings) == 1 and "typo" not in broker.topics

@@ -1,0 +1,51 @@
+"""The service owns its log: the Kafka client's own lines are rate-limited, one per kind a minute.
+
+kafka-python writes a dozen ERROR/WARNING lines every few seconds while a broker is away;
+the service itself reports each state change once (see :mod:`.service`), so the client's
+repeats add nothing an on-call engineer can act on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+
+class ClientChatter(logging.Filter):
+    """Passes a ``kafka.*`` record only if none of the same logger, level and message template
+    passed in the last ``interval_s``; the next one that passes says how many were held back."""
+
+    def __init__(self, interval_s: float = 60.0, prefix: str = "kafka", clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        super().__init__()
+        self.interval_s, self.prefix, self._clock = interval_s, prefix, clock
+        self._last: dict[tuple[str, int, str], float] = {}
+        self._held: dict[tuple[str, int, str], int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        with self._lock:
+            if now - self._last.get(key, -self.interval_s) < self.interval_s:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        if record.exc_info and record.exc_info[1] is not None:   # the client's tracebacks as one line
+            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+            record.exc_info, record.exc_text = None, None
+        if held:
+            record.msg = f"{record.msg} [{held} like this held back in the last {self.interval_s:g} s]"
+        return True
+
+
+def configure(level: str) -> None:
+    """Logging for the service's entry point: one format, client chatter rate-limited."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ClientChatter())
