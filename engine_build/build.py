@@ -17,8 +17,7 @@ from .caffe_io import iter_caffemodel, load_prototxt
 from .caffe_net import Net, attach_weights, build_net
 from .errors import ArtifactError, ConfigError, ValidationFailed
 from .imaging import builtin_photos, decode, list_images, photo_views
-from .manifest import (ENGINE_FILE, FORMAT, TIMING_CACHE, VARIANT_FILES, engine_staleness, read_manifest,
-                       sha256, write_manifest)
+from .manifest import ENGINE_FILE, FORMAT, TIMING_CACHE, VARIANT_FILES, read_manifest, sha256, write_manifest
 from .onnx_graph import build_onnx
 from .placeholder import PLACEHOLDER_NAME
 from .preprocess import CROP_SIZE, IMAGE_SIZE, LABELS, MEAN_BGR
@@ -104,26 +103,31 @@ def sources(cfg: BuildConfig) -> dict:
 
 
 def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None) -> dict | None:
-    """Build engine.plan (or keep a still-valid one); None with a warning when TensorRT is missing."""
+    """Build engine.plan (or keep a still-valid one); None with a warning when TensorRT is missing.
+
+    The entry records the engine's identity (TensorRT, GPU, compute capability, batch range)
+    and its timing cache's; a kept engine must match this machine and request field by field.
+    """
     if not cfg.tensorrt:
         return None
-    from .runtime.tensorrt_backend import tensorrt_unavailable_reason
+    from .runtime.tensorrt_support import tensorrt_unavailable_reason
     reason = tensorrt_unavailable_reason()
     if reason:
         print(f"engine_build: TensorRT engine skipped: {reason}. The CPU artifacts are still built.")
         return None
-    from .tensorrt_build import build_engine, tensorrt_identity
+    from .runtime.identity import current_identity, staleness
+    from .tensorrt_build import build_engine
     plan, cache = cfg.output / ENGINE_FILE, cfg.output / TIMING_CACHE
     old = (previous or {}).get("files", {}).get("tensorrt")
-    if old and plan.exists() and old.get("onnx_sha256") == sha256(fp16_path):
-        why = engine_staleness(old, tensorrt_identity(), cfg.max_batch)
+    if old and plan.exists() and old.get("onnx_sha256") == sha256(fp16_path) and old.get("sha256") == sha256(plan):
+        why = staleness(old.get("identity"), current_identity(1, cfg.max_batch), exact_batch=True)
         if why is None:
             log.info("engine.plan is current; kept")
             return old
         log.info("engine.plan is stale (%s); rebuilding", why)
-    identity = build_engine(fp16_path, plan, cache, cfg.max_batch)
-    return {"file": ENGINE_FILE, "precision": "fp16", "min_batch": 1, "max_batch": cfg.max_batch,
-            "timing_cache": TIMING_CACHE, "onnx_sha256": sha256(fp16_path), **identity}
+    built = build_engine(fp16_path, plan, cache, cfg.max_batch, (old or {}).get("timing_cache"))
+    return {"file": ENGINE_FILE, "precision": "fp16", "onnx_sha256": sha256(fp16_path),
+            "identity": built.identity.as_dict(), "timing_cache": {"file": TIMING_CACHE, **built.timing_cache}}
 
 
 def tool_versions() -> dict:

@@ -68,9 +68,8 @@ def _inspect(args: argparse.Namespace) -> int:
           f"{manifest['input']['channels']}")
     print(f"crop        {manifest['preprocessing']['crop']}, mean BGR {[round(m, 3) for m in manifest['preprocessing']['mean_bgr']]}")
     for key, entry in manifest["files"].items():
-        extra = f"  {entry.get('gpu')} sm {entry.get('compute_capability')} TensorRT {entry.get('tensorrt')} batch 1..{entry.get('max_batch')}" \
-            if key == "tensorrt" else ""
-        print(f"file        {entry['file']:<18} {entry['precision']:<5} sha256 {entry['sha256'][:16]}{extra}")
+        print(f"file        {entry['file']:<18} {entry['precision']:<5} sha256 {entry['sha256'][:16]}"
+              + (f"  {engine_lines(entry)}" if key == "tensorrt" else ""))
     if "fp16_range" in manifest:
         print(fp16_range_lines(manifest["fp16_range"]))
     for kind, entry in model["source"].items():
@@ -83,6 +82,18 @@ def _inspect(args: argparse.Namespace) -> int:
                        for k in Check.__dataclass_fields__}) for c in v["checks"]]
     print(table(checks))
     return 0
+
+
+def engine_lines(entry: dict) -> str:
+    """The engine's identity and its timing cache's, as recorded by the build."""
+    from .runtime.identity import EngineIdentity
+    identity = EngineIdentity.from_dict(entry.get("identity"))
+    text = identity.describe() if identity else "no engine identity recorded: rebuild with --tensorrt"
+    cache = entry.get("timing_cache") or {}
+    if cache.get("tensorrt"):
+        text += (f"\ntiming      {cache.get('file')} from TensorRT {cache['tensorrt']} on {cache.get('gpu')}, "
+                 f"{'reused' if cache.get('reused') else 'new'}" + (f" ({cache['note']})" if cache.get("note") else ""))
+    return text
 
 
 _PREPROCESSING_OPS = {"Cast", "Slice", "Concat", "Sub", "Transpose"}
