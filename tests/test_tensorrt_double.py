@@ -224,3 +224,16 @@ def test_driver_too_old_for_the_wheels_names_the_extra_that_fits(trt_double):
 def test_no_device_is_one_line(trt_double):
     trt_double.devices = 0
     assert available_backends()["tensorrt"] == "no usable CUDA GPU (cudaGetDeviceCount failed: cudaErrorNoDevice (100))"
+
+
+def test_gpu_check_steps_run_on_the_double(engine_artifact, trt_double, tmp_path, capsys):
+    """scripts/gpu-check.sh's Python steps: versions, the cuda-python round trip, the throughput run."""
+    from benchmarks import gpu_check
+    host = gpu_check.versions()
+    assert host["driver_cuda"] == "13.0" and host["gpus"] == [{"name": "NVIDIA H200", "compute_capability": "9.0"}]
+    assert gpu_check.cuda_roundtrip(mib=1, repeats=2)["bytes_verified"] is True
+    assert not trt_double.memory and not trt_double.pinned and not trt_double.streams
+    assert gpu_check.main(["tensorrt", "--artifact", str(engine_artifact), "--max-batch", "8", "--repeats", "2",
+                           "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu-nvidia-h200.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 8] and all(r["images_per_s"] > 0 for r in rows)

@@ -172,6 +172,10 @@ def cudaDriverGetVersion() -> tuple:
     return (cudaError_t.cudaSuccess, M.driver)
 
 
+def cudaRuntimeGetVersion() -> tuple:
+    return (cudaError_t.cudaSuccess, 13000)
+
+
 def cudaGetErrorName(err: cudaError_t) -> tuple:
     return (cudaError_t.cudaSuccess, cudaError_t(err).name.encode())
 
@@ -180,7 +184,7 @@ def _runtime_module() -> types.ModuleType:
     rt = types.ModuleType("cuda.bindings.runtime")
     for name in ("cudaError_t", "cudaMemcpyKind", "cudaStream_t", "cudaMemcpyAsync", "cudaStreamCreate",
                  "cudaStreamDestroy", "cudaStreamSynchronize", "cudaGetDeviceCount", "cudaGetDeviceProperties",
-                 "cudaDriverGetVersion", "cudaGetErrorName"):
+                 "cudaDriverGetVersion", "cudaRuntimeGetVersion", "cudaGetErrorName"):
         setattr(rt, name, globals()[name])
     rt.cudaMalloc, rt.cudaFree = _alloc(M.memory), _free(M.memory)
     rt.cudaMallocHost, rt.cudaFreeHost = _alloc(M.pinned), _free(M.pinned)
