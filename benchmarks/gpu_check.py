@@ -77,7 +77,8 @@ def cuda_roundtrip(mib: int = 64, repeats: int = 5) -> dict:
                 if not np.array_equal(buffer.host, data):
                     raise AssertionError("bytes copied to the GPU and back differ")
         median = sorted(seconds)[len(seconds) // 2]
-        return {"bytes_each_way": 2 * (mib << 20), "streams": 2, "repeats": repeats, "median_ms": round(median * 1e3, 2),
+        return {"bytes_each_way": 2 * (mib << 20), "streams": 2, "repeats": repeats,
+                "median_ms": round(median * 1e3, 2),
                 "gib_per_s_both_ways": round(4 * (mib << 20) / median / 2**30, 2), "bytes_verified": True}
     finally:
         for buffer in buffers:

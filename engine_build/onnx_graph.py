@@ -109,7 +109,7 @@ def _pool(g: GraphBuilder, layer: Layer, x: str) -> str:
     if p["global_pooling"]:
         return g.op("GlobalMaxPool" if p["pool"] == "MAX" else "GlobalAveragePool", [x], layer.name)
     extra = []
-    for size, k, pad, s in zip(layer.in_shape[1:], p["kernel"], p["pad"], p["stride"]):
+    for size, k, pad, s in zip(layer.in_shape[1:], p["kernel"], p["pad"], p["stride"], strict=True):
         out = pool_out(size, k, pad, s)
         # End padding so that floor rounding yields Caffe's ceil-rounded size.
         extra.append(max(0, (out - 1) * s + k - (size + 2 * pad)))

@@ -389,7 +389,9 @@ class IExecutionContext:
     def set_input_shape(self, name: str, shape: tuple) -> bool:
         lo, _, hi = self.engine.profile
         shape = tuple(shape)
-        if name != "images" or len(shape) != len(hi) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
+        if name != "images" or len(shape) != len(hi):
+            return False
+        if not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
             return False
         self.input_shape = shape
         return True
