@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArtifactError, ConfigError
-from .manifest import check_engine, read_manifest, verify_file
+from .manifest import read_manifest, verify_file
 from .runtime import Backend, available_backends, open_backend
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,13 @@ def _tensorrt_choice(directory: Path, manifest: dict, explicit: bool, max_batch:
             raise ArtifactError(f"--backend tensorrt: {reason}")
         log.info("not using the TensorRT engine: %s", reason)
         return None
-    from .tensorrt_build import tensorrt_identity
-    check_engine(entry, tensorrt_identity())   # stale engines are refused, never loaded
-    if gate_passed(manifest, "tensorrt", "tensorrt", True) is False:
-        raise ArtifactError("engine.plan failed its validation gate; rebuild it")
+    from .runtime.identity import check_engine, current_identity
+    # stale engines are refused, never loaded: field by field against this machine and batch size
+    check_engine(entry.get("identity"), current_identity(1, max_batch or 1), exact_batch=False)
+    passed = gate_passed(manifest, "tensorrt", "tensorrt", True)
+    if passed is not True:
+        raise ArtifactError(f"engine.plan {'failed' if passed is False else 'has no record of'} its validation "
+                            "gate; rebuild it with python -m engine_build build --tensorrt")
     return Selection("tensorrt", "fp16", directory / entry["file"], True, "TensorRT engine and a GPU are present")
 
 

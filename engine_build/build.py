@@ -17,8 +17,7 @@ from .caffe_io import iter_caffemodel, load_prototxt
 from .caffe_net import Net, attach_weights, build_net
 from .errors import ArtifactError, ConfigError, ValidationFailed
 from .imaging import builtin_photos, decode, list_images, photo_views
-from .manifest import (ENGINE_FILE, FORMAT, TIMING_CACHE, VARIANT_FILES, engine_staleness, read_manifest,
-                       sha256, write_manifest)
+from .manifest import ENGINE_FILE, FORMAT, TIMING_CACHE, VARIANT_FILES, read_manifest, sha256, write_manifest
 from .onnx_graph import build_onnx
 from .placeholder import PLACEHOLDER_NAME
 from .preprocess import CROP_SIZE, IMAGE_SIZE, LABELS, MEAN_BGR
@@ -70,19 +69,31 @@ def import_caffe(cfg: BuildConfig) -> tuple[Net, bool]:
     return net, placeholder
 
 
-def emit_onnx(cfg: BuildConfig, source, placeholder: bool) -> dict[str, Path]:
-    """model.onnx and model.fp16.onnx from an imported Caffe ``Net`` or an ONNX classifier."""
+def emit_onnx(cfg: BuildConfig, source, placeholder: bool,
+              calibration: tuple[np.ndarray, str] | None = None) -> tuple[dict[str, Path], dict | None]:
+    """model.onnx and model.fp16.onnx from an imported Caffe ``Net`` or an ONNX classifier.
+
+    The FP16 file follows the FP16 range audit of model.onnx on ``calibration`` (images, source);
+    returns the paths and the audit's manifest record (None without FP16).
+    """
     from .onnx_import import wrap_classifier
+    from .range_audit import audit, kept_float32, record
     meta = {"placeholder": str(placeholder).lower(), "labels": ",".join(LABELS), "oversample": str(cfg.oversample).lower()}
     emit = build_onnx if isinstance(source, Net) else wrap_classifier
-    paths = {}
-    for precision in ("fp32", "fp16"):
-        if precision == "fp32" or precision in cfg.precisions:
-            path = cfg.output / VARIANT_FILES[precision]
-            onnx.save(emit(source, cfg.oversample, "float16" if precision == "fp16" else "float32",
-                           {**meta, "precision": precision}), path)
-            paths[precision] = path
-    return paths
+    paths = {"fp32": cfg.output / VARIANT_FILES["fp32"]}
+    onnx.save(emit(source, cfg.oversample, "float32", {**meta, "precision": "fp32"}), paths["fp32"])
+    if "fp16" not in cfg.precisions:
+        return paths, None
+    images, where = calibration if calibration is not None else load_images(None, "calibration")
+    ranges = audit(paths["fp32"], images)
+    model = emit(source, cfg.oversample, "float16", {**meta, "precision": "fp16"},
+                 float32_tensors=[r.tensor for r in ranges if r.near_limit])
+    float32 = kept_float32(model, ranges)
+    for tensor, why in float32.items():
+        (log.warning if why.startswith("NOT") else log.info)("FP16 range audit: %s: %s", tensor, why)
+    paths["fp16"] = cfg.output / VARIANT_FILES["fp16"]
+    onnx.save(model, paths["fp16"])
+    return paths, record(ranges, len(images), where, model, float32)
 
 
 def sources(cfg: BuildConfig) -> dict:
@@ -92,26 +103,31 @@ def sources(cfg: BuildConfig) -> dict:
 
 
 def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None) -> dict | None:
-    """Build engine.plan (or keep a still-valid one); None with a warning when TensorRT is missing."""
+    """Build engine.plan (or keep a still-valid one); None with a warning when TensorRT is missing.
+
+    The entry records the engine's identity (TensorRT, GPU, compute capability, batch range)
+    and its timing cache's; a kept engine must match this machine and request field by field.
+    """
     if not cfg.tensorrt:
         return None
-    from .runtime.tensorrt_backend import tensorrt_unavailable_reason
+    from .runtime.tensorrt_support import tensorrt_unavailable_reason
     reason = tensorrt_unavailable_reason()
     if reason:
         print(f"engine_build: TensorRT engine skipped: {reason}. The CPU artifacts are still built.")
         return None
-    from .tensorrt_build import build_engine, tensorrt_identity
+    from .runtime.identity import current_identity, staleness
+    from .tensorrt_build import build_engine
     plan, cache = cfg.output / ENGINE_FILE, cfg.output / TIMING_CACHE
     old = (previous or {}).get("files", {}).get("tensorrt")
-    if old and plan.exists() and old.get("onnx_sha256") == sha256(fp16_path):
-        why = engine_staleness(old, tensorrt_identity(), cfg.max_batch)
+    if old and plan.exists() and old.get("onnx_sha256") == sha256(fp16_path) and old.get("sha256") == sha256(plan):
+        why = staleness(old.get("identity"), current_identity(1, cfg.max_batch), exact_batch=True)
         if why is None:
             log.info("engine.plan is current; kept")
             return old
         log.info("engine.plan is stale (%s); rebuilding", why)
-    identity = build_engine(fp16_path, plan, cache, cfg.max_batch)
-    return {"file": ENGINE_FILE, "precision": "fp16", "min_batch": 1, "max_batch": cfg.max_batch,
-            "timing_cache": TIMING_CACHE, "onnx_sha256": sha256(fp16_path), **identity}
+    built = build_engine(fp16_path, plan, cache, cfg.max_batch, (old or {}).get("timing_cache"))
+    return {"file": ENGINE_FILE, "precision": "fp16", "onnx_sha256": sha256(fp16_path),
+            "identity": built.identity.as_dict(), "timing_cache": {"file": TIMING_CACHE, **built.timing_cache}}
 
 
 def tool_versions() -> dict:
@@ -186,12 +202,12 @@ def run_build(cfg: BuildConfig) -> dict:
     except ArtifactError:
         previous = None
     model, placeholder = import_source(cfg)
-    paths = emit_onnx(cfg, model, placeholder)
+    calibration = load_images(cfg.calibration_images, "calibration") if {"fp16", "int8"} & set(cfg.precisions) else None
+    paths, fp16_range = emit_onnx(cfg, model, placeholder, calibration)
     del model
     if "int8" in cfg.precisions:
         from .quantize import quantize_int8
-        calibration, _ = load_images(cfg.calibration_images, "calibration")
-        quantize_int8(paths["fp32"], cfg.output / VARIANT_FILES["int8"], calibration)
+        quantize_int8(paths["fp32"], cfg.output / VARIANT_FILES["int8"], calibration[0])
         paths["int8"] = cfg.output / VARIANT_FILES["int8"]
     engine = maybe_engine(cfg, paths.get("fp16"), previous)
     # Files from an earlier build that this one did not make must not linger (the timing cache may).
@@ -207,6 +223,8 @@ def run_build(cfg: BuildConfig) -> dict:
     validation = {"reference": "onnxruntime model.onnx", "images": int(len(images)), "source": source,
                   "thresholds": cfg.thresholds, "checks": as_records(checks)}
     manifest = make_manifest(cfg, placeholder, files, validation, started)
+    if fp16_range is not None:
+        manifest["fp16_range"] = fp16_range
     write_manifest(cfg.output, manifest)
     failures = blocking_failures(checks)
     if failures:

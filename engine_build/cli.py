@@ -68,9 +68,10 @@ def _inspect(args: argparse.Namespace) -> int:
           f"{manifest['input']['channels']}")
     print(f"crop        {manifest['preprocessing']['crop']}, mean BGR {[round(m, 3) for m in manifest['preprocessing']['mean_bgr']]}")
     for key, entry in manifest["files"].items():
-        extra = f"  {entry.get('gpu')} sm {entry.get('compute_capability')} TensorRT {entry.get('tensorrt')} batch 1..{entry.get('max_batch')}" \
-            if key == "tensorrt" else ""
-        print(f"file        {entry['file']:<18} {entry['precision']:<5} sha256 {entry['sha256'][:16]}{extra}")
+        print(f"file        {entry['file']:<18} {entry['precision']:<5} sha256 {entry['sha256'][:16]}"
+              + (f"  {engine_lines(entry)}" if key == "tensorrt" else ""))
+    if "fp16_range" in manifest:
+        print(fp16_range_lines(manifest["fp16_range"]))
     for kind, entry in model["source"].items():
         print(f"source      {kind} {entry['path']} (sha256 {entry['sha256'][:16]})")
     print(f"built       {manifest['build']['created']} in {manifest['build']['seconds']} s, "
@@ -81,6 +82,37 @@ def _inspect(args: argparse.Namespace) -> int:
                        for k in Check.__dataclass_fields__}) for c in v["checks"]]
     print(table(checks))
     return 0
+
+
+def engine_lines(entry: dict) -> str:
+    """The engine's identity and its timing cache's, as recorded by the build."""
+    from .runtime.identity import EngineIdentity
+    identity = EngineIdentity.from_dict(entry.get("identity"))
+    text = identity.describe() if identity else "no engine identity recorded: rebuild with --tensorrt"
+    cache = entry.get("timing_cache") or {}
+    if cache.get("tensorrt"):
+        text += (f"\ntiming      {cache.get('file')} from TensorRT {cache['tensorrt']} on {cache.get('gpu')}, "
+                 f"{'reused' if cache.get('reused') else 'new'}" + (f" ({cache['note']})" if cache.get("note") else ""))
+    return text
+
+
+_PREPROCESSING_OPS = {"Cast", "Slice", "Concat", "Sub", "Transpose"}
+
+
+def fp16_range_lines(audit: dict, limit: int = 40) -> str:
+    """The FP16 range audit for ``inspect``: per tensor, its largest |x| against FP16's limit."""
+    lines = [f"fp16 range  largest |x| per tensor on {audit['images']} images ({audit['source']}), FP16 max "
+             f"{audit['limit']:g}; within {audit['margin']:g}x is kept float32; largest float16 tensor "
+             f"{audit['largest_fp16']:.4g}"]
+    tensors = [t for t in audit["tensors"] if t["op"] not in _PREPROCESSING_OPS or t["float32"]]
+    for t in tensors[:limit]:
+        window = f", window sum x^2 {t['window_sum_sq']:.4g}" if t.get("window_sum_sq") is not None else ""
+        where = t["fp16_file"] + (f" ({t['float32']})" if t["float32"] else "")
+        lines.append(f"  {t['tensor']:<24} {t['op']:<10} {t['max_abs']:>10.4g} "
+                     f"({100 * t['max_abs'] / audit['limit']:5.1f}%){window}  {where}")
+    if len(tensors) > limit:
+        lines.append(f"  ... {len(tensors) - limit} more (inspect --json)")
+    return "\n".join(lines)
 
 
 def _placeholder(args: argparse.Namespace) -> int:

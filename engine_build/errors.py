@@ -13,6 +13,9 @@
     │   └── BackendUnavailable      a runtime (TensorRT, GPU, OpenVINO) is not installed/usable
     ├── DecodeError                 one message's image is rejected (becomes a dead letter);
     │                               ``reason`` is a short machine-readable code
+    ├── InferenceError              a runtime failed on a batch (the service retries image by image)
+    │   ├── CudaError               a CUDA runtime call returned an error (``code``, ``name``)
+    │   └── BackendClosed           ``infer`` was called on a backend after ``close``
     ├── BrokerUnavailable           Kafka cannot be reached right now; the service retries
     └── KafkaTransient              a Kafka client error worth retrying that is not an outage;
                                     retried with backoff, fatal if it lasts past a limit
@@ -65,6 +68,22 @@ class DecodeError(SentimentError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class InferenceError(SentimentError):
+    """A runtime failed on a batch: a CUDA error, a failed TensorRT enqueue."""
+
+
+class CudaError(InferenceError):
+    """A CUDA runtime call failed; ``name`` is CUDA's error name (e.g. cudaErrorMemoryAllocation)."""
+
+    def __init__(self, call: str, code: int, name: str) -> None:
+        super().__init__(f"{call} failed: {name} ({code})")
+        self.call, self.code, self.name = call, code, name
+
+
+class BackendClosed(InferenceError):
+    """``infer`` after ``close``: the backend's buffers are gone."""
 
 
 class BrokerUnavailable(SentimentError):

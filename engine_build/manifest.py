@@ -1,7 +1,8 @@
 """``manifest.json``: what an artifact holds and how far it can be trusted.
 
-The service reads it to choose a variant, refuses files whose sha256 differ from it,
-and refuses engines built for another GPU, TensorRT version or batch range.
+The service reads it to choose a variant and refuses files whose sha256 differ from it;
+the engine's identity in it (GPU, TensorRT version, batch range) is compared by
+:mod:`.runtime.identity`.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import ArtifactError, StaleEngineError
+from .errors import ArtifactError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -39,10 +40,10 @@ def read_manifest(directory: Path) -> dict:
         raise ArtifactError(f"artifact directory {directory} does not exist")
     try:
         manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{directory} has no {MANIFEST}: build it with python -m engine_build build") from None
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{directory} has no {MANIFEST}: build it with python -m engine_build build") from exc
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is unreadable: {exc}") from None
+        raise ArtifactError(f"{path} is unreadable: {exc}") from exc
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {manifest.get('format')!r}, this version reads {FORMAT}")
     return manifest
@@ -59,20 +60,3 @@ def verify_file(directory: Path, entry: dict) -> Path:
                             f"manifest says {entry['sha256'][:12]}...): the artifact was modified; rebuild it")
     return path
 
-
-def engine_staleness(entry: dict, current: dict, max_batch: int | None = None) -> str | None:
-    """Why a manifest's engine entry does not fit this machine, or None if it does."""
-    for key, label in (("tensorrt", "TensorRT"), ("gpu", "GPU"), ("compute_capability", "compute capability")):
-        if entry.get(key) != current.get(key):
-            return f"built for {label} {entry.get(key)}, this machine has {current.get(key)}"
-    if entry.get("precision") != "fp16":
-        return f"built in {entry.get('precision')}, expected fp16"
-    if max_batch is not None and entry.get("max_batch") != max_batch:
-        return f"built for batch 1..{entry.get('max_batch')}, {max_batch} requested"
-    return None
-
-
-def check_engine(entry: dict, current: dict, max_batch: int | None = None) -> None:
-    reason = engine_staleness(entry, current, max_batch)
-    if reason:
-        raise StaleEngineError(f"engine.plan is stale ({reason}); rebuild with python -m engine_build build --tensorrt")

@@ -4,11 +4,13 @@ The classifier must take what Caffe's ``data`` blob took — float32 [N, 3, 227,
 BGR with the ILSVRC mean already subtracted — and give two scores per image
 (logits, or probabilities when its graph ends in a Softmax; 0 negative, 1 positive).
 It is converted to this project's opset by ONNX's version converter, made FP16 by
-ONNX Runtime's float16 converter (inputs and outputs kept FP32), and wrapped in the
-same preprocessing and outputs as a Caffe import, so the artifact contract is the same.
+ONNX Runtime's float16 converter (inputs and outputs kept FP32; LRN and the nodes the FP16
+range audit flags kept in float32 islands, as in a Caffe import), and wrapped in the same
+preprocessing and outputs as a Caffe import, so the artifact contract is the same.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import ModelFormatError
-from .onnx_graph import OPSET, _finish, _Graph, _preprocess
+from .onnx_graph import FLOAT32_ONLY_OPS, OPSET, GraphBuilder, add_preprocessing, finish_model
 from .preprocess import CROP_SIZE
 
-_PREFIX = "classifier/"
+PREFIX = "classifier/"   # the classifier's tensor and node names inside the wrapped model
 
 
 def load_classifier(path: Path) -> onnx.ModelProto:
@@ -28,9 +30,9 @@ def load_classifier(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except (OSError, onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-        raise ModelFormatError(f"--onnx {path}: not a valid ONNX model ({str(exc).splitlines()[0]})") from None
+        raise ModelFormatError(f"--onnx {path}: not a valid ONNX model ({str(exc).splitlines()[0]})") from exc
     except Exception as exc:  # protobuf DecodeError for non-ONNX bytes
-        raise ModelFormatError(f"--onnx {path}: not an ONNX model ({type(exc).__name__})") from None
+        raise ModelFormatError(f"--onnx {path}: not an ONNX model ({type(exc).__name__})") from exc
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -51,7 +53,7 @@ def load_classifier(path: Path) -> onnx.ModelProto:
         try:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:
-            raise ModelFormatError(f"--onnx {path}: cannot convert opset {opset} to {OPSET}: {exc}") from None
+            raise ModelFormatError(f"--onnx {path}: cannot convert opset {opset} to {OPSET}: {exc}") from exc
     return model
 
 
@@ -85,27 +87,40 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
     return ordered
 
 
+def float32_nodes(model: onnx.ModelProto, float32_tensors: Collection[str] = ()) -> list[str]:
+    """Classifier nodes the FP16 variant keeps in float32: TensorRT's float32-only ops, and every
+    node reading or writing a tensor in ``float32_tensors`` (names as in the wrapped model)."""
+    flagged = {t[len(PREFIX):] for t in float32_tensors if t.startswith(PREFIX)}
+    return [node.name for node in model.graph.node if node.op_type in FLOAT32_ONLY_OPS
+            or flagged.intersection(node.output) or flagged.intersection(node.input)]
+
+
 def wrap_classifier(model: onnx.ModelProto, oversample: bool = False, dtype: str = "float32",
-                    metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+                    metadata: dict[str, str] | None = None, float32_tensors: Collection[str] = ()) -> onnx.ModelProto:
     """Preprocessing + the classifier's logits + our FP32 softmax, honouring the artifact contract."""
     body = _logits_only(model)
     if dtype == "float16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-        body = convert_float_to_float16(body, keep_io_types=True)   # FP16 inside, FP32 at its edges
-    g = _Graph(np.float32)
-    x, n_crops = _preprocess(g, oversample)
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+        for i, node in enumerate(body.graph.node):   # the converter blocks nodes by name
+            node.name = node.name or f"node_{i}"
+        # FP16 inside, FP32 at its edges and in the islands of float32_nodes()
+        body = convert_float_to_float16(body, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                        node_block_list=float32_nodes(body, float32_tensors))
+    g = GraphBuilder(np.float32)
+    x, n_crops = add_preprocessing(g, oversample)
     graph = body.graph
     initializers = {t.name for t in graph.initializer}
     (source,) = [i.name for i in graph.input if i.name not in initializers]
 
     def name(tensor: str) -> str:
-        return x if tensor == source else (_PREFIX + tensor if tensor else tensor)
+        return x if tensor == source else (PREFIX + tensor if tensor else tensor)
 
+    inits, nodes = [], []
     for init in graph.initializer:
         copy = onnx.TensorProto()
         copy.CopyFrom(init)
         copy.name = name(init.name)
-        g.inits.append(copy)
+        inits.append(copy)
     for node in _topological(list(graph.node), initializers | {source}):
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
@@ -113,6 +128,7 @@ def wrap_classifier(model: onnx.ModelProto, oversample: bool = False, dtype: str
         del copy.output[:]
         copy.input.extend(name(t) for t in node.input)
         copy.output.extend(name(t) for t in node.output)
-        copy.name = _PREFIX + (node.name or node.output[0])
-        g.nodes.append(copy)
-    return _finish(g, name(graph.output[0].name), n_crops, 2, graph.name or "onnx_classifier", metadata)
+        copy.name = PREFIX + (node.name or node.output[0])
+        nodes.append(copy)
+    g.adopt(nodes, inits)
+    return finish_model(g, name(graph.output[0].name), n_crops, 2, graph.name or "onnx_classifier", metadata)

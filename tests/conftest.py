@@ -53,3 +53,18 @@ def kafka_broker(tmp_path_factory):
     broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("tansu") / "tansu.log").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def trt_double(monkeypatch):
+    """The TensorRT/cuda-python test double (tests/trt_double.py) installed in sys.modules;
+    yields its Machine (GPU, versions, memory, what ran)."""
+    from engine_build.runtime import tensorrt_support
+    from tests import trt_double as double
+    replaced = double.install()
+    monkeypatch.setattr(tensorrt_support, "_logger", None)
+    monkeypatch.setattr(tensorrt_support, "needed_cuda_major", lambda: 13)
+    try:
+        yield double.machine()
+    finally:
+        double.uninstall(replaced)

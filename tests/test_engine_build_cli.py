@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from engine_build.cli import main
-from engine_build.errors import ArtifactError, StaleEngineError
-from engine_build.manifest import check_engine, read_manifest, verify_file
+from engine_build.errors import ArtifactError
+from engine_build.manifest import read_manifest, verify_file
 from engine_build.runtime import open_backend
 
 
@@ -68,18 +68,6 @@ def test_tampered_file_is_refused(small_artifact, tmp_path):
         verify_file(copy, manifest["files"]["int8"])
 
 
-def test_stale_engine_is_detected():
-    entry = {"tensorrt": "10.3.0", "gpu": "NVIDIA A10", "compute_capability": "8.6", "precision": "fp16", "max_batch": 32}
-    check_engine(entry, {"tensorrt": "10.3.0", "gpu": "NVIDIA A10", "compute_capability": "8.6"}, 32)
-    for current, batch, why in [
-        ({"tensorrt": "10.3.0", "gpu": "NVIDIA H200", "compute_capability": "9.0"}, 32, "GPU"),
-        ({"tensorrt": "11.4.0", "gpu": "NVIDIA A10", "compute_capability": "8.6"}, 32, "TensorRT"),
-        ({"tensorrt": "10.3.0", "gpu": "NVIDIA A10", "compute_capability": "8.6"}, 64, "batch"),
-    ]:
-        with pytest.raises(StaleEngineError, match=why):
-            check_engine(entry, current, batch)
-
-
 def test_failing_gate_fails_the_build(small_model, tmp_path, capsys):
     """INT8 calibrated on one flat grey image saturates on real photos: the gate must catch it."""
     import cv2
@@ -98,7 +86,7 @@ def test_tensorrt_missing_is_one_line_and_cpu_artifacts_still_built(small_model,
                  "--output", str(tmp_path / "t"), "--precision", "fp32", "fp16", "--tensorrt",
                  "--validation-images", str(Path(__file__).parents[1] / "engine_build" / "photos")])
     out = capsys.readouterr().out
-    from engine_build.runtime.tensorrt_backend import tensorrt_unavailable_reason
+    from engine_build.runtime.tensorrt_support import tensorrt_unavailable_reason
     if tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT is present here: covered by the gpu tests")
     assert code == 0

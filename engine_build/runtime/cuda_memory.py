@@ -1,14 +1,22 @@
-"""Pinned host buffers, device buffers and streams through cuda-python's runtime API."""
+"""CUDA through cuda-python's runtime API: pinned host buffers, device buffers, streams, the GPU.
+
+Every call returns cuda-python's ``(err, *values)`` tuple; :func:`check` turns an error
+into :class:`~engine_build.errors.CudaError` naming the call, so no CUDA failure leaves
+this module as a bare tuple or a foreign exception.
+"""
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, CudaError
 
 
-def cudart():
+def cudart() -> ModuleType:
     """cuda-python's runtime module (``cuda.bindings.runtime`` from 12.6, ``cuda.cudart`` before)."""
     try:
         from cuda.bindings import runtime
@@ -18,54 +26,98 @@ def cudart():
             from cuda import cudart as runtime  # cuda-python < 12.6
             return runtime
         except ImportError as exc:
-            raise BackendUnavailable("cuda-python is not installed (pip install 'cuda-python>=12')") from exc
+            raise BackendUnavailable("cuda-python is not installed: pip install 'sentiment-stream[gpu]' "
+                                     "(or [gpu-cu12] for a CUDA 12 driver)") from exc
 
 
-def check(result):
-    """Unwrap a cuda-python ``(err, *values)`` tuple, raising on any error."""
+def error_name(err: Any) -> str:
+    """CUDA's name for an error code, e.g. ``cudaErrorMemoryAllocation``."""
+    result = cudart().cudaGetErrorName(err)
+    name = result[1] if isinstance(result, tuple) else result
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def check(result: tuple, call: str = "CUDA call") -> Any:
+    """Unwrap a cuda-python ``(err, *values)`` tuple: the value(s), or CudaError on any error."""
     rt = cudart()
     err, values = result[0], result[1:]
     if err != rt.cudaError_t.cudaSuccess:
-        name = rt.cudaGetErrorName(err)[1]
-        raise RuntimeError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}")
+        raise CudaError(call, int(err), error_name(err))
+    if not values:
+        return None
     return values[0] if len(values) == 1 else values
+
+
+def native_handle(obj: Any) -> int:
+    """The address of a cuda-python object (a stream) as an int, for TensorRT.
+
+    ``cuda.bindings.utils.get_cuda_native_handle`` where it exists (13.0+); ``int(obj)``,
+    deprecated there, on older releases.
+    """
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
 
 
 class PinnedBuffer:
     """A page-locked host array plus a device buffer of the same size."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type) -> None:
         rt = cudart()
         self.dtype = np.dtype(dtype)
         self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
-        self.host_ptr = check(rt.cudaMallocHost(self.nbytes))
+        self.host_ptr = check(rt.cudaMallocHost(self.nbytes), "cudaMallocHost")
+        try:
+            self.device = check(rt.cudaMalloc(self.nbytes), "cudaMalloc")
+        except CudaError:
+            rt.cudaFreeHost(self.host_ptr)
+            raise
         buffer = (ctypes.c_byte * self.nbytes).from_address(int(self.host_ptr))
         self.host = np.frombuffer(buffer, dtype=self.dtype).reshape(shape)
-        self.device = check(rt.cudaMalloc(self.nbytes))
 
-    def to_device(self, nbytes: int, stream) -> None:
+    def to_device(self, nbytes: int, stream: Any) -> None:
         rt = cudart()
         check(rt.cudaMemcpyAsync(self.device, self.host_ptr, nbytes,
-                                 rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+                                 rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync to device")
 
-    def to_host(self, nbytes: int, stream) -> None:
+    def to_host(self, nbytes: int, stream: Any) -> None:
         rt = cudart()
         check(rt.cudaMemcpyAsync(self.host_ptr, self.device, nbytes,
-                                 rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+                                 rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync to host")
 
     def free(self) -> None:
+        """Free both buffers (once); the host array must not be used afterwards."""
         rt = cudart()
-        if self.device:
-            rt.cudaFree(self.device)
-            self.device = 0
-        if self.host_ptr:
-            rt.cudaFreeHost(self.host_ptr)
-            self.host_ptr = 0
+        device, host = self.device, self.host_ptr
+        self.device = self.host_ptr = 0
+        self.host = None
+        if device:
+            check(rt.cudaFree(device), "cudaFree")
+        if host:
+            check(rt.cudaFreeHost(host), "cudaFreeHost")
 
 
-def gpu_identity(device: int = 0) -> dict:
-    """Name and compute capability of a GPU, for the manifest and staleness checks."""
-    rt = cudart()
-    props = check(rt.cudaGetDeviceProperties(device))
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: str   # "major.minor"
+
+
+def gpu_info(device: int = 0) -> GpuInfo:
+    """Name and compute capability of a GPU, for the engine identity."""
+    props = check(cudart().cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+    return GpuInfo(name.split("\x00", 1)[0], f"{props.major}.{props.minor}")
+
+
+def cuda_version(code: int) -> str:
+    """CUDA's integer version (12080) as text (12.8)."""
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def driver_cuda_version() -> int:
+    """The newest CUDA version the installed driver supports (e.g. 12080), 0 when there is no driver."""
+    err, version = cudart().cudaDriverGetVersion()
+    return int(version) if err == cudart().cudaError_t.cudaSuccess else 0

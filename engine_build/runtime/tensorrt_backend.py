@@ -2,70 +2,109 @@
 
 Each of the backend's two slots owns an execution context, a stream and its buffers;
 two threads calling :meth:`infer` at once overlap one slot's copies with the other's
-compute. Written against the TensorRT 10 and 11 Python APIs (tensor-address I/O,
-``execute_async_v3``).
+compute. Inputs and outputs are bound by name (the engine's I/O order is its own),
+and buffers are sized from the engine's tensor shapes and types at its profile's
+largest batch. Written against the TensorRT 10 and 11 Python APIs (tensor-address
+I/O, ``execute_async_v3``) and cuda-python 12.9+/13.
 """
 from __future__ import annotations
 
-import importlib.util
-import queue
+import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import ArtifactError, BackendUnavailable
+from ..errors import ArtifactError, BackendClosed, BackendUnavailable, InferenceError
 from .base import INPUT_SHAPE, Backend, Outputs
+from .cuda_memory import PinnedBuffer, check, cudart, native_handle
+from .tensorrt_support import tensorrt_unavailable_reason, trt_logger
 
-
-def tensorrt_unavailable_reason() -> str | None:
-    """None when TensorRT and a CUDA GPU are usable here, else one line saying what is missing."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return ("TensorRT is not installed: pip install 'sentiment-stream[gpu]' "
-                "(tensorrt wheels come from NVIDIA's index, https://pypi.nvidia.com)")
-    if importlib.util.find_spec("cuda") is None:
-        return "cuda-python is not installed: pip install 'cuda-python>=12'"
-    try:
-        from .cuda_memory import check, cudart
-        count = check(cudart().cudaGetDeviceCount())
-    except Exception as exc:  # no driver, no device, broken install
-        return f"no usable CUDA GPU ({exc})"
-    return None if count > 0 else "no CUDA GPU found"
-
-
-def trt_logger():
-    import tensorrt as trt
-    return trt.Logger(trt.Logger.WARNING)
+log = logging.getLogger(__name__)
+INPUT, OUTPUTS = "images", ("probs", "logits")
 
 
 class _Slot:
-    def __init__(self, engine, max_batch: int) -> None:
-        from .cuda_memory import PinnedBuffer, check, cudart
+    """One execution context with its stream and buffers; used by one thread at a time."""
+
+    def __init__(self, engine: Any, dtypes: dict[str, np.dtype], shapes: dict[str, tuple[int, ...]]) -> None:
         self.context = engine.create_execution_context()
-        self.stream = check(cudart().cudaStreamCreate())
-        self.input = PinnedBuffer((max_batch,) + INPUT_SHAPE, np.uint8)
-        self.outputs = {name: PinnedBuffer((max_batch, 2), np.float32) for name in ("probs", "logits")}
-        self.context.set_tensor_address("images", int(self.input.device))
-        for name, buffer in self.outputs.items():
-            self.context.set_tensor_address(name, int(buffer.device))
+        if self.context is None:
+            raise InferenceError("TensorRT could not create an execution context (out of GPU memory?)")
+        self.stream = check(cudart().cudaStreamCreate(), "cudaStreamCreate")
+        self.buffers: dict[str, PinnedBuffer] = {}
+        try:
+            for name, shape in shapes.items():
+                self.buffers[name] = PinnedBuffer(shape, dtypes[name])
+                if not self.context.set_tensor_address(name, int(self.buffers[name].device)):
+                    raise InferenceError(f"TensorRT refused the address of tensor '{name}'")
+        except BaseException:
+            self.free()
+            raise
 
     def run(self, images: np.ndarray) -> Outputs:
-        from .cuda_memory import check, cudart
         n = len(images)
-        self.input.host[:n] = images
-        self.context.set_input_shape("images", (n,) + INPUT_SHAPE)
-        self.input.to_device(images.nbytes, self.stream)
-        if not self.context.execute_async_v3(int(self.stream)):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        for buffer in self.outputs.values():
-            buffer.to_host(n * 2 * 4, self.stream)
-        check(cudart().cudaStreamSynchronize(self.stream))
-        return Outputs(self.outputs["probs"].host[:n].copy(), self.outputs["logits"].host[:n].copy())
+        context, stream = self.context, self.stream
+        source = self.buffers[INPUT]
+        source.host[:n] = images
+        if not context.set_input_shape(INPUT, (n,) + INPUT_SHAPE):
+            raise InferenceError(f"TensorRT refused input shape {(n,) + INPUT_SHAPE}")
+        source.to_device(n * source.host[0].nbytes, stream)
+        if not context.execute_async_v3(native_handle(stream)):
+            raise InferenceError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        sizes = {}
+        for name in OUTPUTS:
+            shape = tuple(context.get_tensor_shape(name))
+            sizes[name] = int(np.prod(shape))
+            self.buffers[name].to_host(sizes[name] * self.buffers[name].dtype.itemsize, stream)
+        check(cudart().cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        probs, logits = (self.buffers[name].host.reshape(-1)[:sizes[name]].reshape(n, -1).astype(np.float32)
+                         for name in OUTPUTS)
+        return Outputs(probs, logits)
 
     def free(self) -> None:
-        from .cuda_memory import cudart
-        for buffer in [self.input, *self.outputs.values()]:
-            buffer.free()
-        cudart().cudaStreamDestroy(self.stream)
+        """Free buffers and stream, then drop the context (before its engine goes)."""
+        errors = []
+        for buffer in self.buffers.values():
+            try:
+                buffer.free()
+            except InferenceError as exc:
+                errors.append(exc)
+        self.buffers = {}
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            try:
+                check(cudart().cudaStreamDestroy(stream), "cudaStreamDestroy")
+            except InferenceError as exc:
+                errors.append(exc)
+        self.context = None
+        if errors:
+            raise errors[0]
+
+
+def _io_tensors(engine: Any, path: Path) -> tuple[dict[str, np.dtype], dict[str, tuple[int, ...]], int]:
+    """The engine's I/O by name: numpy dtypes, buffer shapes at the profile's largest batch, that batch."""
+    import tensorrt as trt
+
+    modes = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        modes[name] = engine.get_tensor_mode(name)
+    missing = [n for n in (INPUT, *OUTPUTS) if n not in modes]
+    if missing or modes[INPUT] != trt.TensorIOMode.INPUT or any(modes[n] != trt.TensorIOMode.OUTPUT for n in OUTPUTS):
+        raise ArtifactError(f"{path} does not have this project's I/O (input '{INPUT}', outputs "
+                            f"{', '.join(OUTPUTS)}); it has {', '.join(f'{n} ({m})' for n, m in modes.items())}")
+    profile_max = int(engine.get_tensor_profile_shape(INPUT, 0)[2][0])
+    dtypes, shapes = {}, {}
+    for name in (INPUT, *OUTPUTS):
+        dtypes[name] = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+        dims = [int(d) for d in engine.get_tensor_shape(name)]
+        shapes[name] = tuple(profile_max if d < 0 else d for d in dims)
+    if dtypes[INPUT] != np.uint8 or shapes[INPUT][1:] != INPUT_SHAPE:
+        raise ArtifactError(f"{path}: input '{INPUT}' is {dtypes[INPUT]} {list(shapes[INPUT])}, "
+                            f"expected uint8 [N,{','.join(map(str, INPUT_SHAPE))}]")
+    return dtypes, shapes, profile_max
 
 
 class TensorRtBackend(Backend):
@@ -82,20 +121,59 @@ class TensorRtBackend(Backend):
         self._runtime = trt.Runtime(trt_logger())
         self._engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self._engine is None:
-            raise ArtifactError(f"TensorRT could not deserialize {path} (built by another TensorRT version?)")
-        profile_max = self._engine.get_tensor_profile_shape("images", 0)[2][0]
-        self.max_batch = min(max_batch, int(profile_max))
-        self._slots: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(self.concurrency):
-            self._slots.put(_Slot(self._engine, self.max_batch))
+            raise ArtifactError(f"TensorRT {trt.__version__} could not deserialize {path} "
+                                "(built by another TensorRT version or for another GPU?)")
+        dtypes, shapes, profile_max = _io_tensors(self._engine, Path(path))
+        self.max_batch = min(max_batch, profile_max)
+        self._cond = threading.Condition()
+        self._idle: list[_Slot] = []
+        self._busy = 0
+        try:
+            for _ in range(self.concurrency):
+                self._idle.append(_Slot(self._engine, dtypes, shapes))
+        except BaseException:
+            self._free_idle()
+            raise
+
+    def _checkout(self) -> _Slot:
+        with self._cond:
+            while not self._idle and not self.closed:
+                self._cond.wait()
+            if self.closed:
+                raise BackendClosed(f"tensorrt backend for {self.path.name} was closed")
+            self._busy += 1
+            return self._idle.pop()
+
+    def _checkin(self, slot: _Slot) -> None:
+        with self._cond:
+            self._busy -= 1
+            if self.closed:
+                slot.free()        # close() came while this slot ran: free it now that it is back
+            else:
+                self._idle.append(slot)
+            self._cond.notify_all()
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
-        slot = self._slots.get()
+        slot = self._checkout()
         try:
             return slot.run(images)
         finally:
-            self._slots.put(slot)
+            self._checkin(slot)
 
-    def close(self) -> None:
-        while not self._slots.empty():
-            self._slots.get().free()
+    def _free_idle(self) -> None:
+        slots, self._idle = self._idle, []
+        for slot in slots:
+            slot.free()
+
+    def _close_impl(self, timeout: float = 30.0) -> None:
+        """Free idle slots now and checked-out ones as they come back (waiting up to ``timeout`` s);
+        threads waiting for a slot get BackendClosed."""
+        with self._cond:
+            self._cond.notify_all()
+            self._free_idle()
+            if not self._cond.wait_for(lambda: self._busy == 0, timeout):
+                log.warning("%d TensorRT slot(s) still running after %.0f s; their buffers are left to the process",
+                            self._busy, timeout)
+                return
+        self._engine = None
+        self._runtime = None

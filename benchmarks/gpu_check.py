@@ -1,0 +1,167 @@
+"""What a GPU host can prove about the TensorRT path; run by scripts/gpu-check.sh.
+
+    python benchmarks/gpu_check.py versions            driver, CUDA, cuda-python, TensorRT, GPU
+    python benchmarks/gpu_check.py cuda                pinned/device buffers, copies, two streams
+    python benchmarks/gpu_check.py tensorrt [--artifact DIR] [--max-batch 64] [--repeats 20]
+                                                       TensorRT throughput at batch 1/8/32/max
+
+Each prints what it measured; ``tensorrt`` also writes ``benchmarks/results/gpu-*.json``.
+Nothing here needs TensorRT except the ``tensorrt`` step, which says so in one line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine_build.errors import SentimentError  # noqa: E402
+from engine_build.runtime import cuda_memory  # noqa: E402
+
+
+def _version(*distributions: str) -> str | None:
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict:
+    """Driver and runtime CUDA versions, package versions, GPU: what this host offers."""
+    rt = cuda_memory.cudart()
+    out = {"python": platform.python_version(),
+           "cuda_python": _version("cuda-python", "cuda-bindings"), "cuda_bindings": _version("cuda-bindings"),
+           "tensorrt": _version("tensorrt", "tensorrt-cu13", "tensorrt-cu12"),
+           "driver_cuda": cuda_memory.cuda_version(cuda_memory.driver_cuda_version())}
+    err, runtime = rt.cudaRuntimeGetVersion()
+    out["runtime_cuda"] = cuda_memory.cuda_version(runtime) if err == rt.cudaError_t.cudaSuccess else None
+    count = cuda_memory.check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    out["gpus"] = [vars(cuda_memory.gpu_info(i)) for i in range(count)]
+    return out
+
+
+def cuda_roundtrip(mib: int = 64, repeats: int = 5) -> dict:
+    """Pinned host -> device -> host on two streams at once; checks the bytes, times the copies."""
+    rt = cuda_memory.cudart()
+    check = cuda_memory.check
+    streams = [check(rt.cudaStreamCreate(), "cudaStreamCreate") for _ in range(2)]
+    buffers = [cuda_memory.PinnedBuffer((mib << 20,), np.uint8) for _ in range(2)]
+    try:
+        expected = [np.random.default_rng(i).integers(0, 256, mib << 20, dtype=np.uint8) for i in range(2)]
+        seconds = []
+        for _ in range(repeats):
+            for buffer, data in zip(buffers, expected, strict=True):
+                buffer.host[:] = data
+            start = time.perf_counter()
+            for buffer, stream in zip(buffers, streams, strict=True):
+                buffer.to_device(buffer.nbytes, stream)
+            for buffer in buffers:
+                buffer.host[:] = 0
+            for buffer, stream in zip(buffers, streams, strict=True):
+                buffer.to_host(buffer.nbytes, stream)
+            for stream in streams:
+                check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            seconds.append(time.perf_counter() - start)
+            for buffer, data in zip(buffers, expected, strict=True):
+                if not np.array_equal(buffer.host, data):
+                    raise AssertionError("bytes copied to the GPU and back differ")
+        median = sorted(seconds)[len(seconds) // 2]
+        return {"bytes_each_way": 2 * (mib << 20), "streams": 2, "repeats": repeats,
+                "median_ms": round(median * 1e3, 2),
+                "gib_per_s_both_ways": round(4 * (mib << 20) / median / 2**30, 2), "bytes_verified": True}
+    finally:
+        for buffer in buffers:
+            buffer.free()
+        for stream in streams:
+            check(rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
+
+
+def tensorrt_throughput(artifact: Path, batches: list[int], repeats: int) -> list[dict]:
+    """Median latency and images/s of the artifact's engine at each batch size (after warm-up)."""
+    from engine_build.imaging import builtin_photos, photo_views
+    from engine_build.manifest import read_manifest
+    from engine_build.runtime import open_backend
+    entry = read_manifest(artifact)["files"]["tensorrt"]
+    views = photo_views(builtin_photos())
+    rows = []
+    with open_backend("tensorrt", artifact / entry["file"], "fp16", max(batches)) as backend:
+        for batch in batches:
+            images = np.resize(views, (batch, *views.shape[1:]))
+            for _ in range(3):
+                backend.infer(images)
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                backend.infer(images)
+                seconds.append(time.perf_counter() - start)
+            median = sorted(seconds)[len(seconds) // 2]
+            rows.append({"runtime": "tensorrt", "file": "fp16", "batch": batch, "repeats": repeats,
+                         "median_ms": round(median * 1e3, 3), "images_per_s": round(batch / median, 1)})
+    return rows
+
+
+def _tensorrt(args: argparse.Namespace) -> int:
+    from engine_build.runtime import available_backends
+    reason = available_backends()["tensorrt"]
+    if reason:
+        print(f"tensorrt: skipped: {reason}")
+        return 0
+    artifact = args.artifact
+    if artifact is None:
+        from engine_build.build import BuildConfig, run_build
+        from engine_build.placeholder import ensure_placeholder
+        prototxt, caffemodel = ensure_placeholder(ROOT / "benchmarks" / ".work" / "placeholder")
+        artifact = ROOT / "benchmarks" / ".work" / f"gpu-artifact-b{args.max_batch}"
+        run_build(BuildConfig(prototxt, caffemodel, artifact, precisions=("fp32", "fp16"), tensorrt=True,
+                              max_batch=args.max_batch))
+    batches = sorted({b for b in (1, 8, 32, args.max_batch) if b <= args.max_batch})
+    rows = tensorrt_throughput(artifact, batches, args.repeats)
+    for row in rows:
+        print(f"tensorrt fp16 batch {row['batch']:>3}: {row['images_per_s']:>9.1f} img/s, median {row['median_ms']} ms")
+    host = versions()
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", host["gpus"][0]["name"]).strip("-").lower() if host["gpus"] else "gpu"
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / f"gpu-{gpu}.json"
+    path.write_text(json.dumps({"host": host, "artifact": str(artifact), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    sub.add_parser("versions")
+    c = sub.add_parser("cuda")
+    c.add_argument("--mib", type=int, default=64)
+    t = sub.add_parser("tensorrt")
+    t.add_argument("--artifact", type=Path, help="artifact with an engine (default: build a full-size placeholder)")
+    t.add_argument("--max-batch", type=int, default=64)
+    t.add_argument("--repeats", type=int, default=20)
+    t.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    try:
+        if args.step == "versions":
+            print(json.dumps(versions(), indent=2))
+        elif args.step == "cuda":
+            print(json.dumps(cuda_roundtrip(args.mib), indent=2))
+        else:
+            return _tensorrt(args)
+    except SentimentError as exc:
+        print(f"gpu_check {args.step}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
