@@ -41,7 +41,7 @@ class EmbeddedBroker:
         self.log_path = log_path
         self._process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url,
@@ -79,7 +79,7 @@ class EmbeddedBroker:
                 self._process.kill()
                 self._process.wait()
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient

@@ -66,7 +66,7 @@ class Processor:
         self._rejected: Counter[str] = Counter()
         self._rejected_lock = threading.Lock()
 
-    def start(self) -> "Processor":
+    def start(self) -> Processor:
         for thread in self._threads:
             thread.start()
         return self

@@ -51,7 +51,7 @@ class Outgoing:
     key: bytes | None
     value: bytes
     headers: Headers
-    fallback: "Outgoing | None" = None
+    fallback: Outgoing | None = None
 
 
 def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoing:

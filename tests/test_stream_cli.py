@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import fields
 
 import pytest
 
 from stream.cli import main
-from dataclasses import fields
-
 from stream.config import StreamConfig, env_name
 
 BASE = ["--bootstrap-servers", "127.0.0.1:1", "--input-topic", "in", "--output-topic", "out",
@@ -79,6 +78,7 @@ def test_missing_artifact_is_refused(capsys, tmp_path):
 def test_gate_failure_for_lowered_precision_is_respected(small_artifact, tmp_path):
     """A runtime that lowers precision must have passed its gate, or be told to run exact."""
     import json
+
     from engine_build.artifact import select
     from engine_build.errors import ArtifactError
     copy = tmp_path / "art"

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -171,6 +168,7 @@ def test_broker_unreachable_then_back_then_gone_never_crashes(small_artifact, tm
 
 def test_kafka_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker):
     import threading
+
     from stream.kafka_io import KafkaSink
     from stream.records import Message, dead_letter
     t = names(kafka_broker, partitions=1)
@@ -198,7 +196,6 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
     service = start_service(broker, t, small_artifact, log, drain_timeout_s=drain)
     try:
         wait_for_outputs(broker, "labels", 30)
-        print("outputs seen", time.monotonic())
         broker.stop()
         service.send_signal(signal.SIGTERM)
         started = time.monotonic()
