@@ -194,3 +194,17 @@ def from_args(args: argparse.Namespace, environ: dict[str, str]) -> StreamConfig
         elif f.default is MISSING:
             raise ConfigError(f"missing {flag(f.name)} (or {env_name(f.name)})")
     return StreamConfig(**values)
+
+
+def markdown_table() -> str:
+    """The README's configuration table, made from the fields (a test keeps the README equal to it)."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for f in fields(StreamConfig):
+        if f.default is MISSING:
+            default = "(required)"
+        elif f.name == "decode_workers":
+            default = "CPU count"
+        else:
+            default = "" if f.default in (None, False) else str(f.default)
+        rows.append(f"| `{flag(f.name)}` | `{env_name(f.name)}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows)

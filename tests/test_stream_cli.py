@@ -136,3 +136,12 @@ def test_log_level_is_accepted_in_any_case(small_artifact):
                                               "STREAM_INPUT_TOPIC": "i", "STREAM_OUTPUT_TOPIC": "o",
                                               "STREAM_DEAD_LETTER_TOPIC": "d", "STREAM_ARTIFACT": str(small_artifact)})
     assert cfg.log_level == "INFO"
+
+
+def test_readme_configuration_table_is_the_config():
+    from pathlib import Path
+
+    from stream.config import markdown_table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate the README table: python -c 'import stream.config as c; " \
+                                       "print(c.markdown_table())'"
