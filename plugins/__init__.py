@@ -15,6 +15,7 @@ record to publish (:class:`plugins.encoders.OutputEncoder`).
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from typing import Any
 
 from engine_build.errors import ConfigError
 
@@ -22,22 +23,23 @@ INPUT_GROUP = "sentiment_stream.input_codecs"
 OUTPUT_GROUP = "sentiment_stream.output_encoders"
 
 
-def _builtin(group: str) -> dict:
+def _builtin(group: str) -> dict[str, type]:
     from .codecs import JsonEnvelopeCodec, RawCodec
     from .encoders import JsonEncoder
-    return {INPUT_GROUP: {"raw": RawCodec, "json": JsonEnvelopeCodec},
-            OUTPUT_GROUP: {"json": JsonEncoder}}[group]
+    builtins: dict[str, dict[str, type]] = {INPUT_GROUP: {"raw": RawCodec, "json": JsonEnvelopeCodec},
+                                            OUTPUT_GROUP: {"json": JsonEncoder}}
+    return builtins[group]
 
 
-def available(group: str) -> dict[str, object]:
+def available(group: str) -> dict[str, Any]:
     """Name -> entry point (or built-in class) for one group."""
-    found: dict[str, object] = dict(_builtin(group))
+    found: dict[str, Any] = dict(_builtin(group))
     for ep in entry_points(group=group):
         found[ep.name] = ep
     return found
 
 
-def load(group: str, name: str):
+def load(group: str, name: str) -> Any:
     """An instance of the plugin called ``name``; a clear one-line error if there is none."""
     options = available(group)
     if name not in options:

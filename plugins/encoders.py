@@ -24,7 +24,7 @@ class JsonEncoder:
         probs = [float(p) for p in prediction.probs]
         record = {
             "label": LABELS[int(max(range(len(probs)), key=probs.__getitem__))],
-            "scores": dict(zip(LABELS, probs)),
+            "scores": dict(zip(LABELS, probs, strict=True)),
             "source": {"topic": m.topic, "partition": m.partition, "offset": m.offset},
             "model": prediction.model,
             "timing_ms": {k: round(v, 3) for k, v in prediction.timing_ms.items()},

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
     if service.model_info["placeholder"]:
-        logging.getLogger("stream").warning("artifact %s holds PLACEHOLDER weights: its labels are meaningless", cfg.artifact)
+        logging.getLogger("stream").warning("artifact %s holds PLACEHOLDER weights: its labels are meaningless",
+                                            cfg.artifact)
     received = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -79,5 +80,6 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     except UserError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
-    logging.getLogger("stream").info("exiting: consumed %d, finished %d in %.1f s", stats.consumed, stats.finished, stats.seconds)
+    logging.getLogger("stream").info("exiting: consumed %d, finished %d in %.1f s", stats.consumed, stats.finished,
+                                     stats.seconds)
     return 0

@@ -43,6 +43,7 @@ def demo_inputs() -> list[tuple[bytes, bytes]]:
     import numpy as np
     items = [(p.name.encode(), p.read_bytes()) for p in builtin_photos()]
     coffee = cv2.imdecode(np.frombuffer(items[4][1], np.uint8), cv2.IMREAD_COLOR)
+    assert coffee is not None, "the built-in coffee photo decodes"
     items.append((b"coffee.png", cv2.imencode(".png", coffee)[1].tobytes()))
     items.append((b"coffee.webp", cv2.imencode(".webp", coffee)[1].tobytes()))
     items.append((b"not-an-image.txt", b"this is text, not a photo"))

@@ -115,11 +115,12 @@ class KafkaSource:
         except KafkaError as exc:
             raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id) from exc
         # The listener waits on the client's own event loop; kafka-python 3 offers no public sleep.
-        self._loop_sleep = getattr(getattr(self._consumer, "_net", None), "sleep", None)
-        if self._loop_sleep is None:
+        sleep = getattr(getattr(self._consumer, "_net", None), "sleep", None)
+        if sleep is None:
             self._consumer.close(autocommit=False)
             raise ConfigError("this kafka-python has no event-loop sleep for the rebalance listener; "
                               "install kafka-python>=3.0.12,<3.1")
+        self._loop_sleep: Callable[[float], Any] = sleep
 
     async def _revoke(self, partitions: list[Partition]) -> None:
         """Drain the revoked partitions' work (up to the drain timeout), commit it, release them."""

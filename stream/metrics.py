@@ -18,20 +18,24 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.images = Counter("sentiment_images", "Messages finished, by outcome", ["outcome"], registry=r)
-        self.decode_failures = Counter("sentiment_decode_failures", "Rejected inputs, by reason", ["reason"], registry=r)
+        self.decode_failures = Counter("sentiment_decode_failures", "Rejected inputs, by reason", ["reason"],
+                                       registry=r)
         self.dead_letters = Counter("sentiment_dead_letters", "Dead-letter records acknowledged", registry=r)
         self.batch_size = Histogram("sentiment_batch_size", "Images per inference batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.inference = Histogram("sentiment_inference_seconds", "Inference time per batch", buckets=_LATENCY, registry=r)
+        self.inference = Histogram("sentiment_inference_seconds", "Inference time per batch", buckets=_LATENCY,
+                                   registry=r)
         self.end_to_end = Histogram("sentiment_end_to_end_seconds", "Poll to broker acknowledgement, per message",
                                     buckets=_LATENCY, registry=r)
-        self.lag = Gauge("sentiment_consumer_lag", "Log end offset minus committed offset", ["topic", "partition"], registry=r)
+        self.lag = Gauge("sentiment_consumer_lag", "Log end offset minus committed offset", ["topic", "partition"],
+                         registry=r)
         self.in_flight = Gauge("sentiment_in_flight", "Messages received and not yet acknowledged", registry=r)
         self.rate = Gauge("sentiment_images_per_second", "Messages finished per second over the last 10 s", registry=r)
         self.ready = Gauge("sentiment_ready", "1 when connected to the broker and consuming", registry=r)
         self.poll_errors = Counter("sentiment_poll_errors", "Failed polls, by kind (outage, transient)", ["kind"],
                                    registry=r)
-        self.publish_retries = Counter("sentiment_publish_retries", "Publishes retried after a broker error", registry=r)
+        self.publish_retries = Counter("sentiment_publish_retries", "Publishes retried after a broker error",
+                                       registry=r)
         self.finished_total = 0
         self._recent: deque[float] = deque()
         self._lock = threading.Lock()

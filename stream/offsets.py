@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
-Partition = tuple[str, int]
+from .ports import Partition
 
 
 class OffsetTracker:

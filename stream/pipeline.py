@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +27,11 @@ from .metrics import Metrics
 from .offsets import OffsetTracker
 from .ordering import InOrder
 from .ports import Sink
+
+if TYPE_CHECKING:
+    from engine_build.runtime.base import Backend
+    from plugins.codecs import InputCodec
+    from plugins.encoders import OutputEncoder
 from .records import Message, Outgoing, Prediction, dead_letter
 
 log = logging.getLogger(__name__)
@@ -52,8 +58,8 @@ class _Decoded:
 
 
 class Processor:
-    def __init__(self, backend, codec, encoder, sink: Sink, tracker: OffsetTracker, metrics: Metrics,
-                 model_info: dict, cfg: PipelineConfig) -> None:
+    def __init__(self, backend: Backend, codec: InputCodec, encoder: OutputEncoder, sink: Sink,
+                 tracker: OffsetTracker, metrics: Metrics, model_info: dict[str, Any], cfg: PipelineConfig) -> None:
         self.backend, self.codec, self.encoder, self.sink = backend, codec, encoder, sink
         self.tracker, self.metrics, self.model_info, self.cfg = tracker, metrics, model_info, cfg
         self._pool = ThreadPoolExecutor(max_workers=cfg.decode_workers, thread_name_prefix="decode")
@@ -118,7 +124,7 @@ class Processor:
         try:
             probs = self.backend.infer(np.stack([d.image for d in batch])).probs
             infer_ms = (time.perf_counter() - started) * 1000
-            results = [(d, p, infer_ms) for d, p in zip(batch, probs)]
+            results = [(d, p, infer_ms) for d, p in zip(batch, probs, strict=True)]
         except Exception:
             log.exception("batch of %d failed; retrying its images one by one", len(batch))
             results = self._one_by_one(batch)
@@ -130,24 +136,28 @@ class Processor:
                  (time.perf_counter() - started) * 1000, sum(labels), len(labels) - sum(labels),
                  self._dead_letter_summary(), " [PLACEHOLDER MODEL]" if self.model_info.get("placeholder") else "")
         for decoded, p, infer_ms in results:
-            if p is None:
-                self._reject(decoded.message, "inference_error", "the model failed on this image")
-                continue
-            if not np.all(np.isfinite(p)):
-                self._reject(decoded.message, "invalid_output", f"the model returned non-finite scores {p.tolist()}")
-                continue
-            timing = {"decode": decoded.decode_ms, "queue": (batch_start - decoded.ready_at) * 1000,
-                      "inference": infer_ms, "total": (time.monotonic() - decoded.message.received) * 1000}
-            prediction = Prediction(decoded.message, p, decoded.metadata, timing, self.model_info)
-            try:
-                key, value, headers = self.encoder.encode(prediction)
-            except Exception as exc:
-                log.exception("output encoder failed on %s", decoded.message.position)
-                self._reject(decoded.message, "encoder_error", f"{type(exc).__name__}: {exc}")
-                continue
-            self._send(decoded.message, Outgoing(self.cfg.output_topic, key, value, headers), "published")
+            self._emit(decoded, p, infer_ms, batch_start)
 
-    def _one_by_one(self, batch: list[_Decoded]) -> list:
+    def _emit(self, decoded: _Decoded, p: np.ndarray | None, infer_ms: float, batch_start: float) -> None:
+        """One image's outcome: its encoded prediction, or a dead letter saying why not."""
+        if p is None:
+            self._reject(decoded.message, "inference_error", "the model failed on this image")
+            return
+        if not np.all(np.isfinite(p)):
+            self._reject(decoded.message, "invalid_output", f"the model returned non-finite scores {p.tolist()}")
+            return
+        timing = {"decode": decoded.decode_ms, "queue": (batch_start - decoded.ready_at) * 1000,
+                  "inference": infer_ms, "total": (time.monotonic() - decoded.message.received) * 1000}
+        prediction = Prediction(decoded.message, p, decoded.metadata, timing, self.model_info)
+        try:
+            key, value, headers = self.encoder.encode(prediction)
+        except Exception as exc:
+            log.exception("output encoder failed on %s", decoded.message.position)
+            self._reject(decoded.message, "encoder_error", f"{type(exc).__name__}: {exc}")
+            return
+        self._send(decoded.message, Outgoing(self.cfg.output_topic, key, value, headers), "published")
+
+    def _one_by_one(self, batch: list[_Decoded]) -> list[tuple[_Decoded, np.ndarray | None, float]]:
         results = []
         for d in batch:
             started = time.perf_counter()

@@ -35,7 +35,6 @@ DEAD_LETTER_REPORT_S = 10.0   # how often dead letters no batch line counted are
 class RunStats:
     consumed: int = 0
     finished: int = 0
-    commits: int = 0
     seconds: float = 0.0
 
 
@@ -67,7 +66,6 @@ class Service:
         self._polls = FailureWatch("consuming from Kafka")
         self._commits = FailureWatch("committing offsets")
         self._failure: KafkaPermanent | None = None
-        self._commit_count = 0
         try:
             self.health = HealthServer(self.metrics, cfg.metrics_port).start() if cfg.metrics_port else None
         except OSError as exc:
@@ -92,8 +90,8 @@ class Service:
     # ---- readiness ----
     def _ready(self, ready: bool, reason: str = "") -> None:
         if ready != self._readiness[0] and self._readiness[1] != "shutting down":
-            if ready:
-                log.info("ready")
+            if ready or reason == "shutting down":
+                log.info("ready" if ready else reason)
             else:
                 log.warning("not ready: %s", reason)
         self._readiness = (ready, reason)
@@ -169,7 +167,6 @@ class Service:
             return
         self._commits.ok()
         self.tracker.committed(offsets)
-        self._commit_count += 1
         ends = self.source.end_offsets()
         for (topic, partition), offset in offsets.items():
             if (topic, partition) in ends:
@@ -195,7 +192,6 @@ class Service:
         finally:
             self._close(processor)
         stats.finished = self.finished()
-        stats.commits = self._commit_count
         stats.seconds = time.monotonic() - started
         if self._failure is not None:
             raise self._failure
@@ -282,6 +278,7 @@ class Service:
         if self.sink is not None:
             self.sink.flush(self.cfg.drain_timeout_s)
         self._commit()
+        leftover = self.uncommitted() if self.tracker.committable() or self.tracker.in_flight() else None
         if self.source is not None:
             self.source.close()
         if self.sink is not None:
@@ -289,4 +286,7 @@ class Service:
         self.backend.close()
         if self.health:
             self.health.close()
-        log.info("stopped: %d messages finished, offsets committed", self.finished())
+        if leftover:
+            log.warning("stopped: %d messages finished; left for redelivery: %s", self.finished(), leftover)
+        else:
+            log.info("stopped: %d messages finished, offsets committed", self.finished())

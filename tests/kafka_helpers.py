@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +67,8 @@ def names(kafka_broker, partitions: int = 2) -> dict:
 def start_service(kafka_broker, t: dict, artifact: Path, log: Path, environ: dict | None = None,
                   **extra) -> subprocess.Popen:
     """``python -m stream`` configured through its environment twins (``extra``: STREAM_<KEY>)."""
-    env = {**os.environ, **(environ or {}), "STREAM_BOOTSTRAP_SERVERS": kafka_broker.bootstrap, "STREAM_INPUT_TOPIC": t["input"],
+    env = {**os.environ, **(environ or {}), "STREAM_BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
+           "STREAM_INPUT_TOPIC": t["input"],
            "STREAM_OUTPUT_TOPIC": t["output"], "STREAM_DEAD_LETTER_TOPIC": t["dlq"], "STREAM_GROUP_ID": t["group"],
            "STREAM_ARTIFACT": str(artifact), "STREAM_METRICS_PORT": "0", "STREAM_MAX_BATCH": "8",
            "STREAM_COMMIT_INTERVAL_MS": "200", "STREAM_DECODE_WORKERS": "2",
@@ -94,5 +97,33 @@ def stop(process: subprocess.Popen, log: Path) -> None:
         code = process.wait(60)
     except subprocess.TimeoutExpired:
         process.kill()
-        raise AssertionError("service did not stop within 60 s of SIGTERM:\n" + log.read_text()[-3000:])
+        raise AssertionError("service did not stop within 60 s of SIGTERM:\n" + log.read_text()[-3000:]) from None
     assert code == 0, log.read_text()[-3000:]
+
+
+def produce_steadily(bootstrap: str, topic: str, total: int, seconds: float, image: str = "jpeg_coffee"
+                     ) -> threading.Thread:
+    """A producer thread spreading ``total`` records over ``seconds``, so every step lands mid-stream."""
+    from .images import good_images
+    value = good_images()[image]
+
+    def run() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        started = time.monotonic()
+        for i in range(total):
+            try:
+                producer.send(topic, key=str(i).encode(), value=value)
+            except KafkaError:   # the broker went away (tests that stop it)
+                break
+            lag = started + seconds * (i + 1) / total - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+        try:
+            producer.flush(10)
+        except KafkaError:
+            pass   # the broker went away: the caller checks what arrived
+        finally:
+            producer.close(timeout=1)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread

@@ -85,7 +85,8 @@ def test_a_codec_this_install_cannot_decode_fails_loudly(kafka_broker, small_art
         code = service.wait(120)
     except subprocess.TimeoutExpired:
         stop(service, log)
-        raise AssertionError("the service kept running on input it cannot decode:\n" + log.read_text()[-3000:])
+        raise AssertionError("the service kept running on input it cannot decode:\n"
+                             + log.read_text()[-3000:]) from None
     text = log.read_text()
     assert code == 1, text[-3000:]
     (line,) = [ln for ln in text.splitlines() if ln.startswith("stream: error:")]

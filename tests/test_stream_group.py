@@ -1,35 +1,13 @@
 """Scaling out on the real broker: members join and leave while a stream is in flight."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from .images import good_images
-from .kafka_helpers import committed, names, positions, read_all, start_service, stop
+from .kafka_helpers import committed, names, positions, produce_steadily, read_all, start_service, stop
 
 pytestmark = pytest.mark.kafka
-
-
-def produce_steadily(bootstrap: str, topic: str, total: int, seconds: float) -> threading.Thread:
-    """A producer thread spreading ``total`` records over ``seconds``, so every step lands mid-stream."""
-    from kafka import KafkaProducer
-    image = good_images()["jpeg_coffee"]
-
-    def run() -> None:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-        started = time.monotonic()
-        for i in range(total):
-            producer.send(topic, key=str(i).encode(), value=image)
-            lag = started + seconds * (i + 1) / total - time.monotonic()
-            if lag > 0:
-                time.sleep(lag)
-        producer.flush()
-        producer.close()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def assigned_some(log) -> bool:

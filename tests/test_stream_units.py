@@ -215,7 +215,8 @@ def test_a_users_plugin_is_found_through_entry_points(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: userplug\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[sentiment_stream.input_codecs]\nupper = userplug_mod:Upper\n")
     (tmp_path / "userplug_mod.py").write_text(
-        "class Upper:\n    name = 'upper'\n    def unpack(self, value, headers):\n        return value, {'seen': True}\n")
+        "class Upper:\n    name = 'upper'\n"
+        "    def unpack(self, value, headers):\n        return value, {'seen': True}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     codec = plugins.load(plugins.INPUT_GROUP, "upper")
