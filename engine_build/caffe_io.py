@@ -130,12 +130,12 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                     if wire != 2:
                         raise ValueError(f"invalid field {field} wire type {wire}")
                     length, pos = _varint(buf, pos, size)
-                except EOFError:
+                except EOFError as exc:
                     raise ModelFormatError(f"caffemodel {path} is truncated at byte offset {start} "
-                                           f"(file is {size} bytes)") from None
+                                           f"(file is {size} bytes)") from exc
                 except ValueError as exc:
                     raise ModelFormatError(f"caffemodel {path} is corrupt at byte offset {start}: {exc}; "
-                                           "is it a caffemodel?") from None
+                                           "is it a caffemodel?") from exc
                 end = pos + length
                 if end > size:
                     raise ModelFormatError(
@@ -148,7 +148,7 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                             layer = cls.FromString(view)
                         except pb_message.DecodeError as exc:
                             raise ModelFormatError(
-                                f"caffemodel {path}: layer #{index} at byte offset {start} is corrupt ({exc})") from None
+                                f"caffemodel {path}: layer #{index} at byte offset {start} is corrupt ({exc})") from exc
                     index += 1
                     _release(buf, pos, end)   # the parsed message now holds these bytes
                     if len(layer.blobs):

@@ -204,7 +204,7 @@ def build_net(proto) -> Net:
                 raise ValueError(f"needs a C,H,W input, got {list(shape)}")
             layer.out_shape = shape = _infer(layer, shape)
         except ValueError as exc:
-            raise ModelFormatError(f"layer '{raw.name}' ({kind}): {exc}") from None
+            raise ModelFormatError(f"layer '{raw.name}' ({kind}): {exc}") from exc
         layers.append(layer)
         current = raw.top[0]
     if not layers:

@@ -40,7 +40,7 @@ def read_list(path: Path) -> list[tuple[str, int]]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
-        raise ConfigError(f"cannot read list {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read list {path}: {exc.strerror}") from exc
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -49,10 +49,10 @@ def probe(data: bytes, limits: DecodeLimits = DecodeLimits()) -> ImageInfo:
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
-    except UnidentifiedImageError:
-        raise DecodeError("not_an_image", "bytes are not a recognised image format") from None
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not_an_image", "bytes are not a recognised image format") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DecodeError("corrupt", f"unreadable image header: {exc}") from None
+        raise DecodeError("corrupt", f"unreadable image header: {exc}") from exc
     if fmt not in FORMATS:
         raise DecodeError("unsupported_format", f"{fmt} images are not accepted (JPEG, PNG, WebP, BMP, TIFF)")
     if width <= 0 or height <= 0:
@@ -81,7 +81,7 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
-        raise DecodeError("corrupt", f"OpenCV could not decode the {info.format}: {str(exc).strip()[:120]}") from None
+        raise DecodeError("corrupt", f"OpenCV could not decode the {info.format}: {str(exc).strip()[:120]}") from exc
     if image is None:
         raise DecodeError("corrupt", f"OpenCV could not decode the {info.format} ({info.width}x{info.height})")
     if image.dtype != np.uint8:   # defensive: IMREAD_COLOR already yields 8-bit

@@ -39,10 +39,10 @@ def read_manifest(directory: Path) -> dict:
         raise ArtifactError(f"artifact directory {directory} does not exist")
     try:
         manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{directory} has no {MANIFEST}: build it with python -m engine_build build") from None
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{directory} has no {MANIFEST}: build it with python -m engine_build build") from exc
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is unreadable: {exc}") from None
+        raise ArtifactError(f"{path} is unreadable: {exc}") from exc
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {manifest.get('format')!r}, this version reads {FORMAT}")
     return manifest

@@ -28,9 +28,9 @@ def load_classifier(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except (OSError, onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-        raise ModelFormatError(f"--onnx {path}: not a valid ONNX model ({str(exc).splitlines()[0]})") from None
+        raise ModelFormatError(f"--onnx {path}: not a valid ONNX model ({str(exc).splitlines()[0]})") from exc
     except Exception as exc:  # protobuf DecodeError for non-ONNX bytes
-        raise ModelFormatError(f"--onnx {path}: not an ONNX model ({type(exc).__name__})") from None
+        raise ModelFormatError(f"--onnx {path}: not an ONNX model ({type(exc).__name__})") from exc
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -51,7 +51,7 @@ def load_classifier(path: Path) -> onnx.ModelProto:
         try:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:
-            raise ModelFormatError(f"--onnx {path}: cannot convert opset {opset} to {OPSET}: {exc}") from None
+            raise ModelFormatError(f"--onnx {path}: cannot convert opset {opset} to {OPSET}: {exc}") from exc
     return model
 
 
