@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArtifactError, ConfigError
-from .manifest import check_engine, read_manifest, verify_file
+from .manifest import check_engine, read_manifest, variant_entry, verify_file
 from .runtime import Backend, available_backends, open_backend
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class Selection:
     file: Path
     exact: bool
     reason: str
+    sha256: str = ""       # of ``file``, from the manifest (a variant may have a file per runtime)
 
 
 def gate_passed(manifest: dict, variant: str, runtime: str, exact: bool) -> bool | None:
@@ -55,7 +56,8 @@ def _tensorrt_choice(directory: Path, manifest: dict, explicit: bool, max_batch:
     check_engine(entry, tensorrt_identity())   # stale engines are refused, never loaded
     if gate_passed(manifest, "tensorrt", "tensorrt", True) is False:
         raise ArtifactError("engine.plan failed its validation gate; rebuild it")
-    return Selection("tensorrt", "fp16", directory / entry["file"], True, "TensorRT engine and a GPU are present")
+    return Selection("tensorrt", "fp16", directory / entry["file"], True, "TensorRT engine and a GPU are present",
+                     entry.get("sha256", ""))
 
 
 def select(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
@@ -88,7 +90,8 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
             if passed:
                 why = ("explicit request" if precision else "fastest variant that passed its gate") + \
                       (f", {runtime} chosen automatically" if backend == "auto" else "")
-                return manifest, Selection(runtime, variant, directory / files[variant]["file"], exact, why)
+                entry = variant_entry(manifest, variant, runtime)
+                return manifest, Selection(runtime, variant, directory / entry["file"], exact, why, entry["sha256"])
             refused.append(f"{variant} on {runtime}{'' if exact or runtime != 'openvino' else ' (lowered precision)'}: "
                            + ("failed its validation gate" if passed is False else "never validated"))
     hint = "" if exact else "; --exact-precision runs the file's own precision"
@@ -100,7 +103,7 @@ def open_artifact(directory: Path, backend: str = "auto", precision: str | None 
     """Verify, select and open; the file's sha256 is checked against the manifest first."""
     manifest, choice = select(directory, backend, precision, exact, max_batch)
     key = "tensorrt" if choice.backend == "tensorrt" else choice.precision
-    verify_file(Path(directory), manifest["files"][key])
+    verify_file(Path(directory), variant_entry(manifest, key, choice.backend))
     opened = open_backend(choice.backend, choice.file, choice.precision, max_batch, exact=choice.exact, threads=threads)
     log.info("running %s (%s)", opened.describe(), choice.reason)
     return manifest, choice, opened

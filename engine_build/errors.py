@@ -7,7 +7,7 @@
     │   │   └── UnsupportedLayerError
     │   ├── ArtifactError           an artifact directory is missing, tampered with or stale
     │   │   └── StaleEngineError    engine.plan was built for another GPU/TensorRT/batch range
-    │   ├── ValidationFailed        a variant is under its agreement threshold
+    │   ├── ValidationFailed        a variant failed its validation gate (flips, |dp| bounds, NaN)
     │   └── BackendUnavailable      a runtime (TensorRT, GPU, OpenVINO) is not installed/usable
     ├── DecodeError                 one message's image is rejected (becomes a dead letter);
     │                               ``reason`` is a short machine-readable code
@@ -48,7 +48,11 @@ class StaleEngineError(ArtifactError):
 
 
 class ValidationFailed(UserError):
-    pass
+    """A variant failed its gate; ``manifest`` is the artifact's manifest, which records it."""
+
+    def __init__(self, message: str, manifest: dict | None = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
 
 
 class BackendUnavailable(UserError):

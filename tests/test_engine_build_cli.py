@@ -44,9 +44,9 @@ def test_manifest_records_gate_sources_and_placeholder(small_artifact, small_mod
     assert {("fp16", "onnxruntime", "exact"), ("int8", "onnxruntime", "exact"), ("fp32", "openvino", "default"),
             ("int8", "openvino", "default")} <= seen
     for c in checks:
-        assert c["images"] == 60 and c["passed"], c
-        assert not c["nan"]
-    assert {"onnxruntime", "openvino", "onnx", "numpy"} <= set(manifest["tools"])
+        assert c["images"] == 48 and c["passed"], c
+        assert not c["nan"] and not c["confident_flips"]
+    assert {"onnxruntime", "openvino", "onnx", "numpy", "nncf"} <= set(manifest["tools"])
 
 
 def test_inspect_shows_the_placeholder_flag(small_artifact, capsys):
@@ -88,8 +88,10 @@ def test_failing_gate_fails_the_build(small_model, tmp_path, capsys):
     cv2.imwrite(str(flat / "grey.png"), np.full((256, 256, 3), 128, np.uint8))
     code = main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
                  "--output", str(tmp_path / "a"), "--precision", "fp32", "int8", "--calibration-images", str(flat)])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 1 and "validation failed: int8" in err and err.count("\n") == 1
+    assert "FAIL int8 on" in captured.out, "the table and a line per failing check are still shown"
     assert (tmp_path / "a" / "manifest.json").exists(), "the manifest records the failed gate"
 
 
@@ -117,12 +119,16 @@ def test_evaluate_on_a_folder_and_list(small_artifact, tmp_path, capsys):
         lines.append(f"{p.name} {i % 2}")
     lines.append("missing.jpg 1")
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    lines.append("broken.jpg 0")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     assert main(["evaluate", str(small_artifact), "--images", str(images), "--list", str(tmp_path / "list.txt"),
-                 "--precision", "int8"]) == 0
+                 "--backend", "onnxruntime", "--precision", "int8"]) == 0
     out = capsys.readouterr().out
-    assert "accuracy" in out and "(" in out and "/10)" in out
-    assert "skipped 1 unreadable images, first: missing.jpg (missing)" in out
-    assert "PLACEHOLDER" in out
+    assert "accuracy" in out and f"/{len(photos)})" in out
+    assert "skipped 1 listed images missing from the folder: missing.jpg" in out
+    assert "skipped 1 unreadable images: broken.jpg (not_an_image)" in out
+    assert "onnxruntime int8 file" in out and "PLACEHOLDER" in out
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -212,7 +218,11 @@ def test_build_needs_one_kind_of_source(tmp_path, capsys, small_model):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--int8-threshold", "120"], "--int8-threshold 120: must be between 0 and 100"),
+    (["--int8-max-diff", "1.5"], "--int8-max-diff 1.5: must be between 0 and 1"),
+    (["--confident-margin", "0.7"], "--confident-margin 0.7: must be between 0 and 0.5"),
+    (["--max-batch", "0"], "--max-batch 0: must be at least 1"),
+    (["--validation-images", "/definitely/not/here"], "--validation-images /definitely/not/here: no such folder"),
+    (["--calibration-images", "/etc/hostname"], "--calibration-images /etc/hostname: no such folder"),
     (["--precision", "fp32", "int8", "--tensorrt"], "--tensorrt builds from the FP16 model"),
 ])
 def test_bad_build_requests_fail_before_any_work(small_model, tmp_path, extra, message, capsys):
