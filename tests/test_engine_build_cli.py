@@ -231,3 +231,83 @@ def test_bad_build_requests_fail_before_any_work(small_model, tmp_path, extra, m
                  "--output", str(out)] + extra) == 1
     assert message in capsys.readouterr().err
     assert not out.exists(), "nothing was written"
+
+
+@pytest.mark.parametrize("batch", ["0", "-3"])
+def test_evaluate_batch_below_one_is_one_line(small_artifact, tmp_path, batch, capsys):
+    (tmp_path / "list.txt").write_text("a.jpg 1\n")
+    assert main(["evaluate", str(small_artifact), "--images", str(tmp_path), "--list", str(tmp_path / "list.txt"),
+                 "--batch", batch]) == 1
+    err = capsys.readouterr().err
+    assert f"--batch {batch}: must be at least 1" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["build", "placeholder-model"])
+def test_output_pointing_at_a_file_is_one_line(small_model, tmp_path, command, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    extra = ["--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1])] if command == "build" else []
+    assert main([command, "--output", str(target)] + extra) == 1
+    err = capsys.readouterr().err
+    assert f"--output {target}: is a file" in err and err.count("\n") == 1
+    assert target.read_text() == "keep me"
+
+
+def test_inspect_json_into_a_closed_pipe_is_one_line(small_artifact, capsys, monkeypatch):
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["inspect", "--json", str(small_artifact)]) == 1
+    err = capsys.readouterr().err
+    assert "output closed by the reader" in err and err.count("\n") == 1
+
+
+def test_inspect_json_into_a_reader_that_quit_leaves_no_traceback(small_artifact):
+    """``inspect --json | head``: here the reader (``true``) quits before Python writes at all."""
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m engine_build inspect --json "
+                                           f"{small_artifact} | true"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == "engine_build: error: output closed by the reader before it was all written\n"
+
+
+def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifact, tmp_path, monkeypatch):
+    """A crash mid-build (here: in quantisation) keeps the previous artifact as it was, and no staging folder."""
+    import shutil
+
+    import engine_build.quantize as quantize
+    out = tmp_path / "art"
+    shutil.copytree(small_artifact, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash during quantisation")
+    monkeypatch.setattr(quantize, "quantize_nncf", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]), "--output", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["art"], "the staging folder is gone"
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]), "--output", str(fresh)])
+    assert not fresh.exists()
+
+
+def test_evaluate_by_default_runs_what_the_service_would(small_artifact, tmp_path, capsys):
+    import shutil
+
+    from engine_build.artifact import select
+    images = tmp_path / "imgs"
+    images.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "engine_build" / "photos" / "coffee.jpg", images / "coffee.jpg")
+    (tmp_path / "list.txt").write_text("coffee.jpg 1\n")
+    _, service = select(small_artifact, "auto")
+    assert main(["evaluate", str(small_artifact), "--images", str(images), "--list", str(tmp_path / "list.txt")]) == 0
+    out = capsys.readouterr().out
+    assert f"{service.backend} {service.precision} file" in out and service.reason in out
+    assert main(["evaluate", str(small_artifact), "--images", str(images), "--list", str(tmp_path / "list.txt"),
+                 "--backend", "onnxruntime", "--precision", "fp32"]) == 0
+    assert "onnxruntime fp32 file" in capsys.readouterr().out
