@@ -73,28 +73,54 @@ def model_configs(manifest: dict, variants: list[str]) -> list[tuple[str, str, s
     return configs
 
 
+def interleaved(fns: list, repeats: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds per call of each function, the functions taking turns in every repeat.
+
+    On a shared or throttling machine, load that comes and goes then hits every file alike,
+    so their ratio holds even when the absolute numbers drift.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for times, fn in zip(out, fns, strict=True):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return out
+
+
 def model_runs(artifact: Path, images: np.ndarray, batch_sizes: list[int], repeats: int,
                variants: list[str] = ("fp32", "fp16", "int8")) -> list[dict]:
+    """Every file on every runtime; the files of one runtime and mode are timed in turns."""
+    import contextlib
     manifest = read_manifest(artifact)
     quantizer = {}
     for entry in [manifest["files"].get("int8", {}), *manifest["files"].get("int8", {}).get("by_runtime", {}).values()]:
         if "quantizer" in entry:
             quantizer[entry["file"]] = entry["quantizer"]["quantizer"]
     reasons = available_backends()
+    groups: dict[tuple[str, bool], list] = {}
+    for config in model_configs(manifest, list(variants)):
+        if not reasons.get(config[0]):
+            groups.setdefault((config[0], config[3]), []).append(config)
     rows = []
-    for runtime, precision, name, exact, used in model_configs(manifest, list(variants)):
-        if reasons.get(runtime):
-            continue
-        label = f"{precision} ({quantizer[name]})" if name in quantizer else precision
-        with open_backend(runtime, artifact / name, precision, max(batch_sizes), exact=exact) as backend:
+    for (runtime, exact), configs in groups.items():
+        with contextlib.ExitStack() as stack:
+            backends = [stack.enter_context(open_backend(runtime, artifact / name, precision, max(batch_sizes), exact=exact))
+                        for _, precision, name, _, _ in configs]
             for batch in batch_sizes:
                 x = np.ascontiguousarray(images[:batch])
-                result = summary(timed(lambda: backend.infer(x), repeats), batch)
-                rows.append({"runtime": runtime, "file": label, "path": name, "computes": backend.compute_precision,
-                             "used_by_service": used, "batch": batch, **result})
-                print(f"  {runtime:<12} {label:<18} computes {backend.compute_precision:<10} batch {batch:>3}: "
-                      f"{result['images_per_s']:>7.1f} img/s  (median {result['median_ms']} ms, "
-                      f"p90 {result['p90_ms']} ms){'' if used else '  [not used on this runtime]'}")
+                timings = interleaved([lambda b=b, x=x: b.infer(x) for b in backends], repeats)
+                for (_, precision, name, _, used), backend, seconds in zip(configs, backends, timings, strict=True):
+                    label = f"{precision} ({quantizer[name]})" if name in quantizer else precision
+                    result = summary(seconds, batch)
+                    rows.append({"runtime": runtime, "file": label, "path": name, "computes": backend.compute_precision,
+                                 "used_by_service": used, "batch": batch, **result})
+                    print(f"  {runtime:<12} {label:<18} computes {backend.compute_precision:<10} batch {batch:>3}: "
+                          f"{result['images_per_s']:>7.1f} img/s  (median {result['median_ms']} ms, "
+                          f"p90 {result['p90_ms']} ms){'' if used else '  [not used on this runtime]'}")
     return rows
 
 

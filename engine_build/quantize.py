@@ -4,7 +4,8 @@ Two quantisers, because no one QDQ file is the fastest on both CPU runtimes
 (``benchmarks/throughput.py`` measures them side by side):
 
 - :func:`quantize_nncf`: NNCF's post-training quantisation (OpenVINO's own) through its
-  ONNX backend, with bias correction. The most accurate of the two, and the fastest on
+  ONNX backend, with (fast) bias correction: each quantised layer's bias is shifted by the
+  mean error quantisation causes in its output on the calibration images. The most accurate of the two, and the fastest on
   OpenVINO; ONNX Runtime runs it at about half speed, because NNCF places its
   quantisers where OpenVINO fuses them (after LRN, not after each ReLU), so ONNX
   Runtime leaves the two largest convolutions in float.
@@ -37,24 +38,26 @@ class _HideShapeInferenceHint(logging.Filter):
 
 
 def quantize_nncf(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> dict:
-    """NNCF PTQ (MinMax ranges + full bias correction) to a QDQ file; returns what the manifest records.
+    """NNCF PTQ (MinMax ranges + fast bias correction) to a QDQ file; returns what the manifest records.
 
-    NNCF's progress bars go to stdout; they are swallowed here (only the CLI prints).
+    Fast bias correction, not NNCF's full one: on the full-size model it was as accurate here
+    (max |dp| 0.0070 vs 0.0083 on OpenVINO) in a third of the time. NNCF's progress bars go
+    to stdout; they are swallowed here (only the CLI prints).
     """
     import nncf
     import onnx
 
     model = onnx.load(str(fp32_path))
     dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))], lambda x: {"images": x})
-    log.info("calibrating INT8 (NNCF, bias correction) on %d images", len(calibration))
+    log.info("calibrating INT8 (NNCF, fast bias correction) on %d images", len(calibration))
     nncf.set_log_level(logging.INFO if log.isEnabledFor(logging.INFO) else logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            quantized = nncf.quantize(model, dataset, subset_size=len(calibration), fast_bias_correction=False)
+            quantized = nncf.quantize(model, dataset, subset_size=len(calibration), fast_bias_correction=True)
     except (nncf.InternalError, nncf.ValidationError, ValueError) as exc:
         raise ModelFormatError(f"NNCF cannot quantise {fp32_path.name}: {exc}") from exc
     onnx.save(quantized, str(int8_path))
-    return {"quantizer": "nncf", "version": nncf.__version__, "method": "post-training, MinMax ranges, bias correction",
+    return {"quantizer": "nncf", "version": nncf.__version__, "method": "post-training, MinMax ranges, fast bias correction",
             "format": "QDQ"}
 
 
