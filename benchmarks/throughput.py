@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -30,7 +31,7 @@ from engine_build.manifest import read_manifest  # noqa: E402
 from engine_build.runtime import available_backends, open_backend  # noqa: E402
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
@@ -73,7 +74,7 @@ def model_configs(manifest: dict, variants: list[str]) -> list[tuple[str, str, s
     return configs
 
 
-def interleaved(fns: list, repeats: int, warmup: int = 2) -> list[list[float]]:
+def interleaved(fns: list[Callable[[], object]], repeats: int, warmup: int = 2) -> list[list[float]]:
     """Seconds per call of each function, the functions taking turns in every repeat.
 
     On a shared or throttling machine, load that comes and goes then hits every file alike,
@@ -213,6 +214,18 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     cv2.imwrite(str(path), img)
 
 
+def prepare(artifact: Path | None, workdir: Path) -> tuple[Path, Path, Path]:
+    """(artifact, prototxt, caffemodel): the given artifact and its sources, or a full-size placeholder built once."""
+    if artifact:
+        source = read_manifest(artifact)["model"]["source"]
+        return (artifact, Path(source.get("prototxt", {}).get("path", "-")),
+                Path(source.get("caffemodel", {}).get("path", "-")))
+    from engine_build.build import ensure_artifact
+    from engine_build.placeholder import ensure_placeholder
+    prototxt, caffemodel = ensure_placeholder(workdir / "model")
+    return ensure_artifact(prototxt, caffemodel, workdir / "artifact"), prototxt, caffemodel
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, help="artifact to measure (default: build a full-size placeholder)")
@@ -225,16 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if args.artifact:
-        artifact = args.artifact
-        source = read_manifest(artifact)["model"]["source"]
-        prototxt = Path(source.get("prototxt", {}).get("path", "-"))
-        caffemodel = Path(source.get("caffemodel", {}).get("path", "-"))
-    else:
-        from engine_build.build import ensure_artifact
-        from engine_build.placeholder import ensure_placeholder
-        prototxt, caffemodel = ensure_placeholder(args.workdir / "model")
-        artifact = ensure_artifact(prototxt, caffemodel, args.workdir / "artifact")
+    artifact, prototxt, caffemodel = prepare(args.artifact, args.workdir)
     images = photo_views(builtin_photos())
     reps = max(args.batch_sizes)
     images = np.concatenate([images] * (1 + reps // len(images)))[:reps]

@@ -134,7 +134,12 @@ def parser() -> argparse.ArgumentParser:
         epilog=REAL_WEIGHTS_HINT)
     top.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_build, _add_evaluate, _add_inspect, _add_placeholder):
+        add(sub)
+    return top
 
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build and validate an artifact directory",
                        description="Build DIR/model.onnx (+ model.fp16.onnx, model.int8.onnx, engine.plan) and "
                                    "DIR/manifest.json. Input: uint8 [N,256,256,3] BGR; outputs probs and logits [N,2].")
@@ -142,6 +147,8 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(b)
     b.set_defaults(func=_build)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="accuracy on an IMAGE LABEL list (the authors' protocol)",
                        description="Accuracy and confusion matrix of an artifact on a list of 'IMAGE LABEL' lines "
                                    "(0 = negative, 1 = positive), images read from --images. The crop mode "
@@ -158,11 +165,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
     e.set_defaults(func=_evaluate)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="show an artifact's manifest and validation table")
     i.add_argument("artifact", type=Path)
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.set_defaults(func=_inspect)
 
+
+def _add_placeholder(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("placeholder-model", help="write a seeded placeholder model in the published architecture",
                        description="Write DIR/deploy.prototxt and DIR/placeholder.caffemodel: CaffeNet-Twitter with "
                                    "seeded weights, for demos and tests. " + PLACEHOLDER_BANNER + ".")
@@ -173,7 +184,6 @@ def parser() -> argparse.ArgumentParser:
                    help="spread of the final logit gap over the built-in photos (default 4); 0.3 makes a model "
                         "with many near-ties (p within 0.05 of 0.5), the hard case for INT8")
     p.set_defaults(func=_placeholder)
-    return top
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 from google.protobuf import text_format
+from google.protobuf.message import Message
 
 from .caffe_io import load_prototxt, write_caffemodel
-from .caffe_net import build_net, expected_blob_shapes
+from .caffe_net import Net, build_net, expected_blob_shapes
 from .caffe_schema import schema
 
 PLACEHOLDER_NAME = "Twitter_finetuned_PLACEHOLDER"
@@ -45,7 +46,7 @@ _PARAM_FIELD = {"Convolution": "convolution_param", "InnerProduct": "inner_produ
 
 
 def deploy_net(width: float = 1.0, name: str = PLACEHOLDER_NAME, input_form: str = "input_dim",
-               overrides: dict[str, dict] | None = None):
+               overrides: dict[str, dict] | None = None) -> Message:
     """NetParameter for CaffeNet-Twitter; ``width`` < 1 shrinks channel counts for tests.
 
     ``input_form``: ``input_dim`` (as published), ``input_shape`` or ``layer`` (Input layer).
@@ -85,7 +86,7 @@ def deploy_net(width: float = 1.0, name: str = PLACEHOLDER_NAME, input_form: str
     return net
 
 
-def _final_layer(net, features: np.ndarray, rng: np.random.Generator, logit_std: float = 4.0) -> list[np.ndarray]:
+def _final_layer(net: Net, features: np.ndarray, rng: np.random.Generator, logit_std: float = 4.0) -> list[np.ndarray]:
     """fc8 that reads the top principal direction of the features, centred on their median.
 
     Deep ReLU nets with random weights map every image to nearly the same features;
@@ -113,7 +114,7 @@ def _final_layer(net, features: np.ndarray, rng: np.random.Generator, logit_std:
     return [weight, bias]
 
 
-def seeded_weights(net, seed: int = 0, logit_std: float = 4.0) -> list[tuple[str, str, list[np.ndarray]]]:
+def seeded_weights(net: Net, seed: int = 0, logit_std: float = 4.0) -> list[tuple[str, str, list[np.ndarray]]]:
     """He-initialised weights; the last layer is fitted to the features of the built-in photos."""
     import dataclasses
 
