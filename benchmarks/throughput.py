@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -30,7 +31,7 @@ from engine_build.manifest import read_manifest  # noqa: E402
 from engine_build.runtime import available_backends, open_backend  # noqa: E402
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
@@ -49,32 +50,78 @@ def summary(seconds: list[float], items: int) -> dict:
             "min_ms": round(ordered[0] * 1000, 2), "images_per_s": round(items / median, 1), "repeats": len(seconds)}
 
 
-def model_runs(artifact: Path, images: np.ndarray, batch_sizes: list[int], repeats: int) -> list[dict]:
-    manifest = read_manifest(artifact)
+def model_configs(manifest: dict, variants: list[str]) -> list[tuple[str, str, str, bool, bool]]:
+    """(runtime, variant, file, exact, used_by_service) for every file on every runtime that can read it.
+
+    Every INT8 file runs on both CPU runtimes, so the choice of a file per runtime is measured,
+    not assumed; ``used_by_service`` marks the file each runtime really gets.
+    """
     files = manifest["files"]
-    reasons = available_backends()
     configs = []
-    for precision in ("fp32", "fp16", "int8"):
-        if precision in files:
-            configs.append(("onnxruntime", precision, True))
-            configs.append(("openvino", precision, False))
-            if precision != "int8":
-                configs.append(("openvino", precision, True))
-    if "tensorrt" in files and not reasons["tensorrt"]:
-        configs.append(("tensorrt", "fp16", True))
-    rows = []
-    for runtime, precision, exact in configs:
-        if reasons.get(runtime):
+    for precision in variants:
+        if precision not in files:
             continue
-        path = artifact / files["tensorrt" if runtime == "tensorrt" else precision]["file"]
-        with open_backend(runtime, path, precision, max(batch_sizes), exact=exact) as backend:
+        entry = files[precision]
+        own = {runtime: e["file"] for runtime, e in entry.get("by_runtime", {}).items()}
+        for name in [entry["file"], *own.values()]:
+            for runtime, exact in (("onnxruntime", True), ("openvino", False), ("openvino", True)):
+                if precision == "int8" and runtime == "openvino" and exact:
+                    continue   # INT8 layers compute the same either way; default mode is the service's
+                used = own.get(runtime, entry["file"]) == name
+                configs.append((runtime, precision, name, exact, used))
+    if "tensorrt" in files:
+        configs.append(("tensorrt", "fp16", files["tensorrt"]["file"], True, True))
+    return configs
+
+
+def interleaved(fns: list[Callable[[], object]], repeats: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds per call of each function, the functions taking turns in every repeat.
+
+    On a shared or throttling machine, load that comes and goes then hits every file alike,
+    so their ratio holds even when the absolute numbers drift.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for times, fn in zip(out, fns, strict=True):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return out
+
+
+def model_runs(artifact: Path, images: np.ndarray, batch_sizes: list[int], repeats: int,
+               variants: list[str] = ("fp32", "fp16", "int8")) -> list[dict]:
+    """Every file on every runtime; the files of one runtime and mode are timed in turns."""
+    import contextlib
+    manifest = read_manifest(artifact)
+    quantizer = {}
+    for entry in [manifest["files"].get("int8", {}), *manifest["files"].get("int8", {}).get("by_runtime", {}).values()]:
+        if "quantizer" in entry:
+            quantizer[entry["file"]] = entry["quantizer"]["quantizer"]
+    reasons = available_backends()
+    groups: dict[tuple[str, bool], list] = {}
+    for config in model_configs(manifest, list(variants)):
+        if not reasons.get(config[0]):
+            groups.setdefault((config[0], config[3]), []).append(config)
+    rows = []
+    for (runtime, exact), configs in groups.items():
+        with contextlib.ExitStack() as stack:
+            backends = [stack.enter_context(open_backend(runtime, artifact / name, precision, max(batch_sizes), exact=exact))
+                        for _, precision, name, _, _ in configs]
             for batch in batch_sizes:
                 x = np.ascontiguousarray(images[:batch])
-                result = summary(timed(lambda: backend.infer(x), repeats), batch)
-                rows.append({"runtime": runtime, "file": precision, "computes": backend.compute_precision,
-                             "batch": batch, **result})
-                print(f"  {runtime:<12} {precision:<5} computes {backend.compute_precision:<10} batch {batch:>3}: "
-                      f"{result['images_per_s']:>7.1f} img/s  (median {result['median_ms']} ms, p90 {result['p90_ms']} ms)")
+                timings = interleaved([lambda b=b, x=x: b.infer(x) for b in backends], repeats)
+                for (_, precision, name, _, used), backend, seconds in zip(configs, backends, timings, strict=True):
+                    label = f"{precision} ({quantizer[name]})" if name in quantizer else precision
+                    result = summary(seconds, batch)
+                    rows.append({"runtime": runtime, "file": label, "path": name, "computes": backend.compute_precision,
+                                 "used_by_service": used, "batch": batch, **result})
+                    print(f"  {runtime:<12} {label:<18} computes {backend.compute_precision:<10} batch {batch:>3}: "
+                          f"{result['images_per_s']:>7.1f} img/s  (median {result['median_ms']} ms, "
+                          f"p90 {result['p90_ms']} ms){'' if used else '  [not used on this runtime]'}")
     return rows
 
 
@@ -158,7 +205,7 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     top = max(r["images_per_s"] for r in bars)
     for i, r in enumerate(bars):
         y = 55 + i * row_h
-        label = f"{r['runtime']} {r['file']} ({r['computes']})"
+        label = f"{r['runtime']} {r['file']} ({r['computes']})" + ("" if r.get("used_by_service", True) else " *")
         cv2.putText(img, label, (10, y + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
         length = int((width - left - 90) * r["images_per_s"] / top)
         cv2.rectangle(img, (left, y + 4), (left + length, y + 26), (180, 120, 40), -1)
@@ -167,32 +214,38 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     cv2.imwrite(str(path), img)
 
 
+def prepare(artifact: Path | None, workdir: Path) -> tuple[Path, Path, Path]:
+    """(artifact, prototxt, caffemodel): the given artifact and its sources, or a full-size placeholder built once."""
+    if artifact:
+        source = read_manifest(artifact)["model"]["source"]
+        return (artifact, Path(source.get("prototxt", {}).get("path", "-")),
+                Path(source.get("caffemodel", {}).get("path", "-")))
+    from engine_build.build import ensure_artifact
+    from engine_build.placeholder import ensure_placeholder
+    prototxt, caffemodel = ensure_placeholder(workdir / "model")
+    return ensure_artifact(prototxt, caffemodel, workdir / "artifact"), prototxt, caffemodel
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, help="artifact to measure (default: build a full-size placeholder)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variants", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"],
+                        help="variants to measure (default all; e.g. --variants int8 to compare the INT8 files)")
+    parser.add_argument("--no-opencv", action="store_true", help="skip OpenCV DNN")
     parser.add_argument("--e2e-messages", type=int, default=1500, help="messages through the real service (0 = skip)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if args.artifact:
-        artifact = args.artifact
-        source = read_manifest(artifact)["model"]["source"]
-        prototxt = Path(source.get("prototxt", {}).get("path", "-"))
-        caffemodel = Path(source.get("caffemodel", {}).get("path", "-"))
-    else:
-        from engine_build.build import ensure_artifact
-        from engine_build.placeholder import ensure_placeholder
-        prototxt, caffemodel = ensure_placeholder(args.workdir / "model")
-        artifact = ensure_artifact(prototxt, caffemodel, args.workdir / "artifact")
+    artifact, prototxt, caffemodel = prepare(args.artifact, args.workdir)
     images = photo_views(builtin_photos())
     reps = max(args.batch_sizes)
     images = np.concatenate([images] * (1 + reps // len(images)))[:reps]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; artifact {artifact}")
     print("model only (per batch, after warm-up):")
-    rows = model_runs(artifact, images, args.batch_sizes, args.repeats)
-    if caffemodel.exists():
+    rows = model_runs(artifact, images, args.batch_sizes, args.repeats, args.variants)
+    if caffemodel.exists() and not args.no_opencv:
         rows += opencv_dnn_runs(prototxt, caffemodel, images, args.batch_sizes, max(3, args.repeats // 2))
     print("decoding (one thread):")
     decoding = decode_runs(args.repeats)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArtifactError, ConfigError
-from .manifest import read_manifest, verify_file
+from .manifest import read_manifest, variant_entry, verify_file
 from .runtime import Backend, available_backends, open_backend
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class Selection:
     file: Path
     exact: bool
     reason: str
+    sha256: str = ""       # of ``file``, from the manifest (a variant may have a file per runtime)
 
 
 def gate_passed(manifest: dict, variant: str, runtime: str, exact: bool) -> bool | None:
@@ -58,7 +59,8 @@ def _tensorrt_choice(directory: Path, manifest: dict, explicit: bool, max_batch:
     if passed is not True:
         raise ArtifactError(f"engine.plan {'failed' if passed is False else 'has no record of'} its validation "
                             "gate; rebuild it with python -m engine_build build --tensorrt")
-    return Selection("tensorrt", "fp16", directory / entry["file"], True, "TensorRT engine and a GPU are present")
+    return Selection("tensorrt", "fp16", directory / entry["file"], True, "TensorRT engine and a GPU are present",
+                     entry.get("sha256", ""))
 
 
 def select(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
@@ -91,7 +93,8 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
             if passed:
                 why = ("explicit request" if precision else "fastest variant that passed its gate") + \
                       (f", {runtime} chosen automatically" if backend == "auto" else "")
-                return manifest, Selection(runtime, variant, directory / files[variant]["file"], exact, why)
+                entry = variant_entry(manifest, variant, runtime)
+                return manifest, Selection(runtime, variant, directory / entry["file"], exact, why, entry["sha256"])
             refused.append(f"{variant} on {runtime}{'' if exact or runtime != 'openvino' else ' (lowered precision)'}: "
                            + ("failed its validation gate" if passed is False else "never validated"))
     hint = "" if exact else "; --exact-precision runs the file's own precision"
@@ -103,7 +106,7 @@ def open_artifact(directory: Path, backend: str = "auto", precision: str | None 
     """Verify, select and open; the file's sha256 is checked against the manifest first."""
     manifest, choice = select(directory, backend, precision, exact, max_batch)
     key = "tensorrt" if choice.backend == "tensorrt" else choice.precision
-    verify_file(Path(directory), manifest["files"][key])
+    verify_file(Path(directory), variant_entry(manifest, key, choice.backend))
     opened = open_backend(choice.backend, choice.file, choice.precision, max_batch, exact=choice.exact, threads=threads)
     log.info("running %s (%s)", opened.describe(), choice.reason)
     return manifest, choice, opened

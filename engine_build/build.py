@@ -1,11 +1,19 @@
-"""The build as small steps over one frozen config: import, emit, quantise, compile, validate, record."""
+"""The build as small steps over one frozen config: import, emit, quantise, compile, validate, record.
+
+Steps log and return values; only the CLI prints. The artifact is made in a staging folder
+beside ``output`` and moved into place only when complete, so a build that fails on the way
+(a bad file, an interrupt, a crash) leaves the previous artifact, or nothing, behind.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import resource
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,43 +23,31 @@ import onnx
 from . import __version__
 from .caffe_io import iter_caffemodel, load_prototxt
 from .caffe_net import Net, attach_weights, build_net
+from .config import PRECISIONS, BuildConfig
 from .errors import ArtifactError, ConfigError, ValidationFailed
-from .imaging import builtin_photos, decode, list_images, photo_views
-from .manifest import ENGINE_FILE, FORMAT, TIMING_CACHE, VARIANT_FILES, read_manifest, sha256, write_manifest
+from .imagesets import ImageSet, load_sets
+from .manifest import (ENGINE_FILE, FORMAT, MANIFEST, RUNTIME_FILES, TIMING_CACHE, VARIANT_FILES,
+                       read_manifest, sha256, write_manifest)
 from .onnx_graph import build_onnx
 from .placeholder import PLACEHOLDER_NAME
 from .preprocess import CROP_SIZE, IMAGE_SIZE, LABELS, MEAN_BGR
-from .validate import as_records, blocking_failures, run_checks, table
+from .validate import as_records, blocking_failures, run_checks
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16", "int8")
+__all__ = ["BuildConfig", "PRECISIONS", "run_build", "ensure_artifact"]
+# Every file a build may write; files of an earlier build that this one did not make are removed.
+ARTIFACT_FILES = (*VARIANT_FILES.values(), *RUNTIME_FILES.values(), ENGINE_FILE, MANIFEST)
 
 
-@dataclass(frozen=True)
-class BuildConfig:
-    prototxt: Path | None
-    caffemodel: Path | None
-    output: Path
-    onnx: Path | None = None            # an ONNX classifier instead of the Caffe files
-    precisions: tuple[str, ...] = PRECISIONS
-    oversample: bool = False
-    max_batch: int = 32
-    tensorrt: bool = False
-    calibration_images: Path | None = None
-    validation_images: Path | None = None
-    thresholds: dict = field(default_factory=lambda: {"fp16": 0.995, "int8": 0.98})
-    placeholder: bool | None = None     # None: detect from the caffemodel's network name
-    progress: bool | None = None
-
-
-def load_images(folder: Path | None, what: str) -> tuple[np.ndarray, str]:
-    """Decoded 256x256 images from a folder, or views of the built-in photos."""
-    if folder is None:
-        return photo_views(builtin_photos()), "built-in photos (engine_build/photos, 6 views each)"
-    paths = list_images(folder) if Path(folder).is_dir() else []
-    if not paths:
-        raise ConfigError(f"--{what}-images {folder}: no JPEG/PNG/WebP/BMP/TIFF files there")
-    return np.stack([decode(p.read_bytes()) for p in paths]), str(folder)
+def check_inputs(cfg: BuildConfig) -> tuple[ImageSet | None, ImageSet]:
+    """Every input file and folder, before any work: returns the calibration and validation sets."""
+    for path, flag in ((cfg.prototxt, "--prototxt"), (cfg.caffemodel, "--caffemodel"), (cfg.onnx, "--onnx")):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    if cfg.output.exists() and not cfg.output.is_dir():
+        raise ConfigError(f"--output {cfg.output}: is a file; give a directory for the artifact")
+    # calibration images feed INT8 quantisation and the FP16 range audit
+    return load_sets(cfg.calibration_images, cfg.validation_images, bool({"fp16", "int8"} & set(cfg.precisions)))
 
 
 def import_caffe(cfg: BuildConfig) -> tuple[Net, bool]:
@@ -69,23 +65,39 @@ def import_caffe(cfg: BuildConfig) -> tuple[Net, bool]:
     return net, placeholder
 
 
-def emit_onnx(cfg: BuildConfig, source, placeholder: bool,
-              calibration: tuple[np.ndarray, str] | None = None) -> tuple[dict[str, Path], dict | None]:
+def import_source(cfg: BuildConfig) -> tuple[object, bool]:
+    """The Caffe net or the ONNX classifier, and whether its weights are placeholders."""
+    if cfg.onnx:
+        from .onnx_import import load_classifier
+        model, placeholder = load_classifier(cfg.onnx), bool(cfg.placeholder)
+        what = f"ONNX classifier {model.graph.name or cfg.onnx.name}: {len(model.graph.node)} nodes"
+    else:
+        model, placeholder = import_caffe(cfg)
+        what = (f"{model.name}: {len(model.layers)} layers, "
+                f"{sum(w.size for layer in model.learned() for w in layer.weights):,} weights")
+    log.info("imported %s%s", what, "  [PLACEHOLDER WEIGHTS]" if placeholder else "")
+    return model, placeholder
+
+
+def emit_onnx(cfg: BuildConfig, source: object, placeholder: bool,
+              calibration: ImageSet | None = None) -> tuple[dict[str, Path], dict | None]:
     """model.onnx and model.fp16.onnx from an imported Caffe ``Net`` or an ONNX classifier.
 
-    The FP16 file follows the FP16 range audit of model.onnx on ``calibration`` (images, source);
-    returns the paths and the audit's manifest record (None without FP16).
+    The FP16 file follows the FP16 range audit of model.onnx on the calibration images; returns
+    the paths and the audit's manifest record (None without FP16).
     """
     from .onnx_import import wrap_classifier
     from .range_audit import audit, kept_float32, record
-    meta = {"placeholder": str(placeholder).lower(), "labels": ",".join(LABELS), "oversample": str(cfg.oversample).lower()}
+    meta = {"placeholder": str(placeholder).lower(), "labels": ",".join(LABELS),
+            "oversample": str(cfg.oversample).lower()}
     emit = build_onnx if isinstance(source, Net) else wrap_classifier
     paths = {"fp32": cfg.output / VARIANT_FILES["fp32"]}
     onnx.save(emit(source, cfg.oversample, "float32", {**meta, "precision": "fp32"}), paths["fp32"])
     if "fp16" not in cfg.precisions:
         return paths, None
-    images, where = calibration if calibration is not None else load_images(None, "calibration")
-    ranges = audit(paths["fp32"], images)
+    if calibration is None:
+        raise ConfigError("the FP16 range audit needs calibration images")
+    ranges = audit(paths["fp32"], calibration.images)
     model = emit(source, cfg.oversample, "float16", {**meta, "precision": "fp16"},
                  float32_tensors=[r.tensor for r in ranges if r.near_limit])
     float32 = kept_float32(model, ranges)
@@ -93,7 +105,40 @@ def emit_onnx(cfg: BuildConfig, source, placeholder: bool,
         (log.warning if why.startswith("NOT") else log.info)("FP16 range audit: %s: %s", tensor, why)
     paths["fp16"] = cfg.output / VARIANT_FILES["fp16"]
     onnx.save(model, paths["fp16"])
-    return paths, record(ranges, len(images), where, model, float32)
+    return paths, record(ranges, len(calibration.images), calibration.source, model, float32)
+
+
+def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tuple[dict[str, Path], dict]:
+    """The INT8 file(s): runtime -> file (``"*"`` for every runtime), and how each was made.
+
+    ``auto``: NNCF's file (bias correction; fastest on OpenVINO) for every runtime but ONNX
+    Runtime, which gets the MinMax file its fusions expect (NNCF's runs at about half speed
+    there); ``benchmarks/throughput.py`` measures both files on both runtimes.
+    """
+    from .quantize import quantize_minmax, quantize_nncf
+    main = cfg.output / VARIANT_FILES["int8"]
+    if cfg.int8_quantizer == "minmax":
+        return {"*": main}, {"*": quantize_minmax(fp32, main, calibration.images)}
+    files, made = {"*": main}, {"*": quantize_nncf(fp32, main, calibration.images)}
+    if cfg.int8_quantizer == "auto":
+        own = cfg.output / RUNTIME_FILES[("int8", "onnxruntime")]
+        files["onnxruntime"], made["onnxruntime"] = own, quantize_minmax(fp32, own, calibration.images)
+    return files, made
+
+
+def file_entries(variants: dict[str, dict[str, Path]], quantizers: dict, engine: dict | None, output: Path) -> dict:
+    """The manifest's ``files``: one entry per variant, with per-runtime files under ``by_runtime``."""
+    files = {}
+    for key, by_runtime in variants.items():
+        entry = {"file": by_runtime["*"].name, "precision": key, "sha256": sha256(by_runtime["*"])}
+        if key == "int8":
+            entry["quantizer"] = quantizers["*"]
+            entry["by_runtime"] = {runtime: {"file": path.name, "sha256": sha256(path), "quantizer": quantizers[runtime]}
+                                   for runtime, path in by_runtime.items() if runtime != "*"}
+        files[key] = entry
+    if engine:
+        files["tensorrt"] = {**engine, "sha256": sha256(output / ENGINE_FILE)}
+    return files
 
 
 def sources(cfg: BuildConfig) -> dict:
@@ -102,8 +147,8 @@ def sources(cfg: BuildConfig) -> dict:
     return {kind: {"path": str(path), "sha256": sha256(path)} for kind, path in files.items()}
 
 
-def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None) -> dict | None:
-    """Build engine.plan (or keep a still-valid one); None with a warning when TensorRT is missing.
+def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None, notes: list[str]) -> dict | None:
+    """Build engine.plan (or keep a still-valid one); None, with a note, when TensorRT is missing.
 
     The entry records the engine's identity (TensorRT, GPU, compute capability, batch range)
     and its timing cache's; a kept engine must match this machine and request field by field.
@@ -113,8 +158,9 @@ def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None
     from .runtime.tensorrt_support import tensorrt_unavailable_reason
     reason = tensorrt_unavailable_reason()
     if reason:
-        print(f"engine_build: TensorRT engine skipped: {reason}. The CPU artifacts are still built.")
+        notes.append(f"TensorRT engine skipped: {reason}. The CPU artifacts are still built.")
         return None
+    assert fp16_path is not None, "--tensorrt builds from the FP16 model (checked with the config)"
     from .runtime.identity import current_identity, staleness
     from .tensorrt_build import build_engine
     plan, cache = cfg.output / ENGINE_FILE, cfg.output / TIMING_CACHE
@@ -131,47 +177,22 @@ def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None
 
 
 def tool_versions() -> dict:
+    """Versions of everything that shaped the files, for the manifest."""
     import cv2
     import onnxruntime
     versions = {"engine_build": __version__, "python": platform.python_version(), "numpy": np.__version__,
                 "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__}
-    try:
-        import openvino
-        versions["openvino"] = openvino.__version__
-    except ImportError:
-        pass
+    for name in ("openvino", "nncf"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
     return versions
 
 
-def check_config(cfg: BuildConfig) -> None:
-    """Everything about the request that can be wrong, before any work is done."""
-    bad = [p for p in cfg.precisions if p not in PRECISIONS]
-    if bad:
-        raise ConfigError(f"--precision {bad[0]}: choose from {', '.join(PRECISIONS)}")
-    if cfg.max_batch < 1:
-        raise ConfigError("--max-batch must be at least 1")
-    for kind, value in cfg.thresholds.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{kind}-threshold {100 * value:g}: must be between 0 and 100")
-    if cfg.tensorrt and "fp16" not in cfg.precisions:
-        raise ConfigError("--tensorrt builds from the FP16 model: include fp16 in --precision")
-
-
-def import_source(cfg: BuildConfig) -> tuple[object, bool]:
-    """The Caffe net or the ONNX classifier, and whether its weights are placeholders."""
-    if cfg.onnx:
-        from .onnx_import import load_classifier
-        model, placeholder = load_classifier(cfg.onnx), bool(cfg.placeholder)
-        what = f"ONNX classifier {model.graph.name or cfg.onnx.name}: {len(model.graph.node)} nodes"
-    else:
-        model, placeholder = import_caffe(cfg)
-        what = (f"{model.name}: {len(model.layers)} layers, "
-                f"{sum(w.size for layer in model.learned() for w in layer.weights):,} weights")
-    print(f"imported {what}" + ("  [PLACEHOLDER WEIGHTS]" if placeholder else ""))
-    return model, placeholder
-
-
-def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict, validation: dict, started: float) -> dict:
+def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict, calibration: dict | None, validation: dict,
+                  started: float, notes: list[str]) -> dict:
+    """Everything an artifact's user (the service, ``inspect``, a person) needs to trust it."""
     return {
         "format": FORMAT,
         "model": {"name": PLACEHOLDER_NAME if placeholder else (cfg.onnx or cfg.prototxt).stem,
@@ -185,53 +206,94 @@ def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict, validation: 
                           "crop_size": CROP_SIZE, "oversample": cfg.oversample},
         "files": files,
         "tools": tool_versions(),
+        "calibration": calibration,
         "validation": validation,
-        "build": {"seconds": round(time.perf_counter() - started, 1),
+        "build": {"seconds": round(time.perf_counter() - started, 1), "notes": notes,
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
 
 
 def run_build(cfg: BuildConfig) -> dict:
-    """Every step in order; returns the manifest written (raises ValidationFailed after writing it)."""
+    """Every step in order; returns the manifest written.
+
+    Raises ValidationFailed (carrying the manifest) after writing a complete artifact whose
+    manifest records the failure, so that the failing variant is never used.
+    """
     started = time.perf_counter()
-    check_config(cfg)
-    cfg.output.mkdir(parents=True, exist_ok=True)
+    calibration, validation = check_inputs(cfg)
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.building-", dir=cfg.output.parent))
     try:
-        previous = read_manifest(cfg.output)
-    except ArtifactError:
-        previous = None
+        manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started)
+        _publish(staging, cfg.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    failures = [c.failure() for c in blocking_failures(_checks(manifest))]
+    if failures:
+        raise ValidationFailed("validation failed: " + failures[0]
+                               + (f" (and {len(failures) - 1} more failing checks)" if len(failures) > 1 else ""),
+                               manifest=manifest)
+    return manifest
+
+
+def _checks(manifest: dict) -> list:
+    from .validate import Check
+    return [Check.from_record(c) for c in manifest["validation"]["checks"]]
+
+
+def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, validation: ImageSet,
+              started: float) -> dict:
+    """The whole build into ``cfg.output``, a fresh staging folder that will become ``final``."""
+    previous = _carry_engine(final, cfg.output)
     model, placeholder = import_source(cfg)
-    calibration = load_images(cfg.calibration_images, "calibration") if {"fp16", "int8"} & set(cfg.precisions) else None
-    paths, fp16_range = emit_onnx(cfg, model, placeholder, calibration)
+    emitted, fp16_range = emit_onnx(cfg, model, placeholder, calibration)
     del model
+    variants: dict[str, dict[str, Path]] = {k: {"*": p} for k, p in emitted.items()}
+    quantizers: dict = {}
     if "int8" in cfg.precisions:
-        from .quantize import quantize_int8
-        quantize_int8(paths["fp32"], cfg.output / VARIANT_FILES["int8"], calibration[0])
-        paths["int8"] = cfg.output / VARIANT_FILES["int8"]
-    engine = maybe_engine(cfg, paths.get("fp16"), previous)
-    # Files from an earlier build that this one did not make must not linger (the timing cache may).
-    for variant, name in [*VARIANT_FILES.items(), ("tensorrt", ENGINE_FILE)]:
-        if variant not in paths and not (variant == "tensorrt" and engine):
-            (cfg.output / name).unlink(missing_ok=True)
-    images, source = load_images(cfg.validation_images, "validation")
-    _, checks = run_checks(paths, cfg.output / ENGINE_FILE if engine else None, images, cfg.thresholds)
-    print(table(checks))
-    files = {k: {"file": p.name, "precision": k, "sha256": sha256(p)} for k, p in paths.items()}
-    if engine:
-        files["tensorrt"] = {**engine, "sha256": sha256(cfg.output / ENGINE_FILE)}
-    validation = {"reference": "onnxruntime model.onnx", "images": int(len(images)), "source": source,
-                  "thresholds": cfg.thresholds, "checks": as_records(checks)}
-    manifest = make_manifest(cfg, placeholder, files, validation, started)
+        variants["int8"], quantizers = quantize_variants(cfg, emitted["fp32"], calibration)
+    notes: list[str] = []
+    engine = maybe_engine(cfg, emitted.get("fp16"), previous, notes)
+    if not engine:
+        (cfg.output / ENGINE_FILE).unlink(missing_ok=True)
+    _, checks = run_checks(variants, cfg.output / ENGINE_FILE if engine else None, validation.images,
+                           validation.names, cfg.gate())
+    files = file_entries(variants, quantizers, engine, cfg.output)
+    gate = cfg.gate()
+    validation_record = {"reference": "onnxruntime model.onnx", **validation.record(),
+                         "gate": {"confident_margin": gate.confident_margin,
+                                  "bounds": {k: vars(b) for k, b in gate.bounds.items()}},
+                         "checks": as_records(checks)}
+    manifest = make_manifest(cfg, placeholder, files, calibration.record() if calibration else None,
+                             validation_record, started, notes)
     if fp16_range is not None:
         manifest["fp16_range"] = fp16_range
     write_manifest(cfg.output, manifest)
-    failures = blocking_failures(checks)
-    if failures:
-        f = failures[0]
-        raise ValidationFailed(f"validation failed: {f.variant} on {f.runtime} agrees on {100 * f.agreement:.1f}% "
-                               f"of {f.images} images, needs {100 * f.threshold:.1f}% (NaN: {f.nan})")
     return manifest
+
+
+def _carry_engine(old: Path, staging: Path) -> dict | None:
+    """The previous build's manifest, with its engine and timing cache copied in for reuse."""
+    try:
+        previous = read_manifest(old)
+    except ArtifactError:
+        previous = None
+    for name in (ENGINE_FILE, TIMING_CACHE):
+        if (old / name).is_file():
+            shutil.copy2(old / name, staging / name)
+    return previous
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Move a finished artifact into ``output``: files first, the manifest last; stale files go."""
+    output.mkdir(parents=True, exist_ok=True)
+    made = {p.name for p in staging.iterdir()}
+    for name in sorted(made - {MANIFEST}) + [MANIFEST]:
+        os.replace(staging / name, output / name)
+    for name in ARTIFACT_FILES:
+        if name not in made:
+            (output / name).unlink(missing_ok=True)
 
 
 def ensure_artifact(prototxt: Path, caffemodel: Path, output: Path) -> Path:
@@ -240,10 +302,10 @@ def ensure_artifact(prototxt: Path, caffemodel: Path, output: Path) -> Path:
         source = read_manifest(output)["model"]["source"]
         if (source.get("prototxt", {}).get("sha256") == sha256(prototxt)
                 and source.get("caffemodel", {}).get("sha256") == sha256(caffemodel)):
-            print(f"reusing artifact {output}")
+            log.info("reusing artifact %s", output)
             return output
     except ArtifactError:
         pass
-    manifest = run_build(BuildConfig(prototxt, caffemodel, output))
-    print(f"artifact written to {output} in {manifest['build']['seconds']} s")
+    manifest = run_build(BuildConfig(prototxt=prototxt, caffemodel=caffemodel, output=output))
+    log.info("artifact written to %s in %s s", output, manifest["build"]["seconds"])
     return output

@@ -55,7 +55,7 @@ def load_prototxt(path: str | os.PathLike) -> "schema().NetParameter":
     return net
 
 
-def layer_type(layer) -> str:
+def layer_type(layer: pb_message.Message) -> str:
     """The type string of a current or V1 layer message."""
     if hasattr(layer, "phase"):      # LayerParameter (current)
         return layer.type
@@ -110,58 +110,70 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf, \
                 tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {Path(path).name}",
                      disable=None if progress is None else not progress, leave=False) as bar:
-            pos = 0
-            index = 0
+            pos = index = 0
             while pos < size:
                 start = pos
-                try:
-                    tag, pos = _varint(buf, pos, size)
-                    field, wire = tag >> 3, tag & 7
-                    if field == 0:
-                        raise ValueError("field number 0")
-                    if wire == 0:
-                        _, pos = _varint(buf, pos, size)
-                        continue
-                    if wire in (1, 5):
-                        pos += 8 if wire == 1 else 4
-                        if pos > size:
-                            raise EOFError
-                        continue
-                    if wire != 2:
-                        raise ValueError(f"invalid field {field} wire type {wire}")
-                    length, pos = _varint(buf, pos, size)
-                except EOFError:
-                    raise ModelFormatError(f"caffemodel {path} is truncated at byte offset {start} "
-                                           f"(file is {size} bytes)") from None
-                except ValueError as exc:
-                    raise ModelFormatError(f"caffemodel {path} is corrupt at byte offset {start}: {exc}; "
-                                           "is it a caffemodel?") from None
-                end = pos + length
-                if end > size:
-                    raise ModelFormatError(
-                        f"caffemodel {path} is truncated: the record at byte offset {start} declares "
-                        f"{length} bytes but only {size - pos} remain")
+                field, payload, pos = _next_record(buf, pos, size, path)
                 if field in (_LAYER_FIELD, _V1_LAYER_FIELD):
                     cls = S.LayerParameter if field == _LAYER_FIELD else S.V1LayerParameter
-                    with memoryview(buf)[pos:end] as view:
-                        try:
-                            layer = cls.FromString(view)
-                        except pb_message.DecodeError as exc:
-                            raise ModelFormatError(
-                                f"caffemodel {path}: layer #{index} at byte offset {start} is corrupt ({exc})") from None
+                    layer = _parse_layer(cls, buf, payload, pos, f"caffemodel {path}: layer #{index} at byte offset {start}")
                     index += 1
-                    _release(buf, pos, end)   # the parsed message now holds these bytes
                     if len(layer.blobs):
                         name, kind = layer.name, layer_type(layer)
                         where = f"caffemodel layer '{name}' (byte offset {start})"
-                        arrays, legacy = zip(*(_blob_array(b, where) for b in layer.blobs))
+                        arrays, legacy = zip(*(_blob_array(b, where) for b in layer.blobs), strict=True)
                         del layer   # keep at most one parsed layer alive beside its arrays
                         yield CaffeLayerWeights(name=name, type=kind, blobs=list(arrays),
                                                 legacy_shapes=list(legacy), offset=start)
-                bar.update(end - bar.n)
-                pos = end
+                if field is not None:
+                    bar.update(pos - bar.n)
             if index == 0:
                 raise ModelFormatError(f"caffemodel {path} holds no layers; is it a caffemodel?")
+
+
+def _next_record(buf: mmap.mmap, pos: int, size: int, path: str | os.PathLike) -> tuple[int | None, int, int]:
+    """(field, payload start, payload end) of the protobuf record at ``pos``.
+
+    Scalar records (varint, fixed32/64) are skipped: field None, and the end is just past them.
+    """
+    start = pos
+    try:
+        tag, pos = _varint(buf, pos, size)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise ValueError("field number 0")
+        if wire == 0:
+            _, pos = _varint(buf, pos, size)
+            return None, pos, pos
+        if wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > size:
+                raise EOFError
+            return None, pos, pos
+        if wire != 2:
+            raise ValueError(f"invalid field {field} wire type {wire}")
+        length, pos = _varint(buf, pos, size)
+    except EOFError as exc:
+        raise ModelFormatError(f"caffemodel {path} is truncated at byte offset {start} "
+                               f"(file is {size} bytes)") from exc
+    except ValueError as exc:
+        raise ModelFormatError(f"caffemodel {path} is corrupt at byte offset {start}: {exc}; "
+                               "is it a caffemodel?") from exc
+    if pos + length > size:
+        raise ModelFormatError(f"caffemodel {path} is truncated: the record at byte offset {start} declares "
+                               f"{length} bytes but only {size - pos} remain")
+    return field, pos, pos + length
+
+
+def _parse_layer(cls: type, buf: mmap.mmap, start: int, end: int, where: str) -> pb_message.Message:
+    """One layer message parsed from ``buf[start:end]``; those pages are released afterwards."""
+    with memoryview(buf)[start:end] as view:
+        try:
+            layer = cls.FromString(view)
+        except pb_message.DecodeError as exc:
+            raise ModelFormatError(f"{where} is corrupt ({exc})") from exc
+    _release(buf, start, end)   # the parsed message now holds these bytes
+    return layer
 
 
 def _release(buf: mmap.mmap, start: int, end: int) -> None:

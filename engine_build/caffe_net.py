@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+from google.protobuf.message import Message
 
 from .caffe_io import CaffeLayerWeights, layer_type
 from .errors import ModelFormatError, UnsupportedLayerError
@@ -110,7 +111,7 @@ def _params(kind: str, layer) -> dict:
 
 def _included(layer) -> bool:
     """Caffe's NetStateRule check for the TEST phase, level 0, no stages."""
-    def matches(rule) -> bool:
+    def matches(rule: Message) -> bool:
         if rule.HasField("phase") and rule.phase != 1:
             return False
         if rule.HasField("min_level") and rule.min_level > 0:
@@ -177,7 +178,7 @@ def _infer(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
     return out
 
 
-def build_net(proto) -> Net:
+def build_net(proto: Message) -> Net:
     """Resolve a parsed deploy prototxt into an ordered chain of supported layers."""
     input_name, dims, raw_layers = _input_spec(proto)
     if len(dims) != 4:
@@ -204,7 +205,7 @@ def build_net(proto) -> Net:
                 raise ValueError(f"needs a C,H,W input, got {list(shape)}")
             layer.out_shape = shape = _infer(layer, shape)
         except ValueError as exc:
-            raise ModelFormatError(f"layer '{raw.name}' ({kind}): {exc}") from None
+            raise ModelFormatError(f"layer '{raw.name}' ({kind}): {exc}") from exc
         layers.append(layer)
         current = raw.top[0]
     if not layers:
@@ -212,7 +213,7 @@ def build_net(proto) -> Net:
     return Net(name=proto.name or "caffe_net", input_name=input_name, input_shape=shape_of(dims), layers=layers)
 
 
-def shape_of(dims) -> tuple[int, int, int]:
+def shape_of(dims: Iterable[int]) -> tuple[int, int, int]:
     return tuple(int(d) for d in dims[1:4])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,18 +20,17 @@ REAL_WEIGHTS_HINT = ("The authors publish the real weights (twitter_finetuned_te
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .build import BuildConfig, run_build
-    if bool(args.onnx) == bool(args.prototxt or args.caffemodel) or bool(args.prototxt) != bool(args.caffemodel):
-        raise UserError("give either --prototxt and --caffemodel, or --onnx")
-    cfg = BuildConfig(prototxt=args.prototxt, caffemodel=args.caffemodel, onnx=args.onnx, output=args.output,
-                      precisions=tuple(dict.fromkeys(args.precision)), oversample=args.oversample,
-                      max_batch=args.max_batch, tensorrt=args.tensorrt,
-                      calibration_images=args.calibration_images, validation_images=args.validation_images,
-                      thresholds={"fp16": args.fp16_threshold / 100, "int8": args.int8_threshold / 100})
-    for path, flag in ((args.prototxt, "--prototxt"), (args.caffemodel, "--caffemodel"), (args.onnx, "--onnx")):
-        if path is not None and not path.is_file():
-            raise UserError(f"{flag} {path}: no such file")
-    manifest = run_build(cfg)
+    from .build import run_build
+    from .config import BuildConfig
+    from .errors import ValidationFailed
+    cfg = BuildConfig.from_namespace(args)
+    try:
+        manifest = run_build(cfg)
+    except ValidationFailed as exc:
+        if exc.manifest:
+            _print_build_report(exc.manifest)
+        raise
+    _print_build_report(manifest)
     print(f"artifact written to {args.output} in {manifest['build']['seconds']} s "
           f"(peak memory {manifest['build']['peak_rss_mib']} MiB)")
     if manifest["model"]["placeholder"]:
@@ -38,16 +38,44 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_build_report(manifest: dict) -> None:
+    for note in manifest["build"].get("notes", []):
+        print(f"engine_build: {note}")
+    print(_validation_summary(manifest))
+
+
+def _validation_summary(manifest: dict) -> str:
+    from .validate import Check, table
+    v, c = manifest["validation"], manifest.get("calibration")
+    lines = []
+    if c:
+        lines.append(f"calibration {c['images']} images from {c['source']} ({len(c['image_sha256'])} source files)")
+    gate = v.get("gate", {})
+    lines.append(f"validation  {v['images']} images from {v['source']} ({len(v.get('image_sha256', {}))} source files, "
+                 f"none used for calibration), reference {v['reference']}")
+    if gate:
+        bounds = ", ".join(f"{k} max|dp| <= {b['max_abs_diff']:g}, mean <= {b['mean_abs_diff']:g}"
+                           for k, b in gate["bounds"].items())
+        lines.append(f"gate        no flip where FP32 |p-0.5| >= {gate['confident_margin']:g}; {bounds}; no NaN")
+    lines.append(table([Check.from_record(r) for r in v["checks"]]))
+    return "\n".join(lines)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .artifact import open_artifact
+    from .errors import ConfigError
     from .evaluate import evaluate, read_list
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be at least 1")
+    if not args.images.is_dir():
+        raise ConfigError(f"--images {args.images}: no such folder")
     entries = read_list(args.list)
     manifest, choice, backend = open_artifact(args.artifact, args.backend, args.precision, args.exact_precision,
                                               max_batch=args.batch)
     with backend:
         result = evaluate(backend, args.images, entries, batch=args.batch)
     crop = manifest["preprocessing"]["crop"]
-    print(f"{args.list}: {backend.describe()}, crop: {crop}")
+    print(f"{args.list}: {backend.describe()} ({choice.reason}), crop: {crop}")
     if manifest["model"]["placeholder"]:
         print(PLACEHOLDER_BANNER)
     print(result.report())
@@ -56,7 +84,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .manifest import read_manifest
-    from .validate import Check, table
     manifest = read_manifest(args.artifact)
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -68,19 +95,19 @@ def _inspect(args: argparse.Namespace) -> int:
           f"{manifest['input']['channels']}")
     print(f"crop        {manifest['preprocessing']['crop']}, mean BGR {[round(m, 3) for m in manifest['preprocessing']['mean_bgr']]}")
     for key, entry in manifest["files"].items():
-        print(f"file        {entry['file']:<18} {entry['precision']:<5} sha256 {entry['sha256'][:16]}"
-              + (f"  {engine_lines(entry)}" if key == "tensorrt" else ""))
+        extra = f"  {engine_lines(entry)}" if key == "tensorrt" else ""
+        made = f"  {entry['quantizer']['quantizer']} {entry['quantizer']['version']}" if "quantizer" in entry else ""
+        print(f"file        {entry['file']:<28} {entry['precision']:<5} sha256 {entry['sha256'][:16]}{extra}{made}")
+        for runtime, own in entry.get("by_runtime", {}).items():
+            print(f"file        {own['file']:<28} {entry['precision']:<5} sha256 {own['sha256'][:16]}  "
+                  f"{own['quantizer']['quantizer']} {own['quantizer']['version']}, for {runtime}")
     if "fp16_range" in manifest:
         print(fp16_range_lines(manifest["fp16_range"]))
     for kind, entry in model["source"].items():
         print(f"source      {kind} {entry['path']} (sha256 {entry['sha256'][:16]})")
     print(f"built       {manifest['build']['created']} in {manifest['build']['seconds']} s, "
           f"tools: {', '.join(f'{k} {v}' for k, v in manifest['tools'].items())}")
-    v = manifest["validation"]
-    print(f"validation  {v['images']} images from {v['source']}, reference {v['reference']}")
-    checks = [Check(**{k: (float('nan') if k == 'max_abs_diff' and c[k] is None else c[k])
-                       for k in Check.__dataclass_fields__}) for c in v["checks"]]
-    print(table(checks))
+    print(_validation_summary(manifest))
     return 0
 
 
@@ -117,7 +144,13 @@ def fp16_range_lines(audit: dict, limit: int = 40) -> str:
 
 def _placeholder(args: argparse.Namespace) -> int:
     from .placeholder import write_placeholder
-    prototxt, caffemodel = write_placeholder(args.output, seed=args.seed, legacy_format=args.legacy_format)
+    from .errors import ConfigError
+    if args.output.exists() and not args.output.is_dir():
+        raise ConfigError(f"--output {args.output}: is a file; give a directory")
+    if args.logit_std <= 0:
+        raise ConfigError(f"--logit-std {args.logit_std:g}: must be above 0")
+    prototxt, caffemodel = write_placeholder(args.output, seed=args.seed, legacy_format=args.legacy_format,
+                                             logit_std=args.logit_std)
     print(f"wrote {prototxt} and {caffemodel}")
     print(PLACEHOLDER_BANNER)
     print(REAL_WEIGHTS_HINT)
@@ -133,29 +166,21 @@ def parser() -> argparse.ArgumentParser:
         epilog=REAL_WEIGHTS_HINT)
     top.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_build, _add_evaluate, _add_inspect, _add_placeholder):
+        add(sub)
+    return top
 
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build and validate an artifact directory",
                        description="Build DIR/model.onnx (+ model.fp16.onnx, model.int8.onnx, engine.plan) and "
                                    "DIR/manifest.json. Input: uint8 [N,256,256,3] BGR; outputs probs and logits [N,2].")
-    b.add_argument("--prototxt", type=Path, help="deploy prototxt (text)")
-    b.add_argument("--caffemodel", type=Path, help="trained weights (binary)")
-    b.add_argument("--onnx", type=Path,
-                   help="instead of the Caffe files: an ONNX classifier taking Caffe's data blob, float32 "
-                        "[N,3,227,227] mean-subtracted BGR, and giving 2 scores (logits or softmax; 0 negative)")
-    b.add_argument("--output", type=Path, required=True, help="artifact directory to write")
-    b.add_argument("--precision", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"],
-                   help="variants to make (fp32 is always made: it is the reference); default all three")
-    b.add_argument("--oversample", action="store_true",
-                   help="average the authors' 10 crops (corners + centre, mirrored) instead of the centre crop")
-    b.add_argument("--max-batch", type=int, default=32, help="largest batch of the TensorRT profile (default 32)")
-    b.add_argument("--tensorrt", action="store_true",
-                   help="also build engine.plan from the FP16 model (needs TensorRT and a GPU; skipped with a note otherwise)")
-    b.add_argument("--calibration-images", type=Path, help="folder of photos for INT8 calibration (default: built-in photos)")
-    b.add_argument("--validation-images", type=Path, help="folder of photos for the validation gate (default: built-in photos)")
-    b.add_argument("--fp16-threshold", type=float, default=99.5, help="minimum label agreement in %% for FP16/bf16 (default 99.5)")
-    b.add_argument("--int8-threshold", type=float, default=98.0, help="minimum label agreement in %% for INT8 (default 98)")
+    from .config import add_arguments
+    add_arguments(b)
     b.set_defaults(func=_build)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="accuracy on an IMAGE LABEL list (the authors' protocol)",
                        description="Accuracy and confusion matrix of an artifact on a list of 'IMAGE LABEL' lines "
                                    "(0 = negative, 1 = positive), images read from --images. The crop mode "
@@ -163,27 +188,34 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("artifact", type=Path, help="artifact directory")
     e.add_argument("--images", type=Path, required=True, help="folder the list's image names are relative to")
     e.add_argument("--list", type=Path, required=True, help="list file, e.g. ground_truth/test4/test.txt")
-    e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
-                   help="variant to evaluate (default fp32, the reference)")
-    e.add_argument("--backend", default="onnxruntime", choices=["auto", "tensorrt", "openvino", "onnxruntime"],
-                   help="runtime (default onnxruntime, the reference)")
+    e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                   help="variant to evaluate (default: the one the service would choose, as --backend auto does)")
+    e.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "openvino", "onnxruntime"],
+                   help="runtime (default auto: the one the service would choose on this machine; "
+                        "--backend onnxruntime --precision fp32 is the reference)")
     e.add_argument("--exact-precision", action="store_true", help="forbid runtimes from lowering precision (OpenVINO bf16)")
     e.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
     e.set_defaults(func=_evaluate)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="show an artifact's manifest and validation table")
     i.add_argument("artifact", type=Path)
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.set_defaults(func=_inspect)
 
+
+def _add_placeholder(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("placeholder-model", help="write a seeded placeholder model in the published architecture",
                        description="Write DIR/deploy.prototxt and DIR/placeholder.caffemodel: CaffeNet-Twitter with "
                                    "seeded weights, for demos and tests. " + PLACEHOLDER_BANNER + ".")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--legacy-format", action="store_true", help="write V1 'layers' records as pre-2015 Caffe did")
+    p.add_argument("--logit-std", type=float, default=4.0,
+                   help="spread of the final logit gap over the built-in photos (default 4); 0.3 makes a model "
+                        "with many near-ties (p within 0.05 of 0.5), the hard case for INT8")
     p.set_defaults(func=_placeholder)
-    return top
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"engine_build: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (``inspect --json | head``): say so once, and stop Python from
+        # failing again while flushing stdout at exit.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):   # stdout is not a real file (tests)
+            pass
+        print("engine_build: error: output closed by the reader before it was all written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("engine_build: interrupted", file=sys.stderr)

@@ -7,7 +7,7 @@
     │   │   └── UnsupportedLayerError
     │   ├── ArtifactError           an artifact directory is missing, tampered with or stale
     │   │   └── StaleEngineError    engine.plan was built for another GPU/TensorRT/batch range
-    │   ├── ValidationFailed        a variant is under its agreement threshold
+    │   ├── ValidationFailed        a variant failed its validation gate (flips, |dp| bounds, NaN)
     │   ├── KafkaPermanent          a Kafka error that can never succeed (unsupported codec,
     │   │                           authorisation, corrupt batch); the service drains and exits
     │   └── BackendUnavailable      a runtime (TensorRT, GPU, OpenVINO) is not installed/usable
@@ -55,7 +55,11 @@ class StaleEngineError(ArtifactError):
 
 
 class ValidationFailed(UserError):
-    pass
+    """A variant failed its gate; ``manifest`` is the artifact's manifest, which records it."""
+
+    def __init__(self, message: str, manifest: dict | None = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
 
 
 class BackendUnavailable(UserError):

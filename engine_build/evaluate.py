@@ -30,17 +30,27 @@ class Evaluation:
                  f"{'':>10}{LABELS[0]:>10}{LABELS[1]:>10}{'count':>8}"]
         for i, name in enumerate(LABELS):
             lines.append(f"{name:>10}{self.confusion[i, 0]:>10}{self.confusion[i, 1]:>10}{self.confusion[i].sum():>8}")
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} unreadable images, first: {self.skipped[0][0]} ({self.skipped[0][1]})")
+        missing = [name for name, why in self.skipped if why == "missing"]
+        unreadable = [(name, why) for name, why in self.skipped if why != "missing"]
+        if missing:
+            lines.append(f"skipped {len(missing)} listed images missing from the folder: {_first(missing)}")
+        if unreadable:
+            lines.append(f"skipped {len(unreadable)} unreadable images: "
+                         + _first([f"{name} ({why})" for name, why in unreadable]))
         return "\n".join(lines)
 
 
+def _first(items: list[str], shown: int = 5) -> str:
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
 def read_list(path: Path) -> list[tuple[str, int]]:
+    """``IMAGE LABEL`` lines; a malformed line is a one-line error naming it."""
     entries = []
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
-        raise ConfigError(f"cannot read list {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read list {path}: {exc.strerror}") from exc
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -55,6 +65,7 @@ def read_list(path: Path) -> list[tuple[str, int]]:
 
 def evaluate(backend: Backend, images_dir: Path, entries: list[tuple[str, int]], batch: int = 16,
              progress: bool | None = None) -> Evaluation:
+    """Accuracy and confusion of ``backend`` on the listed images; missing and unreadable ones are counted apart."""
     confusion = np.zeros((2, 2), dtype=int)
     skipped: list[tuple[str, str]] = []
     pending: list[tuple[np.ndarray, int]] = []
@@ -70,7 +81,7 @@ def evaluate(backend: Backend, images_dir: Path, entries: list[tuple[str, int]],
         path = Path(images_dir) / name
         try:
             pending.append((decode(path.read_bytes()), label))
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             skipped.append((name, "missing"))
         except DecodeError as exc:
             skipped.append((name, exc.reason))
@@ -78,5 +89,7 @@ def evaluate(backend: Backend, images_dir: Path, entries: list[tuple[str, int]],
             flush()
     flush()
     if not confusion.sum():
-        raise ConfigError(f"none of the {len(entries)} listed images could be read from {images_dir}")
+        missing = sum(why == "missing" for _, why in skipped)
+        raise ConfigError(f"none of the {len(entries)} listed images could be read from {images_dir}: "
+                          f"{missing} missing, {len(skipped) - missing} unreadable (first: {skipped[0][0]}, {skipped[0][1]})")
     return Evaluation(int(confusion.sum()), int(np.trace(confusion)), confusion, skipped)

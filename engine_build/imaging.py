@@ -49,10 +49,10 @@ def probe(data: bytes, limits: DecodeLimits = DecodeLimits()) -> ImageInfo:
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
-    except UnidentifiedImageError:
-        raise DecodeError("not_an_image", "bytes are not a recognised image format") from None
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not_an_image", "bytes are not a recognised image format") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DecodeError("corrupt", f"unreadable image header: {exc}") from None
+        raise DecodeError("corrupt", f"unreadable image header: {exc}") from exc
     if fmt not in FORMATS:
         raise DecodeError("unsupported_format", f"{fmt} images are not accepted (JPEG, PNG, WebP, BMP, TIFF)")
     if width <= 0 or height <= 0:
@@ -81,7 +81,7 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
-        raise DecodeError("corrupt", f"OpenCV could not decode the {info.format}: {str(exc).strip()[:120]}") from None
+        raise DecodeError("corrupt", f"OpenCV could not decode the {info.format}: {str(exc).strip()[:120]}") from exc
     if image is None:
         raise DecodeError("corrupt", f"OpenCV could not decode the {info.format} ({info.width}x{info.height})")
     if image.dtype != np.uint8:   # defensive: IMREAD_COLOR already yields 8-bit
@@ -97,9 +97,30 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def builtin_photos() -> list[Path]:
-    """The real photos shipped with the package (see photos/ATTRIBUTION.md)."""
-    return list_images(Path(__file__).parent / "photos")
+# The built-in photos in two disjoint halves, so that the gate never checks INT8 on the
+# photos it was calibrated on. Each half mixes scenes, textures and grayscale images.
+CALIBRATION_PHOTOS = ("astronaut", "brick", "chelsea", "coins", "grass", "hubble_deep_field", "ihc", "text")
+
+
+def builtin_photos(subset: str | None = None) -> list[Path]:
+    """The real photos shipped with the package (see photos/ATTRIBUTION.md).
+
+    ``subset``: None for all, ``"calibration"`` or ``"validation"`` for one of the two disjoint halves.
+    """
+    photos = list_images(Path(__file__).parent / "photos")
+    if subset is None:
+        return photos
+    if subset not in ("calibration", "validation"):
+        raise ValueError(f"subset must be 'calibration' or 'validation', not {subset!r}")
+    return [p for p in photos if (p.stem in CALIBRATION_PHOTOS) == (subset == "calibration")]
+
+
+def view_names(paths: list[Path]) -> list[str]:
+    """Names of the views :func:`photo_views` makes, in its order (``chelsea.jpg#0`` is the whole photo)."""
+    return [f"{Path(p).name}#{i}" for p in paths for i in range(VIEWS_PER_PHOTO)]
+
+
+VIEWS_PER_PHOTO = 6
 
 
 def photo_views(paths: list[Path]) -> np.ndarray:

@@ -15,6 +15,9 @@ from .errors import ArtifactError
 MANIFEST = "manifest.json"
 FORMAT = 1
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# A variant may have a file of its own for one runtime (``files[variant]["by_runtime"]``):
+# the INT8 file that is fastest on ONNX Runtime is not the one that is fastest on OpenVINO.
+RUNTIME_FILES = {("int8", "onnxruntime"): "model.int8.onnxruntime.onnx"}
 ENGINE_FILE, TIMING_CACHE = "engine.plan", "timing.cache"
 
 
@@ -47,6 +50,13 @@ def read_manifest(directory: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {manifest.get('format')!r}, this version reads {FORMAT}")
     return manifest
+
+
+def variant_entry(manifest: dict, key: str, runtime: str) -> dict:
+    """The file entry ``runtime`` runs for ``key``: the runtime's own file where the build made one."""
+    entry = manifest["files"][key]
+    own = entry.get("by_runtime", {}).get(runtime)
+    return {**{k: v for k, v in entry.items() if k != "by_runtime"}, **own} if own else entry
 
 
 def verify_file(directory: Path, entry: dict) -> Path:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 from google.protobuf import text_format
+from google.protobuf.message import Message
 
 from .caffe_io import load_prototxt, write_caffemodel
-from .caffe_net import build_net, expected_blob_shapes
+from .caffe_net import Net, build_net, expected_blob_shapes
 from .caffe_schema import schema
 
 PLACEHOLDER_NAME = "Twitter_finetuned_PLACEHOLDER"
@@ -45,7 +46,7 @@ _PARAM_FIELD = {"Convolution": "convolution_param", "InnerProduct": "inner_produ
 
 
 def deploy_net(width: float = 1.0, name: str = PLACEHOLDER_NAME, input_form: str = "input_dim",
-               overrides: dict[str, dict] | None = None):
+               overrides: dict[str, dict] | None = None) -> Message:
     """NetParameter for CaffeNet-Twitter; ``width`` < 1 shrinks channel counts for tests.
 
     ``input_form``: ``input_dim`` (as published), ``input_shape`` or ``layer`` (Input layer).
@@ -85,18 +86,21 @@ def deploy_net(width: float = 1.0, name: str = PLACEHOLDER_NAME, input_form: str
     return net
 
 
-def _final_layer(net, features: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+def _final_layer(net: Net, features: np.ndarray, rng: np.random.Generator, logit_std: float = 4.0) -> list[np.ndarray]:
     """fc8 that reads the top principal direction of the features, centred on their median.
 
     Deep ReLU nets with random weights map every image to nearly the same features;
     a random final layer then gives margins inside numerical noise. Projecting onto
     the direction along which real photos differ most gives image-dependent labels,
     a quarter to three quarters of each on the built-in photos, with logit gaps of a few units.
+    ``logit_std`` is the spread of the logit gap over the photos: a small one (0.3) makes a model
+    with many near-ties (probabilities within 0.05 of 0.5), as a real two-class model has on
+    ambiguous photos, which is the hard case for reduced precision.
     """
     centred = features - features.mean(axis=0)
     direction = np.linalg.svd(centred, full_matrices=False)[2][0]
     projection = features @ direction
-    direction = direction * (4.0 / max(projection.std(), 1e-12))
+    direction = direction * (logit_std / max(projection.std(), 1e-12))
     # Decision boundary in the widest gap among the middle half of the photos, so
     # no photo sits right on it and the precision variants can be compared fairly.
     ordered = np.sort(features @ direction)
@@ -110,7 +114,7 @@ def _final_layer(net, features: np.ndarray, rng: np.random.Generator) -> list[np
     return [weight, bias]
 
 
-def seeded_weights(net, seed: int = 0) -> list[tuple[str, str, list[np.ndarray]]]:
+def seeded_weights(net: Net, seed: int = 0, logit_std: float = 4.0) -> list[tuple[str, str, list[np.ndarray]]]:
     """He-initialised weights; the last layer is fitted to the features of the built-in photos."""
     import dataclasses
 
@@ -131,14 +135,18 @@ def seeded_weights(net, seed: int = 0) -> list[tuple[str, str, list[np.ndarray]]
     body = dataclasses.replace(net, layers=net.layers[:last])
     session = ort.InferenceSession(build_onnx(body).SerializeToString(), providers=["CPUExecutionProvider"])
     features = session.run(["logits"], {"images": photo_views(builtin_photos())})[0].astype(np.float64)
-    learned[-1].weights = _final_layer(net, features, rng)
+    learned[-1].weights = _final_layer(net, features, rng, logit_std)
     return [(layer.name, layer.type, layer.weights) for layer in learned]
 
 
 def write_placeholder(output: str | Path, width: float = 1.0, seed: int = 0,
                       legacy_format: bool = False, legacy_shapes: bool = False, packed: bool = True,
-                      input_form: str = "input_dim", overrides: dict[str, dict] | None = None) -> tuple[Path, Path]:
-    """Write ``deploy.prototxt`` and ``placeholder.caffemodel`` into ``output``."""
+                      input_form: str = "input_dim", overrides: dict[str, dict] | None = None,
+                      logit_std: float = 4.0) -> tuple[Path, Path]:
+    """Write ``deploy.prototxt`` and ``placeholder.caffemodel`` into ``output``.
+
+    ``logit_std``: spread of the final logit gap over the built-in photos (see ``_final_layer``).
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     proto = deploy_net(width, input_form=input_form, overrides=overrides)
@@ -147,7 +155,7 @@ def write_placeholder(output: str | Path, width: float = 1.0, seed: int = 0,
                         + text_format.MessageToString(proto))
     net = build_net(load_prototxt(prototxt))
     caffemodel = output / "placeholder.caffemodel"
-    write_caffemodel(caffemodel, proto.name, seeded_weights(net, seed),
+    write_caffemodel(caffemodel, proto.name, seeded_weights(net, seed, logit_std),
                      legacy_format=legacy_format, legacy_shapes=legacy_shapes, packed=packed)
     return prototxt, caffemodel
 

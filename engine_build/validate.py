@@ -1,14 +1,21 @@
 """The validation gate: every variant against the FP32 reference, on every runtime.
 
-The reference is ONNX Runtime on ``model.onnx``. A check records the largest absolute
-difference of ``probs``, the share of images whose label agrees, and whether any
-output was NaN. A check passes when agreement reaches the threshold for the precision
-actually computed (INT8 or not) and nothing is NaN.
+The reference is ONNX Runtime on ``model.onnx``, run on validation photos that share no
+source file with the INT8 calibration photos. Raw label agreement says little on a
+two-class model: an image the reference puts at p = 0.501 flips on any rounding. So a
+check passes when
+
+- no label flips where the reference is confident (|p - 0.5| >= ``Gate.confident_margin``),
+- max and mean |Δp| (over both probabilities) stay within the bounds for the precision
+  actually computed (INT8, or FP16/bf16), and
+- nothing is NaN;
+
+and it reports raw agreement, the number of near-ties and how many of them flipped.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +25,23 @@ from .runtime import open_backend
 from .runtime.base import Outputs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    max_abs_diff: float
+    mean_abs_diff: float
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a variant must meet; built from ``BuildConfig`` (where the defaults live)."""
+    confident_margin: float
+    bounds: dict[str, Bounds]      # "int8" and "fp16" (any float precision below FP32, bf16 included)
+
+    def bounds_for(self, compute: str) -> tuple[str, Bounds]:
+        kind = "int8" if "int8" in compute else "fp16"
+        return kind, self.bounds[kind]
 
 
 @dataclass
@@ -30,8 +54,13 @@ class Check:
     max_abs_diff: float
     agreement: float
     nan: bool
-    threshold: float
     passed: bool
+    file: str = ""
+    mean_abs_diff: float = float("nan")
+    near_ties: int = 0                  # reference within confident_margin of 0.5
+    near_tie_flips: int = 0
+    confident_flips: list = field(default_factory=list)   # [{"image", "reference_p"}]
+    limits: dict = field(default_factory=dict)            # {"max_abs_diff", "mean_abs_diff"}
     note: str = ""
 
     @property
@@ -39,48 +68,98 @@ class Check:
         """True when the runtime computes below the file's own precision (OpenVINO bf16)."""
         return self.mode == "default" and self.compute not in (self.variant, "fp32", "int8")
 
+    @classmethod
+    def from_record(cls, record: dict) -> Check:
+        """The inverse of :func:`as_records` (NaN comes back from JSON null)."""
+        values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
+        for key in ("max_abs_diff", "mean_abs_diff"):
+            if values.get(key) is None:
+                values[key] = float("nan")
+        return cls(**values)
 
-def compare(reference: np.ndarray, outputs: Outputs) -> tuple[float, float, bool]:
-    probs = outputs.probs
+    def failure(self) -> str:
+        """One line saying why this check failed (empty when it passed)."""
+        if self.passed:
+            return ""
+        what = f"{self.variant} on {self.runtime} ({self.mode}, {self.file or '?'})"
+        reasons = []
+        if self.nan:
+            reasons.append("NaN in its output")
+        if self.confident_flips:
+            shown = ", ".join(f"{f['image']} (FP32 p(positive) {f['reference_p']:.3f})" for f in self.confident_flips[:5])
+            more = f" and {len(self.confident_flips) - 5} more" if len(self.confident_flips) > 5 else ""
+            reasons.append(f"{len(self.confident_flips)} label flip(s) where FP32 is confident: {shown}{more}")
+        if self.max_abs_diff > self.limits.get("max_abs_diff", float("inf")):
+            reasons.append(f"max |dp| {self.max_abs_diff:.4f} > {self.limits['max_abs_diff']}")
+        if self.mean_abs_diff > self.limits.get("mean_abs_diff", float("inf")):
+            reasons.append(f"mean |dp| {self.mean_abs_diff:.4f} > {self.limits['mean_abs_diff']}")
+        return f"{what}: " + "; ".join(reasons or ["failed"])
+
+
+def compare(reference: np.ndarray, probs: np.ndarray, names: list[str], gate: Gate, compute: str) -> dict:
+    """The gate's measurements of ``probs`` against ``reference`` (both [N, 2])."""
     nan = bool(np.isnan(probs).any())
-    diff = float(np.nanmax(np.abs(probs - reference))) if not nan else float("nan")
-    agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
-    return diff, agreement, nan
+    diff = np.abs(probs - reference)
+    ref_p = reference[:, 1]
+    near = np.abs(ref_p - 0.5) < gate.confident_margin
+    flips = probs.argmax(1) != reference.argmax(1)
+    kind, bounds = gate.bounds_for(compute)
+    result = {
+        "nan": nan,
+        "max_abs_diff": float(np.nanmax(diff)) if not nan else float("nan"),
+        "mean_abs_diff": float(np.nanmean(diff)) if not nan else float("nan"),
+        "agreement": float(1.0 - flips.mean()),
+        "near_ties": int(near.sum()),
+        "near_tie_flips": int((flips & near).sum()),
+        "confident_flips": [{"image": names[i], "reference_p": round(float(ref_p[i]), 4)}
+                            for i in np.flatnonzero(flips & ~near)],
+        "limits": asdict(bounds),
+    }
+    result["passed"] = (not nan and not result["confident_flips"] and result["max_abs_diff"] <= bounds.max_abs_diff
+                        and result["mean_abs_diff"] <= bounds.mean_abs_diff)
+    return result
 
 
-def _plan(variants: dict[str, Path], engine: Path | None) -> list[tuple[str, Path, str, str, bool]]:
-    """(variant, file, runtime, mode, exact) for every runtime the service may use."""
+def _plan(variants: dict[str, dict[str, Path]], engine: Path | None) -> list[tuple[str, Path, str, str, bool]]:
+    """(variant, file, runtime, mode, exact) for every runtime the service may use.
+
+    ``variants`` maps a variant to its file per runtime (``"*"`` for any runtime).
+    """
     plan = []
-    for variant, path in variants.items():
-        if variant != "fp32":   # fp32 on ONNX Runtime is the reference itself
-            plan.append((variant, path, "onnxruntime", "exact", True))
-        plan.append((variant, path, "openvino", "exact", True))
-        plan.append((variant, path, "openvino", "default", False))
+    for variant, by_runtime in variants.items():
+        for runtime, mode, exact in (("onnxruntime", "exact", True), ("openvino", "exact", True),
+                                     ("openvino", "default", False)):
+            if variant == "fp32" and runtime == "onnxruntime":
+                continue    # the reference itself
+            plan.append((variant, by_runtime.get(runtime, by_runtime.get("*")), runtime, mode, exact))
     if engine is not None:
         plan.append(("tensorrt", engine, "tensorrt", "exact", True))
     return plan
 
 
-def run_checks(variants: dict[str, Path], engine: Path | None, images: np.ndarray,
-               thresholds: dict[str, float], max_batch: int = 16) -> tuple[np.ndarray, list[Check]]:
+def reference_probs(fp32: Path, images: np.ndarray, max_batch: int = 16) -> np.ndarray:
+    with open_backend("onnxruntime", fp32, "fp32", max_batch) as ref:
+        return ref.infer(images).probs
+
+
+def run_checks(variants: dict[str, dict[str, Path]], engine: Path | None, images: np.ndarray, names: list[str],
+               gate: Gate, max_batch: int = 16) -> tuple[np.ndarray, list[Check]]:
     """Reference probabilities and one Check per (variant, runtime, mode)."""
-    with open_backend("onnxruntime", variants["fp32"], "fp32", max_batch) as ref:
-        reference = ref.infer(images).probs
+    reference = reference_probs(variants["fp32"]["*"], images, max_batch)
     checks = []
     for variant, path, runtime, mode, exact in _plan(variants, engine):
         precision = "fp16" if variant == "tensorrt" else variant
         try:
             with open_backend(runtime, path, precision, max_batch, exact=exact) as backend:
-                outputs = backend.infer(images)
+                outputs: Outputs = backend.infer(images)
                 compute = backend.compute_precision
         except (BackendUnavailable, ModelFormatError) as exc:
-            checks.append(Check(variant, runtime, mode, "-", len(images), float("nan"), 0.0, False, 0.0,
-                                False, note=f"not run: {exc}"))
+            checks.append(Check(variant, runtime, mode, "-", len(images), float("nan"), 0.0, False, False,
+                                file=Path(path).name, note=f"not run: {exc}"))
             continue
-        diff, agreement, nan = compare(reference, outputs)
-        threshold = thresholds["int8"] if "int8" in compute else thresholds["fp16"]
-        checks.append(Check(variant, runtime, mode, compute, len(images), diff, agreement, nan, threshold,
-                            passed=(not nan and agreement >= threshold)))
+        measured = compare(reference, outputs.probs, names, gate, compute)
+        checks.append(Check(variant, runtime, mode, compute, len(images), file=Path(path).name, **measured))
+        log.info("checked %s on %s (%s): max |dp| %.4f", variant, runtime, mode, measured["max_abs_diff"])
     return reference, checks
 
 
@@ -95,25 +174,32 @@ def blocking_failures(checks: list[Check]) -> list[Check]:
 
 
 def table(checks: list[Check]) -> str:
-    rows = [("variant", "runtime", "mode", "computes", "images", "max|dprobs|", "agree", "NaN", "needs", "result")]
+    """The gate's results as a text table, with a line per failure and per check not run."""
+    rows = [("variant", "runtime", "mode", "computes", "file", "images", "max|dp|", "mean|dp|", "agree",
+             "near-ties (flipped)", "confident flips", "NaN", "result")]
     for c in checks:
-        result = ("PASS" if c.passed else "FAIL") if not c.note else "n/a"
-        rows.append((c.variant, c.runtime, c.mode, c.compute, str(c.images),
-                     "-" if c.note else f"{c.max_abs_diff:.2e}", "-" if c.note else f"{100 * c.agreement:.1f}%",
-                     "yes" if c.nan else "no", f"{100 * c.threshold:.1f}%" if not c.note else "-", result))
+        ran = not c.note
+        rows.append((c.variant, c.runtime, c.mode, c.compute, c.file, str(c.images),
+                     f"{c.max_abs_diff:.2e}" if ran else "-", f"{c.mean_abs_diff:.2e}" if ran else "-",
+                     f"{100 * c.agreement:.1f}%" if ran else "-", f"{c.near_ties} ({c.near_tie_flips})" if ran else "-",
+                     str(len(c.confident_flips)) if ran else "-", "yes" if c.nan else "no",
+                     ("PASS" if c.passed else "FAIL") if ran else "n/a"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"  {c.variant}/{c.runtime}: {c.note}" for c in checks if c.note]
-    return "\n".join(lines + notes)
+    failures = [f"  FAIL {c.failure()}" for c in checks if not c.passed and not c.note]
+    return "\n".join(lines + failures + notes)
 
 
 def as_records(checks: list[Check]) -> list[dict]:
+    """JSON-ready dicts (NaN becomes null), with the derived ``lowered`` flag."""
     out = []
     for c in checks:
         record = asdict(c)
         record["lowered"] = c.lowered
-        if record["max_abs_diff"] != record["max_abs_diff"]:   # NaN is not JSON
-            record["max_abs_diff"] = None
+        for key in ("max_abs_diff", "mean_abs_diff"):
+            if record[key] != record[key]:   # NaN is not JSON
+                record[key] = None
         out.append(record)
     return out

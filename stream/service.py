@@ -56,8 +56,7 @@ class Service:
         self.manifest, self.selection, self.backend = open_artifact(
             cfg.artifact, cfg.backend, cfg.precision, cfg.exact_precision, cfg.max_batch,
             threads=cfg.inference_threads or None)
-        key = "tensorrt" if self.selection.backend == "tensorrt" else self.selection.precision
-        self.model_info = {"name": self.manifest["model"]["name"], "sha256": self.manifest["files"][key]["sha256"],
+        self.model_info = {"name": self.manifest["model"]["name"], "sha256": self.selection.sha256,
                            "precision": self.selection.precision, "placeholder": self.manifest["model"]["placeholder"],
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
         self._reachable = True

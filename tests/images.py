@@ -14,8 +14,10 @@ from PIL import Image
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "engine_build" / "photos").glob("*.jpg"))
 
 
-def photo(i: int = 0) -> np.ndarray:
-    return cv2.imread(str(PHOTOS[i % len(PHOTOS)]), cv2.IMREAD_COLOR)
+def photo(which: int | str = 0) -> np.ndarray:
+    """A built-in photo by index or by name (``"chelsea"``)."""
+    path = next(p for p in PHOTOS if p.stem == which) if isinstance(which, str) else PHOTOS[which % len(PHOTOS)]
+    return cv2.imread(str(path), cv2.IMREAD_COLOR)
 
 
 def encode(image: np.ndarray, ext: str, params: list[int] | None = None) -> bytes:

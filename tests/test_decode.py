@@ -65,7 +65,7 @@ def test_large_jpeg_decodes_at_reduced_scale_close_to_full():
 
 def test_exif_orientation_is_applied():
     """A landscape photo stored with orientation 6 (rotate 90 CW) comes out portrait."""
-    rgb = cv2.cvtColor(photo(3), cv2.COLOR_BGR2RGB)   # 600x400 landscape
+    rgb = cv2.cvtColor(photo("chelsea"), cv2.COLOR_BGR2RGB)   # 451x300 landscape
     marker = rgb.copy()
     marker[:50, :50] = (255, 0, 0)                     # red block at the stored top-left
     exif = Image.Exif()

@@ -61,11 +61,13 @@ def test_bad_config_is_one_line(extra, message, capsys, small_artifact):
 
 
 def test_tampered_artifact_is_refused_before_consuming(small_artifact, tmp_path, capsys):
+    from engine_build.artifact import select
     copy = tmp_path / "art"
     shutil.copytree(small_artifact, copy)
-    data = bytearray((copy / "model.int8.onnx").read_bytes())
+    chosen = select(copy, "onnxruntime")[1].file          # the file ONNX Runtime would run
+    data = bytearray(chosen.read_bytes())
     data[-10] ^= 0xFF
-    (copy / "model.int8.onnx").write_bytes(bytes(data))
+    chosen.write_bytes(bytes(data))
     code, err = run(BASE + ["--artifact", str(copy), "--backend", "onnxruntime"], capsys)
     assert code == 1 and "does not match its manifest" in err and err.count("\n") == 1
 
