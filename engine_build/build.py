@@ -47,7 +47,8 @@ def check_inputs(cfg: BuildConfig) -> tuple[ImageSet | None, ImageSet]:
     if cfg.output.exists() and not cfg.output.is_dir():
         raise ConfigError(f"--output {cfg.output}: is a file; give a directory for the artifact")
     # calibration images feed INT8 quantisation and the FP16 range audit
-    return load_sets(cfg.calibration_images, cfg.validation_images, bool({"fp16", "int8"} & set(cfg.precisions)))
+    return load_sets(cfg.calibration_images, cfg.validation_images, bool({"fp16", "int8"} & set(cfg.precisions)),
+                     disjoint="int8" in cfg.precisions)
 
 
 def import_caffe(cfg: BuildConfig) -> tuple[Net, bool]:

@@ -52,13 +52,15 @@ def folder_set(folder: Path, flag: str) -> ImageSet:
     return ImageSet(np.stack(images), [p.name for p in paths], str(folder), {p.name: sha256(p) for p in paths})
 
 
-def load_sets(calibration: Path | None, validation: Path | None, need_calibration: bool) -> tuple[ImageSet | None, ImageSet]:
-    """The calibration set (when INT8 is built) and the validation set, checked to be disjoint."""
+def load_sets(calibration: Path | None, validation: Path | None, need_calibration: bool,
+              disjoint: bool = True) -> tuple[ImageSet | None, ImageSet]:
+    """The calibration set (when needed) and the validation set, checked to be disjoint when
+    ``disjoint`` (INT8 is calibrated on them; the FP16 range audit only reads them)."""
     cal = None
     if need_calibration:
         cal = folder_set(calibration, "--calibration-images") if calibration else builtin_set("calibration")
     val = folder_set(validation, "--validation-images") if validation else builtin_set("validation")
-    if cal is not None:
+    if cal is not None and disjoint:
         by_sha = {sha: name for name, sha in cal.files.items()}
         shared = [(name, by_sha[sha]) for name, sha in val.files.items() if sha in by_sha]
         if shared:

@@ -1,5 +1,10 @@
 """Per-partition order: results leave in the order their inputs arrived, whatever order the
-decode pool and inference threads finish them in. Pure logic; no Kafka."""
+decode pool and inference threads finish them in. Pure logic; no Kafka.
+
+Items are named by a token unique to one delivery (the service uses the message object's
+id), not by offset: after a rebalance the same offset can be in flight twice, an old copy
+still finishing while the redelivered one starts.
+"""
 from __future__ import annotations
 
 import threading
@@ -20,22 +25,22 @@ class InOrder(Generic[T]):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._lock = threading.Lock()
-        self._expected: dict[Hashable, deque[int]] = {}
-        self._done: dict[Hashable, dict[int, T]] = {}
+        self._expected: dict[Hashable, deque[Hashable]] = {}
+        self._done: dict[Hashable, dict[Hashable, T]] = {}
 
-    def expect(self, partition: Hashable, offset: int) -> None:
+    def expect(self, partition: Hashable, token: Hashable) -> None:
         if self.enabled:
             with self._lock:
-                self._expected.setdefault(partition, deque()).append(offset)
+                self._expected.setdefault(partition, deque()).append(token)
 
-    def complete(self, partition: Hashable, offset: int, item: T, emit: Callable[[T], None]) -> None:
+    def complete(self, partition: Hashable, token: Hashable, item: T, emit: Callable[[T], None]) -> None:
         """Record one finished item; emit it and every later one now unblocked, in order."""
         if not self.enabled:
             emit(item)
             return
         with self._lock:
             done = self._done.setdefault(partition, {})
-            done[offset] = item
+            done[token] = item
             queue = self._expected.get(partition, deque())
             while queue and queue[0] in done:
                 emit(done.pop(queue.popleft()))

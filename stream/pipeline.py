@@ -80,7 +80,7 @@ class Processor:
     # ---- input side (poll-loop thread) ----
     def submit(self, message: Message) -> None:
         self.tracker.add((message.topic, message.partition), message.offset)
-        self._order.expect((message.topic, message.partition), message.offset)
+        self._order.expect((message.topic, message.partition), id(message))
         self.metrics.in_flight.inc()
         self._pool.submit(self._decode, message)
 
@@ -191,7 +191,7 @@ class Processor:
 
     def _send(self, message: Message, record: Outgoing, outcome: str) -> None:
         """Publish in each partition's arrival order (unless ``keep_order`` is off)."""
-        self._order.complete((message.topic, message.partition), message.offset, (message, record, outcome),
+        self._order.complete((message.topic, message.partition), id(message), (message, record, outcome),
                              self._publish)
 
     def _publish(self, item: tuple[Message, Outgoing, str]) -> None:

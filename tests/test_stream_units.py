@@ -416,6 +416,11 @@ def test_in_order_releases_each_partition_in_arrival_order():
     assert out == ["b0"] and order.waiting() == 2
     order.complete("a", 5, "a5", out.append)
     assert out == ["b0", "a5", "a6", "a9"] and order.waiting() == 0
+    for token in ("old-7", "new-7"):          # offset 7 in flight twice after a rebalance
+        order.expect("c", token)
+    order.complete("c", "new-7", "second copy", out.append)
+    order.complete("c", "old-7", "first copy", out.append)
+    assert out[-2:] == ["first copy", "second copy"] and order.waiting() == 0
     unordered: InOrder[str] = InOrder(enabled=False)
     unordered.complete("a", 3, "a3", out.append)
     assert out[-1] == "a3"

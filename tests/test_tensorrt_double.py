@@ -133,9 +133,10 @@ def test_batches_above_the_profile_split_and_outputs_bind_by_name(engine_artifac
         with open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 32) as backend:
             assert backend.max_batch == 8
             out = backend.infer(images)
-    ref = _reference(engine_artifact, images)
-    np.testing.assert_allclose(out.probs, ref.probs, atol=1e-6)
-    np.testing.assert_allclose(out.logits, ref.logits, atol=1e-6)
+    # the reference in the same 8 + 8 + 3 chunks: CPU kernels round differently per batch size
+    refs = [_reference(engine_artifact, images[i:i + 8]) for i in range(0, len(images), 8)]
+    np.testing.assert_allclose(out.probs, np.concatenate([r.probs for r in refs]), atol=1e-6)
+    np.testing.assert_allclose(out.logits, np.concatenate([r.logits for r in refs]), atol=1e-6)
 
 
 def test_buffers_are_sized_from_the_engine_at_its_largest_batch(engine_artifact, trt_double):
