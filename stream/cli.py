@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
         return 1
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    if cfg.processes > 1:
+        from .supervisor import supervise
+        return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port)
     from .service import Service
     try:
         service = Service(cfg)

@@ -113,3 +113,12 @@ def test_metrics_port_in_use_is_one_line(small_artifact, capsys):
         argv = BASE[:-1] + [str(port), "--artifact", str(small_artifact)]
         code, err = run(argv, capsys)
     assert code == 1 and f"--metrics-port {port}:" in err and err.count("\n") == 1, err
+
+
+def test_processes_start_children_that_share_the_flags_and_their_failure_is_the_exit_code(tmp_path, capsys):
+    from stream.supervisor import child_argv
+    assert child_argv(["--group-id", "g"], 2, 9108)[-6:] == ["--group-id", "g", "--processes", "1",
+                                                             "--metrics-port", "9110"]
+    assert child_argv([], 1, 0)[-1] == "0"
+    code = main(BASE + ["--artifact", str(tmp_path / "missing"), "--processes", "2"], {})
+    assert code == 1
