@@ -1,10 +1,13 @@
 """Throughput side by side: every runtime and precision, OpenCV DNN, decoding, and the whole service.
 
     python benchmarks/throughput.py [--artifact DIR] [--batch-sizes 1 8 32] [--repeats 7]
+    python benchmarks/throughput.py --quick          # the pipeline part only, shorter (about 2 min)
 
 Model runs use the project's own backends on real photos (warm-up, then repeats;
-medians and percentiles of per-batch latency). The end-to-end run is the real
-service against the embedded broker. Results go to ``benchmarks/results/*.json``
+medians and percentiles of per-batch latency). The pipeline part (``service_bench``)
+runs the real service against the embedded broker: the machine's budget and the
+service's efficiency against it, latency at a fixed rate and near saturation, the Kafka
+client's own ceiling and 1 -> 2 process scaling, and a latency histogram. Results go to ``benchmarks/results/*.json``
 and a bar chart ``*.png``. Without ``--artifact`` a full-size placeholder model is
 built first (same architecture and cost as the published one).
 """
@@ -154,47 +157,6 @@ def decode_runs(repeats: int) -> list[dict]:
     return rows
 
 
-def end_to_end(artifact: Path, messages: int, backend: str, precision: str | None) -> dict:
-    from kafka import KafkaProducer
-
-    from stream.config import StreamConfig
-    from stream.embedded_broker import EmbeddedBroker
-    from stream.service import Service
-    payloads = [p.read_bytes() for p in builtin_photos()]
-    with EmbeddedBroker() as broker:
-        broker.create_topics({"bench-in": 4, "bench-out": 1, "bench-dlq": 1})
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=20)
-        for i in range(messages):
-            producer.send("bench-in", key=str(i).encode(), value=payloads[i % len(payloads)])
-        producer.flush()
-        producer.close()
-        cfg = StreamConfig(broker.bootstrap, ("bench-in",), "bench-out", "bench-dlq", artifact, group_id="bench",
-                           backend=backend, precision=precision, metrics_port=0, max_batch=32, max_delay_ms=20,
-                           decode_workers=os.cpu_count() or 2, max_in_flight=512, session_timeout_ms=6000)
-        service = Service(cfg)
-        describe = service.backend.describe()
-        # Time from the first finished message, so group join is not counted.
-        first = []
-
-        def watch() -> None:
-            while service.finished() == 0:
-                time.sleep(0.001)
-            first.append((time.monotonic(), service.finished()))
-        import threading
-        threading.Thread(target=watch, daemon=True).start()
-        stats = service.run(count=messages, timeout=600)
-        end = time.monotonic()
-        e2e = service.metrics.end_to_end
-        count = sum(s.value for m in e2e.collect() for s in m.samples if s.name.endswith("_count"))
-        total = sum(s.value for m in e2e.collect() for s in m.samples if s.name.endswith("_sum"))
-    start, done_then = first[0]
-    rate = (stats.finished - done_then) / (end - start)
-    print(f"  service end to end ({describe}): {rate:.1f} img/s over {stats.finished} messages, "
-          f"mean poll-to-ack latency {1000 * total / max(count, 1):.0f} ms")
-    return {"backend": describe, "messages": stats.finished, "images_per_s": round(rate, 1),
-            "mean_end_to_end_ms": round(1000 * total / max(count, 1), 1)}
-
-
 def chart(rows: list[dict], path: Path, title: str) -> None:
     """Horizontal bars of img/s at the largest batch, drawn with OpenCV."""
     largest = max(r["batch"] for r in rows)
@@ -234,36 +196,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"],
                         help="variants to measure (default all; e.g. --variants int8 to compare the INT8 files)")
     parser.add_argument("--no-opencv", action="store_true", help="skip OpenCV DNN")
-    parser.add_argument("--e2e-messages", type=int, default=1500, help="messages through the real service (0 = skip)")
+    parser.add_argument("--skip-models", action="store_true", help="skip the runtime/precision matrix")
+    parser.add_argument("--skip-pipeline", action="store_true", help="skip the whole-service runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="--skip-models, 8 s latency runs, a 1500-image backlog")
+    parser.add_argument("--rate", type=float, default=80.0, help="the moderate rate for latency (img/s)")
+    parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
+    parser.add_argument("--backlog", type=int, default=3000, help="images in each backlog (throughput) run")
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.skip_models, args.latency_seconds, args.backlog = True, min(args.latency_seconds, 8.0), 1500
     artifact, prototxt, caffemodel = prepare(args.artifact, args.workdir)
-    images = photo_views(builtin_photos())
-    reps = max(args.batch_sizes)
-    images = np.concatenate([images] * (1 + reps // len(images)))[:reps]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; artifact {artifact}")
-    print("model only (per batch, after warm-up):")
-    rows = model_runs(artifact, images, args.batch_sizes, args.repeats, args.variants)
-    if caffemodel.exists() and not args.no_opencv:
-        rows += opencv_dnn_runs(prototxt, caffemodel, images, args.batch_sizes, max(3, args.repeats // 2))
-    print("decoding (one thread):")
-    decoding = decode_runs(args.repeats)
-    e2e = []
-    if args.e2e_messages:
-        print("whole service through the embedded broker:")
-        e2e.append(end_to_end(artifact, args.e2e_messages, "auto", None))
-        e2e.append(end_to_end(artifact, args.e2e_messages, "onnxruntime", "fp32"))
+    rows: list[dict] = []
+    decoding: list[dict] = []
+    if not args.skip_models:
+        images = photo_views(builtin_photos())
+        reps = max(args.batch_sizes)
+        images = np.concatenate([images] * (1 + reps // len(images)))[:reps]
+        print("model only (per batch, after warm-up):")
+        rows = model_runs(artifact, images, args.batch_sizes, args.repeats, args.variants)
+        if caffemodel.exists() and not args.no_opencv:
+            rows += opencv_dnn_runs(prototxt, caffemodel, images, args.batch_sizes, max(3, args.repeats // 2))
+        print("decoding (one thread):")
+        decoding = decode_runs(args.repeats)
     args.output.mkdir(parents=True, exist_ok=True)
     name = f"{platform.node() or 'host'}-{os.cpu_count()}cpu"
+    pipeline, plot = {}, None
+    if not args.skip_pipeline:
+        from benchmarks.service_bench import histogram, run_all
+        pipeline, runs = run_all(artifact, args.workdir / "service", args.rate, args.latency_seconds, args.backlog)
+        plot = args.output / f"{name}-latency.png"
+        pipeline["plot"] = {"file": plot.name, "drawn_with": histogram(runs, plot)}
+        print(f"latency histogram: {plot} ({pipeline['plot']['drawn_with']})")
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "python": platform.python_version()},
               "placeholder": read_manifest(artifact)["model"]["placeholder"],
-              "model": rows, "decode": decoding, "end_to_end": e2e,
+              "model": rows, "decode": decoding, "pipeline": pipeline,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (args.output / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    chart(rows, args.output / f"{name}.png", f"CaffeNet-Twitter on {os.cpu_count()} CPUs")
-    print(f"wrote {args.output / (name + '.json')} and {args.output / (name + '.png')}")
+    suffix = "" if rows and pipeline else ("-pipeline" if pipeline else "-models")
+    (args.output / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if rows:
+        chart(rows, args.output / f"{name}.png", f"CaffeNet-Twitter on {os.cpu_count()} CPUs")
+    print(f"wrote {args.output / (name + suffix + '.json')}")
     return 0
 
 

@@ -1,5 +1,12 @@
-"""Dynamic batching as in Triton: a batch closes at ``max_batch`` items or ``max_delay``
-seconds after its first item, whichever comes first. Pure logic over a clock value."""
+"""Adaptive dynamic batching: pure policy over a clock value and two facts the caller knows.
+
+A batch closes when it holds ``max_batch`` items, or ``max_delay`` seconds after its
+first item (Triton's dynamic batching), or -- the adaptive part -- as soon as nothing
+more is on its way: the caller's inference slot is free (it is asking) and no item is
+queued or still being decoded. At moderate load an image is then inferred the moment it
+is decoded instead of waiting out the window alone; under backlog items keep arriving,
+so batches fill to ``max_batch`` and throughput is that of full batches.
+"""
 from __future__ import annotations
 
 from typing import Generic, TypeVar
@@ -8,11 +15,12 @@ T = TypeVar("T")
 
 
 class Batcher(Generic[T]):
-    def __init__(self, max_batch: int, max_delay_s: float) -> None:
+    def __init__(self, max_batch: int, max_delay_s: float, adaptive: bool = True) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
+        self.adaptive = adaptive
         self._items: list[T] = []
         self._deadline: float | None = None
 
@@ -30,6 +38,16 @@ class Batcher(Generic[T]):
         if self._items and self._deadline is not None and now >= self._deadline:
             return self._take()
         return None
+
+    def ready(self, now: float, arriving: int) -> list[T] | None:
+        """The open batch if it should run now, asked by a free inference slot.
+
+        ``arriving``: items queued or still being decoded that could join this batch.
+        With none (and ``adaptive``), waiting would only add latency: run what is here.
+        """
+        if self._items and self.adaptive and arriving <= 0:
+            return self._take()
+        return self.due(now)
 
     def flush(self) -> list[T] | None:
         return self._take() if self._items else None

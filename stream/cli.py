@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
     configure_logging(cfg.log_level)
+    if cfg.processes > 1:
+        from .supervisor import supervise
+        return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port)
     from .service import Service
     try:
         service = Service(cfg)

@@ -38,6 +38,9 @@ class StreamConfig:
     exact_precision: bool = option(False, "make runtimes compute in the file's own precision (no OpenVINO bf16)")
     max_batch: int = option(32, "a batch closes at this many images ...")
     max_delay_ms: float = option(20.0, "... or this long after its first image")
+    no_adaptive_batching: bool = option(False, "always wait for --max-batch or --max-delay-ms (default: a free "
+                                               "inference slot runs the open batch at once when no image is "
+                                               "queued or decoding)")
     decode_workers: int = option(max(1, os.cpu_count() or 1), "threads decoding images (default: one per core)")
     inference_threads: int = option(0, "CPU threads per inference call (0 = runtime default)")
     max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")
@@ -58,6 +61,12 @@ class StreamConfig:
                                         "ends the process (exit 1) so its supervisor can restart it")
     auto_offset_reset: str = option("earliest", "where a new group starts", choices=("earliest", "latest"))
     max_poll_records: int = option(256, "records fetched per poll")
+    fetch_max_wait_ms: int = option(10, "longest the broker holds a fetch waiting for data (kafka-python's 500 "
+                                        "ms default set the latency at moderate load)")
+    linger_ms: int = option(5, "producer batching window for result records (5 ms: a small share of the "
+                               "latency at 80 img/s; lower was not shown to help on this machine)")
+    processes: int = option(1, "consumer processes on this host, one group, each with its own backend and "
+                               "decode pool; process i serves metrics on --metrics-port + i")
     session_timeout_ms: int = option(10_000, "group session timeout: a dead member's partitions move after "
                                              "this; joining waits about half of it")
     max_poll_interval_ms: int = option(300_000, "rebalance timeout; the poll loop never blocks on inference, "
@@ -89,15 +98,16 @@ class StreamConfig:
 
     def _check_numbers(self) -> None:
         for name in ("max_batch", "decode_workers", "max_in_flight", "max_message_bytes", "max_pixels",
-                     "max_poll_records", "session_timeout_ms", "max_poll_interval_ms"):
+                     "max_poll_records", "session_timeout_ms", "max_poll_interval_ms", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1")
-        if self.inference_threads < 0 or self.max_delay_ms < 0:
-            raise ConfigError("--inference-threads and --max-delay-ms must be >= 0")
+        if min(self.inference_threads, self.max_delay_ms, self.fetch_max_wait_ms, self.linger_ms) < 0:
+            raise ConfigError("--inference-threads, --max-delay-ms, --fetch-max-wait-ms and --linger-ms "
+                              "must be >= 0")
         for name in ("commit_interval_ms", "drain_timeout_s", "fail_after_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be > 0")
-        if not 0 <= self.metrics_port <= 65535:
+        if not 0 <= self.metrics_port <= 65535 or (self.metrics_port and self.metrics_port + self.processes > 65536):
             raise ConfigError(f"--metrics-port {self.metrics_port}: not a port")
         if self.max_in_flight < self.max_batch:
             raise ConfigError("--max-in-flight must be at least --max-batch")

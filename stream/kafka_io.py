@@ -106,6 +106,7 @@ class KafkaSource:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
                 auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.max_poll_records,
+                fetch_max_wait_ms=cfg.fetch_max_wait_ms,
                 session_timeout_ms=cfg.session_timeout_ms,
                 heartbeat_interval_ms=max(100, cfg.session_timeout_ms // 4),
                 max_poll_interval_ms=cfg.max_poll_interval_ms, bootstrap_timeout_ms=5_000,
@@ -318,7 +319,7 @@ class KafkaConnector:
         cfg = self.cfg
         log.info("%s", ensure_output_topics(cfg))
         # Room for a dead letter carrying the largest accepted input, plus headers.
-        return KafkaSink(cfg.bootstrap_servers, cfg.client_options(), on_retry,
+        return KafkaSink(cfg.bootstrap_servers, cfg.client_options(), on_retry, linger_ms=cfg.linger_ms,
                          max_request_size=max(1 << 20, cfg.max_message_bytes + (64 << 10)),
                          compression_type=None if cfg.compression_type == "none" else cfg.compression_type)
 

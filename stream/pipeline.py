@@ -44,6 +44,7 @@ class PipelineConfig:
     max_batch: int = 32
     max_delay_ms: float = 20.0
     decode_workers: int = 2
+    adaptive_batching: bool = True
     limits: DecodeLimits = DecodeLimits()
     keep_order: bool = True
 
@@ -71,6 +72,8 @@ class Processor:
         self._order: InOrder[tuple[Message, Outgoing, str]] = InOrder(cfg.keep_order)
         self._rejected: Counter[str] = Counter()
         self._rejected_lock = threading.Lock()
+        self._decoding = 0          # submitted, not yet queued for inference (nor rejected)
+        self._decoding_lock = threading.Lock()
 
     def start(self) -> Processor:
         for thread in self._threads:
@@ -82,7 +85,20 @@ class Processor:
         self.tracker.add((message.topic, message.partition), message.offset)
         self._order.expect((message.topic, message.partition), id(message))
         self.metrics.in_flight.inc()
-        self._pool.submit(self._decode, message)
+        with self._decoding_lock:
+            self._decoding += 1
+        self._pool.submit(self._decode_counted, message)
+
+    def _decode_counted(self, message: Message) -> None:
+        try:
+            self._decode(message)
+        finally:   # after the put: a batch never closes early for an image about to be queued
+            with self._decoding_lock:
+                self._decoding -= 1
+
+    def _arriving(self) -> int:
+        """Images that could still join an open batch: queued for inference or being decoded."""
+        return self._decoded.qsize() + self._decoding
 
     def _decode(self, message: Message) -> None:
         started = time.perf_counter()
@@ -102,7 +118,8 @@ class Processor:
 
     # ---- inference side (one thread per backend slot) ----
     def _infer_loop(self) -> None:
-        batcher: Batcher[_Decoded] = Batcher(self.cfg.max_batch, self.cfg.max_delay_ms / 1000)
+        batcher: Batcher[_Decoded] = Batcher(self.cfg.max_batch, self.cfg.max_delay_ms / 1000,
+                                             self.cfg.adaptive_batching)
         while True:
             try:
                 item = self._decoded.get(timeout=batcher.wait_time(time.monotonic()))
@@ -114,7 +131,7 @@ class Processor:
                     self._run(batch)
                 return
             batch = batcher.add(item, time.monotonic()) if item is not None else None
-            batch = batch or batcher.due(time.monotonic())
+            batch = batch or batcher.ready(time.monotonic(), self._arriving())
             if batch:
                 self._run(batch)
 

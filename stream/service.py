@@ -199,7 +199,7 @@ class Service:
     def _pipeline_config(self) -> PipelineConfig:
         cfg = self.cfg
         return PipelineConfig(cfg.output_topic, cfg.dead_letter_topic, cfg.max_batch, cfg.max_delay_ms,
-                              cfg.decode_workers,
+                              cfg.decode_workers, not cfg.no_adaptive_batching,
                               DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, not cfg.no_reduced_decode),
                               keep_order=not cfg.unordered)
 

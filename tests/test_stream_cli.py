@@ -147,3 +147,12 @@ def test_readme_configuration_table_is_the_config():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown_table() in readme, "regenerate the README table: python -c 'import stream.config as c; " \
                                        "print(c.markdown_table())'"
+
+
+def test_processes_start_children_that_share_the_flags_and_their_failure_is_the_exit_code(tmp_path, capsys):
+    from stream.supervisor import child_argv
+    assert child_argv(["--group-id", "g"], 2, 9108)[-6:] == ["--group-id", "g", "--processes", "1",
+                                                             "--metrics-port", "9110"]
+    assert child_argv([], 1, 0)[-1] == "0"
+    code = main(BASE + ["--artifact", str(tmp_path / "missing"), "--processes", "2"], {})
+    assert code == 1

@@ -32,6 +32,33 @@ def test_batch_closes_at_max_batch_or_delay():
     assert b.flush() is None
 
 
+def test_a_free_slot_runs_the_open_batch_when_nothing_more_is_arriving():
+    b = Batcher(4, 0.05)
+    assert b.add("a", 0.0) is None
+    assert b.ready(0.001, arriving=2) is None        # more decoding: wait for them
+    assert b.add("b", 0.002) is None and b.add("c", 0.003) is None
+    assert b.ready(0.003, arriving=0) == ["a", "b", "c"]   # nothing more: run now, not at 0.05
+    assert b.ready(0.004, arriving=0) is None        # no open batch
+    assert b.add("d", 1.0) is None
+    assert b.ready(1.04, arriving=5) is None and b.ready(1.05, arriving=5) == ["d"]   # the window still bounds
+
+
+def test_under_backlog_batches_fill():
+    b = Batcher(3, 0.05)
+    batches = []
+    for i in range(7):                                # 7 items queued at once: always more arriving
+        batch = b.add(i, 0.0) or b.ready(0.0, arriving=6 - i)
+        if batch:
+            batches.append(batch)
+    assert batches == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_fixed_batching_waits_out_the_window():
+    b = Batcher(4, 0.05, adaptive=False)
+    b.add("a", 0.0)
+    assert b.ready(0.01, arriving=0) is None and b.ready(0.05, arriving=0) == ["a"]
+
+
 def test_offsets_commit_only_below_the_oldest_unacknowledged():
     t = OffsetTracker()
     for offset in range(5):
@@ -89,6 +116,17 @@ def test_every_message_gets_one_record_and_offsets_reach_the_end(small_artifact)
     assert all({"error.message", "source.topic", "source.partition", "source.offset"} <= set(h) for h in dead.values())
     ends = {(t, p): len(broker.topics[t][p]) for t, p in [("in", 0), ("in", 1)]}
     assert broker.committed["sentiment-stream"] == ends
+
+
+def test_a_lone_image_is_not_held_for_the_batch_window(small_artifact):
+    """Adaptive batching on the fake broker: with a 60 s window, one image still finishes at once."""
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.produce("in", next(iter(good_images().values())), key=b"lone")
+    svc = service(broker, config(small_artifact, max_delay_ms=60_000))
+    stats = svc.run(count=1, timeout=20)
+    # Finished by count, not by the run's timeout (the drain at close would publish it too).
+    assert stats.finished == 1 and stats.seconds < 20 and len(broker.records("out")) == 1
 
 
 def test_failed_publishes_are_retried_not_lost(small_artifact):

@@ -1,0 +1,54 @@
+"""``--processes N``: N consumer processes on one host, one consumer group.
+
+Each child is a plain ``python -m stream`` with the same flags and environment plus
+``--processes 1 --metrics-port BASE+i``: its own Kafka clients, backend and decode pool,
+so the Kafka client and decoding scale past one interpreter's GIL while the group shares
+the partitions among the children. The supervisor forwards SIGTERM/SIGINT to every child
+and waits for their drains; if one child fails, the others are stopped and its exit code
+is returned, so the outer supervisor (systemd, Kubernetes) restarts the whole set.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
+    """The command line of child ``index`` (later flags win in argparse)."""
+    port = metrics_port + index if metrics_port else 0
+    return [sys.executable, "-m", "stream", *argv, "--processes", "1", "--metrics-port", str(port)]
+
+
+def supervise(argv: Sequence[str], processes: int, metrics_port: int) -> int:
+    # Own process groups: a terminal's Ctrl-C reaches the children once, through forward(), not twice
+    # (a second signal means "exit now" to a child).
+    children = [subprocess.Popen(child_argv(argv, i, metrics_port), process_group=0) for i in range(processes)]
+    log.info("started %d consumer processes (pids %s)%s", processes, ", ".join(str(c.pid) for c in children),
+             f"; metrics on ports {metrics_port}..{metrics_port + processes - 1}" if metrics_port else "")
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        stopping.append(signum)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            codes = [c.poll() for c in children]
+            if all(code is not None for code in codes):
+                return next((code for code in codes if code), 0)
+            failed = next((code for code in codes if code), None)
+            if failed is not None and not stopping:
+                log.error("a consumer process exited %d; stopping the others", failed)
+                forward(signal.SIGTERM, None)
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
