@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 
-from .ports import Partition, RebalanceHandler, show
+from .failures import FailureWatch
+from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
 
 if TYPE_CHECKING:
@@ -194,8 +195,16 @@ class KafkaSource:
         self._consumer.close(autocommit=False)
 
 
+def retriable(exc: BaseException) -> bool:
+    """Whether sending again can succeed: a retriable Kafka error or an outage; never a bad record."""
+    from kafka.errors import KafkaError
+    return isinstance(exc, KafkaError) and (exc.retriable or _outage(exc))
+
+
 class KafkaSink:
-    """acks=all producer; a failed send is retried with backoff until acknowledged or closed."""
+    """acks=all producer. A send that fails with a retriable Kafka error is retried with backoff until
+    acknowledged or closed; any other error refuses the record: its ``on_refused`` runs (the pipeline
+    dead-letters the input), and a refused record without one (a dead letter) sets :attr:`failure`."""
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None) -> None:
@@ -210,43 +219,69 @@ class KafkaSink:
             raise translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
         self._on_retry = on_retry
         self._retry_lock = threading.Condition()
-        self._retries: list[tuple[float, Outgoing, Callable[[], None], int]] = []
+        self._retries: list[tuple[float, Outgoing, Callable[[], None], Refused | None, int]] = []
         self._closed = False
+        self._watch_lock = threading.Lock()
+        self._sending = FailureWatch("publishing to Kafka")
+        self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
         self.failing_since: float | None = None
+        self.failure: KafkaPermanent | None = None
         self._thread = threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)
         self._thread.start()
 
-    def publish(self, record: Outgoing, on_ack: Callable[[], None], attempt: int = 0) -> None:
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
+                attempt: int = 0) -> None:
         def ok(_metadata: Any) -> None:
-            self.failing_since = None
+            with self._watch_lock:
+                self._sending.ok()
+                if on_refused is not None:
+                    self._refusing.ok()
+                self.failing_since = None
             on_ack()
 
         def failed(exc: BaseException) -> None:
-            self._schedule(record, on_ack, attempt, exc)
+            self._failed(record, on_ack, on_refused, attempt, exc)
 
         try:
             future = self._producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
-        except Exception as exc:  # KafkaTimeoutError while the broker is away, or a closed producer
-            self._schedule(record, on_ack, attempt, exc)
+        except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
+            self._failed(record, on_ack, on_refused, attempt, exc)
             return
         future.add_callback(ok)
         future.add_errback(failed)
 
-    def _schedule(self, record: Outgoing, on_ack: Callable[[], None], attempt: int, exc: BaseException) -> None:
+    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
+                exc: BaseException) -> None:
         from kafka.errors import MessageSizeTooLargeError
         if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value), record.topic)
-            self.publish(record.fallback, on_ack)
+            self.publish(record.fallback, on_ack, on_refused)
             return
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
+        if not retriable(exc):
+            self._refuse(record, on_refused, exc)
+            return
+        with self._watch_lock:
+            self._sending.failed(exc)
+            self.failing_since = self._sending.since
         delay = min(5.0, 0.1 * 2 ** attempt)
-        log.warning("publish to %s failed (%s); retrying in %.1f s", record.topic, exc, delay)
+        log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, exc, delay)
         self._on_retry()
         with self._retry_lock:
-            self._retries.append((time.monotonic() + delay, record, on_ack, attempt + 1))
+            self._retries.append((time.monotonic() + delay, record, on_ack, on_refused, attempt + 1))
             self._retry_lock.notify()
+
+    def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
+        text = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
+        if on_refused is not None:
+            with self._watch_lock:
+                self._refusing.failed(exc)
+            on_refused(exc)
+            return
+        if self.failure is None and not self._closed:
+            self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {text}; "
+                                          f"stopping this member (its partition stays uncommitted from there)")
+            log.error("%s", self.failure)
 
     def _retry_loop(self) -> None:
         while True:
@@ -259,8 +294,8 @@ class KafkaSink:
                 now = time.monotonic()
                 due = [r for r in self._retries if r[0] <= now]
                 self._retries = [r for r in self._retries if r[0] > now]
-            for _, record, on_ack, attempt in due:
-                self.publish(record, on_ack, attempt)
+            for _, record, on_ack, on_refused, attempt in due:
+                self.publish(record, on_ack, on_refused, attempt)
 
     def _due(self) -> bool:
         now = time.monotonic()

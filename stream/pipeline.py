@@ -163,7 +163,10 @@ class Processor:
             self.metrics.record_finished(outcome, message.received)
             if outcome == "dead_letter":
                 self.metrics.dead_letters.inc()
-        self.sink.publish(record, acknowledged)
+
+        def refused(exc: BaseException) -> None:   # a result the broker will never take: dead-letter the input
+            self._reject(message, "publish_error", f"publishing the result failed for good: {type(exc).__name__}: {exc}")
+        self.sink.publish(record, acknowledged, refused if outcome != "dead_letter" else None)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish everything submitted (decode, infer, publish), then stop the threads."""

@@ -185,6 +185,8 @@ class Service:
                 return
             paused = self._backpressure(paused)
             messages = self._poll()
+            if self.sink is not None and self.sink.failure is not None:
+                self._failure = self.sink.failure
             if self._failure is not None:
                 return
             for message in messages:
@@ -237,7 +239,9 @@ class Service:
             self.source.pause_all()
         if processor is not None:
             processor.stop(self.cfg.drain_timeout_s)
-            if not self.tracker.wait_idle(self.cfg.drain_timeout_s):
+            # A sink that failed for good never acknowledges what it holds: do not wait for it.
+            wait = 1.0 if self.sink is not None and self.sink.failure is not None else self.cfg.drain_timeout_s
+            if not self.tracker.wait_idle(wait):
                 log.warning("%d messages unacknowledged after %.0f s: left uncommitted (they will be redelivered)",
                             self.tracker.in_flight(), self.cfg.drain_timeout_s)
         if self.sink is not None:
