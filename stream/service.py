@@ -26,6 +26,7 @@ from .offsets import OffsetTracker
 from .pipeline import PipelineConfig, Processor
 from .ports import Connector, Partition, Sink, Source
 from .rebalance import Rebalance
+from .transactions import Transactions
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ class Service:
             try:
                 self.sink = self.sink or self.connector.sink(self.metrics.publish_retries.inc)
                 self.source = self.connector.source(self.rebalance)
+                if self.cfg.processing_guarantee == "exactly-once":
+                    self.rebalance.transactions = Transactions(self.sink, self.source, self.tracker,
+                                                               self.rebalance.owned, self.cfg.drain_timeout_s)
                 self._ready(True)
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
@@ -125,13 +129,22 @@ class Service:
 
     # ---- committing ----
     def _commit(self, offsets: dict[Partition, int] | None = None) -> None:
+        transactions = self.rebalance.transactions
         offsets = self.tracker.committable() if offsets is None else offsets
         if not offsets or self.source is None:
             return
         try:
-            self.source.commit(offsets)
+            if transactions is not None:
+                offsets = transactions.commit()
+            else:
+                self.source.commit(offsets)
+        except KafkaPermanent as exc:
+            self._failure = self._failure or exc
+            return
         except (BrokerUnavailable, KafkaTransient) as exc:
             self._commits.failed(exc)
+            return
+        if not offsets:
             return
         self._commits.ok()
         self.tracker.committed(offsets)
