@@ -158,3 +158,35 @@ def test_connections_delayed_and_cut_mid_stream_lose_nothing(small_artifact, tmp
         proxy.close()
         broker.stop()
 
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_soak_10000_images_rss_growth_stays_under_50_mb(kafka_broker, small_artifact, tmp_path):
+    total = 10_000
+    t = names(kafka_broker, partitions=2)
+    images = list(good_images().values())
+    produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), images[i % len(images)]) for i in range(total)])
+    log = tmp_path / "soak.log"
+    process = start_service(kafka_broker, t, small_artifact, log)
+    rss = {}
+    try:
+        deadline = time.monotonic() + 1800
+        while sum(v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) < total:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            done = sum(v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values())
+            if done >= 2000 and "2000" not in rss:
+                rss["2000"] = _rss_mb(process.pid)
+            time.sleep(2)
+        rss["10000"] = _rss_mb(process.pid)
+    finally:
+        stop(process, log)
+    growth = rss["10000"] - rss["2000"]
+    print(f"soak: RSS {rss['2000']:.0f} MB at 2,000 images, {rss['10000']:.0f} MB at 10,000: {growth:+.0f} MB")
+    assert growth < 50
