@@ -243,7 +243,11 @@ def retriable(exc: BaseException) -> bool:
 class KafkaSink:
     """acks=all producer. A send that fails with a retriable Kafka error is retried with backoff until
     acknowledged or closed; any other error refuses the record: its ``on_refused`` runs (the pipeline
-    dead-letters the input), and a refused record without one (a dead letter) sets :attr:`failure`."""
+    dead-letters the input), and a refused record without one (a dead letter) sets :attr:`failure`.
+
+    With a ``transactional_id`` (exactly-once) every send goes into the open transaction; a send the
+    broker fails is not retried but dooms the transaction: the record counts as handled so the unit
+    can finish, and :meth:`commit_transaction` then aborts it (the unit is redone after a rewind)."""
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,

@@ -64,14 +64,17 @@ class Transactions:
                 return {}
             return self._commit_idle()
 
-    def _commit_idle(self) -> dict[Partition, int]:
+    def _commit_idle(self, rewind: bool = True) -> dict[Partition, int]:
         offsets = self.tracker.committable()
         if not offsets:
             return {}
         try:
             self.sink.commit_transaction(offsets, self.source.group_metadata())
         except (KafkaTransient, BrokerUnavailable):
-            self._rewind()
+            if rewind:
+                self._rewind()
+            else:
+                self.aborts += 1
             raise
         self.tracker.committed(offsets)
         self.commits += 1
@@ -90,10 +93,11 @@ class Transactions:
         (what was consumed since the last commit is redelivered to the partitions' next owner)."""
         with self._lock:
             if drained:
-                try:
-                    return self._commit_idle()
+                try:   # no rewind: the partitions are leaving; their next owner starts from the committed offsets
+                    return self._commit_idle(rewind=False)
                 except (KafkaTransient, BrokerUnavailable) as exc:
-                    log.warning("revocation: %s", exc)
+                    log.warning("revocation: the open transaction was aborted (%s); its work will be redone by "
+                                "the partitions' next owner", exc)
                     return {}
             try:
                 self.sink.abort_transaction()
