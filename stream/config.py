@@ -56,6 +56,13 @@ class StreamConfig:
     max_pixels: int = option(64_000_000, "images declaring more pixels are dead-lettered before decoding")
     no_reduced_decode: bool = option(False, "always decode JPEGs at full size")
     commit_interval_ms: float = option(1000.0, "how often acknowledged offsets are committed")
+    processing_guarantee: str = option("at-least-once", "at-least-once: a crash can publish a result twice; "
+                                       "exactly-once: results, dead letters and offsets commit in one Kafka "
+                                       "transaction every --commit-interval-ms (read the output with "
+                                       "isolation_level=read_committed)", choices=("at-least-once", "exactly-once"))
+    transactional_id: str | None = option(None, "exactly-once: this member's stable transactional id (e.g. the pod "
+                                                "name) so a restart aborts its predecessor's open transaction at "
+                                                "once (default: a new random id per process)")
     drain_timeout_s: float = option(30.0, "on shutdown or revocation, how long to finish in-flight work")
     fail_after_s: float = option(120.0, "a Kafka client error that is not an outage and keeps failing this long "
                                         "ends the process (exit 1) so its supervisor can restart it")

@@ -14,7 +14,9 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable
 
-from .ports import Partition, RebalanceHandler
+from engine_build.errors import KafkaPermanent
+
+from .ports import Partition, RebalanceHandler, Refused
 from .records import Headers, Message, Outgoing
 
 Record = tuple[bytes | None, bytes | None, Headers]
@@ -30,6 +32,7 @@ class FakeBroker:
         self.poll_errors: list[BaseException] = []  # raised by the next polls, one each
         self.up = True                        # what reachable() answers
         self.errors: list[BaseException] = []       # a sink's assertion, re-raised on the poll thread
+        self.refuse_topics: set[str] = set()  # sends to these fail for good (like an unauthorized topic)
         self._members: dict[str, list[FakeSource]] = defaultdict(list)
         self._generation: dict[str, int] = defaultdict(int)
 
@@ -184,10 +187,21 @@ class FakeSink:
     def __init__(self, broker: FakeBroker, on_retry: Callable[[], None] = lambda: None) -> None:
         self.broker, self._on_retry = broker, on_retry
         self.failing_since: float | None = None
+        self.failure: KafkaPermanent | None = None
         self._retrying = 0
         self._lock = threading.Lock()
 
-    def publish(self, record: Outgoing, on_ack: Callable[[], None]) -> None:
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None) -> None:
+        refusal = (TypeError(f"Unsupported type for serialized value: {type(record.value)}")
+                   if not isinstance(record.value, (bytes, bytearray, memoryview))
+                   else PermissionError(f"not authorized to write {record.topic}")
+                   if record.topic in self.broker.refuse_topics else None)
+        if refusal is not None:   # like the Kafka sink: never retried
+            if on_refused is not None:
+                on_refused(refusal)
+            elif self.failure is None:
+                self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {refusal}")
+            return
         with self.broker.lock:
             fail = self.broker.fail_next_publishes > 0
             if fail:
@@ -196,7 +210,7 @@ class FakeSink:
             self._on_retry()
             with self._lock:
                 self._retrying += 1
-            threading.Timer(0.01, self._retry, (record, on_ack)).start()
+            threading.Timer(0.01, self._retry, (record, on_ack, on_refused)).start()
             return
         limit = self.broker.max_record_bytes
         if limit is not None and len(record.value) > limit:
@@ -205,15 +219,15 @@ class FakeSink:
                     self.broker.errors.append(AssertionError(
                         f"record of {len(record.value)} bytes exceeds {limit} and has no fallback"))
                 return
-            self.publish(record.fallback, on_ack)
+            self.publish(record.fallback, on_ack, on_refused)
             return
         self.broker.produce(record.topic, record.value, record.key, record.headers, partition=0)
         on_ack()
 
-    def _retry(self, record: Outgoing, on_ack: Callable[[], None]) -> None:
+    def _retry(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None) -> None:
         with self._lock:
             self._retrying -= 1
-        self.publish(record, on_ack)
+        self.publish(record, on_ack, on_refused)
 
     def flush(self, timeout: float) -> bool:
         """Wait until no retry is pending (or ``timeout``)."""

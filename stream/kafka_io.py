@@ -14,12 +14,14 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 
-from .ports import Partition, RebalanceHandler, show
+from .failures import FailureWatch
+from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
 
 if TYPE_CHECKING:
@@ -88,7 +90,8 @@ class KafkaSource:
         from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
         from kafka.errors import KafkaError
 
-        self._bootstrap, self._group, self._topics = cfg.bootstrap_servers, cfg.group_id, list(cfg.input_topic)
+        self._bootstrap, self._group, self._reset = cfg.bootstrap_servers, cfg.group_id, cfg.auto_offset_reset
+        self._topics = list(cfg.input_topic)
         source = self
 
         class Listener(AsyncConsumerRebalanceListener):
@@ -133,7 +136,16 @@ class KafkaSource:
         while not handler.drained(partitions) and time.monotonic() < deadline:
             await self._loop_sleep(_DRAIN_STEP_S)
         drained = handler.drained(partitions)
-        offsets = handler.committable(partitions)
+        transactions = getattr(handler, "transactions", None)
+        offsets = {} if transactions is not None else handler.committable(partitions)
+        if transactions is not None:   # exactly-once: commit or abort the open transaction, off this loop
+            result: dict = {}
+            worker = threading.Thread(target=lambda: result.update(transactions.end_for_revocation(drained)),
+                                      name="revoke-transaction", daemon=True)
+            worker.start()
+            while worker.is_alive():
+                await self._loop_sleep(_DRAIN_STEP_S)
+            handler.committed(result)
         if offsets:
             try:
                 await self._consumer.commit_async(self._kafka_offsets(offsets))
@@ -176,6 +188,29 @@ class KafkaSource:
         except KafkaError as exc:
             raise translate(exc, "commit failed", self._group) from exc
 
+    def group_metadata(self) -> Any:
+        return self._consumer.group_metadata()
+
+    def rewind(self, partitions: list[Partition]) -> None:
+        """Seek to the last committed offsets (or where a new group starts) to redo aborted work."""
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+        owned = set(self._consumer.assignment())
+        for topic, index in partitions:
+            tp = TopicPartition(topic, index)
+            if tp not in owned:
+                continue
+            try:
+                offset = self._consumer.committed(tp)
+            except KafkaError as exc:
+                raise translate(exc, "rewinding after an aborted transaction", self._group) from exc
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+            elif self._reset == "earliest":
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek_to_end(tp)
+
     def pause_all(self) -> None:
         self._consumer.pause(*self._consumer.assignment())
 
@@ -207,59 +242,155 @@ class KafkaSource:
         self._consumer.close(autocommit=False, timeout_ms=_CLIENT_TIMEOUT_MS)
 
 
+def _async(exc: BaseException) -> bool:
+    """An error from the broker (the future's errback), as opposed to one send() raised at once."""
+    from kafka.errors import KafkaError
+    return isinstance(exc, KafkaError)
+
+
+def retriable(exc: BaseException) -> bool:
+    """Whether sending again can succeed: a retriable Kafka error or an outage; never a bad record."""
+    from kafka.errors import KafkaError
+    return isinstance(exc, KafkaError) and (exc.retriable or _outage(exc))
+
+
 class KafkaSink:
-    """acks=all producer; a failed send is retried with backoff until acknowledged or closed."""
+    """acks=all producer. A send that fails with a retriable Kafka error is retried with backoff until
+    acknowledged or closed; any other error refuses the record: its ``on_refused`` runs (the pipeline
+    dead-letters the input), and a refused record without one (a dead letter) sets :attr:`failure`.
+
+    With a ``transactional_id`` (exactly-once) every send goes into the open transaction; a send the
+    broker fails is not retried but dooms the transaction: the record counts as handled so the unit
+    can finish, and :meth:`commit_transaction` then aborts it (the unit is redone after a rewind)."""
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
-                 linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None) -> None:
+                 linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
+                 transactional_id: str | None = None) -> None:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
+        extra = {"transactional_id": transactional_id, "transaction_timeout_ms": 30_000} if transactional_id else {}
         try:
             self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms,
                                            max_block_ms=10_000, retries=5, bootstrap_timeout_ms=5_000,
                                            max_request_size=max_request_size, compression_type=compression_type,
-                                           **client_options)
+                                           **extra, **client_options)
+            if transactional_id:
+                self._producer.init_transactions()   # aborts what a predecessor with this id left open
+                self._producer.begin_transaction()
         except KafkaError as exc:
             raise translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
+        self.transactional = bool(transactional_id)
+        self._doomed: BaseException | None = None   # a send failed inside the open transaction
         self._on_retry = on_retry
         self._retry_lock = threading.Condition()
-        self._retries: list[tuple[float, Outgoing, Callable[[], None], int]] = []
+        self._retries: list[tuple[float, Outgoing, Callable[[], None], Refused | None, int]] = []
         self._closed = False
+        self._watch_lock = threading.Lock()
+        self._sending = FailureWatch("publishing to Kafka")
+        self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
         self.failing_since: float | None = None
+        self.failure: KafkaPermanent | None = None
         self._thread = threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)
         self._thread.start()
 
-    def publish(self, record: Outgoing, on_ack: Callable[[], None], attempt: int = 0) -> None:
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
+                attempt: int = 0) -> None:
         def ok(_metadata: Any) -> None:
-            self.failing_since = None
+            with self._watch_lock:
+                self._sending.ok()
+                if on_refused is not None:
+                    self._refusing.ok()
+                self.failing_since = None
             on_ack()
 
         def failed(exc: BaseException) -> None:
-            self._schedule(record, on_ack, attempt, exc)
+            self._failed(record, on_ack, on_refused, attempt, exc)
 
         try:
             future = self._producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
-        except Exception as exc:  # KafkaTimeoutError while the broker is away, or a closed producer
-            self._schedule(record, on_ack, attempt, exc)
+        except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
+            self._failed(record, on_ack, on_refused, attempt, exc)
             return
         future.add_callback(ok)
         future.add_errback(failed)
 
-    def _schedule(self, record: Outgoing, on_ack: Callable[[], None], attempt: int, exc: BaseException) -> None:
+    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
+                exc: BaseException) -> None:
         from kafka.errors import MessageSizeTooLargeError
         if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value), record.topic)
-            self.publish(record.fallback, on_ack)
+            self.publish(record.fallback, on_ack, on_refused)
             return
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
+        if not retriable(exc) and not (self.transactional and _async(exc)):
+            self._refuse(record, on_refused, exc)
+            return
+        if self.transactional:
+            # The open transaction cannot commit now; it will be aborted and this unit redone.
+            with self._watch_lock:
+                self._sending.failed(exc)
+                self._doomed = self._doomed or exc
+            on_ack()
+            return
+        with self._watch_lock:
+            self._sending.failed(exc)
+            self.failing_since = self._sending.since
         delay = min(5.0, 0.1 * 2 ** attempt)
-        log.warning("publish to %s failed (%s); retrying in %.1f s", record.topic, exc, delay)
+        log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, exc, delay)
         self._on_retry()
         with self._retry_lock:
-            self._retries.append((time.monotonic() + delay, record, on_ack, attempt + 1))
+            self._retries.append((time.monotonic() + delay, record, on_ack, on_refused, attempt + 1))
             self._retry_lock.notify()
+
+    def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
+        """Add the consumed offsets to the open transaction, commit it and begin the next.
+        On failure the transaction is aborted (raises KafkaTransient) or, fenced, KafkaPermanent."""
+        from kafka.errors import KafkaError
+        try:
+            if self._doomed is not None:
+                raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
+            self._producer.send_offsets_to_transaction(KafkaSource._kafka_offsets(offsets), group_metadata)
+            self._producer.commit_transaction()
+            with self._watch_lock:
+                self._sending.ok()
+                self.failing_since = None
+        except (KafkaError, KafkaTransient) as exc:
+            self._fenced_check(exc)
+            log.warning("committing the transaction failed (%s); aborting it", exc)
+            self.abort_transaction()
+            raise exc if isinstance(exc, KafkaTransient) else translate(exc, "transaction commit failed") from exc
+        self._producer.begin_transaction()
+
+    def abort_transaction(self) -> None:
+        from kafka.errors import KafkaError
+        try:
+            self._producer.abort_transaction()
+        except KafkaError as exc:
+            self._fenced_check(exc)
+            raise KafkaPermanent(f"aborting a transaction failed ({exc}); exiting so a restart makes a new "
+                                 f"producer") from exc
+        finally:
+            self._doomed = None
+        self._producer.begin_transaction()
+
+    @staticmethod
+    def _fenced_check(exc: BaseException) -> None:
+        from kafka.errors import InvalidProducerEpochError, ProducerFencedError
+        if isinstance(exc, (ProducerFencedError, InvalidProducerEpochError)):
+            raise KafkaPermanent(f"this member's producer was fenced ({type(exc).__name__}): another member "
+                                 f"took over its transactional id; stopping") from exc
+
+    def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
+        text = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
+        if on_refused is not None:
+            with self._watch_lock:
+                self._refusing.failed(exc)
+            on_refused(exc)
+            return
+        if self.failure is None and not self._closed:
+            self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {text}; "
+                                          f"stopping this member (its partition stays uncommitted from there)")
+            log.error("%s", self.failure)
 
     def _retry_loop(self) -> None:
         while True:
@@ -272,8 +403,8 @@ class KafkaSink:
                 now = time.monotonic()
                 due = [r for r in self._retries if r[0] <= now]
                 self._retries = [r for r in self._retries if r[0] > now]
-            for _, record, on_ack, attempt in due:
-                self.publish(record, on_ack, attempt)
+            for _, record, on_ack, on_refused, attempt in due:
+                self.publish(record, on_ack, on_refused, attempt)
 
     def _due(self) -> bool:
         now = time.monotonic()
@@ -319,9 +450,13 @@ class KafkaConnector:
         cfg = self.cfg
         log.info("%s", ensure_output_topics(cfg))
         # Room for a dead letter carrying the largest accepted input, plus headers.
+        transactional_id = None
+        if cfg.processing_guarantee == "exactly-once":
+            transactional_id = cfg.transactional_id or f"sentiment-stream-{cfg.group_id}-{uuid.uuid4().hex[:12]}"
         return KafkaSink(cfg.bootstrap_servers, cfg.client_options(), on_retry, linger_ms=cfg.linger_ms,
                          max_request_size=max(1 << 20, cfg.max_message_bytes + (64 << 10)),
-                         compression_type=None if cfg.compression_type == "none" else cfg.compression_type)
+                         compression_type=None if cfg.compression_type == "none" else cfg.compression_type,
+                         transactional_id=transactional_id)
 
 
 

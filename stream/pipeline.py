@@ -220,7 +220,16 @@ class Processor:
             self.metrics.record_finished(outcome, message.received)
             if outcome == "dead_letter":
                 self.metrics.dead_letters.inc()
-        self.sink.publish(record, acknowledged)
+
+        def refused(exc: BaseException) -> None:
+            """A result the broker will never take: dead-letter the input, straight away (its place
+            in the partition's order was its result's, already taken)."""
+            with self._rejected_lock:
+                self._rejected["publish_error"] += 1
+            text = f"publishing the result failed for good: {type(exc).__name__}: {exc}"
+            self._publish((message, dead_letter(message, self.cfg.dead_letter_topic, "publish_error", text),
+                           "dead_letter"))
+        self.sink.publish(record, acknowledged, refused if outcome != "dead_letter" else None)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish everything submitted (decode, infer, publish), then stop the threads."""

@@ -11,10 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from engine_build.errors import KafkaPermanent
+
 from .records import Message, Outgoing
 
 Partition = tuple[str, int]
 """(topic, partition)."""
+
+Refused = Callable[[BaseException], None]
+"""Called with the error when the broker or client refuses a record for good (not retriable)."""
 
 
 def show(partitions: Sequence[Partition]) -> str:
@@ -72,12 +77,15 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    """A producer. ``publish`` retries until the broker acknowledges, then calls
-    ``on_ack`` (from any thread); ``failing_since`` is set while sends fail."""
+    """A producer. ``publish`` retries retriable errors until the broker acknowledges, then calls
+    ``on_ack`` (from any thread); ``failing_since`` is set while sends fail. An error that can
+    never succeed calls ``on_refused`` instead; with none given (the record is already a dead
+    letter) the sink sets ``failure``, and the service stops the member with it."""
 
     failing_since: float | None
+    failure: KafkaPermanent | None
 
-    def publish(self, record: Outgoing, on_ack: Callable[[], None]) -> None: ...
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None) -> None: ...
 
     def flush(self, timeout: float) -> bool: ...
 

@@ -24,6 +24,7 @@ class Rebalance:
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.Lock()
         self._owned: set[Partition] = set()
+        self.transactions = None   # exactly-once: a .transactions.Transactions that commits on revocation
 
     def drained(self, partitions: Sequence[Partition]) -> bool:
         return self.tracker.in_flight(list(partitions)) == 0

@@ -26,6 +26,7 @@ from .offsets import OffsetTracker
 from .pipeline import PipelineConfig, Processor
 from .ports import Connector, Partition, Sink, Source
 from .rebalance import Rebalance
+from .transactions import Transactions
 
 log = logging.getLogger(__name__)
 DEAD_LETTER_REPORT_S = 10.0   # how often dead letters no batch line counted are summarised
@@ -143,6 +144,9 @@ class Service:
             try:
                 self.sink = self.sink or self.connector.sink(self.metrics.publish_retries.inc)
                 self.source = self.connector.source(self.rebalance)
+                if self.cfg.processing_guarantee == "exactly-once":
+                    self.rebalance.transactions = Transactions(self.sink, self.source, self.tracker,
+                                                               self.rebalance.owned, self.cfg.drain_timeout_s)
                 self._ready(True)
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
@@ -156,13 +160,22 @@ class Service:
 
     # ---- committing ----
     def _commit(self, offsets: dict[Partition, int] | None = None) -> None:
+        transactions = self.rebalance.transactions
         offsets = self.tracker.committable() if offsets is None else offsets
         if not offsets or self.source is None:
             return
         try:
-            self.source.commit(offsets)
+            if transactions is not None:
+                offsets = transactions.commit()
+            else:
+                self.source.commit(offsets)
+        except KafkaPermanent as exc:
+            self._failure = self._failure or exc
+            return
         except (BrokerUnavailable, KafkaTransient) as exc:
             self._commits.failed(exc)
+            return
+        if not offsets:
             return
         self._commits.ok()
         self.tracker.committed(offsets)
@@ -215,6 +228,8 @@ class Service:
                 return
             paused = self._backpressure(paused)
             messages = self._poll()
+            if self.sink is not None and self.sink.failure is not None:
+                self._failure = self.sink.failure
             if self._failure is not None:
                 return
             for message in messages:
@@ -271,7 +286,9 @@ class Service:
         if processor is not None:
             processor.stop(self.cfg.drain_timeout_s)
             processor.report_dead_letters()
-            if not self.tracker.wait_idle(self.cfg.drain_timeout_s):
+            # A sink that failed for good never acknowledges what it holds: do not wait for it.
+            wait = 1.0 if self.sink is not None and self.sink.failure is not None else self.cfg.drain_timeout_s
+            if not self.tracker.wait_idle(wait):
                 log.warning("%d messages unacknowledged after %.0f s: left uncommitted (they will be redelivered)",
                             self.tracker.in_flight(), self.cfg.drain_timeout_s)
         if self.sink is not None:

@@ -1,6 +1,7 @@
 """Producing to and reading back from the real broker in integration tests."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -25,9 +26,11 @@ def produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]], header
     producer.close()
 
 
-def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list:
+def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0,
+             isolation_level: str = "read_uncommitted") -> list:
     """Every record of ``topic`` (no group), waiting until at least ``expected`` exist."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500,
+                             isolation_level=isolation_level)
     partitions = consumer.partitions_for_topic(topic) or set()
     deadline = time.monotonic() + timeout
     while not partitions and time.monotonic() < deadline:
@@ -127,3 +130,44 @@ def produce_steadily(bootstrap: str, topic: str, total: int, seconds: float, ima
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def read_committed(bootstrap: str, topic: str, timeout: float = 20.0) -> list:
+    """What a read_committed reader sees, decided from the transaction markers in the log.
+
+    tansu writes commit and abort markers (also the abort a successor's init_transactions
+    writes for a killed producer) but sends no AbortedTransactions list in its Fetch
+    responses, and clients filter aborted records by that list, so ``isolation_level=
+    "read_committed"`` returns aborted records from it. This reads the raw batches
+    (kafka-python internals, tests only) and keeps a transactional record once its
+    producer's commit marker follows it, as a Kafka broker's reader would."""
+    import kafka.consumer.fetcher as fetcher
+    from kafka.record.memory_records import MemoryRecords
+
+    batches: dict[tuple[int, int], object] = {}
+    real_init = fetcher.Fetcher.PartitionRecords.__init__
+
+    def capture(self, fetch_offset, tp, records, *args, **kwargs):
+        raw = MemoryRecords(bytes(records._buffer))
+        while (batch := raw.next_batch()) is not None:
+            batches[(tp.partition, batch.base_offset)] = (batch, list(batch))
+        real_init(self, fetch_offset, tp, records, *args, **kwargs)
+
+    fetcher.Fetcher.PartitionRecords.__init__ = capture
+    try:
+        read_all(bootstrap, topic, 10**9, timeout=timeout)
+    finally:
+        fetcher.Fetcher.PartitionRecords.__init__ = real_init
+    visible: list = []
+    pending: dict[tuple[int, int], list] = collections.defaultdict(list)
+    for (partition, _), (batch, records) in sorted(batches.items(), key=lambda kv: kv[0]):
+        if not batch.is_transactional:
+            visible.extend(records)
+        elif batch.is_control_batch:
+            commit = records[0].key[2:4] == b"\x00\x01"
+            kept = pending.pop((partition, batch.producer_id), [])
+            if commit:
+                visible.extend(kept)
+        else:
+            pending[(partition, batch.producer_id)].extend(records)
+    return visible

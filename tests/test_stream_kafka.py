@@ -189,3 +189,43 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
     assert ("shutdown did not finish" in text and "messages unfinished" in text) or \
         ("left for redelivery" in text and code == 0), text[-3000:]
     assert "Traceback" not in text
+
+
+def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever(kafka_broker, small_artifact, caplog):
+    from .test_stream_units import _StrEncoder
+    t = names(kafka_broker, partitions=1)
+    good = good_images()
+    produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, v in good.items()])
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
+                       group_id=t["group"], metrics_port=0, max_batch=4, commit_interval_ms=100,
+                       session_timeout_ms=6000)
+    svc = Service(cfg)
+    svc.encoder = _StrEncoder(svc.encoder)
+    with caplog.at_level("WARNING"):
+        stats = svc.run(count=len(good), timeout=120)
+    assert stats.finished == len(good)
+    dead = read_all(kafka_broker.bootstrap, t["dlq"], len(good))
+    assert {r.key.decode(): r.value for r in dead} == good, "every input dead-lettered once, original bytes"
+    assert {dict(r.headers)["error.reason"] for r in dead} == {b"publish_error"}
+    assert sum(committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) == len(good)
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1, "said once, not once per message"
+
+
+def test_kafka_sink_stops_when_even_a_dead_letter_is_refused(kafka_broker):
+    import threading
+
+    from stream.kafka_io import KafkaSink
+    t = names(kafka_broker, partitions=1)
+    sink = KafkaSink(kafka_broker.bootstrap, {})
+    refused, acked = [], threading.Event()
+    try:
+        from stream.records import Outgoing
+        sink.publish(Outgoing(t["output"], b"k", "text, not bytes", []), acked.set, refused.append)
+        assert [type(e).__name__ for e in refused] == ["TypeError"] and sink.failure is None
+        sink.publish(Outgoing(t["dlq"], b"k", "text, not bytes", []), acked.set)
+        assert sink.failure is not None and "cannot publish even a dead letter" in str(sink.failure)
+        sink.publish(Outgoing(t["output"], b"k", b"fine", []), acked.set)
+        assert acked.wait(30) and sink.pending_retries() == 0
+    finally:
+        sink.close()

@@ -535,3 +535,46 @@ def test_a_missing_input_topic_is_not_ready_and_said_once(small_artifact, caplog
     assert "input topic typo does not exist" in answer
     warnings = [r.getMessage() for r in caplog.records if "'typo' does not exist" in r.getMessage()]
     assert len(warnings) == 1 and "typo" not in broker.topics
+
+
+class _StrEncoder:
+    """A plugin encoder with a bug: its value is a str, which no Kafka client will send."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def encode(self, prediction):
+        key, value, headers = self.real.encode(prediction)
+        return key, value.decode(), headers
+
+
+def test_a_result_that_can_never_be_published_is_dead_lettered_with_the_original_bytes(small_artifact):
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    images = good_images()
+    for name in ("png", "webp", "bmp"):
+        broker.produce("in", images[name], key=name.encode())
+    svc = service(broker, config(small_artifact))
+    svc.encoder = _StrEncoder(svc.encoder)
+    stats = svc.run(count=3, timeout=30)
+    assert stats.finished == 3 and broker.records("out") == []
+    dead = {k.decode(): (v, dict(h)) for k, v, h in broker.records("dlq")}
+    assert {k: v for k, (v, _) in dead.items()} == {n: images[n] for n in ("png", "webp", "bmp")}
+    assert all(h["error.reason"] == b"publish_error" and b"TypeError" in h["error.message"] for _, h in dead.values())
+    assert broker.committed["sentiment-stream"] == {("in", 0): 3}
+
+
+def test_a_dead_letter_that_can_never_be_published_stops_the_member_with_one_line(small_artifact):
+    from engine_build.errors import KafkaPermanent
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.produce("in", good_images()["png"], key=b"ok")
+    broker.produce("in", b"not an image", key=b"bad")
+    broker.produce("in", good_images()["png"], key=b"after")
+    broker.refuse_topics.add("dlq")
+    svc = service(broker, config(small_artifact, max_batch=1, drain_timeout_s=5))
+    started = time.monotonic()
+    with pytest.raises(KafkaPermanent, match="cannot publish even a dead letter to dlq"):
+        svc.run(timeout=30)
+    assert time.monotonic() - started < 15, "stopped, not stalled until the timeout"
+    assert broker.committed["sentiment-stream"] == {("in", 0): 1}, "committed up to the unpublishable record only"
