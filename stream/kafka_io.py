@@ -266,19 +266,19 @@ class KafkaSink:
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
                  transactional_id: str | None = None) -> None:
-        from kafka import KafkaProducer
         from kafka.errors import KafkaError
         extra = {"transactional_id": transactional_id, "transaction_timeout_ms": 30_000} if transactional_id else {}
+        self._settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_block_ms=10_000,
+                              retries=5, bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
+                              compression_type=compression_type, **extra, **client_options)
         try:
-            self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms,
-                                           max_block_ms=10_000, retries=5, bootstrap_timeout_ms=5_000,
-                                           max_request_size=max_request_size, compression_type=compression_type,
-                                           **extra, **client_options)
+            self._producer = self._new_producer()
             if transactional_id:
                 self._producer.init_transactions()   # aborts what a predecessor with this id left open
                 self._producer.begin_transaction()
         except KafkaError as exc:
             raise translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
+        self._renew_lock = threading.Lock()
         self.transactional = bool(transactional_id)
         self._doomed: BaseException | None = None   # a send failed inside the open transaction
         self._on_retry = on_retry
@@ -292,6 +292,34 @@ class KafkaSink:
         self.failure: KafkaPermanent | None = None
         self._thread = threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)
         self._thread.start()
+
+    def _new_producer(self) -> Any:
+        from kafka import KafkaProducer
+        return KafkaProducer(**self._settings)
+
+    def _renewed(self, exc: BaseException) -> bool:
+        """After a broker restart kafka-python's idempotent producer can be left in a fatal state
+        (InitProducerId failed) that fails every later send; at least once, a new producer fixes it.
+        True when ``exc`` came from such a state (the record is then worth sending again)."""
+        from kafka.errors import KafkaError, OutOfOrderSequenceNumberError, UnknownProducerIdError
+        producer = self._producer
+        manager = getattr(producer, "_transaction_manager", None)   # kafka-python has no public fatal check
+        fatal = bool(getattr(manager, "has_fatal_error", lambda: False)())
+        if self.transactional or not (fatal or isinstance(exc, (UnknownProducerIdError,
+                                                                 OutOfOrderSequenceNumberError))):
+            return False
+        if fatal:
+            with self._renew_lock:
+                if self._producer is producer and not self._closed:
+                    log.warning("the producer is in a fatal state (%s); replacing it with a new one", exc)
+                    try:
+                        self._producer = self._new_producer()
+                    except KafkaError as again:   # the broker is away: the retry will try again
+                        log.warning("making a new producer failed (%s); will retry", again)
+                        return True
+                    threading.Thread(target=producer.close, kwargs={"timeout": 0}, name="old-producer-close",
+                                     daemon=True).start()
+        return True
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
                 attempt: int = 0) -> None:
@@ -322,7 +350,7 @@ class KafkaSink:
                         len(record.value), record.topic)
             self.publish(record.fallback, on_ack, on_refused)
             return
-        if not retriable(exc) and not (self.transactional and _async(exc)):
+        if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc):
             self._refuse(record, on_refused, exc)
             return
         if self.transactional:

@@ -283,18 +283,19 @@ class Service:
         self._ready(False, "shutting down")
         if self.source is not None:
             self.source.pause_all()
+        # A sink that failed for good never acknowledges what it holds: do not wait for it.
+        wait = 1.0 if self.sink is not None and self.sink.failure is not None else self.cfg.drain_timeout_s
         if processor is not None:
-            processor.stop(self.cfg.drain_timeout_s)
+            processor.stop(wait)
             processor.report_dead_letters()
-            # A sink that failed for good never acknowledges what it holds: do not wait for it.
-            wait = 1.0 if self.sink is not None and self.sink.failure is not None else self.cfg.drain_timeout_s
             if not self.tracker.wait_idle(wait):
                 log.warning("%d messages unacknowledged after %.0f s: left uncommitted (they will be redelivered)",
-                            self.tracker.in_flight(), self.cfg.drain_timeout_s)
+                            self.tracker.in_flight(), wait)
         if self.sink is not None:
-            self.sink.flush(self.cfg.drain_timeout_s)
+            self.sink.flush(wait)
         self._commit()
         leftover = self.uncommitted() if self.tracker.committable() or self.tracker.in_flight() else None
+        self.rebalance.drain_timeout_s = 0.0   # drained above: closing revokes without waiting again
         if self.source is not None:
             self.source.close()
         if self.sink is not None:

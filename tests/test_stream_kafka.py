@@ -112,8 +112,9 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_broker_unreachable_then_back_then_gone_never_crashes(small_artifact, tmp_path):
-    """Not-ready while Kafka is away, works once it comes, survives it vanishing, stops cleanly."""
+def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_artifact, tmp_path):
+    """Not-ready while Kafka is away, works once it comes, survives it vanishing, resumes when it
+    returns (a fresh in-memory broker: new producer ids, offsets out of range), stops cleanly."""
     from stream.embedded_broker import EmbeddedBroker, free_port
     port, metrics = free_port(), free_port()
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log")
@@ -135,6 +136,12 @@ def test_broker_unreachable_then_back_then_gone_never_crashes(small_artifact, tm
         wait_until(lambda: readyz(metrics)[0] == 503, 30, "/readyz to answer 503 after the broker vanished")
         time.sleep(2)
         assert service.poll() is None, "the service must survive the broker going away"
+        broker.start()
+        broker.create_topics({"images": 1, "labels": 1, "dead": 1})
+        produce(broker.bootstrap, "images", [(f"again-{i}".encode(), image) for i in range(20)])
+        again = wait_for_outputs(broker, "labels", 20, timeout=120)
+        assert {r.key for r in again} >= {f"again-{i}".encode() for i in range(20)}
+        wait_until(lambda: readyz(metrics)[0] == 200, 30, "/readyz to answer 200 once the broker is back")
     finally:
         stop(service, log)
         broker.stop()
