@@ -46,13 +46,3 @@ def reference_crops(images: np.ndarray, oversample: bool) -> np.ndarray:
         crops.append(crop)
     return np.ascontiguousarray(np.concatenate(crops).transpose(0, 3, 1, 2))
 
-
-def average_over_crops(per_crop: np.ndarray, n_crops: int) -> np.ndarray:
-    """[n_crops * N, K] crop-major scores -> [N, K] mean per image."""
-    return per_crop.reshape(n_crops, -1, per_crop.shape[-1]).mean(axis=0)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)

@@ -58,9 +58,6 @@ class Batcher(Generic[T]):
             return idle
         return max(0.0, self._deadline - now)
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     def _take(self) -> list[T]:
         items, self._items, self._deadline = self._items, [], None
         return items

@@ -47,8 +47,10 @@ class EmbeddedBroker:
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self._process = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url,
-                                          "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}", "--storage-engine", "memory://tansu/"],
+                                          "--advertised-listener-url", advertised,
+                                          "--storage-engine", "memory://tansu/"],
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -136,7 +136,7 @@ class KafkaSource:
         while not handler.drained(partitions) and time.monotonic() < deadline:
             await self._loop_sleep(_DRAIN_STEP_S)
         drained = handler.drained(partitions)
-        transactions = getattr(handler, "transactions", None)
+        transactions = handler.transactions
         offsets = {} if transactions is not None else handler.committable(partitions)
         if transactions is not None:   # exactly-once: commit or abort the open transaction, off this loop
             result: dict = {}

@@ -9,11 +9,14 @@ logic (what is drained, what may be committed) and never touches a client.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine_build.errors import KafkaPermanent
 
 from .records import Message, Outgoing
+
+if TYPE_CHECKING:
+    from .transactions import Transactions
 
 Partition = tuple[str, int]
 """(topic, partition)."""
@@ -37,6 +40,8 @@ class RebalanceHandler(Protocol):
     """
 
     drain_timeout_s: float
+    transactions: Transactions | None
+    """Exactly-once: the open transaction, committed or aborted on revocation; None otherwise."""
 
     def drained(self, partitions: Sequence[Partition]) -> bool: ...
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .metrics import Metrics
 from .offsets import OffsetTracker
 from .ports import Partition, show
+
+if TYPE_CHECKING:
+    from .transactions import Transactions
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ class Rebalance:
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.Lock()
         self._owned: set[Partition] = set()
-        self.transactions = None   # exactly-once: a .transactions.Transactions that commits on revocation
+        self.transactions: Transactions | None = None   # exactly-once: commits or aborts on revocation
 
     def drained(self, partitions: Sequence[Partition]) -> bool:
         return self.tracker.in_flight(list(partitions)) == 0

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import plugins
 from engine_build.artifact import open_artifact
@@ -26,7 +26,7 @@ from .offsets import OffsetTracker
 from .pipeline import PipelineConfig, Processor
 from .ports import Connector, Partition, Sink, Source
 from .rebalance import Rebalance
-from .transactions import Transactions
+from .transactions import RewindableSource, TransactionalSink, Transactions
 
 log = logging.getLogger(__name__)
 DEAD_LETTER_REPORT_S = 10.0   # how often dead letters no batch line counted are summarised
@@ -145,8 +145,10 @@ class Service:
                 self.sink = self.sink or self.connector.sink(self.metrics.publish_retries.inc)
                 self.source = self.connector.source(self.rebalance)
                 if self.cfg.processing_guarantee == "exactly-once":
-                    self.rebalance.transactions = Transactions(self.sink, self.source, self.tracker,
-                                                               self.rebalance.owned, self.cfg.drain_timeout_s)
+                    # only the Kafka connector's ports are transactional (checked on the real broker)
+                    self.rebalance.transactions = Transactions(
+                        cast(TransactionalSink, self.sink), cast(RewindableSource, self.source), self.tracker,
+                        self.rebalance.owned, self.cfg.drain_timeout_s)
                 self._ready(True)
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)

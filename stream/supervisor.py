@@ -26,9 +26,10 @@ def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
 
 
 def supervise(argv: Sequence[str], processes: int, metrics_port: int) -> int:
-    # Own process groups: a terminal's Ctrl-C reaches the children once, through forward(), not twice
-    # (a second signal means "exit now" to a child).
-    children = [subprocess.Popen(child_argv(argv, i, metrics_port), process_group=0) for i in range(processes)]
+    # Own sessions (so own process groups): a terminal's Ctrl-C reaches the children once, through
+    # forward(), not twice (a second signal means "exit now" to a child).
+    children = [subprocess.Popen(child_argv(argv, i, metrics_port), start_new_session=True)
+                for i in range(processes)]
     log.info("started %d consumer processes (pids %s)%s", processes, ", ".join(str(c.pid) for c in children),
              f"; metrics on ports {metrics_port}..{metrics_port + processes - 1}" if metrics_port else "")
     stopping: list[int] = []

@@ -146,7 +146,8 @@ def test_connections_delayed_and_cut_mid_stream_lose_nothing(small_artifact, tmp
                 if sum(v or 0 for v in marks.values()) >= total:
                     break
                 assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                if proxy.cuts < 3 and len(read_all(broker.bootstrap, t["output"], 0, timeout=1)) > total * (proxy.cuts + 1) // 8:
+                done = len(read_all(broker.bootstrap, t["output"], 0, timeout=1))
+                if proxy.cuts < 3 and done > total * (proxy.cuts + 1) // 8:
                     proxy.cut()
                 time.sleep(0.5)
         finally:
