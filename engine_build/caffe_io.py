@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from google.protobuf import message as pb_message
@@ -36,8 +36,8 @@ class CaffeLayerWeights:
     offset: int                 # byte offset of the layer record in the file
 
 
-def load_prototxt(path: str | os.PathLike) -> "schema().NetParameter":
-    """Parse a deploy prototxt (text format) into a NetParameter."""
+def load_prototxt(path: str | os.PathLike) -> pb_message.Message:
+    """Parse a deploy prototxt (text format) into a NetParameter (a message class built at run time)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -165,7 +165,7 @@ def _next_record(buf: mmap.mmap, pos: int, size: int, path: str | os.PathLike) -
     return field, pos, pos + length
 
 
-def _parse_layer(cls: type, buf: mmap.mmap, start: int, end: int, where: str) -> pb_message.Message:
+def _parse_layer(cls: type[pb_message.Message], buf: mmap.mmap, start: int, end: int, where: str) -> pb_message.Message:
     """One layer message parsed from ``buf[start:end]``; those pages are released afterwards."""
     with memoryview(buf)[start:end] as view:
         try:

@@ -5,8 +5,8 @@ Pure logic over the parsed prototxt and the arrays read from a caffemodel; no fi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 from google.protobuf.message import Message
@@ -213,8 +213,10 @@ def build_net(proto: Message) -> Net:
     return Net(name=proto.name or "caffe_net", input_name=input_name, input_shape=shape_of(dims), layers=layers)
 
 
-def shape_of(dims: Iterable[int]) -> tuple[int, int, int]:
-    return tuple(int(d) for d in dims[1:4])
+def shape_of(dims: Sequence[int]) -> tuple[int, int, int]:
+    """C, H, W of a 4-D N,C,H,W input."""
+    c, h, w = (int(d) for d in dims[1:4])
+    return c, h, w
 
 
 def expected_blob_shapes(layer: Layer) -> list[tuple[int, ...]]:

@@ -143,8 +143,8 @@ def fp16_range_lines(audit: dict, limit: int = 40) -> str:
 
 
 def _placeholder(args: argparse.Namespace) -> int:
-    from .placeholder import write_placeholder
     from .errors import ConfigError
+    from .placeholder import write_placeholder
     if args.output.exists() and not args.output.is_dir():
         raise ConfigError(f"--output {args.output}: is a file; give a directory")
     if args.logit_std <= 0:

@@ -64,8 +64,13 @@ def quantize_nncf(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
 def quantize_minmax(fp32_path: Path, int8_path: Path, calibration: np.ndarray, batch: int = 8) -> dict:
     """ONNX Runtime's static quantiser: Conv/Gemm weights per-channel int8, activations uint8, MinMax."""
     import onnxruntime
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
