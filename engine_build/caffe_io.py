@@ -116,7 +116,8 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                 field, payload, pos = _next_record(buf, pos, size, path)
                 if field in (_LAYER_FIELD, _V1_LAYER_FIELD):
                     cls = S.LayerParameter if field == _LAYER_FIELD else S.V1LayerParameter
-                    layer = _parse_layer(cls, buf, payload, pos, f"caffemodel {path}: layer #{index} at byte offset {start}")
+                    layer = _parse_layer(cls, buf, payload, pos,
+                                         f"caffemodel {path}: layer #{index} at byte offset {start}")
                     index += 1
                     if len(layer.blobs):
                         name, kind = layer.name, layer_type(layer)

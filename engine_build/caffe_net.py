@@ -140,7 +140,8 @@ def _input_spec(proto) -> tuple[str, tuple[int, ...], list]:
             if not len(layer.input_param.shape):
                 raise ModelFormatError(f"Input layer '{layer.name}' has no shape")
             return layer.top[0], tuple(layer.input_param.shape[0].dim), layers[:i] + layers[i + 1:]
-    raise ModelFormatError("the prototxt declares no input (need 'input:' + 'input_dim'/'input_shape' or an Input layer)")
+    raise ModelFormatError("the prototxt declares no input "
+                           "(need 'input:' + 'input_dim'/'input_shape' or an Input layer)")
 
 
 def conv_out(size: int, kernel: int, pad: int, stride: int, dilation: int = 1) -> int:
@@ -162,13 +163,15 @@ def _infer(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
         if c % p["group"] or p["num_output"] % p["group"]:
             raise ValueError(f"group {p['group']} does not divide {c} inputs and {p['num_output']} outputs")
         out = (p["num_output"],) + tuple(
-            conv_out(s, k, pd, st, d) for s, k, pd, st, d in zip((h, w), p["kernel"], p["pad"], p["stride"], p["dilation"]))
+            conv_out(s, k, pd, st, d)
+            for s, k, pd, st, d in zip((h, w), p["kernel"], p["pad"], p["stride"], p["dilation"], strict=True))
     elif layer.type == "Pooling":
         c, h, w = shape
         if p["global_pooling"]:
             out = (c, 1, 1)
         else:
-            out = (c,) + tuple(pool_out(s, k, pd, st) for s, k, pd, st in zip((h, w), p["kernel"], p["pad"], p["stride"]))
+            out = (c,) + tuple(pool_out(s, k, pd, st)
+                               for s, k, pd, st in zip((h, w), p["kernel"], p["pad"], p["stride"], strict=True))
     elif layer.type == "InnerProduct":
         out = (p["num_output"],)
     else:
@@ -197,7 +200,8 @@ def build_net(proto: Message) -> Net:
             raise UnsupportedLayerError(f"layer '{raw.name}': only single-input single-output layers are supported")
         if raw.bottom[0] != current:
             raise UnsupportedLayerError(
-                f"layer '{raw.name}': reads '{raw.bottom[0]}' but the chain is at '{current}' (only sequential nets are supported)")
+                f"layer '{raw.name}': reads '{raw.bottom[0]}' but the chain is at '{current}' "
+                "(only sequential nets are supported)")
         try:
             layer = Layer(name=raw.name, type=kind, bottom=raw.bottom[0], top=raw.top[0],
                           params=_params(kind, raw), in_shape=shape)
@@ -241,9 +245,11 @@ def attach_weights(net: Net, records: Iterable[CaffeLayerWeights]) -> list[str]:
         expected = expected_blob_shapes(layer)
         if len(record.blobs) != len(expected):
             raise ModelFormatError(f"layer '{layer.name}': caffemodel has {len(record.blobs)} blobs, "
-                                   f"the prototxt needs {len(expected)} (weights{' and bias' if len(expected) == 2 else ''})")
+                                   f"the prototxt needs {len(expected)} "
+                                   f"(weights{' and bias' if len(expected) == 2 else ''})")
         arrays = []
-        for blob, legacy, want, what in zip(record.blobs, record.legacy_shapes, expected, ("weights", "bias")):
+        names = ("weights", "bias")[:len(expected)]
+        for blob, legacy, want, what in zip(record.blobs, record.legacy_shapes, expected, names, strict=True):
             shape = tuple(blob.shape)
             if legacy:   # num/channels/height/width: compare as Caffe does, padded to 4-D
                 match = shape == (1,) * (4 - len(want)) + want if len(want) <= 4 else False

@@ -86,7 +86,8 @@ class Check:
         if self.nan:
             reasons.append("NaN in its output")
         if self.confident_flips:
-            shown = ", ".join(f"{f['image']} (FP32 p(positive) {f['reference_p']:.3f})" for f in self.confident_flips[:5])
+            shown = ", ".join(f"{f['image']} (FP32 p(positive) {f['reference_p']:.3f})"
+                              for f in self.confident_flips[:5])
             more = f" and {len(self.confident_flips) - 5} more" if len(self.confident_flips) > 5 else ""
             reasons.append(f"{len(self.confident_flips)} label flip(s) where FP32 is confident: {shown}{more}")
         if self.max_abs_diff > self.limits.get("max_abs_diff", float("inf")):
