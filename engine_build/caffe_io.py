@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from google.protobuf import message as pb_message
@@ -62,7 +63,7 @@ def layer_type(layer: pb_message.Message) -> str:
     return V1_TO_TYPE.get(v1_type_name(layer.type), v1_type_name(layer.type))
 
 
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+def _varint(buf: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end:
@@ -77,7 +78,7 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
             raise ValueError("varint longer than 10 bytes")
 
 
-def _blob_array(blob, where: str) -> tuple[np.ndarray, bool]:
+def _blob_array(blob: Any, where: str) -> tuple[np.ndarray, bool]:
     if blob.HasField("shape"):
         shape, legacy = tuple(int(d) for d in blob.shape.dim), False
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
@@ -45,7 +46,7 @@ class Net:
         return [layer for layer in self.layers if layer.type in _LEARNED]
 
 
-def _pair(repeated, single_h, single_w, has_h: bool, default: int) -> tuple[int, int]:
+def _pair(repeated: Iterable[int], single_h: int, single_w: int, has_h: bool, default: int) -> tuple[int, int]:
     if has_h:
         return int(single_h), int(single_w)
     values = list(repeated)
@@ -58,7 +59,7 @@ def _pair(repeated, single_h, single_w, has_h: bool, default: int) -> tuple[int,
     raise ValueError(f"expected 1 or 2 values, got {len(values)} (only 2-D nets are supported)")
 
 
-def _conv_params(p) -> dict:
+def _conv_params(p: Any) -> dict:
     if p.axis != 1:
         raise ValueError("convolution axis other than 1 is not supported")
     kernel = _pair(p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h"), 0)
@@ -70,7 +71,7 @@ def _conv_params(p) -> dict:
                 dilation=_pair(p.dilation, 0, 0, False, 1), group=int(p.group))
 
 
-def _pool_params(p) -> dict:
+def _pool_params(p: Any) -> dict:
     pool = {0: "MAX", 1: "AVE"}.get(p.pool)
     if pool is None:
         raise ValueError("STOCHASTIC pooling is not supported (it is random at train time only)")
@@ -83,7 +84,7 @@ def _pool_params(p) -> dict:
                 stride=tuple(map(int, stride)), global_pooling=bool(p.global_pooling))
 
 
-def _params(kind: str, layer) -> dict:
+def _params(kind: str, layer: Any) -> dict:
     if kind == "Convolution":
         return _conv_params(layer.convolution_param)
     if kind == "InnerProduct":
@@ -109,7 +110,7 @@ def _params(kind: str, layer) -> dict:
     return {}
 
 
-def _included(layer) -> bool:
+def _included(layer: Any) -> bool:
     """Caffe's NetStateRule check for the TEST phase, level 0, no stages."""
     def matches(rule: Message) -> bool:
         if rule.HasField("phase") and rule.phase != 1:
@@ -124,7 +125,7 @@ def _included(layer) -> bool:
     return not any(matches(r) for r in layer.exclude)
 
 
-def _input_spec(proto) -> tuple[str, tuple[int, ...], list]:
+def _input_spec(proto: Any) -> tuple[str, tuple[int, ...], list]:
     layers = list(proto.layer) or list(proto.layers)
     if len(proto.input):
         name = proto.input[0]
