@@ -16,6 +16,7 @@ the decoder, for no-ops), so the benchmark's producer and reader never share its
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -325,7 +326,7 @@ class Bench:
                 stop(p)
         images = hi - lo
         threads: dict[str, float] = {}
-        for a, b in zip(cpu0, cpu1):
+        for a, b in zip(cpu0, cpu1, strict=True):   # one sample per process each
             for k, v in cpu_delta(a, b, images).items():
                 threads[k] = round(threads.get(k, 0.0) + v, 3)
         broker_ms = sum(cpu_delta(broker0, broker1, images).values())
@@ -372,7 +373,7 @@ def histogram(runs: dict[str, dict], path: Path) -> str:
     x_of = lambda ms: int(left + (width - left - 20) * np.log10(ms) / np.log10(bins[-1]))  # noqa: E731
     for i, (name, c) in enumerate(counts.items()):
         pts = [(x_of(bins[j]), bottom - int((bottom - 60) * c[j] / top)) for j in range(len(c))]
-        for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
+        for (xa, ya), (xb, yb) in itertools.pairwise(pts):
             cv2.line(img, (xa, ya), (xb, yb), colours[i % 4], 2, cv2.LINE_AA)
         run = runs[name]
         cv2.putText(img, f"{name}: p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms", (left + 10, 25 + 20 * i),

@@ -20,8 +20,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -112,7 +112,8 @@ def model_runs(artifact: Path, images: np.ndarray, batch_sizes: list[int], repea
     rows = []
     for (runtime, exact), configs in groups.items():
         with contextlib.ExitStack() as stack:
-            backends = [stack.enter_context(open_backend(runtime, artifact / name, precision, max(batch_sizes), exact=exact))
+            backends = [stack.enter_context(open_backend(runtime, artifact / name, precision, max(batch_sizes),
+                                                         exact=exact))
                         for _, precision, name, _, _ in configs]
             for batch in batch_sizes:
                 x = np.ascontiguousarray(images[:batch])
@@ -128,13 +129,14 @@ def model_runs(artifact: Path, images: np.ndarray, batch_sizes: list[int], repea
     return rows
 
 
-def opencv_dnn_runs(prototxt: Path, caffemodel: Path, images: np.ndarray, batch_sizes: list[int], repeats: int) -> list[dict]:
+def opencv_dnn_runs(prototxt: Path, caffemodel: Path, images: np.ndarray, batch_sizes: list[int],
+                    repeats: int) -> list[dict]:
     """The classic way to run a Caffe model without Caffe: OpenCV's own importer, FP32 on CPU."""
     from engine_build.preprocess import reference_crops
     net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
     rows = []
     for batch in batch_sizes:
-        def run() -> None:
+        def run(batch: int = batch) -> None:
             net.setInput(reference_crops(np.ascontiguousarray(images[:batch]), False))
             net.forward()
         result = summary(timed(run, repeats), batch)
@@ -151,9 +153,11 @@ def decode_runs(repeats: int) -> list[dict]:
                             [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
         for reduced in (False, True):
             limits = DecodeLimits(reduced_decode=reduced)
-            result = summary(timed(lambda: [decode(data, limits) for _ in range(10)], repeats), 10)
+            result = summary(timed(lambda data=data, limits=limits: [decode(data, limits) for _ in range(10)],
+                                   repeats), 10)
             rows.append({"jpeg_px": size, "reduced_decode": reduced, **result})
-            print(f"  decode JPEG {size:>4}px {'reduced' if reduced else 'full   '}: {result['images_per_s']:>7.1f} img/s per core")
+            print(f"  decode JPEG {size:>4}px {'reduced' if reduced else 'full   '}: "
+                  f"{result['images_per_s']:>7.1f} img/s per core")
     return rows
 
 
@@ -163,7 +167,8 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     bars = sorted([r for r in rows if r["batch"] == largest], key=lambda r: r["images_per_s"])
     width, row_h, left = 900, 34, 330
     img = np.full((80 + row_h * len(bars), width, 3), 255, np.uint8)
-    cv2.putText(img, f"{title} (batch {largest}, img/s)", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, f"{title} (batch {largest}, img/s)", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
+                cv2.LINE_AA)
     top = max(r["images_per_s"] for r in bars)
     for i, r in enumerate(bars):
         y = 55 + i * row_h

@@ -35,7 +35,8 @@ def gate_passed(manifest: dict, variant: str, runtime: str, exact: bool) -> bool
         return True   # the reference itself
     mode = "exact" if exact or runtime != "openvino" else "default"
     for check in manifest.get("validation", {}).get("checks", []):
-        if check["variant"] == variant and check["runtime"] == runtime and check["mode"] == mode and not check.get("note"):
+        if (check["variant"] == variant and check["runtime"] == runtime and check["mode"] == mode
+                and not check.get("note")):
             return bool(check["passed"])
     return None
 
@@ -77,7 +78,10 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
             return manifest, choice
     elif backend == "tensorrt":
         raise ConfigError(f"--backend tensorrt runs the FP16 engine; --precision {precision} is not available there")
-    runtimes = [backend] if backend != "auto" else [b for b in ("openvino", "onnxruntime") if not available_backends()[b]]
+    if backend != "auto":
+        runtimes = [backend]
+    else:
+        runtimes = [b for b in ("openvino", "onnxruntime") if not available_backends()[b]]
     if not runtimes:
         raise ArtifactError("no inference runtime is installed (pip install openvino onnxruntime)")
     candidates = [precision] if precision else [p for p in _CPU_ORDER if p in files]
@@ -88,7 +92,8 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
             raise ConfigError(f"--backend {runtime}: {reason}")
         for variant in candidates:
             if variant not in files:
-                raise ArtifactError(f"{directory} has no {variant} variant (built: {', '.join(k for k in files if k != 'tensorrt')})")
+                built = ", ".join(k for k in files if k != "tensorrt")
+                raise ArtifactError(f"{directory} has no {variant} variant (built: {built})")
             passed = gate_passed(manifest, variant, runtime, exact)
             if passed:
                 why = ("explicit request" if precision else "fastest variant that passed its gate") + \

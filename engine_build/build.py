@@ -13,9 +13,11 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -26,8 +28,17 @@ from .caffe_net import Net, attach_weights, build_net
 from .config import PRECISIONS, BuildConfig
 from .errors import ArtifactError, ConfigError, ValidationFailed
 from .imagesets import ImageSet, load_sets
-from .manifest import (ENGINE_FILE, FORMAT, MANIFEST, RUNTIME_FILES, TIMING_CACHE, VARIANT_FILES,
-                       read_manifest, sha256, write_manifest)
+from .manifest import (
+    ENGINE_FILE,
+    FORMAT,
+    MANIFEST,
+    RUNTIME_FILES,
+    TIMING_CACHE,
+    VARIANT_FILES,
+    read_manifest,
+    sha256,
+    write_manifest,
+)
 from .onnx_graph import build_onnx
 from .placeholder import PLACEHOLDER_NAME
 from .preprocess import CROP_SIZE, IMAGE_SIZE, LABELS, MEAN_BGR
@@ -51,36 +62,47 @@ def check_inputs(cfg: BuildConfig) -> tuple[ImageSet | None, ImageSet]:
                      disjoint="int8" in cfg.precisions)
 
 
+def caffe_files(cfg: BuildConfig) -> tuple[Path, Path]:
+    """The prototxt and caffemodel of a build without ``--onnx`` (BuildConfig requires both there)."""
+    if cfg.prototxt is None or cfg.caffemodel is None:
+        raise ConfigError("give either --prototxt and --caffemodel, or --onnx")
+    return cfg.prototxt, cfg.caffemodel
+
+
 def import_caffe(cfg: BuildConfig) -> tuple[Net, bool]:
     """Parse the deploy prototxt and attach the caffemodel's weights; returns (net, placeholder?)."""
-    proto = load_prototxt(cfg.prototxt)
+    prototxt, caffemodel = caffe_files(cfg)
+    proto = load_prototxt(prototxt)
     net = build_net(proto)
-    ignored = attach_weights(net, iter_caffemodel(cfg.caffemodel, progress=cfg.progress))
+    ignored = attach_weights(net, iter_caffemodel(caffemodel, progress=cfg.progress))
     if ignored:
         log.info("ignored caffemodel layers not in the deploy net: %s", ", ".join(ignored))
     placeholder = cfg.placeholder if cfg.placeholder is not None else PLACEHOLDER_NAME in (proto.name or "")
     if net.output_shape != (len(LABELS),):
         raise ConfigError(f"the net outputs {list(net.output_shape)} values; a sentiment model has {len(LABELS)}")
     if net.input_shape != (3, CROP_SIZE, CROP_SIZE):
-        raise ConfigError(f"the net takes {list(net.input_shape)}; the authors' preprocessing needs [3, {CROP_SIZE}, {CROP_SIZE}]")
+        raise ConfigError(f"the net takes {list(net.input_shape)}; "
+                          f"the authors' preprocessing needs [3, {CROP_SIZE}, {CROP_SIZE}]")
     return net, placeholder
 
 
-def import_source(cfg: BuildConfig) -> tuple[object, bool]:
+def import_source(cfg: BuildConfig) -> tuple[Net | onnx.ModelProto, bool]:
     """The Caffe net or the ONNX classifier, and whether its weights are placeholders."""
+    model: Net | onnx.ModelProto
     if cfg.onnx:
         from .onnx_import import load_classifier
         model, placeholder = load_classifier(cfg.onnx), bool(cfg.placeholder)
         what = f"ONNX classifier {model.graph.name or cfg.onnx.name}: {len(model.graph.node)} nodes"
     else:
-        model, placeholder = import_caffe(cfg)
-        what = (f"{model.name}: {len(model.layers)} layers, "
-                f"{sum(w.size for layer in model.learned() for w in layer.weights):,} weights")
+        net, placeholder = import_caffe(cfg)
+        what = (f"{net.name}: {len(net.layers)} layers, "
+                f"{sum(w.size for layer in net.learned() for w in layer.weights):,} weights")
+        model = net
     log.info("imported %s%s", what, "  [PLACEHOLDER WEIGHTS]" if placeholder else "")
     return model, placeholder
 
 
-def emit_onnx(cfg: BuildConfig, source: object, placeholder: bool,
+def emit_onnx(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool,
               calibration: ImageSet | None = None) -> tuple[dict[str, Path], dict | None]:
     """model.onnx and model.fp16.onnx from an imported Caffe ``Net`` or an ONNX classifier.
 
@@ -91,16 +113,20 @@ def emit_onnx(cfg: BuildConfig, source: object, placeholder: bool,
     from .range_audit import audit, kept_float32, record
     meta = {"placeholder": str(placeholder).lower(), "labels": ",".join(LABELS),
             "oversample": str(cfg.oversample).lower()}
-    emit = build_onnx if isinstance(source, Net) else wrap_classifier
+
+    def emit(dtype: str, metadata: dict[str, str], float32_tensors: Collection[str] = ()) -> onnx.ModelProto:
+        if isinstance(source, Net):
+            return build_onnx(source, cfg.oversample, dtype, metadata, float32_tensors=float32_tensors)
+        return wrap_classifier(source, cfg.oversample, dtype, metadata, float32_tensors=float32_tensors)
+
     paths = {"fp32": cfg.output / VARIANT_FILES["fp32"]}
-    onnx.save(emit(source, cfg.oversample, "float32", {**meta, "precision": "fp32"}), paths["fp32"])
+    onnx.save(emit("float32", {**meta, "precision": "fp32"}), paths["fp32"])
     if "fp16" not in cfg.precisions:
         return paths, None
     if calibration is None:
         raise ConfigError("the FP16 range audit needs calibration images")
     ranges = audit(paths["fp32"], calibration.images)
-    model = emit(source, cfg.oversample, "float16", {**meta, "precision": "fp16"},
-                 float32_tensors=[r.tensor for r in ranges if r.near_limit])
+    model = emit("float16", {**meta, "precision": "fp16"}, float32_tensors=[r.tensor for r in ranges if r.near_limit])
     float32 = kept_float32(model, ranges)
     for tensor, why in float32.items():
         (log.warning if why.startswith("NOT") else log.info)("FP16 range audit: %s: %s", tensor, why)
@@ -131,10 +157,11 @@ def file_entries(variants: dict[str, dict[str, Path]], quantizers: dict, engine:
     """The manifest's ``files``: one entry per variant, with per-runtime files under ``by_runtime``."""
     files = {}
     for key, by_runtime in variants.items():
-        entry = {"file": by_runtime["*"].name, "precision": key, "sha256": sha256(by_runtime["*"])}
+        entry: dict[str, Any] = {"file": by_runtime["*"].name, "precision": key, "sha256": sha256(by_runtime["*"])}
         if key == "int8":
             entry["quantizer"] = quantizers["*"]
-            entry["by_runtime"] = {runtime: {"file": path.name, "sha256": sha256(path), "quantizer": quantizers[runtime]}
+            entry["by_runtime"] = {runtime: {"file": path.name, "sha256": sha256(path),
+                                             "quantizer": quantizers[runtime]}
                                    for runtime, path in by_runtime.items() if runtime != "*"}
         files[key] = entry
     if engine:
@@ -144,7 +171,11 @@ def file_entries(variants: dict[str, dict[str, Path]], quantizers: dict, engine:
 
 def sources(cfg: BuildConfig) -> dict:
     """Path and sha256 of each input file, for the manifest."""
-    files = {"onnx": cfg.onnx} if cfg.onnx else {"prototxt": cfg.prototxt, "caffemodel": cfg.caffemodel}
+    if cfg.onnx:
+        files = {"onnx": cfg.onnx}
+    else:
+        prototxt, caffemodel = caffe_files(cfg)
+        files = {"prototxt": prototxt, "caffemodel": caffemodel}
     return {kind: {"path": str(path), "sha256": sha256(path)} for kind, path in files.items()}
 
 
@@ -196,11 +227,12 @@ def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict, calibration:
     """Everything an artifact's user (the service, ``inspect``, a person) needs to trust it."""
     return {
         "format": FORMAT,
-        "model": {"name": PLACEHOLDER_NAME if placeholder else (cfg.onnx or cfg.prototxt).stem,
+        "model": {"name": PLACEHOLDER_NAME if placeholder else (cfg.onnx or caffe_files(cfg)[0]).stem,
                   "placeholder": placeholder, "labels": list(LABELS), "source": sources(cfg)},
         "input": {"name": "images", "dtype": "uint8", "shape": ["N", IMAGE_SIZE, IMAGE_SIZE, 3],
                   "layout": "NHWC", "channels": "BGR"},
-        "outputs": {"probs": {"dtype": "float32", "shape": ["N", 2], "meaning": "softmax; index 0 negative, 1 positive"},
+        "outputs": {"probs": {"dtype": "float32", "shape": ["N", 2],
+                              "meaning": "softmax; index 0 negative, 1 positive"},
                     "logits": {"dtype": "float32", "shape": ["N", 2]}},
         "preprocessing": {"resize": f"{IMAGE_SIZE}x{IMAGE_SIZE} bilinear, aspect not kept (done by the caller)",
                           "mean_bgr": list(MEAN_BGR), "crop": "10 crops averaged" if cfg.oversample else "centre",
@@ -253,6 +285,8 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
     variants: dict[str, dict[str, Path]] = {k: {"*": p} for k, p in emitted.items()}
     quantizers: dict = {}
     if "int8" in cfg.precisions:
+        if calibration is None:
+            raise ConfigError("INT8 quantisation needs calibration images")
         variants["int8"], quantizers = quantize_variants(cfg, emitted["fp32"], calibration)
     notes: list[str] = []
     engine = maybe_engine(cfg, emitted.get("fp16"), previous, notes)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from google.protobuf import message as pb_message
@@ -36,8 +37,8 @@ class CaffeLayerWeights:
     offset: int                 # byte offset of the layer record in the file
 
 
-def load_prototxt(path: str | os.PathLike) -> "schema().NetParameter":
-    """Parse a deploy prototxt (text format) into a NetParameter."""
+def load_prototxt(path: str | os.PathLike) -> pb_message.Message:
+    """Parse a deploy prototxt (text format) into a NetParameter (a message class built at run time)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -62,7 +63,7 @@ def layer_type(layer: pb_message.Message) -> str:
     return V1_TO_TYPE.get(v1_type_name(layer.type), v1_type_name(layer.type))
 
 
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+def _varint(buf: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end:
@@ -77,7 +78,7 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
             raise ValueError("varint longer than 10 bytes")
 
 
-def _blob_array(blob, where: str) -> tuple[np.ndarray, bool]:
+def _blob_array(blob: Any, where: str) -> tuple[np.ndarray, bool]:
     if blob.HasField("shape"):
         shape, legacy = tuple(int(d) for d in blob.shape.dim), False
     else:
@@ -116,7 +117,8 @@ def iter_caffemodel(path: str | os.PathLike, progress: bool | None = None) -> It
                 field, payload, pos = _next_record(buf, pos, size, path)
                 if field in (_LAYER_FIELD, _V1_LAYER_FIELD):
                     cls = S.LayerParameter if field == _LAYER_FIELD else S.V1LayerParameter
-                    layer = _parse_layer(cls, buf, payload, pos, f"caffemodel {path}: layer #{index} at byte offset {start}")
+                    layer = _parse_layer(cls, buf, payload, pos,
+                                         f"caffemodel {path}: layer #{index} at byte offset {start}")
                     index += 1
                     if len(layer.blobs):
                         name, kind = layer.name, layer_type(layer)
@@ -165,7 +167,7 @@ def _next_record(buf: mmap.mmap, pos: int, size: int, path: str | os.PathLike) -
     return field, pos, pos + length
 
 
-def _parse_layer(cls: type, buf: mmap.mmap, start: int, end: int, where: str) -> pb_message.Message:
+def _parse_layer(cls: type[pb_message.Message], buf: mmap.mmap, start: int, end: int, where: str) -> pb_message.Message:
     """One layer message parsed from ``buf[start:end]``; those pages are released afterwards."""
     with memoryview(buf)[start:end] as view:
         try:

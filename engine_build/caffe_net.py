@@ -5,8 +5,9 @@ Pure logic over the parsed prototxt and the arrays read from a caffemodel; no fi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
@@ -45,7 +46,7 @@ class Net:
         return [layer for layer in self.layers if layer.type in _LEARNED]
 
 
-def _pair(repeated, single_h, single_w, has_h: bool, default: int) -> tuple[int, int]:
+def _pair(repeated: Iterable[int], single_h: int, single_w: int, has_h: bool, default: int) -> tuple[int, int]:
     if has_h:
         return int(single_h), int(single_w)
     values = list(repeated)
@@ -58,7 +59,7 @@ def _pair(repeated, single_h, single_w, has_h: bool, default: int) -> tuple[int,
     raise ValueError(f"expected 1 or 2 values, got {len(values)} (only 2-D nets are supported)")
 
 
-def _conv_params(p) -> dict:
+def _conv_params(p: Any) -> dict:
     if p.axis != 1:
         raise ValueError("convolution axis other than 1 is not supported")
     kernel = _pair(p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h"), 0)
@@ -70,7 +71,7 @@ def _conv_params(p) -> dict:
                 dilation=_pair(p.dilation, 0, 0, False, 1), group=int(p.group))
 
 
-def _pool_params(p) -> dict:
+def _pool_params(p: Any) -> dict:
     pool = {0: "MAX", 1: "AVE"}.get(p.pool)
     if pool is None:
         raise ValueError("STOCHASTIC pooling is not supported (it is random at train time only)")
@@ -83,7 +84,7 @@ def _pool_params(p) -> dict:
                 stride=tuple(map(int, stride)), global_pooling=bool(p.global_pooling))
 
 
-def _params(kind: str, layer) -> dict:
+def _params(kind: str, layer: Any) -> dict:
     if kind == "Convolution":
         return _conv_params(layer.convolution_param)
     if kind == "InnerProduct":
@@ -109,7 +110,7 @@ def _params(kind: str, layer) -> dict:
     return {}
 
 
-def _included(layer) -> bool:
+def _included(layer: Any) -> bool:
     """Caffe's NetStateRule check for the TEST phase, level 0, no stages."""
     def matches(rule: Message) -> bool:
         if rule.HasField("phase") and rule.phase != 1:
@@ -124,7 +125,7 @@ def _included(layer) -> bool:
     return not any(matches(r) for r in layer.exclude)
 
 
-def _input_spec(proto) -> tuple[str, tuple[int, ...], list]:
+def _input_spec(proto: Any) -> tuple[str, tuple[int, ...], list]:
     layers = list(proto.layer) or list(proto.layers)
     if len(proto.input):
         name = proto.input[0]
@@ -140,7 +141,8 @@ def _input_spec(proto) -> tuple[str, tuple[int, ...], list]:
             if not len(layer.input_param.shape):
                 raise ModelFormatError(f"Input layer '{layer.name}' has no shape")
             return layer.top[0], tuple(layer.input_param.shape[0].dim), layers[:i] + layers[i + 1:]
-    raise ModelFormatError("the prototxt declares no input (need 'input:' + 'input_dim'/'input_shape' or an Input layer)")
+    raise ModelFormatError("the prototxt declares no input "
+                           "(need 'input:' + 'input_dim'/'input_shape' or an Input layer)")
 
 
 def conv_out(size: int, kernel: int, pad: int, stride: int, dilation: int = 1) -> int:
@@ -162,13 +164,15 @@ def _infer(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
         if c % p["group"] or p["num_output"] % p["group"]:
             raise ValueError(f"group {p['group']} does not divide {c} inputs and {p['num_output']} outputs")
         out = (p["num_output"],) + tuple(
-            conv_out(s, k, pd, st, d) for s, k, pd, st, d in zip((h, w), p["kernel"], p["pad"], p["stride"], p["dilation"]))
+            conv_out(s, k, pd, st, d)
+            for s, k, pd, st, d in zip((h, w), p["kernel"], p["pad"], p["stride"], p["dilation"], strict=True))
     elif layer.type == "Pooling":
         c, h, w = shape
         if p["global_pooling"]:
             out = (c, 1, 1)
         else:
-            out = (c,) + tuple(pool_out(s, k, pd, st) for s, k, pd, st in zip((h, w), p["kernel"], p["pad"], p["stride"]))
+            out = (c,) + tuple(pool_out(s, k, pd, st)
+                               for s, k, pd, st in zip((h, w), p["kernel"], p["pad"], p["stride"], strict=True))
     elif layer.type == "InnerProduct":
         out = (p["num_output"],)
     else:
@@ -197,7 +201,8 @@ def build_net(proto: Message) -> Net:
             raise UnsupportedLayerError(f"layer '{raw.name}': only single-input single-output layers are supported")
         if raw.bottom[0] != current:
             raise UnsupportedLayerError(
-                f"layer '{raw.name}': reads '{raw.bottom[0]}' but the chain is at '{current}' (only sequential nets are supported)")
+                f"layer '{raw.name}': reads '{raw.bottom[0]}' but the chain is at '{current}' "
+                "(only sequential nets are supported)")
         try:
             layer = Layer(name=raw.name, type=kind, bottom=raw.bottom[0], top=raw.top[0],
                           params=_params(kind, raw), in_shape=shape)
@@ -213,8 +218,10 @@ def build_net(proto: Message) -> Net:
     return Net(name=proto.name or "caffe_net", input_name=input_name, input_shape=shape_of(dims), layers=layers)
 
 
-def shape_of(dims: Iterable[int]) -> tuple[int, int, int]:
-    return tuple(int(d) for d in dims[1:4])
+def shape_of(dims: Sequence[int]) -> tuple[int, int, int]:
+    """C, H, W of a 4-D N,C,H,W input."""
+    c, h, w = (int(d) for d in dims[1:4])
+    return c, h, w
 
 
 def expected_blob_shapes(layer: Layer) -> list[tuple[int, ...]]:
@@ -239,9 +246,11 @@ def attach_weights(net: Net, records: Iterable[CaffeLayerWeights]) -> list[str]:
         expected = expected_blob_shapes(layer)
         if len(record.blobs) != len(expected):
             raise ModelFormatError(f"layer '{layer.name}': caffemodel has {len(record.blobs)} blobs, "
-                                   f"the prototxt needs {len(expected)} (weights{' and bias' if len(expected) == 2 else ''})")
+                                   f"the prototxt needs {len(expected)} "
+                                   f"(weights{' and bias' if len(expected) == 2 else ''})")
         arrays = []
-        for blob, legacy, want, what in zip(record.blobs, record.legacy_shapes, expected, ("weights", "bias")):
+        names = ("weights", "bias")[:len(expected)]
+        for blob, legacy, want, what in zip(record.blobs, record.legacy_shapes, expected, names, strict=True):
             shape = tuple(blob.shape)
             if legacy:   # num/channels/height/width: compare as Caffe does, padded to 4-D
                 match = shape == (1,) * (4 - len(want)) + want if len(want) <= 4 else False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
+
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -165,7 +166,7 @@ def _messages(packed: bool) -> dict[str, list[tuple]]:
     }
 
 
-def _field(spec: tuple) -> _F:
+def _field(spec: tuple) -> descriptor_pb2.FieldDescriptorProto:
     label, ftype, name, number, default, packed = spec
     field = _F(name=name, number=number, json_name=name)
     field.label = _F.LABEL_REPEATED if label == "r" else _F.LABEL_OPTIONAL

@@ -93,7 +93,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"labels      {', '.join(f'{i} = {n}' for i, n in enumerate(model['labels']))}")
     print(f"input       {manifest['input']['name']} {manifest['input']['dtype']} {manifest['input']['shape']} "
           f"{manifest['input']['channels']}")
-    print(f"crop        {manifest['preprocessing']['crop']}, mean BGR {[round(m, 3) for m in manifest['preprocessing']['mean_bgr']]}")
+    mean_bgr = [round(m, 3) for m in manifest["preprocessing"]["mean_bgr"]]
+    print(f"crop        {manifest['preprocessing']['crop']}, mean BGR {mean_bgr}")
     for key, entry in manifest["files"].items():
         extra = f"  {engine_lines(entry)}" if key == "tensorrt" else ""
         made = f"  {entry['quantizer']['quantizer']} {entry['quantizer']['version']}" if "quantizer" in entry else ""
@@ -143,8 +144,8 @@ def fp16_range_lines(audit: dict, limit: int = 40) -> str:
 
 
 def _placeholder(args: argparse.Namespace) -> int:
-    from .placeholder import write_placeholder
     from .errors import ConfigError
+    from .placeholder import write_placeholder
     if args.output.exists() and not args.output.is_dir():
         raise ConfigError(f"--output {args.output}: is a file; give a directory")
     if args.logit_std <= 0:
@@ -184,7 +185,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="accuracy on an IMAGE LABEL list (the authors' protocol)",
                        description="Accuracy and confusion matrix of an artifact on a list of 'IMAGE LABEL' lines "
                                    "(0 = negative, 1 = positive), images read from --images. The crop mode "
-                                   "(centre or 10-crop oversampling) is the artifact's: build with --oversample for the latter.")
+                                   "(centre or 10-crop oversampling) is the artifact's: "
+                                   "build with --oversample for the latter.")
     e.add_argument("artifact", type=Path, help="artifact directory")
     e.add_argument("--images", type=Path, required=True, help="folder the list's image names are relative to")
     e.add_argument("--list", type=Path, required=True, help="list file, e.g. ground_truth/test4/test.txt")
@@ -193,7 +195,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "openvino", "onnxruntime"],
                    help="runtime (default auto: the one the service would choose on this machine; "
                         "--backend onnxruntime --precision fp32 is the reference)")
-    e.add_argument("--exact-precision", action="store_true", help="forbid runtimes from lowering precision (OpenVINO bf16)")
+    e.add_argument("--exact-precision", action="store_true",
+                   help="forbid runtimes from lowering precision (OpenVINO bf16)")
     e.add_argument("--batch", type=int, default=16, help="images per inference call (default 16)")
     e.set_defaults(func=_evaluate)
 

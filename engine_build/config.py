@@ -52,7 +52,8 @@ class BuildConfig:
     confident_margin: float = field(default=0.05, metadata=_option(
         "gate: no variant may flip the label of an image where FP32 has |p - 0.5| >= this"))
     int8_max_diff: float = field(default=0.1, metadata=_option(
-        "gate: largest |dp| allowed for INT8 (a bound against a broken quantiser; decisions are guarded by the flip rule)"))
+        "gate: largest |dp| allowed for INT8 "
+        "(a bound against a broken quantiser; decisions are guarded by the flip rule)"))
     int8_mean_diff: float = field(default=0.02, metadata=_option("gate: largest mean |dp| allowed for INT8"))
     fp16_max_diff: float = field(default=0.02, metadata=_option(
         "gate: largest |dp| allowed for FP16 and OpenVINO's bf16"))

@@ -73,7 +73,7 @@ def evaluate(backend: Backend, images_dir: Path, entries: list[tuple[str, int]],
     def flush() -> None:
         if pending:
             predicted = backend.infer(np.stack([p[0] for p in pending])).probs.argmax(1)
-            for (_, truth), guess in zip(pending, predicted):
+            for (_, truth), guess in zip(pending, predicted, strict=True):
                 confusion[truth, guess] += 1
             pending.clear()
 
@@ -91,5 +91,6 @@ def evaluate(backend: Backend, images_dir: Path, entries: list[tuple[str, int]],
     if not confusion.sum():
         missing = sum(why == "missing" for _, why in skipped)
         raise ConfigError(f"none of the {len(entries)} listed images could be read from {images_dir}: "
-                          f"{missing} missing, {len(skipped) - missing} unreadable (first: {skipped[0][0]}, {skipped[0][1]})")
+                          f"{missing} missing, {len(skipped) - missing} unreadable "
+                          f"(first: {skipped[0][0]}, {skipped[0][1]})")
     return Evaluation(int(confusion.sum()), int(np.trace(confusion)), confusion, skipped)

@@ -85,7 +85,7 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     if image is None:
         raise DecodeError("corrupt", f"OpenCV could not decode the {info.format} ({info.width}x{info.height})")
     if image.dtype != np.uint8:   # defensive: IMREAD_COLOR already yields 8-bit
-        image = cv2.convertScaleAbs(image, alpha=255.0 / np.iinfo(image.dtype).max)
+        image = cv2.convertScaleAbs(image, alpha=255.0 / np.iinfo(image.dtype.name).max)
     return cv2.resize(image, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
 
 
@@ -134,6 +134,8 @@ def photo_views(paths: list[Path]) -> np.ndarray:
         data = Path(path).read_bytes()
         views.append(decode(data))
         full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if full is None:   # decode() above read it, so only a reduced-size decode could have worked
+            raise DecodeError("corrupt", f"OpenCV could not decode {path} at full size")
         h, w = full.shape[:2]
         for top, left in ((0, 0), (0, w // 3), (h // 3, 0), (h // 3, w // 3)):
             crop = full[top:top + 2 * h // 3, left:left + 2 * w // 3]

@@ -17,6 +17,7 @@ is shared with :mod:`.onnx_import`, which wraps an ONNX classifier the same way.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import numpy as np
 import onnx
@@ -63,7 +64,7 @@ class GraphBuilder:
         self.inits.append(numpy_helper.from_array(array, name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], hint: str, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], hint: str, **attrs: Any) -> str:
         """Append one node with one output; returns the output's name."""
         out = self.name(hint)
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))

@@ -8,6 +8,7 @@ label is shown: its labels mean nothing.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from google.protobuf import text_format
@@ -20,7 +21,7 @@ from .caffe_schema import schema
 PLACEHOLDER_NAME = "Twitter_finetuned_PLACEHOLDER"
 
 # CaffeNet as published: (name, type, params). Widths scale for small test nets.
-_ARCH = [
+_ARCH: list[tuple[str, str, dict[str, Any]]] = [
     ("conv1", "Convolution", dict(num_output=96, kernel_size=11, stride=4)),
     ("relu1", "ReLU", {}), ("pool1", "Pooling", dict(kernel_size=3, stride=2)),
     ("norm1", "LRN", dict(local_size=5, alpha=0.0001, beta=0.75)),

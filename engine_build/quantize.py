@@ -5,8 +5,8 @@ Two quantisers, because no one QDQ file is the fastest on both CPU runtimes
 
 - :func:`quantize_nncf`: NNCF's post-training quantisation (OpenVINO's own) through its
   ONNX backend, with (fast) bias correction: each quantised layer's bias is shifted by the
-  mean error quantisation causes in its output on the calibration images. The most accurate of the two, and the fastest on
-  OpenVINO; ONNX Runtime runs it at about half speed, because NNCF places its
+  mean error quantisation causes in its output on the calibration images. The most accurate
+  of the two, and the fastest on OpenVINO; ONNX Runtime runs it at about half speed, because NNCF places its
   quantisers where OpenVINO fuses them (after LRN, not after each ReLU), so ONNX
   Runtime leaves the two largest convolutions in float.
 - :func:`quantize_minmax`: ONNX Runtime's static quantiser with MinMax ranges, which
@@ -57,15 +57,20 @@ def quantize_nncf(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     except (nncf.InternalError, nncf.ValidationError, ValueError) as exc:
         raise ModelFormatError(f"NNCF cannot quantise {fp32_path.name}: {exc}") from exc
     onnx.save(quantized, str(int8_path))
-    return {"quantizer": "nncf", "version": nncf.__version__, "method": "post-training, MinMax ranges, fast bias correction",
-            "format": "QDQ"}
+    return {"quantizer": "nncf", "version": nncf.__version__,
+            "method": "post-training, MinMax ranges, fast bias correction", "format": "QDQ"}
 
 
 def quantize_minmax(fp32_path: Path, int8_path: Path, calibration: np.ndarray, batch: int = 8) -> dict:
     """ONNX Runtime's static quantiser: Conv/Gemm weights per-channel int8, activations uint8, MinMax."""
     import onnxruntime
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

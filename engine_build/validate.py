@@ -86,7 +86,8 @@ class Check:
         if self.nan:
             reasons.append("NaN in its output")
         if self.confident_flips:
-            shown = ", ".join(f"{f['image']} (FP32 p(positive) {f['reference_p']:.3f})" for f in self.confident_flips[:5])
+            shown = ", ".join(f"{f['image']} (FP32 p(positive) {f['reference_p']:.3f})"
+                              for f in self.confident_flips[:5])
             more = f" and {len(self.confident_flips) - 5} more" if len(self.confident_flips) > 5 else ""
             reasons.append(f"{len(self.confident_flips)} label flip(s) where FP32 is confident: {shown}{more}")
         if self.max_abs_diff > self.limits.get("max_abs_diff", float("inf")):
@@ -104,19 +105,22 @@ def compare(reference: np.ndarray, probs: np.ndarray, names: list[str], gate: Ga
     near = np.abs(ref_p - 0.5) < gate.confident_margin
     flips = probs.argmax(1) != reference.argmax(1)
     kind, bounds = gate.bounds_for(compute)
+    max_abs_diff = float(np.nanmax(diff)) if not nan else float("nan")
+    mean_abs_diff = float(np.nanmean(diff)) if not nan else float("nan")
+    confident_flips = [{"image": names[i], "reference_p": round(float(ref_p[i]), 4)}
+                       for i in np.flatnonzero(flips & ~near)]
     result = {
         "nan": nan,
-        "max_abs_diff": float(np.nanmax(diff)) if not nan else float("nan"),
-        "mean_abs_diff": float(np.nanmean(diff)) if not nan else float("nan"),
+        "max_abs_diff": max_abs_diff,
+        "mean_abs_diff": mean_abs_diff,
         "agreement": float(1.0 - flips.mean()),
         "near_ties": int(near.sum()),
         "near_tie_flips": int((flips & near).sum()),
-        "confident_flips": [{"image": names[i], "reference_p": round(float(ref_p[i]), 4)}
-                            for i in np.flatnonzero(flips & ~near)],
+        "confident_flips": confident_flips,
         "limits": asdict(bounds),
+        "passed": (not nan and not confident_flips and max_abs_diff <= bounds.max_abs_diff
+                   and mean_abs_diff <= bounds.mean_abs_diff),
     }
-    result["passed"] = (not nan and not result["confident_flips"] and result["max_abs_diff"] <= bounds.max_abs_diff
-                        and result["mean_abs_diff"] <= bounds.mean_abs_diff)
     return result
 
 
@@ -131,7 +135,8 @@ def _plan(variants: dict[str, dict[str, Path]], engine: Path | None) -> list[tup
                                      ("openvino", "default", False)):
             if variant == "fp32" and runtime == "onnxruntime":
                 continue    # the reference itself
-            plan.append((variant, by_runtime.get(runtime, by_runtime.get("*")), runtime, mode, exact))
+            path = by_runtime[runtime] if runtime in by_runtime else by_runtime["*"]
+            plan.append((variant, path, runtime, mode, exact))
     if engine is not None:
         plan.append(("tensorrt", engine, "tensorrt", "exact", True))
     return plan

@@ -112,7 +112,8 @@ def test_published_prototxt_parses(reference_dir):
     assert net.input_shape == (3, 227, 227)
     shapes = {layer.name: layer.out_shape for layer in net.layers}
     assert shapes["pool5"] == (256, 6, 6) and shapes["fc6"] == (4096,) and shapes["fc8_twitter"] == (2,)
-    assert [layer.name for layer in net.learned()] == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8_twitter"]
+    assert [layer.name for layer in net.learned()] == ["conv1", "conv2", "conv3", "conv4", "conv5",
+                                                       "fc6", "fc7", "fc8_twitter"]
 
 
 @pytest.mark.slow
@@ -147,7 +148,8 @@ def test_shape_mismatch_names_the_layer(small_model, tmp_path):
     text = small_model[0].read_text().replace("num_output: 2\n", "num_output: 3\n")
     (tmp_path / "three.prototxt").write_text(text)
     net = build_net(load_prototxt(tmp_path / "three.prototxt"))
-    with pytest.raises(ModelFormatError, match=r"layer 'fc8_twitter': weights shape \[2, 1024\] in the caffemodel, the prototxt needs \[3, 1024\]"):
+    with pytest.raises(ModelFormatError, match=r"layer 'fc8_twitter': weights shape \[2, 1024\] in the caffemodel, "
+                                               r"the prototxt needs \[3, 1024\]"):
         attach_weights(net, iter_caffemodel(small_model[1], progress=False))
 
 
@@ -155,7 +157,8 @@ def test_truncated_caffemodel_names_the_offset(small_model, tmp_path):
     data = small_model[1].read_bytes()
     cut = tmp_path / "cut.caffemodel"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelFormatError, match=r"truncated: the record at byte offset \d+ declares \d+ bytes but only \d+ remain"):
+    with pytest.raises(ModelFormatError,
+                       match=r"truncated: the record at byte offset \d+ declares \d+ bytes but only \d+ remain"):
         list(iter_caffemodel(cut, progress=False))
 
 

@@ -120,7 +120,8 @@ def test_evaluate_on_a_folder_and_list(small_artifact, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["build", "--prototxt", "/nope.prototxt", "--caffemodel", "/nope", "--output", "/tmp/x"], "--prototxt /nope.prototxt: no such file"),
+    (["build", "--prototxt", "/nope.prototxt", "--caffemodel", "/nope", "--output", "/tmp/x"],
+     "--prototxt /nope.prototxt: no such file"),
     (["inspect", "/definitely/not/here"], "does not exist"),
     (["evaluate", "/definitely/not/here", "--images", "/tmp", "--list", "/nope.txt"], "cannot read list"),
 ])

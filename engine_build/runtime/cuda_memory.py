@@ -75,7 +75,14 @@ class PinnedBuffer:
             rt.cudaFreeHost(self.host_ptr)
             raise
         buffer = (ctypes.c_byte * self.nbytes).from_address(int(self.host_ptr))
-        self.host = np.frombuffer(buffer, dtype=self.dtype).reshape(shape)
+        self._host: np.ndarray | None = np.frombuffer(memoryview(buffer), dtype=self.dtype).reshape(shape)
+
+    @property
+    def host(self) -> np.ndarray:
+        """The page-locked host array (a view of the pinned memory; gone after :meth:`free`)."""
+        if self._host is None:
+            raise RuntimeError("PinnedBuffer.host used after free()")
+        return self._host
 
     def to_device(self, nbytes: int, stream: Any) -> None:
         rt = cudart()
@@ -92,7 +99,7 @@ class PinnedBuffer:
         rt = cudart()
         device, host = self.device, self.host_ptr
         self.device = self.host_ptr = 0
-        self.host = None
+        self._host = None
         if device:
             check(rt.cudaFree(device), "cudaFree")
         if host:
