@@ -1,6 +1,7 @@
 """The build command end to end: artifact contents, gate, manifest, inspect, evaluate, errors."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,9 +132,18 @@ def test_user_errors_are_one_line_exit_1(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-def test_help_works_without_tensorrt():
-    result = subprocess.run([sys.executable, "-m", "engine_build", "build", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--tensorrt" in result.stdout
+def test_help_works_without_tensorrt(tmp_path):
+    """With tensorrt and cuda made unimportable (as on a CPU host), --help still works."""
+    for name in ("tensorrt", "cuda"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    probe = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True, text=True, env=env)
+    assert probe.returncode != 0 and "hidden by the test" in probe.stderr, "the shadow really hides TensorRT"
+    for argv, expected in ((["--help"], "build"), (["build", "--help"], "--tensorrt"), (["inspect", "--help"], "--json")):
+        result = subprocess.run([sys.executable, "-m", "engine_build", *argv], capture_output=True, text=True,
+                                env=env, cwd=Path(__file__).resolve().parents[1])
+        assert result.returncode == 0 and expected in result.stdout, result.stderr
 
 
 @pytest.mark.slow
