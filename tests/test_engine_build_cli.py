@@ -140,7 +140,8 @@ def test_help_works_without_tensorrt(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     probe = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True, text=True, env=env)
     assert probe.returncode != 0 and "hidden by the test" in probe.stderr, "the shadow really hides TensorRT"
-    for argv, expected in ((["--help"], "build"), (["build", "--help"], "--tensorrt"), (["inspect", "--help"], "--json")):
+    cases = ((["--help"], "build"), (["build", "--help"], "--tensorrt"), (["inspect", "--help"], "--json"))
+    for argv, expected in cases:
         result = subprocess.run([sys.executable, "-m", "engine_build", *argv], capture_output=True, text=True,
                                 env=env, cwd=Path(__file__).resolve().parents[1])
         assert result.returncode == 0 and expected in result.stdout, result.stderr
