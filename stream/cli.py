@@ -54,30 +54,35 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     if cfg.processes > 1:
         from .supervisor import supervise
         return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port)
+    # Signals are handled from here on: one that arrives while the model loads ends the start cleanly.
+    received: list[int] = []
+    holder: list[Service] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            os._exit(128 + signum)
+        logging.getLogger("stream").info("%s: draining for up to %g s (signal again to exit at once; "
+                                         "uncommitted work is redelivered)", signal.Signals(signum).name,
+                                         cfg.drain_timeout_s)
+        if holder:
+            holder[0].stop()
+            threading.Thread(target=_exit_when_overdue, args=(holder[0], cfg.drain_timeout_s + SHUTDOWN_GRACE_S),
+                             name="shutdown-deadline", daemon=True).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     from .service import Service
     try:
         service = Service(cfg)
     except UserError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
+    holder.append(service)
+    if received:
+        service.stop()   # stopped while starting: run() closes at once
     if service.model_info["placeholder"]:
         logging.getLogger("stream").warning("artifact %s holds PLACEHOLDER weights: its labels are meaningless",
                                             cfg.artifact)
-    received = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            logging.getLogger("stream").info("%s: draining for up to %g s (signal again to exit at once; "
-                                             "uncommitted work is redelivered)", signal.Signals(signum).name,
-                                             cfg.drain_timeout_s)
-            service.stop()
-            threading.Thread(target=_exit_when_overdue, args=(service, cfg.drain_timeout_s + SHUTDOWN_GRACE_S),
-                             name="shutdown-deadline", daemon=True).start()
-        else:
-            os._exit(128 + signum)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
     try:
         stats = service.run()
     except UserError as exc:

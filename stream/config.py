@@ -76,8 +76,10 @@ class StreamConfig:
                                "decode pool; process i serves metrics on --metrics-port + i")
     session_timeout_ms: int = option(10_000, "group session timeout: a dead member's partitions move after "
                                              "this; joining waits about half of it")
-    max_poll_interval_ms: int = option(300_000, "rebalance timeout; the poll loop never blocks on inference, "
-                                                "so it is not reached in normal work")
+    max_poll_interval_ms: int = option(60_000, "rebalance timeout: how long the group waits for every member "
+                                               "to rejoin (a member gone mid-rebalance holds the others this "
+                                               "long); above --drain-timeout-s, since revocation drains within "
+                                               "it; the poll loop never blocks on inference")
     metrics_port: int = option(9108, "Prometheus /metrics, /healthz, /readyz (0 = off)")
     security_protocol: str = option("PLAINTEXT", "Kafka security protocol",
                                     choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
@@ -116,6 +118,9 @@ class StreamConfig:
                 raise ConfigError(f"{flag(name)} must be > 0")
         if not 0 <= self.metrics_port <= 65535 or (self.metrics_port and self.metrics_port + self.processes > 65536):
             raise ConfigError(f"--metrics-port {self.metrics_port}: not a port")
+        if self.max_poll_interval_ms < self.drain_timeout_s * 1000 + 5000:
+            raise ConfigError("--max-poll-interval-ms must exceed --drain-timeout-s by 5 s or more: a revocation "
+                              "drains within the group's rebalance timeout")
         if self.max_in_flight < self.max_batch:
             raise ConfigError("--max-in-flight must be at least --max-batch")
 

@@ -10,7 +10,17 @@ import time
 import pytest
 
 from .images import good_images
-from .kafka_helpers import committed, names, positions, produce, read_all, read_committed, start_service, stop
+from .kafka_helpers import (
+    committed,
+    names,
+    positions,
+    produce,
+    produce_steadily,
+    read_all,
+    read_committed,
+    start_service,
+    stop,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -137,7 +147,8 @@ def test_connections_delayed_and_cut_mid_stream_lose_nothing(small_artifact, tmp
     log = tmp_path / "service.log"
     try:
         t = names(broker, partitions=2)
-        produce(broker.bootstrap, t["input"], [(str(i).encode(), good_images()["jpeg_rocket"]) for i in range(total)])
+        # paced, so the three cuts land while input is still arriving however fast the service is
+        producer = produce_steadily(broker.bootstrap, t["input"], total, 20, image="jpeg_rocket")
         process = start_service(broker, t, small_artifact, log)
         try:
             deadline = time.monotonic() + 240
@@ -152,6 +163,7 @@ def test_connections_delayed_and_cut_mid_stream_lose_nothing(small_artifact, tmp
                 time.sleep(0.5)
         finally:
             stop(process, log)
+            producer.join(30)
         assert proxy.cuts == 3, "every cut landed mid-stream"
         records = read_all(broker.bootstrap, t["output"], total)
         assert set(positions(records)) == {(p, o) for p, mark in marks.items() for o in range(mark)}

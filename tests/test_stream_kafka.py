@@ -57,9 +57,8 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
 
 def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path):
     t = names(kafka_broker, partitions=2)
-    image = good_images()["jpeg_coffee"]
-    total = 500   # enough that SIGTERM after the first 40 results lands mid-stream
-    produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), image) for i in range(total)])
+    total = 600   # paced over 20 s, so SIGTERM after the first 40 results lands mid-stream
+    producer = produce_steadily(kafka_broker.bootstrap, t["input"], total, 20, image="jpeg_coffee")
     first = start_service(kafka_broker, t, small_artifact, tmp_path / "first.log")
     wait_for_outputs(kafka_broker, t["output"], 40)
     stop(first, tmp_path / "first.log")
@@ -76,6 +75,7 @@ def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path
             f"committed past an unpublished offset on {partition}"
 
     # A restarted member picks up from the committed offsets; together nothing is missing.
+    producer.join(60)
     second = start_service(kafka_broker, t, small_artifact, tmp_path / "second.log")
     try:
         deadline = time.monotonic() + 180
