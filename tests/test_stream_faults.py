@@ -42,6 +42,9 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
     process = start_service(kafka_broker, t, small_artifact, log, **options)
     try:
         deadline = time.monotonic() + 180
+        while "connected to" not in log.read_text():   # started (even if nothing is left to do)
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
         while sum(v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) < total:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
