@@ -191,7 +191,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """One flag per config field; a flag not given falls back to its environment twin, then the default."""
     parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(StreamConfig):
-        default = "" if f.default in (MISSING, None, False) else f"; default {f.default}"
+        shown = not (f.default is MISSING or f.default is None or f.default is False)
+        default = f"; default {f.default}" if shown else ""
         text = f"{f.metadata['help']} [env {env_name(f.name)}{default}]"
         kind = _kind(f.name)
         if kind is bool:
@@ -227,6 +228,6 @@ def markdown_table() -> str:
         elif f.name == "decode_workers":
             default = "CPU count"
         else:
-            default = "" if f.default in (None, False) else str(f.default)
+            default = "" if f.default is None or f.default is False else str(f.default)
         rows.append(f"| `{flag(f.name)}` | `{env_name(f.name)}` | {default} | {f.metadata['help']} |")
     return "\n".join(rows)

@@ -140,12 +140,20 @@ class KafkaSource:
         offsets = {} if transactions is not None else handler.committable(partitions)
         if transactions is not None:   # exactly-once: commit or abort the open transaction, off this loop
             result: dict = {}
-            worker = threading.Thread(target=lambda: result.update(transactions.end_for_revocation(drained)),
-                                      name="revoke-transaction", daemon=True)
+            failures: list[KafkaPermanent] = []
+
+            def end() -> None:
+                try:
+                    result.update(transactions.end_for_revocation(drained))
+                except KafkaPermanent as exc:   # fenced, or undrained: the service ends this member
+                    failures.append(exc)
+            worker = threading.Thread(target=end, name="revoke-transaction", daemon=True)
             worker.start()
             while worker.is_alive():
                 await self._loop_sleep(_DRAIN_STEP_S)
             handler.committed(result)
+            for failure in failures:
+                handler.fail(failure)
         if offsets:
             try:
                 await self._consumer.commit_async(self._kafka_offsets(offsets))
@@ -283,7 +291,8 @@ class KafkaSink:
         self._doomed: BaseException | None = None   # a send failed inside the open transaction
         self._on_retry = on_retry
         self._retry_lock = threading.Condition()
-        self._retries: list[tuple[float, Outgoing, Callable[[], None], Refused | None, int]] = []
+        # (when, what): retries, and failure handling moved off the producer's IO thread
+        self._retries: list[tuple[float, Callable[[], None]]] = []
         self._closed = False
         self._watch_lock = threading.Lock()
         self._sending = FailureWatch("publishing to Kafka")
@@ -297,12 +306,12 @@ class KafkaSink:
         from kafka import KafkaProducer
         return KafkaProducer(**self._settings)
 
-    def _renewed(self, exc: BaseException) -> bool:
+    def _renewed(self, exc: BaseException, producer: Any) -> bool:
         """After a broker restart kafka-python's idempotent producer can be left in a fatal state
         (InitProducerId failed) that fails every later send; at least once, a new producer fixes it.
-        True when ``exc`` came from such a state (the record is then worth sending again)."""
+        True when ``exc`` came from such a state of ``producer`` (the one that sent the record: a
+        fatal error fails its whole buffer at once), so the record is worth sending again."""
         from kafka.errors import KafkaError, OutOfOrderSequenceNumberError, UnknownProducerIdError
-        producer = self._producer
         manager = getattr(producer, "_transaction_manager", None)   # kafka-python has no public fatal check
         fatal = bool(getattr(manager, "has_fatal_error", lambda: False)())
         if self.transactional or not (fatal or isinstance(exc, (UnknownProducerIdError,
@@ -331,26 +340,28 @@ class KafkaSink:
                 self.failing_since = None
             on_ack()
 
-        def failed(exc: BaseException) -> None:
-            self._failed(record, on_ack, on_refused, attempt, exc)
+        producer = self._producer
+
+        def failed(exc: BaseException) -> None:   # on the producer's IO thread: never send from here
+            self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, exc, producer))
 
         try:
-            future = self._producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
+            future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
         except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
-            self._failed(record, on_ack, on_refused, attempt, exc)
+            self._failed(record, on_ack, on_refused, attempt, exc, producer)
             return
         future.add_callback(ok)
         future.add_errback(failed)
 
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
-                exc: BaseException) -> None:
+                exc: BaseException, producer: Any) -> None:
         from kafka.errors import MessageSizeTooLargeError
         if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value), record.topic)
             self.publish(record.fallback, on_ack, on_refused)
             return
-        if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc):
+        if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
             self._refuse(record, on_refused, exc)
             return
         if self.transactional:
@@ -366,8 +377,12 @@ class KafkaSink:
         delay = min(5.0, 0.1 * 2 ** attempt)
         log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, exc, delay)
         self._on_retry()
+        self._later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
+
+    def _later(self, delay: float, action: Callable[[], None]) -> None:
+        """Run ``action`` on the publish-retry thread after ``delay`` seconds."""
         with self._retry_lock:
-            self._retries.append((time.monotonic() + delay, record, on_ack, on_refused, attempt + 1))
+            self._retries.append((time.monotonic() + delay, action))
             self._retry_lock.notify()
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
@@ -382,12 +397,25 @@ class KafkaSink:
             with self._watch_lock:
                 self._sending.ok()
                 self.failing_since = None
-        except (KafkaError, KafkaTransient) as exc:
+        except KafkaTransient:
+            log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
+            self.abort_transaction()
+            raise
+        except KafkaError as exc:
             self._fenced_check(exc)
             log.warning("committing the transaction failed (%s); aborting it", exc)
             self.abort_transaction()
-            raise exc if isinstance(exc, KafkaTransient) else translate(exc, "transaction commit failed") from exc
-        self._producer.begin_transaction()
+            raise translate(exc, "transaction commit failed") from exc
+        self._begin()
+
+    def _begin(self) -> None:
+        from kafka.errors import KafkaError
+        try:
+            self._producer.begin_transaction()
+        except KafkaError as exc:
+            self._fenced_check(exc)
+            raise KafkaPermanent(f"beginning a transaction failed ({exc}); exiting so a restart makes a new "
+                                 f"producer") from exc
 
     def abort_transaction(self) -> None:
         from kafka.errors import KafkaError
@@ -399,7 +427,7 @@ class KafkaSink:
                                  f"producer") from exc
         finally:
             self._doomed = None
-        self._producer.begin_transaction()
+        self._begin()
 
     @staticmethod
     def _fenced_check(exc: BaseException) -> None:
@@ -424,19 +452,19 @@ class KafkaSink:
         while True:
             with self._retry_lock:
                 while not self._closed and not self._due():
-                    wait = min((at for at, *_ in self._retries), default=time.monotonic() + 1) - time.monotonic()
+                    wait = min((at for at, _ in self._retries), default=time.monotonic() + 1) - time.monotonic()
                     self._retry_lock.wait(max(0.01, wait))
                 if self._closed:
                     return
                 now = time.monotonic()
                 due = [r for r in self._retries if r[0] <= now]
                 self._retries = [r for r in self._retries if r[0] > now]
-            for _, record, on_ack, on_refused, attempt in due:
-                self.publish(record, on_ack, on_refused, attempt)
+            for _, action in due:
+                action()
 
     def _due(self) -> bool:
         now = time.monotonic()
-        return any(at <= now for at, *_ in self._retries)
+        return any(at <= now for at, _ in self._retries)
 
     def pending_retries(self) -> int:
         with self._retry_lock:

@@ -231,8 +231,9 @@ class Processor:
                            "dead_letter"))
         self.sink.publish(record, acknowledged, refused if outcome != "dead_letter" else None)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish everything submitted (decode, infer, publish), then stop the threads."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Finish everything submitted (decode, infer, publish), then stop the threads; False when an
+        inference thread is still running after ``timeout``."""
         self._pool.shutdown(wait=True)
         self._stop.set()
         for _ in self._threads:
@@ -240,3 +241,4 @@ class Processor:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)

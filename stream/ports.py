@@ -16,6 +16,8 @@ from engine_build.errors import KafkaPermanent
 from .records import Message, Outgoing
 
 if TYPE_CHECKING:
+    from engine_build.errors import KafkaPermanent
+
     from .transactions import Transactions
 
 Partition = tuple[str, int]
@@ -52,6 +54,10 @@ class RebalanceHandler(Protocol):
     def released(self, partitions: Sequence[Partition], lost: bool) -> None: ...
 
     def assigned(self, partitions: Sequence[Partition]) -> None: ...
+
+    def fail(self, failure: KafkaPermanent) -> None:
+        """A rebalance step that can never succeed: the service drains and ends the member."""
+        ...
 
 
 class Source(Protocol):

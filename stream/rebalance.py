@@ -15,6 +15,8 @@ from .offsets import OffsetTracker
 from .ports import Partition, show
 
 if TYPE_CHECKING:
+    from engine_build.errors import KafkaPermanent
+
     from .transactions import Transactions
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ class Rebalance:
         self._lock = threading.Lock()
         self._owned: set[Partition] = set()
         self.transactions: Transactions | None = None   # exactly-once: commits or aborts on revocation
+        self.failure: KafkaPermanent | None = None
 
     def drained(self, partitions: Sequence[Partition]) -> bool:
         return self.tracker.in_flight(list(partitions)) == 0
@@ -63,3 +66,7 @@ class Rebalance:
     def owned(self) -> set[Partition]:
         with self._lock:
             return set(self._owned)
+
+    def fail(self, failure: KafkaPermanent) -> None:
+        log.error("%s", failure)
+        self.failure = self.failure or failure

@@ -89,7 +89,9 @@ class Service:
 
     # ---- readiness ----
     def _ready(self, ready: bool, reason: str = "") -> None:
-        if ready != self._readiness[0] and self._readiness[1] != "shutting down":
+        if self._readiness[1] == "shutting down":
+            return   # the probe thread may still report; shutting down is final
+        if ready != self._readiness[0]:
             if ready or reason == "shutting down":
                 log.info("ready" if ready else reason)
             else:
@@ -139,8 +141,12 @@ class Service:
 
     # ---- connecting ----
     def _connect(self) -> bool:
+        """Make the sink and source, retrying outages and transient errors; False when stopped or a
+        permanent error (kept in ``_failure``) ends it."""
         delay = 0.5
         while not self._stop.is_set():
+            if self.health:
+                self.health.tick()   # alive while connecting: only the broker is missing
             try:
                 self.sink = self.sink or self.connector.sink(self.metrics.publish_retries.inc)
                 self.source = self.connector.source(self.rebalance)
@@ -153,7 +159,10 @@ class Service:
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
                 return True
-            except BrokerUnavailable as exc:
+            except KafkaPermanent as exc:
+                self._failure = exc
+                return False
+            except (BrokerUnavailable, KafkaTransient) as exc:
                 self._ready(False, str(exc))
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 self._stop.wait(delay)
@@ -163,7 +172,11 @@ class Service:
     # ---- committing ----
     def _commit(self, offsets: dict[Partition, int] | None = None) -> None:
         transactions = self.rebalance.transactions
-        offsets = self.tracker.committable() if offsets is None else offsets
+        owned = self.rebalance.owned()
+        # never for a partition revoked meanwhile: a commit is not checked for ownership and could
+        # move the new owner's committed offset past work it has not finished
+        offsets = {p: o for p, o in (self.tracker.committable() if offsets is None else offsets).items()
+                   if p in owned}
         if not offsets or self.source is None:
             return
         try:
@@ -196,6 +209,8 @@ class Service:
         stats = RunStats()
         if not self._connect():
             self._close(None)
+            if self._failure is not None:
+                raise self._failure
             return stats
         assert self.source is not None and self.sink is not None
         processor = Processor(self.backend, self.codec, self.encoder, self.sink, self.tracker, self.metrics,
@@ -232,11 +247,15 @@ class Service:
             messages = self._poll()
             if self.sink is not None and self.sink.failure is not None:
                 self._failure = self.sink.failure
+            if self.rebalance.failure is not None:
+                self._failure = self.rebalance.failure
             if self._failure is not None:
                 return
-            for message in messages:
+            owned = self.rebalance.owned() if messages else set()
+            kept = [m for m in messages if (m.topic, m.partition) in owned]   # others: revoked since the poll
+            for message in kept:
                 processor.submit(message)
-            stats.consumed += len(messages)
+            stats.consumed += len(kept)
             if time.monotonic() - last_commit >= self.cfg.commit_interval_ms / 1000:
                 self._commit()
                 last_commit = time.monotonic()
@@ -283,18 +302,27 @@ class Service:
     def _close(self, processor: Processor | None) -> None:
         """Stop fetching, finish in-flight batches, publish, commit, close."""
         self._ready(False, "shutting down")
+        self._stop.set()   # ends the broker probe too
         if self.source is not None:
             self.source.pause_all()
-        # A sink that failed for good never acknowledges what it holds: do not wait for it.
-        wait = 1.0 if self.sink is not None and self.sink.failure is not None else self.cfg.drain_timeout_s
+        # One deadline for the whole drain; a sink that failed for good never acknowledges what it
+        # holds, so then do not wait for it.
+        budget = 1.0 if self.sink is not None and self.sink.failure is not None else self.cfg.drain_timeout_s
+        deadline = time.monotonic() + budget
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+        inference_done = True
         if processor is not None:
-            processor.stop(wait)
+            inference_done = processor.stop(left())
             processor.report_dead_letters()
-            if not self.tracker.wait_idle(wait):
+            if not self.tracker.wait_idle(left()):
                 log.warning("%d messages unacknowledged after %.0f s: left uncommitted (they will be redelivered)",
-                            self.tracker.in_flight(), wait)
+                            self.tracker.in_flight(), budget)
         if self.sink is not None:
-            self.sink.flush(wait)
+            self.sink.flush(left())
+        if self.rebalance.transactions is not None:
+            self.rebalance.transactions.drain_timeout_s = left()
         self._commit()
         leftover = self.uncommitted() if self.tracker.committable() or self.tracker.in_flight() else None
         self.rebalance.drain_timeout_s = 0.0   # drained above: closing revokes without waiting again
@@ -302,7 +330,10 @@ class Service:
             self.source.close()
         if self.sink is not None:
             self.sink.close()
-        self.backend.close()
+        if inference_done:
+            self.backend.close()
+        else:   # a runtime may not be closed under a running inference call; the process ends anyway
+            log.warning("an inference call outlasted the drain; the model is left to the process exit")
         if self.health:
             self.health.close()
         if leftover:

@@ -34,7 +34,7 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int) -> int:
              f"; metrics on ports {metrics_port}..{metrics_port + processes - 1}" if metrics_port else "")
     stopping: list[int] = []
 
-    def forward(signum: int, _frame) -> None:
+    def forward(signum: int, _frame: object) -> None:
         stopping.append(signum)
         for child in children:
             if child.poll() is None:
@@ -44,7 +44,8 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int) -> int:
         while True:
             codes = [c.poll() for c in children]
             if all(code is not None for code in codes):
-                return next((code for code in codes if code), 0)
+                code = next((code for code in codes if code), 0)
+                return 128 - code if code < 0 else code   # killed by signal N: the shell's 128 + N
             failed = next((code for code in codes if code), None)
             if failed is not None and not stopping:
                 log.error("a consumer process exited %d; stopping the others", failed)

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from engine_build.errors import BrokerUnavailable, KafkaTransient
+from engine_build.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
 
 from .offsets import OffsetTracker
 from .ports import Partition, show
@@ -83,8 +83,12 @@ class Transactions:
     def _rewind(self) -> None:
         self.aborts += 1
         partitions = sorted(self.owned())
+        try:
+            self.source.rewind(partitions)
+        except (KafkaTransient, BrokerUnavailable) as exc:   # polling on would skip the aborted unit
+            raise KafkaPermanent(f"rewinding after an aborted transaction failed ({exc}); exiting so a restart "
+                                 f"resumes from the committed offsets") from exc
         self.tracker.forget(partitions)
-        self.source.rewind(partitions)
         log.warning("transaction aborted; %s rewound to their last committed offsets, their work will be redone",
                     show(partitions))
 
@@ -104,4 +108,8 @@ class Transactions:
             except (KafkaTransient, BrokerUnavailable) as exc:
                 log.warning("revocation: abort failed: %s", exc)
             self.aborts += 1
-            return {}
+            # the undrained work would publish into this member's next transaction and commit there,
+            # while the partitions' next owner redoes it: a duplicate for read_committed readers
+            raise KafkaPermanent(f"partitions revoked with work still in flight after {self.drain_timeout_s:g} s "
+                                 f"(--drain-timeout-s) in exactly-once mode; exiting so that work cannot commit "
+                                 f"in a later transaction (the next owner redoes it)")
