@@ -414,6 +414,13 @@ def run_all(artifact: Path, workdir: Path, rate: float, seconds: float, backlog:
                   f"other load {sat['other_load_cores']:.2f} cores); CPU {result['cpu_efficiency']:.2f} "
                   f"(budget core-ms / service + broker core-ms per image), "
                   f"{result['cpu_efficiency_without_broker']:.2f} without the broker")
+            unordered = bench.backlog(backlog, unordered="true")
+            result["ordering"] = {"ordered_images_per_s": sat["images_per_s"],
+                                  "unordered_images_per_s": unordered["images_per_s"],
+                                  "ordered_over_unordered": round(sat["images_per_s"] / unordered["images_per_s"], 3)}
+            print(f"  per-partition order: {sat['images_per_s']:.0f} img/s ordered vs "
+                  f"{unordered['images_per_s']:.0f} img/s with --unordered "
+                  f"(x{result['ordering']['ordered_over_unordered']})")
             before = bench.latency("old", [("old defaults", rate)], seconds, **OLD_DEFAULTS)
             near = 0.9 * sat["images_per_s"]
             after = bench.latency("new", [("new defaults", rate), ("0.9 saturation", near)], seconds)
