@@ -27,7 +27,8 @@ pytestmark = pytest.mark.kafka
 
 def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total: int, **options) -> dict:
     t = names(kafka_broker, partitions=2)
-    produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), good_images()["jpeg_coffee"]) for i in range(total)])
+    # paced over a minute, so each kill lands while input is still arriving, however fast the service
+    producer = produce_steadily(kafka_broker.bootstrap, t["input"], total, 60, image="jpeg_coffee")
     for round_ in range(3):
         log = tmp_path / f"killed-{round_}.log"
         process = start_service(kafka_broker, t, small_artifact, log, **options)
@@ -36,8 +37,10 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
         while len(read_all(kafka_broker.bootstrap, t["output"], 0, timeout=1)) < seen + total // 6:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
+        assert producer.is_alive(), "the kill lands mid-stream"
         process.send_signal(signal.SIGKILL)
         process.wait(30)
+    producer.join(120)
     log = tmp_path / "last.log"
     process = start_service(kafka_broker, t, small_artifact, log, **options)
     try:
