@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_results(bootstrap: str) -> None:
     from kafka import KafkaConsumer
     consumer = KafkaConsumer("sentiment", "sentiment-dead-letters", bootstrap_servers=bootstrap,
-                             auto_offset_reset="earliest", consumer_timeout_ms=2000, group_id=None)
+                             auto_offset_reset="earliest", consumer_timeout_ms=2000, group_id=None,
+                             enable_auto_commit=False)
     rows, dead = [], []
     for record in consumer:
         if record.topic == "sentiment":
