@@ -408,23 +408,21 @@ class KafkaSink:
             raise translate(exc, "transaction commit failed") from exc
         self._begin()
 
-    def _begin(self) -> None:
+    def _must(self, what: str, call: Callable[[], Any]) -> None:
+        """A transaction call whose failure only a new producer can fix (or that says it was fenced)."""
         from kafka.errors import KafkaError
         try:
-            self._producer.begin_transaction()
+            call()
         except KafkaError as exc:
             self._fenced_check(exc)
-            raise KafkaPermanent(f"beginning a transaction failed ({exc}); exiting so a restart makes a new "
-                                 f"producer") from exc
+            raise KafkaPermanent(f"{what} failed ({exc}); exiting so a restart makes a new producer") from exc
+
+    def _begin(self) -> None:
+        self._must("beginning a transaction", self._producer.begin_transaction)
 
     def abort_transaction(self) -> None:
-        from kafka.errors import KafkaError
         try:
-            self._producer.abort_transaction()
-        except KafkaError as exc:
-            self._fenced_check(exc)
-            raise KafkaPermanent(f"aborting a transaction failed ({exc}); exiting so a restart makes a new "
-                                 f"producer") from exc
+            self._must("aborting a transaction", self._producer.abort_transaction)
         finally:
             self._doomed = None
         self._begin()
