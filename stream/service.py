@@ -245,10 +245,8 @@ class Service:
                 return
             paused = self._backpressure(paused)
             messages = self._poll()
-            if self.sink is not None and self.sink.failure is not None:
-                self._failure = self.sink.failure
-            if self.rebalance.failure is not None:
-                self._failure = self.rebalance.failure
+            # the first cause wins: a poll's, the sink's or a rebalance step's
+            self._failure = self._failure or (self.sink and self.sink.failure) or self.rebalance.failure
             if self._failure is not None:
                 return
             owned = self.rebalance.owned() if messages else set()
