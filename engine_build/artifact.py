@@ -107,11 +107,12 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
 
 
 def open_artifact(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
-                  max_batch: int = 32, threads: int | None = None) -> tuple[dict, Selection, Backend]:
+                  max_batch: int = 32, threads: int | None = None, streams: int = 1) -> tuple[dict, Selection, Backend]:
     """Verify, select and open; the file's sha256 is checked against the manifest first."""
     manifest, choice = select(directory, backend, precision, exact, max_batch)
     key = "tensorrt" if choice.backend == "tensorrt" else choice.precision
     verify_file(Path(directory), variant_entry(manifest, key, choice.backend))
-    opened = open_backend(choice.backend, choice.file, choice.precision, max_batch, exact=choice.exact, threads=threads)
+    opened = open_backend(choice.backend, choice.file, choice.precision, max_batch, exact=choice.exact, threads=threads,
+                          streams=streams)
     log.info("running %s (%s)", opened.describe(), choice.reason)
     return manifest, choice, opened

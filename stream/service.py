@@ -56,7 +56,7 @@ class Service:
         self.encoder = plugins.load(plugins.OUTPUT_GROUP, cfg.output_codec)
         self.manifest, self.selection, self.backend = open_artifact(
             cfg.artifact, cfg.backend, cfg.precision, cfg.exact_precision, cfg.max_batch,
-            threads=cfg.inference_threads or None)
+            threads=cfg.inference_threads or None, streams=cfg.inference_streams)
         self.model_info = {"name": self.manifest["model"]["name"], "sha256": self.selection.sha256,
                            "precision": self.selection.precision, "placeholder": self.manifest["model"]["placeholder"],
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}

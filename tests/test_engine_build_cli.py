@@ -34,6 +34,19 @@ def test_artifact_honours_the_io_contract(small_artifact, photos):
     assert out.probs.shape == (5, 2) and np.allclose(out.probs.sum(1), 1, atol=1e-5)
 
 
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_streams_serve_parallel_callers_with_the_single_call_results(small_artifact, photos, runtime):
+    from concurrent.futures import ThreadPoolExecutor
+    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True) as one:
+        expected = one.infer(photos).probs
+        assert one.concurrency == 1
+    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True, streams=2) as two, \
+            ThreadPoolExecutor(4) as pool:
+        assert two.concurrency == 2
+        parts = list(pool.map(lambda i: two.infer(photos[i:i + 1]).probs, range(len(photos))))
+    np.testing.assert_allclose(np.concatenate(parts), expected, atol=1e-5)
+
+
 def test_manifest_records_gate_sources_and_placeholder(small_artifact, small_model):
     manifest = read_manifest(small_artifact)
     assert manifest["model"]["placeholder"] is True

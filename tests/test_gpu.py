@@ -69,7 +69,7 @@ def test_two_threads_share_the_two_slots(small_model, tmp_path, photos):
     images = np.concatenate([photos] * 4)
     with open_backend("onnxruntime", out / "model.fp16.onnx", "fp16", 8) as ref:
         expected = ref.infer(images).probs
-    backend = open_backend("tensorrt", out / "engine.plan", "fp16", 8)
+    backend = open_backend("tensorrt", out / "engine.plan", "fp16", 8, streams=2)
     results, errors = {}, []
 
     def work(i):

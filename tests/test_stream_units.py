@@ -269,7 +269,7 @@ def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash(small_artifac
     images = good_images()
     for name in ("png", "webp", "bmp", "tiff"):
         broker.produce("in", images[name], key=name.encode())
-    svc = service(broker, config(small_artifact, max_batch=4, max_delay_ms=200))
+    svc = service(broker, config(small_artifact, max_batch=4, max_delay_ms=200, inference_streams=1))
     real_infer = svc.backend.infer
     calls = []
 

@@ -140,7 +140,7 @@ def test_batches_above_the_profile_split_and_outputs_bind_by_name(engine_artifac
 
 
 def test_buffers_are_sized_from_the_engine_at_its_largest_batch(engine_artifact, trt_double):
-    with open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 4) as backend:
+    with open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 4, streams=2) as backend:
         sizes = sorted(len(b) for b in trt_double.pinned.values())
         assert sorted(len(b) for b in trt_double.memory.values()) == sizes
         assert backend.max_batch == 4
@@ -150,7 +150,7 @@ def test_buffers_are_sized_from_the_engine_at_its_largest_batch(engine_artifact,
 
 def test_two_threads_run_on_two_slots_at_once(engine_artifact, trt_double, photos):
     trt_double.execute_delay_s = 0.2
-    with open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8) as backend:
+    with open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8, streams=0) as backend:   # auto: 2
         results = [None, None]
 
         def work(i):
@@ -167,7 +167,7 @@ def test_two_threads_run_on_two_slots_at_once(engine_artifact, trt_double, photo
 
 def test_close_frees_slots_in_use_and_infer_after_close_raises(engine_artifact, trt_double, photos):
     trt_double.execute_delay_s = 0.3
-    backend = open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8)
+    backend = open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8, streams=2)
     outcome = {}
 
     def work(i):
@@ -195,7 +195,7 @@ def test_close_frees_slots_in_use_and_infer_after_close_raises(engine_artifact, 
 def test_cuda_errors_become_our_exception_and_leak_nothing(engine_artifact, trt_double):
     trt_double.fail_malloc_after = 3     # the second slot's first device buffer fails
     with pytest.raises(CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation") as info:
-        open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8)
+        open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8, streams=2)
     assert info.value.name == "cudaErrorMemoryAllocation"
     assert not trt_double.memory and not trt_double.pinned and not trt_double.streams
 

@@ -5,8 +5,8 @@ A backend runs one artifact file (``model.onnx``, ``model.fp16.onnx``,
 ``logits`` float32 [N,2] out. :meth:`Backend.infer` checks the input and splits
 batches above ``max_batch``; subclasses implement :meth:`Backend._infer_impl` (and
 :meth:`Backend._close_impl` when they hold resources). ``concurrency`` says how many
-threads may call ``infer`` at once with benefit. After :meth:`Backend.close`, ``infer``
-raises :class:`~engine_build.errors.BackendClosed`.
+threads may call ``infer`` at once with benefit (the ``streams`` it was opened with).
+After :meth:`Backend.close`, ``infer`` raises :class:`~engine_build.errors.BackendClosed`.
 
 The concrete backends live in their own modules and are found by name through
 :mod:`.registry`; this module imports none of them.

@@ -36,10 +36,11 @@ class Entry:
 
 
 BACKENDS: dict[str, Entry] = {
-    "tensorrt": Entry(".tensorrt_backend", "TensorRtBackend", _tensorrt_reason),
-    "openvino": Entry(".openvino_backend", "OpenVinoBackend", _installed("openvino", "OpenVINO"), ("exact", "threads")),
+    "tensorrt": Entry(".tensorrt_backend", "TensorRtBackend", _tensorrt_reason, ("streams",)),
+    "openvino": Entry(".openvino_backend", "OpenVinoBackend", _installed("openvino", "OpenVINO"),
+                      ("exact", "threads", "streams")),
     "onnxruntime": Entry(".onnxruntime_backend", "OnnxRuntimeBackend", _installed("onnxruntime", "ONNX Runtime"),
-                         ("threads",)),
+                         ("threads", "streams")),
 }
 
 
@@ -49,11 +50,14 @@ def available_backends() -> dict[str, str | None]:
 
 
 def open_backend(kind: str, path: Path, precision: str, max_batch: int = 32, exact: bool = False,
-                 threads: int | None = None) -> Backend:
+                 threads: int | None = None, streams: int = 1) -> Backend:
     """Open ``path`` on runtime ``kind``.
 
     ``exact`` makes runtimes that would silently lower precision (OpenVINO's bf16 on
-    CPUs that have it) compute in the file's own precision.
+    CPUs that have it) compute in the file's own precision. ``streams`` is how many
+    ``infer`` calls may run at once, each with its share of the CPU threads (``threads``
+    in all) or its own TensorRT execution context: 1 (one call at a time, on every core)
+    suits a single caller; 0 lets the runtime choose for this machine.
     """
     entry = BACKENDS.get(kind)
     if entry is None:
@@ -64,5 +68,5 @@ def open_backend(kind: str, path: Path, precision: str, max_batch: int = 32, exa
     if not Path(path).exists():
         raise ConfigError(f"{path} does not exist")
     cls = getattr(importlib.import_module(entry.module, __package__), entry.cls)
-    options = {k: v for k, v in (("exact", exact), ("threads", threads)) if k in entry.options}
+    options = {k: v for k, v in (("exact", exact), ("threads", threads), ("streams", streams)) if k in entry.options}
     return cls(path, precision, max_batch, **options)

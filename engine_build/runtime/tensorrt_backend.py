@@ -109,10 +109,10 @@ def _io_tensors(engine: Any, path: Path) -> tuple[dict[str, np.dtype], dict[str,
 
 class TensorRtBackend(Backend):
     name = "tensorrt"
-    concurrency = 2
 
-    def __init__(self, path: Path, precision: str, max_batch: int) -> None:
+    def __init__(self, path: Path, precision: str, max_batch: int, streams: int = 1) -> None:
         super().__init__(path, precision, max_batch)
+        self.concurrency = streams or 2    # auto: one slot copies while the other computes
         reason = tensorrt_unavailable_reason()
         if reason:
             raise BackendUnavailable(reason)
