@@ -396,8 +396,31 @@ def histogram(runs: dict[str, dict], path: Path) -> str:
     return "opencv (matplotlib is not installed)"
 
 
-def run_all(artifact: Path, workdir: Path, rate: float, seconds: float, backlog: int) -> tuple[dict, dict]:
-    """Everything above, in one run; returns (results, latency runs for the plot)."""
+# Each default the service's latency or throughput hangs on, and the values tried against it.
+LATENCY_KNOBS = {"fetch_max_wait_ms": (5, 10, 100, 500), "linger_ms": (0, 5, 20), "max_delay_ms": (5, 20, 50)}
+THROUGHPUT_KNOBS = {"decode_workers": (1, 2, 4), "inference_streams": (1, 0), "max_batch": (8, 32, 64)}
+
+
+def sweep(bench: Bench, rate: float, seconds: float, backlog: int) -> dict:
+    """One setting changed at a time from the defaults: latency at ``rate`` for the Kafka and batching
+    windows, backlog rate for the decode pool, inference streams and batch size."""
+    out: dict = {"latency": {}, "backlog": {}}
+    for knob, values in LATENCY_KNOBS.items():
+        for value in values:
+            name = f"{knob}={value}"
+            run = bench.latency(name, [(name, rate)], seconds, **{knob: value})[name]
+            out["latency"][name] = {k: run[k] for k in ("p50_ms", "p99_ms", "machine_busy_cores")}
+    for knob, values in THROUGHPUT_KNOBS.items():
+        for value in values:
+            run = bench.backlog(backlog, **{knob: value})
+            out["backlog"][f"{knob}={value}"] = {k: run[k] for k in ("images_per_s", "service_core_ms_per_image")}
+    return out
+
+
+def run_all(artifact: Path, workdir: Path, rate: float, seconds: float, backlog: int,
+            with_sweep: bool = False) -> tuple[dict, dict]:
+    """Everything above, in one run (``with_sweep``: and :func:`sweep`); returns (results, latency runs
+    for the plot)."""
     from stream.embedded_broker import EmbeddedBroker
     payloads = jpegs()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -444,6 +467,9 @@ def run_all(artifact: Path, workdir: Path, rate: float, seconds: float, backlog:
             print(f"  client ceiling (consume + produce, one process): {kafka['images_per_s']:.0f} img/s; "
                   f"kafka + decode 1 -> 2 processes: {one['images_per_s']:.0f} -> {two['images_per_s']:.0f} img/s "
                   f"(x{result['client']['scaling_1_to_2']})")
+            if with_sweep:
+                print("  defaults, one at a time:")
+                result["sweep"] = sweep(bench, rate, seconds, backlog)
         finally:
             bench.close()
     target = result["latency"]["new defaults"]

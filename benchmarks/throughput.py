@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--artifact DIR] [--batch-sizes 1 8 32] [--repeats 7]
     python benchmarks/throughput.py --quick          # the pipeline part only, shorter (about 2 min)
+    python benchmarks/throughput.py --sweep          # and each service default varied on its own
 
 Model runs use the project's own backends on real photos (warm-up, then repeats;
 medians and percentiles of per-batch latency). The pipeline part (``service_bench``)
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-pipeline", action="store_true", help="skip the whole-service runs")
     parser.add_argument("--quick", action="store_true",
                         help="--skip-models, 8 s latency runs, a 1500-image backlog")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also vary each service default one at a time (fetch wait, linger, batching window, "
+                             "decode workers, inference streams, batch size; about 6 more minutes)")
     parser.add_argument("--rate", type=float, default=80.0, help="the moderate rate for latency (img/s)")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
     parser.add_argument("--backlog", type=int, default=3000, help="images in each backlog (throughput) run")
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     pipeline, plot = {}, None
     if not args.skip_pipeline:
         from benchmarks.service_bench import histogram, run_all
-        pipeline, runs = run_all(artifact, args.workdir / "service", args.rate, args.latency_seconds, args.backlog)
+        pipeline, runs = run_all(artifact, args.workdir / "service", args.rate, args.latency_seconds, args.backlog,
+                                 args.sweep)
         plot = args.output / f"{name}-latency.png"
         pipeline["plot"] = {"file": plot.name, "drawn_with": histogram(runs, plot)}
         print(f"latency histogram: {plot} ({pipeline['plot']['drawn_with']})")

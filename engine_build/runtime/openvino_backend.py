@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import Backend, Outputs
+from .base import INPUT_SHAPE, Backend, Outputs
 
 
 class OpenVinoBackend(Backend):
@@ -48,10 +48,15 @@ class OpenVinoBackend(Backend):
             compute = "int8" if compute == "fp32" else f"int8+{compute}"
         self.compute_precision = compute
         self.concurrency = max(1, int(self._compiled.get_property("NUM_STREAMS")))
+        self._outputs = [self._compiled.output("probs"), self._compiled.output("logits")]
         self._requests: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
         for _ in range(self.concurrency):
             self._requests.put(self._compiled.create_infer_request())
-        self._outputs = [self._compiled.output("probs"), self._compiled.output("logits")]
+        # One call before any caller may run two at once: the first ``tensor.data`` of a process
+        # initialises a C++ static that waits for the GIL inside its guard, and two threads making
+        # that first call together deadlock (seen with openvino 2026.4: both infer threads stuck
+        # at start-up, one in __cxa_guard_acquire, one waiting for the GIL).
+        self._infer_impl(np.zeros((1, *INPUT_SHAPE), np.uint8))
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
         request = self._requests.get()
