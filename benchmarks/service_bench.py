@@ -284,10 +284,13 @@ class Bench:
             done = self.warm(topic, reader)
             for name, rate in rates:
                 busy, mine, started = machine_busy(), time.process_time(), time.perf_counter()
+                cpu0, broker0 = thread_cpu(proc.pid), thread_cpu(self.broker.pid)
                 sent = paced(self.prod, topic, self.payloads, rate, seconds)
                 reader.wait_for(done + sent, 60)
                 elapsed = time.perf_counter() - started
                 load, harness = (machine_busy() - busy) / elapsed, (time.process_time() - mine) / elapsed
+                threads = cpu_delta(cpu0, thread_cpu(proc.pid), sent)
+                broker_ms = sum(cpu_delta(broker0, thread_cpu(self.broker.pid), sent).values())
                 with reader.lock:
                     window = [lat for _, lat in reader.seen[done:done + sent]]
                     inside = reader.inside[done:done + sent]
@@ -298,18 +301,19 @@ class Bench:
                          for k in ("decode", "queue", "inference", "total")}
                 out[name] = {"rate": round(rate, 1), "settings": label, **percentiles(window),
                              "service_poll_to_send_median_ms": parts, "machine_busy_cores": round(load, 2),
-                             "harness_cores": round(harness, 2),
+                             "harness_cores": round(harness, 2), "thread_core_ms_per_image": threads,
+                             "broker_core_ms_per_image": round(broker_ms, 3),
                              "latencies_ms": [round(x * 1000, 2) for x in window]}
                 print(f"  {label:<8} {rate:6.0f} img/s: p50 {out[name]['p50_ms']:6.1f} ms  "
                       f"p99 {out[name]['p99_ms']:6.1f} ms  ({len(window)} images; inside the service, medians "
                       f"{parts}; machine busy {load:.2f} cores, {harness:.2f} of them this benchmark's producer "
-                      f"and reader)")
+                      f"and reader; service core-ms/image {threads}, broker {broker_ms:.2f})")
         finally:
             reader.close()
             stop(proc)
         return out
 
-    def backlog(self, messages: int, mode: str = "service", processes: int = 1, **options) -> dict:
+    def backlog(self, messages: int, mode: str = "service", processes: int = 1, label: str = "", **options) -> dict:
         """Fill a topic, then start ``processes`` consumers of one group; rate and CPU over the
         middle 80 % of the results (past group join and warm-up, before the tail)."""
         topic = self.topic(f"backlog-{mode}")
@@ -343,7 +347,7 @@ class Bench:
         service_ms = sum(threads.values())
         # Cores busy with anything but this service and the broker (the benchmark's reader, other users).
         other = max(0.0, (machine1 - machine0) / (t1 - t0) - (service_ms + broker_ms) * rate / 1000)
-        print(f"  {mode:<8} x{processes}: {rate:6.1f} img/s draining {messages}; core-ms/image by thread "
+        print(f"  {label or mode:<8} x{processes}: {rate:6.1f} img/s draining {messages}; core-ms/image by thread "
               f"{threads}, broker {broker_ms:.2f}; other load {other:.2f} cores")
         return {"mode": mode, "processes": processes, "messages": messages, "images_per_s": round(rate, 1),
                 "thread_core_ms_per_image": threads, "broker_core_ms_per_image": round(broker_ms, 3),
@@ -412,7 +416,7 @@ def sweep(bench: Bench, rate: float, seconds: float, backlog: int) -> dict:
             out["latency"][name] = {k: run[k] for k in ("p50_ms", "p99_ms", "machine_busy_cores")}
     for knob, values in THROUGHPUT_KNOBS.items():
         for value in values:
-            run = bench.backlog(backlog, **{knob: value})
+            run = bench.backlog(backlog, label=f"{knob}={value}", **{knob: value})
             out["backlog"][f"{knob}={value}"] = {k: run[k] for k in ("images_per_s", "service_core_ms_per_image")}
     return out
 
