@@ -45,9 +45,9 @@ class StreamConfig:
     inference_streams: int = option(0, "inference calls running at once, each forming its own batches (0 = the "
                                        "runtime chooses: OpenVINO's throughput setting for this CPU, one per "
                                        "core up to 4 on ONNX Runtime, 2 TensorRT contexts; 1 = one call on every "
-                                       "core). Here two one-thread streams drained a backlog faster than one "
-                                       "two-thread call (370 vs 337 img/s): a decoder pre-empting one thread of a "
-                                       "call no longer stalls its sibling")
+                                       "core). Two one-thread streams drained a backlog faster than one two-thread "
+                                       "call in every run here (352 vs 341, 370 vs 337 img/s): a decoder "
+                                       "pre-empting one thread of a call no longer stalls its sibling")
     inference_threads: int = option(0, "CPU threads for inference, shared by the streams (0 = runtime default: "
                                        "every core)")
     max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")
