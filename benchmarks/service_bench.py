@@ -23,14 +23,16 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# kafka-python's consumer default fetch wait and the old producer linger, batching without the adaptive rule
-OLD_DEFAULTS = {"fetch_max_wait_ms": 500, "linger_ms": 5, "no_adaptive_batching": "true"}
+# kafka-python's consumer default fetch wait and the old producer linger, batching without the adaptive
+# rule, one inference call on every core
+OLD_DEFAULTS = {"fetch_max_wait_ms": 500, "linger_ms": 5, "no_adaptive_batching": "true", "inference_streams": 1}
 
 
 # ---------------------------------------------------------------- inputs and budget
@@ -58,15 +60,11 @@ def budget(artifact: Path, payloads: list[bytes], images: int = 320, batch: int 
     try:
         for _ in range(2):
             backend.infer(x[:batch])
-        starts = list(range(0, images, batch))
-        callers = [threading.Thread(target=lambda mine=starts[k::backend.concurrency]: [
-            backend.infer(x[i:i + batch]) for i in mine]) for k in range(backend.concurrency)]
-        cpu, wall = time.process_time(), time.perf_counter()
-        for caller in callers:
-            caller.start()
-        for caller in callers:
-            caller.join()
-        infer_s = (time.process_time() - cpu) / images
+        with ThreadPoolExecutor(backend.concurrency) as callers:
+            cpu, wall = time.process_time(), time.perf_counter()
+            for done in [callers.submit(backend.infer, x[i:i + batch]) for i in range(0, images, batch)]:
+                done.result()
+            infer_s = (time.process_time() - cpu) / images
         infer_wall = (time.perf_counter() - wall) / images
         describe = f"{backend.describe()}, {backend.concurrency} stream(s)"
     finally:

@@ -42,12 +42,10 @@ class StreamConfig:
                                                "inference slot runs the open batch at once when no image is "
                                                "queued or decoding)")
     decode_workers: int = option(max(1, os.cpu_count() or 1), "threads decoding images (default: one per core)")
-    inference_streams: int = option(0, "inference calls running at once, each forming its own batches (0 = the "
-                                       "runtime chooses: OpenVINO's throughput setting for this CPU, one per "
-                                       "core up to 4 on ONNX Runtime, 2 TensorRT contexts; 1 = one call on every "
-                                       "core). Two one-thread streams drained a backlog faster than one two-thread "
-                                       "call in every run here (352 vs 341, 370 vs 337 img/s): a decoder "
-                                       "pre-empting one thread of a call no longer stalls its sibling")
+    inference_streams: int = option(0, "inference calls running at once, each forming its own batches with its "
+                                       "share of the cores (0 = the runtime chooses: OpenVINO's throughput hint "
+                                       "for this CPU, one per core up to 4 on ONNX Runtime, 2 TensorRT contexts; "
+                                       "1 = one call on every core; measured in the README)")
     inference_threads: int = option(0, "CPU threads for inference, shared by the streams (0 = runtime default: "
                                        "every core)")
     max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")

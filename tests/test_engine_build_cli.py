@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from engine_build.cli import main
-from engine_build.errors import ArtifactError
+from engine_build.errors import ArtifactError, ConfigError
 from engine_build.manifest import read_manifest, verify_file
 from engine_build.runtime import open_backend
 
@@ -41,10 +41,22 @@ def test_streams_serve_parallel_callers_with_the_single_call_results(small_artif
         expected = one.infer(photos).probs
         assert one.concurrency == 1
     with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True, streams=2) as two, \
-            ThreadPoolExecutor(4) as pool:
+            ThreadPoolExecutor(4) as pool:        # more callers than streams: the others wait their turn
         assert two.concurrency == 2
         parts = list(pool.map(lambda i: two.infer(photos[i:i + 1]).probs, range(len(photos))))
     np.testing.assert_allclose(np.concatenate(parts), expected, atol=1e-5)
+    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True, streams=0) as chosen:
+        assert chosen.concurrency >= 1       # the runtime's own choice for this machine
+        np.testing.assert_allclose(chosen.infer(photos).probs, expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="streams must be 0"):
+        open_backend(runtime, small_artifact / "model.onnx", "fp32", streams=-1)
+
+
+def test_threads_are_shared_out_between_streams():
+    from engine_build.runtime.base import split_threads
+    assert split_threads(8, 4) == [2, 2, 2, 2]
+    assert split_threads(5, 2) == [3, 2]
+    assert split_threads(1, 3) == [1, 1, 1]     # at least one each
 
 
 def test_manifest_records_gate_sources_and_placeholder(small_artifact, small_model):

@@ -46,6 +46,7 @@ def test_help_lists_every_environment_variable(capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--inference-streams", "-1"], "--inference-streams, --inference-threads, --max-delay-ms"),
     (["--output-topic", "in"], "must differ from the input topics"),
     (["--input-codec", "nope"], "--input-codec nope: no such plugin"),
     (["--precision", "fp16", "--backend", "tensorrt"], "TensorRT"),
@@ -121,6 +122,7 @@ def test_metrics_port_in_use_is_one_line(small_artifact, capsys):
     ("STREAM_EXACT_PRECISION", "maybe", "STREAM_EXACT_PRECISION='maybe': expected one of"),
     ("STREAM_BOOTSTRAP_SERVERS", "kafka:notaport", "expected HOST:PORT"),
     ("STREAM_MAX_BATCH", "-3", "--max-batch must be at least 1"),
+    ("STREAM_INFERENCE_STREAMS", "two", "STREAM_INFERENCE_STREAMS='two': expected int"),
 ])
 def test_bad_environment_values_are_one_line_before_the_model_loads(name, value, message, capsys, tmp_path):
     environ = {"STREAM_BOOTSTRAP_SERVERS": "127.0.0.1:1", "STREAM_INPUT_TOPIC": "in", "STREAM_OUTPUT_TOPIC": "out",

@@ -5,7 +5,7 @@ A backend runs one artifact file (``model.onnx``, ``model.fp16.onnx``,
 ``logits`` float32 [N,2] out. :meth:`Backend.infer` checks the input and splits
 batches above ``max_batch``; subclasses implement :meth:`Backend._infer_impl` (and
 :meth:`Backend._close_impl` when they hold resources). ``concurrency`` says how many
-threads may call ``infer`` at once with benefit (the ``streams`` it was opened with).
+threads may call ``infer`` at once with benefit: the number of streams resolved at open.
 After :meth:`Backend.close`, ``infer`` raises :class:`~engine_build.errors.BackendClosed`.
 
 The concrete backends live in their own modules and are found by name through
@@ -13,9 +13,13 @@ The concrete backends live in their own modules and are found by name through
 """
 from __future__ import annotations
 
+import queue
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -23,6 +27,29 @@ from ..errors import BackendClosed
 from ..preprocess import IMAGE_SIZE
 
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+H = TypeVar("H")
+
+
+class Slots(Generic[H]):
+    """One runtime handle per stream; each call borrows one, and callers beyond the streams wait."""
+
+    def __init__(self, handles: Iterable[H]) -> None:
+        self._free: queue.SimpleQueue[H] = queue.SimpleQueue()
+        for handle in handles:
+            self._free.put(handle)
+
+    @contextmanager
+    def use(self) -> Iterator[H]:
+        handle = self._free.get()
+        try:
+            yield handle
+        finally:
+            self._free.put(handle)
+
+
+def split_threads(total: int, streams: int) -> list[int]:
+    """``total`` threads shared out between ``streams`` as evenly as can be, at least one each."""
+    return [max(1, total // streams + (i < total % streams)) for i in range(streams)]
 
 
 @dataclass

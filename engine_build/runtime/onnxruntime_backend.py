@@ -1,17 +1,19 @@
 """ONNX Runtime on CPU: the portable path and the FP32 reference.
 
-One session serves ``streams`` callers at once (``session.run`` is thread-safe), the
-cores split between them; ``0`` means one stream per core, at most four.
+Each of ``streams`` callers runs on its own session with its share of the threads
+(the sessions of one process would otherwise share one intra-op pool); ``0`` means one
+stream per core, at most four. Every session holds its own copy of the weights.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import Backend, Outputs
+from .base import Backend, Outputs, Slots, split_threads
 
 
 class OnnxRuntimeBackend(Backend):
@@ -20,19 +22,26 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, path: Path, precision: str, max_batch: int, threads: int | None = None,
                  streams: int = 1) -> None:
         super().__init__(path, precision, max_batch)
-        import onnxruntime as ort
-
         cores = os.cpu_count() or 1
         self.concurrency = streams or min(cores, 4)
+        shares = split_threads(threads or cores, self.concurrency)
+        self._sessions = Slots(self._session(path, share if threads or self.concurrency > 1 else 0)
+                               for share in shares)
+
+    @staticmethod
+    def _session(path: Path, threads: int) -> Any:
+        """A session on ``threads`` intra-op threads (0: ONNX Runtime's default, every core)."""
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
-        if threads or self.concurrency > 1:
-            options.intra_op_num_threads = max(1, (threads or cores) // self.concurrency)
+        options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
             raise ModelFormatError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
-        probs, logits = self._session.run(["probs", "logits"], {"images": images})
+        with self._sessions.use() as session:
+            probs, logits = session.run(["probs", "logits"], {"images": images})
         return Outputs(probs, logits)

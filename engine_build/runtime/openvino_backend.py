@@ -5,20 +5,20 @@ told otherwise; ``compute_precision`` reports what it actually chose and
 ``exact=True`` pins it to FP32.
 
 ``streams=1`` runs one request on every core (OpenVINO's LATENCY hint: the fastest
-single call); more streams (THROUGHPUT hint, ``0`` lets OpenVINO choose for this CPU)
+single call); more streams (THROUGHPUT hint, ``0`` lets OpenVINO choose for this CPU:
+on 2 cores two one-thread requests, on larger CPUs fewer streams of several threads)
 split the cores between requests that callers run at once, each on fewer threads. Under
 load that is cheaper per image: a one-thread request never waits for a sibling thread
 that another thread of the process (a decoder) has pre-empted.
 """
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import INPUT_SHAPE, Backend, Outputs
+from .base import INPUT_SHAPE, Backend, Outputs, Slots
 
 
 class OpenVinoBackend(Backend):
@@ -48,21 +48,19 @@ class OpenVinoBackend(Backend):
             compute = "int8" if compute == "fp32" else f"int8+{compute}"
         self.compute_precision = compute
         self.concurrency = max(1, int(self._compiled.get_property("NUM_STREAMS")))
-        self._outputs = [self._compiled.output("probs"), self._compiled.output("logits")]
-        self._requests: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
-        for _ in range(self.concurrency):
-            self._requests.put(self._compiled.create_infer_request())
-        # One call before any caller may run two at once: the first ``tensor.data`` of a process
-        # initialises a C++ static that waits for the GIL inside its guard, and two threads making
-        # that first call together deadlock (seen with openvino 2026.4: both infer threads stuck
-        # at start-up, one in __cxa_guard_acquire, one waiting for the GIL).
-        self._infer_impl(np.zeros((1, *INPUT_SHAPE), np.uint8))
+        self._requests = Slots(self._compiled.create_infer_request() for _ in range(self.concurrency))
+        try:
+            self._outputs = [self._compiled.output("probs"), self._compiled.output("logits")]
+            # One call before any caller may run two at once: the first ``tensor.data`` of a process
+            # initialises a C++ static that waits for the GIL inside its guard, and two threads making
+            # that first call together deadlock (seen with openvino 2026.4: both infer threads stuck
+            # at start-up, one in __cxa_guard_acquire, one waiting for the GIL).
+            self._infer_impl(np.zeros((1, *INPUT_SHAPE), np.uint8))
+        except RuntimeError as exc:
+            raise ModelFormatError(f"OpenVINO cannot run {path}: {str(exc).splitlines()[0]}") from exc
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
-        request = self._requests.get()
-        try:
+        with self._requests.use() as request:
             result = request.infer({"images": images})
             return Outputs(np.array(result[self._outputs[0]], dtype=np.float32),
                            np.array(result[self._outputs[1]], dtype=np.float32))
-        finally:
-            self._requests.put(request)

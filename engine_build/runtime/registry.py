@@ -59,6 +59,8 @@ def open_backend(kind: str, path: Path, precision: str, max_batch: int = 32, exa
     in all) or its own TensorRT execution context: 1 (one call at a time, on every core)
     suits a single caller; 0 lets the runtime choose for this machine.
     """
+    if streams < 0:
+        raise ConfigError(f"streams must be 0 (the runtime chooses) or more, not {streams}")
     entry = BACKENDS.get(kind)
     if entry is None:
         raise BackendUnavailable(f"unknown backend '{kind}' (choose from {', '.join(BACKENDS)})")
