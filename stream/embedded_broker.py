@@ -75,6 +75,15 @@ class EmbeddedBroker:
         finally:
             admin.close()
 
+    def delete_topics(self, names: list[str]) -> None:
+        """Drop topics and the records they hold (the broker keeps everything in memory)."""
+        from kafka.admin import KafkaAdminClient
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="embedded-broker-admin")
+        try:
+            admin.delete_topics(names)
+        finally:
+            admin.close()
+
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
             self._process.terminate()
