@@ -326,7 +326,7 @@ class KafkaSink:
                     except KafkaError as again:   # the broker is away: the retry will try again
                         log.warning("making a new producer failed (%s); will retry", again)
                         return True
-                    threading.Thread(target=producer.close, kwargs={"timeout": 0}, name="old-producer-close",
+                    threading.Thread(target=close_producer, args=(producer, 30.0), name="old-producer-close",
                                      daemon=True).start()
         return True
 
@@ -482,7 +482,28 @@ class KafkaSink:
         with self._retry_lock:
             self._closed = True
             self._retry_lock.notify_all()
-        self._producer.close(timeout=5)
+        close_producer(self._producer, _CLIENT_TIMEOUT_MS / 1000)
+
+
+def close_producer(producer: Any, timeout: float) -> bool:
+    """Close a kafka-python producer within about ``timeout`` s; False when it still held records.
+
+    kafka-python's ``close`` flushes first and raises on a flush timeout before stopping its
+    thread, so a producer whose records are still failing (a fatal one being replaced, a
+    broker gone) is closed by trying again until they have failed or the time is up.
+    """
+    from kafka.errors import KafkaError
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            producer.close(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            return True
+        except KafkaError as exc:
+            if time.monotonic() >= deadline:
+                log.warning("a Kafka producer did not close within %.0f s (%s): the records it still held are "
+                            "given up (their inputs stay uncommitted and are redelivered)", timeout, exc)
+                return False
+            time.sleep(0.1)   # close may also fail at once: never spin
 
 
 class KafkaConnector:

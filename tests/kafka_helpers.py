@@ -15,6 +15,8 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from stream.kafka_io import close_producer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -126,7 +128,7 @@ def produce_steadily(bootstrap: str, topic: str, total: int, seconds: float, ima
         except KafkaError:
             pass   # the broker went away: the caller checks what arrived
         finally:
-            producer.close(timeout=1)
+            close_producer(producer, 1.0)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread

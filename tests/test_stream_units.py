@@ -578,3 +578,25 @@ def test_a_dead_letter_that_can_never_be_published_stops_the_member_with_one_lin
         svc.run(timeout=30)
     assert time.monotonic() - started < 15, "stopped, not stalled until the timeout"
     assert broker.committed["sentiment-stream"] == {("in", 0): 1}, "committed up to the unpublishable record only"
+
+
+def test_a_producer_that_cannot_flush_yet_is_closed_by_trying_again():
+    """kafka-python's close raises when its flush times out; the records of a fatal or cut-off
+    producer fail soon after, so closing is tried until they have, within the time given."""
+    from kafka.errors import KafkaTimeoutError
+
+    from stream.kafka_io import close_producer
+
+    class Producer:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.calls = failures, 0
+
+        def close(self, timeout: float) -> None:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise KafkaTimeoutError("Timeout waiting for future")
+
+    draining = Producer(failures=2)
+    assert close_producer(draining, 5.0) and draining.calls == 3
+    stuck = Producer(failures=10**6)
+    assert not close_producer(stuck, 0.2) and stuck.calls >= 1
