@@ -56,7 +56,7 @@ def open_backend(kind: str, path: Path, precision: str, max_batch: int = 32, exa
     ``exact`` makes runtimes that would silently lower precision (OpenVINO's bf16 on
     CPUs that have it) compute in the file's own precision. ``streams`` is how many
     ``infer`` calls may run at once, each with its share of the CPU threads (``threads``
-    in all) or its own TensorRT execution context: 1 (one call at a time, on every core)
+    in all, but at least one each) or its own TensorRT execution context: 1 (one call at a time, on every core)
     suits a single caller; 0 lets the runtime choose for this machine.
     """
     if streams < 0:
