@@ -8,7 +8,10 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from engine_build.errors import ConfigError
 
@@ -64,25 +67,27 @@ class EmbeddedBroker:
         self.stop()
         raise RuntimeError(f"tansu did not listen on {self.bootstrap} within {timeout} s")
 
-    def create_topics(self, partitions: dict[str, int]) -> None:
-        from kafka.admin import KafkaAdminClient, NewTopic
+    @contextmanager
+    def _admin(self) -> Iterator[Any]:
+        from kafka.admin import KafkaAdminClient
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="embedded-broker-admin")
         try:
+            yield admin
+        finally:
+            admin.close()
+
+    def create_topics(self, partitions: dict[str, int]) -> None:
+        from kafka.admin import NewTopic
+        with self._admin() as admin:
             existing = set(admin.list_topics())
             new = [NewTopic(name, count, 1) for name, count in partitions.items() if name not in existing]
             if new:
                 admin.create_topics(new)
-        finally:
-            admin.close()
 
     def delete_topics(self, names: list[str]) -> None:
         """Drop topics and the records they hold (the broker keeps everything in memory)."""
-        from kafka.admin import KafkaAdminClient
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="embedded-broker-admin")
-        try:
+        with self._admin() as admin:
             admin.delete_topics(names)
-        finally:
-            admin.close()
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
