@@ -52,6 +52,18 @@ def test_streams_serve_parallel_callers_with_the_single_call_results(small_artif
         open_backend(runtime, small_artifact / "model.onnx", "fp32", streams=-1)
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_an_input_array_refilled_between_calls_gives_each_call_its_own_results(small_artifact, photos, runtime):
+    """The service refills one array per inference thread; a runtime that read it in place (OpenVINO's
+    shared inputs) must be done with it when the call returns."""
+    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True) as backend:
+        expected = [backend.infer(photos[i:i + 2].copy()).probs for i in (0, 2)]
+        array = np.empty_like(photos[:2])
+        for i, want in zip((0, 2), expected, strict=True):
+            array[:] = photos[i:i + 2]
+            np.testing.assert_allclose(backend.infer(array).probs, want, atol=1e-6)
+
+
 def test_threads_are_shared_out_between_streams():
     from engine_build.runtime.base import split_threads
     assert split_threads(8, 4) == [2, 2, 2, 2]

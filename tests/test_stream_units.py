@@ -16,6 +16,7 @@ from stream.batching import Batcher
 from stream.config import StreamConfig
 from stream.fake import FakeBroker
 from stream.offsets import OffsetTracker
+from stream.pipeline import _Stacker
 from stream.service import Service
 
 from .images import bad_images, good_images
@@ -57,6 +58,21 @@ def test_fixed_batching_waits_out_the_window():
     b = Batcher(4, 0.05, adaptive=False)
     b.add("a", 0.0)
     assert b.ready(0.01, arriving=0) is None and b.ready(0.05, arriving=0) == ["a"]
+
+
+def test_the_reused_batch_array_holds_exactly_each_batch():
+    rng = np.random.default_rng(0)
+    stack = _Stacker(4)
+    first = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(4)]
+    a = stack(first)
+    assert np.array_equal(a, np.stack(first))
+    second = first[2:]
+    b = stack(second)
+    assert np.array_equal(b, np.stack(second)) and np.shares_memory(a, b)   # the same memory, refilled
+    other = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)]
+    assert np.array_equal(stack(other), np.stack(other))                     # a new shape: a new array
+    with pytest.raises(ValueError):
+        stack([first[0], other[0]])                                          # mixed shapes fail as np.stack does
 
 
 def test_offsets_commit_only_below_the_oldest_unacknowledged():
