@@ -223,10 +223,11 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         while not self.halt:
-            records = [r for r in self.consumer.consume(1000, 0.05) if r.error() is None]
-            if not records:
+            first = self.consumer.poll(0.05)    # consume(n, timeout) would wait out its timeout for n
+            if first is None:
                 continue
             now = time.time_ns()
+            records = [r for r in [first, *self.consumer.consume(1000, 0)] if r.error() is None]
             with self.lock:
                 for r in records:
                     sent = int(r.key().split(b":")[1])
