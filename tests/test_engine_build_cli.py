@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from engine_build.cli import main
-from engine_build.errors import ArtifactError, ConfigError
+from engine_build.errors import ArtifactError
 from engine_build.manifest import read_manifest, verify_file
 from engine_build.runtime import open_backend
 
@@ -32,43 +32,6 @@ def test_artifact_honours_the_io_contract(small_artifact, photos):
     with open_backend("onnxruntime", small_artifact / "model.onnx", "fp32") as backend:
         out = backend.infer(photos[:5])
     assert out.probs.shape == (5, 2) and np.allclose(out.probs.sum(1), 1, atol=1e-5)
-
-
-@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
-def test_streams_serve_parallel_callers_with_the_single_call_results(small_artifact, photos, runtime):
-    from concurrent.futures import ThreadPoolExecutor
-    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True) as one:
-        expected = one.infer(photos).probs
-        assert one.concurrency == 1
-    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True, streams=2) as two, \
-            ThreadPoolExecutor(4) as pool:        # more callers than streams: the others wait their turn
-        assert two.concurrency == 2
-        parts = list(pool.map(lambda i: two.infer(photos[i:i + 1]).probs, range(len(photos))))
-    np.testing.assert_allclose(np.concatenate(parts), expected, atol=1e-5)
-    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True, streams=0) as chosen:
-        assert chosen.concurrency >= 1       # the runtime's own choice for this machine
-        np.testing.assert_allclose(chosen.infer(photos).probs, expected, atol=1e-5)
-    with pytest.raises(ConfigError, match="streams must be 0"):
-        open_backend(runtime, small_artifact / "model.onnx", "fp32", streams=-1)
-
-
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_an_input_array_refilled_between_calls_gives_each_call_its_own_results(small_artifact, photos, runtime):
-    """The service refills one array per inference thread; a runtime that read it in place (OpenVINO's
-    shared inputs) must be done with it when the call returns."""
-    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True) as backend:
-        expected = [backend.infer(photos[i:i + 2].copy()).probs for i in (0, 2)]
-        array = np.empty_like(photos[:2])
-        for i, want in zip((0, 2), expected, strict=True):
-            array[:] = photos[i:i + 2]
-            np.testing.assert_allclose(backend.infer(array).probs, want, atol=1e-6)
-
-
-def test_threads_are_shared_out_between_streams():
-    from engine_build.runtime.base import split_threads
-    assert split_threads(8, 4) == [2, 2, 2, 2]
-    assert split_threads(5, 2) == [3, 2]
-    assert split_threads(1, 3) == [1, 1, 1]     # at least one each
 
 
 def test_manifest_records_gate_sources_and_placeholder(small_artifact, small_model):

@@ -13,9 +13,9 @@ The concrete backends live in their own modules and are found by name through
 """
 from __future__ import annotations
 
-import queue
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +31,61 @@ H = TypeVar("H")
 
 
 class Slots(Generic[H]):
-    """One runtime handle per stream; each call borrows one, and callers beyond the streams wait."""
+    """One runtime handle per stream; each call borrows one, and callers beyond the streams wait.
 
-    def __init__(self, handles: Iterable[H]) -> None:
-        self._free: queue.SimpleQueue[H] = queue.SimpleQueue()
-        for handle in handles:
-            self._free.put(handle)
+    :meth:`close` frees idle handles at once and borrowed ones as they come back (``free``, for
+    runtimes whose handles hold memory of their own); a caller still waiting then gets
+    :class:`~engine_build.errors.BackendClosed`. Handles may come from a generator: if making one
+    fails, those made before it are freed.
+    """
+
+    def __init__(self, handles: Iterable[H], free: Callable[[H], None] | None = None) -> None:
+        self._free = free or (lambda handle: None)
+        self._cond = threading.Condition()
+        self._idle: list[H] = []
+        self._busy = 0
+        self._closed = False
+        try:
+            for handle in handles:
+                self._idle.append(handle)
+        except BaseException:
+            self._free_idle()
+            raise
 
     @contextmanager
     def use(self) -> Iterator[H]:
-        handle = self._free.get()
+        with self._cond:
+            while not self._idle and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise BackendClosed("the backend was closed while this call waited for a stream")
+            self._busy += 1
+            handle = self._idle.pop()
         try:
             yield handle
         finally:
-            self._free.put(handle)
+            with self._cond:
+                self._busy -= 1
+                if self._closed:
+                    self._free(handle)      # closed while it ran: free it now that it is back
+                else:
+                    self._idle.append(handle)
+                self._cond.notify_all()
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Free every handle, waiting up to ``timeout`` s for borrowed ones; returns how many are
+        still out (their memory is left to the process)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            self._free_idle()
+            self._cond.wait_for(lambda: self._busy == 0, timeout)
+            return self._busy
+
+    def _free_idle(self) -> None:
+        handles, self._idle = self._idle, []
+        for handle in handles:
+            self._free(handle)
 
 
 def split_threads(total: int, streams: int) -> list[int]:

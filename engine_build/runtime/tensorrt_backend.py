@@ -10,14 +10,13 @@ I/O, ``execute_async_v3``) and cuda-python 12.9+/13.
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import ArtifactError, BackendClosed, BackendUnavailable, InferenceError
-from .base import INPUT_SHAPE, Backend, Outputs
+from ..errors import ArtifactError, BackendUnavailable, InferenceError
+from .base import INPUT_SHAPE, Backend, Outputs, Slots
 from .cuda_memory import PinnedBuffer, check, cudart, native_handle
 from .tensorrt_support import tensorrt_unavailable_reason, trt_logger
 
@@ -125,55 +124,19 @@ class TensorRtBackend(Backend):
                                 "(built by another TensorRT version or for another GPU?)")
         dtypes, shapes, profile_max = _io_tensors(self._engine, Path(path))
         self.max_batch = min(max_batch, profile_max)
-        self._cond = threading.Condition()
-        self._idle: list[_Slot] = []
-        self._busy = 0
-        try:
-            for _ in range(self.concurrency):
-                self._idle.append(_Slot(self._engine, dtypes, shapes))
-        except BaseException:
-            self._free_idle()
-            raise
-
-    def _checkout(self) -> _Slot:
-        with self._cond:
-            while not self._idle and not self.closed:
-                self._cond.wait()
-            if self.closed:
-                raise BackendClosed(f"tensorrt backend for {self.path.name} was closed")
-            self._busy += 1
-            return self._idle.pop()
-
-    def _checkin(self, slot: _Slot) -> None:
-        with self._cond:
-            self._busy -= 1
-            if self.closed:
-                slot.free()        # close() came while this slot ran: free it now that it is back
-            else:
-                self._idle.append(slot)
-            self._cond.notify_all()
+        self._slots = Slots((_Slot(self._engine, dtypes, shapes) for _ in range(self.concurrency)), _Slot.free)
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
-        slot = self._checkout()
-        try:
+        with self._slots.use() as slot:
             return slot.run(images)
-        finally:
-            self._checkin(slot)
-
-    def _free_idle(self) -> None:
-        slots, self._idle = self._idle, []
-        for slot in slots:
-            slot.free()
 
     def _close_impl(self, timeout: float = 30.0) -> None:
-        """Free idle slots now and checked-out ones as they come back (waiting up to ``timeout`` s);
+        """Free idle slots now and running ones as they come back (waiting up to ``timeout`` s);
         threads waiting for a slot get BackendClosed."""
-        with self._cond:
-            self._cond.notify_all()
-            self._free_idle()
-            if not self._cond.wait_for(lambda: self._busy == 0, timeout):
-                log.warning("%d TensorRT slot(s) still running after %.0f s; their buffers are left to the process",
-                            self._busy, timeout)
-                return
+        running = self._slots.close(timeout)
+        if running:
+            log.warning("%d TensorRT slot(s) still running after %.0f s; their buffers are left to the process",
+                        running, timeout)
+            return
         self._engine = None
         self._runtime = None

@@ -1,0 +1,100 @@
+"""Backend streams: parallel callers, the handle pool, thread sharing, refilled input arrays."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine_build.errors import BackendClosed, ConfigError
+from engine_build.runtime import open_backend
+from engine_build.runtime.base import Slots
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_streams_serve_parallel_callers_with_the_single_call_results(small_artifact, photos, runtime):
+    from concurrent.futures import ThreadPoolExecutor
+    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True) as one:
+        expected = one.infer(photos).probs
+        assert one.concurrency == 1
+    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True, streams=2) as two, \
+            ThreadPoolExecutor(4) as pool:        # more callers than streams: the others wait their turn
+        assert two.concurrency == 2
+        parts = list(pool.map(lambda i: two.infer(photos[i:i + 1]).probs, range(len(photos))))
+    np.testing.assert_allclose(np.concatenate(parts), expected, atol=1e-5)
+    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True, streams=0) as chosen:
+        assert chosen.concurrency >= 1       # the runtime's own choice for this machine
+        np.testing.assert_allclose(chosen.infer(photos).probs, expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="streams must be 0"):
+        open_backend(runtime, small_artifact / "model.onnx", "fp32", streams=-1)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_an_input_array_refilled_between_calls_gives_each_call_its_own_results(small_artifact, photos, runtime):
+    """The service refills one array per inference thread; a runtime that read it in place (OpenVINO's
+    shared inputs) must be done with it when the call returns."""
+    with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True) as backend:
+        expected = [backend.infer(photos[i:i + 2].copy()).probs for i in (0, 2)]
+        array = np.empty_like(photos[:2])
+        for i, want in zip((0, 2), expected, strict=True):
+            array[:] = photos[i:i + 2]
+            np.testing.assert_allclose(backend.infer(array).probs, want, atol=1e-6)
+
+
+def test_threads_are_shared_out_between_streams():
+    from engine_build.runtime.base import split_threads
+    assert split_threads(8, 4) == [2, 2, 2, 2]
+    assert split_threads(5, 2) == [3, 2]
+    assert split_threads(1, 3) == [1, 1, 1]     # at least one each
+
+
+def test_the_handle_pool_waits_for_a_free_handle_and_close_frees_every_one():
+    freed: list[str] = []
+    slots = Slots(["a", "b"], freed.append)
+    outcome: dict[str, object] = {}
+    release = threading.Event()
+
+    def borrow(name: str) -> None:
+        try:
+            with slots.use() as handle:
+                outcome[name] = handle
+                release.wait(10)
+        except BackendClosed as exc:
+            outcome[name] = exc
+    first, second = (threading.Thread(target=borrow, args=(n,)) for n in ("first", "second"))
+    first.start()
+    second.start()
+    while len(outcome) < 2:
+        time.sleep(0.01)
+    waiter = threading.Thread(target=borrow, args=("third",))
+    waiter.start()                      # both handles are out: this one waits
+    time.sleep(0.05)
+    assert "third" not in outcome
+    closer = threading.Thread(target=slots.close)
+    closer.start()
+    waiter.join(5)
+    assert isinstance(outcome["third"], BackendClosed)   # woken by close, not served
+    assert freed == []                  # the borrowed ones are freed when they come back
+    release.set()
+    for t in (first, second, closer):
+        t.join(5)
+    assert sorted(freed) == ["a", "b"] and {outcome["first"], outcome["second"]} == {"a", "b"}
+
+
+def test_the_handle_pool_frees_what_it_made_when_making_one_fails():
+    freed: list[int] = []
+
+    def handles():
+        yield 1
+        yield 2
+        raise MemoryError("the third one")
+    with pytest.raises(MemoryError):
+        Slots(handles(), freed.append)
+    assert freed == [1, 2]
+
+
+def test_close_reports_handles_still_out_after_its_timeout():
+    slots = Slots([object()])
+    with slots.use():
+        assert slots.close(timeout=0.05) == 1
