@@ -236,3 +236,22 @@ def test_kafka_sink_stops_when_even_a_dead_letter_is_refused(kafka_broker):
         assert acked.wait(30) and sink.pending_retries() == 0
     finally:
         sink.close()
+
+
+def test_embedded_broker_deletes_topics_with_their_records(kafka_broker):
+    """The benchmark drops every run's topics so the in-memory broker does not grow run by run: a
+    deleted topic is gone, and one made again under its name starts empty."""
+    from kafka.admin import KafkaAdminClient
+    t = names(kafka_broker, partitions=1)
+    produce(kafka_broker.bootstrap, t["input"], [(b"k", b"before")])
+    assert len(read_all(kafka_broker.bootstrap, t["input"], 1)) == 1
+    kafka_broker.delete_topics([t["input"], t["output"]])
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    try:
+        left = set(admin.list_topics())
+    finally:
+        admin.close()
+    assert t["input"] not in left and t["output"] not in left and t["dlq"] in left
+    kafka_broker.create_topics({t["input"]: 1})
+    produce(kafka_broker.bootstrap, t["input"], [(b"k", b"after")])
+    assert [r.value for r in read_all(kafka_broker.bootstrap, t["input"], 1, timeout=10)] == [b"after"]
