@@ -57,6 +57,11 @@ class OffsetTracker:
         with self._lock:
             return self._lock.wait_for(lambda: self._count(partitions) == 0, timeout)
 
+    def wait_at_most(self, count: int, timeout: float) -> bool:
+        """Block until at most ``count`` messages are in flight; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._count(None) <= count, timeout)
+
     def _count(self, partitions) -> int:
         keys = self._pending.keys() if partitions is None else partitions
         return sum(len(self._pending.get(p, ())) for p in keys)

@@ -30,6 +30,9 @@ from .transactions import RewindableSource, TransactionalSink, Transactions
 
 log = logging.getLogger(__name__)
 DEAD_LETTER_REPORT_S = 10.0   # how often dead letters no batch line counted are summarised
+# While paused, the loop waits for results to drain instead of polling; it still polls (without
+# waiting) this often, so a rebalance is joined without delay worth the name.
+PAUSED_POLL_S = 0.5
 
 
 @dataclass
@@ -244,7 +247,10 @@ class Service:
             if deadline is not None and time.monotonic() > deadline:
                 return
             paused = self._backpressure(paused)
-            messages = self._poll()
+            if paused:   # nothing to fetch: an empty poll costs ~1 ms of CPU, a wait on the tracker nothing
+                self.tracker.wait_at_most(self.cfg.max_in_flight // 2, PAUSED_POLL_S)
+                paused = self._backpressure(paused)
+            messages = self._poll(0.0 if paused else 0.1)
             # the first cause wins: a poll's, the sink's or a rebalance step's
             self._failure = self._failure or (self.sink and self.sink.failure) or self.rebalance.failure
             if self._failure is not None:
@@ -274,11 +280,11 @@ class Service:
             return False
         return paused
 
-    def _poll(self) -> list[Any]:
+    def _poll(self, timeout: float) -> list[Any]:
         """One poll; errors are classified: outages and transient ones retried, permanent ones end the run."""
         assert self.source is not None
         try:
-            messages = self.source.poll(0.1, self.cfg.max_poll_records)
+            messages = self.source.poll(timeout, self.cfg.max_poll_records)
         except KafkaPermanent as exc:
             self._failure = exc
             return []

@@ -194,6 +194,37 @@ def test_backpressure_bounds_in_flight(small_artifact):
     assert max(peak) <= 16 + 4, "paused at the limit (one poll may overshoot by its size)"
 
 
+def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artifact, monkeypatch):
+    """Paused, an empty poll costs CPU and fetches nothing: the loop waits on the tracker and polls
+    only now and then (without waiting) to keep its group membership going."""
+    from stream.fake import FakeSource
+    from stream.service import PAUSED_POLL_S
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    for i in range(12):
+        broker.produce("in", good_images()["png"], key=str(i).encode())
+    broker.fail_next_publishes = 10**9        # every result is retried: in flight stays at the limit
+    polls: list[tuple[bool, float]] = []
+    real = FakeSource.poll
+
+    def recorded(self, timeout_s, max_records):
+        polls.append((self.paused, timeout_s))
+        return real(self, timeout_s, max_records)
+    monkeypatch.setattr(FakeSource, "poll", recorded)
+
+    def heal() -> None:
+        time.sleep(1.5)
+        with broker.lock:
+            broker.fail_next_publishes = 0
+    threading.Thread(target=heal, daemon=True).start()
+    stats = service(broker, config(small_artifact, max_in_flight=4, max_batch=2, max_poll_records=4)).run(
+        count=12, timeout=60)
+    assert stats.finished == 12
+    paused = [timeout for was_paused, timeout in polls if was_paused]
+    assert paused and all(timeout == 0 for timeout in paused), "paused polls never wait"
+    assert len(paused) <= 1.5 / PAUSED_POLL_S + 3, f"{len(paused)} polls in 1.5 s paused"
+
+
 def test_json_envelope_codec_passes_metadata(small_artifact):
     import base64
     broker = FakeBroker()
