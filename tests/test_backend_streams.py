@@ -37,9 +37,14 @@ def test_an_input_array_refilled_between_calls_gives_each_call_its_own_results(s
     with open_backend(runtime, small_artifact / "model.onnx", "fp32", exact=True) as backend:
         expected = [backend.infer(photos[i:i + 2].copy()).probs for i in (0, 2)]
         array = np.empty_like(photos[:2])
-        for i, want in zip((0, 2), expected, strict=True):
-            array[:] = photos[i:i + 2]
-            np.testing.assert_allclose(backend.infer(array).probs, want, atol=1e-6)
+        array[:] = photos[0:2]
+        first = backend.infer(array)
+        kept = first.probs.copy()
+        array[:] = photos[2:4]
+        second = backend.infer(array)
+        np.testing.assert_allclose(first.probs, expected[0], atol=1e-6)    # not changed by the second call
+        np.testing.assert_allclose(first.probs, kept)
+        np.testing.assert_allclose(second.probs, expected[1], atol=1e-6)
 
 
 def test_threads_are_shared_out_between_streams():
@@ -62,24 +67,51 @@ def test_the_handle_pool_waits_for_a_free_handle_and_close_frees_every_one():
                 release.wait(10)
         except BackendClosed as exc:
             outcome[name] = exc
-    first, second = (threading.Thread(target=borrow, args=(n,)) for n in ("first", "second"))
-    first.start()
-    second.start()
-    while len(outcome) < 2:
-        time.sleep(0.01)
-    waiter = threading.Thread(target=borrow, args=("third",))
-    waiter.start()                      # both handles are out: this one waits
-    time.sleep(0.05)
-    assert "third" not in outcome
-    closer = threading.Thread(target=slots.close)
-    closer.start()
-    waiter.join(5)
-    assert isinstance(outcome["third"], BackendClosed)   # woken by close, not served
-    assert freed == []                  # the borrowed ones are freed when they come back
-    release.set()
-    for t in (first, second, closer):
-        t.join(5)
+
+    def started(name: str) -> threading.Thread:
+        thread = threading.Thread(target=borrow, args=(name,), daemon=True)
+        thread.start()
+        return thread
+    try:
+        first, second = started("first"), started("second")
+        deadline = time.monotonic() + 10
+        while len(outcome) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(outcome) == {"first", "second"}
+        waiter = started("third")           # both handles are out: this one waits
+        time.sleep(0.05)
+        assert "third" not in outcome
+        closer = threading.Thread(target=slots.close, daemon=True)
+        closer.start()
+        waiter.join(5)
+        assert isinstance(outcome["third"], BackendClosed)   # woken by close, not served
+        assert freed == []                  # the borrowed ones are freed when they come back
+    finally:
+        release.set()
+    for thread in (first, second, closer):
+        thread.join(5)
     assert sorted(freed) == ["a", "b"] and {outcome["first"], outcome["second"]} == {"a", "b"}
+
+
+def test_a_handle_that_fails_to_free_neither_stops_the_others_nor_strands_close():
+    freed: list[str] = []
+
+    def free(handle: str) -> None:
+        if handle == "bad":
+            raise RuntimeError("cannot free")
+        freed.append(handle)
+    slots = Slots(["bad", "good"], free)
+    with pytest.raises(RuntimeError):
+        slots.close(timeout=1)
+    assert freed == ["good"]                # freed past the failing one
+    out = Slots(["bad"], free)
+    closer = threading.Thread(target=out.close, kwargs={"timeout": 30}, daemon=True)
+    with pytest.raises(RuntimeError), out.use():
+        closer.start()
+        time.sleep(0.05)                    # close is waiting for this handle
+    started = time.monotonic()
+    closer.join(5)
+    assert not closer.is_alive() and time.monotonic() - started < 1   # woken, not left to its 30 s
 
 
 def test_the_handle_pool_frees_what_it_made_when_making_one_fails():

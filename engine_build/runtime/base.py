@@ -66,11 +66,13 @@ class Slots(Generic[H]):
         finally:
             with self._cond:
                 self._busy -= 1
-                if self._closed:
-                    self._free(handle)      # closed while it ran: free it now that it is back
-                else:
-                    self._idle.append(handle)
-                self._cond.notify_all()
+                try:
+                    if self._closed:
+                        self._free(handle)      # closed while it ran: free it now that it is back
+                    else:
+                        self._idle.append(handle)
+                finally:                        # a close waiting for this handle wakes even if freeing failed
+                    self._cond.notify_all()
 
     def close(self, timeout: float = 30.0) -> int:
         """Free every handle, waiting up to ``timeout`` s for borrowed ones; returns how many are
@@ -83,9 +85,16 @@ class Slots(Generic[H]):
             return self._busy
 
     def _free_idle(self) -> None:
+        """Free every idle handle, even past one that fails to free; then raise the first failure."""
         handles, self._idle = self._idle, []
+        failures = []
         for handle in handles:
-            self._free(handle)
+            try:
+                self._free(handle)
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 def split_threads(total: int, streams: int) -> list[int]:
@@ -113,7 +122,10 @@ class Backend(ABC):
         self.closed = False
 
     def infer(self, images: np.ndarray) -> Outputs:
-        """Run uint8 BGR [N,256,256,3]; batches above ``max_batch`` run in parts, in order."""
+        """Run uint8 BGR [N,256,256,3]; batches above ``max_batch`` run in parts, in order.
+
+        ``images`` is read only during the call and the outputs are the caller's own: the service
+        refills one input array per thread, batch after batch."""
         if self.closed:
             raise BackendClosed(f"{self.name} backend for {self.path.name} is closed")
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != INPUT_SHAPE:

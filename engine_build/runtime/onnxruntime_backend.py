@@ -45,3 +45,6 @@ class OnnxRuntimeBackend(Backend):
         with self._sessions.use() as session:
             probs, logits = session.run(["probs", "logits"], {"images": images})
         return Outputs(probs, logits)
+
+    def _close_impl(self) -> None:
+        self._sessions.close()     # callers still waiting for a stream get BackendClosed

@@ -65,3 +65,6 @@ class OpenVinoBackend(Backend):
             result = request.infer({"images": images}, share_inputs=True)
             return Outputs(np.array(result[self._outputs[0]], dtype=np.float32),
                            np.array(result[self._outputs[1]], dtype=np.float32))
+
+    def _close_impl(self) -> None:
+        self._requests.close()     # callers still waiting for a stream get BackendClosed
