@@ -33,8 +33,7 @@ class OffsetTracker:
 
     def in_flight(self, partitions: list[Partition] | None = None) -> int:
         with self._lock:
-            keys = self._pending.keys() if partitions is None else partitions
-            return sum(len(self._pending.get(p, ())) for p in keys)
+            return self._count(partitions)
 
     def committable(self) -> dict[Partition, int]:
         """Per partition, the next offset to commit, where it moved since the last commit."""
@@ -54,15 +53,14 @@ class OffsetTracker:
 
     def wait_idle(self, timeout: float, partitions: list[Partition] | None = None) -> bool:
         """Block until nothing is in flight (for ``partitions``, or all); False on timeout."""
-        with self._lock:
-            return self._lock.wait_for(lambda: self._count(partitions) == 0, timeout)
+        return self.wait_at_most(0, timeout, partitions)
 
-    def wait_at_most(self, count: int, timeout: float) -> bool:
-        """Block until at most ``count`` messages are in flight; False on timeout."""
+    def wait_at_most(self, count: int, timeout: float, partitions: list[Partition] | None = None) -> bool:
+        """Block until at most ``count`` messages are in flight (for ``partitions``, or all); False on timeout."""
         with self._lock:
-            return self._lock.wait_for(lambda: self._count(None) <= count, timeout)
+            return self._lock.wait_for(lambda: self._count(partitions) <= count, timeout)
 
-    def _count(self, partitions) -> int:
+    def _count(self, partitions: list[Partition] | None) -> int:
         keys = self._pending.keys() if partitions is None else partitions
         return sum(len(self._pending.get(p, ())) for p in keys)
 

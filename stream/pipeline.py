@@ -59,10 +59,10 @@ class _Stacker:
         self._array: np.ndarray | None = None
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
-        first = images[0]
-        if self._array is None or self._array.shape[1:] != first.shape or self._array.dtype != first.dtype:
-            self._array = np.empty((max(self.rows, len(images)), *first.shape), first.dtype)
-        return np.stack(images, out=self._array[:len(images)])
+        first, array = images[0], self._array
+        if array is None or array.shape[1:] != first.shape or array.dtype != first.dtype or len(images) > len(array):
+            array = self._array = np.empty((max(self.rows, len(images)), *first.shape), first.dtype)
+        return np.stack(images, out=array[:len(images)], casting="no")   # never a silent cast
 
 
 @dataclass

@@ -247,8 +247,8 @@ class Service:
             if deadline is not None and time.monotonic() > deadline:
                 return
             paused = self._backpressure(paused)
-            if paused:   # nothing to fetch: an empty poll costs ~1 ms of CPU, a wait on the tracker nothing
-                self.tracker.wait_at_most(self.cfg.max_in_flight // 2, PAUSED_POLL_S)
+            if paused:   # nothing to fetch: wait for the resume mark rather than poll (an empty poll costs ~1 ms)
+                self.tracker.wait_at_most(self._resume_at, PAUSED_POLL_S)
                 paused = self._backpressure(paused)
             messages = self._poll(0.0 if paused else 0.1)
             # the first cause wins: a poll's, the sink's or a rebalance step's
@@ -268,6 +268,11 @@ class Service:
                 processor.report_dead_letters()
                 last_report = time.monotonic()
 
+    @property
+    def _resume_at(self) -> int:
+        """In flight at or below this, paused partitions resume."""
+        return self.cfg.max_in_flight // 2
+
     def _backpressure(self, paused: bool) -> bool:
         """Pause every partition while too much is in flight; resume at half. Returns the new state."""
         assert self.source is not None
@@ -275,7 +280,7 @@ class Service:
         if not paused and in_flight >= self.cfg.max_in_flight:
             self.source.pause_all()
             return True
-        if paused and in_flight <= self.cfg.max_in_flight // 2:
+        if paused and in_flight <= self._resume_at:
             self.source.resume_all()
             return False
         return paused

@@ -73,6 +73,10 @@ def test_the_reused_batch_array_holds_exactly_each_batch():
     assert np.array_equal(stack(other), np.stack(other))                     # a new shape: a new array
     with pytest.raises(ValueError):
         stack([first[0], other[0]])                                          # mixed shapes fail as np.stack does
+    more = [other[0]] * 6
+    assert np.array_equal(stack(more), np.stack(more))                       # more than its rows: a larger array
+    with pytest.raises(TypeError):
+        stack([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint16)])   # no silent cast
 
 
 def test_offsets_commit_only_below_the_oldest_unacknowledged():
@@ -196,7 +200,7 @@ def test_backpressure_bounds_in_flight(small_artifact):
 
 def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artifact, monkeypatch):
     """Paused, an empty poll costs CPU and fetches nothing: the loop waits on the tracker and polls
-    only now and then (without waiting) to keep its group membership going."""
+    only every PAUSED_POLL_S (without waiting) to keep its group membership going."""
     from stream.fake import FakeSource
     from stream.service import PAUSED_POLL_S
     broker = FakeBroker()
@@ -204,25 +208,23 @@ def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artif
     for i in range(12):
         broker.produce("in", good_images()["png"], key=str(i).encode())
     broker.fail_next_publishes = 10**9        # every result is retried: in flight stays at the limit
-    polls: list[tuple[bool, float]] = []
+    paused: list[tuple[float, float]] = []    # (when, timeout) of each poll while paused
     real = FakeSource.poll
 
     def recorded(self, timeout_s, max_records):
-        polls.append((self.paused, timeout_s))
+        if self.paused:
+            paused.append((time.monotonic(), timeout_s))
+            if len(paused) == 4:              # seen enough: let the results through
+                with broker.lock:
+                    broker.fail_next_publishes = 0
         return real(self, timeout_s, max_records)
     monkeypatch.setattr(FakeSource, "poll", recorded)
-
-    def heal() -> None:
-        time.sleep(1.5)
-        with broker.lock:
-            broker.fail_next_publishes = 0
-    threading.Thread(target=heal, daemon=True).start()
     stats = service(broker, config(small_artifact, max_in_flight=4, max_batch=2, max_poll_records=4)).run(
         count=12, timeout=60)
     assert stats.finished == 12
-    paused = [timeout for was_paused, timeout in polls if was_paused]
-    assert paused and all(timeout == 0 for timeout in paused), "paused polls never wait"
-    assert len(paused) <= 1.5 / PAUSED_POLL_S + 3, f"{len(paused)} polls in 1.5 s paused"
+    assert len(paused) >= 4 and all(timeout == 0 for _, timeout in paused), "paused polls never wait"
+    gaps = [b - a for (a, _), (b, _) in zip(paused[:4], paused[1:4], strict=False)]
+    assert min(gaps) >= 0.8 * PAUSED_POLL_S, f"paused polls {gaps} s apart"
 
 
 def test_json_envelope_codec_passes_metadata(small_artifact):
