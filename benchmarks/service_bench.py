@@ -3,9 +3,8 @@
 Used by ``benchmarks/throughput.py``. The service runs as its own process (``python -m
 stream`` through :func:`child_main`, which only names OS threads so their CPU can be read
 from ``/proc/PID/task``, and for the client-only runs swaps the model, or the model and
-the decoder, for no-ops), so the benchmark's producer and reader never share its GIL; they use
-librdkafka (confluent-kafka, from the test extra), whose per-record work is C, so they take little
-of the CPU the service is measured on.
+the decoder, for no-ops), so the benchmark's producer and reader (:mod:`benchmarks.harness`) never
+share its GIL.
 
 * budget: decode core-seconds and inference core-seconds per image on the same 600x400
   JPEGs, each the median of three passes; the machine's budget is ``cpus / (decode +
@@ -22,7 +21,6 @@ of the CPU the service is measured on.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +33,9 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # imported, and run as a script: the service child (see child_main)
+from benchmarks.harness import Producer, Reader, paced  # noqa: E402
+
 # kafka-python's consumer default fetch wait and the old producer linger, batching without the adaptive
 # rule, one inference call on every core
 OLD_DEFAULTS = {"fetch_max_wait_ms": 500, "linger_ms": 5, "no_adaptive_batching": "true", "inference_streams": 1}
@@ -122,7 +123,6 @@ def _name_threads() -> None:
 
 def child_main(mode: str, argv: list[str]) -> int:
     """``python benchmarks/service_bench.py MODE ARGS``: the service; MODE service|decode|kafka."""
-    sys.path.insert(0, str(ROOT))
     _name_threads()
     if mode in ("decode", "kafka"):
         import stream.pipeline
@@ -199,94 +199,6 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], images: int) ->
     """Core-milliseconds per image of each thread group between two readings."""
     return {k: round(1000 * (after.get(k, 0.0) - before.get(k, 0.0)) / images, 3)
             for k in sorted(after) if after.get(k, 0.0) - before.get(k, 0.0) > 0}
-
-
-# ---------------------------------------------------------------- producing and reading
-class Reader(threading.Thread):
-    """Reads a result topic; latency = arrival time - send time embedded in the key ``seq:epoch_ns``.
-
-    librdkafka (confluent-kafka, from the test extra) rather than kafka-python: its per-record
-    work is C, so the reader takes a few hundredths of a core from the service it measures
-    instead of a tenth."""
-
-    def __init__(self, bootstrap: str, topic: str, fetch_wait_ms: int = 5) -> None:
-        super().__init__(name="reader", daemon=True)
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-reader-{topic}",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": fetch_wait_ms})
-        partitions = self.consumer.list_topics(topic, timeout=30).topics[topic].partitions
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        self.seen: list[tuple[float, float]] = []    # (arrival, latency s)
-        self.inside: list[dict] = []                  # the service's own timing_ms of each result
-        self.lock = threading.Condition()
-        self.halt = False
-
-    def run(self) -> None:
-        while not self.halt:
-            first = self.consumer.poll(0.05)    # consume(n, timeout) would wait out its timeout for n
-            if first is None:
-                continue
-            now = time.time_ns()
-            records = [r for r in [first, *self.consumer.consume(1000, 0)] if r.error() is None]
-            with self.lock:
-                for r in records:
-                    sent = int(r.key().split(b":")[1])
-                    self.seen.append((now / 1e9, (now - sent) / 1e9))
-                    self.inside.append(json.loads(r.value()).get("timing_ms", {}))
-                self.lock.notify_all()
-        self.consumer.close()
-
-    def wait_for(self, count: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while len(self.seen) < count and time.monotonic() < deadline:
-                self.lock.wait(0.1)
-            return len(self.seen) >= count
-
-    def close(self) -> None:
-        self.halt = True
-        self.join(5)
-
-
-class Producer:
-    """The benchmark's input producer (librdkafka, like :class:`Reader`): one record per send at once
-    (``linger.ms`` 0), so a paced run's records leave when they are sent."""
-
-    def __init__(self, bootstrap: str) -> None:
-        from confluent_kafka import Producer as Librdkafka
-        self._producer = Librdkafka({"bootstrap.servers": bootstrap, "acks": 1, "linger.ms": 0,
-                                     "message.max.bytes": 4 << 20})
-
-    def send(self, topic: str, payload: bytes, seq: int) -> None:
-        """``payload`` keyed ``seq:send time in ns``."""
-        while True:
-            try:
-                self._producer.produce(topic, key=f"{seq}:{time.time_ns()}".encode(), value=payload)
-                break
-            except BufferError:       # its local queue is full: let deliveries drain it
-                self._producer.poll(0.05)
-        self._producer.poll(0)
-
-    def flush(self) -> None:
-        if self._producer.flush(60):
-            raise RuntimeError("the benchmark's producer could not deliver its records in 60 s")
-
-    def close(self) -> None:
-        """Deliver what is queued and let the client go (before the broker stops: else it logs reconnects)."""
-        self.flush()
-        del self._producer
-
-
-def paced(prod, topic: str, payloads: list[bytes], rate: float, seconds: float, first: int = 0) -> int:
-    """Send at a fixed rate (open loop) for ``seconds``; returns how many were sent."""
-    count, start = int(rate * seconds), time.perf_counter()
-    for i in range(count):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        prod.send(topic, payloads[i % len(payloads)], first + i)
-    prod.flush()
-    return count
 
 
 def percentiles(latencies: list[float]) -> dict:
