@@ -205,19 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-models", action="store_true", help="skip the runtime/precision matrix")
     parser.add_argument("--skip-pipeline", action="store_true", help="skip the whole-service runs")
     parser.add_argument("--quick", action="store_true",
-                        help="--skip-models, 8 s latency runs, a 2500-image backlog")
+                        help="--skip-models, 8 s latency runs, a 6000-image backlog")
     parser.add_argument("--sweep", action="store_true",
                         help="also vary each service default one at a time (fetch wait, linger, batching window, "
                              "decode workers, inference streams, batch size; about 6 more minutes)")
     parser.add_argument("--rate", type=float, default=80.0, help="the moderate rate for latency (img/s)")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
-    parser.add_argument("--backlog", type=int, default=4000,
+    parser.add_argument("--backlog", type=int, default=8000,
                         help="images in each backlog (throughput) run; rate and CPU are read over its steady middle")
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.skip_models, args.latency_seconds, args.backlog = True, min(args.latency_seconds, 8.0), 2500
+        args.skip_models, args.latency_seconds, args.backlog = True, min(args.latency_seconds, 8.0), 6000
     artifact, prototxt, caffemodel = prepare(args.artifact, args.workdir)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; artifact {artifact}")
     rows: list[dict] = []
