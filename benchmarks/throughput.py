@@ -1,7 +1,7 @@
 """Throughput side by side: every runtime and precision, OpenCV DNN, decoding, and the whole service.
 
     python benchmarks/throughput.py [--artifact DIR] [--batch-sizes 1 8 32] [--repeats 7]
-    python benchmarks/throughput.py --quick          # the pipeline part only, shorter (about 2 min)
+    python benchmarks/throughput.py --quick          # the pipeline part only, shorter (a few minutes)
     python benchmarks/throughput.py --sweep          # and each service default varied on its own
 
 Model runs use the project's own backends on real photos (warm-up, then repeats;
