@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--skip-models, 8 s latency runs, a 6000-image backlog")
     parser.add_argument("--sweep", action="store_true",
                         help="also vary each service default one at a time (fetch wait, linger, batching window, "
-                             "decode workers, inference streams, batch size; about 6 more minutes)")
+                             "decode workers, inference streams, batch size; about 8 more minutes)")
     parser.add_argument("--rate", type=float, default=80.0, help="the moderate rate for latency (img/s)")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
     parser.add_argument("--backlog", type=int, default=8000,
