@@ -99,17 +99,19 @@ def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int 
 # ---------------------------------------------------------------- the service as a child process
 def _name_threads() -> None:
     """Give every Python thread its name at the OS level (Python 3.11 does not), for /proc; the
-    runtime's own worker threads, started while the backend opens, are named ``runtime``."""
+    runtime's own worker threads, started while the backend opens, are named ``runtime``. The hook is
+    the thread's bootstrap, not ``run``: kafka-python's producer thread overrides ``run``, and unnamed
+    it counted as the poll loop."""
     import ctypes
 
     import stream.service
     libc = ctypes.CDLL(None)
-    run = threading.Thread.run
+    bootstrap = threading.Thread._bootstrap_inner     # type: ignore[attr-defined]
 
-    def named(self) -> None:
+    def named(self: threading.Thread) -> None:
         libc.prctl(15, self.name[:15].encode(), 0, 0, 0)   # PR_SET_NAME
-        run(self)
-    threading.Thread.run = named
+        bootstrap(self)
+    threading.Thread._bootstrap_inner = named         # type: ignore[attr-defined]
     real = stream.service.open_artifact
 
     def open_named(*args, **kwargs):
