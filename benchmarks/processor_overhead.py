@@ -1,0 +1,95 @@
+"""The processor's own CPU per message: no Kafka, no model, no JPEG decoding.
+
+    python benchmarks/processor_overhead.py [--messages 20000] [--runs 5]
+
+Runs :class:`stream.pipeline.Processor` with the service's offset tracker, metrics, order keeping
+and JSON encoder; the decoder returns one still image, the backend constant scores, and the sink
+acknowledges each record on its own thread as a producer's IO thread would. Input is held to the
+service's backpressure (pause at 512 in flight, resume at 256). What is left is the work the
+service adds per message around Kafka and the model: hand-offs between threads, batching,
+stacking 256x256 images into a batch, order keeping, encoding, acknowledgement bookkeeping. The
+whole-service benchmark (``throughput.py``) cannot resolve changes this small; this can.
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import stream.pipeline  # noqa: E402
+from engine_build.runtime.base import Outputs  # noqa: E402
+from plugins.codecs import RawCodec  # noqa: E402
+from plugins.encoders import JsonEncoder  # noqa: E402
+from stream.metrics import Metrics  # noqa: E402
+from stream.offsets import OffsetTracker  # noqa: E402
+from stream.pipeline import PipelineConfig, Processor  # noqa: E402
+from stream.records import Message, Outgoing  # noqa: E402
+
+MODEL = {"name": "placeholder", "sha256": "0" * 64, "precision": "int8", "placeholder": True, "runtime": "none"}
+
+
+class ConstantModel:
+    name, concurrency, compute_precision = "none", 2, "none"
+
+    def infer(self, images: np.ndarray) -> Outputs:
+        probs = np.full((len(images), 2), 0.5, np.float32)
+        return Outputs(probs, probs)
+
+
+class AckingSink:
+    """Acknowledges every record on its own thread, in order."""
+
+    def __init__(self) -> None:
+        self._acks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="acks", daemon=True).start()
+
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: object = None) -> None:
+        self._acks.put(on_ack)
+
+    def _run(self) -> None:
+        while True:
+            self._acks.get()()
+
+
+def one_run(messages: int) -> float:
+    """Process CPU microseconds per message over one run."""
+    tracker = OffsetTracker()
+    processor = Processor(ConstantModel(), RawCodec(), JsonEncoder(), AckingSink(), tracker, Metrics(),  # type: ignore[arg-type]
+                          MODEL, PipelineConfig("out", "dlq")).start()
+    inputs = [Message("in", i % 4, i // 4, f"{i}:0".encode(), b"x" * 100, [], 0) for i in range(messages)]
+    started = time.process_time()
+    for message in inputs:
+        processor.submit(message)
+        if tracker.in_flight() >= 512:
+            tracker.wait_at_most(256, 30)
+    if not tracker.wait_idle(60):
+        raise RuntimeError(f"{tracker.in_flight()} messages never acknowledged")
+    processor.stop()
+    return (time.process_time() - started) / messages * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per run (default 20,000)")
+    parser.add_argument("--runs", type=int, default=5, help="runs; the median is reported (default 5)")
+    args = parser.parse_args(argv)
+    still = np.zeros((256, 256, 3), np.uint8)
+    stream.pipeline.decode = lambda data, limits=None: still   # type: ignore[assignment]
+    runs = [one_run(args.messages) for _ in range(args.runs)]
+    print(f"processor overhead: {statistics.median(runs):.1f} us of CPU a message "
+          f"(median of {[round(r, 1) for r in runs]}; {args.messages} messages a run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
