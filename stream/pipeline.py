@@ -1,7 +1,7 @@
 """Decode, batch, infer, publish: the service's core, with no Kafka client in it.
 
-Messages come in through :meth:`Processor.submit` (from the poll loop). A thread
-pool decodes them while inference runs; each inference thread forms its own
+Messages come in through :meth:`Processor.submit` (from the poll loop). Decode
+threads decode them while inference runs; each inference thread forms its own
 dynamic batches; every message ends as exactly one published record, either its
 prediction or a dead letter, and the offset tracker learns of it only when the
 broker has acknowledged that record.
@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -73,6 +73,13 @@ class _Decoded:
     ready_at: float
 
 
+class _Inferred(NamedTuple):
+    decoded: _Decoded
+    scores: np.ndarray | None       # None: the model failed on this image
+    finite: bool
+    infer_ms: float
+
+
 class Processor:
     def __init__(self, backend: Backend, codec: InputCodec, encoder: OutputEncoder, sink: Sink,
                  tracker: OffsetTracker, metrics: Metrics, model_info: dict[str, Any], cfg: PipelineConfig) -> None:
@@ -93,6 +100,7 @@ class Processor:
         self._rejected_lock = threading.Lock()
         self._decoding = 0          # submitted, not yet queued for inference (nor rejected)
         self._decoding_lock = threading.Lock()
+        self._stopping = False
 
     def start(self) -> Processor:
         for thread in self._decoders + self._threads:
@@ -101,6 +109,8 @@ class Processor:
 
     # ---- input side (poll-loop thread) ----
     def submit(self, message: Message) -> None:
+        if self._stopping:   # it would wait in the queue, in flight, forever
+            raise RuntimeError("submit after stop: the processor takes no more messages")
         self.tracker.add((message.topic, message.partition), message.offset)
         self._order.expect((message.topic, message.partition), id(message))
         self.metrics.in_flight.inc()
@@ -112,8 +122,12 @@ class Processor:
         while (message := self._undecoded.get()) is not None:
             try:
                 self._decode(message)
-            except Exception:   # a bug (bad inputs become dead letters): log it, keep decoding the rest
-                log.exception("decoding %s failed", message.position)
+            except Exception:
+                # A bug: bad inputs and codec errors become dead letters inside _decode. The message
+                # cannot be dead-lettered safely from here (its place in the partition's order may be
+                # spent), so it stays unacknowledged; this worker goes on with the rest.
+                log.exception("decoding %s failed; it stays unacknowledged: its partition commits no further "
+                              "until a restart redelivers it", message.position)
             finally:   # after the put: a batch never closes early for an image about to be queued
                 with self._decoding_lock:
                     self._decoding -= 1
@@ -164,36 +178,36 @@ class Processor:
         try:
             probs = self.backend.infer(stack([d.image for d in batch])).probs
             infer_ms = (time.perf_counter() - started) * 1000
-            results = [(d, p, infer_ms) for d, p in zip(batch, probs, strict=True)]
+            # once per batch: numpy's per-call overhead on one image's two scores cost a tenth of this
+            # thread's own work
+            finite = np.isfinite(probs).all(axis=1).tolist()
+            results = [_Inferred(d, p, ok, infer_ms) for d, p, ok in zip(batch, probs, finite, strict=True)]
         except Exception:
             log.exception("batch of %d failed; retrying its images one by one", len(batch))
             results = self._one_by_one(batch)
         self.batches += 1
         self.metrics.batch_size.observe(len(batch))
         self.metrics.inference.observe(time.perf_counter() - started)
-        # once per batch, not per image: numpy's per-call overhead made these a tenth of the thread's own work
-        scores = np.array([p for _, p, _ in results if p is not None])
-        finite = np.isfinite(scores).all(axis=1) if len(scores) else np.zeros(0, bool)
-        positive = int(scores[finite].argmax(axis=1).sum()) if finite.any() else 0
+        answered = [r.scores for r in results if r.finite and r.scores is not None]
+        positive = int(np.argmax(answered, axis=1).sum()) if answered else 0
         log.info("batch %d: %d images, %.1f ms inference, %d positive, %d negative%s%s", self.batches, len(batch),
-                 (time.perf_counter() - started) * 1000, positive, int(finite.sum()) - positive,
+                 (time.perf_counter() - started) * 1000, positive, len(answered) - positive,
                  self._dead_letter_summary(), " [PLACEHOLDER MODEL]" if self.model_info.get("placeholder") else "")
-        flags = iter(finite.tolist())
-        for decoded, p, infer_ms in results:
-            self._emit(decoded, p, p is not None and next(flags), infer_ms, batch_start)
+        for result in results:
+            self._emit(result, batch_start)
 
-    def _emit(self, decoded: _Decoded, p: np.ndarray | None, finite: bool, infer_ms: float,
-              batch_start: float) -> None:
+    def _emit(self, result: _Inferred, batch_start: float) -> None:
         """One image's outcome: its encoded prediction, or a dead letter saying why not."""
-        if p is None:
+        decoded, scores = result.decoded, result.scores
+        if scores is None:
             self._reject(decoded.message, "inference_error", "the model failed on this image")
             return
-        if not finite:
-            self._reject(decoded.message, "invalid_output", f"the model returned non-finite scores {p.tolist()}")
+        if not result.finite:
+            self._reject(decoded.message, "invalid_output", f"the model returned non-finite scores {scores.tolist()}")
             return
         timing = {"decode": decoded.decode_ms, "queue": (batch_start - decoded.ready_at) * 1000,
-                  "inference": infer_ms, "total": (time.monotonic() - decoded.message.received) * 1000}
-        prediction = Prediction(decoded.message, p, decoded.metadata, timing, self.model_info)
+                  "inference": result.infer_ms, "total": (time.monotonic() - decoded.message.received) * 1000}
+        prediction = Prediction(decoded.message, scores, decoded.metadata, timing, self.model_info)
         try:
             key, value, headers = self.encoder.encode(prediction)
         except Exception as exc:
@@ -202,16 +216,17 @@ class Processor:
             return
         self._send(decoded.message, Outgoing(self.cfg.output_topic, key, value, headers), "published")
 
-    def _one_by_one(self, batch: list[_Decoded]) -> list[tuple[_Decoded, np.ndarray | None, float]]:
+    def _one_by_one(self, batch: list[_Decoded]) -> list[_Inferred]:
         results = []
         for d in batch:
             started = time.perf_counter()
             try:
-                p = self.backend.infer(d.image[None]).probs[0]
+                scores = self.backend.infer(d.image[None]).probs[0]
+                finite = bool(np.isfinite(scores).all())
             except Exception:
                 log.exception("image %s failed inference", d.message.position)
-                p = None
-            results.append((d, p, (time.perf_counter() - started) * 1000))
+                scores, finite = None, False
+            results.append(_Inferred(d, scores, finite, (time.perf_counter() - started) * 1000))
         return results
 
     # ---- output side ----
@@ -260,16 +275,18 @@ class Processor:
         self.sink.publish(record, acknowledged, refused if outcome != "dead_letter" else None)
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Finish everything submitted (decode, infer, publish), then stop the threads; False when an
-        inference thread is still running after ``timeout``."""
+        """Finish everything submitted (decode, infer, publish), then stop the threads, all within
+        ``timeout``; False when an inference thread is still running after it (the backend must then
+        stay open)."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
         for _ in self._decoders:
             self._undecoded.put(None)
-        for thread in self._decoders:
-            thread.join()
+        for thread in self._decoders:   # a dead letter's publish can block: the drain has one deadline
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._stop.set()
         for _ in self._threads:
             self._decoded.put(None)
-        deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)

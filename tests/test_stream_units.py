@@ -6,17 +6,24 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from engine_build.errors import ConfigError
+from engine_build.runtime.base import Outputs
+from plugins.codecs import RawCodec
+from plugins.encoders import JsonEncoder
 from stream.batching import Batcher
 from stream.config import StreamConfig
 from stream.fake import FakeBroker
+from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
-from stream.pipeline import _Stacker
+from stream.pipeline import PipelineConfig, Processor, _Stacker
+from stream.ports import Refused
+from stream.records import Message, Outgoing
 from stream.service import Service
 
 from .images import bad_images, good_images
@@ -649,3 +656,44 @@ def test_a_producer_that_cannot_flush_yet_is_closed_by_trying_again():
     assert close_producer(draining, 5.0) and draining.calls == 3
     stuck = Producer(failures=10**6)
     assert not close_producer(stuck, 0.2) and stuck.calls >= 1
+
+
+class _Constant:
+    """The backend interface's two-score answer, with no model."""
+    concurrency = 1
+
+    def infer(self, images: np.ndarray) -> Outputs:
+        probs = np.tile(np.array([0.25, 0.75], np.float32), (len(images), 1))
+        return Outputs(probs, probs)
+
+
+class _SinkFailingOnce:
+    """Acknowledges at once; its first publish raises, as a bug would."""
+
+    def __init__(self) -> None:
+        self.published: list[Outgoing] = []
+        self.calls = 0
+
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug in the sink")
+        self.published.append(record)
+        on_ack()
+
+
+def test_a_bug_while_decoding_is_logged_and_the_decode_worker_goes_on(caplog):
+    """A dead letter whose publish raises leaves that message unacknowledged (said in the log); the
+    single decode worker still decodes the next message, and the processor takes nothing after stop."""
+    tracker, sink = OffsetTracker(), _SinkFailingOnce()
+    processor = Processor(_Constant(), RawCodec(), JsonEncoder(), sink, tracker, Metrics(),  # type: ignore[arg-type]
+                          {"name": "test"}, PipelineConfig("out", "dlq", decode_workers=1)).start()
+    processor.submit(Message("in", 0, 0, b"bad", b"not an image"))
+    processor.submit(Message("in", 1, 0, b"good", good_images()["png"]))
+    assert tracker.wait_at_most(1, 10)
+    assert processor.stop(10)
+    assert [(r.topic, r.key) for r in sink.published] == [("out", b"good")]
+    assert tracker.committable() == {("in", 0): 0, ("in", 1): 1}   # partition 0 stops at the stranded one
+    assert "stays unacknowledged" in caplog.text
+    with pytest.raises(RuntimeError, match="after stop"):
+        processor.submit(Message("in", 1, 1, None, b""))
