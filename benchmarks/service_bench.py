@@ -109,8 +109,10 @@ def _name_threads() -> None:
     bootstrap = threading.Thread._bootstrap_inner     # type: ignore[attr-defined]
 
     def named(self: threading.Thread) -> None:
-        libc.prctl(15, self.name[:15].encode(), 0, 0, 0)   # PR_SET_NAME
-        bootstrap(self)
+        try:
+            libc.prctl(15, self.name[:15].encode(), 0, 0, 0)   # PR_SET_NAME
+        finally:   # whatever happens, the thread must start: Thread.start() waits for it
+            bootstrap(self)
     threading.Thread._bootstrap_inner = named         # type: ignore[attr-defined]
     real = stream.service.open_artifact
 
