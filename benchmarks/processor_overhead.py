@@ -5,8 +5,8 @@
 Runs :class:`stream.pipeline.Processor` with the service's offset tracker, metrics, order keeping
 and JSON encoder; the decoder returns one still image, the backend constant scores, and the sink
 acknowledges each record on its own thread as a producer's IO thread would. Input is held to the
-service's backpressure (pause at 512 in flight, resume at 256). What is left is the work the
-service adds per message around Kafka and the model: hand-offs between threads, batching,
+service's default backpressure (pause at ``--max-in-flight``, resume at half). What is left is the
+work the service adds per message around Kafka and the model: hand-offs between threads, batching,
 stacking 256x256 images into a batch, order keeping, encoding, acknowledgement bookkeeping. The
 whole-service benchmark (``throughput.py``) cannot resolve changes this small; this can.
 """
@@ -30,12 +30,15 @@ import stream.pipeline  # noqa: E402
 from engine_build.runtime.base import Outputs  # noqa: E402
 from plugins.codecs import RawCodec  # noqa: E402
 from plugins.encoders import JsonEncoder  # noqa: E402
+from stream.config import StreamConfig  # noqa: E402
 from stream.metrics import Metrics  # noqa: E402
 from stream.offsets import OffsetTracker  # noqa: E402
 from stream.pipeline import PipelineConfig, Processor  # noqa: E402
 from stream.ports import Refused  # noqa: E402
 from stream.records import Message, Outgoing  # noqa: E402
 
+PAUSE_AT = StreamConfig.max_in_flight   # the service's default backpressure ...
+RESUME_AT = PAUSE_AT // 2                 # ... and its resume mark (Service._resume_at)
 MODEL = {"name": "placeholder", "sha256": "0" * 64, "precision": "int8", "placeholder": True, "runtime": "none"}
 
 
@@ -77,8 +80,8 @@ def one_run(messages: int) -> float:
         started = time.process_time()
         for message in inputs:
             processor.submit(message)
-            if tracker.in_flight() >= 512:
-                tracker.wait_at_most(256, 30)
+            if tracker.in_flight() >= PAUSE_AT:
+                tracker.wait_at_most(RESUME_AT, 30)
         if not tracker.wait_idle(60):
             raise RuntimeError(f"{tracker.in_flight()} messages never acknowledged")
         return (time.process_time() - started) / messages * 1e6
