@@ -1,6 +1,7 @@
 """Backend streams: parallel callers, the handle pool, thread sharing, refilled input arrays."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -130,3 +131,17 @@ def test_close_reports_handles_still_out_after_its_timeout():
     slots = Slots([object()])
     with slots.use():
         assert slots.close(timeout=0.05) == 1
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a core left over")
+def test_openvino_pins_its_threads_only_when_they_cover_every_core(small_artifact):
+    """Pinned, a one-thread process lands on the lowest core like every sibling process; the
+    property OpenVINO compiled with must say so."""
+    from engine_build.runtime.openvino_backend import pins_too_few
+    assert pins_too_few(1) and not pins_too_few(None) and not pins_too_few(os.cpu_count())
+    with open_backend("openvino", small_artifact / "model.onnx", "fp32", threads=1) as few:
+        assert few._compiled.get_property("ENABLE_CPU_PINNING") is False
+    with open_backend("openvino", small_artifact / "model.onnx", "fp32") as default, \
+            open_backend("openvino", small_artifact / "model.onnx", "fp32", threads=os.cpu_count()) as every:
+        assert every._compiled.get_property("ENABLE_CPU_PINNING") == default._compiled.get_property(
+            "ENABLE_CPU_PINNING")
