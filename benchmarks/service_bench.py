@@ -9,8 +9,8 @@ share its GIL.
 * budget: decode core-seconds and inference core-seconds per image on the same 600x400
   JPEGs, each the median of three passes; the machine's budget is ``cpus / (decode +
   inference)`` images per second.
-* efficiency: the service's rate draining a backlog over the budget measured just before it;
-  the median of three such rounds.
+* efficiency: the service's rate draining a backlog over the mean of the budgets measured just
+  before and just after it; the median of three such rounds.
 * sweep (optional): each default varied on its own.
 * latency: input record to result record, from a send time embedded in the key (the
   service passes keys through) to the moment a reader sees the result; at a fixed
@@ -412,15 +412,32 @@ def sweep(bench: Bench, rate: float, seconds: float, backlog: int) -> dict:
     return out
 
 
+def bracketed(before: dict, after: dict) -> dict:
+    """One budget from those measured just before and just after a run: their mean cost per image, so
+    a machine drifting steadily in speed during the run (several per cent within minutes here) moves
+    the budget as much as the run, and each term rests on six passes instead of three."""
+    decode_ms, infer_ms = ((before[k] + after[k]) / 2 for k in ("decode_core_ms", "inference_core_ms"))
+    return {**before, "decode_core_ms": round(decode_ms, 3), "inference_core_ms": round(infer_ms, 3),
+            "inference_wall_ms": round((before["inference_wall_ms"] + after["inference_wall_ms"]) / 2, 3),
+            "images_per_s": round(before["cpus"] / (decode_ms + infer_ms) * 1000, 1),
+            "passes_core_ms": {k: before["passes_core_ms"][k] + after["passes_core_ms"][k]
+                               for k in ("decode", "inference")},
+            "before_after_images_per_s": [before["images_per_s"], after["images_per_s"]]}
+
+
 def efficiency(bench: Bench, artifact: Path, payloads: list[bytes], backlog: int, result: dict,
                rounds: int = 3) -> dict:
-    """Rounds of (budget, backlog run, the same backlog --unordered), each backlog judged against the budget
-    measured just before it, so the machine's drift in speed (several per cent within minutes here) hits
-    both sides of a ratio alike; the round with the median efficiency is reported. Returns its backlog run."""
+    """Rounds of (budget, backlog run, budget, the same backlog --unordered), each backlog judged against the
+    budgets measured just before and just after it (:func:`bracketed`); the round with the median efficiency
+    is reported. Returns its backlog run."""
     runs = []
     for _ in range(rounds):
-        cost = budget(artifact, payloads)
-        sat, unordered = bench.backlog(backlog), bench.backlog(backlog, unordered="true")
+        before = budget(artifact, payloads)
+        sat = bench.backlog(backlog)
+        cost = bracketed(before, budget(artifact, payloads))
+        print(f"  budget around that run: {cost['images_per_s']:.0f} img/s "
+              f"(before {cost['before_after_images_per_s'][0]:.0f}, after {cost['before_after_images_per_s'][1]:.0f})")
+        unordered = bench.backlog(backlog, unordered="true")
         need = cost["decode_core_ms"] + cost["inference_core_ms"]
         runs.append({"budget": cost, "saturation": sat,
                      "efficiency": round(sat["images_per_s"] / cost["images_per_s"], 3),
