@@ -4,12 +4,12 @@ from the fields, and every instance is validated when it is made."""
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from engine_build.errors import ConfigError
+from engine_build.runtime.base import usable_cores
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -41,7 +41,7 @@ class StreamConfig:
     no_adaptive_batching: bool = option(False, "always wait for --max-batch or --max-delay-ms (default: a free "
                                                "inference slot runs the open batch at once when no image is "
                                                "queued or decoding)")
-    decode_workers: int = option(max(1, os.cpu_count() or 1), "threads decoding images (default: one per core)")
+    decode_workers: int = option(usable_cores(), "threads decoding images (default: one per core)")
     inference_streams: int = option(0, "inference calls running at once, each forming its own batches with its "
                                        "share of the cores (0 = the runtime chooses: OpenVINO's throughput hint "
                                        "for this CPU, one per core up to 4 on ONNX Runtime, 2 TensorRT contexts; "

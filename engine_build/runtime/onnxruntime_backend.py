@@ -6,14 +6,13 @@ stream per core, at most four. Every session holds its own copy of the weights.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import Backend, Outputs, Slots, split_threads
+from .base import Backend, Outputs, Slots, split_threads, usable_cores
 
 
 class OnnxRuntimeBackend(Backend):
@@ -22,7 +21,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, path: Path, precision: str, max_batch: int, threads: int | None = None,
                  streams: int = 1) -> None:
         super().__init__(path, precision, max_batch)
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         self.concurrency = streams or min(cores, 4)
         shares = split_threads(threads or cores, self.concurrency)
         self._sessions = Slots(self._session(path, share if threads or self.concurrency > 1 else 0)

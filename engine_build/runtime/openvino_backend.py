@@ -11,26 +11,26 @@ split the cores between requests that callers run at once, each on fewer threads
 load that is cheaper per image: a one-thread request never waits for a sibling thread
 that another thread of the process (a decoder) has pre-empted.
 
-Fewer threads than cores are left unpinned (see :func:`pins_too_few`).
+Fewer threads than cores are left unpinned (see :func:`leave_unpinned`).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import INPUT_SHAPE, Backend, Outputs, Slots
+from .base import INPUT_SHAPE, Backend, Outputs, Slots, usable_cores
 
 
-def pins_too_few(threads: int | None) -> bool:
-    """Whether OpenVINO's CPU pinning must be turned off for ``threads`` inference threads: it pins a
-    partial set to the lowest-numbered cores, the same ones in every process on the host. Two
-    ``--processes`` children of one thread each then shared one core of two and drained a backlog at
-    242 img/s; unpinned, the OS placed them and they made 370, as one process does (and pinning
-    or not made no difference to one process that uses every core: 373 against 372)."""
-    return threads is not None and 0 < threads < (os.cpu_count() or 1)
+def leave_unpinned(threads: int | None, cores: int) -> bool:
+    """Whether to turn OpenVINO's CPU pinning off for ``threads`` inference threads (None or 0: the
+    runtime's default, every core) in a process that may use ``cores`` CPUs. OpenVINO would pin a
+    partial set to the lowest-numbered cores, the same ones in every process on the host: two
+    ``--processes`` children of one thread each shared one core of two and drained a backlog at
+    242 img/s; unpinned, the OS placed them and they made 370, as one process does (pinning or
+    not made no difference to one process that uses every core: 373 against 372 img/s)."""
+    return threads is not None and 0 < threads < cores
 
 
 class OpenVinoBackend(Backend):
@@ -49,7 +49,7 @@ class OpenVinoBackend(Backend):
             config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        if pins_too_few(threads):
+        if leave_unpinned(threads, usable_cores()):
             config["ENABLE_CPU_PINNING"] = False
         try:
             self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
@@ -61,6 +61,7 @@ class OpenVinoBackend(Backend):
         if precision == "int8":   # quantized layers run in INT8, the rest in the hinted precision
             compute = "int8" if compute == "fp32" else f"int8+{compute}"
         self.compute_precision = compute
+        self.pinned = bool(self._compiled.get_property("ENABLE_CPU_PINNING"))
         self.concurrency = max(1, int(self._compiled.get_property("NUM_STREAMS")))
         self._requests = Slots(self._compiled.create_infer_request() for _ in range(self.concurrency))
         try:
@@ -72,6 +73,9 @@ class OpenVinoBackend(Backend):
             self._infer_impl(np.zeros((1, *INPUT_SHAPE), np.uint8))
         except RuntimeError as exc:
             raise ModelFormatError(f"OpenVINO cannot run {path}: {str(exc).splitlines()[0]}") from exc
+
+    def describe(self) -> str:
+        return super().describe() + ("" if self.pinned else ", threads unpinned")
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
         with self._requests.use() as request:
