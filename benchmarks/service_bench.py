@@ -9,8 +9,8 @@ share its GIL.
 * budget: decode core-seconds and inference core-seconds per image on the same 600x400
   JPEGs, each the median of three passes; the machine's budget is ``cpus / (decode +
   inference)`` images per second.
-* efficiency: the service's rate draining a backlog over the mean of the budgets measured just
-  before and just after it; the median of three such rounds.
+* efficiency: the service's rate draining a backlog over the budget around it (the mean per-image
+  cost of budgets measured just before and just after it); the median of three such rounds.
 * sweep (optional): each default varied on its own.
 * latency: input record to result record, from a send time embedded in the key (the
   service passes keys through) to the moment a reader sees the result; at a fixed
@@ -61,6 +61,7 @@ def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int 
     the machine's luckiest moment for its capacity (the backlog rate it is compared with is a mean)."""
     from engine_build.artifact import open_artifact
     from engine_build.imaging import decode
+    from engine_build.runtime.base import usable_cores
     for payload in payloads:     # warm-up: the first decodes of a process pay for the library's set-up
         decode(payload)
     decode_passes = []
@@ -85,7 +86,7 @@ def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int 
     finally:
         backend.close()
     decode_s, infer_s, infer_wall = (float(np.median(p)) for p in (decode_passes, infer_passes, wall_passes))
-    cpus = os.cpu_count() or 1
+    cpus = usable_cores()
     rate = cpus / (decode_s + infer_s)
     print(f"  budget on {cpus} cores: decode {decode_s * 1000:.2f} + inference {infer_s * 1000:.2f} core-ms/image "
           f"({describe}, batch {batch}; median of {repeats} passes) = {rate:.0f} img/s")
@@ -412,32 +413,33 @@ def sweep(bench: Bench, rate: float, seconds: float, backlog: int) -> dict:
     return out
 
 
-def bracketed(before: dict, after: dict) -> dict:
-    """One budget from those measured just before and just after a run: their mean cost per image, so
-    a machine drifting steadily in speed during the run (several per cent within minutes here) moves
-    the budget as much as the run, and each term rests on six passes instead of three."""
+def budget_around(before: dict, after: dict) -> dict:
+    """One budget from those measured just before and just after a run: the mean of their per-image
+    costs (each the median of three passes), so a machine drifting steadily in speed during the run
+    (several per cent within minutes here) moves the budget as much as the run."""
     decode_ms, infer_ms = ((before[k] + after[k]) / 2 for k in ("decode_core_ms", "inference_core_ms"))
     return {**before, "decode_core_ms": round(decode_ms, 3), "inference_core_ms": round(infer_ms, 3),
             "inference_wall_ms": round((before["inference_wall_ms"] + after["inference_wall_ms"]) / 2, 3),
             "images_per_s": round(before["cpus"] / (decode_ms + infer_ms) * 1000, 1),
-            "passes_core_ms": {k: before["passes_core_ms"][k] + after["passes_core_ms"][k]
-                               for k in ("decode", "inference")},
+            "passes_core_ms": {"before": before["passes_core_ms"], "after": after["passes_core_ms"]},
             "before_after_images_per_s": [before["images_per_s"], after["images_per_s"]]}
 
 
 def efficiency(bench: Bench, artifact: Path, payloads: list[bytes], backlog: int, result: dict,
                rounds: int = 3) -> dict:
-    """Rounds of (budget, backlog run, budget, the same backlog --unordered), each backlog judged against the
-    budgets measured just before and just after it (:func:`bracketed`); the round with the median efficiency
-    is reported. Returns its backlog run."""
+    """Rounds of (budget, backlog run, budget) plus the same backlog ``--unordered``, which goes after the
+    second budget in even rounds and before the first in odd ones, so the drift between the ordered and
+    unordered runs cancels across rounds too. Each backlog run is judged against the budget around it
+    (:func:`budget_around`); the round with the median efficiency is reported. Returns its backlog run."""
     runs = []
-    for _ in range(rounds):
+    for index in range(rounds):
+        unordered = bench.backlog(backlog, unordered="true") if index % 2 else None
         before = budget(artifact, payloads)
         sat = bench.backlog(backlog)
-        cost = bracketed(before, budget(artifact, payloads))
+        cost = budget_around(before, budget(artifact, payloads))
         print(f"  budget around that run: {cost['images_per_s']:.0f} img/s "
               f"(before {cost['before_after_images_per_s'][0]:.0f}, after {cost['before_after_images_per_s'][1]:.0f})")
-        unordered = bench.backlog(backlog, unordered="true")
+        unordered = unordered or bench.backlog(backlog, unordered="true")
         need = cost["decode_core_ms"] + cost["inference_core_ms"]
         runs.append({"budget": cost, "saturation": sat,
                      "efficiency": round(sat["images_per_s"] / cost["images_per_s"], 3),
