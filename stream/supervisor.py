@@ -40,14 +40,16 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    first_failure: int | None = None   # not a sibling's SIGTERM that the failure itself caused
     try:
         while True:
             codes = [c.poll() for c in children]
             if all(code is not None for code in codes):
-                code = next((code for code in codes if code), 0)
+                code = first_failure if first_failure is not None else next((c for c in codes if c), 0)
                 return 128 - code if code < 0 else code   # killed by signal N: the shell's 128 + N
             failed = next((code for code in codes if code), None)
             if failed is not None and not stopping:
+                first_failure = failed
                 log.error("a consumer process exited %d; stopping the others", failed)
                 forward(signal.SIGTERM, None)
             time.sleep(0.2)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from dataclasses import fields
 
 import pytest
@@ -158,3 +160,14 @@ def test_processes_start_children_that_share_the_flags_and_their_failure_is_the_
     assert child_argv([], 1, 0)[-1] == "0"
     code = main(BASE + ["--artifact", str(tmp_path / "missing"), "--processes", "2"], {})
     assert code == 1
+
+
+def test_the_failing_child_s_code_is_returned_not_the_sigterm_it_caused_a_sibling(monkeypatch):
+    """One child fails while the other still runs: the supervisor stops the other, which then dies of
+    SIGTERM (143), and must exit with the failure's own code, whichever child failed."""
+    import stream.supervisor
+    commands = [[sys.executable, "-c", "import time; time.sleep(30)"], [sys.executable, "-c", "raise SystemExit(3)"]]
+    monkeypatch.setattr(stream.supervisor, "child_argv", lambda argv, index, port: commands[index])
+    started = time.monotonic()
+    assert stream.supervisor.supervise([], 2, 0) == 3
+    assert time.monotonic() - started < 20      # the sleeper was stopped, not waited for
