@@ -18,8 +18,9 @@ import plugins
 from engine_build.artifact import open_artifact
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 from engine_build.imaging import DecodeLimits
+from engine_build.runtime.base import usable_cores
 
-from .config import StreamConfig
+from .config import StreamConfig, auto_decode_workers
 from .failures import FailureWatch
 from .metrics import HealthServer, Metrics
 from .offsets import OffsetTracker
@@ -231,8 +232,10 @@ class Service:
 
     def _pipeline_config(self) -> PipelineConfig:
         cfg = self.cfg
+        decoders = cfg.decode_workers or auto_decode_workers(self.backend.on_cpu, usable_cores())
+        log.info("decoding on %d thread%s%s", decoders, "s" * (decoders != 1), "" if cfg.decode_workers else " (auto)")
         return PipelineConfig(cfg.output_topic, cfg.dead_letter_topic, cfg.max_batch, cfg.max_delay_ms,
-                              cfg.decode_workers, not cfg.no_adaptive_batching,
+                              decoders, not cfg.no_adaptive_batching,
                               DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, not cfg.no_reduced_decode),
                               keep_order=not cfg.unordered)
 

@@ -49,6 +49,7 @@ def test_help_lists_every_environment_variable(capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--max-batch", "0"], "--max-batch must be at least 1"),
     (["--inference-streams", "-1"], "--inference-streams, --inference-threads, --max-delay-ms"),
+    (["--decode-workers", "-1"], "--decode-workers, --inference-streams"),
     (["--output-topic", "in"], "must differ from the input topics"),
     (["--input-codec", "nope"], "--input-codec nope: no such plugin"),
     (["--precision", "fp16", "--backend", "tensorrt"], "TensorRT"),

@@ -697,3 +697,29 @@ def test_a_bug_while_decoding_is_logged_and_the_decode_worker_goes_on(caplog):
     assert "stays unacknowledged" in caplog.text
     with pytest.raises(RuntimeError, match="after stop"):
         processor.submit(Message("in", 1, 1, None, b""))
+
+
+@pytest.mark.parametrize(("on_cpu", "cores", "workers"), [(True, 1, 1), (True, 2, 1), (True, 3, 1), (True, 16, 8),
+                                                         (False, 1, 1), (False, 16, 16)])
+def test_auto_decode_workers_leave_cpu_inference_most_of_the_cores(on_cpu, cores, workers):
+    from stream.config import auto_decode_workers
+    assert auto_decode_workers(on_cpu, cores) == workers
+
+
+def test_the_service_decodes_on_the_auto_count_unless_told(small_artifact, caplog):
+    import logging
+
+    from engine_build.runtime.base import usable_cores
+    from stream.config import auto_decode_workers
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    with caplog.at_level(logging.INFO, logger="stream.service"):
+        auto = service(broker, config(small_artifact))
+        told = service(broker, config(small_artifact, decode_workers=3))
+        try:
+            assert auto._pipeline_config().decode_workers == auto_decode_workers(auto.backend.on_cpu, usable_cores())
+            assert told._pipeline_config().decode_workers == 3
+        finally:
+            auto.backend.close()
+            told.backend.close()
+    assert any(r.getMessage().endswith("(auto)") for r in caplog.records)

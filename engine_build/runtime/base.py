@@ -123,6 +123,7 @@ class Outputs:
 class Backend(ABC):
     name: str = "?"
     concurrency: int = 1
+    on_cpu: bool = True      # inference competes with decoding for the CPU's cores
 
     def __init__(self, path: Path, precision: str, max_batch: int) -> None:
         self.path = Path(path)

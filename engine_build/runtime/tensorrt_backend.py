@@ -108,6 +108,7 @@ def _io_tensors(engine: Any, path: Path) -> tuple[dict[str, np.dtype], dict[str,
 
 class TensorRtBackend(Backend):
     name = "tensorrt"
+    on_cpu = False
 
     def __init__(self, path: Path, precision: str, max_batch: int, streams: int = 1) -> None:
         super().__init__(path, precision, max_batch)
