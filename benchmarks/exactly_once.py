@@ -42,7 +42,7 @@ def one_run(broker, artifact: Path, messages: int, guarantee: str, interval_ms: 
     producer.close()
     cfg = StreamConfig(broker.bootstrap, (topics["in"],), topics["out"], topics["dlq"], artifact,
                        group_id=f"bench-{run}", metrics_port=0, max_batch=32, max_delay_ms=20,
-                       decode_workers=os.cpu_count() or 2, session_timeout_ms=6000,
+                       session_timeout_ms=6000,
                        commit_interval_ms=interval_ms, processing_guarantee=guarantee)
     service = Service(cfg)
     first: list[tuple[float, int]] = []

@@ -137,6 +137,7 @@ def child_main(mode: str, argv: list[str]) -> int:
 
         class NoModel:
             name, concurrency, compute_precision = "none", 1, "none"
+            on_cpu = False     # nothing competes with decoding: one decoder per core, as with a GPU
 
             def infer(self, images: np.ndarray) -> Outputs:
                 probs = np.full((len(images), 2), 0.5, np.float32)

@@ -706,20 +706,20 @@ def test_auto_decode_workers_leave_cpu_inference_most_of_the_cores(on_cpu, cores
     assert auto_decode_workers(on_cpu, cores) == workers
 
 
-def test_the_service_decodes_on_the_auto_count_unless_told(small_artifact, caplog):
-    import logging
-
-    from engine_build.runtime.base import usable_cores
-    from stream.config import auto_decode_workers
+def test_the_service_decodes_on_the_auto_count_unless_told(small_artifact, caplog, monkeypatch):
+    import stream.service
+    monkeypatch.setattr(stream.service, "usable_cores", lambda: 16)
     broker = FakeBroker()
     broker.create_topic("in", 1)
-    with caplog.at_level(logging.INFO, logger="stream.service"):
+    with caplog.at_level("INFO", logger="stream"):
         auto = service(broker, config(small_artifact))
-        told = service(broker, config(small_artifact, decode_workers=3))
         try:
-            assert auto._pipeline_config().decode_workers == auto_decode_workers(auto.backend.on_cpu, usable_cores())
-            assert told._pipeline_config().decode_workers == 3
+            assert auto.backend.on_cpu and auto._pipeline_config().decode_workers == 8
         finally:
             auto.backend.close()
-            told.backend.close()
-    assert any(r.getMessage().endswith("(auto)") for r in caplog.records)
+    assert any(r.getMessage() == "decoding on 8 threads (auto)" for r in caplog.records)
+    told = service(broker, config(small_artifact, decode_workers=3))
+    try:
+        assert told._pipeline_config().decode_workers == 3
+    finally:
+        told.backend.close()
