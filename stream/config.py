@@ -230,8 +230,8 @@ def auto_decode_workers(inference_on_cpu: bool, cores: int) -> int:
     """Decode threads for ``--decode-workers 0``. With a GPU, decoding is the CPU's main work: one per
     core. Where inference runs on the same cores it needs about four fifths of them (0.9 core-ms of
     decoding against 4.0 of INT8 inference an image here), and a decoder more than needed only pre-empts
-    it: on 2 cores one decoder drained a backlog 1.2 % faster than two on average over nine paired runs,
-    and faster or the same in eight of them. Half the cores keeps decoding at about twice its need.
+    it: on 2 cores one decoder drained a backlog 1.1 % faster than two on average over ten paired runs,
+    and faster or the same in nine of them. Half the cores keeps decoding at about twice its need.
     Counted per process, from the cores it may use: ``--inference-threads`` does not change it."""
     return max(1, cores // 2) if inference_on_cpu else cores
 
