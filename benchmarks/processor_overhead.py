@@ -43,11 +43,23 @@ MODEL = {"name": "placeholder", "sha256": "0" * 64, "precision": "int8", "placeh
 
 
 class ConstantModel:
-    name, concurrency, compute_precision = "none", 2, "none"
+    """The backend interface with no model: even scores for every image, ``concurrency`` callers at once.
+    Also the stand-in of the whole-service benchmark's client-only runs (``service_bench``)."""
+    name, compute_precision = "none", "none"
+    on_cpu = False     # nothing competes with decoding: one decoder per core, as with a GPU
+
+    def __init__(self, concurrency: int = 2) -> None:
+        self.concurrency = concurrency
 
     def infer(self, images: np.ndarray) -> Outputs:
         probs = np.full((len(images), 2), 0.5, np.float32)
         return Outputs(probs, probs)
+
+    def describe(self) -> str:
+        return "no model"
+
+    def close(self) -> None:
+        pass
 
 
 class AckingSink:

@@ -132,27 +132,13 @@ def child_main(mode: str, argv: list[str]) -> int:
     if mode in ("decode", "kafka"):
         import stream.pipeline
         import stream.service
-        from engine_build.runtime.base import Outputs
+        from benchmarks.processor_overhead import ConstantModel
         real = stream.service.open_artifact
-
-        class NoModel:
-            name, concurrency, compute_precision = "none", 1, "none"
-            on_cpu = False     # nothing competes with decoding: one decoder per core, as with a GPU
-
-            def infer(self, images: np.ndarray) -> Outputs:
-                probs = np.full((len(images), 2), 0.5, np.float32)
-                return Outputs(probs, probs)
-
-            def describe(self) -> str:
-                return "no model"
-
-            def close(self) -> None:
-                pass
 
         def open_no_model(*args, **kwargs):
             manifest, selection, backend = real(*args, **kwargs)
             backend.close()
-            return manifest, selection, NoModel()
+            return manifest, selection, ConstantModel(concurrency=1)
         stream.service.open_artifact = open_no_model
         if mode == "kafka":
             still = np.zeros((256, 256, 3), np.uint8)
