@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import ArtifactError, ConfigError
 from .manifest import read_manifest, variant_entry, verify_file
+from .recheck import check_record, needs_recheck, recheck
 from .runtime import Backend, available_backends, open_backend
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,8 @@ def gate_passed(manifest: dict, variant: str, runtime: str, exact: bool) -> bool
     """Did (variant, runtime, mode) pass validation? None when it was never checked."""
     if variant == "fp32" and runtime == "onnxruntime":
         return True   # the reference itself
-    mode = "exact" if exact or runtime != "openvino" else "default"
-    for check in manifest.get("validation", {}).get("checks", []):
-        if (check["variant"] == variant and check["runtime"] == runtime and check["mode"] == mode
-                and not check.get("note")):
-            return bool(check["passed"])
-    return None
+    record = check_record(manifest, variant, runtime, exact)
+    return None if record is None else bool(record["passed"])
 
 
 def _tensorrt_choice(directory: Path, manifest: dict, explicit: bool, max_batch: int | None) -> Selection | None:
@@ -108,11 +105,39 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
 
 def open_artifact(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
                   max_batch: int = 32, threads: int | None = None, streams: int = 1) -> tuple[dict, Selection, Backend]:
-    """Verify, select and open; the file's sha256 is checked against the manifest first."""
+    """Verify, select and open; the file's sha256 is checked against the manifest first.
+
+    A variant computing below FP32 that was validated on a CPU with other extensions is checked
+    again here first (:mod:`.recheck`); one that fails is refused: an explicit ``precision`` ends
+    with a one-line error, otherwise FP32 runs instead.
+    """
     manifest, choice = select(directory, backend, precision, exact, max_batch)
     key = "tensorrt" if choice.backend == "tensorrt" else choice.precision
     verify_file(Path(directory), variant_entry(manifest, key, choice.backend))
+    choice = _valid_here(Path(directory), manifest, choice, backend, precision, max_batch)
     opened = open_backend(choice.backend, choice.file, choice.precision, max_batch, exact=choice.exact, threads=threads,
                           streams=streams)
     log.info("running %s (%s)", opened.describe(), choice.reason)
     return manifest, choice, opened
+
+
+def _valid_here(directory: Path, manifest: dict, choice: Selection, backend: str, precision: str | None,
+                max_batch: int) -> Selection:
+    """``choice`` when its validation holds on this CPU (re-checked if the CPU differs), else FP32 run exactly."""
+    why = needs_recheck(manifest, choice.precision, choice.backend, choice.exact)
+    if why is None:
+        return choice
+    what = f"{choice.precision} on {choice.backend}{'' if choice.exact else ' (runtime default)'}"
+    log.info("re-checking %s before use: %s (built-in validation photos, a few seconds)", what, why)
+    check = recheck(directory, manifest, choice.precision, choice.backend, choice.file, choice.exact,
+                    min(max_batch, 16))
+    if check.passed:
+        log.info("re-check passed on this CPU: %s max |dp| %.4f, mean %.4f, no confident flip",
+                 what, check.max_abs_diff, check.mean_abs_diff)
+        return choice
+    refused = f"{what} fails its gate on this CPU ({why}): {check.failure()}"
+    if precision is not None:
+        raise ArtifactError(refused)
+    log.warning("%s; running fp32 instead", refused)
+    _, fallback = select(directory, choice.backend, "fp32", True, max_batch)
+    return fallback

@@ -46,6 +46,9 @@ from .validate import as_records, blocking_failures, run_checks
 
 log = logging.getLogger(__name__)
 __all__ = ["BuildConfig", "PRECISIONS", "run_build", "ensure_artifact"]
+# The sensitivity pass aims at this share of --int8-max-diff on held-out calibration photos, leaving
+# the rest for photos further from the calibration set, the other quantiser and the other runtime.
+SENSITIVITY_MARGIN = 0.5
 # Every file a build may write; files of an earlier build that this one did not make are removed.
 ARTIFACT_FILES = (*VARIANT_FILES.values(), *RUNTIME_FILES.values(), ENGINE_FILE, MANIFEST)
 
@@ -135,22 +138,39 @@ def emit_onnx(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool
     return paths, record(ranges, len(calibration.images), calibration.source, model, float32)
 
 
-def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tuple[dict[str, Path], dict]:
-    """The INT8 file(s): runtime -> file (``"*"`` for every runtime), and how each was made.
+def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tuple[dict[str, Path], dict, dict]:
+    """The INT8 file(s): runtime -> file (``"*"`` for every runtime), how each was made, and which
+    layers stayed in float (the sensitivity pass's record, :mod:`.sensitivity`).
 
     ``auto``: NNCF's file (bias correction; fastest on OpenVINO) for every runtime but ONNX
     Runtime, which gets the MinMax file its fusions expect (NNCF's runs at about half speed
-    there); ``benchmarks/throughput.py`` measures both files on both runtimes.
+    there); ``benchmarks/throughput.py`` measures both files on both runtimes. Both files keep
+    the same layers in float.
     """
-    from .quantize import quantize_minmax, quantize_nncf
+    from .quantize import output_layers, quantizable_layers, quantize_minmax, quantize_nncf
+    from .sensitivity import choose_float_layers
+    layers = quantizable_layers(fp32)
+    if cfg.int8_float_layers is None:
+        choice = choose_float_layers(fp32, calibration, cfg.int8_max_diff * SENSITIVITY_MARGIN, quantize_minmax,
+                                     layers, cfg.output, always_float=output_layers(fp32))
+        float_layers, record = choice.float_layers, {"chosen_by": "sensitivity pass", **choice.record()}
+    else:
+        unknown = [name for name in cfg.int8_float_layers if name not in layers]
+        if unknown:
+            raise ConfigError(f"--int8-float-layers {unknown[0]}: not a quantisable layer of {fp32.name} "
+                              f"(its layers: {', '.join(layers)})")
+        float_layers, record = cfg.int8_float_layers, {"chosen_by": "--int8-float-layers",
+                                                       "float_layers": list(cfg.int8_float_layers)}
+    if float_layers:
+        log.info("INT8 keeps %s in float", ", ".join(float_layers))
     main = cfg.output / VARIANT_FILES["int8"]
     if cfg.int8_quantizer == "minmax":
-        return {"*": main}, {"*": quantize_minmax(fp32, main, calibration.images)}
-    files, made = {"*": main}, {"*": quantize_nncf(fp32, main, calibration.images)}
+        return {"*": main}, {"*": quantize_minmax(fp32, main, calibration.images, float_layers)}, record
+    files, made = {"*": main}, {"*": quantize_nncf(fp32, main, calibration.images, float_layers)}
     if cfg.int8_quantizer == "auto":
         own = cfg.output / RUNTIME_FILES[("int8", "onnxruntime")]
-        files["onnxruntime"], made["onnxruntime"] = own, quantize_minmax(fp32, own, calibration.images)
-    return files, made
+        files["onnxruntime"], made["onnxruntime"] = own, quantize_minmax(fp32, own, calibration.images, float_layers)
+    return files, made, record
 
 
 def file_entries(variants: dict[str, dict[str, Path]], quantizers: dict, engine: dict | None, output: Path) -> dict:
@@ -284,10 +304,11 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
     del model
     variants: dict[str, dict[str, Path]] = {k: {"*": p} for k, p in emitted.items()}
     quantizers: dict = {}
+    int8_record: dict | None = None
     if "int8" in cfg.precisions:
         if calibration is None:
             raise ConfigError("INT8 quantisation needs calibration images")
-        variants["int8"], quantizers = quantize_variants(cfg, emitted["fp32"], calibration)
+        variants["int8"], quantizers, int8_record = quantize_variants(cfg, emitted["fp32"], calibration)
     notes: list[str] = []
     engine = maybe_engine(cfg, emitted.get("fp16"), previous, notes)
     if not engine:
@@ -304,6 +325,8 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
                              validation_record, started, notes)
     if fp16_range is not None:
         manifest["fp16_range"] = fp16_range
+    if int8_record is not None:
+        manifest["int8"] = int8_record
     write_manifest(cfg.output, manifest)
     return manifest
 

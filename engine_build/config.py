@@ -49,12 +49,16 @@ class BuildConfig:
     int8_quantizer: str = field(default="auto", metadata=_option(
         "auto: NNCF with bias correction for OpenVINO and ONNX Runtime's MinMax file for ONNX Runtime "
         "(each the fastest on its runtime); nncf or minmax: one file for both", choices=INT8_QUANTIZERS))
+    int8_float_layers: tuple[str, ...] | None = field(default=None, metadata=_option(
+        "layers INT8 keeps in float, by ONNX node name; give the flag with no names for every layer in int8 "
+        "(default: the fewest layers that a per-layer sensitivity pass on held-out calibration photos finds "
+        "needed for half of --int8-max-diff)", nargs="*"))
     confident_margin: float = field(default=0.05, metadata=_option(
         "gate: no variant may flip the label of an image where FP32 has |p - 0.5| >= this"))
-    int8_max_diff: float = field(default=0.1, metadata=_option(
-        "gate: largest |dp| allowed for INT8 "
-        "(a bound against a broken quantiser; decisions are guarded by the flip rule)"))
-    int8_mean_diff: float = field(default=0.02, metadata=_option("gate: largest mean |dp| allowed for INT8"))
+    int8_max_diff: float = field(default=0.035, metadata=_option(
+        "gate: largest |dp| allowed for INT8 (a user who thresholds or averages scores sees them move by this much "
+        "at most on the validation photos)"))
+    int8_mean_diff: float = field(default=0.01, metadata=_option("gate: largest mean |dp| allowed for INT8"))
     fp16_max_diff: float = field(default=0.02, metadata=_option(
         "gate: largest |dp| allowed for FP16 and OpenVINO's bf16"))
     fp16_mean_diff: float = field(default=0.004, metadata=_option(
@@ -68,6 +72,8 @@ class BuildConfig:
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
         object.__setattr__(self, "precisions", tuple(dict.fromkeys(self.precisions)))
+        if self.int8_float_layers is not None:
+            object.__setattr__(self, "int8_float_layers", tuple(dict.fromkeys(self.int8_float_layers)))
         if bool(self.onnx) == bool(self.prototxt or self.caffemodel) or bool(self.prototxt) != bool(self.caffemodel):
             raise ConfigError("give either --prototxt and --caffemodel, or --onnx")
         bad = [p for p in self.precisions if p not in PRECISIONS]

@@ -23,6 +23,7 @@ import numpy as np
 from .errors import BackendUnavailable, ModelFormatError
 from .runtime import open_backend
 from .runtime.base import Outputs
+from .runtime.cpu import this_cpu
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Check:
     confident_flips: list = field(default_factory=list)   # [{"image", "reference_p"}]
     limits: dict = field(default_factory=dict)            # {"max_abs_diff", "mean_abs_diff"}
     note: str = ""
+    cpu: dict = field(default_factory=dict)               # where it ran: runtime.cpu.describe_cpu()
 
     @property
     def lowered(self) -> bool:
@@ -151,21 +153,31 @@ def run_checks(variants: dict[str, dict[str, Path]], engine: Path | None, images
                gate: Gate, max_batch: int = 16) -> tuple[np.ndarray, list[Check]]:
     """Reference probabilities and one Check per (variant, runtime, mode)."""
     reference = reference_probs(variants["fp32"]["*"], images, max_batch)
-    checks = []
-    for variant, path, runtime, mode, exact in _plan(variants, engine):
-        precision = "fp16" if variant == "tensorrt" else variant
-        try:
-            with open_backend(runtime, path, precision, max_batch, exact=exact) as backend:
-                outputs: Outputs = backend.infer(images)
-                compute = backend.compute_precision
-        except (BackendUnavailable, ModelFormatError) as exc:
-            checks.append(Check(variant, runtime, mode, "-", len(images), float("nan"), 0.0, False, False,
-                                file=Path(path).name, note=f"not run: {exc}"))
-            continue
-        measured = compare(reference, outputs.probs, names, gate, compute)
-        checks.append(Check(variant, runtime, mode, compute, len(images), file=Path(path).name, **measured))
-        log.info("checked %s on %s (%s): max |dp| %.4f", variant, runtime, mode, measured["max_abs_diff"])
+    checks = [check_one(variant, path, runtime, exact, reference, images, names, gate, max_batch)
+              for variant, path, runtime, _, exact in _plan(variants, engine)]
     return reference, checks
+
+
+def check_one(variant: str, path: Path, runtime: str, exact: bool, reference: np.ndarray, images: np.ndarray,
+              names: list[str], gate: Gate, max_batch: int = 16) -> Check:
+    """One variant's file on one runtime (in its own precision when ``exact``) against ``reference``."""
+    precision = "fp16" if variant == "tensorrt" else variant
+    mode = "exact" if exact else "default"
+    try:
+        with open_backend(runtime, path, precision, max_batch, exact=exact) as backend:
+            outputs: Outputs = backend.infer(images)
+            compute = backend.compute_precision
+    except (BackendUnavailable, ModelFormatError) as exc:
+        return Check(variant, runtime, mode, "-", len(images), float("nan"), 0.0, False, False,
+                     file=Path(path).name, note=f"not run: {exc}", cpu=this_cpu())
+    measured = compare(reference, outputs.probs, names, gate, compute)
+    log.info("checked %s on %s (%s): max |dp| %.4f", variant, runtime, mode, measured["max_abs_diff"])
+    return Check(variant, runtime, mode, compute, len(images), file=Path(path).name, cpu=this_cpu(), **measured)
+
+
+def gate_from_record(record: dict) -> Gate:
+    """The :class:`Gate` a manifest's ``validation.gate`` describes."""
+    return Gate(record["confident_margin"], {k: Bounds(**v) for k, v in record["bounds"].items()})
 
 
 def blocking_failures(checks: list[Check]) -> list[Check]:
