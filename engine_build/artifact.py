@@ -127,7 +127,8 @@ def _valid_here(directory: Path, manifest: dict, choice: Selection, backend: str
     why = needs_recheck(manifest, choice.precision, choice.backend, choice.exact)
     if why is None:
         return choice
-    what = f"{choice.precision} on {choice.backend}{'' if choice.exact else ' (runtime default)'}"
+    lowered = choice.backend == "openvino" and not choice.exact
+    what = f"{choice.precision} on {choice.backend}{' (runtime default)' if lowered else ''}"
     log.info("re-checking %s before use: %s (built-in validation photos, a few seconds)", what, why)
     check = recheck(directory, manifest, choice.precision, choice.backend, choice.file, choice.exact,
                     min(max_batch, 16))

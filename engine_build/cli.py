@@ -57,6 +57,9 @@ def _validation_summary(manifest: dict) -> str:
         bounds = ", ".join(f"{k} max|dp| <= {b['max_abs_diff']:g}, mean <= {b['mean_abs_diff']:g}"
                            for k, b in gate["bounds"].items())
         lines.append(f"gate        no flip where FP32 |p-0.5| >= {gate['confident_margin']:g}; {bounds}; no NaN")
+    cpus = {json.dumps(r["cpu"], sort_keys=True) for r in v["checks"] if r.get("cpu")}
+    for cpu in map(json.loads, sorted(cpus)):
+        lines.append(f"checked on  {cpu['model']} ({cpu['machine']}: {' '.join(cpu['extensions']) or 'no SIMD flags'})")
     lines.append(table([Check.from_record(r) for r in v["checks"]]))
     return "\n".join(lines)
 
@@ -102,6 +105,8 @@ def _inspect(args: argparse.Namespace) -> int:
         for runtime, own in entry.get("by_runtime", {}).items():
             print(f"file        {own['file']:<28} {entry['precision']:<5} sha256 {own['sha256'][:16]}  "
                   f"{own['quantizer']['quantizer']} {own['quantizer']['version']}, for {runtime}")
+    if "int8" in manifest:
+        print(int8_lines(manifest["int8"]))
     if "fp16_range" in manifest:
         print(fp16_range_lines(manifest["fp16_range"]))
     for kind, entry in model["source"].items():
@@ -110,6 +115,21 @@ def _inspect(args: argparse.Namespace) -> int:
           f"tools: {', '.join(f'{k} {v}' for k, v in manifest['tools'].items())}")
     print(_validation_summary(manifest))
     return 0
+
+
+def int8_lines(record: dict) -> str:
+    """Which layers INT8 keeps in float and why, for ``inspect``."""
+    kept = ", ".join(record["float_layers"]) or "none"
+    lines = [f"int8        layers in float: {kept} (chosen by {record['chosen_by']})"]
+    held = record.get("held_out_max_abs_diff")
+    if held:
+        lines.append(f"            held-out calibration photos: max |dp| {held['output_layers_in_float']} with only "
+                     f"{', '.join(record['output_layers']) or 'no layer'} in float, {held['chosen']} as built "
+                     f"(target {record['target_max_abs_diff']:g})")
+    if record.get("sensitivity"):
+        lines.append("            only this layer in int8: " + ", ".join(
+            f"{layer} {diff}" for layer, diff in sorted(record["sensitivity"].items(), key=lambda kv: -kv[1])))
+    return "\n".join(lines)
 
 
 def engine_lines(entry: dict) -> str:

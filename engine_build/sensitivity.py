@@ -50,11 +50,16 @@ class FloatChoice:
     def record(self) -> dict:
         return {"float_layers": list(self.float_layers), "output_layers": list(self.output_layers),
                 "target_max_abs_diff": self.target,
-                "held_out_max_abs_diff": {"output_layers_in_float": round(self.first, 5),
-                                          "chosen": round(self.chosen, 5)},
-                "sensitivity": {k: round(v, 5) for k, v in self.sensitivity.items()},
+                "held_out_max_abs_diff": {"output_layers_in_float": _number(self.first),
+                                          "chosen": _number(self.chosen)},
+                "sensitivity": {k: _number(v) for k, v in self.sensitivity.items()},
                 "fit_photos": list(self.fit), "held_out_photos": list(self.held_out),
                 "probe": "onnxruntime MinMax, measured on onnxruntime against model.onnx"}
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN or infinity: a pass that did not run (or a NaN output) is null."""
+    return round(value, 5) if np.isfinite(value) else None
 
 
 def split_folds(images: ImageSet) -> tuple[tuple[np.ndarray, tuple[str, ...]], tuple[np.ndarray, tuple[str, ...]]]:

@@ -167,3 +167,191 @@ def test_build_steps_do_not_print(near_tie_model, tmp_path, capsys):
                           precisions=("fp32", "int8")))
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+# --- the same numbers on every CPU, the logits never clipped, the CPU recorded and re-checked ---------------------
+
+def _int8_weights(path: Path) -> dict[str, np.ndarray]:
+    """The int8 weight tensors a Conv/Gemm of ``path`` multiplies by, by consuming layer."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dequantized = {n.output[0]: inits[n.input[0]] for n in model.graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8}
+    return {n.name: dequantized[i] for n in model.graph.node if n.op_type in ("Conv", "Gemm")
+            for i in n.input if i in dequantized}
+
+
+def test_both_int8_files_keep_weights_to_7_bits(near_tie_artifact):
+    """Without VNNI the int8 kernels add pairs of uint8 x int8 products in saturating 16-bit sums;
+    255 x 64 x 2 fits, 255 x 127 x 2 does not. Weights within [-64, 64] compute the same on every x86 CPU."""
+    for name in ("model.int8.onnx", "model.int8.onnxruntime.onnx"):
+        weights = _int8_weights(near_tie_artifact / name)
+        assert len(weights) == 7, (name, sorted(weights))          # every layer but the logits layer
+        wide = {layer: int(np.abs(w).max()) for layer, w in weights.items() if np.abs(w).max() > 64}
+        assert not wide, f"{name}: 8-bit weights can saturate on AVX2: {wide}"
+
+
+def test_the_logits_layer_stays_in_float_and_the_manifest_and_inspect_say_so(near_tie_artifact, capsys):
+    import onnx
+    manifest = read_manifest(near_tie_artifact)
+    assert manifest["int8"]["float_layers"] == ["fc8_twitter"]
+    assert manifest["int8"]["output_layers"] == ["fc8_twitter"]
+    assert manifest["int8"]["chosen_by"] == "sensitivity pass"
+    files = manifest["files"]["int8"]
+    assert files["quantizer"]["float_layers"] == ["fc8_twitter"]
+    assert files["by_runtime"]["onnxruntime"]["quantizer"]["float_layers"] == ["fc8_twitter"]
+    for name in ("model.int8.onnx", "model.int8.onnxruntime.onnx"):
+        graph = onnx.load(str(near_tie_artifact / name)).graph
+        fc8 = next(n for n in graph.node if n.name == "fc8_twitter")
+        assert not any(n.op_type == "QuantizeLinear" and fc8.output[0] in n.input for n in graph.node), \
+            f"{name}: the logits are quantised"
+    assert main(["inspect", str(near_tie_artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "int8        layers in float: fc8_twitter (chosen by sensitivity pass)" in out
+    assert "held-out calibration photos: max |dp|" in out
+
+
+def test_every_check_records_the_cpu_it_ran_on(near_tie_artifact, capsys):
+    from engine_build.runtime.cpu import this_cpu
+    checks = read_manifest(near_tie_artifact)["validation"]["checks"]
+    assert checks and all(c["cpu"] == this_cpu() for c in checks)
+    assert this_cpu()["model"] and this_cpu()["machine"]
+    assert main(["inspect", str(near_tie_artifact)]) == 0
+    assert f"checked on  {this_cpu()['model']}" in capsys.readouterr().out
+
+
+AVX512_VNNI = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6338\n"
+               "flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni\n\nprocessor\t: 1\n"
+               "model name\t: ignored\nflags\t\t: fpu\n")
+AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma f16c sha_ni\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm bf16 sve\nCPU implementer\t: 0x41\n"
+
+
+def test_cpu_description_keeps_the_extensions_that_pick_kernels():
+    from engine_build.runtime.cpu import describe_cpu, numerics_differ
+    intel, amd, arm = describe_cpu(AVX512_VNNI), describe_cpu(AVX2), describe_cpu(ARM)
+    assert intel["model"] == "Intel(R) Xeon(R) Gold 6338"
+    assert intel["extensions"] == ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"]
+    assert amd["extensions"] == ["avx2", "fma", "f16c"]              # sha_ni, sse2 change no result
+    assert arm["extensions"] == ["asimd", "asimddp", "i8mm", "bf16", "sve"]
+    assert numerics_differ(intel, dict(intel, model="another name")) is None
+    why = numerics_differ(intel, amd)
+    assert why == ("validated on Intel(R) Xeon(R) Gold 6338; this CPU (AMD EPYC 7B13) "
+                   "lacks avx512f, avx512bw, avx512_vnni")
+    assert "adds avx512f" in numerics_differ(amd, intel)
+    assert numerics_differ(None, amd) == "its CPU was not recorded"
+    assert "validated on aarch64, running on x86_64" in numerics_differ(dict(arm, machine="aarch64"),
+                                                                         dict(amd, machine="x86_64"))
+
+
+def _validated_elsewhere(artifact: Path, tmp_path: Path, int8_max_diff: float | None = None) -> Path:
+    """A copy of ``artifact`` whose manifest says its checks ran on another CPU (and, optionally,
+    whose recorded INT8 gate is ``int8_max_diff``)."""
+    from engine_build.manifest import write_manifest
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(artifact, copy)
+    manifest = read_manifest(copy)
+    for check in manifest["validation"]["checks"]:
+        check["cpu"] = {"model": "AMD EPYC 7B13", "machine": check["cpu"]["machine"], "extensions": ["avx2", "fma"]}
+    if int8_max_diff is not None:
+        manifest["validation"]["gate"]["bounds"]["int8"]["max_abs_diff"] = int8_max_diff
+    write_manifest(copy, manifest)
+    return copy
+
+
+def test_a_variant_validated_on_another_cpu_is_rechecked_where_it_opens(near_tie_artifact, tmp_path, caplog):
+    import logging
+
+    from engine_build.artifact import open_artifact
+    caplog.set_level(logging.INFO, logger="engine_build")
+    _, choice, backend = open_artifact(_validated_elsewhere(near_tie_artifact, tmp_path), "openvino", "int8", True)
+    backend.close()
+    assert choice.precision == "int8"
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("re-checking int8 on openvino before use: validated on AMD EPYC 7B13")
+               for m in lines), lines
+    assert any(m.startswith("re-check passed on this CPU: int8 on openvino max |dp|") for m in lines), lines
+
+
+def test_a_variant_that_fails_its_recheck_is_refused_with_the_numbers(near_tie_artifact, tmp_path, caplog):
+    import logging
+
+    from engine_build.artifact import open_artifact
+    from engine_build.errors import ArtifactError
+    strict = _validated_elsewhere(near_tie_artifact, tmp_path, int8_max_diff=0.0001)
+    caplog.set_level(logging.INFO, logger="engine_build")
+    _, choice, backend = open_artifact(strict, "openvino")             # int8 first, as it passed at build time
+    backend.close()
+    assert (choice.precision, choice.exact) == ("fp32", True), "fell back to FP32, computed exactly"
+    refused = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(refused) == 1 and "\n" not in refused[0].getMessage()
+    assert "int8 on openvino (runtime default) fails its gate on this CPU" in refused[0].getMessage()
+    assert "max |dp|" in refused[0].getMessage() and "> 0.0001" in refused[0].getMessage()
+    with pytest.raises(ArtifactError, match=r"int8 on onnxruntime fails its gate on this CPU .*max \|dp\| "):
+        open_artifact(strict, "onnxruntime", "int8")
+
+
+def test_the_same_cpu_opens_without_a_recheck(near_tie_artifact, caplog):
+    import logging
+
+    from engine_build.artifact import open_artifact
+    caplog.set_level(logging.INFO, logger="engine_build")
+    _, choice, backend = open_artifact(near_tie_artifact, "onnxruntime", "int8")
+    backend.close()
+    assert choice.precision == "int8"
+    assert not any("re-check" in r.getMessage() for r in caplog.records)
+
+
+def test_sensitivity_pass_ranks_every_layer_and_floats_the_most_sensitive_first(near_tie_artifact, tmp_path):
+    from engine_build.imagesets import builtin_set
+    from engine_build.quantize import output_layers, quantizable_layers, quantize_minmax
+    from engine_build.sensitivity import choose_float_layers, split_folds
+    fp32 = near_tie_artifact / "model.onnx"
+    calibration = builtin_set("calibration")
+    (fit, fit_names), (held, held_names) = split_folds(calibration)
+    assert len(fit) == len(held) == 24 and not set(fit_names) & set(held_names)
+    layers = quantizable_layers(fp32)
+    # a target no INT8 file meets: every layer is probed, and the ranking decides what goes to float
+    choice = choose_float_layers(fp32, calibration, 1e-6, quantize_minmax, layers, tmp_path,
+                                 always_float=output_layers(fp32))
+    assert set(choice.sensitivity) == set(layers) - {"fc8_twitter"}
+    ranked = sorted(choice.sensitivity, key=lambda layer: -choice.sensitivity[layer])
+    assert choice.float_layers == ("fc8_twitter", *ranked[:-1]), "most sensitive first, one layer left in int8"
+    assert choice.chosen > choice.target and list(tmp_path.iterdir()) == [], "probe files are removed"
+
+
+def test_int8_float_layers_flag(near_tie_model, tmp_path, capsys):
+    base = ["build", "--prototxt", str(near_tie_model[0]), "--caffemodel", str(near_tie_model[1]),
+            "--precision", "fp32", "int8", "--int8-quantizer", "minmax"]
+    assert main([*base, "--output", str(tmp_path / "bad"), "--int8-float-layers", "fc9"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--int8-float-layers fc9: not a quantisable layer of model.onnx" in err
+    assert main([*base, "--output", str(tmp_path / "all"), "--int8-float-layers", "--int8-max-diff", "1"]) == 0
+    record = read_manifest(tmp_path / "all")["int8"]
+    assert record == {"chosen_by": "--int8-float-layers", "float_layers": []}
+    assert len(_int8_weights(tmp_path / "all" / "model.int8.onnx")) == 8
+
+
+@pytest.fixture(scope="session")
+def full_near_tie_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A full-size placeholder with many near-ties: error a quarter-width model does not show."""
+    from engine_build.placeholder import write_placeholder
+    return write_placeholder(tmp_path_factory.mktemp("full-near-ties"), seed=3, logit_std=0.3)
+
+
+@pytest.mark.slow
+def test_full_size_int8_holds_within_0035_on_photos_the_build_never_saw(full_near_tie_model, tmp_path):
+    out = tmp_path / "full"
+    assert main(["build", "--prototxt", str(full_near_tie_model[0]), "--caffemodel", str(full_near_tie_model[1]),
+                 "--output", str(out), "--precision", "fp32", "int8"]) == 0
+    manifest = read_manifest(out)
+    int8 = [c for c in manifest["validation"]["checks"] if c["variant"] == "int8"]
+    assert {(c["runtime"], c["mode"]) for c in int8} == {("onnxruntime", "exact"), ("openvino", "exact"),
+                                                        ("openvino", "default")}
+    for check in int8:
+        assert check["near_ties"] >= 10, "the model really has many near-ties"
+        assert check["confident_flips"] == [] and not check["nan"], check
+        assert check["max_abs_diff"] <= 0.035, check
+    assert "fc8_twitter" in manifest["int8"]["float_layers"]
