@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from engine_build.imaging import DecodeLimits, builtin_photos, decode, photo_views  # noqa: E402
 from engine_build.manifest import read_manifest  # noqa: E402
 from engine_build.runtime import available_backends, open_backend  # noqa: E402
+from engine_build.runtime.cpu import this_cpu  # noqa: E402
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
@@ -130,6 +131,46 @@ def model_runs(artifact: Path, images: np.ndarray, batch_sizes: list[int], repea
     return rows
 
 
+def float_layer_cost(artifact: Path, images: np.ndarray, batch_sizes: list[int], repeats: int,
+                     workdir: Path) -> list[dict]:
+    """What keeping layers in float costs: each INT8 file against its all-INT8 twin, on the runtime that runs it.
+
+    The twins are quantised here the same way (same quantiser, same calibration photos), with
+    every layer in int8; each pair is timed in turns.
+    """
+    from engine_build.imagesets import builtin_set
+    from engine_build.quantize import quantize_minmax, quantize_nncf
+    manifest = read_manifest(artifact)
+    int8 = manifest["files"].get("int8")
+    kept = manifest.get("int8", {}).get("float_layers", [])
+    if not int8 or not kept:
+        return []
+    calibration = builtin_set("calibration").images
+    makers = {"nncf": quantize_nncf, "onnxruntime": quantize_minmax}
+    pairs = [("openvino", int8)] + [(runtime, own) for runtime, own in int8.get("by_runtime", {}).items()]
+    if not int8.get("by_runtime"):
+        pairs.append(("onnxruntime", int8))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for runtime, entry in pairs:
+        quantizer = entry["quantizer"]["quantizer"]
+        twin = workdir / f"all-int8.{quantizer}.onnx"
+        makers[quantizer](artifact / "model.onnx", twin, calibration, ())
+        with open_backend(runtime, artifact / entry["file"], "int8", max(batch_sizes)) as built, \
+                open_backend(runtime, twin, "int8", max(batch_sizes)) as every:
+            for batch in batch_sizes:
+                x = np.ascontiguousarray(images[:batch])
+                as_built, all_int8 = interleaved([lambda x=x: built.infer(x), lambda x=x: every.infer(x)], repeats)
+                a, b = summary(as_built, batch), summary(all_int8, batch)
+                ratio = round(a["images_per_s"] / b["images_per_s"], 3)
+                rows.append({"runtime": runtime, "file": entry["file"], "quantizer": quantizer, "batch": batch,
+                             "float_layers": kept, "as_built": a, "all_int8": b, "speed_vs_all_int8": ratio})
+                print(f"  {runtime:<12} {quantizer:<11} batch {batch:>3}: {a['images_per_s']:>7.1f} img/s with "
+                      f"{', '.join(kept)} in float, {b['images_per_s']:>7.1f} all int8 (x{ratio})")
+        twin.unlink()
+    return rows
+
+
 def opencv_dnn_runs(prototxt: Path, caffemodel: Path, images: np.ndarray, batch_sizes: list[int],
                     repeats: int) -> list[dict]:
     """The classic way to run a Caffe model without Caffe: OpenCV's own importer, FP32 on CPU."""
@@ -219,15 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.skip_models, args.latency_seconds, args.backlog = True, min(args.latency_seconds, 8.0), 6000
     artifact, prototxt, caffemodel = prepare(args.artifact, args.workdir)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; artifact {artifact}")
+    cpu = this_cpu()
+    print(f"machine: {cpu['model']} ({platform.machine()}: {' '.join(cpu['extensions'])}), "
+          f"{os.cpu_count()} CPUs; artifact {artifact}")
     rows: list[dict] = []
     decoding: list[dict] = []
+    float_cost: list[dict] = []
     if not args.skip_models:
         images = photo_views(builtin_photos())
         reps = max(args.batch_sizes)
         images = np.concatenate([images] * (1 + reps // len(images)))[:reps]
         print("model only (per batch, after warm-up):")
         rows = model_runs(artifact, images, args.batch_sizes, args.repeats, args.variants)
+        if "int8" in args.variants:
+            print("INT8 layers kept in float, against every layer in int8 (timed in turns):")
+            float_cost = float_layer_cost(artifact, images, args.batch_sizes, args.repeats, args.workdir / "int8")
         if caffemodel.exists() and not args.no_opencv:
             rows += opencv_dnn_runs(prototxt, caffemodel, images, args.batch_sizes, max(3, args.repeats // 2))
         print("decoding (one thread):")
@@ -243,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         pipeline["plot"] = {"file": plot.name, "drawn_with": histogram(runs, plot)}
         print(f"latency histogram: {plot} ({pipeline['plot']['drawn_with']})")
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "python": platform.python_version()},
+                          "cpu": cpu, "python": platform.python_version()},
               "placeholder": read_manifest(artifact)["model"]["placeholder"],
-              "model": rows, "decode": decoding, "pipeline": pipeline,
+              "model": rows, "int8_float_layers": float_cost, "decode": decoding, "pipeline": pipeline,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     suffix = "" if rows and pipeline else ("-pipeline" if pipeline else "-models")
     (args.output / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
