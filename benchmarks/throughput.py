@@ -142,8 +142,8 @@ def float_layer_cost(artifact: Path, images: np.ndarray, batch_sizes: list[int],
     from engine_build.quantize import quantize_minmax, quantize_nncf
     manifest = read_manifest(artifact)
     int8 = manifest["files"].get("int8")
-    kept = manifest.get("int8", {}).get("float_layers", [])
-    if not int8 or not kept:
+    kept = manifest.get("int8", {}).get("float_layers", {})
+    if not int8 or not any(kept.values()):
         return []
     calibration = builtin_set("calibration").images
     makers = {"nncf": quantize_nncf, "onnxruntime": quantize_minmax}
@@ -154,6 +154,7 @@ def float_layer_cost(artifact: Path, images: np.ndarray, batch_sizes: list[int],
     rows = []
     for runtime, entry in pairs:
         quantizer = entry["quantizer"]["quantizer"]
+        floats = entry["quantizer"]["float_layers"]
         twin = workdir / f"all-int8.{quantizer}.onnx"
         makers[quantizer](artifact / "model.onnx", twin, calibration, ())
         with open_backend(runtime, artifact / entry["file"], "int8", max(batch_sizes)) as built, \
@@ -166,7 +167,7 @@ def float_layer_cost(artifact: Path, images: np.ndarray, batch_sizes: list[int],
                 rows.append({"runtime": runtime, "file": entry["file"], "quantizer": quantizer, "batch": batch,
                              "float_layers": kept, "as_built": a, "all_int8": b, "speed_vs_all_int8": ratio})
                 print(f"  {runtime:<12} {quantizer:<11} batch {batch:>3}: {a['images_per_s']:>7.1f} img/s with "
-                      f"{', '.join(kept)} in float, {b['images_per_s']:>7.1f} all int8 (x{ratio})")
+                      f"{', '.join(floats) or 'nothing'} in float, {b['images_per_s']:>7.1f} all int8 (x{ratio})")
         twin.unlink()
     return rows
 

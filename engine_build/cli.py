@@ -118,17 +118,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def int8_lines(record: dict) -> str:
-    """Which layers INT8 keeps in float and why, for ``inspect``."""
-    kept = ", ".join(record["float_layers"]) or "none"
-    lines = [f"int8        layers in float: {kept} (chosen by {record['chosen_by']})"]
-    held = record.get("held_out_max_abs_diff")
-    if held:
-        lines.append(f"            held-out calibration photos: max |dp| {held['output_layers_in_float']} with only "
-                     f"{', '.join(record['output_layers']) or 'no layer'} in float, {held['chosen']} as built "
-                     f"(target {record['target_max_abs_diff']:g})")
-    if record.get("sensitivity"):
-        lines.append("            only this layer in int8: " + ", ".join(
-            f"{layer} {diff}" for layer, diff in sorted(record["sensitivity"].items(), key=lambda kv: -kv[1])))
+    """Which layers each INT8 file keeps in float and why, for ``inspect``."""
+    lines = [f"int8        {quantizer}: layers in float: {', '.join(kept) or 'none'} (chosen by {record['chosen_by']})"
+             for quantizer, kept in record["float_layers"].items()]
+    for quantizer, sensitivity in record.get("passes", {}).items():
+        held = sensitivity["held_out_max_abs_diff"]
+        lines.append(f"            {quantizer}: held-out calibration folds max |dp| {held['output_layers_in_float']} "
+                     f"with {', '.join(sensitivity['output_layers']) or 'no layer'} in float, {held['chosen']} as "
+                     f"built (target {sensitivity['target_max_abs_diff']:g})")
+        if sensitivity.get("sensitivity"):
+            lines.append(f"            {quantizer}: only this layer in int8: " + ", ".join(
+                f"{layer} {diff}" for layer, diff in sorted(sensitivity["sensitivity"].items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
 
 

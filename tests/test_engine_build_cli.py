@@ -188,7 +188,9 @@ def test_onnx_classifier_import_matches_the_caffe_import(small_model, small_arti
     classifier.opset_import[0].version = 13      # an older exporter: converted to our opset on import
     onnx.save(classifier, tmp_path / "classifier.onnx")
     out = tmp_path / "from-onnx"
-    assert main(["build", "--onnx", str(tmp_path / "classifier.onnx"), "--output", str(out)]) == 0
+    # the small model's random layers exceed the default INT8 bound (see conftest.small_artifact)
+    assert main(["build", "--onnx", str(tmp_path / "classifier.onnx"), "--output", str(out),
+                 "--int8-max-diff", "0.1", "--int8-mean-diff", "0.02"]) == 0
     manifest = read_manifest(out)
     assert set(manifest["model"]["source"]) == {"onnx"} and manifest["model"]["placeholder"] is False
     assert all(c["passed"] for c in manifest["validation"]["checks"])
