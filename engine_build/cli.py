@@ -16,7 +16,8 @@ from .errors import UserError
 
 PLACEHOLDER_BANNER = "PLACEHOLDER WEIGHTS: seeded random model, labels are meaningless"
 REAL_WEIGHTS_HINT = ("The authors publish the real weights (twitter_finetuned_test4_iter_180.caffemodel) "
-                     "with the paper 'Diving Deep into Sentiment' (Campos et al. 2015).")
+                     "with the paper 'Diving Deep into Sentiment' (Campos et al. 2015): "
+                     "python -m engine_build fetch-weights downloads and checks them.")
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -158,6 +159,20 @@ def _placeholder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_weights(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .weights import PUBLISHED, WeightsSource, fetch_weights
+    if args.dest.exists() and not args.dest.is_dir():
+        raise ConfigError(f"--dest {args.dest}: is a file; give a directory")
+    pinned = PUBLISHED.prototxt_sha256 if args.prototxt_url == PUBLISHED.prototxt_url else None
+    source = WeightsSource(args.prototxt_url, args.caffemodel_url, pinned)
+    prototxt, caffemodel = fetch_weights(args.dest, source)
+    demo = "the demo uses them by itself" if args.dest == Path("models") else f"the demo: --models {args.dest}"
+    print(f"build with: python -m engine_build build --prototxt {prototxt} --caffemodel {caffemodel} "
+          f"--output artifacts/sentiment ({demo})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="python -m engine_build",
@@ -167,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=REAL_WEIGHTS_HINT)
     top.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_build, _add_evaluate, _add_inspect, _add_placeholder):
+    for add in (_add_build, _add_evaluate, _add_inspect, _add_placeholder, _add_fetch_weights):
         add(sub)
     return top
 
@@ -219,6 +234,19 @@ def _add_placeholder(sub: argparse._SubParsersAction) -> None:
                    help="spread of the final logit gap over the built-in photos (default 4); 0.3 makes a model "
                         "with many near-ties (p within 0.05 of 0.5), the hard case for INT8")
     p.set_defaults(func=_placeholder)
+
+
+def _add_fetch_weights(sub: argparse._SubParsersAction) -> None:
+    from .weights import CAFFEMODEL, PROTOTXT, PUBLISHED
+    f = sub.add_parser("fetch-weights", help="download the authors' prototxt and caffemodel (217 MB) and check them",
+                       description=f"Download {PROTOTXT} and {CAFFEMODEL} (217 MB) from where the paper's repository "
+                                   "(github.com/imatge-upc/sentiment-2015-asm) publishes them, resuming an "
+                                   "interrupted download, and check every learned layer's blob shapes against "
+                                   "the prototxt.")
+    f.add_argument("--dest", type=Path, default=Path("models"), help="folder to write to (default: models)")
+    f.add_argument("--prototxt-url", default=PUBLISHED.prototxt_url, help="a mirror of the prototxt")
+    f.add_argument("--caffemodel-url", default=PUBLISHED.caffemodel_url, help="a mirror of the caffemodel")
+    f.set_defaults(func=_fetch_weights)
 
 
 def main(argv: list[str] | None = None) -> int:

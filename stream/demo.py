@@ -17,24 +17,26 @@ from pathlib import Path
 from engine_build.errors import UserError
 from engine_build.imaging import builtin_photos
 
-REAL_WEIGHTS = Path("models/twitter_finetuned_test4_iter_180.caffemodel")
-REAL_PROTOTXT = Path("models/sentiment_deploy.prototxt")
+MODELS = Path("models")
 METRIC_LINES = ("sentiment_images_total", "sentiment_decode_failures_total", "sentiment_dead_letters_total",
                 "sentiment_batch_size_count", "sentiment_batch_size_sum", "sentiment_end_to_end_seconds_count",
                 "sentiment_end_to_end_seconds_sum", "sentiment_inference_seconds_sum", "sentiment_consumer_lag",
                 "sentiment_ready")
 
 
-def demo_artifact(workdir: Path) -> Path:
+def demo_artifact(workdir: Path, models: Path = MODELS) -> Path:
     """Built from the authors' weights when they are in models/, else from placeholder weights."""
     from engine_build.build import ensure_artifact
     from engine_build.placeholder import ensure_placeholder
-    if REAL_WEIGHTS.exists() and REAL_PROTOTXT.exists():
-        prototxt, caffemodel = REAL_PROTOTXT, REAL_WEIGHTS
-        print(f"using the authors' weights: {REAL_WEIGHTS}")
+    from engine_build.weights import CAFFEMODEL, fetched
+    real = fetched(models)
+    if real:
+        prototxt, caffemodel = real
+        print(f"using the authors' weights: {caffemodel}")
     else:
         prototxt, caffemodel = ensure_placeholder(workdir / "placeholder")
-        print(f"real weights not found at {REAL_WEIGHTS}: using a PLACEHOLDER model (labels are meaningless)")
+        print(f"real weights not found at {models / CAFFEMODEL}: using a PLACEHOLDER model (labels are "
+              f"meaningless); python -m engine_build fetch-weights --dest {models} downloads them")
     return ensure_artifact(prototxt, caffemodel, workdir / "artifact")
 
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stream.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("demo-out"))
     parser.add_argument("--metrics-port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--models", type=Path, default=MODELS,
+                        help="folder with the authors' weights, as python -m engine_build fetch-weights writes them "
+                             "(default: models; placeholder weights when they are not there)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from stream.config import StreamConfig
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from stream.service import Service
     try:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        artifact = demo_artifact(args.workdir)
+        artifact = demo_artifact(args.workdir, args.models)
         inputs = demo_inputs()
         with EmbeddedBroker(log_path=args.workdir / "broker.log") as broker:
             print(f"embedded Kafka-protocol broker (tansu) on {broker.bootstrap}")
