@@ -1,7 +1,8 @@
 """``python -m engine_build``: build, evaluate and inspect sentiment model artifacts.
 
-Subcommands are small functions; user errors print one line and exit 1; bugs keep
-their traceback. Nothing here imports TensorRT or CUDA unless a build asks for it.
+Subcommands are small functions; user errors, usage errors included, print one line and exit 1
+(as ``python -m stream`` does); bugs keep their traceback; a reader that closes the pipe early
+(``inspect DIR | head``) ends it quietly. Nothing here imports TensorRT or CUDA unless a build asks for it.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 PLACEHOLDER_BANNER = "PLACEHOLDER WEIGHTS: seeded random model, labels are meaningless"
 REAL_WEIGHTS_HINT = ("The authors publish the real weights (twitter_finetuned_test4_iter_180.caffemodel) "
@@ -64,7 +66,6 @@ def _validation_summary(manifest: dict) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .artifact import open_artifact
-    from .errors import ConfigError
     from .evaluate import evaluate, read_list
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be at least 1")
@@ -145,7 +146,6 @@ def fp16_range_lines(audit: dict, limit: int = 40) -> str:
 
 
 def _placeholder(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
     from .placeholder import write_placeholder
     if args.output.exists() and not args.output.is_dir():
         raise ConfigError(f"--output {args.output}: is a file; give a directory")
@@ -160,7 +160,6 @@ def _placeholder(args: argparse.Namespace) -> int:
 
 
 def _fetch_weights(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
     from .weights import PUBLISHED, WeightsSource, fetch_weights
     if args.dest.exists() and not args.dest.is_dir():
         raise ConfigError(f"--dest {args.dest}: is a file; give a directory")
@@ -173,8 +172,15 @@ def _fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (argparse's own included) as one line and exit 1, as ``python -m stream`` does."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="python -m engine_build",
         description="Import the 'Diving Deep into Sentiment' Caffe model (CaffeNet fine-tuned on Twitter images, "
                     "0 = negative, 1 = positive), fold the authors' preprocessing into ONNX, make FP32/FP16/INT8 "
@@ -250,23 +256,24 @@ def _add_fetch_weights(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        args = parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        code = args.func(args)
+        sys.stdout.flush()    # here, not at exit, so a reader that has gone is seen below
+        return code
     except UserError as exc:
         print(f"engine_build: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader went away (``inspect --json | head``): say so once, and stop Python from
-        # failing again while flushing stdout at exit.
+        # The reader went away (``inspect --json | head``): it has what it wanted, so end quietly, as
+        # ``python -m stream`` does, and stop Python from failing again while flushing stdout at exit.
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (AttributeError, OSError, ValueError):   # stdout is not a real file (tests)
             pass
-        print("engine_build: error: output closed by the reader before it was all written", file=sys.stderr)
-        return 1
+        return 0
     except KeyboardInterrupt:
         print("engine_build: interrupted", file=sys.stderr)
         return 130

@@ -5,7 +5,6 @@ and ``models/sentiment_deploy.prototxt`` exist; otherwise a placeholder model, f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 from engine_build.errors import UserError
 from engine_build.imaging import builtin_photos
+
+from .config import _Parser  # usage errors as one line and exit 1, as python -m stream has them
 
 MODELS = Path("models")
 METRIC_LINES = ("sentiment_images_total", "sentiment_decode_failures_total", "sentiment_dead_letters_total",
@@ -53,13 +54,17 @@ def demo_inputs() -> list[tuple[bytes, bytes]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stream.demo", description=__doc__)
+    parser = _Parser(prog="python -m stream.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("demo-out"))
     parser.add_argument("--metrics-port", type=int, default=0, help="default: a free port")
     parser.add_argument("--models", type=Path, default=MODELS,
                         help="folder with the authors' weights, as python -m engine_build fetch-weights writes them "
                              "(default: models; placeholder weights when they are not there)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from stream.config import StreamConfig
     from stream.embedded_broker import EmbeddedBroker, free_port
