@@ -11,8 +11,11 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from .errors import ConfigError, UserError
 
@@ -22,13 +25,52 @@ REAL_WEIGHTS_HINT = ("The authors publish the real weights (twitter_finetuned_te
                      "python -m engine_build fetch-weights downloads and checks them.")
 
 
+PROGRESS_LOGGERS = ("engine_build.build", "engine_build.quantize", "engine_build.validate",
+                    "engine_build.tensorrt_build")
+
+
+class _Elapsed(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = time.monotonic()
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"engine_build: [{time.monotonic() - self.started:5.1f} s] {kind}{record.getMessage()}"
+
+
+@contextmanager
+def build_progress(out: TextIO | None = None) -> Iterator[None]:
+    """Print each build step as it starts (import, FP32, FP16 range audit, FP16, each quantiser, each
+    validation check, the engine) with the seconds since the build began, on ``out`` (stdout).
+
+    The build's steps only log; this shows them. Warnings of those steps are shown here too, once.
+    """
+    handler = logging.StreamHandler(out if out is not None else sys.stdout)
+    handler.setFormatter(_Elapsed())
+    loggers = [logging.getLogger(name) for name in PROGRESS_LOGGERS]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
 def _build(args: argparse.Namespace) -> int:
     from .build import run_build
     from .config import BuildConfig
     from .errors import ValidationFailed
     cfg = BuildConfig.from_namespace(args)
     try:
-        manifest = run_build(cfg)
+        with build_progress() if not args.verbose else nullcontext():
+            manifest = run_build(cfg)
     except ValidationFailed as exc:
         if exc.manifest:
             _print_build_report(exc.manifest)

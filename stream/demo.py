@@ -38,7 +38,11 @@ def demo_artifact(workdir: Path, models: Path = MODELS) -> Path:
         prototxt, caffemodel = ensure_placeholder(workdir / "placeholder")
         print(f"real weights not found at {models / CAFFEMODEL}: using a PLACEHOLDER model (labels are "
               f"meaningless); python -m engine_build fetch-weights --dest {models} downloads them")
-    return ensure_artifact(prototxt, caffemodel, workdir / "artifact")
+    from engine_build.cli import build_progress
+    print(f"artifact in {workdir / 'artifact'}: reused when built from these files, else built (about a minute "
+          "the first time on 2 cores)")
+    with build_progress():
+        return ensure_artifact(prototxt, caffemodel, workdir / "artifact")
 
 
 def demo_inputs() -> list[tuple[bytes, bytes]]:
@@ -66,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)    # each step shows as it happens, through a pipe too
+    print("loading the runtimes (ONNX Runtime, OpenVINO, OpenCV, Kafka client)")
     from stream.config import StreamConfig
     from stream.embedded_broker import EmbeddedBroker, free_port
     from stream.service import Service
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
         artifact = demo_artifact(args.workdir, args.models)
         inputs = demo_inputs()
+        print("starting the embedded Kafka-protocol broker")
         with EmbeddedBroker(log_path=args.workdir / "broker.log") as broker:
             print(f"embedded Kafka-protocol broker (tansu) on {broker.bootstrap}")
             broker.create_topics({"images": 2, "sentiment": 1, "sentiment-dead-letters": 1})
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = StreamConfig(broker.bootstrap, ("images",), "sentiment", "sentiment-dead-letters", artifact,
                                group_id="demo", metrics_port=port, max_batch=8, commit_interval_ms=200,
                                session_timeout_ms=6000)
+            print("starting the service: opening the artifact and choosing its runtime")
             service = Service(cfg)
             print(f"service: {service.backend.describe()}, metrics on http://127.0.0.1:{port}/metrics")
             metrics_text: list[str] = []

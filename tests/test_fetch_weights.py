@@ -172,7 +172,9 @@ def test_the_demo_builds_from_models_when_it_holds_them(published, tmp_path, cap
     (models / CAFFEMODEL).write_bytes(published[1])
     artifact = demo_artifact(tmp_path / "work", models)
     assert read_manifest(artifact)["model"]["source"]["caffemodel"]["sha256"] == sha256(models / CAFFEMODEL)
-    assert f"using the authors' weights: {models / CAFFEMODEL}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"using the authors' weights: {models / CAFFEMODEL}" in out
+    assert "] calibrating INT8 (NNCF" in out and "] checked int8 on openvino" in out, "the build shows its steps"
 
 
 def test_a_prototxt_other_than_the_published_one_is_refused(server, published, tmp_path):
