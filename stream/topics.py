@@ -1,13 +1,17 @@
-"""``python -m stream.topics``: list and create the service's topics with kafka-python's admin client, so a
-machine with only this project on it needs no Kafka command-line tools.
+"""``python -m stream.topics``: list and create the service's topics with kafka-python's admin client, and
+publish image files to a topic or read one back, so a machine with only this project on it needs no Kafka
+command-line tools.
 
     python -m stream.topics --bootstrap-servers HOST:PORT list
     python -m stream.topics --bootstrap-servers HOST:PORT create TOPIC [TOPIC ...] --partitions N
                             [--replication-factor R]
+    python -m stream.topics --bootstrap-servers HOST:PORT publish TOPIC FILE [FILE ...]
+    python -m stream.topics --bootstrap-servers HOST:PORT read TOPIC [--max N] [--idle-s S]
 
 TLS and SASL take the service's flags and environment twins (``--security-protocol``,
 ``STREAM_SASL_PASSWORD``, ...). Creating a topic that exists says so and is not an error.
-Existence is decided by listing the cluster's topics, never by a request that could create one.
+Existence is decided by listing the cluster's topics, never by a request that could create one;
+``publish`` and ``read`` refuse a topic that does not exist (a client asking for it could create it).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import argparse
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from engine_build.errors import ConfigError, UserError
@@ -44,6 +49,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--partitions", type=int, required=True, help="partitions of each new topic")
     c.add_argument("--replication-factor", type=int, default=-1,
                    help="replicas of each partition (default: the broker's default)")
+    pub = sub.add_parser("publish", help="publish files to a topic, one record each (key: the file name)")
+    pub.add_argument("topic")
+    pub.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    r = sub.add_parser("read", help="print a topic's records from the start: key, then the value or its headers")
+    r.add_argument("topic")
+    r.add_argument("--max", type=int, default=0, help="stop after this many records (default: when idle)")
+    r.add_argument("--idle-s", type=float, default=5.0, help="stop when no record came for this long (default 5)")
     return p
 
 
@@ -81,6 +93,55 @@ def create(admin: Any, topics: list[str], partitions: int, replication_factor: i
     return lines
 
 
+def _existing(admin: Any, topic: str) -> None:
+    if topic not in partition_counts(admin):
+        raise ConfigError(f"topic '{topic}' does not exist (create it first: python -m stream.topics ... create)")
+
+
+def publish(options: dict[str, Any], topic: str, files: list[Path]) -> int:
+    """Each file's bytes as one record, its name as the key; every send acknowledged (acks=all)."""
+    from kafka import KafkaProducer
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"{missing[0]}: no such file")
+    producer = KafkaProducer(acks="all", request_timeout_ms=TIMEOUT_MS, **options)
+    try:
+        sent = [producer.send(topic, key=f.name.encode(), value=f.read_bytes()) for f in files]
+        for future in sent:
+            future.get(timeout=TIMEOUT_MS / 1000)
+    finally:
+        producer.close(timeout=TIMEOUT_MS / 1000)
+    return len(sent)
+
+
+def _shown(record: Any) -> str:
+    key = record.key.decode(errors="replace") if record.key else "-"
+    headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
+    if "error.reason" in headers:
+        return f"{key}\tdead letter: {headers['error.reason']}: {headers.get('error.message', '')}"
+    try:
+        return f"{key}\t{record.value.decode()}"
+    except (AttributeError, UnicodeDecodeError):
+        return f"{key}\t<{len(record.value or b'')} bytes>"
+
+
+def read(options: dict[str, Any], topic: str, most: int, idle_s: float) -> int:
+    """Print the topic's records from the beginning (no consumer group) until ``most`` or ``idle_s`` idle."""
+    from kafka import KafkaConsumer
+    consumer = KafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,
+                             consumer_timeout_ms=int(idle_s * 1000), **options)
+    count = 0
+    try:
+        for record in consumer:
+            print(_shown(record), flush=True)
+            count += 1
+            if most and count >= most:
+                break
+    finally:
+        consumer.close()
+    return count
+
+
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     from kafka.errors import KafkaError
     environ = dict(os.environ if environ is None else environ)
@@ -96,11 +157,18 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
                 counts = partition_counts(admin)
                 for name in sorted(counts):
                     print(f"{name}\t{counts[name]} partitions")
-            else:
+            elif args.command == "create":
                 for line in create(admin, args.topics, args.partitions, args.replication_factor):
                     print(line)
+            else:
+                _existing(admin, args.topic)
         finally:
             admin.close()
+        if args.command == "publish":
+            print(f"published {publish(options, args.topic, args.files)} file(s) to '{args.topic}'")
+        elif args.command == "read":
+            count = read(options, args.topic, args.max, args.idle_s)
+            print(f"read {count} record(s) from '{args.topic}'", file=sys.stderr)
     except UserError as exc:
         print(f"stream.topics: error: {exc}", file=sys.stderr)
         return 1

@@ -81,3 +81,29 @@ def test_topics_usage_errors_are_one_line_exit_1(argv, message, capsys):
     assert topics(argv, {}) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_topics_publishes_files_and_reads_them_back(kafka_broker, tmp_path, capsys):
+    from engine_build.imaging import builtin_photos
+    base = ["--bootstrap-servers", kafka_broker.bootstrap]
+    photo = builtin_photos()[0]
+    note = tmp_path / "note.txt"
+    note.write_text("not a photo")
+    assert topics([*base, "create", "tools-in", "--partitions", "1"]) == 0
+    assert topics([*base, "publish", "tools-in", str(photo), str(note)]) == 0
+    assert "published 2 file(s) to 'tools-in'" in capsys.readouterr().out
+    assert topics([*base, "read", "tools-in", "--max", "2", "--idle-s", "30"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{photo.name}\t<{photo.stat().st_size} bytes>", "note.txt\tnot a photo"]
+    assert "read 2 record(s)" in captured.err
+    kafka_broker.delete_topics(["tools-in"])
+
+
+def test_reading_or_publishing_a_missing_topic_is_one_line_and_creates_nothing(kafka_broker, tmp_path, capsys):
+    base = ["--bootstrap-servers", kafka_broker.bootstrap]
+    assert topics([*base, "read", "tools-typo"]) == 1
+    assert topics([*base, "publish", "tools-typo", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("topic 'tools-typo' does not exist") == 2 and err.count("\n") == 2, err
+    assert topics([*base, "list"]) == 0
+    assert "tools-typo" not in capsys.readouterr().out
