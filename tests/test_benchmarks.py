@@ -49,3 +49,23 @@ def test_gpu_check_runs_every_step_on_the_tensorrt_double(trt_double, tmp_path, 
     assert "passed its validation gate" in out and "batches 1/8" in out, out
     assert json.loads((tmp_path / "results" / "gpu-nvidia-h200.json").read_text())["rows"][1]["batch"] == 8
     assert trt_double.builds, "an engine was built"
+
+
+def test_gpu_check_steps_run_one_at_a_time_and_say_what_they_skipped() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine_build.runtime import available_backends
+    reason = available_backends()["tensorrt"]
+    if not reason:
+        pytest.skip("TensorRT is present here: scripts/gpu-check.sh tests runs the real gpu tests")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(["bash", str(script), "tests"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "== tests:" in done.stdout and "== versions" not in done.stdout and "== throughput" not in done.stdout
+    assert f"skipped: gpu tests (tests/test_gpu.py): {reason}" in done.stdout
+    assert "nothing failed; what was skipped above was not proved on this host" in done.stdout
+    wrong = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True, timeout=60, env=env)
+    assert wrong.returncode == 1 and wrong.stderr == "usage: gpu-check.sh [versions|tests|throughput]\n"
