@@ -35,9 +35,10 @@ def demo_artifact(workdir: Path, models: Path = MODELS) -> Path:
         prototxt, caffemodel = real
         print(f"using the authors' weights: {caffemodel}")
     else:
-        prototxt, caffemodel = ensure_placeholder(workdir / "placeholder")
         print(f"real weights not found at {models / CAFFEMODEL}: using a PLACEHOLDER model (labels are "
               f"meaningless); python -m engine_build fetch-weights --dest {models} downloads them")
+        print(f"placeholder model in {workdir / 'placeholder'}: written the first time (217 MiB of seeded weights)")
+        prototxt, caffemodel = ensure_placeholder(workdir / "placeholder")
     from engine_build.cli import build_progress
     print(f"artifact in {workdir / 'artifact'}: reused when built from these files, else built (about a minute "
           "the first time on 2 cores)")
