@@ -29,14 +29,22 @@ PROGRESS_LOGGERS = ("engine_build.build", "engine_build.quantize", "engine_build
                     "engine_build.tensorrt_build")
 
 
-class _Elapsed(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__()
+class _Progress(logging.StreamHandler):
+    """Each step's INFO line with the seconds since the build began; warnings and errors go on up to
+    the ``engine_build`` logger, and from there wherever the entry point sends them, as before."""
+
+    def __init__(self, out: TextIO) -> None:
+        super().__init__(out)
         self.started = time.monotonic()
 
     def format(self, record: logging.LogRecord) -> str:
-        kind = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        return f"engine_build: [{time.monotonic() - self.started:5.1f} s] {kind}{record.getMessage()}"
+        return f"engine_build: [{time.monotonic() - self.started:5.1f} s] {record.getMessage()}"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            logging.getLogger("engine_build").handle(record)
+        else:
+            super().emit(record)
 
 
 @contextmanager
@@ -44,10 +52,10 @@ def build_progress(out: TextIO | None = None) -> Iterator[None]:
     """Print each build step as it starts (import, FP32, FP16 range audit, FP16, each quantiser, each
     validation check, the engine) with the seconds since the build began, on ``out`` (stdout).
 
-    The build's steps only log; this shows them. Warnings of those steps are shown here too, once.
+    The build's steps only log; this shows their INFO lines once (those loggers stop propagating
+    while it lasts) and hands their warnings on to the ``engine_build`` logger, where they went before.
     """
-    handler = logging.StreamHandler(out if out is not None else sys.stdout)
-    handler.setFormatter(_Elapsed())
+    handler = _Progress(out if out is not None else sys.stdout)
     loggers = [logging.getLogger(name) for name in PROGRESS_LOGGERS]
     saved = [(lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
