@@ -5,7 +5,9 @@
     python benchmarks/gpu_check.py tensorrt [--artifact DIR] [--max-batch 64] [--repeats 20]
                                                        TensorRT throughput at batch 1/8/32/max
 
-Each prints what it measured; ``tensorrt`` also writes ``benchmarks/results/gpu-*.json``.
+Each prints what it measured and ends with one ``proved: ...`` line saying what that showed;
+``tensorrt`` also writes ``benchmarks/results/gpu-*.json``. Without ``--artifact`` it builds a
+placeholder artifact (full size unless ``--width``) with an engine under ``--work`` first.
 Nothing here needs TensorRT except the ``tensorrt`` step, which says so in one line.
 """
 from __future__ import annotations
@@ -117,14 +119,8 @@ def _tensorrt(args: argparse.Namespace) -> int:
     if reason:
         print(f"tensorrt: skipped: {reason}")
         return 0
-    artifact = args.artifact
-    if artifact is None:
-        from engine_build.build import BuildConfig, run_build
-        from engine_build.placeholder import ensure_placeholder
-        prototxt, caffemodel = ensure_placeholder(ROOT / "benchmarks" / ".work" / "placeholder")
-        artifact = ROOT / "benchmarks" / ".work" / f"gpu-artifact-b{args.max_batch}"
-        run_build(BuildConfig(prototxt, caffemodel, artifact, precisions=("fp32", "fp16"), tensorrt=True,
-                              max_batch=args.max_batch))
+    artifact = args.artifact if args.artifact is not None else placeholder_engine(args.work, args.width,
+                                                                                  args.max_batch)
     batches = sorted({b for b in (1, 8, 32, args.max_batch) if b <= args.max_batch})
     rows = tensorrt_throughput(artifact, batches, args.repeats)
     for row in rows:
@@ -135,7 +131,48 @@ def _tensorrt(args: argparse.Namespace) -> int:
     path = args.output / f"gpu-{gpu}.json"
     path.write_text(json.dumps({"host": host, "artifact": str(artifact), "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
+    print(proved_tensorrt(artifact, host, rows))
     return 0
+
+
+def placeholder_engine(work: Path, width: float, max_batch: int) -> Path:
+    """Build (or keep, when still valid) a placeholder artifact with a TensorRT engine under ``work``."""
+    from engine_build.build import BuildConfig, run_build
+    from engine_build.placeholder import write_placeholder
+    source = work / f"placeholder-w{width:g}"
+    prototxt, caffemodel = source / "deploy.prototxt", source / "placeholder.caffemodel"
+    if not (prototxt.exists() and caffemodel.exists()):
+        prototxt, caffemodel = write_placeholder(source, width=width)
+    artifact = work / f"gpu-artifact-w{width:g}-b{max_batch}"
+    run_build(BuildConfig(prototxt=prototxt, caffemodel=caffemodel, output=artifact, precisions=("fp32", "fp16"),
+                          tensorrt=True, max_batch=max_batch))
+    return artifact
+
+
+def proved_versions(host: dict) -> str:
+    gpus = ", ".join(f"{g['name']} (compute {g['compute_capability']})" for g in host["gpus"]) or "no GPU"
+    return (f"proved: cuda-python {host['cuda_python']} reaches the driver (CUDA {host['driver_cuda']}) and "
+            f"runtime (CUDA {host['runtime_cuda']}) and sees {len(host['gpus'])} GPU(s): {gpus}; "
+            f"TensorRT {host['tensorrt'] or 'not installed'}")
+
+
+def proved_cuda(result: dict) -> str:
+    mib = result["bytes_each_way"] >> 20
+    return (f"proved: pinned host and device buffers ({mib} MiB each way) on {result['streams']} CUDA streams at "
+            f"once, copied there and back {result['repeats']} times with every byte identical "
+            f"({result['gib_per_s_both_ways']} GiB/s)")
+
+
+def proved_tensorrt(artifact: Path, host: dict, rows: list[dict]) -> str:
+    from engine_build.manifest import read_manifest
+    checks = [c for c in read_manifest(artifact).get("validation", {}).get("checks", [])
+              if c.get("runtime") == "tensorrt"]
+    gate = ("passed its validation gate against ONNX Runtime FP32" if checks and all(c["passed"] for c in checks)
+            else "has NO passing TensorRT validation record")
+    gpu = host["gpus"][0]["name"] if host["gpus"] else "the GPU"
+    batches = "/".join(str(r["batch"]) for r in rows)
+    return (f"proved: TensorRT {host['tensorrt']} on {gpu}: the FP16 engine in {artifact} {gate} and ran "
+            f"batches {batches} (peak {max(r['images_per_s'] for r in rows):.1f} img/s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-batch", type=int, default=64)
     t.add_argument("--repeats", type=int, default=20)
     t.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    t.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work",
+                   help="where the default placeholder artifact is built and kept between runs")
+    t.add_argument("--width", type=float, default=1.0,
+                   help="width of the default placeholder model (1 = the full-size network)")
     args = parser.parse_args(argv)
     try:
         if args.step == "versions":
-            print(json.dumps(versions(), indent=2))
+            host = versions()
+            print(json.dumps(host, indent=2))
+            print(proved_versions(host))
         elif args.step == "cuda":
-            print(json.dumps(cuda_roundtrip(args.mib), indent=2))
+            result = cuda_roundtrip(args.mib)
+            print(json.dumps(result, indent=2))
+            print(proved_cuda(result))
         else:
             return _tensorrt(args)
     except SentimentError as exc:

@@ -92,6 +92,7 @@ def import_caffe(cfg: BuildConfig) -> tuple[Net, bool]:
 def import_source(cfg: BuildConfig) -> tuple[Net | onnx.ModelProto, bool]:
     """The Caffe net or the ONNX classifier, and whether its weights are placeholders."""
     model: Net | onnx.ModelProto
+    log.info("importing %s", cfg.onnx if cfg.onnx else f"{cfg.prototxt} and {cfg.caffemodel}")
     if cfg.onnx:
         from .onnx_import import load_classifier
         model, placeholder = load_classifier(cfg.onnx), bool(cfg.placeholder)
@@ -123,17 +124,20 @@ def emit_onnx(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool
         return wrap_classifier(source, cfg.oversample, dtype, metadata, float32_tensors=float32_tensors)
 
     paths = {"fp32": cfg.output / VARIANT_FILES["fp32"]}
+    log.info("writing %s (FP32, the authors' preprocessing folded in)", VARIANT_FILES["fp32"])
     onnx.save(emit("float32", {**meta, "precision": "fp32"}), paths["fp32"])
     if "fp16" not in cfg.precisions:
         return paths, None
     if calibration is None:
         raise ConfigError("the FP16 range audit needs calibration images")
+    log.info("FP16 range audit: %s on %d calibration images", VARIANT_FILES["fp32"], len(calibration.images))
     ranges = audit(paths["fp32"], calibration.images)
     model = emit("float16", {**meta, "precision": "fp16"}, float32_tensors=[r.tensor for r in ranges if r.near_limit])
     float32 = kept_float32(model, ranges)
     for tensor, why in float32.items():
         (log.warning if why.startswith("NOT") else log.info)("FP16 range audit: %s: %s", tensor, why)
     paths["fp16"] = cfg.output / VARIANT_FILES["fp16"]
+    log.info("writing %s (FP16, %d tensors kept float32)", VARIANT_FILES["fp16"], len(float32))
     onnx.save(model, paths["fp16"])
     return paths, record(ranges, len(calibration.images), calibration.source, model, float32)
 
@@ -322,6 +326,8 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
     engine = maybe_engine(cfg, emitted.get("fp16"), previous, notes)
     if not engine:
         (cfg.output / ENGINE_FILE).unlink(missing_ok=True)
+    log.info("validating every variant on every runtime against ONNX Runtime FP32, %d images",
+             len(validation.images))
     _, checks = run_checks(variants, cfg.output / ENGINE_FILE if engine else None, validation.images,
                            validation.names, cfg.gate())
     files = file_entries(variants, quantizers, engine, cfg.output)

@@ -1,7 +1,8 @@
 """``python -m engine_build``: build, evaluate and inspect sentiment model artifacts.
 
-Subcommands are small functions; user errors print one line and exit 1; bugs keep
-their traceback. Nothing here imports TensorRT or CUDA unless a build asks for it.
+Subcommands are small functions; user errors, usage errors included, print one line and exit 1
+(as ``python -m stream`` does); bugs keep their traceback; a reader that closes the pipe early
+(``inspect DIR | head``) ends it quietly. Nothing here imports TensorRT or CUDA unless a build asks for it.
 """
 from __future__ import annotations
 
@@ -10,13 +11,64 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NoReturn, TextIO
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 PLACEHOLDER_BANNER = "PLACEHOLDER WEIGHTS: seeded random model, labels are meaningless"
 REAL_WEIGHTS_HINT = ("The authors publish the real weights (twitter_finetuned_test4_iter_180.caffemodel) "
-                     "with the paper 'Diving Deep into Sentiment' (Campos et al. 2015).")
+                     "with the paper 'Diving Deep into Sentiment' (Campos et al. 2015): "
+                     "python -m engine_build fetch-weights downloads and checks them.")
+
+
+PROGRESS_LOGGERS = ("engine_build.build", "engine_build.quantize", "engine_build.validate",
+                    "engine_build.tensorrt_build")
+
+
+class _Progress(logging.StreamHandler):
+    """Each step's INFO line with the seconds since the build began; warnings and errors go on up to
+    the ``engine_build`` logger, and from there wherever the entry point sends them, as before."""
+
+    def __init__(self, out: TextIO) -> None:
+        super().__init__(out)
+        self.started = time.monotonic()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"engine_build: [{time.monotonic() - self.started:5.1f} s] {record.getMessage()}"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            logging.getLogger("engine_build").handle(record)
+        else:
+            super().emit(record)
+
+
+@contextmanager
+def build_progress(out: TextIO | None = None) -> Iterator[None]:
+    """Print each build step as it starts (import, FP32, FP16 range audit, FP16, each quantiser, each
+    validation check, the engine) with the seconds since the build began, on ``out`` (stdout).
+
+    The build's steps only log; this shows their INFO lines once (those loggers stop propagating
+    while it lasts) and hands their warnings on to the ``engine_build`` logger, where they went before.
+    """
+    handler = _Progress(out if out is not None else sys.stdout)
+    loggers = [logging.getLogger(name) for name in PROGRESS_LOGGERS]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -25,7 +77,8 @@ def _build(args: argparse.Namespace) -> int:
     from .errors import ValidationFailed
     cfg = BuildConfig.from_namespace(args)
     try:
-        manifest = run_build(cfg)
+        with build_progress() if not args.verbose else nullcontext():
+            manifest = run_build(cfg)
     except ValidationFailed as exc:
         if exc.manifest:
             _print_build_report(exc.manifest)
@@ -66,7 +119,6 @@ def _validation_summary(manifest: dict) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .artifact import open_artifact
-    from .errors import ConfigError
     from .evaluate import evaluate, read_list
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be at least 1")
@@ -164,7 +216,6 @@ def fp16_range_lines(audit: dict, limit: int = 40) -> str:
 
 
 def _placeholder(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
     from .placeholder import write_placeholder
     if args.output.exists() and not args.output.is_dir():
         raise ConfigError(f"--output {args.output}: is a file; give a directory")
@@ -178,8 +229,28 @@ def _placeholder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_weights(args: argparse.Namespace) -> int:
+    from .weights import PUBLISHED, WeightsSource, fetch_weights
+    if args.dest.exists() and not args.dest.is_dir():
+        raise ConfigError(f"--dest {args.dest}: is a file; give a directory")
+    pinned = PUBLISHED.prototxt_sha256 if args.prototxt_url == PUBLISHED.prototxt_url else None
+    source = WeightsSource(args.prototxt_url, args.caffemodel_url, pinned)
+    prototxt, caffemodel = fetch_weights(args.dest, source)
+    demo = "the demo uses them by itself" if args.dest == Path("models") else f"the demo: --models {args.dest}"
+    print(f"build with: python -m engine_build build --prototxt {prototxt} --caffemodel {caffemodel} "
+          f"--output artifacts/sentiment ({demo})")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (argparse's own included) as one line and exit 1, as ``python -m stream`` does."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="python -m engine_build",
         description="Import the 'Diving Deep into Sentiment' Caffe model (CaffeNet fine-tuned on Twitter images, "
                     "0 = negative, 1 = positive), fold the authors' preprocessing into ONNX, make FP32/FP16/INT8 "
@@ -187,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=REAL_WEIGHTS_HINT)
     top.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_build, _add_evaluate, _add_inspect, _add_placeholder):
+    for add in (_add_build, _add_evaluate, _add_inspect, _add_placeholder, _add_fetch_weights):
         add(sub)
     return top
 
@@ -241,24 +312,38 @@ def _add_placeholder(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_placeholder)
 
 
+def _add_fetch_weights(sub: argparse._SubParsersAction) -> None:
+    from .weights import CAFFEMODEL, PROTOTXT, PUBLISHED
+    f = sub.add_parser("fetch-weights", help="download the authors' prototxt and caffemodel (217 MB) and check them",
+                       description=f"Download {PROTOTXT} and {CAFFEMODEL} (217 MB) from where the paper's repository "
+                                   "(github.com/imatge-upc/sentiment-2015-asm) publishes them, resuming an "
+                                   "interrupted download, and check every learned layer's blob shapes against "
+                                   "the prototxt.")
+    f.add_argument("--dest", type=Path, default=Path("models"), help="folder to write to (default: models)")
+    f.add_argument("--prototxt-url", default=PUBLISHED.prototxt_url, help="a mirror of the prototxt")
+    f.add_argument("--caffemodel-url", default=PUBLISHED.caffemodel_url, help="a mirror of the caffemodel")
+    f.set_defaults(func=_fetch_weights)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        args = parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        code = args.func(args)
+        sys.stdout.flush()    # here, not at exit, so a reader that has gone is seen below
+        return code
     except UserError as exc:
         print(f"engine_build: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader went away (``inspect --json | head``): say so once, and stop Python from
-        # failing again while flushing stdout at exit.
+        # The reader went away (``inspect --json | head``): it has what it wanted, so end quietly, as
+        # ``python -m stream`` does, and stop Python from failing again while flushing stdout at exit.
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (AttributeError, OSError, ValueError):   # stdout is not a real file (tests)
             pass
-        print("engine_build: error: output closed by the reader before it was all written", file=sys.stderr)
-        return 1
+        return 0
     except KeyboardInterrupt:
         print("engine_build: interrupted", file=sys.stderr)
         return 130

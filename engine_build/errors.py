@@ -5,6 +5,7 @@
     │   ├── ConfigError             a flag, environment variable or combination is wrong
     │   ├── ModelFormatError        a prototxt/caffemodel/ONNX file is unreadable or inconsistent
     │   │   └── UnsupportedLayerError
+    │   ├── DownloadError           fetch-weights got an HTTP error, an HTML page or a short file
     │   ├── ArtifactError           an artifact directory is missing, tampered with or stale
     │   │   └── StaleEngineError    engine.plan was built for another GPU/TensorRT/batch range
     │   ├── ValidationFailed        a variant failed its validation gate (flips, |dp| bounds, NaN)
@@ -43,6 +44,10 @@ class ModelFormatError(UserError):
 
 
 class UnsupportedLayerError(ModelFormatError):
+    pass
+
+
+class DownloadError(UserError):
     pass
 
 

@@ -41,11 +41,11 @@ class StreamConfig:
                                                "inference slot runs the open batch at once when no image is "
                                                "queued or decoding)")
     decode_workers: int = option(0, "threads decoding images (0 = auto: half the cores where inference runs on "
-                                    "them too, one per core with TensorRT; measured in the README)")
+                                    "them too, one per core with TensorRT; measured in docs/performance.md)")
     inference_streams: int = option(0, "inference calls running at once, each forming its own batches with its "
                                        "share of the cores (0 = the runtime chooses: OpenVINO's throughput hint "
                                        "for this CPU, one per core up to 4 on ONNX Runtime, 2 TensorRT contexts; "
-                                       "1 = one call on every core; measured in the README)")
+                                       "1 = one call on every core; measured in docs/performance.md)")
     inference_threads: int = option(0, "CPU threads for inference, shared by the streams (0 = runtime default: "
                                        "every core)")
     max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")
@@ -56,8 +56,8 @@ class StreamConfig:
                                            "benchmarks.publish_codecs; gzip for readers without zstd)",
                                    choices=CODECS)
     unordered: bool = option(False, "publish each result as soon as it is ready instead of in each input "
-                                    "partition's offset order (order costs no measurable throughput: see the "
-                                    "README)")
+                                    "partition's offset order (order costs no measurable throughput: see "
+                                    "docs/operations.md)")
     max_message_bytes: int = option(20 * 1024 * 1024, "larger values are dead-lettered unread")
     max_pixels: int = option(64_000_000, "images declaring more pixels are dead-lettered before decoding")
     no_reduced_decode: bool = option(False, "always decode JPEGs at full size")

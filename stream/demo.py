@@ -5,7 +5,6 @@ and ``models/sentiment_deploy.prototxt`` exist; otherwise a placeholder model, f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -17,25 +16,34 @@ from pathlib import Path
 from engine_build.errors import UserError
 from engine_build.imaging import builtin_photos
 
-REAL_WEIGHTS = Path("models/twitter_finetuned_test4_iter_180.caffemodel")
-REAL_PROTOTXT = Path("models/sentiment_deploy.prototxt")
+from .config import _Parser  # usage errors as one line and exit 1, as python -m stream has them
+
+MODELS = Path("models")
 METRIC_LINES = ("sentiment_images_total", "sentiment_decode_failures_total", "sentiment_dead_letters_total",
                 "sentiment_batch_size_count", "sentiment_batch_size_sum", "sentiment_end_to_end_seconds_count",
                 "sentiment_end_to_end_seconds_sum", "sentiment_inference_seconds_sum", "sentiment_consumer_lag",
                 "sentiment_ready")
 
 
-def demo_artifact(workdir: Path) -> Path:
+def demo_artifact(workdir: Path, models: Path = MODELS) -> Path:
     """Built from the authors' weights when they are in models/, else from placeholder weights."""
     from engine_build.build import ensure_artifact
     from engine_build.placeholder import ensure_placeholder
-    if REAL_WEIGHTS.exists() and REAL_PROTOTXT.exists():
-        prototxt, caffemodel = REAL_PROTOTXT, REAL_WEIGHTS
-        print(f"using the authors' weights: {REAL_WEIGHTS}")
+    from engine_build.weights import CAFFEMODEL, fetched
+    real = fetched(models)
+    if real:
+        prototxt, caffemodel = real
+        print(f"using the authors' weights: {caffemodel}")
     else:
+        print(f"real weights not found at {models / CAFFEMODEL}: using a PLACEHOLDER model (labels are "
+              f"meaningless); python -m engine_build fetch-weights --dest {models} downloads them")
+        print(f"placeholder model in {workdir / 'placeholder'}: written the first time (217 MiB of seeded weights)")
         prototxt, caffemodel = ensure_placeholder(workdir / "placeholder")
-        print(f"real weights not found at {REAL_WEIGHTS}: using a PLACEHOLDER model (labels are meaningless)")
-    return ensure_artifact(prototxt, caffemodel, workdir / "artifact")
+    from engine_build.cli import build_progress
+    print(f"artifact in {workdir / 'artifact'}: reused when built from these files, else built (about a minute "
+          "the first time on 2 cores)")
+    with build_progress():
+        return ensure_artifact(prototxt, caffemodel, workdir / "artifact")
 
 
 def demo_inputs() -> list[tuple[bytes, bytes]]:
@@ -51,18 +59,29 @@ def demo_inputs() -> list[tuple[bytes, bytes]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stream.demo", description=__doc__)
+    parser = _Parser(prog="python -m stream.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("demo-out"))
     parser.add_argument("--metrics-port", type=int, default=0, help="default: a free port")
-    args = parser.parse_args(argv)
+    parser.add_argument("--models", type=Path, default=MODELS,
+                        help="folder with the authors' weights, as python -m engine_build fetch-weights writes them "
+                             "(default: models; placeholder weights when they are not there)")
+    try:
+        args = parser.parse_args(argv)
+    except UserError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)    # each step shows as it happens, through a pipe too
+    print("loading the runtimes (ONNX Runtime, OpenVINO, OpenCV, Kafka client)")
     from stream.config import StreamConfig
     from stream.embedded_broker import EmbeddedBroker, free_port
     from stream.service import Service
     try:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        artifact = demo_artifact(args.workdir)
+        artifact = demo_artifact(args.workdir, args.models)
         inputs = demo_inputs()
+        print("starting the embedded Kafka-protocol broker")
         with EmbeddedBroker(log_path=args.workdir / "broker.log") as broker:
             print(f"embedded Kafka-protocol broker (tansu) on {broker.bootstrap}")
             broker.create_topics({"images": 2, "sentiment": 1, "sentiment-dead-letters": 1})
@@ -77,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = StreamConfig(broker.bootstrap, ("images",), "sentiment", "sentiment-dead-letters", artifact,
                                group_id="demo", metrics_port=port, max_batch=8, commit_interval_ms=200,
                                session_timeout_ms=6000)
+            print("starting the service: opening the artifact and choosing its runtime")
             service = Service(cfg)
             print(f"service: {service.backend.describe()}, metrics on http://127.0.0.1:{port}/metrics")
             metrics_text: list[str] = []

@@ -89,6 +89,15 @@ class EmbeddedBroker:
         with self._admin() as admin:
             admin.delete_topics(names)
 
+    def wait(self, timeout: float) -> int | None:
+        """The broker's exit status if it ended within ``timeout`` seconds, else None (still running)."""
+        if self._process is None:
+            return None
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
             self._process.terminate()

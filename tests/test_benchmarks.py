@@ -2,6 +2,7 @@
 the arithmetic they report with is right."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -32,3 +33,39 @@ def test_the_budget_around_a_run_is_the_mean_cost_of_the_two_not_the_mean_rate()
     assert both["images_per_s"] == 444.4                 # 2 cores / 4.5 ms, not (400 + 500) / 2
     assert both["before_after_images_per_s"] == [400.0, 500.0]
     assert both["passes_core_ms"]["after"]["decode"] == [0.9] * 3 and both["batch"] == 32
+
+
+def test_gpu_check_runs_every_step_on_the_tensorrt_double(trt_double, tmp_path, capsys) -> None:
+    """scripts/gpu-check.sh's default path (no --artifact: build a placeholder with an engine, then
+    measure it) raised TypeError on every GPU host; each step must run and say what it proved."""
+    from benchmarks import gpu_check
+    assert gpu_check.main(["versions"]) == 0
+    assert "proved: cuda-python" in capsys.readouterr().out
+    assert gpu_check.main(["cuda", "--mib", "1"]) == 0
+    assert "every byte identical" in capsys.readouterr().out
+    assert gpu_check.main(["tensorrt", "--max-batch", "8", "--repeats", "2", "--width", "0.25",
+                           "--work", str(tmp_path / "work"), "--output", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "passed its validation gate" in out and "batches 1/8" in out, out
+    assert json.loads((tmp_path / "results" / "gpu-nvidia-h200.json").read_text())["rows"][1]["batch"] == 8
+    assert trt_double.builds, "an engine was built"
+
+
+def test_gpu_check_steps_run_one_at_a_time_and_say_what_they_skipped() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine_build.runtime import available_backends
+    reason = available_backends()["tensorrt"]
+    if not reason:
+        pytest.skip("TensorRT is present here: scripts/gpu-check.sh tests runs the real gpu tests")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(["bash", str(script), "tests"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "== tests:" in done.stdout and "== versions" not in done.stdout and "== throughput" not in done.stdout
+    assert f"skipped: gpu tests (tests/test_gpu.py): {reason}" in done.stdout
+    assert "nothing failed; what was skipped above was not proved on this host" in done.stdout
+    wrong = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True, timeout=60, env=env)
+    assert wrong.returncode == 1 and wrong.stderr == "usage: gpu-check.sh [versions|tests|throughput]\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,7 +256,7 @@ def test_output_pointing_at_a_file_is_one_line(small_model, tmp_path, command, c
     assert target.read_text() == "keep me"
 
 
-def test_inspect_json_into_a_closed_pipe_is_one_line(small_artifact, capsys, monkeypatch):
+def test_inspect_json_into_a_closed_pipe_ends_quietly(small_artifact, capsys, monkeypatch):
     class ClosedPipe:
         def write(self, text: str) -> int:
             raise BrokenPipeError(32, "Broken pipe")
@@ -263,17 +264,33 @@ def test_inspect_json_into_a_closed_pipe_is_one_line(small_artifact, capsys, mon
         def flush(self) -> None:
             pass
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
-    assert main(["inspect", "--json", str(small_artifact)]) == 1
+    assert main(["inspect", "--json", str(small_artifact)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("json_flag", [["--json"], []])
+def test_inspect_into_a_reader_that_quit_ends_quietly(small_artifact, json_flag):
+    """``inspect DIR | head``: the reader has what it wanted (here ``true`` quits before Python writes at all;
+    the table fits the pipe's buffer and failed only when Python flushed it at exit)."""
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m engine_build inspect "
+                                           f"{' '.join(json_flag)} {small_artifact} | true"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stderr == "" and result.returncode == 0, result
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["build"], "the following arguments are required: --output"),
+    (["inspect"], "the following arguments are required: artifact"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["fetch-weights", "--dest"], "expected one argument"),
+])
+def test_usage_errors_are_one_line_exit_1_as_stream_does(argv, message, capsys):
+    from stream.cli import main as stream_main
+    assert stream_main(["--max-batch"], {}) == 1          # the convention to follow
+    capsys.readouterr()
+    assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "output closed by the reader" in err and err.count("\n") == 1
-
-
-def test_inspect_json_into_a_reader_that_quit_leaves_no_traceback(small_artifact):
-    """``inspect --json | head``: here the reader (``true``) quits before Python writes at all."""
-    result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m engine_build inspect --json "
-                                           f"{small_artifact} | true"], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr == "engine_build: error: output closed by the reader before it was all written\n"
+    assert err.startswith("engine_build: error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifact, tmp_path, monkeypatch):
@@ -313,3 +330,19 @@ def test_evaluate_by_default_runs_what_the_service_would(small_artifact, tmp_pat
     assert main(["evaluate", str(small_artifact), "--images", str(images), "--list", str(tmp_path / "list.txt"),
                  "--backend", "onnxruntime", "--precision", "fp32"]) == 0
     assert "onnxruntime fp32 file" in capsys.readouterr().out
+
+
+def test_build_shows_each_step_as_it_starts(small_model, tmp_path, capsys):
+    """A first build took a minute in silence: each step is said as it starts, with the seconds so far."""
+    assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
+                 "--output", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    steps = [line for line in captured.out.splitlines() if re.match(r"engine_build: \[ *\d+\.\d s\] ", line)]
+    expected = ["importing", "imported", "writing model.onnx", "FP16 range audit: model.onnx on 48",
+                "writing model.fp16.onnx", "calibrating INT8 (NNCF", "calibrating INT8 (ONNX Runtime MinMax",
+                "validating every variant", "checked fp32 on openvino (exact)", "checked fp16 on onnxruntime",
+                "checked int8 on onnxruntime", "checked int8 on openvino (exact)"]
+    at = [next((i for i, line in enumerate(steps) if step in line), -1) for step in expected]
+    assert -1 not in at and at == sorted(at), "\n".join(steps)
+    assert captured.out.index("validating every variant") < captured.out.index("calibration 48 images")
+    assert captured.err == ""

@@ -51,8 +51,8 @@ def check(result: tuple, call: str = "CUDA call") -> Any:
 def native_handle(obj: Any) -> int:
     """The address of a cuda-python object (a stream) as an int, for TensorRT.
 
-    ``cuda.bindings.utils.get_cuda_native_handle`` where it exists (13.0+); ``int(obj)``,
-    deprecated there, on older releases.
+    ``cuda.bindings.utils.get_cuda_native_handle`` where it exists (cuda-bindings 12.9.1+, which
+    added ``cuda.bindings.utils`` and deprecated ``int(obj)``); ``int(obj)`` on older releases.
     """
     try:
         from cuda.bindings.utils import get_cuda_native_handle

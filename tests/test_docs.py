@@ -1,0 +1,48 @@
+"""The README stays a front door: short, every page it points at exists, every docs page is reachable
+from it, and every test it names as proof of a guarantee exists."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    heads = [line.lstrip("#").strip() for line in page.read_text().splitlines() if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_readme_is_at_most_250_lines() -> None:
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_every_relative_link_and_anchor_resolves() -> None:
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in re.finditer(r"\]\(([^)\s]+)\)", page.read_text()):
+            target = match.group(1)
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            assert resolved.exists(), f"{page.name}: link to missing {target}"
+            if anchor and resolved.suffix == ".md":
+                assert anchor in _anchors(resolved), f"{page.name}: no heading for #{anchor} in {resolved.name}"
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    linked = {m.group(1) for m in LINK.finditer((ROOT / "README.md").read_text())}
+    for page in (ROOT / "docs").glob("*.md"):
+        assert f"docs/{page.name}" in linked, f"docs/{page.name} is not linked from the README"
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for path, name in re.findall(r"`(tests/\w+\.py)::(\w+)`", readme):
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path}::{name} does not exist"
+    # the ``::name`` continuations after a full path name tests in that same file
+    for block in re.findall(r"`tests/(\w+\.py)::\w+`((?:,?\s*`::\w+`)+)", readme):
+        for name in re.findall(r"`::(\w+)`", block[1]):
+            assert re.search(rf"^def {name}\(", (ROOT / "tests" / block[0]).read_text(), re.M), name
