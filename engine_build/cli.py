@@ -25,8 +25,8 @@ REAL_WEIGHTS_HINT = ("The authors publish the real weights (twitter_finetuned_te
                      "python -m engine_build fetch-weights downloads and checks them.")
 
 
-PROGRESS_LOGGERS = ("engine_build.build", "engine_build.quantize", "engine_build.validate",
-                    "engine_build.tensorrt_build")
+PROGRESS_LOGGERS = ("engine_build.build", "engine_build.quantize", "engine_build.sensitivity",
+                    "engine_build.validate", "engine_build.tensorrt_build")
 
 
 class _Progress(logging.StreamHandler):

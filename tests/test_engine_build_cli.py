@@ -335,11 +335,12 @@ def test_evaluate_by_default_runs_what_the_service_would(small_artifact, tmp_pat
 def test_build_shows_each_step_as_it_starts(small_model, tmp_path, capsys):
     """A first build took a minute in silence: each step is said as it starts, with the seconds so far."""
     assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
-                 "--output", str(tmp_path / "a")]) == 0
+                 "--output", str(tmp_path / "a"), "--int8-max-diff", "0.1", "--int8-mean-diff", "0.02"]) == 0
     captured = capsys.readouterr()
     steps = [line for line in captured.out.splitlines() if re.match(r"engine_build: \[ *\d+\.\d s\] ", line)]
     expected = ["importing", "imported", "writing model.onnx", "FP16 range audit: model.onnx on 48",
-                "writing model.fp16.onnx", "calibrating INT8 (NNCF", "calibrating INT8 (ONNX Runtime MinMax",
+                "writing model.fp16.onnx", "calibrating INT8 (NNCF", "INT8 sensitivity (openvino)",
+                "calibrating INT8 (ONNX Runtime MinMax", "INT8 sensitivity (onnxruntime)",
                 "validating every variant", "checked fp32 on openvino (exact)", "checked fp16 on onnxruntime",
                 "checked int8 on onnxruntime", "checked int8 on openvino (exact)"]
     at = [next((i for i, line in enumerate(steps) if step in line), -1) for step in expected]
