@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     configure_logging(cfg.log_level)
     if cfg.processes > 1:
         from .supervisor import supervise
-        return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port)
+        return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
+                         cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None)
     # Signals are handled from here on: one that arrives while the model loads ends the start cleanly.
     received: list[int] = []
     holder: list[Service] = []

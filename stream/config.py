@@ -68,7 +68,8 @@ class StreamConfig:
                                        "isolation_level=read_committed)", choices=("at-least-once", "exactly-once"))
     transactional_id: str | None = option(None, "exactly-once: this member's stable transactional id (e.g. the pod "
                                                 "name) so a restart aborts its predecessor's open transaction at "
-                                                "once (default: a new random id per process)")
+                                                "once; with --processes N, child i uses ID-i (default: a new "
+                                                "random id per process)")
     drain_timeout_s: float = option(30.0, "on shutdown or revocation, how long to finish in-flight work")
     fail_after_s: float = option(120.0, "a Kafka client error that is not an outage and keeps failing this long "
                                         "ends the process (exit 1) so its supervisor can restart it")

@@ -1,0 +1,50 @@
+"""Exactly once at its edges, on the real broker: several processes with stable transactional
+ids, and a member evicted while its transaction is open. A read_committed reader is judged
+from the transaction markers (tansu sends no aborted-transaction list)."""
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+from .kafka_helpers import committed, names, positions, produce_steadily, read_committed, start_service, stop
+
+pytestmark = pytest.mark.kafka
+
+
+def _wait_committed(kafka_broker, t: dict, total: int, processes: list, logs: list, timeout: float = 240) -> None:
+    """Until the group's committed offsets cover ``total`` inputs; every process must stay up."""
+    deadline = time.monotonic() + timeout
+    while sum(v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) < total:
+        for process, log in zip(processes, logs, strict=True):
+            assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "\n".join(log.read_text()[-2000:] for log in logs)
+        time.sleep(0.5)
+
+
+def _each_once(kafka_broker, t: dict, total: int) -> None:
+    counts = collections.Counter(positions(read_committed(kafka_broker.bootstrap, t["output"])))
+    duplicates = {p: n for p, n in counts.items() if n > 1}
+    assert not duplicates, f"{len(duplicates)} inputs seen more than once read_committed"
+    marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
+    assert sum(marks.values()) == total
+    assert set(counts) == {(p, o) for p, mark in marks.items() for o in range(mark)}
+
+
+def test_two_processes_with_one_stable_transactional_id_do_not_fence_each_other(kafka_broker, small_artifact,
+                                                                                 tmp_path):
+    total = 300
+    t = names(kafka_broker, partitions=2)
+    producer = produce_steadily(kafka_broker.bootstrap, t["input"], total, 20)
+    log = tmp_path / "processes.log"
+    process = start_service(kafka_broker, t, small_artifact, log, processing_guarantee="exactly-once",
+                            transactional_id="replica-0", processes=2)
+    try:
+        _wait_committed(kafka_broker, t, total, [process], [log])
+        producer.join(30)
+    finally:
+        stop(process, log)   # still running until stopped, and stops with 0
+    text = log.read_text()
+    assert "fenced" not in text, text[-3000:]
+    _each_once(kafka_broker, t, total)
