@@ -79,6 +79,12 @@ def translate(exc: BaseException, what: str, group: str = "") -> Exception:
     return KafkaTransient(f"{what}: {text}")
 
 
+def isolation_level(guarantee: str) -> str:
+    """What the consumer reads: exactly once, only committed input (an upstream transaction's aborted
+    records are not input, and records of an open one wait for its end); at least once, everything."""
+    return "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
+
+
 def _tp_list(partitions: Any) -> list[Partition]:
     return sorted((tp.topic, tp.partition) for tp in partitions)
 
@@ -113,6 +119,7 @@ class KafkaSource:
                 session_timeout_ms=cfg.session_timeout_ms,
                 heartbeat_interval_ms=max(100, cfg.session_timeout_ms // 4),
                 max_poll_interval_ms=cfg.max_poll_interval_ms, bootstrap_timeout_ms=5_000,
+                isolation_level=isolation_level(cfg.processing_guarantee),
                 client_id=f"sentiment-stream-{cfg.group_id}", allow_auto_create_topics=False,
                 **cfg.client_options())
             self._consumer.subscribe(topics=list(cfg.input_topic), listener=Listener())

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from stream.kafka_io import close_producer
+
 from .kafka_helpers import committed, names, positions, produce_steadily, read_committed, start_service, stop
 
 pytestmark = pytest.mark.kafka
@@ -48,3 +50,41 @@ def test_two_processes_with_one_stable_transactional_id_do_not_fence_each_other(
     text = log.read_text()
     assert "fenced" not in text, text[-3000:]
     _each_once(kafka_broker, t, total)
+
+
+def test_exactly_once_reads_only_committed_input(kafka_broker, small_artifact, tmp_path):
+    """Records of an upstream transaction still open are not input yet: the service processes the
+    other partition's records and holds these back until the transaction commits."""
+    from kafka import KafkaProducer
+
+    from .images import good_images
+    t = names(kafka_broker, partitions=2)
+    image = good_images()["jpeg_coffee"]
+    upstream = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, transactional_id=f"upstream-{t['group']}")
+    upstream.init_transactions()
+    upstream.begin_transaction()
+    for i in range(5):
+        upstream.send(t["input"], key=b"open-%d" % i, value=image, partition=0)
+    upstream.flush()
+    plain = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    for i in range(5):
+        plain.send(t["input"], key=b"plain-%d" % i, value=image, partition=1)
+    plain.close()
+    log = tmp_path / "service.log"
+    process = start_service(kafka_broker, t, small_artifact, log, processing_guarantee="exactly-once",
+                            transactional_id="replica-0")
+    try:
+        deadline = time.monotonic() + 120
+        while committed(kafka_broker.bootstrap, t["group"], t["input"]).get(1) != 5:   # progress on partition 1
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        seen = positions(read_committed(kafka_broker.bootstrap, t["output"], timeout=3))
+        assert sorted(seen) == [(1, o) for o in range(5)], "records of an open upstream transaction were consumed"
+        upstream.commit_transaction()
+        _wait_committed(kafka_broker, t, 10, [process], [log])   # 5 + 5 records
+    finally:
+        close_producer(upstream, 5)
+        stop(process, log)
+    seen = positions(read_committed(kafka_broker.bootstrap, t["output"]))
+    assert sorted(seen) == [(p, o) for p in (0, 1) for o in range(5)]
+
