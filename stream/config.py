@@ -13,6 +13,11 @@ from engine_build.errors import ConfigError
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+# Exactly once: a transaction lives from one commit point to the next (--commit-interval-ms), plus the
+# commit point's wait for its unit (--drain-timeout-s), plus the commit itself; this margin covers the
+# commit and a late poll loop. A Kafka broker refuses a timeout above its transaction.max.timeout.ms.
+TRANSACTION_MARGIN_MS = 20_000
+BROKER_TRANSACTION_MAX_MS = 900_000   # transaction.max.timeout.ms, Kafka's default
 
 
 def option(default: Any = MISSING, help: str = "", choices: tuple[str, ...] | None = None,
@@ -131,6 +136,10 @@ class StreamConfig:
                               "drains within the group's rebalance timeout")
         if self.max_in_flight < self.max_batch:
             raise ConfigError("--max-in-flight must be at least --max-batch")
+        if self.processing_guarantee == "exactly-once" and self.transaction_timeout_ms() > BROKER_TRANSACTION_MAX_MS:
+            raise ConfigError(f"exactly-once: --commit-interval-ms + --drain-timeout-s + "
+                              f"{TRANSACTION_MARGIN_MS // 1000} s is the transaction timeout and must stay within "
+                              f"the broker's transaction.max.timeout.ms ({BROKER_TRANSACTION_MAX_MS // 1000} s)")
 
     def _check_kafka(self) -> None:
         for server in self.bootstrap_servers.split(","):
@@ -147,6 +156,12 @@ class StreamConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{flag(name)} {path}: no such file")
+
+    def transaction_timeout_ms(self) -> int:
+        """Exactly once: how long the coordinator lets a transaction stay open, derived so that it
+        outlasts a commit interval plus the commit point's whole wait (with a margin); a shorter one
+        lets the coordinator abort a unit the member is still waiting to commit."""
+        return int(self.commit_interval_ms + self.drain_timeout_s * 1000) + TRANSACTION_MARGIN_MS
 
     def client_options(self) -> dict[str, Any]:
         """TLS/SASL settings for both Kafka clients (only those that are set)."""

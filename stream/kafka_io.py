@@ -105,12 +105,13 @@ class KafkaSource:
                 await source._revoke(_tp_list(revoked))
 
             async def on_partitions_lost(self, lost: Any) -> None:
-                rebalance.released(_tp_list(lost), lost=True)
+                await source._lose(_tp_list(lost))
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 rebalance.assigned(_tp_list(assigned))
 
         self._rebalance = rebalance
+        self._session_s = cfg.session_timeout_ms / 1000
         try:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
@@ -147,19 +148,12 @@ class KafkaSource:
         offsets = {} if transactions is not None else handler.committable(partitions)
         if transactions is not None:   # exactly-once: commit or abort the open transaction, off this loop
             result: dict = {}
-            failures: list[KafkaPermanent] = []
 
             def end() -> None:
-                try:
-                    result.update(transactions.end_for_revocation(drained))
-                except KafkaPermanent as exc:   # fenced, or undrained: the service ends this member
-                    failures.append(exc)
-            worker = threading.Thread(target=end, name="revoke-transaction", daemon=True)
-            worker.start()
-            while worker.is_alive():
-                await self._loop_sleep(_DRAIN_STEP_S)
+                result.update(transactions.end_for_revocation(drained))
+            failure = await self._off_loop(end, "revoke-transaction")
             handler.committed(result)
-            for failure in failures:
+            if failure is not None:   # fenced, or undrained: the service ends this member
                 handler.fail(failure)
         if offsets:
             try:
@@ -172,6 +166,44 @@ class KafkaSource:
             log.warning("revoked %s with work still in flight after %.0f s: left uncommitted (it will be "
                         "redelivered)", show(partitions), handler.drain_timeout_s)
         handler.released(partitions, lost=False)
+
+    async def _lose(self, partitions: list[Partition]) -> None:
+        """Evicted: exactly once, abort the open transaction (off this loop) before the partitions go."""
+        handler = self._rebalance
+        transactions = handler.transactions
+        if transactions is not None and partitions:
+            lost: list[KafkaPermanent] = []
+            failure = await self._off_loop(lambda: lost.append(transactions.lost(partitions)), "lose-transaction")
+            handler.fail(failure or lost[0])
+        handler.released(partitions, lost=True)
+
+    async def _off_loop(self, call: Callable[[], None], name: str) -> KafkaPermanent | None:
+        """Run a blocking transaction step on its own thread while this loop goes on (heartbeats);
+        the KafkaPermanent it raised, if any."""
+        failures: list[KafkaPermanent] = []
+
+        def run() -> None:
+            try:
+                call()
+            except KafkaPermanent as exc:
+                failures.append(exc)
+        worker = threading.Thread(target=run, name=name, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            await self._loop_sleep(_DRAIN_STEP_S)
+        return failures[0] if failures else None
+
+    def in_group(self) -> bool:
+        """False once the generation was reset, or when no heartbeat was answered for three quarters of
+        the session timeout: the coordinator may have evicted this member (a freeze, a starved IO thread)."""
+        metadata = self._consumer.group_metadata()
+        if metadata.generation_id < 0 or not metadata.member_id:
+            return False
+        heartbeat = getattr(getattr(self._consumer, "_coordinator", None), "heartbeat", None)   # no public clock
+        if heartbeat is None:
+            return True
+        answered = max(heartbeat.last_receive, heartbeat.last_reset)
+        return time.monotonic() - answered < self._session_s * 3 / 4
 
     @staticmethod
     def _kafka_offsets(offsets: dict[Partition, int]) -> dict[Any, Any]:
@@ -280,9 +312,10 @@ class KafkaSink:
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
-                 transactional_id: str | None = None) -> None:
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
         from kafka.errors import KafkaError
-        extra = {"transactional_id": transactional_id, "transaction_timeout_ms": 30_000} if transactional_id else {}
+        extra = ({"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms}
+                 if transactional_id else {})
         self._settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_block_ms=10_000,
                               retries=5, bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
                               compression_type=compression_type, **extra, **client_options)
@@ -538,7 +571,7 @@ class KafkaConnector:
         return KafkaSink(cfg.bootstrap_servers, cfg.client_options(), on_retry, linger_ms=cfg.linger_ms,
                          max_request_size=max(1 << 20, cfg.max_message_bytes + (64 << 10)),
                          compression_type=None if cfg.compression_type == "none" else cfg.compression_type,
-                         transactional_id=transactional_id)
+                         transactional_id=transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms())
 
 
 

@@ -158,7 +158,7 @@ class Service:
                     # only the Kafka connector's ports are transactional (checked on the real broker)
                     self.rebalance.transactions = Transactions(
                         cast(TransactionalSink, self.sink), cast(RewindableSource, self.source), self.tracker,
-                        self.rebalance.owned, self.cfg.drain_timeout_s)
+                        self.rebalance.owned, self.cfg.drain_timeout_s, self.cfg.transaction_timeout_ms() / 1000)
                 self._ready(True)
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
@@ -259,6 +259,7 @@ class Service:
             if self._failure is not None:
                 return
             owned = self.rebalance.owned() if messages else set()
+            owned -= self._redo()
             kept = [m for m in messages if (m.topic, m.partition) in owned]   # others: revoked since the poll
             for message in kept:
                 processor.submit(message)
@@ -270,6 +271,16 @@ class Service:
             if time.monotonic() - last_report >= DEAD_LETTER_REPORT_S:
                 processor.report_dead_letters()
                 last_report = time.monotonic()
+
+    def _redo(self) -> set[Partition]:
+        """Exactly once: partitions rewound after a revocation aborted their unit (their records from
+        this poll are stale); a rewind that fails ends the member."""
+        transactions = self.rebalance.transactions
+        try:
+            return transactions.redo() if transactions is not None else set()
+        except KafkaPermanent as exc:
+            self._failure = self._failure or exc
+            return self.rebalance.owned()   # nothing more is handed out
 
     @property
     def _resume_at(self) -> int:

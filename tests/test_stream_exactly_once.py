@@ -88,3 +88,19 @@ def test_exactly_once_reads_only_committed_input(kafka_broker, small_artifact, t
     seen = positions(read_committed(kafka_broker.bootstrap, t["output"]))
     assert sorted(seen) == [(p, o) for p in (0, 1) for o in range(5)]
 
+
+def test_the_transaction_timeout_outlasts_a_commit_interval_and_the_commit_point_s_wait(kafka_broker):
+    """A coordinator aborts a transaction open longer than its timeout: the producer must be made
+    with one above the commit interval plus the commit point's wait (--drain-timeout-s)."""
+    from stream.config import StreamConfig
+    from stream.kafka_io import KafkaConnector
+    t = names(kafka_broker)
+    cfg = StreamConfig(bootstrap_servers=kafka_broker.bootstrap, input_topic=(t["input"],), output_topic=t["output"],
+                       dead_letter_topic=t["dlq"], artifact="unused", group_id=t["group"],
+                       processing_guarantee="exactly-once", transactional_id=f"timeout-{t['group']}")
+    sink = KafkaConnector(cfg).sink(lambda: None)
+    try:
+        timeout_ms = sink._producer.config["transaction_timeout_ms"]
+    finally:
+        sink.close()
+    assert timeout_ms > cfg.commit_interval_ms + cfg.drain_timeout_s * 1000
