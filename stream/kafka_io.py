@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _DRAIN_STEP_S = 0.02
 _CLIENT_TIMEOUT_MS = 5_000   # commit and close; shutdown must end even with the broker gone
+# kafka-python's transaction calls wait on the coordinator without a bound: each commit point's calls
+# together, and an abort, get this long (within the share the commit point keeps of the transaction timeout)
+TRANSACTION_CALLS_S = 8.0
 
 
 def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
@@ -155,13 +158,20 @@ class KafkaSource:
             handler.committed(result)
             if failure is not None:   # fenced, or undrained: the service ends this member
                 handler.fail(failure)
-        if offsets:
+        if offsets:   # awaited for at most the client timeout: a coordinator that never answers ends no wait
             try:
-                await self._consumer.commit_async(self._kafka_offsets(offsets))
-                handler.committed(offsets)
+                future = self._consumer.commit_async(self._kafka_offsets(offsets))
+                limit = time.monotonic() + _CLIENT_TIMEOUT_MS / 1000
+                while not future.is_done and time.monotonic() < limit:
+                    await self._loop_sleep(_DRAIN_STEP_S)
+                failed = future.exception if future.is_done else f"no answer within {_CLIENT_TIMEOUT_MS // 1000} s"
             except KafkaError as exc:
+                failed = exc
+            if failed is None:
+                handler.committed(offsets)
+            else:
                 log.warning("revoked %s: commit failed (%s); their unacknowledged work will be redelivered",
-                            show(partitions), exc)
+                            show(partitions), failed)
         if not drained:
             log.warning("revoked %s with work still in flight after %.0f s: left uncommitted (it will be "
                         "redelivered)", show(partitions), handler.drain_timeout_s)
@@ -179,7 +189,8 @@ class KafkaSource:
 
     async def _off_loop(self, call: Callable[[], None], name: str) -> KafkaPermanent | None:
         """Run a blocking transaction step on its own thread while this loop goes on (heartbeats);
-        the KafkaPermanent it raised, if any."""
+        the KafkaPermanent it raised, if any. Its wait is bounded: a commit point that holds the
+        transaction, then the transaction calls."""
         failures: list[KafkaPermanent] = []
 
         def run() -> None:
@@ -189,8 +200,13 @@ class KafkaSource:
                 failures.append(exc)
         worker = threading.Thread(target=run, name=name, daemon=True)
         worker.start()
-        while worker.is_alive():
+        bound = self._rebalance.drain_timeout_s + 2 * TRANSACTION_CALLS_S + 5
+        limit = time.monotonic() + bound
+        while worker.is_alive() and time.monotonic() < limit:
             await self._loop_sleep(_DRAIN_STEP_S)
+        if worker.is_alive():
+            return KafkaPermanent(f"{name}: the transaction step did not finish within {bound:g} s; exiting so a "
+                                  f"restart makes new clients")
         return failures[0] if failures else None
 
     def in_group(self) -> bool:
@@ -248,7 +264,7 @@ class KafkaSource:
             if tp not in owned:
                 continue
             try:
-                offset = self._consumer.committed(tp)
+                offset = self._consumer.committed(tp, timeout_ms=_CLIENT_TIMEOUT_MS)
             except KafkaError as exc:
                 raise translate(exc, "rewinding after an aborted transaction", self._group) from exc
             if offset is not None:
@@ -432,8 +448,11 @@ class KafkaSink:
         try:
             if self._doomed is not None:
                 raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
-            self._producer.send_offsets_to_transaction(KafkaSource._kafka_offsets(offsets), group_metadata)
-            self._producer.commit_transaction()
+            limit = time.monotonic() + TRANSACTION_CALLS_S
+            kafka_offsets = KafkaSource._kafka_offsets(offsets)
+            self._bounded("adding the offsets to the transaction", limit,
+                          lambda: self._producer.send_offsets_to_transaction(kafka_offsets, group_metadata))
+            self._bounded("committing the transaction", limit, self._producer.commit_transaction)
             with self._watch_lock:
                 self._sending.ok()
                 self.failing_since = None
@@ -447,6 +466,28 @@ class KafkaSink:
             self.abort_transaction()
             raise translate(exc, "transaction commit failed") from exc
         self._begin()
+
+    @staticmethod
+    def _bounded(what: str, limit: float, call: Callable[[], Any]) -> None:
+        """Run a transaction call that kafka-python lets wait on the coordinator without a bound on its
+        own thread, until ``limit`` (monotonic): past it the member ends (KafkaPermanent); the call's own
+        error is raised here."""
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                call()
+                outcome.append(None)
+            except BaseException as exc:   # handed to the caller's thread
+                outcome.append(exc)
+        worker = threading.Thread(target=run, name="transaction-call", daemon=True)
+        worker.start()
+        worker.join(max(0.0, limit - time.monotonic()))
+        if not outcome:
+            raise KafkaPermanent(f"{what}: the transaction coordinator did not answer within "
+                                 f"{TRANSACTION_CALLS_S:g} s; exiting so a restart makes a new producer")
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def _must(self, what: str, call: Callable[[], Any]) -> None:
         """A transaction call whose failure only a new producer can fix (or that says it was fenced)."""
@@ -462,7 +503,9 @@ class KafkaSink:
 
     def abort_transaction(self) -> None:
         try:
-            self._must("aborting a transaction", self._producer.abort_transaction)
+            limit = time.monotonic() + TRANSACTION_CALLS_S
+            self._must("aborting a transaction",
+                       lambda: self._bounded("aborting a transaction", limit, self._producer.abort_transaction))
         finally:
             self._doomed = None
         self._begin()

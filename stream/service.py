@@ -77,6 +77,7 @@ class Service:
             raise ConfigError(f"--metrics-port {cfg.metrics_port}: {exc.strerror or exc}") from exc
         self.source: Source | None = None
         self.sink: Sink | None = None
+        self.closing = threading.Event()   # set when the run starts closing, whatever ended it
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -324,6 +325,7 @@ class Service:
 
     def _close(self, processor: Processor | None) -> None:
         """Stop fetching, finish in-flight batches, publish, commit, close."""
+        self.closing.set()
         self._ready(False, "shutting down")
         self._stop.set()   # ends the broker probe too
         if self.source is not None:
