@@ -78,6 +78,10 @@ class StreamConfig:
     drain_timeout_s: float = option(30.0, "on shutdown or revocation, how long to finish in-flight work")
     fail_after_s: float = option(120.0, "a Kafka client error that is not an outage and keeps failing this long "
                                         "ends the process (exit 1) so its supervisor can restart it")
+    stall_timeout_s: float = option(120.0, "work queued and none of it finished for this long while Kafka "
+                                           "answers (an inference call that hangs, a sink that retries forever): "
+                                           "/healthz fails and the process exits 1, so its supervisor restarts it "
+                                           "and the group moves its partitions")
     auto_offset_reset: str = option("earliest", "where a new group starts", choices=("earliest", "latest"))
     max_poll_records: int = option(256, "records fetched per poll")
     fetch_max_wait_ms: int = option(10, "longest the broker holds a fetch waiting for data (kafka-python's 500 "
@@ -126,7 +130,7 @@ class StreamConfig:
                self.fetch_max_wait_ms, self.linger_ms) < 0:
             raise ConfigError("--decode-workers, --inference-streams, --inference-threads, --max-delay-ms, "
                               "--fetch-max-wait-ms and --linger-ms must be >= 0")
-        for name in ("commit_interval_ms", "drain_timeout_s", "fail_after_s"):
+        for name in ("commit_interval_ms", "drain_timeout_s", "fail_after_s", "stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be > 0")
         if not 0 <= self.metrics_port <= 65535 or (self.metrics_port and self.metrics_port + self.processes > 65536):

@@ -26,6 +26,7 @@ from .metrics import HealthServer, Metrics
 from .offsets import OffsetTracker
 from .pipeline import PipelineConfig, Processor
 from .ports import Connector, Partition, Sink, Source
+from .progress import ProgressWatch
 from .rebalance import Rebalance
 from .transactions import RewindableSource, TransactionalSink, Transactions
 
@@ -78,6 +79,7 @@ class Service:
         self.source: Source | None = None
         self.sink: Sink | None = None
         self.closing = threading.Event()   # set when the run starts closing, whatever ended it
+        self._progress = ProgressWatch()
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -254,6 +256,8 @@ class Service:
             if paused:   # nothing to fetch: wait for the resume mark rather than poll (an empty poll costs ~1 ms)
                 self.tracker.wait_at_most(self._resume_at, PAUSED_POLL_S)
                 paused = self._backpressure(paused)
+            if self._stuck():
+                return
             messages = self._poll(0.0 if paused else 0.1)
             # the first cause wins: a poll's, the sink's or a rebalance step's
             self._failure = self._failure or (self.sink and self.sink.failure) or self.rebalance.failure
@@ -272,6 +276,24 @@ class Service:
             if time.monotonic() - last_report >= DEAD_LETTER_REPORT_S:
                 processor.report_dead_letters()
                 last_report = time.monotonic()
+
+    def _stuck(self) -> bool:
+        """Work queued and nothing finished for --stall-timeout-s while Kafka answers: fail /healthz and
+        end the run (the group then moves this member's partitions)."""
+        if not self._reachable:
+            self._progress.reset()
+            return False
+        queued = self.tracker.in_flight()
+        stalled = self._progress.stalled_for(queued, self.finished())
+        if stalled <= self.cfg.stall_timeout_s:
+            return False
+        reason = (f"no progress for {stalled:.0f} s: {queued} messages queued and none finished "
+                  f"(--stall-timeout-s {self.cfg.stall_timeout_s:g}); exiting so the group moves this member's "
+                  f"partitions")
+        if self.health:
+            self.health.stalled = reason
+        self._failure = self._failure or KafkaPermanent(reason)
+        return True
 
     def _redo(self) -> set[Partition]:
         """Exactly once: partitions rewound after a revocation aborted their unit (their records from

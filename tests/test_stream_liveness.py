@@ -109,3 +109,69 @@ def test_closing_after_a_failure_gets_the_same_deadline_as_after_sigterm():
     watcher.join(10)
     assert not watcher.is_alive() and exits == [1]
 
+
+def test_progress_watch_counts_only_queued_work_that_finishes_nothing():
+    from stream.progress import ProgressWatch
+    watch = ProgressWatch()
+    assert watch.stalled_for(0, 5, now=0) == 0 and watch.stalled_for(0, 5, now=100) == 0   # idle is not stuck
+    assert watch.stalled_for(3, 5, now=100) == 0
+    assert watch.stalled_for(3, 5, now=130) == 30
+    assert watch.stalled_for(3, 6, now=131) == 0 and watch.stalled_for(3, 6, now=140) == 9   # one finished
+    watch.reset()
+    assert watch.stalled_for(3, 6, now=200) == 0
+
+
+def test_a_member_whose_inference_hangs_fails_healthz_and_ends(small_artifact):
+    """The poll loop never waits on the pipeline, so nothing else would evict this member: with work
+    queued and nothing finished for --stall-timeout-s, /healthz fails and the run ends with one line."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from engine_build.errors import KafkaPermanent
+    from stream.embedded_broker import free_port
+    from stream.fake import FakeBroker
+
+    from .images import good_images
+    from .test_stream_units import config, service
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    for i in range(8):
+        broker.produce("in", good_images()["png"], key=str(i).encode())
+    port = free_port()
+    svc = service(broker, config(small_artifact, metrics_port=port, stall_timeout_s=1.0, drain_timeout_s=3.0))
+    release = threading.Event()
+    real = svc.backend.infer
+
+    def hang(batch):   # the stalled inference stand-in
+        release.wait(60)
+        return real(batch)
+    svc.backend.infer = hang
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            svc.run(timeout=120)
+        except BaseException as exc:   # inspected below
+            raised.append(exc)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    statuses: list[int] = []
+    deadline = time.monotonic() + 30
+    try:
+        while 503 not in statuses:
+            assert worker.is_alive() and time.monotonic() < deadline, f"/healthz never failed: {statuses[-3:]}"
+            try:
+                statuses.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status)
+            except urllib.error.HTTPError as exc:
+                statuses.append(exc.code)
+                assert b"no progress" in exc.read()
+            except OSError:   # not listening yet
+                pass
+            time.sleep(0.02)
+        worker.join(30)
+    finally:
+        release.set()
+    assert not worker.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], KafkaPermanent) and "no progress" in str(raised[0])
+    assert broker.committed["sentiment-stream"].get(("in", 0), 0) == 0, "nothing is committed past the stuck work"
