@@ -333,6 +333,11 @@ class FakeTransactionalSink(FakeSink):
         with self._lock:
             self._open = []
 
+    def open_transaction(self) -> list[Outgoing]:
+        """The records of the open transaction (on a broker they hold back read_committed readers)."""
+        with self._lock:
+            return list(self._open)
+
 
 class FakeConnector:
     """Makes fake sources (one group member each) and sinks on one broker."""

@@ -111,10 +111,12 @@ class KafkaSource:
                 await source._lose(_tp_list(lost))
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
+                source._joined_at = time.monotonic()
                 rebalance.assigned(_tp_list(assigned))
 
         self._rebalance = rebalance
         self._session_s = cfg.session_timeout_ms / 1000
+        self._joined_at = time.monotonic()   # the last join completed (the listener's assignment)
         try:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
@@ -210,15 +212,17 @@ class KafkaSource:
         return failures[0] if failures else None
 
     def in_group(self) -> bool:
-        """False once the generation was reset, or when no heartbeat was answered for three quarters of
-        the session timeout: the coordinator may have evicted this member (a freeze, a starved IO thread)."""
+        """False once the generation was reset, or when neither a heartbeat was answered nor a join
+        completed for three quarters of the session timeout: the coordinator may have evicted this
+        member (a freeze, a starved IO thread). Not kafka-python's own session clock: finding the
+        coordinator again restarts it, before the heartbeat that learns of the eviction."""
         metadata = self._consumer.group_metadata()
         if metadata.generation_id < 0 or not metadata.member_id:
             return False
         heartbeat = getattr(getattr(self._consumer, "_coordinator", None), "heartbeat", None)   # no public clock
         if heartbeat is None:
             return True
-        answered = max(heartbeat.last_receive, heartbeat.last_reset)
+        answered = max(heartbeat.last_receive, self._joined_at)
         return time.monotonic() - answered < self._session_s * 3 / 4
 
     @staticmethod

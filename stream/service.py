@@ -371,6 +371,8 @@ class Service:
         if self.rebalance.transactions is not None:
             self.rebalance.transactions.drain_timeout_s = left()
         self._commit()
+        if self.rebalance.transactions is not None:
+            self.rebalance.transactions.close()
         leftover = self.uncommitted() if self.tracker.committable() or self.tracker.in_flight() else None
         self.rebalance.drain_timeout_s = 0.0   # drained above: closing revokes without waiting again
         if self.source is not None:

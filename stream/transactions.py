@@ -145,6 +145,14 @@ class Transactions:
             self._abort_quietly()
         return KafkaPermanent(self._fenced_line())
 
+    def close(self) -> None:
+        """On the way out, after the last commit point: abort whatever is still open (work published after
+        an eviction's abort, or a unit that could not commit). A transaction left open holds back every
+        read_committed reader of the output, and tansu never times one out."""
+        with self._lock:
+            if self.fenced is not None or self.tracker.in_flight() or self.tracker.committable():
+                self._abort_quietly()
+
     def redo(self) -> set[Partition]:
         """On the poll thread after each poll: rewind the partitions whose unit a revocation aborted and that
         came back to this member (a retained partition keeps its position across a rebalance, so polling

@@ -104,3 +104,53 @@ def test_the_transaction_timeout_outlasts_a_commit_interval_and_the_commit_point
     finally:
         sink.close()
     assert timeout_ms > cfg.commit_interval_ms + cfg.drain_timeout_s * 1000
+
+
+def test_a_member_frozen_past_its_session_timeout_commits_nothing_twice(kafka_broker, small_artifact, tmp_path):
+    """SIGSTOP one of two members mid-stream until the group has moved its partitions to the other,
+    then SIGCONT it: it must abort its open transaction and commit none of its in-flight work (the
+    other member redoes it), exiting with one line so its supervisor restarts it."""
+    import signal
+    import subprocess
+    total = 300
+    t = names(kafka_broker, partitions=2)
+    producer = produce_steadily(kafka_broker.bootstrap, t["input"], total, 40)
+    logs = [tmp_path / "frozen.log", tmp_path / "other.log"]
+    # commit points a second apart: a freeze inside a commit (offsets sent, the end marker not yet) cannot be
+    # fenced by the member, and tansu lets the other member read the offsets of a transaction still open
+    frozen, other = (start_service(kafka_broker, t, small_artifact, log, processing_guarantee="exactly-once",
+                                   transactional_id=f"replica-{i}", commit_interval_ms=1000)
+                     for i, log in enumerate(logs))
+    try:
+        deadline = time.monotonic() + 120
+        while not all("partitions assigned: images" in log.read_text() for log in logs) or \
+                sum(v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) < total // 6:
+            assert frozen.poll() is None and other.poll() is None and time.monotonic() < deadline, \
+                "\n".join(log.read_text()[-2000:] for log in logs)
+            time.sleep(0.2)
+        assert producer.is_alive(), "the freeze lands mid-stream"
+        def assigned() -> list[str]:
+            return [line for line in logs[1].read_text().splitlines() if "partitions assigned:" in line]
+        before = len(assigned())
+        frozen.send_signal(signal.SIGSTOP)
+        try:   # until the group has evicted it and given the other member both partitions
+            deadline = time.monotonic() + 90
+            while len(assigned()) == before or not assigned()[-1].endswith(f"{t['input']}[0], {t['input']}[1]"):
+                assert other.poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        _wait_committed(kafka_broker, t, total, [other], [logs[1]])
+        producer.join(30)
+    finally:
+        if frozen.poll() is None:
+            frozen.send_signal(signal.SIGTERM)
+        try:
+            frozen_code = frozen.wait(60)
+        except subprocess.TimeoutExpired:
+            frozen.kill()
+            raise
+        stop(other, logs[1])
+    _each_once(kafka_broker, t, total)
+    assert frozen_code == 1, logs[0].read_text()[-3000:]
+    assert "exactly-once: this member was evicted" in logs[0].read_text(), logs[0].read_text()[-3000:]

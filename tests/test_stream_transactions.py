@@ -105,6 +105,7 @@ def test_an_evicted_member_aborts_its_transaction_and_commits_nothing_more(small
     other_worker, other_raised = start(other)
     worker.join(60)
     assert len(raised) == 1 and isinstance(raised[0], KafkaPermanent) and "evicted" in str(raised[0])
+    assert evicted.sink.open_transaction() == [], "left open, it would hold back read_committed readers"  # type: ignore[union-attr]
     source = other.source
     wait_until(lambda: [source.position(("in", p)) for p in (0, 1)] == [total // 2] * 2   # type: ignore[attr-defined]
                and other.tracker.in_flight() == 0, what="the other member fetches and publishes every input")
