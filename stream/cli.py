@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from engine_build.errors import UserError
@@ -39,6 +40,21 @@ def _exit_when_overdue(service: Service, seconds: float) -> None:
     os._exit(1)
 
 
+def exit_when_closing_overdue(service: Service, finished: threading.Event, seconds: float,
+                              exit: Callable[[int], object] = os._exit) -> None:
+    """Whatever ends the run (a signal, a permanent failure, --fail-after-s), closing gets the same
+    deadline as after SIGTERM: ``seconds`` from its start, unless ``finished`` is set by then."""
+    while not service.closing.wait(1.0):
+        if finished.is_set():
+            return
+    if finished.wait(seconds):
+        return
+    logging.getLogger("stream").error("closing did not finish within %g s; exiting with %s (redelivered to the "
+                                      "next member)", seconds, service.uncommitted())
+    logging.shutdown()
+    exit(1)
+
+
 def parser() -> argparse.ArgumentParser:
     return build_parser("python -m stream", DESCRIPTION)
 
@@ -53,7 +69,8 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     configure_logging(cfg.log_level)
     if cfg.processes > 1:
         from .supervisor import supervise
-        return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port)
+        return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
+                         cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None)
     # Signals are handled from here on: one that arrives while the model loads ends the start cleanly.
     received: list[int] = []
     holder: list[Service] = []
@@ -83,11 +100,16 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     if service.model_info["placeholder"]:
         logging.getLogger("stream").warning("artifact %s holds PLACEHOLDER weights: its labels are meaningless",
                                             cfg.artifact)
+    finished = threading.Event()
+    threading.Thread(target=exit_when_closing_overdue, args=(service, finished, cfg.drain_timeout_s + SHUTDOWN_GRACE_S),
+                     name="closing-deadline", daemon=True).start()
     try:
         stats = service.run()
     except UserError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        finished.set()
     logging.getLogger("stream").info("exiting: consumed %d, finished %d in %.1f s", stats.consumed, stats.finished,
                                      stats.seconds)
     return 0

@@ -13,6 +13,11 @@ from engine_build.errors import ConfigError
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+# Exactly once: a transaction lives from one commit point to the next (--commit-interval-ms), plus the
+# commit point's wait for its unit (--drain-timeout-s), plus the commit itself; this margin covers the
+# commit and a late poll loop. A Kafka broker refuses a timeout above its transaction.max.timeout.ms.
+TRANSACTION_MARGIN_MS = 20_000
+BROKER_TRANSACTION_MAX_MS = 900_000   # transaction.max.timeout.ms, Kafka's default
 
 
 def option(default: Any = MISSING, help: str = "", choices: tuple[str, ...] | None = None,
@@ -68,10 +73,15 @@ class StreamConfig:
                                        "isolation_level=read_committed)", choices=("at-least-once", "exactly-once"))
     transactional_id: str | None = option(None, "exactly-once: this member's stable transactional id (e.g. the pod "
                                                 "name) so a restart aborts its predecessor's open transaction at "
-                                                "once (default: a new random id per process)")
+                                                "once; with --processes N, child i uses ID-i (default: a new "
+                                                "random id per process)")
     drain_timeout_s: float = option(30.0, "on shutdown or revocation, how long to finish in-flight work")
     fail_after_s: float = option(120.0, "a Kafka client error that is not an outage and keeps failing this long "
                                         "ends the process (exit 1) so its supervisor can restart it")
+    stall_timeout_s: float = option(120.0, "work queued and none of it finished for this long while Kafka "
+                                           "answers (an inference call that hangs, a sink that retries forever): "
+                                           "/healthz fails and the process exits 1, so its supervisor restarts it "
+                                           "and the group moves its partitions")
     auto_offset_reset: str = option("earliest", "where a new group starts", choices=("earliest", "latest"))
     max_poll_records: int = option(256, "records fetched per poll")
     fetch_max_wait_ms: int = option(10, "longest the broker holds a fetch waiting for data (kafka-python's 500 "
@@ -120,7 +130,7 @@ class StreamConfig:
                self.fetch_max_wait_ms, self.linger_ms) < 0:
             raise ConfigError("--decode-workers, --inference-streams, --inference-threads, --max-delay-ms, "
                               "--fetch-max-wait-ms and --linger-ms must be >= 0")
-        for name in ("commit_interval_ms", "drain_timeout_s", "fail_after_s"):
+        for name in ("commit_interval_ms", "drain_timeout_s", "fail_after_s", "stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be > 0")
         if not 0 <= self.metrics_port <= 65535 or (self.metrics_port and self.metrics_port + self.processes > 65536):
@@ -130,6 +140,10 @@ class StreamConfig:
                               "drains within the group's rebalance timeout")
         if self.max_in_flight < self.max_batch:
             raise ConfigError("--max-in-flight must be at least --max-batch")
+        if self.processing_guarantee == "exactly-once" and self.transaction_timeout_ms() > BROKER_TRANSACTION_MAX_MS:
+            raise ConfigError(f"exactly-once: --commit-interval-ms + --drain-timeout-s + "
+                              f"{TRANSACTION_MARGIN_MS // 1000} s is the transaction timeout and must stay within "
+                              f"the broker's transaction.max.timeout.ms ({BROKER_TRANSACTION_MAX_MS // 1000} s)")
 
     def _check_kafka(self) -> None:
         for server in self.bootstrap_servers.split(","):
@@ -146,6 +160,12 @@ class StreamConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{flag(name)} {path}: no such file")
+
+    def transaction_timeout_ms(self) -> int:
+        """Exactly once: how long the coordinator lets a transaction stay open, derived so that it
+        outlasts a commit interval plus the commit point's whole wait (with a margin); a shorter one
+        lets the coordinator abort a unit the member is still waiting to commit."""
+        return int(self.commit_interval_ms + self.drain_timeout_s * 1000) + TRANSACTION_MARGIN_MS
 
     def client_options(self) -> dict[str, Any]:
         """TLS/SASL settings for both Kafka clients (only those that are set)."""

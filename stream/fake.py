@@ -14,7 +14,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable
 
-from engine_build.errors import KafkaPermanent
+from engine_build.errors import KafkaPermanent, KafkaTransient
 
 from .ports import Partition, RebalanceHandler, Refused
 from .records import Headers, Message, Outgoing
@@ -33,6 +33,7 @@ class FakeBroker:
         self.up = True                        # what reachable() answers
         self.errors: list[BaseException] = []       # a sink's assertion, re-raised on the poll thread
         self.refuse_topics: set[str] = set()  # sends to these fail for good (like an unauthorized topic)
+        self.fail_next_commits = 0            # make the next N transaction commits fail (and abort)
         self._members: dict[str, list[FakeSource]] = defaultdict(list)
         self._generation: dict[str, int] = defaultdict(int)
 
@@ -53,8 +54,15 @@ class FakeBroker:
         with self.lock:
             return [r for part in self.topics.get(topic, []) for r in part]
 
-    def connector(self, topics: list[str], group_id: str) -> FakeConnector:
-        return FakeConnector(self, topics, group_id)
+    def connector(self, topics: list[str], group_id: str, transactional: bool = False) -> FakeConnector:
+        return FakeConnector(self, topics, group_id, transactional)
+
+    def evict(self, member: FakeSource) -> None:
+        """The coordinator drops a member whose session expired (a frozen process): the others rebalance
+        without it; the member learns of it at its next poll, as kafka-python's does from a heartbeat."""
+        with self.lock:
+            member.evicted = True
+            self._leave(member)
 
     # ---- consumer groups ----
     def _join(self, member: FakeSource) -> None:
@@ -90,6 +98,7 @@ class FakeSource:
         self._position: dict[Partition, int] = {}
         self.paused = False
         self.closed = False
+        self.evicted = False
         broker._join(self)
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
@@ -107,6 +116,8 @@ class FakeSource:
         return out
 
     def _stable(self) -> bool:
+        if self.evicted:
+            self._lose()
         generation = self.broker._generation[self.group]
         if self.generation == generation:
             return True
@@ -120,9 +131,22 @@ class FakeSource:
         self.generation = generation
         self.assigned = share
         start = self.broker.committed[self.group]
-        self._position = {p: start.get(p, 0) for p in share}
+        # as kafka-python's eager protocol: a partition kept across the rebalance keeps its position
+        self._position = {p: self._position[p] if p in self._position else start.get(p, 0) for p in share}
         self.rebalance.assigned(list(share))
         return True
+
+    def _lose(self) -> None:
+        """Evicted: the partitions are lost (exactly once, the open transaction is aborted first), every
+        position is dropped, and the member joins again, as kafka-python's does."""
+        lost, self.assigned, self._position = self.assigned, [], {}
+        self.evicted, self.generation = False, -1
+        if lost:
+            transactions = self.rebalance.transactions
+            if transactions is not None:
+                self.rebalance.fail(transactions.lost(lost))
+            self.rebalance.released(lost, lost=True)
+        self.broker._join(self)
 
     def _revoke(self, partitions: list[Partition]) -> None:
         if not partitions:
@@ -130,6 +154,14 @@ class FakeSource:
         deadline = time.monotonic() + self.rebalance.drain_timeout_s
         while not self.rebalance.drained(partitions) and time.monotonic() < deadline:
             time.sleep(0.005)
+        transactions = self.rebalance.transactions
+        if transactions is not None:   # as the Kafka source: commit or abort the open transaction
+            try:
+                self.rebalance.committed(transactions.end_for_revocation(self.rebalance.drained(partitions)))
+            except KafkaPermanent as exc:
+                self.rebalance.fail(exc)
+            self.rebalance.released(partitions, lost=False)
+            return
         offsets = self.rebalance.committable(partitions)
         if offsets:
             self.commit(offsets)
@@ -156,6 +188,24 @@ class FakeSource:
     def commit(self, offsets: dict[Partition, int]) -> None:
         with self.broker.lock:
             self.broker.committed[self.group].update(offsets)
+
+    def group_metadata(self) -> tuple[int, int]:
+        """(generation, member id); (-1, 0) once evicted, as kafka-python's after a heartbeat reset."""
+        return (-1, 0) if self.evicted else (self.generation, id(self))
+
+    def in_group(self) -> bool:
+        return not self.evicted
+
+    def position(self, partition: Partition) -> int | None:
+        """The next offset this member fetches from ``partition`` (kafka-python's ``position``)."""
+        return self._position.get(partition) if partition in self.assigned else None
+
+    def rewind(self, partitions: list[Partition]) -> None:
+        with self.broker.lock:
+            start = self.broker.committed[self.group]
+            for partition in partitions:
+                if partition in self._position:
+                    self._position[partition] = start.get(partition, 0)
 
     def pause_all(self) -> None:
         self.paused = True
@@ -221,8 +271,11 @@ class FakeSink:
                 return
             self.publish(record.fallback, on_ack, on_refused)
             return
-        self.broker.produce(record.topic, record.value, record.key, record.headers, partition=0)
+        self._append(record)
         on_ack()
+
+    def _append(self, record: Outgoing) -> None:
+        self.broker.produce(record.topic, record.value, record.key, record.headers, partition=0)
 
     def _retry(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None) -> None:
         with self._lock:
@@ -244,14 +297,59 @@ class FakeSink:
         pass
 
 
+class FakeTransactionalSink(FakeSink):
+    """The sink with a transactional id: records wait in the open transaction and reach the log (what a
+    read_committed reader sees) only when it commits, with the consumed offsets; an abort drops them.
+    Like tansu, it does not check the offsets' group generation or member id: the service fences itself."""
+
+    def __init__(self, broker: FakeBroker, group: str, on_retry: Callable[[], None] = lambda: None) -> None:
+        super().__init__(broker, on_retry)
+        self.group = group
+        self._open: list[Outgoing] = []
+        self.metadata: list[object] = []   # the group metadata of each committed transaction
+
+    def _append(self, record: Outgoing) -> None:
+        with self._lock:
+            self._open.append(record)
+
+    def commit_transaction(self, offsets: dict[Partition, int], group_metadata: object) -> None:
+        """Commit the open transaction; like the Kafka sink, a failed commit aborts it and raises KafkaTransient."""
+        with self.broker.lock:
+            fail = self.broker.fail_next_commits > 0
+            if fail:
+                self.broker.fail_next_commits -= 1
+            else:
+                with self._lock:
+                    records, self._open = self._open, []
+                for record in records:
+                    self.broker.produce(record.topic, record.value, record.key, record.headers, partition=0)
+                self.broker.committed[self.group].update(offsets)
+                self.metadata.append(group_metadata)
+        if fail:
+            self.abort_transaction()
+            raise KafkaTransient("transaction commit failed: the coordinator is not available")
+
+    def abort_transaction(self) -> None:
+        with self._lock:
+            self._open = []
+
+    def open_transaction(self) -> list[Outgoing]:
+        """The records of the open transaction (on a broker they hold back read_committed readers)."""
+        with self._lock:
+            return list(self._open)
+
+
 class FakeConnector:
     """Makes fake sources (one group member each) and sinks on one broker."""
 
-    def __init__(self, broker: FakeBroker, topics: list[str], group_id: str) -> None:
+    def __init__(self, broker: FakeBroker, topics: list[str], group_id: str, transactional: bool = False) -> None:
         self.broker, self.topics, self.group_id = broker, topics, group_id
+        self.transactional = transactional
 
     def source(self, rebalance: RebalanceHandler) -> FakeSource:
         return FakeSource(self.broker, self.topics, self.group_id, rebalance)
 
     def sink(self, on_retry: Callable[[], None]) -> FakeSink:
+        if self.transactional:
+            return FakeTransactionalSink(self.broker, self.group_id, on_retry)
         return FakeSink(self.broker, on_retry)

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _DRAIN_STEP_S = 0.02
 _CLIENT_TIMEOUT_MS = 5_000   # commit and close; shutdown must end even with the broker gone
+# kafka-python's transaction calls wait on the coordinator without a bound: each commit point's calls
+# together, and an abort, get this long (within the share the commit point keeps of the transaction timeout)
+TRANSACTION_CALLS_S = 8.0
 
 
 def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
@@ -79,6 +82,12 @@ def translate(exc: BaseException, what: str, group: str = "") -> Exception:
     return KafkaTransient(f"{what}: {text}")
 
 
+def isolation_level(guarantee: str) -> str:
+    """What the consumer reads: exactly once, only committed input (an upstream transaction's aborted
+    records are not input, and records of an open one wait for its end); at least once, everything."""
+    return "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
+
+
 def _tp_list(partitions: Any) -> list[Partition]:
     return sorted((tp.topic, tp.partition) for tp in partitions)
 
@@ -99,12 +108,15 @@ class KafkaSource:
                 await source._revoke(_tp_list(revoked))
 
             async def on_partitions_lost(self, lost: Any) -> None:
-                rebalance.released(_tp_list(lost), lost=True)
+                await source._lose(_tp_list(lost))
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
+                source._joined_at = time.monotonic()
                 rebalance.assigned(_tp_list(assigned))
 
         self._rebalance = rebalance
+        self._session_s = cfg.session_timeout_ms / 1000
+        self._joined_at = time.monotonic()   # the last join completed (the listener's assignment)
         try:
             self._consumer = KafkaConsumer(
                 bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
@@ -113,6 +125,7 @@ class KafkaSource:
                 session_timeout_ms=cfg.session_timeout_ms,
                 heartbeat_interval_ms=max(100, cfg.session_timeout_ms // 4),
                 max_poll_interval_ms=cfg.max_poll_interval_ms, bootstrap_timeout_ms=5_000,
+                isolation_level=isolation_level(cfg.processing_guarantee),
                 client_id=f"sentiment-stream-{cfg.group_id}", allow_auto_create_topics=False,
                 **cfg.client_options())
             self._consumer.subscribe(topics=list(cfg.input_topic), listener=Listener())
@@ -140,31 +153,77 @@ class KafkaSource:
         offsets = {} if transactions is not None else handler.committable(partitions)
         if transactions is not None:   # exactly-once: commit or abort the open transaction, off this loop
             result: dict = {}
-            failures: list[KafkaPermanent] = []
 
             def end() -> None:
-                try:
-                    result.update(transactions.end_for_revocation(drained))
-                except KafkaPermanent as exc:   # fenced, or undrained: the service ends this member
-                    failures.append(exc)
-            worker = threading.Thread(target=end, name="revoke-transaction", daemon=True)
-            worker.start()
-            while worker.is_alive():
-                await self._loop_sleep(_DRAIN_STEP_S)
+                result.update(transactions.end_for_revocation(drained))
+            failure = await self._off_loop(end, "revoke-transaction")
             handler.committed(result)
-            for failure in failures:
+            if failure is not None:   # fenced, or undrained: the service ends this member
                 handler.fail(failure)
-        if offsets:
+        if offsets:   # awaited for at most the client timeout: a coordinator that never answers ends no wait
             try:
-                await self._consumer.commit_async(self._kafka_offsets(offsets))
-                handler.committed(offsets)
+                future = self._consumer.commit_async(self._kafka_offsets(offsets))
+                limit = time.monotonic() + _CLIENT_TIMEOUT_MS / 1000
+                while not future.is_done and time.monotonic() < limit:
+                    await self._loop_sleep(_DRAIN_STEP_S)
+                failed = future.exception if future.is_done else f"no answer within {_CLIENT_TIMEOUT_MS // 1000} s"
             except KafkaError as exc:
+                failed = exc
+            if failed is None:
+                handler.committed(offsets)
+            else:
                 log.warning("revoked %s: commit failed (%s); their unacknowledged work will be redelivered",
-                            show(partitions), exc)
+                            show(partitions), failed)
         if not drained:
             log.warning("revoked %s with work still in flight after %.0f s: left uncommitted (it will be "
                         "redelivered)", show(partitions), handler.drain_timeout_s)
         handler.released(partitions, lost=False)
+
+    async def _lose(self, partitions: list[Partition]) -> None:
+        """Evicted: exactly once, abort the open transaction (off this loop) before the partitions go."""
+        handler = self._rebalance
+        transactions = handler.transactions
+        if transactions is not None and partitions:
+            lost: list[KafkaPermanent] = []
+            failure = await self._off_loop(lambda: lost.append(transactions.lost(partitions)), "lose-transaction")
+            handler.fail(failure or lost[0])
+        handler.released(partitions, lost=True)
+
+    async def _off_loop(self, call: Callable[[], None], name: str) -> KafkaPermanent | None:
+        """Run a blocking transaction step on its own thread while this loop goes on (heartbeats);
+        the KafkaPermanent it raised, if any. Its wait is bounded: a commit point that holds the
+        transaction, then the transaction calls."""
+        failures: list[KafkaPermanent] = []
+
+        def run() -> None:
+            try:
+                call()
+            except KafkaPermanent as exc:
+                failures.append(exc)
+        worker = threading.Thread(target=run, name=name, daemon=True)
+        worker.start()
+        bound = self._rebalance.drain_timeout_s + 2 * TRANSACTION_CALLS_S + 5
+        limit = time.monotonic() + bound
+        while worker.is_alive() and time.monotonic() < limit:
+            await self._loop_sleep(_DRAIN_STEP_S)
+        if worker.is_alive():
+            return KafkaPermanent(f"{name}: the transaction step did not finish within {bound:g} s; exiting so a "
+                                  f"restart makes new clients")
+        return failures[0] if failures else None
+
+    def in_group(self) -> bool:
+        """False once the generation was reset, or when neither a heartbeat was answered nor a join
+        completed for three quarters of the session timeout: the coordinator may have evicted this
+        member (a freeze, a starved IO thread). Not kafka-python's own session clock: finding the
+        coordinator again restarts it, before the heartbeat that learns of the eviction."""
+        metadata = self._consumer.group_metadata()
+        if metadata.generation_id < 0 or not metadata.member_id:
+            return False
+        heartbeat = getattr(getattr(self._consumer, "_coordinator", None), "heartbeat", None)   # no public clock
+        if heartbeat is None:
+            return True
+        answered = max(heartbeat.last_receive, self._joined_at)
+        return time.monotonic() - answered < self._session_s * 3 / 4
 
     @staticmethod
     def _kafka_offsets(offsets: dict[Partition, int]) -> dict[Any, Any]:
@@ -209,7 +268,7 @@ class KafkaSource:
             if tp not in owned:
                 continue
             try:
-                offset = self._consumer.committed(tp)
+                offset = self._consumer.committed(tp, timeout_ms=_CLIENT_TIMEOUT_MS)
             except KafkaError as exc:
                 raise translate(exc, "rewinding after an aborted transaction", self._group) from exc
             if offset is not None:
@@ -273,9 +332,10 @@ class KafkaSink:
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
-                 transactional_id: str | None = None) -> None:
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
         from kafka.errors import KafkaError
-        extra = {"transactional_id": transactional_id, "transaction_timeout_ms": 30_000} if transactional_id else {}
+        extra = ({"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms}
+                 if transactional_id else {})
         self._settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_block_ms=10_000,
                               retries=5, bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
                               compression_type=compression_type, **extra, **client_options)
@@ -392,8 +452,11 @@ class KafkaSink:
         try:
             if self._doomed is not None:
                 raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
-            self._producer.send_offsets_to_transaction(KafkaSource._kafka_offsets(offsets), group_metadata)
-            self._producer.commit_transaction()
+            limit = time.monotonic() + TRANSACTION_CALLS_S
+            kafka_offsets = KafkaSource._kafka_offsets(offsets)
+            self._bounded("adding the offsets to the transaction", limit,
+                          lambda: self._producer.send_offsets_to_transaction(kafka_offsets, group_metadata))
+            self._bounded("committing the transaction", limit, self._producer.commit_transaction)
             with self._watch_lock:
                 self._sending.ok()
                 self.failing_since = None
@@ -407,6 +470,28 @@ class KafkaSink:
             self.abort_transaction()
             raise translate(exc, "transaction commit failed") from exc
         self._begin()
+
+    @staticmethod
+    def _bounded(what: str, limit: float, call: Callable[[], Any]) -> None:
+        """Run a transaction call that kafka-python lets wait on the coordinator without a bound on its
+        own thread, until ``limit`` (monotonic): past it the member ends (KafkaPermanent); the call's own
+        error is raised here."""
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                call()
+                outcome.append(None)
+            except BaseException as exc:   # handed to the caller's thread
+                outcome.append(exc)
+        worker = threading.Thread(target=run, name="transaction-call", daemon=True)
+        worker.start()
+        worker.join(max(0.0, limit - time.monotonic()))
+        if not outcome:
+            raise KafkaPermanent(f"{what}: the transaction coordinator did not answer within "
+                                 f"{TRANSACTION_CALLS_S:g} s; exiting so a restart makes a new producer")
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def _must(self, what: str, call: Callable[[], Any]) -> None:
         """A transaction call whose failure only a new producer can fix (or that says it was fenced)."""
@@ -422,7 +507,9 @@ class KafkaSink:
 
     def abort_transaction(self) -> None:
         try:
-            self._must("aborting a transaction", self._producer.abort_transaction)
+            limit = time.monotonic() + TRANSACTION_CALLS_S
+            self._must("aborting a transaction",
+                       lambda: self._bounded("aborting a transaction", limit, self._producer.abort_transaction))
         finally:
             self._doomed = None
         self._begin()
@@ -531,7 +618,7 @@ class KafkaConnector:
         return KafkaSink(cfg.bootstrap_servers, cfg.client_options(), on_retry, linger_ms=cfg.linger_ms,
                          max_request_size=max(1 << 20, cfg.max_message_bytes + (64 << 10)),
                          compression_type=None if cfg.compression_type == "none" else cfg.compression_type,
-                         transactional_id=transactional_id)
+                         transactional_id=transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms())
 
 
 

@@ -70,6 +70,7 @@ class HealthServer:
         self.alive_at = time.monotonic()
         self.is_ready = False
         self.reason = "starting"
+        self.stalled: str | None = None   # why the pipeline is stuck, once it is
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,7 +79,10 @@ class HealthServer:
                     self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
                     alive = time.monotonic() - outer.alive_at < 60
-                    self._send(200 if alive else 503, b"ok\n" if alive else b"poll loop stalled\n")
+                    if outer.stalled is not None:
+                        self._send(503, f"{outer.stalled}\n".encode())
+                    else:
+                        self._send(200 if alive else 503, b"ok\n" if alive else b"poll loop stalled\n")
                 elif self.path == "/readyz":
                     self._send(200 if outer.is_ready else 503,
                                b"ready\n" if outer.is_ready else f"not ready: {outer.reason}\n".encode())

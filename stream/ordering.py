@@ -18,8 +18,10 @@ T = TypeVar("T")
 class InOrder(Generic[T]):
     """Items complete in any order; each partition's are emitted in the order they were expected.
 
-    ``emit`` runs under this object's lock, so what one thread emits can never overtake what
-    another emitted first (the sink's publish is a non-blocking hand-off).
+    ``emit`` runs outside this object's lock (a producer's send can block, waiting for metadata):
+    one thread at a time emits a partition's ready items, in order, and items that become ready
+    meanwhile queue behind them, so nothing overtakes what was ready first and a blocked send
+    holds up only its own partition.
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -27,6 +29,8 @@ class InOrder(Generic[T]):
         self._lock = threading.Lock()
         self._expected: dict[Hashable, deque[Hashable]] = {}
         self._done: dict[Hashable, dict[Hashable, T]] = {}
+        self._ready: dict[Hashable, deque[T]] = {}   # released in order, not yet emitted
+        self._emitting: set[Hashable] = set()        # partitions a thread is emitting for
 
     def expect(self, partition: Hashable, token: Hashable) -> None:
         if self.enabled:
@@ -42,8 +46,28 @@ class InOrder(Generic[T]):
             done = self._done.setdefault(partition, {})
             done[token] = item
             queue = self._expected.get(partition, deque())
+            ready = self._ready.setdefault(partition, deque())
             while queue and queue[0] in done:
-                emit(done.pop(queue.popleft()))
+                ready.append(done.pop(queue.popleft()))
+            if not ready or partition in self._emitting:
+                return   # the thread emitting for this partition emits these too, after its own
+            self._emitting.add(partition)
+        self._emit_ready(partition, emit)
+
+    def _emit_ready(self, partition: Hashable, emit: Callable[[T], None]) -> None:
+        while True:
+            with self._lock:   # the flag drops with the last check, or a newcomer's items would wait forever
+                ready = self._ready[partition]
+                if not ready:
+                    self._emitting.discard(partition)
+                    return
+                item = ready.popleft()
+            try:
+                emit(item)
+            except BaseException:   # a bug in emit: the next completion emits what is left
+                with self._lock:
+                    self._emitting.discard(partition)
+                raise
 
     def waiting(self) -> int:
         """Finished items held back behind an unfinished earlier one."""

@@ -38,7 +38,8 @@ class RebalanceHandler(Protocol):
     On revocation a source waits (without blocking its client's IO) until
     :meth:`drained` or ``drain_timeout_s``, commits :meth:`committable`, reports
     what it committed through :meth:`committed`, then calls :meth:`released`.
-    Lost partitions (the member was evicted) go straight to :meth:`released`.
+    Lost partitions (the member was evicted) go straight to :meth:`released` (exactly once, after
+    ``transactions.lost`` has aborted the open transaction; its failure goes to :meth:`fail`).
     """
 
     drain_timeout_s: float

@@ -26,6 +26,7 @@ from .metrics import HealthServer, Metrics
 from .offsets import OffsetTracker
 from .pipeline import PipelineConfig, Processor
 from .ports import Connector, Partition, Sink, Source
+from .progress import ProgressWatch
 from .rebalance import Rebalance
 from .transactions import RewindableSource, TransactionalSink, Transactions
 
@@ -77,6 +78,8 @@ class Service:
             raise ConfigError(f"--metrics-port {cfg.metrics_port}: {exc.strerror or exc}") from exc
         self.source: Source | None = None
         self.sink: Sink | None = None
+        self.closing = threading.Event()   # set when the run starts closing, whatever ended it
+        self._progress = ProgressWatch()
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -158,7 +161,7 @@ class Service:
                     # only the Kafka connector's ports are transactional (checked on the real broker)
                     self.rebalance.transactions = Transactions(
                         cast(TransactionalSink, self.sink), cast(RewindableSource, self.source), self.tracker,
-                        self.rebalance.owned, self.cfg.drain_timeout_s)
+                        self.rebalance.owned, self.cfg.drain_timeout_s, self.cfg.transaction_timeout_ms() / 1000)
                 self._ready(True)
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
@@ -253,12 +256,15 @@ class Service:
             if paused:   # nothing to fetch: wait for the resume mark rather than poll (an empty poll costs ~1 ms)
                 self.tracker.wait_at_most(self._resume_at, PAUSED_POLL_S)
                 paused = self._backpressure(paused)
+            if self._stuck():
+                return
             messages = self._poll(0.0 if paused else 0.1)
             # the first cause wins: a poll's, the sink's or a rebalance step's
             self._failure = self._failure or (self.sink and self.sink.failure) or self.rebalance.failure
             if self._failure is not None:
                 return
             owned = self.rebalance.owned() if messages else set()
+            owned -= self._redo()
             kept = [m for m in messages if (m.topic, m.partition) in owned]   # others: revoked since the poll
             for message in kept:
                 processor.submit(message)
@@ -270,6 +276,34 @@ class Service:
             if time.monotonic() - last_report >= DEAD_LETTER_REPORT_S:
                 processor.report_dead_letters()
                 last_report = time.monotonic()
+
+    def _stuck(self) -> bool:
+        """Work queued and nothing finished for --stall-timeout-s while Kafka answers: fail /healthz and
+        end the run (the group then moves this member's partitions)."""
+        if not self._reachable:
+            self._progress.reset()
+            return False
+        queued = self.tracker.in_flight()
+        stalled = self._progress.stalled_for(queued, self.finished())
+        if stalled <= self.cfg.stall_timeout_s:
+            return False
+        reason = (f"no progress for {stalled:.0f} s: {queued} messages queued and none finished "
+                  f"(--stall-timeout-s {self.cfg.stall_timeout_s:g}); exiting so the group moves this member's "
+                  f"partitions")
+        if self.health:
+            self.health.stalled = reason
+        self._failure = self._failure or KafkaPermanent(reason)
+        return True
+
+    def _redo(self) -> set[Partition]:
+        """Exactly once: partitions rewound after a revocation aborted their unit (their records from
+        this poll are stale); a rewind that fails ends the member."""
+        transactions = self.rebalance.transactions
+        try:
+            return transactions.redo() if transactions is not None else set()
+        except KafkaPermanent as exc:
+            self._failure = self._failure or exc
+            return self.rebalance.owned()   # nothing more is handed out
 
     @property
     def _resume_at(self) -> int:
@@ -313,6 +347,7 @@ class Service:
 
     def _close(self, processor: Processor | None) -> None:
         """Stop fetching, finish in-flight batches, publish, commit, close."""
+        self.closing.set()
         self._ready(False, "shutting down")
         self._stop.set()   # ends the broker probe too
         if self.source is not None:
@@ -336,6 +371,8 @@ class Service:
         if self.rebalance.transactions is not None:
             self.rebalance.transactions.drain_timeout_s = left()
         self._commit()
+        if self.rebalance.transactions is not None:
+            self.rebalance.transactions.close()
         leftover = self.uncommitted() if self.tracker.committable() or self.tracker.in_flight() else None
         self.rebalance.drain_timeout_s = 0.0   # drained above: closing revokes without waiting again
         if self.source is not None:

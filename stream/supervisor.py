@@ -1,11 +1,12 @@
 """``--processes N``: N consumer processes on one host, one consumer group.
 
 Each child is a plain ``python -m stream`` with the same flags and environment plus
-``--processes 1 --metrics-port BASE+i``: its own Kafka clients, backend and decode pool,
-so the Kafka client and decoding scale past one interpreter's GIL while the group shares
-the partitions among the children. The supervisor forwards SIGTERM/SIGINT to every child
-and waits for their drains; if one child fails, the others are stopped and its exit code
-is returned, so the outer supervisor (systemd, Kubernetes) restarts the whole set.
+``--processes 1 --metrics-port BASE+i`` (and, given a transactional id, ``--transactional-id
+ID-i``): its own Kafka clients, backend and decode pool, so the Kafka client and decoding scale
+past one interpreter's GIL while the group shares the partitions among the children. The
+supervisor forwards SIGTERM/SIGINT to every child and waits for their drains; if one child
+fails, the others are stopped and its exit code is returned, so the outer supervisor (systemd,
+Kubernetes) restarts the whole set.
 """
 from __future__ import annotations
 
@@ -25,10 +26,17 @@ def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
     return [sys.executable, "-m", "stream", *argv, "--processes", "1", "--metrics-port", str(port)]
 
 
-def supervise(argv: Sequence[str], processes: int, metrics_port: int) -> int:
+def own_transactional_id(argv: Sequence[str], index: int, transactional_id: str | None) -> list[str]:
+    """Child ``index``'s flags with its own stable transactional id, ``ID-index``: children sharing one
+    id would fence each other (each one's init_transactions aborts its sibling's transaction)."""
+    return [*argv, "--transactional-id", f"{transactional_id}-{index}"] if transactional_id else list(argv)
+
+
+def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None) -> int:
     # Own sessions (so own process groups): a terminal's Ctrl-C reaches the children once, through
     # forward(), not twice (a second signal means "exit now" to a child).
-    children = [subprocess.Popen(child_argv(argv, i, metrics_port), start_new_session=True)
+    children = [subprocess.Popen(child_argv(own_transactional_id(argv, i, transactional_id), i, metrics_port),
+                                 start_new_session=True)
                 for i in range(processes)]
     log.info("started %d consumer processes (pids %s)%s", processes, ", ".join(str(c.pid) for c in children),
              f"; metrics on ports {metrics_port}..{metrics_port + processes - 1}" if metrics_port else "")

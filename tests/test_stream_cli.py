@@ -172,3 +172,20 @@ def test_the_failing_child_s_code_is_returned_not_the_sigterm_it_caused_a_siblin
     started = time.monotonic()
     assert stream.supervisor.supervise([], 2, 0) == 3
     assert time.monotonic() - started < 20      # the sleeper was stopped, not waited for
+
+
+def test_processes_give_each_child_its_own_stable_transactional_id(monkeypatch, tmp_path, small_artifact):
+    """Children sharing one transactional id fence each other: each gets the id plus its index,
+    whether the id came as a flag or as its environment twin."""
+    import stream.supervisor
+    seen: list[list[str]] = []
+
+    def record(argv, index, port):
+        seen.append(list(argv))
+        return [sys.executable, "-c", "pass"]
+    monkeypatch.setattr(stream.supervisor, "child_argv", record)
+    flags = BASE + ["--artifact", str(small_artifact), "--processing-guarantee", "exactly-once", "--processes", "2"]
+    assert main(flags, {"STREAM_TRANSACTIONAL_ID": "pod-a"}) == 0
+    assert main(flags + ["--transactional-id", "pod-b"], {}) == 0
+    ids = [argv[len(argv) - argv[::-1].index("--transactional-id")] for argv in seen]   # the last one wins
+    assert ids == ["pod-a-0", "pod-a-1", "pod-b-0", "pod-b-1"]
