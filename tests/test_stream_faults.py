@@ -16,7 +16,6 @@ from .kafka_helpers import (
     names,
     positions,
     produce,
-    produce_steadily,
     read_all,
     read_committed,
     start_service,
@@ -157,28 +156,36 @@ def test_connections_delayed_and_cut_mid_stream_lose_nothing(small_artifact, tmp
     port = free_port()
     proxy = _FlakyProxy(port)
     broker = EmbeddedBroker(port=port, advertised_port=proxy.port, log_path=tmp_path / "tansu.log").start()
-    total = 300
+    total, metrics = 300, free_port()
     log = tmp_path / "service.log"
     try:
         t = names(broker, partitions=2)
-        # paced, so the three cuts land while input is still arriving however fast the service is
-        producer = produce_steadily(broker.bootstrap, t["input"], total, 20, image="jpeg_rocket")
-        process = start_service(broker, t, small_artifact, log)
+        # A third of the input before the service starts and a third after each of the first two cuts;
+        # each cut lands once the service has finished an eighth more of the total, with input unfinished.
+        chunk, produced, at_cut = total // 3, 0, []
+        produce(broker.bootstrap, t["input"], images(0, chunk, image="jpeg_rocket"))
+        produced += chunk
+        process = start_service(broker, t, small_artifact, log, metrics_port=metrics)
         try:
+            for cut in range(3):
+                at_cut.append((wait_finished(process, metrics, total * (cut + 1) // 8 + 1, log, timeout=240),
+                               produced))
+                proxy.cut()
+                if cut < 2:
+                    count = chunk if cut < 1 else total - produced
+                    produce(broker.bootstrap, t["input"], images(produced, count, image="jpeg_rocket"))
+                    produced += count
             deadline = time.monotonic() + 240
             while True:
                 marks = committed(broker.bootstrap, t["group"], t["input"])
                 if sum(v or 0 for v in marks.values()) >= total:
                     break
                 assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                done = len(read_all(broker.bootstrap, t["output"], 0, timeout=1))
-                if proxy.cuts < 3 and done > total * (proxy.cuts + 1) // 8:
-                    proxy.cut()
-                time.sleep(0.5)
+                time.sleep(0.3)
         finally:
             stop(process, log)
-            producer.join(30)
-        assert proxy.cuts == 3, "every cut landed mid-stream"
+        assert all(done < produced for done, produced in at_cut), f"every cut landed mid-stream: {at_cut}"
+        assert proxy.cuts == 3
         records = read_all(broker.bootstrap, t["output"], total)
         assert set(positions(records)) == {(p, o) for p, mark in marks.items() for o in range(mark)}
         assert sum(marks.values()) == total
