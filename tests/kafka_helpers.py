@@ -7,16 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
-
-from stream.kafka_io import close_producer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,13 +109,15 @@ def stop(process: subprocess.Popen, log: Path) -> None:
     assert code == 0, log.read_text()[-3000:]
 
 
-def finished(port: int) -> int:
+def finished(port: int, answering: bool = False) -> int:
     """Messages the service whose metrics answer on ``port`` has finished (results and dead letters
-    the broker acknowledged); 0 while it does not answer yet."""
+    the broker acknowledged); 0 while it does not answer yet, unless it must be ``answering``."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
     except OSError:
+        if answering:
+            raise
         return 0
     return int(sum(float(line.split()[-1]) for line in text.splitlines()
                    if line.startswith("sentiment_images_total{")))
@@ -141,34 +139,6 @@ def images(first: int, count: int, image: str = "jpeg_coffee") -> list[tuple[byt
     from .images import good_images
     value = good_images()[image]
     return [(str(i).encode(), value) for i in range(first, first + count)]
-
-
-def produce_steadily(bootstrap: str, topic: str, total: int, seconds: float, image: str = "jpeg_coffee"
-                     ) -> threading.Thread:
-    """A producer thread spreading ``total`` records over ``seconds``, so every step lands mid-stream."""
-    from .images import good_images
-    value = good_images()[image]
-
-    def run() -> None:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-        started = time.monotonic()
-        for i in range(total):
-            try:
-                producer.send(topic, key=str(i).encode(), value=value)
-            except KafkaError:   # the broker went away (tests that stop it)
-                break
-            lag = started + seconds * (i + 1) / total - time.monotonic()
-            if lag > 0:
-                time.sleep(lag)
-        try:
-            producer.flush(10)
-        except KafkaError:
-            pass   # the broker went away: the caller checks what arrived
-        finally:
-            close_producer(producer, 1.0)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def read_committed(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
