@@ -25,6 +25,7 @@ from .kafka_helpers import (
     wait_finished,
     wait_for_outputs,
 )
+from .standins import stand_in
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +211,7 @@ def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=4, commit_interval_ms=100,
                        session_timeout_ms=6000)
-    svc = Service(cfg)
+    svc = Service(cfg, model=stand_in())
     svc.encoder = _StrEncoder(svc.encoder)
     with caplog.at_level("WARNING"):
         stats = svc.run(count=len(good), timeout=120)
