@@ -63,6 +63,7 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
     return t
 
 
+@pytest.mark.slow
 def test_kill_9_three_times_at_least_once_loses_nothing(kafka_broker, small_artifact, tmp_path):
     total = 300
     t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total)
@@ -73,6 +74,7 @@ def test_kill_9_three_times_at_least_once_loses_nothing(kafka_broker, small_arti
     print(f"at-least-once: {len(records) - total} duplicates after 3 x kill -9")
 
 
+@pytest.mark.slow
 def test_kill_9_three_times_exactly_once_read_committed_sees_each_input_once(kafka_broker, small_artifact, tmp_path):
     total = 300
     t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total,
@@ -151,6 +153,7 @@ class _FlakyProxy:
         self.cut()
 
 
+@pytest.mark.slow
 def test_connections_delayed_and_cut_mid_stream_lose_nothing(small_artifact, tmp_path):
     from stream.embedded_broker import EmbeddedBroker, free_port
     port = free_port()

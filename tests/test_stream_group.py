@@ -10,7 +10,7 @@ import pytest
 
 from .kafka_helpers import committed, finished, images, names, positions, produce, read_all, start_service, stop
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]   # three service processes
 
 
 def assigned_some(log) -> bool:

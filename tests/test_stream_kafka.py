@@ -57,6 +57,7 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
     assert sum(committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) == total
 
 
+@pytest.mark.slow
 def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path):
     from stream.embedded_broker import free_port
     t = names(kafka_broker, partitions=2)
@@ -118,6 +119,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_artifact, tmp_path):
     """Not-ready while Kafka is away, works once it comes, survives it vanishing, resumes when it
     returns (a fresh in-memory broker: new producer ids, offsets out of range), stops cleanly."""
@@ -174,6 +176,7 @@ def test_kafka_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_brok
     assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"
 
 
+@pytest.mark.slow
 def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_artifact, tmp_path):
     """The broker dies at the moment of SIGTERM: the process still ends in time and says what it left."""
     from stream.embedded_broker import EmbeddedBroker, free_port
