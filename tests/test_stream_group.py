@@ -41,6 +41,21 @@ def wait_reassigned(logs: list, before: dict, timeout: float = 90) -> None:
     raise AssertionError("the group did not finish rebalancing:\n" + "\n".join(log.read_text()[-1500:] for log in logs))
 
 
+def settled(log) -> bool:
+    """The member's last rebalance step was an assignment: it is not inside a rebalance."""
+    steps = [line for line in log.read_text().splitlines()
+             if "partitions assigned:" in line or "partitions revoked:" in line or "partitions lost" in line]
+    return bool(steps) and "partitions assigned:" in steps[-1]
+
+
+def wait_settled(logs: list, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(settled(log) for log in logs):
+        assert time.monotonic() < deadline, "the group did not settle:\n" + "\n".join(
+            log.read_text()[-1500:] for log in logs)
+        time.sleep(0.1)
+
+
 def wait_logged(process, log, text: str, times: int = 1, timeout: float = 60) -> None:
     """Until ``log`` holds ``text`` ``times`` times (a process that has exited has written all of its log)."""
     deadline = time.monotonic() + timeout
@@ -99,6 +114,7 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
             more_input()
             wait_assigned(logs[name])
             events.append((f"join {name}", unfinished()))
+            wait_settled([logs[n] for n in started])        # every member assigned: the next change starts clean
         for name in "ab":                                   # two leaves, each mid-stream
             remaining = [logs[n] for n in started if n != name]
             before = {log: assignments(log) for log in remaining}
