@@ -130,7 +130,7 @@ def wait_finished(process: subprocess.Popen, port: int, at_least: int, log: Path
         assert process.poll() is None, f"the service exited ({process.returncode}):\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"{done} of {at_least} finished after {timeout} s:\n" \
             + log.read_text()[-3000:]
-        time.sleep(0.02)
+        time.sleep(0.05)
     return done
 
 

@@ -207,21 +207,21 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.mark.slow
 def test_soak_10000_images_rss_growth_stays_under_50_mb(kafka_broker, small_artifact, tmp_path):
+    from stream.embedded_broker import free_port
     total = 10_000
     t = names(kafka_broker, partitions=2)
     images = list(good_images().values())
     produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), images[i % len(images)]) for i in range(total)])
-    log = tmp_path / "soak.log"
-    process = start_service(kafka_broker, t, small_artifact, log)
+    log, port = tmp_path / "soak.log", free_port()
+    process = start_service(kafka_broker, t, small_artifact, log, metrics_port=port)
     rss = {}
     try:
+        wait_finished(process, port, 2000, log, timeout=1800)
+        rss["2000"] = _rss_mb(process.pid)
         deadline = time.monotonic() + 1800
         while sum(v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) < total:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            done = sum(v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values())
-            if done >= 2000 and "2000" not in rss:
-                rss["2000"] = _rss_mb(process.pid)
-            time.sleep(2)
+            time.sleep(0.5)
         rss["10000"] = _rss_mb(process.pid)
     finally:
         stop(process, log)
