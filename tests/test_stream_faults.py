@@ -46,7 +46,7 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
         acknowledged += wait_finished(process, port, total // 6, log)
         process.send_signal(signal.SIGKILL)
         process.wait(30)
-        done = set(positions(read_all(kafka_broker.bootstrap, t["output"], acknowledged, timeout=30)))
+        done = set(positions(read_all(kafka_broker.bootstrap, t["output"], acknowledged, timeout=30, to_end=True)))
         assert len(done) < produced, f"kill {round_ + 1} landed mid-stream ({len(done)} of {produced} done)"
     log = tmp_path / "last.log"
     process = start_service(kafka_broker, t, small_artifact, log, session_timeout_ms=KILLED_SESSION_MS, **options)
