@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import plugins
-from engine_build.artifact import open_artifact
+from engine_build.artifact import Selection, open_artifact
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 from engine_build.imaging import DecodeLimits
-from engine_build.runtime.base import usable_cores
+from engine_build.runtime.base import Backend, usable_cores
 
 from .config import StreamConfig, auto_decode_workers
 from .failures import FailureWatch
@@ -45,7 +45,10 @@ class RunStats:
 
 
 class Service:
-    def __init__(self, cfg: StreamConfig, connector: Connector | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: StreamConfig, connector: Connector | None = None, metrics: Metrics | None = None,
+                 model: tuple[dict, Selection, Backend] | None = None) -> None:
+        """``model``: the artifact already opened, as :func:`open_artifact` returns it (a test's
+        stand-in); by default ``cfg.artifact`` is opened here."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.tracker = OffsetTracker()
@@ -59,7 +62,7 @@ class Service:
         # before anything is consumed.
         self.codec = plugins.load(plugins.INPUT_GROUP, cfg.input_codec)
         self.encoder = plugins.load(plugins.OUTPUT_GROUP, cfg.output_codec)
-        self.manifest, self.selection, self.backend = open_artifact(
+        self.manifest, self.selection, self.backend = model or open_artifact(
             cfg.artifact, cfg.backend, cfg.precision, cfg.exact_precision, cfg.max_batch,
             threads=cfg.inference_threads or None, streams=cfg.inference_streams)
         self.model_info = {"name": self.manifest["model"]["name"], "sha256": self.selection.sha256,

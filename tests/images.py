@@ -1,7 +1,11 @@
 """Encoded test images made from the built-in real photos: good ones of every accepted
-format and pixel layout, and bad ones of each kind the service must dead-letter."""
+format and pixel layout, and bad ones of each kind the service must dead-letter.
+
+Each set is encoded once per test session (a few hundred milliseconds, the 2048x1536
+resize most of it) and handed out as a fresh dict, so a caller may change its copy."""
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -27,6 +31,12 @@ def encode(image: np.ndarray, ext: str, params: list[int] | None = None) -> byte
 
 
 def good_images() -> dict[str, bytes]:
+    """name -> encoded bytes, one of every accepted format and pixel layout."""
+    return dict(_good_images())
+
+
+@functools.cache
+def _good_images() -> dict[str, bytes]:
     base = photo(0)
     gray = cv2.cvtColor(photo(2), cv2.COLOR_BGR2GRAY)
     alpha = cv2.cvtColor(photo(3), cv2.COLOR_BGR2BGRA)
@@ -61,6 +71,11 @@ def png_declaring(width: int, height: int) -> bytes:
 
 def bad_images() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, expected error.reason)."""
+    return dict(_bad_images())
+
+
+@functools.cache
+def _bad_images() -> dict[str, tuple[bytes, str]]:
     jpeg = PHOTOS[0].read_bytes()
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, "GIF")

@@ -7,15 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
-
-from stream.kafka_io import close_producer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +26,9 @@ def produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]], header
 
 
 def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0,
-             isolation_level: str = "read_uncommitted") -> list:
-    """Every record of ``topic`` (no group), waiting until at least ``expected`` exist."""
+             isolation_level: str = "read_uncommitted", to_end: bool = False) -> list:
+    """Every record of ``topic`` (no group), waiting until at least ``expected`` exist; with ``to_end``,
+    also until the reader has reached the high watermark each partition's last fetch reported."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500,
                              isolation_level=isolation_level)
     partitions = consumer.partitions_for_topic(topic) or set()
@@ -45,13 +43,18 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0,
     while time.monotonic() < deadline:
         for batch in consumer.poll(timeout_ms=300).values():
             records.extend(batch)
-        if len(records) >= expected:
+        if len(records) >= expected and (not to_end or _at_end(consumer, tps)):
             # one more short poll to catch duplicates in flight
             for batch in consumer.poll(timeout_ms=300).values():
                 records.extend(batch)
             break
     consumer.close()
     return records
+
+
+def _at_end(consumer: KafkaConsumer, tps: list[TopicPartition]) -> bool:
+    ends = [consumer.highwater(tp) for tp in tps]
+    return all(end is not None and consumer.position(tp) >= end for tp, end in zip(tps, ends, strict=True))
 
 
 def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
@@ -106,35 +109,39 @@ def stop(process: subprocess.Popen, log: Path) -> None:
     assert code == 0, log.read_text()[-3000:]
 
 
-def produce_steadily(bootstrap: str, topic: str, total: int, seconds: float, image: str = "jpeg_coffee"
-                     ) -> threading.Thread:
-    """A producer thread spreading ``total`` records over ``seconds``, so every step lands mid-stream."""
+def finished(port: int, answering: bool = False) -> int:
+    """Messages the service whose metrics answer on ``port`` has finished (results and dead letters
+    the broker acknowledged); 0 while it does not answer yet, unless it must be ``answering``."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        if answering:
+            raise
+        return 0
+    return int(sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("sentiment_images_total{")))
+
+
+def wait_finished(process: subprocess.Popen, port: int, at_least: int, log: Path, timeout: float = 120) -> int:
+    """Until the service at ``port`` has finished ``at_least`` messages; returns its count then."""
+    deadline = time.monotonic() + timeout
+    while (done := finished(port)) < at_least:
+        assert process.poll() is None, f"the service exited ({process.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{done} of {at_least} finished after {timeout} s:\n" \
+            + log.read_text()[-3000:]
+        time.sleep(0.05)
+    return done
+
+
+def images(first: int, count: int, image: str = "jpeg_coffee") -> list[tuple[bytes, bytes]]:
+    """``count`` copies of one test image keyed ``first``, ``first + 1``, ...: a chunk of a stream."""
     from .images import good_images
     value = good_images()[image]
-
-    def run() -> None:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-        started = time.monotonic()
-        for i in range(total):
-            try:
-                producer.send(topic, key=str(i).encode(), value=value)
-            except KafkaError:   # the broker went away (tests that stop it)
-                break
-            lag = started + seconds * (i + 1) / total - time.monotonic()
-            if lag > 0:
-                time.sleep(lag)
-        try:
-            producer.flush(10)
-        except KafkaError:
-            pass   # the broker went away: the caller checks what arrived
-        finally:
-            close_producer(producer, 1.0)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    return [(str(i).encode(), value) for i in range(first, first + count)]
 
 
-def read_committed(bootstrap: str, topic: str, timeout: float = 20.0) -> list:
+def read_committed(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
     """What a read_committed reader sees, decided from the transaction markers in the log.
 
     tansu writes commit and abort markers (also the abort a successor's init_transactions
@@ -142,7 +149,8 @@ def read_committed(bootstrap: str, topic: str, timeout: float = 20.0) -> list:
     responses, and clients filter aborted records by that list, so ``isolation_level=
     "read_committed"`` returns aborted records from it. This reads the raw batches
     (kafka-python internals, tests only) and keeps a transactional record once its
-    producer's commit marker follows it, as a Kafka broker's reader would."""
+    producer's commit marker follows it, as a Kafka broker's reader would. It reads up to the
+    high watermark of every partition (call it once the writers have stopped)."""
     import kafka.consumer.fetcher as fetcher
     from kafka.record.memory_records import MemoryRecords
 
@@ -157,7 +165,7 @@ def read_committed(bootstrap: str, topic: str, timeout: float = 20.0) -> list:
 
     fetcher.Fetcher.PartitionRecords.__init__ = capture
     try:
-        read_all(bootstrap, topic, 10**9, timeout=timeout)
+        read_all(bootstrap, topic, 0, timeout=timeout, to_end=True)
     finally:
         fetcher.Fetcher.PartitionRecords.__init__ = real_init
     visible: list = []

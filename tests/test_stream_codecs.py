@@ -10,7 +10,7 @@ import pytest
 from .images import bad_images, good_images
 from .kafka_helpers import names, start_service, stop
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]   # a service process each
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 

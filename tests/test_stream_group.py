@@ -1,13 +1,16 @@
 """Scaling out on the real broker: members join and leave while a stream is in flight."""
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
 import time
 
 import pytest
 
-from .kafka_helpers import committed, names, positions, produce_steadily, read_all, start_service, stop
+from .kafka_helpers import committed, finished, images, names, positions, produce, read_all, start_service, stop
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]   # three service processes
 
 
 def assigned_some(log) -> bool:
@@ -38,29 +41,96 @@ def wait_reassigned(logs: list, before: dict, timeout: float = 90) -> None:
     raise AssertionError("the group did not finish rebalancing:\n" + "\n".join(log.read_text()[-1500:] for log in logs))
 
 
+def settled(log) -> bool:
+    """The member's last rebalance step was an assignment: it is not inside a rebalance."""
+    steps = [line for line in log.read_text().splitlines()
+             if "partitions assigned:" in line or "partitions revoked:" in line or "partitions lost" in line]
+    return bool(steps) and "partitions assigned:" in steps[-1]
+
+
+def wait_settled(logs: list, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(settled(log) for log in logs):
+        assert time.monotonic() < deadline, "the group did not settle:\n" + "\n".join(
+            log.read_text()[-1500:] for log in logs)
+        time.sleep(0.1)
+
+
+def wait_logged(process, log, text: str, times: int = 1, timeout: float = 60) -> None:
+    """Until ``log`` holds ``text`` ``times`` times (a process that has exited has written all of its log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = process.poll() is not None
+        if log.read_text().count(text) >= times:
+            return
+        assert not exited and time.monotonic() < deadline, f"{log.name} never said {text!r} {times} times:\n" \
+            + log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def finished_when_stopped(log) -> int:
+    (count,) = re.findall(r"stopped: (\d+) messages finished", log.read_text())
+    return int(count)
+
+
 def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small_artifact, tmp_path):
     """Each change waits for the rebalance before it to end: tansu 0.6 never completes a rebalance
     whose elected leader leaves during it (it keeps naming the departed member leader; Kafka
-    removes it), which a leave landing mid-rebalance can hit whatever the clients do."""
+    removes it), which a leave landing mid-rebalance can hit whatever the clients do.
+
+    A quarter of the input arrives with each change, half as it begins (as a joiner connects, as a
+    leaver is told to stop) and half once the partitions it moves are held by no one (every
+    member has revoked; the leaver has paused to drain), so some is unfinished by construction
+    when the joiner is assigned or the leaver has gone; the test checks that it was."""
+    from stream.embedded_broker import free_port
     t = names(kafka_broker, partitions=6)
-    total, seconds = 1800, 36
-    producer = produce_steadily(kafka_broker.bootstrap, t["input"], total, seconds)
+    total = 1800
+    produced = 0
     logs = {name: tmp_path / f"{name}.log" for name in "abc"}
-    started = {"a": start_service(kafka_broker, t, small_artifact, logs["a"])}
+    ports = {name: free_port() for name in "abc"}
+    started = {"a": start_service(kafka_broker, t, small_artifact, logs["a"], metrics_port=ports["a"])}
+    stopped: dict[str, int] = {}
     events = []
+
+    def more_input() -> None:
+        nonlocal produced
+        count = total // 8
+        produce(kafka_broker.bootstrap, t["input"], images(produced, count))
+        produced += count
+
+    def unfinished() -> bool:
+        done = sum(finished(ports[n], answering=True) for n in started) + sum(stopped.values())
+        return done < produced
+
     try:
         wait_assigned(logs["a"])
         for name in "bc":                                   # two joins, each mid-stream
-            started[name] = start_service(kafka_broker, t, small_artifact, logs[name])
+            members = {n: (started[n], logs[n].read_text().count("partitions revoked")) for n in started}
+            started[name] = start_service(kafka_broker, t, small_artifact, logs[name], metrics_port=ports[name])
+            wait_logged(started[name], logs[name], "connected to")   # its next poll joins the group
+            more_input()
+            for n, (process, revoked) in members.items():
+                wait_logged(process, logs[n], "partitions revoked", revoked + 1)
+            more_input()
             wait_assigned(logs[name])
-            events.append((f"join {name}", producer.is_alive()))
+            events.append((f"join {name}", unfinished()))
+            wait_settled([logs[n] for n in started])        # every member assigned: the next change starts clean
         for name in "ab":                                   # two leaves, each mid-stream
             remaining = [logs[n] for n in started if n != name]
             before = {log: assignments(log) for log in remaining}
-            stop(started.pop(name), logs[name])
-            events.append((f"leave {name}", producer.is_alive()))
+            process = started.pop(name)
+            more_input()
+            process.send_signal(signal.SIGTERM)
+            wait_logged(process, logs[name], "shutting down")
+            more_input()
+            try:
+                assert process.wait(60) == 0, logs[name].read_text()[-3000:]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise AssertionError(f"{name} did not stop within 60 s of SIGTERM") from None
+            stopped[name] = finished_when_stopped(logs[name])
+            events.append((f"leave {name}", unfinished()))
             wait_reassigned(remaining, before)
-        producer.join(120)
         inputs = read_all(kafka_broker.bootstrap, t["input"], total)
         ends = {}
         for r in inputs:
@@ -70,11 +140,11 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
             marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
             if all((marks.get(p) or 0) >= end for p, end in ends.items()):
                 break
-            time.sleep(1)
+            time.sleep(0.3)
     finally:
         for name, process in started.items():
             stop(process, logs[name])
-    assert all(alive for _, alive in events), f"a step landed after the stream ended: {events}"
+    assert all(midstream for _, midstream in events), f"a step ended after the stream did: {events}"
     assert len(inputs) == total
     marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
     assert {p: marks.get(p) for p in ends} == ends, "committed offsets reach the end of every partition"

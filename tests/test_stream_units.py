@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engine_build.errors import ConfigError
-from engine_build.runtime.base import Outputs
+from engine_build.runtime.base import Backend, Outputs
 from plugins.codecs import RawCodec
 from plugins.encoders import JsonEncoder
 from stream.batching import Batcher
@@ -27,6 +27,7 @@ from stream.records import Message, Outgoing
 from stream.service import Service
 
 from .images import bad_images, good_images
+from .standins import PixelModel, stand_in
 
 
 def test_batch_closes_at_max_batch_or_delay():
@@ -109,8 +110,11 @@ def config(artifact: Path, **overrides) -> StreamConfig:
     return StreamConfig(**values)
 
 
-def service(broker: FakeBroker, cfg: StreamConfig) -> Service:
-    return Service(cfg, broker.connector(list(cfg.input_topic), cfg.group_id))
+def service(broker: FakeBroker, cfg: StreamConfig, backend: Backend | None = None, artifact: bool = False) -> Service:
+    """A service on the fake broker; its model is a stand-in (``backend``, a PixelModel by default)
+    unless the test is about the model from the ``artifact``."""
+    return Service(cfg, broker.connector(list(cfg.input_topic), cfg.group_id),
+                   model=None if artifact else stand_in(backend))
 
 
 def fill(broker: FakeBroker, partitions: int = 2) -> tuple[int, int]:
@@ -126,7 +130,7 @@ def fill(broker: FakeBroker, partitions: int = 2) -> tuple[int, int]:
 def test_every_message_gets_one_record_and_offsets_reach_the_end(small_artifact):
     broker = FakeBroker()
     good, bad = fill(broker)
-    stats = service(broker, config(small_artifact)).run(count=good + bad, timeout=60)
+    stats = service(broker, config(small_artifact), artifact=True).run(count=good + bad, timeout=60)
     assert stats.finished == good + bad
     out = broker.records("out")
     assert sorted(k.decode() for k, _, _ in out) == sorted(good_images())
@@ -325,21 +329,20 @@ def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash(small_artifac
     images = good_images()
     for name in ("png", "webp", "bmp", "tiff"):
         broker.produce("in", images[name], key=name.encode())
-    svc = service(broker, config(small_artifact, max_batch=4, max_delay_ms=200, inference_streams=1))
-    real_infer = svc.backend.infer
     calls = []
 
-    def flaky(batch):
-        calls.append(len(batch))
-        if len(batch) > 1:
-            raise RuntimeError("device lost")          # the whole batch fails ...
-        out = real_infer(batch)
-        if len(calls) == 2:                            # ... then the first image fails alone,
-            raise RuntimeError("bad image")
-        if len(calls) == 3:                            # the second yields NaN,
-            out.probs[:] = np.nan
-        return out                                     # the rest succeed
-    svc.backend.infer = flaky
+    class Flaky(PixelModel):
+        def _infer_impl(self, batch):
+            calls.append(len(batch))
+            if len(batch) > 1:
+                raise RuntimeError("device lost")          # the whole batch fails ...
+            out = super()._infer_impl(batch)
+            if len(calls) == 2:                            # ... then the first image fails alone,
+                raise RuntimeError("bad image")
+            if len(calls) == 3:                            # the second yields NaN,
+                out.probs[:] = np.nan
+            return out                                     # the rest succeed
+    svc = service(broker, config(small_artifact, max_batch=4, max_delay_ms=200), Flaky())
     svc.run(count=4, timeout=30)
     assert calls == [4, 1, 1, 1, 1]
     assert len(broker.records("out")) == 2
@@ -379,16 +382,6 @@ def sources(records) -> list[tuple[int, int]]:
     return [(json.loads(v)["source"]["partition"], json.loads(v)["source"]["offset"]) for _, v, _ in records]
 
 
-def slow(svc: Service, seconds: float) -> Service:
-    real = svc.backend.infer
-
-    def infer(batch):
-        threading.Event().wait(seconds)
-        return real(batch)
-    svc.backend.infer = infer
-    return svc
-
-
 def test_revocation_drains_and_commits_before_another_member_is_assigned(small_artifact):
     """A member joins mid-stream: the first one finishes and commits the revoked partitions' work
     before the newcomer is assigned them, so the newcomer starts exactly where the work ended."""
@@ -401,7 +394,7 @@ def test_revocation_drains_and_commits_before_another_member_is_assigned(small_a
     for i in range(total):
         broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
     cfg = config(small_artifact, max_batch=4, max_in_flight=8, max_poll_records=4)
-    first = slow(service(broker, cfg), 0.02)
+    first = service(broker, cfg, PixelModel(delay_s=0.02))
     worker = threading.Thread(target=first.run, kwargs={"count": total, "timeout": 60}, daemon=True)
     worker.start()
     while len(broker.records("out")) < 20:
@@ -446,7 +439,7 @@ def test_a_permanent_consumer_error_drains_then_ends_the_run(small_artifact):
     broker.create_topic("in", 1)
     for i in range(40):
         broker.produce("in", good_images()["png"], key=str(i).encode())
-    svc = slow(service(broker, config(small_artifact, max_batch=4)), 0.01)
+    svc = service(broker, config(small_artifact, max_batch=4), PixelModel(delay_s=0.01))
 
     def fail_once_flowing() -> None:
         while len(broker.records("out")) < 4:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 import warnings
@@ -27,23 +28,49 @@ def _build(model, out, max_batch=8, *extra) -> int:
                  "--precision", "fp32", "fp16", "--tensorrt", "--max-batch", str(max_batch), *extra])
 
 
+@pytest.fixture(scope="session")
+def _engine_built_once(small_model, tmp_path_factory):
+    """An artifact with an engine, built once on a double of the default machine (as ``trt_double``)."""
+    from engine_build.runtime import tensorrt_support
+    from tests import trt_double as double
+    out = tmp_path_factory.mktemp("trt-once") / "trt"
+    with pytest.MonkeyPatch.context() as patch:
+        replaced = double.install()
+        patch.setattr(tensorrt_support, "_logger", None)
+        patch.setattr(tensorrt_support, "needed_cuda_major", lambda: 13)
+        try:
+            assert _build(small_model, out) == 0
+        finally:
+            double.uninstall(replaced)
+    return out
+
+
 @pytest.fixture
-def engine_artifact(trt_double, small_model, tmp_path):
+def engine_artifact(trt_double, _engine_built_once, tmp_path):
+    """A copy of the once-built artifact, for tests of what is done with an engine, not of its build."""
+    out = tmp_path / "trt"
+    shutil.copytree(_engine_built_once, out)
+    return out
+
+
+@pytest.fixture
+def engine_built_here(trt_double, small_model, tmp_path):
+    """An artifact built in the test, on its own double: for tests of what the build did on the machine."""
     out = tmp_path / "trt"
     assert _build(small_model, out) == 0
     return out
 
 
-def test_build_writes_the_identity_the_service_compares(engine_artifact, trt_double):
-    entry = read_manifest(engine_artifact)["files"]["tensorrt"]
+def test_build_writes_the_identity_the_service_compares(engine_built_here, trt_double):
+    entry = read_manifest(engine_built_here)["files"]["tensorrt"]
     identity = EngineIdentity.from_dict(entry["identity"])
     assert identity == EngineIdentity(trt_double.tensorrt, "NVIDIA H200", "9.0", 1, 8)
     assert entry["timing_cache"] == {"file": "timing.cache", "tensorrt": trt_double.tensorrt, "gpu": "NVIDIA H200",
                                      "compute_capability": "9.0", "reused": False, "note": "no cache yet"}
     assert trt_double.builds[0]["flags"] == 1 << 1, "strongly typed network requested"
-    check = [c for c in read_manifest(engine_artifact)["validation"]["checks"] if c["runtime"] == "tensorrt"]
+    check = [c for c in read_manifest(engine_built_here)["validation"]["checks"] if c["runtime"] == "tensorrt"]
     assert check and check[0]["passed"], check
-    manifest, choice = select(engine_artifact, "auto", None, max_batch=8)
+    manifest, choice = select(engine_built_here, "auto", None, max_batch=8)
     assert choice.backend == "tensorrt"
 
 
@@ -54,31 +81,31 @@ def test_inspect_shows_engine_and_timing_cache_identity(engine_artifact, capsys)
     assert "timing      timing.cache from TensorRT 10.13.0.35 on NVIDIA H200, new" in out
 
 
-def test_second_build_keeps_the_engine(engine_artifact, small_model, trt_double):
-    before = sha256(engine_artifact / "engine.plan")
-    assert _build(small_model, engine_artifact) == 0
-    assert len(trt_double.builds) == 1 and sha256(engine_artifact / "engine.plan") == before
+def test_second_build_keeps_the_engine(engine_built_here, small_model, trt_double):
+    before = sha256(engine_built_here / "engine.plan")
+    assert _build(small_model, engine_built_here) == 0
+    assert len(trt_double.builds) == 1 and sha256(engine_built_here / "engine.plan") == before
 
 
-def test_new_batch_range_rebuilds_reusing_the_timing_cache(engine_artifact, small_model, trt_double, caplog):
+def test_new_batch_range_rebuilds_reusing_the_timing_cache(engine_built_here, small_model, trt_double, caplog):
     with caplog.at_level(logging.WARNING):
-        assert _build(small_model, engine_artifact, 16) == 0
+        assert _build(small_model, engine_built_here, 16) == 0
     assert len(trt_double.builds) == 2 and trt_double.builds[1]["cache_entries_before"] == 1
-    entry = read_manifest(engine_artifact)["files"]["tensorrt"]
+    entry = read_manifest(engine_built_here)["files"]["tensorrt"]
     assert entry["identity"]["max_batch"] == 16 and entry["timing_cache"]["reused"] is True
     assert not [r for r in caplog.records if "timing cache" in r.getMessage()]
 
 
-def test_new_tensorrt_version_rebuilds_with_a_fresh_cache_and_one_warning(engine_artifact, small_model, trt_double,
+def test_new_tensorrt_version_rebuilds_with_a_fresh_cache_and_one_warning(engine_built_here, small_model, trt_double,
                                                                           caplog):
     trt_double.tensorrt = "11.1.0.7"
     import tensorrt
     tensorrt.__version__ = trt_double.tensorrt
     with caplog.at_level(logging.WARNING):
-        assert _build(small_model, engine_artifact) == 0
+        assert _build(small_model, engine_built_here) == 0
     warned = [r.getMessage() for r in caplog.records if "timing cache" in r.getMessage()]
     assert len(warned) == 1 and "TensorRT 10.13.0.35" in warned[0], warned
-    entry = read_manifest(engine_artifact)["files"]["tensorrt"]
+    entry = read_manifest(engine_built_here)["files"]["tensorrt"]
     assert entry["identity"]["tensorrt"] == "11.1.0.7"
     assert entry["timing_cache"]["tensorrt"] == "11.1.0.7" and entry["timing_cache"]["reused"] is False
     assert trt_double.builds[1]["cache_entries_before"] == 0
@@ -207,8 +234,8 @@ def test_engine_from_another_tensorrt_is_refused_when_loaded(engine_artifact, tr
         open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8)
 
 
-def test_one_tensorrt_logger_for_build_and_backends(engine_artifact, trt_double):
-    with open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8):
+def test_one_tensorrt_logger_for_build_and_backends(engine_built_here, trt_double):
+    with open_backend("tensorrt", engine_built_here / "engine.plan", "fp16", 8):
         pass
     assert trt_double.loggers == 1
 
