@@ -19,7 +19,8 @@ from stream.service import Service
 from stream.transactions import Transactions
 
 from .images import good_images
-from .test_stream_units import config, slow, sources
+from .standins import PixelModel, stand_in
+from .test_stream_units import config, sources
 
 GROUP = "sentiment-stream"
 
@@ -29,8 +30,10 @@ def exactly_once(artifact, **overrides):
     return config(artifact, processing_guarantee="exactly-once", commit_interval_ms=600_000, **overrides)
 
 
-def transactional(broker: FakeBroker, cfg) -> Service:
-    return Service(cfg, broker.connector(list(cfg.input_topic), cfg.group_id, transactional=True))
+def transactional(broker: FakeBroker, cfg, model: PixelModel | None = None) -> Service:
+    """An exactly-once service on the fake broker, its model a stand-in (tests/standins.py)."""
+    return Service(cfg, broker.connector(list(cfg.input_topic), cfg.group_id, transactional=True),
+                   model=stand_in(model))
 
 
 def fill(broker: FakeBroker, total: int) -> None:
@@ -97,7 +100,7 @@ def test_an_evicted_member_aborts_its_transaction_and_commits_nothing_more(small
     broker = FakeBroker()
     fill(broker, total)
     cfg = exactly_once(small_artifact)
-    evicted = slow(transactional(broker, cfg), 0.01)
+    evicted = transactional(broker, cfg, PixelModel(delay_s=0.01))
     worker, raised = start(evicted)
     wait_until(lambda: evicted.finished() >= total // 2, what="half the inputs in the open transaction")
     broker.evict(evicted.source)
