@@ -6,7 +6,7 @@ same choice for the same artifact and machine.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ArtifactError, ConfigError
@@ -136,9 +136,9 @@ def _valid_here(directory: Path, manifest: dict, choice: Selection, backend: str
         log.info("re-check passed on this CPU: %s max |dp| %.4f, mean %.4f, no confident flip",
                  what, check.max_abs_diff, check.mean_abs_diff)
         return choice
-    refused = f"{what} fails its gate on this CPU ({why}): {check.failure()}"
+    refused = f"{what} fails its gate on this CPU ({why}): {check.note or check.failure()}"
     if precision is not None:
         raise ArtifactError(refused)
     log.warning("%s; running fp32 instead", refused)
     _, fallback = select(directory, choice.backend, "fp32", True, max_batch)
-    return fallback
+    return replace(fallback, reason=f"{what} failed its re-check on this CPU")

@@ -158,7 +158,7 @@ def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tu
     used = ["nncf", "minmax"] if cfg.int8_quantizer == "auto" else [cfg.int8_quantizer]
     if cfg.int8_float_layers is None:
         passes = {name: choose_float_layers(fp32, calibration, cfg.int8_max_diff * SENSITIVITY_MARGIN,
-                                            made_by[name][0], made_by[name][1], layers, cfg.output,
+                                            cfg.int8_max_diff, made_by[name][0], made_by[name][1], layers, cfg.output,
                                             always_float=output_layers(fp32))
                   for name in used}
         float_layers = {name: p.float_layers for name, p in passes.items()}

@@ -174,13 +174,14 @@ def int8_lines(record: dict) -> str:
     lines = [f"int8        {quantizer}: layers in float: {', '.join(kept) or 'none'} (chosen by {record['chosen_by']})"
              for quantizer, kept in record["float_layers"].items()]
     for quantizer, sensitivity in record.get("passes", {}).items():
-        held = sensitivity["held_out_max_abs_diff"]
+        held = {k: "n/a" if v is None else v for k, v in sensitivity["held_out_max_abs_diff"].items()}
         lines.append(f"            {quantizer}: held-out calibration folds max |dp| {held['output_layers_in_float']} "
-                     f"with {', '.join(sensitivity['output_layers']) or 'no layer'} in float, {held['chosen']} as "
-                     f"built (target {sensitivity['target_max_abs_diff']:g})")
+                     f"with {', '.join(sensitivity['output_layers']) or 'no layer'} in float, {held['chosen']} with "
+                     f"its choice (target {sensitivity['target_max_abs_diff']:g})")
         if sensitivity.get("sensitivity"):
+            ranked = sorted(sensitivity["sensitivity"].items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1))
             lines.append(f"            {quantizer}: only this layer in int8: " + ", ".join(
-                f"{layer} {diff}" for layer, diff in sorted(sensitivity["sensitivity"].items(), key=lambda kv: -kv[1])))
+                f"{layer} {'n/a' if diff is None else diff}" for layer, diff in ranked))
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ class BuildConfig:
     int8_float_layers: tuple[str, ...] | None = field(default=None, metadata=_option(
         "layers INT8 keeps in float, by ONNX node name; give the flag with no names for every layer in int8 "
         "(default: the fewest layers that a per-layer sensitivity pass on held-out calibration photos finds "
-        "needed for half of --int8-max-diff)", nargs="*"))
+        "needed for three quarters of --int8-max-diff, each quantiser for itself)", nargs="*"))
     confident_margin: float = field(default=0.05, metadata=_option(
         "gate: no variant may flip the label of an image where FP32 has |p - 0.5| >= this"))
     int8_max_diff: float = field(default=0.035, metadata=_option(

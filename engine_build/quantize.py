@@ -143,7 +143,7 @@ def quantize_minmax(fp32_path: Path, int8_path: Path, calibration: np.ndarray,
     logging.getLogger().addFilter(hint)
     try:
         quantize_static(str(fp32_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["Conv", "Gemm"], per_channel=True, reduce_range=True,
+                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(float_layers),
                         calibration_providers=["CPUExecutionProvider"])
@@ -155,11 +155,12 @@ def quantize_minmax(fp32_path: Path, int8_path: Path, calibration: np.ndarray,
 
 
 def seven_bit_weights(model: Any) -> list[str]:
-    """Requantise every symmetric int8 weight beyond [-64, 64] to 7 bits (half the values, twice
+    """Requantise every symmetric int8 weight outside [-64, 64] to 7 bits (half the values, twice
     the scale), in place; returns the layers changed.
 
     NNCF's overflow fix leaves grouped convolutions (CaffeNet's conv2, conv4 and conv5) at 8
-    bits, where AVX2 without VNNI can saturate.
+    bits, where AVX2 without VNNI can saturate. A weight or scale that another node also reads
+    is copied under a new name first, so nothing but this DequantizeLinear's layer changes.
     """
     from onnx import numpy_helper
     initializers = {init.name: init for init in model.graph.initializer}
@@ -169,20 +170,32 @@ def seven_bit_weights(model: Any) -> list[str]:
             consumers.setdefault(name, []).append(node)
     changed: list[str] = []
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers or len(node.input) < 2:
+        inputs = list(node.input) + [""] * (3 - len(node.input))
+        weight, scale, zero = inputs[:3]
+        if node.op_type != "DequantizeLinear" or weight not in initializers or scale not in initializers:
             continue
-        weights = numpy_helper.to_array(initializers[node.input[0]])
+        values = numpy_helper.to_array(initializers[weight])
         users = consumers.get(node.output[0], [])
-        if weights.dtype != np.int8 or not users or any(u.op_type not in QUANTIZED_OPS for u in users):
+        if values.dtype != np.int8 or not users or any(u.op_type not in QUANTIZED_OPS for u in users):
             continue
-        zero = numpy_helper.to_array(initializers[node.input[2]]) if len(node.input) > 2 else np.zeros(1)
-        if np.abs(weights).max() <= 64 or np.any(zero != 0) or node.input[1] not in initializers:
+        if zero and (zero not in initializers or np.any(numpy_helper.to_array(initializers[zero]) != 0)):
+            continue     # asymmetric: halving would move the zero point
+        if values.min() >= -64 and values.max() <= 64:
             continue
-        scale = numpy_helper.to_array(initializers[node.input[1]])
-        initializers[node.input[0]].CopyFrom(numpy_helper.from_array(
-            np.clip(np.round(weights.astype(np.float32) / 2), -64, 64).astype(np.int8), node.input[0]))
-        initializers[node.input[1]].CopyFrom(numpy_helper.from_array((scale * 2).astype(scale.dtype), node.input[1]))
+        factor = numpy_helper.to_array(initializers[scale])
+        halved = np.clip(np.round(values.astype(np.float32) / 2), -64, 64).astype(np.int8)
+        for position, name, array in ((0, weight, halved), (1, scale, (factor * 2).astype(factor.dtype))):
+            if len(consumers[name]) > 1:            # shared: this node gets its own copy
+                name = f"{name}__7bit_{node.name or node.output[0]}"
+                model.graph.initializer.append(numpy_helper.from_array(array, name))
+                node.input[position] = name
+            else:
+                initializers[name].CopyFrom(numpy_helper.from_array(array, name))
         changed.extend(u.name for u in users)
+    used = {name for node in model.graph.node for name in node.input}
+    orphans = [init for init in model.graph.initializer if init.name not in used]   # shared ones all copied
+    for init in orphans:
+        model.graph.initializer.remove(init)
     return changed
 
 

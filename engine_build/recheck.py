@@ -3,7 +3,9 @@
 INT8 and bf16 results depend on the CPU's extensions (:mod:`.runtime.cpu`). When the CPU that
 opens a variant computing below FP32 differs in them from the CPU its gate ran on, the same
 check runs again here on the built-in validation photos, against the artifact's FP32 file on
-ONNX Runtime and within the gate the build recorded. FP32 computed as FP32 is not re-checked.
+ONNX Runtime and within the gate the build recorded. Only FP32 computed as FP32 (ONNX Runtime, or
+exact mode) is not re-checked: OpenVINO's default mode computes an FP32 or FP16 file in bf16 where
+the CPU has it, so what the build machine recorded as FP32 may run in bf16 here.
 """
 from __future__ import annotations
 
@@ -32,10 +34,15 @@ def needs_recheck(manifest: dict, variant: str, runtime: str, exact: bool) -> st
     """Why (variant, runtime, mode) must be checked again on this CPU; None when its record holds here."""
     if runtime not in ("onnxruntime", "openvino"):
         return None
-    record = check_record(manifest, variant, runtime, exact)
-    if record is None or record.get("compute") == "fp32":
+    if variant == "fp32" and (exact or runtime == "onnxruntime"):
         return None
-    return numerics_differ(record.get("cpu"), this_cpu())
+    record = check_record(manifest, variant, runtime, exact)
+    if record is None:
+        return None
+    why = numerics_differ(record.get("cpu"), this_cpu())
+    if why is not None and not record.get("cpu"):
+        why += " (rebuild the artifact to record it)"
+    return why
 
 
 def recheck(directory: Path, manifest: dict, variant: str, runtime: str, file: Path, exact: bool,

@@ -19,8 +19,8 @@ only on photos whose logits leave the calibration photos' range, which the folds
    ``target`` on the held-out fold.
 
 Each quantiser is probed with itself and measured on the runtime that serves its file (their
-layers differ in sensitivity: on one model NNCF's fc6 and MinMax's conv1 led); both INT8 files
-then keep the union in float.
+layers differ in sensitivity: on one model NNCF's fc6 and MinMax's conv1 led), and each INT8
+file keeps its own choice in float.
 """
 from __future__ import annotations
 
@@ -84,10 +84,37 @@ def held_out_error(fp32: Path, quantize: Quantizer, runtime: str, layers: Sequen
     return float(np.nanmax(np.abs(probs - reference))) if not np.isnan(probs).any() else float("inf")
 
 
-def choose_float_layers(fp32: Path, calibration: ImageSet, target: float, quantize: Quantizer, runtime: str,
-                        layers: Sequence[str], workdir: Path, always_float: Sequence[str] = ()) -> FloatChoice:
+def greedy_float_layers(fixed: Sequence[str], candidates: Sequence[str], error: Callable[[Sequence[str]], float],
+                        target: float, limit: float) -> tuple[tuple[str, ...], float, dict[str, float],
+                                                               dict[tuple[str, ...], float]]:
+    """Steps 1-3 over any ``error(float_layers)``: (choice, its error, per-layer sensitivity, every set tried).
+
+    The choice is the first set (fewest layers in float) that meets ``target``; where none does,
+    the fewest within ``limit`` (the gate's own bound); where none does either, the smallest error.
+    """
+    tried = {tuple(fixed): error(fixed)}
+    if tried[tuple(fixed)] <= target:
+        return tuple(fixed), tried[tuple(fixed)], {}, tried
+    everything = [*fixed, *candidates]
+    sensitivity = {layer: error([other for other in everything if other != layer]) for layer in candidates}
+    ranked = sorted(candidates, key=lambda layer: -sensitivity[layer])
+    kept = list(fixed)
+    for layer in ranked[:-1]:          # at least one layer stays in int8
+        kept.append(layer)
+        tried[tuple(kept)] = error(kept)
+        if tried[tuple(kept)] <= target:
+            break
+    best = next((chosen for chosen, found in tried.items() if found <= target), None) \
+        or next((chosen for chosen, found in tried.items() if found <= limit), None) \
+        or min(tried, key=tried.__getitem__)
+    return best, tried[best], sensitivity, tried
+
+
+def choose_float_layers(fp32: Path, calibration: ImageSet, target: float, limit: float, quantize: Quantizer,
+                        runtime: str, layers: Sequence[str], workdir: Path,
+                        always_float: Sequence[str] = ()) -> FloatChoice:
     """The fewest layers (most sensitive first) to keep in float so that ``quantize``'s file, run on
-    ``runtime``, meets ``target`` on the held-out fold."""
+    ``runtime``, meets ``target`` on the held-out folds (see :func:`greedy_float_layers` for ``limit``)."""
     from .validate import reference_probs
     (one, one_names), (two, two_names) = split_folds(calibration)
     folds = (one_names, two_names)
@@ -100,34 +127,15 @@ def choose_float_layers(fp32: Path, calibration: ImageSet, target: float, quanti
 
         def error(float_layers: Sequence[str]) -> float:
             probe = Path(tmp)
-            return max(held_out_error(fp32, quantize, runtime, layers, float_layers, one, two, references[1], probe),
-                       held_out_error(fp32, quantize, runtime, layers, float_layers, two, one, references[0], probe))
+            found = max(held_out_error(fp32, quantize, runtime, layers, float_layers, one, two, references[1], probe),
+                        held_out_error(fp32, quantize, runtime, layers, float_layers, two, one, references[0], probe))
+            log.info("INT8 sensitivity (%s): %s in float: held-out max |dp| %.4f (target %.4f)", runtime,
+                     ", ".join(float_layers) or "no layer", found, target)
+            return found
 
-        first = error(fixed)
-        log.info("INT8 sensitivity (%s): every layer but %s in int8: held-out max |dp| %.4f (target %.4f)",
-                 runtime, ", ".join(fixed) or "none", first, target)
-        if first <= target:
-            return FloatChoice(tuple(fixed), target, first, first, {}, tuple(fixed), folds)
         candidates = [layer for layer in layers if layer not in fixed]
-        sensitivity = {}
-        for layer in candidates:
-            sensitivity[layer] = error([other for other in layers if other != layer])
-            log.info("INT8 sensitivity (%s): only %s in int8: held-out max |dp| %.4f", runtime, layer,
-                     sensitivity[layer])
-        ranked = sorted(candidates, key=lambda layer: -sensitivity[layer])
-        tried = {tuple(fixed): first}
-        kept = list(fixed)
-        for layer in ranked[:-1]:          # at least one layer stays in int8
-            kept.append(layer)
-            tried[tuple(kept)] = error(kept)
-            log.info("INT8 sensitivity (%s): %s in float: held-out max |dp| %.4f", runtime, ", ".join(kept),
-                     tried[tuple(kept)])
-            if tried[tuple(kept)] <= target:
-                break
-        # the target met with the fewest layers in float or, where none met it, the smallest error
-        best = next((chosen for chosen, error in tried.items() if error <= target), min(tried, key=tried.__getitem__))
-        if tried[best] > target:
-            log.warning("INT8 sensitivity (%s): no choice met the target %.4f on the held-out folds; keeping %s in "
-                        "float (%.4f), the smallest error found; the gate decides", runtime, target, ", ".join(best),
-                        tried[best])
-        return FloatChoice(best, target, first, tried[best], sensitivity, tuple(fixed), folds)
+        best, found, sensitivity, tried = greedy_float_layers(fixed, candidates, error, target, limit)
+    if found > target:
+        log.warning("INT8 sensitivity (%s): nothing tried met %.4f on the held-out folds; keeping %s in float "
+                    "(%.4f); the gate decides", runtime, target, ", ".join(best), found)
+    return FloatChoice(best, target, tried[tuple(fixed)], found, sensitivity, tuple(fixed), folds)

@@ -189,7 +189,7 @@ def test_both_int8_files_keep_weights_to_7_bits(near_tie_artifact):
     for name in ("model.int8.onnx", "model.int8.onnxruntime.onnx"):
         weights = _int8_weights(near_tie_artifact / name)
         assert len(weights) == 7, (name, sorted(weights))          # every layer but the logits layer
-        wide = {layer: int(np.abs(w).max()) for layer, w in weights.items() if np.abs(w).max() > 64}
+        wide = {layer: (int(w.min()), int(w.max())) for layer, w in weights.items() if w.min() < -64 or w.max() > 64}
         assert not wide, f"{name}: 8-bit weights can saturate on AVX2: {wide}"
 
 
@@ -309,6 +309,7 @@ def test_the_same_cpu_opens_without_a_recheck(near_tie_artifact, caplog):
     assert not any("re-check" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_sensitivity_pass_ranks_every_layer_and_floats_the_most_sensitive_first(near_tie_artifact, tmp_path):
     from engine_build.imagesets import builtin_set
     from engine_build.quantize import output_layers, quantizable_layers, quantize_minmax
@@ -319,7 +320,7 @@ def test_sensitivity_pass_ranks_every_layer_and_floats_the_most_sensitive_first(
     assert len(one) == len(two) == 24 and not set(one_names) & set(two_names)
     layers = quantizable_layers(fp32)
     # a target no INT8 file meets: every layer is probed, and the ranking decides what goes to float
-    choice = choose_float_layers(fp32, calibration, 1e-6, quantize_minmax, "onnxruntime", layers, tmp_path,
+    choice = choose_float_layers(fp32, calibration, 1e-6, 1e-6, quantize_minmax, "onnxruntime", layers, tmp_path,
                                  always_float=output_layers(fp32))
     assert set(choice.sensitivity) == set(layers) - {"fc8_twitter"}
     ranked = sorted(choice.sensitivity, key=lambda layer: -choice.sensitivity[layer])
@@ -362,3 +363,88 @@ def test_full_size_int8_holds_within_0035_on_photos_the_build_never_saw(full_nea
         assert check["confident_flips"] == [] and not check["nan"], check
         assert check["max_abs_diff"] <= 0.035, check
     assert all("fc8_twitter" in kept for kept in manifest["int8"]["float_layers"].values())
+
+
+@pytest.mark.parametrize("errors, target, limit, chosen", [
+    # the output layer alone in float meets the target: nothing probed
+    ({(): 0.01}, 0.02, 0.03, ()),
+    # a and c in int8 alone hurt most; floating a then c meets the target: stop there
+    ({(): 0.05, ("b", "c"): 0.04, ("a", "c"): 0.01, ("a", "b"): 0.03, ("a",): 0.025},
+     0.02, 0.03, ("a", "c")),
+    # nothing meets the target; the fewest within the gate's own bound win over the smallest error
+    ({(): 0.05, ("b", "c"): 0.04, ("a", "c"): 0.025, ("a", "b"): 0.03, ("a",): 0.028}, 0.02, 0.03, ("a",)),
+    # nothing within either: the smallest error
+    ({(): 0.05, ("b", "c"): 0.045, ("a", "c"): 0.04, ("a", "b"): 0.035, ("a",): 0.06}, 0.02, 0.03, ("a", "b")),
+])
+def test_greedy_float_layers_takes_the_fewest_that_meet_the_target(errors, target, limit, chosen):
+    from engine_build.sensitivity import greedy_float_layers
+    asked = []
+
+    def error(float_layers):
+        key = tuple(sorted(float_layers))
+        asked.append(key)
+        return errors[key]
+    best, found, sensitivity, tried = greedy_float_layers([], ["a", "b", "c"], error, target, limit)
+    assert tuple(sorted(best)) == chosen and found == errors[tuple(sorted(best))]
+    if len(errors) > 1:
+        assert sensitivity == {"a": errors[("b", "c")], "b": errors[("a", "c")], "c": errors[("a", "b")]}
+        assert list(tried)[1][0] == "a", "the layer that hurts most alone goes to float first"
+    else:
+        assert asked == [()] and sensitivity == {}
+
+
+def _qdq_model(weights: dict[str, np.ndarray], scales: dict[str, np.ndarray], layers: list[tuple[str, str, str]]):
+    """Gemm layers reading DequantizeLinear(weight, scale): (layer, weight name, scale name)."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes, inits = [], [numpy_helper.from_array(v, k) for k, v in {**weights, **scales}.items()]
+    inits.append(numpy_helper.from_array(np.zeros(1, np.int8), "zero"))
+    for layer, weight, scale in layers:
+        nodes.append(helper.make_node("DequantizeLinear", [weight, scale, "zero"], [f"{layer}_w"], name=f"dq_{layer}",
+                                      axis=0))
+        nodes.append(helper.make_node("Gemm", ["x", f"{layer}_w"], [layer], name=layer, transB=1))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info(layer, TensorProto.FLOAT, None) for layer, _, _ in layers],
+                              inits)
+    return helper.make_model(graph)
+
+
+def _dequantized(model, layer: str) -> np.ndarray:
+    from onnx import numpy_helper
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.name == f"dq_{layer}")
+    return inits[dq.input[0]].astype(np.float32) * inits[dq.input[1]].reshape(-1, 1)
+
+
+def test_seven_bit_weights_keep_each_layer_and_touch_nothing_shared():
+    from engine_build.quantize import seven_bit_weights
+    w = np.array([[-128, 60], [100, -3]], np.int8)
+    model = _qdq_model({"w": w, "small": np.array([[-64, 64], [1, 2]], np.int8)},
+                       {"s1": np.array([0.1, 0.2], np.float32), "s2": np.array([0.5, 1.0], np.float32)},
+                       [("a", "w", "s1"), ("b", "w", "s2"), ("c", "small", "s1")])
+    before = {layer: _dequantized(model, layer) for layer in "abc"}
+    assert sorted(seven_bit_weights(model)) == ["a", "b"], "-128 counts; an in-range weight is left alone"
+    for layer in "abc":
+        scale = np.array([0.1, 0.2] if layer != "b" else [0.5, 1.0], np.float32).reshape(-1, 1) * 2
+        assert np.all(np.abs(_dequantized(model, layer) - before[layer]) <= scale / 2 + 1e-6), layer
+    assert np.array_equal(_dequantized(model, "c"), before["c"]), "c shares a's scale and must not change"
+    from onnx import numpy_helper
+    for init in model.graph.initializer:
+        values = numpy_helper.to_array(init)
+        if values.dtype == np.int8 and init.name != "zero":
+            assert values.min() >= -64 and values.max() <= 64, init.name
+
+
+def test_fp32_on_openvino_default_mode_is_rechecked_on_another_cpu(near_tie_artifact):
+    """The build machine may have computed it in FP32 (no bf16 there); this CPU may compute it in bf16."""
+    from engine_build.recheck import needs_recheck
+    manifest = read_manifest(near_tie_artifact)
+    for check in manifest["validation"]["checks"]:
+        check["cpu"] = {"model": "AMD EPYC 7B13", "machine": check["cpu"]["machine"], "extensions": ["avx2"]}
+        check["compute"] = "fp32" if check["variant"] == "fp32" else check["compute"]
+    assert needs_recheck(manifest, "fp32", "openvino", exact=False).startswith("validated on AMD EPYC 7B13")
+    assert needs_recheck(manifest, "fp32", "openvino", exact=True) is None
+    assert needs_recheck(manifest, "fp32", "onnxruntime", exact=True) is None
+    first = next(c for c in manifest["validation"]["checks"] if c["variant"] == "int8")
+    del first["cpu"]
+    assert needs_recheck(manifest, first["variant"], first["runtime"], first["mode"] == "exact") == \
+        "its CPU was not recorded (rebuild the artifact to record it)"

@@ -13,8 +13,8 @@ from pathlib import Path
 # Flags (as /proc/cpuinfo spells them) that select different INT8/bf16/FP16 kernels in ONNX Runtime
 # (MLAS) and OpenVINO (oneDNN). Extensions outside these lists change speed, not results.
 NUMERICS_FLAGS = (
-    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_tile", "amx_int8", "amx_bf16",                                     # x86-64
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx_vnni",
+    "avx_vnni_int8", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "amx_fp16",  # x86-64
     "asimd", "asimdhp", "asimddp", "i8mm", "bf16", "sve", "sve2",          # arm64
 )
 
