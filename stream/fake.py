@@ -193,7 +193,7 @@ class FakeSink:
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None) -> None:
         refusal = (TypeError(f"Unsupported type for serialized value: {type(record.value)}")
-                   if not isinstance(record.value, (bytes, bytearray, memoryview))
+                   if not isinstance(record.value, (bytes, bytearray, memoryview, type(None)))
                    else PermissionError(f"not authorized to write {record.topic}")
                    if record.topic in self.broker.refuse_topics else None)
         if refusal is not None:   # like the Kafka sink: never retried
@@ -213,11 +213,11 @@ class FakeSink:
             threading.Timer(0.01, self._retry, (record, on_ack, on_refused)).start()
             return
         limit = self.broker.max_record_bytes
-        if limit is not None and len(record.value) > limit:
+        if limit is not None and len(record.value or b"") > limit:
             if record.fallback is None:   # the Kafka sink would retry forever: fail the test on its poll thread
                 with self.broker.lock:
                     self.broker.errors.append(AssertionError(
-                        f"record of {len(record.value)} bytes exceeds {limit} and has no fallback"))
+                        f"record of {len(record.value or b'')} bytes exceeds {limit} and has no fallback"))
                 return
             self.publish(record.fallback, on_ack, on_refused)
             return

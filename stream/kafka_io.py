@@ -358,7 +358,7 @@ class KafkaSink:
         from kafka.errors import MessageSizeTooLargeError
         if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
-                        len(record.value), record.topic)
+                        len(record.value or b""), record.topic)
             self.publish(record.fallback, on_ack, on_refused)
             return
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):

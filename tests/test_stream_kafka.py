@@ -166,6 +166,24 @@ def test_kafka_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_brok
     assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"
 
 
+
+def test_a_tombstone_dead_letter_reaches_the_broker_with_a_null_value(kafka_broker):
+    import threading
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Message, dead_letter
+    t = names(kafka_broker, partitions=1)
+    sink = KafkaSink(kafka_broker.bootstrap, {})
+    acked = threading.Event()
+    try:
+        sink.publish(dead_letter(Message(t["input"], 0, 3, b"deleted", None), t["dlq"], "empty", "no value"),
+                     acked.set)
+        assert acked.wait(30), "the dead letter was acknowledged"
+    finally:
+        sink.close()
+    (record,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
+    assert record.key == b"deleted" and record.value is None and dict(record.headers)["error.reason"] == b"empty"
+
 def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_artifact, tmp_path):
     """The broker dies at the moment of SIGTERM: the process still ends in time and says what it left."""
     from stream.embedded_broker import EmbeddedBroker

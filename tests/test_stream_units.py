@@ -723,3 +723,14 @@ def test_the_service_decodes_on_the_auto_count_unless_told(small_artifact, caplo
         assert told._pipeline_config().decode_workers == 3
     finally:
         told.backend.close()
+
+
+def test_a_tombstone_is_dead_lettered_with_a_null_value_not_an_empty_one(small_artifact):
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.produce("in", None, key=b"deleted")
+    broker.produce("in", b"", key=b"empty")
+    svc = service(broker, config(small_artifact))
+    assert svc.run(count=2, timeout=30).finished == 2
+    dead = {k: v for k, v, _ in broker.records("dlq")}
+    assert dead == {b"deleted": None, b"empty": b""}
