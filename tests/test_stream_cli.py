@@ -29,7 +29,8 @@ def test_missing_required_flag_is_one_line(capsys):
 def test_environment_twins_fill_every_flag(tmp_path, capsys, small_artifact):
     environ = {"STREAM_BOOTSTRAP_SERVERS": "h:1", "STREAM_INPUT_TOPIC": "a, b", "STREAM_OUTPUT_TOPIC": "o",
                "STREAM_DEAD_LETTER_TOPIC": "d", "STREAM_ARTIFACT": str(small_artifact), "STREAM_MAX_BATCH": "4",
-               "STREAM_EXACT_PRECISION": "true", "STREAM_SASL_PASSWORD": "s3cret"}
+               "STREAM_EXACT_PRECISION": "true", "STREAM_SASL_PASSWORD": "s3cret",
+               "STREAM_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "STREAM_SASL_MECHANISM": "PLAIN"}
     from stream.cli import parser
     from stream.config import from_args
     cfg = from_args(parser().parse_args(["--max-batch", "6"]), environ)
@@ -46,6 +47,15 @@ def test_help_lists_every_environment_variable(capsys):
         assert env_name(f.name) in out
 
 
+def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"], {})
+    out = " ".join(capsys.readouterr().out.split())
+    for f in fields(StreamConfig):
+        if f.metadata["choices"]:
+            assert f"--{f.name.replace('_', '-')} {{{','.join(f.metadata['choices'])}}}" in out, f.name
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--max-batch", "0"], "--max-batch must be at least 1"),
     (["--inference-streams", "-1"], "--inference-streams, --inference-threads, --max-delay-ms"),
@@ -58,6 +68,13 @@ def test_help_lists_every_environment_variable(capsys):
     (["--compression-type", "brotli"], "--compression-type brotli: choose from"),
     (["--max-batch", "many"], "--max-batch='many': expected int"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--sasl-mechanism", "PLAIN", "--sasl-username", "bob"],
+     "--sasl-mechanism, --sasl-username would be ignored under --security-protocol PLAINTEXT: use SASL_PLAINTEXT "
+     "or SASL_SSL"),
+    (["--security-protocol", "SSL", "--sasl-mechanism", "PLAIN"], "--sasl-mechanism would be ignored under "
+                                                                   "--security-protocol SSL"),
+    (["--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "PLAIN", "--ssl-cafile", __file__],
+     "--ssl-cafile would be ignored under --security-protocol SASL_PLAINTEXT: use SSL or SASL_SSL"),
 ])
 def test_bad_config_is_one_line(extra, message, capsys, small_artifact):
     code, err = run(BASE + ["--artifact", str(small_artifact)] + extra, capsys)
