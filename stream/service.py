@@ -66,6 +66,7 @@ class Service:
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
         self._reachable = True
         self._missing: list[str] = []
+        self._topics_checked = False   # ready only once the broker probe has looked for the input topics
         self._readiness: tuple[bool, str] = (False, "starting")
         self._polls = FailureWatch("consuming from Kafka")
         self._commits = FailureWatch("committing offsets")
@@ -111,6 +112,8 @@ class Service:
             self._ready(False, f"Kafka at {self.cfg.bootstrap_servers} is unreachable")
         elif self._missing:
             self._ready(False, f"input topic {', '.join(self._missing)} does not exist")
+        elif not self._topics_checked:
+            self._ready(False, "looking for the input topics")
         elif self._polls.failing:
             self._ready(False, f"consuming is failing: {self._polls.error}")
         elif self.sink is not None and self.sink.failing_since is not None:
@@ -139,6 +142,7 @@ class Service:
                 else:
                     log.info("every input topic exists")
             self._missing = missing
+            self._topics_checked = self._topics_checked or reachable
             self._update_readiness()
             if self._stop.wait(3.0):
                 return
@@ -159,7 +163,7 @@ class Service:
                     self.rebalance.transactions = Transactions(
                         cast(TransactionalSink, self.sink), cast(RewindableSource, self.source), self.tracker,
                         self.rebalance.owned, self.cfg.drain_timeout_s)
-                self._ready(True)
+                self._update_readiness()   # ready once the broker probe has found the input topics
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
                 return True

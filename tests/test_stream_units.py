@@ -591,6 +591,7 @@ def test_a_missing_input_topic_is_not_ready_and_said_once(small_artifact, caplog
     assert "input topic typo does not exist" in answer
     warnings = [r.getMessage() for r in caplog.records if "'typo' does not exist" in r.getMessage()]
     assert len(warnings) == 1 and "typo" not in broker.topics
+    assert "ready" not in [r.getMessage() for r in caplog.records], "never said ready while a topic is missing"
 
 
 class _StrEncoder:
