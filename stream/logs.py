@@ -43,9 +43,15 @@ class ClientChatter(logging.Filter):
         return True
 
 
-def configure(level: str) -> None:
+def log_format(process: str | None = None) -> str:
+    """One line per record; a child of ``--processes N`` tags its lines with its index (``[p1]``)."""
+    tag = f"[p{process}] " if process else ""
+    return f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"
+
+
+def configure(level: str, process: str | None = None) -> None:
     """Logging for the service's entry point: one format, client chatter rate-limited."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=log_format(process))
     logging.getLogger("kafka").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(ClientChatter())

@@ -189,3 +189,36 @@ def test_the_failing_child_s_code_is_returned_not_the_sigterm_it_caused_a_siblin
     started = time.monotonic()
     assert stream.supervisor.supervise([], 2, 0) == 3
     assert time.monotonic() - started < 20      # the sleeper was stopped, not waited for
+
+
+def test_each_child_s_log_lines_carry_its_index_and_start_with_what_it_runs(small_artifact, tmp_path):
+    """``--processes 2`` with the broker away: both children keep retrying, each line tagged with its
+    child's index; each child's first line names the guarantee, the Kafka client and the runtime."""
+    import signal
+    import subprocess
+    from importlib.metadata import version
+    log = tmp_path / "supervisor.log"
+    argv = [sys.executable, "-m", "stream", *BASE, "--artifact", str(small_artifact), "--processes", "2",
+            "--decode-workers", "1"]
+    process = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(f"[p{i}] stream.service" in log.read_text() for i in (0, 1)):
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    text = log.read_text()
+    assert code == 0, text[-2000:]
+    for i in (0, 1):
+        starts = [line for line in text.splitlines() if f"[p{i}] stream: starting:" in line]
+        assert len(starts) == 1 and "at-least-once" in starts[0], text[-2000:]
+        assert f"kafka-python {version('kafka-python')}" in starts[0] and "inference runtime" in starts[0]
+        assert f"[p{i}] stream.service" in text
+
+
+def test_metrics_include_the_standard_process_metrics():
+    from stream.metrics import Metrics
+    text = Metrics().render().decode()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds"):
+        assert f"\n{name} " in text, name
