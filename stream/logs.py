@@ -1,8 +1,10 @@
-"""The service owns its log: the Kafka client's own lines are rate-limited, one per kind a minute.
+"""The service owns its log: the Kafka client's own lines are rate-limited, one per kind a minute,
+and held back entirely while the service has said that the broker is away.
 
 kafka-python writes a dozen ERROR/WARNING lines every few seconds while a broker is away;
 the service itself reports each state change once (see :mod:`.service`), so the client's
-repeats add nothing an on-call engineer can act on.
+repeats add nothing an on-call engineer can act on. Once the broker answers again, the
+client's next line of each kind says how many like it were held back.
 """
 from __future__ import annotations
 
@@ -11,15 +13,18 @@ import threading
 import time
 from collections.abc import Callable
 
+# Set by the service while it has reported the broker unreachable (and said so once); cleared when it answers.
+BROKER_AWAY = threading.Event()
+
 
 class ClientChatter(logging.Filter):
     """Passes a ``kafka.*`` record only if none of the same logger, level and message template
     passed in the last ``interval_s``; the next one that passes says how many were held back."""
 
-    def __init__(self, interval_s: float = 60.0, prefix: str = "kafka", clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, interval_s: float = 60.0, prefix: str = "kafka", clock: Callable[[], float] = time.monotonic,
+                 away: threading.Event = BROKER_AWAY) -> None:
         super().__init__()
-        self.interval_s, self.prefix, self._clock = interval_s, prefix, clock
+        self.interval_s, self.prefix, self._clock, self._away = interval_s, prefix, clock, away
         self._last: dict[tuple[str, int, str], float] = {}
         self._held: dict[tuple[str, int, str], int] = {}
         self._lock = threading.Lock()
@@ -30,7 +35,7 @@ class ClientChatter(logging.Filter):
         key = (record.name, record.levelno, str(record.msg))
         now = self._clock()
         with self._lock:
-            if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            if self._away.is_set() or now - self._last.get(key, -self.interval_s) < self.interval_s:
                 self._held[key] = self._held.get(key, 0) + 1
                 return False
             self._last[key] = now
@@ -39,7 +44,7 @@ class ClientChatter(logging.Filter):
             record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
             record.exc_info, record.exc_text = None, None
         if held:
-            record.msg = f"{record.msg} [{held} like this held back in the last {self.interval_s:g} s]"
+            record.msg = f"{record.msg} [{held} like this held back]"
         return True
 
 

@@ -735,3 +735,50 @@ def test_a_tombstone_is_dead_lettered_with_a_null_value_not_an_empty_one(small_a
     assert svc.run(count=2, timeout=30).finished == 2
     dead = {k: v for k, v, _ in broker.records("dlq")}
     assert dead == {b"deleted": None, b"empty": b""}
+
+
+class _AwayAtFirst:
+    """A connector whose broker cannot be reached for its first ``failures`` attempts."""
+
+    def __init__(self, real, failures: int) -> None:
+        self.real, self.failures = real, failures
+
+    def sink(self, on_retry):
+        return self.real.sink(on_retry)
+
+    def source(self, rebalance):
+        from engine_build.errors import BrokerUnavailable
+        if self.failures:
+            self.failures -= 1
+            raise BrokerUnavailable("cannot reach Kafka at fake:9092: KafkaTimeoutError: Unable to bootstrap")
+        return self.real.source(rebalance)
+
+
+def test_a_broker_unreachable_at_start_up_is_said_once_and_its_recovery_once(small_artifact, caplog):
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.produce("in", good_images()["png"], key=b"k")
+    cfg = config(small_artifact)
+    svc = Service(cfg, _AwayAtFirst(broker.connector(["in"], cfg.group_id), failures=3))
+    with caplog.at_level("INFO", logger="stream"):
+        assert svc.run(count=1, timeout=60).finished == 1
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("stream") and r.levelname != "DEBUG"]
+    assert len([line for line in lines if "cannot reach Kafka" in line]) == 1, lines
+    assert len([line for line in lines if "recovered after" in line and "3 failed attempts" in line]) == 1, lines
+
+
+def test_the_client_s_lines_are_held_while_the_broker_is_said_to_be_away():
+    import logging
+
+    from stream.logs import ClientChatter
+    away = threading.Event()
+    chatter = ClientChatter(interval_s=60, clock=lambda: 0.0, away=away)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("kafka.net.manager", logging.ERROR, __file__, 1, msg, (), None)
+    away.set()
+    assert not any(chatter.filter(record("Connection failed: %s")) for _ in range(5)), "held while away"
+    assert chatter.filter(logging.LogRecord("stream.service", logging.WARNING, __file__, 1, "ours", (), None))
+    away.clear()
+    passed = record("Connection failed: %s")
+    assert chatter.filter(passed) and "[5 like this held back]" in passed.msg
