@@ -9,6 +9,7 @@ client's next line of each kind says how many like it were held back.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ class ClientChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self.prefix):
             return True
-        key = (record.name, record.levelno, str(record.msg))
+        key = (record.name, record.levelno, _kind(record.msg))
         now = self._clock()
         with self._lock:
             if self._away.is_set() or now - self._last.get(key, -self.interval_s) < self.interval_s:
@@ -46,6 +47,12 @@ class ClientChatter(logging.Filter):
         if held:
             record.msg = f"{record.msg} [{held} like this held back]"
         return True
+
+
+def _kind(msg: object) -> str:
+    """A message's kind: its text without addresses and numbers. kafka-python formats some lines itself
+    (``Task <... at 0x7f...> ran for 0.126s``), so their template differs every time."""
+    return re.sub(r"0x[0-9a-fA-F]+|\d+(\.\d+)?", "#", str(msg))
 
 
 def log_format(process: str | None = None) -> str:

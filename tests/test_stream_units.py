@@ -782,3 +782,19 @@ def test_the_client_s_lines_are_held_while_the_broker_is_said_to_be_away():
     away.clear()
     passed = record("Connection failed: %s")
     assert chatter.filter(passed) and "[5 like this held back]" in passed.msg
+
+
+def test_client_lines_it_formats_itself_are_rate_limited_as_one_kind():
+    """kafka-python formats its slow-task warning itself: each one differs in the task's address and
+    the time, and every one passed the per-template limit."""
+    import logging
+
+    from stream.logs import ClientChatter
+    chatter = ClientChatter(interval_s=60, clock=lambda: 0.0)
+
+    def slow(address: str, seconds: float) -> logging.LogRecord:
+        text = (f"Task <kafka.net.selector.Task object at {address}> ran for {seconds:.3f}s (>0.100s threshold). "
+                "It is blocking the event loop")
+        return logging.LogRecord("kafka.net.selector", logging.WARNING, __file__, 1, text, (), None)
+    assert chatter.filter(slow("0x7fb976d94690", 0.126))
+    assert not chatter.filter(slow("0x7fb976d95a10", 0.131)) and not chatter.filter(slow("0x7fb9", 0.2))
