@@ -90,6 +90,7 @@ class FakeSource:
         self._position: dict[Partition, int] = {}
         self.paused = False
         self.closed = False
+        self.joined = False   # like the Kafka source: no group membership until every input topic exists
         broker._join(self)
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
@@ -98,7 +99,8 @@ class FakeSource:
                 raise self.broker.errors.pop(0)
             if self.broker.poll_errors:
                 raise self.broker.poll_errors.pop(0)
-        if not self._stable():
+        self.joined = self.joined or not self.missing_topics()
+        if not self.joined or not self._stable():
             time.sleep(min(timeout_s, 0.01))
             return []
         out = self._fetch(max_records) if not self.paused else []

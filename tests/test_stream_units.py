@@ -592,6 +592,7 @@ def test_a_missing_input_topic_is_not_ready_and_said_once(small_artifact, caplog
     warnings = [r.getMessage() for r in caplog.records if "'typo' does not exist" in r.getMessage()]
     assert len(warnings) == 1 and "typo" not in broker.topics
     assert "ready" not in [r.getMessage() for r in caplog.records], "never said ready while a topic is missing"
+    assert not any("partitions assigned" in r.getMessage() for r in caplog.records), "joins only once both exist"
 
 
 class _StrEncoder:
