@@ -541,7 +541,7 @@ def test_client_chatter_is_rate_limited_and_counted():
 
     from stream.logs import ClientChatter
     now = [0.0]
-    chatter = ClientChatter(interval_s=60, clock=lambda: now[0])
+    chatter = ClientChatter(interval_s=60, clock=lambda: now[0], away=threading.Event())
 
     def record(name: str, msg: str) -> logging.LogRecord:
         return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, (), None)
@@ -791,7 +791,7 @@ def test_client_lines_it_formats_itself_are_rate_limited_as_one_kind():
     import logging
 
     from stream.logs import ClientChatter
-    chatter = ClientChatter(interval_s=60, clock=lambda: 0.0)
+    chatter = ClientChatter(interval_s=60, clock=lambda: 0.0, away=threading.Event())
 
     def slow(address: str, seconds: float) -> logging.LogRecord:
         text = (f"Task <kafka.net.selector.Task object at {address}> ran for {seconds:.3f}s (>0.100s threshold). "
