@@ -157,7 +157,12 @@ class KafkaSource:
         if time.monotonic() < self._next_look:
             return False
         self._next_look = time.monotonic() + 1.0
-        missing = self.missing_topics()
+        from kafka.errors import KafkaError
+        try:
+            existing = self._consumer.topics()
+        except KafkaError:
+            return False   # unknown while the broker is away: look again
+        missing = [t for t in self._topics if t not in existing]
         if missing:
             log.debug("not joining group %s yet: input topic %s missing", self._group, ", ".join(missing))
             return False
