@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING
 
 from engine_build.errors import UserError
 
-from .config import build_parser, from_args
+from .config import StreamConfig, build_parser, from_args
 from .logs import configure as configure_logging
+from .supervisor import CHILD_INDEX
 
 if TYPE_CHECKING:
     from .service import Service
@@ -55,6 +57,17 @@ def exit_when_closing_overdue(service: Service, finished: threading.Event, secon
     exit(1)
 
 
+def startup_line(cfg: StreamConfig, runtime: str) -> str:
+    """What this process runs with: the processing guarantee, the Kafka client and the runtimes."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        client = f"kafka-python {version('kafka-python')}"
+    except PackageNotFoundError:
+        client = "kafka-python (version unknown)"
+    return (f"starting: {cfg.processing_guarantee}, Kafka client {client}, inference runtime {runtime}, "
+            f"Python {platform.python_version()} on {platform.machine()}, pid {os.getpid()}")
+
+
 def parser() -> argparse.ArgumentParser:
     return build_parser("python -m stream", DESCRIPTION)
 
@@ -66,7 +79,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     except UserError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
-    configure_logging(cfg.log_level)
+    configure_logging(cfg.log_level, environ.get(CHILD_INDEX))
     if cfg.processes > 1:
         from .supervisor import supervise
         return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
@@ -95,6 +108,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
     holder.append(service)
+    logging.getLogger("stream").info("%s", startup_line(cfg, service.model_info["runtime"]))
     if received:
         service.stop()   # stopped while starting: run() closes at once
     if service.model_info["placeholder"]:

@@ -160,6 +160,15 @@ class StreamConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{flag(name)} {path}: no such file")
+        self._check_unused_security()
+
+    def _check_unused_security(self) -> None:
+        """SASL or TLS settings the chosen protocol would silently ignore (the client never uses them)."""
+        for prefix, needs in (("sasl_", ("SASL_PLAINTEXT", "SASL_SSL")), ("ssl_", ("SSL", "SASL_SSL"))):
+            given = [flag(f.name) for f in fields(self) if f.name.startswith(prefix) and getattr(self, f.name)]
+            if given and self.security_protocol not in needs:
+                raise ConfigError(f"{', '.join(given)} would be ignored under --security-protocol "
+                                  f"{self.security_protocol}: use {' or '.join(needs)}")
 
     def transaction_timeout_ms(self) -> int:
         """Exactly once: how long the coordinator lets a transaction stay open, derived so that it
@@ -227,8 +236,14 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         elif kind is tuple:
             parser.add_argument(flag(f.name), action="append", default=None, help=text, metavar=f.name.upper())
         else:
-            parser.add_argument(flag(f.name), default=None, help=text, metavar=f.name.upper())
+            parser.add_argument(flag(f.name), default=None, help=text, metavar=_metavar(f.name))
     return parser
+
+
+def _metavar(name: str) -> str:
+    """The value's placeholder in ``--help``: the allowed values where the field has a fixed set."""
+    choices = next(f.metadata["choices"] for f in fields(StreamConfig) if f.name == name)
+    return "{" + ",".join(choices) + "}" if choices else name.upper()
 
 
 def from_args(args: argparse.Namespace, environ: dict[str, str]) -> StreamConfig:

@@ -99,6 +99,7 @@ class FakeSource:
         self.paused = False
         self.closed = False
         self.evicted = False
+        self.joined = False   # like the Kafka source: no group membership until every input topic exists
         broker._join(self)
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
@@ -107,7 +108,8 @@ class FakeSource:
                 raise self.broker.errors.pop(0)
             if self.broker.poll_errors:
                 raise self.broker.poll_errors.pop(0)
-        if not self._stable():
+        self.joined = self.joined or not self.missing_topics()
+        if not self.joined or not self._stable():
             time.sleep(min(timeout_s, 0.01))
             return []
         out = self._fetch(max_records) if not self.paused else []
@@ -243,7 +245,7 @@ class FakeSink:
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None) -> None:
         refusal = (TypeError(f"Unsupported type for serialized value: {type(record.value)}")
-                   if not isinstance(record.value, (bytes, bytearray, memoryview))
+                   if not isinstance(record.value, (bytes, bytearray, memoryview, type(None)))
                    else PermissionError(f"not authorized to write {record.topic}")
                    if record.topic in self.broker.refuse_topics else None)
         if refusal is not None:   # like the Kafka sink: never retried
@@ -263,11 +265,11 @@ class FakeSink:
             threading.Timer(0.01, self._retry, (record, on_ack, on_refused)).start()
             return
         limit = self.broker.max_record_bytes
-        if limit is not None and len(record.value) > limit:
+        if limit is not None and len(record.value or b"") > limit:
             if record.fallback is None:   # the Kafka sink would retry forever: fail the test on its poll thread
                 with self.broker.lock:
                     self.broker.errors.append(AssertionError(
-                        f"record of {len(record.value)} bytes exceeds {limit} and has no fallback"))
+                        f"record of {len(record.value or b'')} bytes exceeds {limit} and has no fallback"))
                 return
             self.publish(record.fallback, on_ack, on_refused)
             return

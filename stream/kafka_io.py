@@ -88,6 +88,21 @@ def isolation_level(guarantee: str) -> str:
     return "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
 
 
+def _refuse_topic_creation(consumer: Any) -> bool:
+    """Make the consumer's metadata requests say ``allow_auto_topic_creation=False``.
+
+    kafka-python 3.0.12 drops the consumer's ``allow_auto_create_topics=False``: its cluster
+    metadata is made without it and keeps the default, True, so the request for a subscribed
+    topic's metadata asks the broker to create it (tansu does, as does a Kafka broker with
+    ``auto.create.topics.enable``) and a typo'd input topic came into being. False when this
+    client keeps the setting elsewhere."""
+    config = getattr(getattr(getattr(consumer, "_manager", None), "cluster", None), "config", None)
+    if not isinstance(config, dict) or "allow_auto_create_topics" not in config:
+        return False
+    config["allow_auto_create_topics"] = False
+    return True
+
+
 def _tp_list(partitions: Any) -> list[Partition]:
     return sorted((tp.topic, tp.partition) for tp in partitions)
 
@@ -128,7 +143,10 @@ class KafkaSource:
                 isolation_level=isolation_level(cfg.processing_guarantee),
                 client_id=f"sentiment-stream-{cfg.group_id}", allow_auto_create_topics=False,
                 **cfg.client_options())
-            self._consumer.subscribe(topics=list(cfg.input_topic), listener=Listener())
+            if not _refuse_topic_creation(self._consumer):
+                self._consumer.close(autocommit=False)
+                raise ConfigError("this kafka-python cannot be kept from creating the input topics; "
+                                  "install kafka-python>=3.0.12,<3.1")
         except KafkaError as exc:
             raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id) from exc
         # The listener waits on the client's own event loop; kafka-python 3 offers no public sleep.
@@ -138,6 +156,32 @@ class KafkaSource:
             raise ConfigError("this kafka-python has no event-loop sleep for the rebalance listener; "
                               "install kafka-python>=3.0.12,<3.1")
         self._loop_sleep: Callable[[float], Any] = sleep
+        self._listener, self._subscribed, self._next_look = Listener(), False, 0.0
+
+    def _joined(self) -> bool:
+        """Join the group once every input topic exists (looked for at most once a second); True once joined.
+
+        Until then the client names no input topic, so nothing can create one. Joining first and
+        waiting for a topic to appear is not enough on tansu: when the group's only member rejoins
+        after a subscribed topic appears, it keeps the group's generation and hands back the old,
+        empty assignment, so a topic created after the join was never consumed."""
+        if self._subscribed:
+            return True
+        if time.monotonic() < self._next_look:
+            return False
+        self._next_look = time.monotonic() + 1.0
+        from kafka.errors import KafkaError
+        try:
+            existing = self._consumer.topics()
+        except KafkaError:
+            return False   # unknown while the broker is away: look again
+        missing = [t for t in self._topics if t not in existing]
+        if missing:
+            log.debug("not joining group %s yet: input topic %s missing", self._group, ", ".join(missing))
+            return False
+        self._consumer.subscribe(topics=self._topics, listener=self._listener)
+        self._subscribed = True
+        return True
 
     async def _revoke(self, partitions: list[Partition]) -> None:
         """Drain the revoked partitions' work (up to the drain timeout), commit it, release them."""
@@ -241,6 +285,9 @@ class KafkaSource:
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         try:
+            if not self._joined():
+                time.sleep(timeout_s)
+                return []
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except Exception as exc:   # kafka-python raises its own errors and, from listeners, anything
             raise translate(exc, f"consuming {self._failing_partition()}", self._group) from exc
@@ -297,7 +344,8 @@ class KafkaSource:
         return reachable(self._bootstrap)
 
     def missing_topics(self) -> list[str]:
-        """Subscribed input topics the cluster does not have (the consumer never creates them)."""
+        """Subscribed input topics the cluster does not have, from a listing of every topic (a request
+        that names no topic, so no broker creates one for it)."""
         from kafka.errors import KafkaError
         try:
             existing = self._consumer.topics()
@@ -418,7 +466,7 @@ class KafkaSink:
         from kafka.errors import MessageSizeTooLargeError
         if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
-                        len(record.value), record.topic)
+                        len(record.value or b""), record.topic)
             self.publish(record.fallback, on_ack, on_refused)
             return
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):

@@ -49,13 +49,14 @@ class Outgoing:
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None                # None: a tombstone, kept as one
     headers: Headers
     fallback: Outgoing | None = None
 
 
 def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoing:
-    """The original key and value, with why it was rejected and where it came from."""
+    """The original key and value (a tombstone's null value stays null), with why it was rejected and
+    where it came from."""
     headers = list(message.headers) + [
         ("error.reason", reason.encode()),
         ("error.message", text.encode("utf-8", "replace")[:1000]),
@@ -63,6 +64,6 @@ def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoin
         ("source.partition", str(message.partition).encode()),
         ("source.offset", str(message.offset).encode()),
     ]
-    value = message.value or b""
-    slim = Outgoing(topic, message.key, b"", headers + [("error.value_dropped", str(len(value)).encode())])
-    return Outgoing(topic, message.key, value, headers, fallback=slim)
+    dropped = str(len(message.value or b"")).encode()
+    slim = Outgoing(topic, message.key, b"", headers + [("error.value_dropped", dropped)])
+    return Outgoing(topic, message.key, message.value, headers, fallback=slim)

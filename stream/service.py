@@ -22,6 +22,7 @@ from engine_build.runtime.base import Backend, usable_cores
 
 from .config import StreamConfig, auto_decode_workers
 from .failures import FailureWatch
+from .logs import BROKER_AWAY
 from .metrics import HealthServer, Metrics
 from .offsets import OffsetTracker
 from .pipeline import PipelineConfig, Processor
@@ -35,6 +36,14 @@ DEAD_LETTER_REPORT_S = 10.0   # how often dead letters no batch line counted are
 # While paused, the loop waits for results to drain instead of polling; it still polls (without
 # waiting) this often, so a rebalance is joined without delay worth the name.
 PAUSED_POLL_S = 0.5
+
+
+def _broker_away(away: bool) -> None:
+    """Hold the Kafka client's own log lines while the service has said the broker is away."""
+    if away:
+        BROKER_AWAY.set()
+    else:
+        BROKER_AWAY.clear()
 
 
 @dataclass
@@ -70,9 +79,11 @@ class Service:
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
         self._reachable = True
         self._missing: list[str] = []
+        self._topics_checked = False   # ready only once the broker probe has looked for the input topics
         self._readiness: tuple[bool, str] = (False, "starting")
         self._polls = FailureWatch("consuming from Kafka")
         self._commits = FailureWatch("committing offsets")
+        self._connecting = FailureWatch(f"connecting to Kafka at {cfg.bootstrap_servers}")
         self._failure: KafkaPermanent | None = None
         try:
             self.health = HealthServer(self.metrics, cfg.metrics_port).start() if cfg.metrics_port else None
@@ -117,6 +128,8 @@ class Service:
             self._ready(False, f"Kafka at {self.cfg.bootstrap_servers} is unreachable")
         elif self._missing:
             self._ready(False, f"input topic {', '.join(self._missing)} does not exist")
+        elif not self._topics_checked:
+            self._ready(False, "looking for the input topics")
         elif self._polls.failing:
             self._ready(False, f"consuming is failing: {self._polls.error}")
         elif self.sink is not None and self.sink.failing_since is not None:
@@ -136,6 +149,7 @@ class Service:
                     log.info("Kafka at %s answers again", self.cfg.bootstrap_servers)
                 else:
                     log.warning("Kafka at %s is unreachable; retrying", self.cfg.bootstrap_servers)
+                _broker_away(not reachable)
             self._reachable = reachable
             missing = source.missing_topics() if reachable else self._missing
             if missing != self._missing:
@@ -145,6 +159,7 @@ class Service:
                 else:
                     log.info("every input topic exists")
             self._missing = missing
+            self._topics_checked = self._topics_checked or reachable
             self._update_readiness()
             if self._stop.wait(3.0):
                 return
@@ -165,7 +180,9 @@ class Service:
                     self.rebalance.transactions = Transactions(
                         cast(TransactionalSink, self.sink), cast(RewindableSource, self.source), self.tracker,
                         self.rebalance.owned, self.cfg.drain_timeout_s, self.cfg.transaction_timeout_ms() / 1000)
-                self._ready(True)
+                self._update_readiness()   # ready once the broker probe has found the input topics
+                self._connecting.ok()
+                _broker_away(False)
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
                 return True
@@ -174,7 +191,9 @@ class Service:
                 return False
             except (BrokerUnavailable, KafkaTransient) as exc:
                 self._ready(False, str(exc))
-                log.warning("%s; retrying in %.1f s", exc, delay)
+                self._connecting.failed(exc)   # said once, and again only if the error changes
+                _broker_away(isinstance(exc, BrokerUnavailable))
+                log.debug("%s; retrying in %.1f s", exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
         return False

@@ -11,6 +11,7 @@ Kubernetes) restarts the whole set.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
+CHILD_INDEX = "STREAM_CHILD_INDEX"   # set in child i's environment; its log lines carry [pi]
 
 
 def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
@@ -32,11 +34,16 @@ def own_transactional_id(argv: Sequence[str], index: int, transactional_id: str 
     return [*argv, "--transactional-id", f"{transactional_id}-{index}"] if transactional_id else list(argv)
 
 
+def child_environ(index: int) -> dict[str, str]:
+    """Child ``index``'s environment: this process's, plus its index for its log lines."""
+    return {**os.environ, CHILD_INDEX: str(index)}
+
+
 def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None) -> int:
     # Own sessions (so own process groups): a terminal's Ctrl-C reaches the children once, through
     # forward(), not twice (a second signal means "exit now" to a child).
     children = [subprocess.Popen(child_argv(own_transactional_id(argv, i, transactional_id), i, metrics_port),
-                                 start_new_session=True)
+                                 env=child_environ(i), start_new_session=True)
                 for i in range(processes)]
     log.info("started %d consumer processes (pids %s)%s", processes, ", ".join(str(c.pid) for c in children),
              f"; metrics on ports {metrics_port}..{metrics_port + processes - 1}" if metrics_port else "")

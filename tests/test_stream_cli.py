@@ -29,7 +29,8 @@ def test_missing_required_flag_is_one_line(capsys):
 def test_environment_twins_fill_every_flag(tmp_path, capsys, small_artifact):
     environ = {"STREAM_BOOTSTRAP_SERVERS": "h:1", "STREAM_INPUT_TOPIC": "a, b", "STREAM_OUTPUT_TOPIC": "o",
                "STREAM_DEAD_LETTER_TOPIC": "d", "STREAM_ARTIFACT": str(small_artifact), "STREAM_MAX_BATCH": "4",
-               "STREAM_EXACT_PRECISION": "true", "STREAM_SASL_PASSWORD": "s3cret"}
+               "STREAM_EXACT_PRECISION": "true", "STREAM_SASL_PASSWORD": "s3cret",
+               "STREAM_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "STREAM_SASL_MECHANISM": "PLAIN"}
     from stream.cli import parser
     from stream.config import from_args
     cfg = from_args(parser().parse_args(["--max-batch", "6"]), environ)
@@ -46,6 +47,15 @@ def test_help_lists_every_environment_variable(capsys):
         assert env_name(f.name) in out
 
 
+def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"], {})
+    out = " ".join(capsys.readouterr().out.split())
+    for f in fields(StreamConfig):
+        if f.metadata["choices"]:
+            assert f"--{f.name.replace('_', '-')} {{{','.join(f.metadata['choices'])}}}" in out, f.name
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--max-batch", "0"], "--max-batch must be at least 1"),
     (["--inference-streams", "-1"], "--inference-streams, --inference-threads, --max-delay-ms"),
@@ -58,6 +68,13 @@ def test_help_lists_every_environment_variable(capsys):
     (["--compression-type", "brotli"], "--compression-type brotli: choose from"),
     (["--max-batch", "many"], "--max-batch='many': expected int"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--sasl-mechanism", "PLAIN", "--sasl-username", "bob"],
+     "--sasl-mechanism, --sasl-username would be ignored under --security-protocol PLAINTEXT: use SASL_PLAINTEXT "
+     "or SASL_SSL"),
+    (["--security-protocol", "SSL", "--sasl-mechanism", "PLAIN"], "--sasl-mechanism would be ignored under "
+                                                                   "--security-protocol SSL"),
+    (["--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "PLAIN", "--ssl-cafile", __file__],
+     "--ssl-cafile would be ignored under --security-protocol SASL_PLAINTEXT: use SSL or SASL_SSL"),
 ])
 def test_bad_config_is_one_line(extra, message, capsys, small_artifact):
     code, err = run(BASE + ["--artifact", str(small_artifact)] + extra, capsys)
@@ -189,3 +206,36 @@ def test_processes_give_each_child_its_own_stable_transactional_id(monkeypatch, 
     assert main(flags + ["--transactional-id", "pod-b"], {}) == 0
     ids = [argv[len(argv) - argv[::-1].index("--transactional-id")] for argv in seen]   # the last one wins
     assert ids == ["pod-a-0", "pod-a-1", "pod-b-0", "pod-b-1"]
+
+
+def test_each_child_s_log_lines_carry_its_index_and_start_with_what_it_runs(small_artifact, tmp_path):
+    """``--processes 2`` with the broker away: both children keep retrying, each line tagged with its
+    child's index; each child's first line names the guarantee, the Kafka client and the runtime."""
+    import signal
+    import subprocess
+    from importlib.metadata import version
+    log = tmp_path / "supervisor.log"
+    argv = [sys.executable, "-m", "stream", *BASE, "--artifact", str(small_artifact), "--processes", "2",
+            "--decode-workers", "1"]
+    process = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(f"[p{i}] stream.service" in log.read_text() for i in (0, 1)):
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    text = log.read_text()
+    assert code == 0, text[-2000:]
+    for i in (0, 1):
+        starts = [line for line in text.splitlines() if f"[p{i}] stream: starting:" in line]
+        assert len(starts) == 1 and "at-least-once" in starts[0], text[-2000:]
+        assert f"kafka-python {version('kafka-python')}" in starts[0] and "inference runtime" in starts[0]
+        assert f"[p{i}] stream.service" in text
+
+
+def test_metrics_include_the_standard_process_metrics():
+    from stream.metrics import Metrics
+    text = Metrics().render().decode()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds"):
+        assert f"\n{name} " in text, name

@@ -176,6 +176,24 @@ def test_kafka_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_brok
     assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"
 
 
+def test_a_tombstone_dead_letter_reaches_the_broker_with_a_null_value(kafka_broker):
+    import threading
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Message, dead_letter
+    t = names(kafka_broker, partitions=1)
+    sink = KafkaSink(kafka_broker.bootstrap, {})
+    acked = threading.Event()
+    try:
+        sink.publish(dead_letter(Message(t["input"], 0, 3, b"deleted", None), t["dlq"], "empty", "no value"),
+                     acked.set)
+        assert acked.wait(30), "the dead letter was acknowledged"
+    finally:
+        sink.close()
+    (record,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
+    assert record.key == b"deleted" and record.value is None and dict(record.headers)["error.reason"] == b"empty"
+
+
 @pytest.mark.slow
 def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_artifact, tmp_path):
     """The broker dies at the moment of SIGTERM: the process still ends in time and says what it left."""
@@ -265,3 +283,35 @@ def test_embedded_broker_deletes_topics_with_their_records(kafka_broker):
     kafka_broker.create_topics({t["input"]: 1})
     produce(kafka_broker.bootstrap, t["input"], [(b"k", b"after")])
     assert [r.value for r in read_all(kafka_broker.bootstrap, t["input"], 1, timeout=10)] == [b"after"]
+
+
+def test_a_typo_in_the_input_topic_is_not_created_and_stays_not_ready_until_it_exists(kafka_broker, small_artifact,
+                                                                                      tmp_path):
+    """tansu creates a topic that a metadata request names with auto-creation allowed, and kafka-python
+    3.0.12 allowed it whatever the consumer said: a typo'd input topic came into being and looked healthy."""
+    from kafka.admin import KafkaAdminClient
+
+    from stream.embedded_broker import free_port
+    t = names(kafka_broker)
+    typo = t["input"] + "-typo"
+    metrics, log = free_port(), tmp_path / "service.log"
+    service = start_service(kafka_broker, {**t, "input": typo}, small_artifact, log, metrics_port=metrics,
+                            log_level="DEBUG")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    try:
+        # Consuming for a while (the old code had joined its group and made the topic within 3 s of it).
+        wait_until(lambda: log.read_text().count("not joining group") >= 5 or typo in admin.list_topics(), 90,
+                   "the member to look five times")
+        assert typo not in admin.list_topics(), "the typo'd topic was created"
+        wait_until(lambda: "does not exist" in readyz(metrics)[1], 30, "/readyz to name the missing topic")
+        assert readyz(metrics)[0] == 503
+        kafka_broker.create_topics({typo: 1})
+        produce(kafka_broker.bootstrap, typo, [(b"late", good_images()["jpeg_rocket"])])
+        wait_for_outputs(kafka_broker, t["output"], 1)
+        assert readyz(metrics)[0] == 200
+    finally:
+        admin.close()
+        stop(service, log)
+    lines = [line.split(": ", 1)[-1] for line in log.read_text().splitlines()]
+    assert "every input topic exists" in lines and "ready" in lines
+    assert lines.index("ready") > lines.index("every input topic exists"), "ready only once the topic exists"

@@ -534,7 +534,7 @@ def test_client_chatter_is_rate_limited_and_counted():
 
     from stream.logs import ClientChatter
     now = [0.0]
-    chatter = ClientChatter(interval_s=60, clock=lambda: now[0])
+    chatter = ClientChatter(interval_s=60, clock=lambda: now[0], away=threading.Event())
 
     def record(name: str, msg: str) -> logging.LogRecord:
         return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, (), None)
@@ -584,6 +584,8 @@ def test_a_missing_input_topic_is_not_ready_and_said_once(small_artifact, caplog
     assert "input topic typo does not exist" in answer
     warnings = [r.getMessage() for r in caplog.records if "'typo' does not exist" in r.getMessage()]
     assert len(warnings) == 1 and "typo" not in broker.topics
+    assert "ready" not in [r.getMessage() for r in caplog.records], "never said ready while a topic is missing"
+    assert not any("partitions assigned" in r.getMessage() for r in caplog.records), "joins only once both exist"
 
 
 class _StrEncoder:
@@ -716,3 +718,77 @@ def test_the_service_decodes_on_the_auto_count_unless_told(small_artifact, caplo
         assert told._pipeline_config().decode_workers == 3
     finally:
         told.backend.close()
+
+
+def test_a_tombstone_is_dead_lettered_with_a_null_value_not_an_empty_one(small_artifact):
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.produce("in", None, key=b"deleted")
+    broker.produce("in", b"", key=b"empty")
+    svc = service(broker, config(small_artifact))
+    assert svc.run(count=2, timeout=30).finished == 2
+    dead = {k: v for k, v, _ in broker.records("dlq")}
+    assert dead == {b"deleted": None, b"empty": b""}
+
+
+class _AwayAtFirst:
+    """A connector whose broker cannot be reached for its first ``failures`` attempts."""
+
+    def __init__(self, real, failures: int) -> None:
+        self.real, self.failures = real, failures
+
+    def sink(self, on_retry):
+        return self.real.sink(on_retry)
+
+    def source(self, rebalance):
+        from engine_build.errors import BrokerUnavailable
+        if self.failures:
+            self.failures -= 1
+            raise BrokerUnavailable("cannot reach Kafka at fake:9092: KafkaTimeoutError: Unable to bootstrap")
+        return self.real.source(rebalance)
+
+
+def test_a_broker_unreachable_at_start_up_is_said_once_and_its_recovery_once(small_artifact, caplog):
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.produce("in", good_images()["png"], key=b"k")
+    cfg = config(small_artifact)
+    svc = Service(cfg, _AwayAtFirst(broker.connector(["in"], cfg.group_id), failures=3))
+    with caplog.at_level("INFO", logger="stream"):
+        assert svc.run(count=1, timeout=60).finished == 1
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("stream") and r.levelname != "DEBUG"]
+    assert len([line for line in lines if "cannot reach Kafka" in line]) == 1, lines
+    assert len([line for line in lines if "recovered after" in line and "3 failed attempts" in line]) == 1, lines
+
+
+def test_the_client_s_lines_are_held_while_the_broker_is_said_to_be_away():
+    import logging
+
+    from stream.logs import ClientChatter
+    away = threading.Event()
+    chatter = ClientChatter(interval_s=60, clock=lambda: 0.0, away=away)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("kafka.net.manager", logging.ERROR, __file__, 1, msg, (), None)
+    away.set()
+    assert not any(chatter.filter(record("Connection failed: %s")) for _ in range(5)), "held while away"
+    assert chatter.filter(logging.LogRecord("stream.service", logging.WARNING, __file__, 1, "ours", (), None))
+    away.clear()
+    passed = record("Connection failed: %s")
+    assert chatter.filter(passed) and "[5 like this held back]" in passed.msg
+
+
+def test_client_lines_it_formats_itself_are_rate_limited_as_one_kind():
+    """kafka-python formats its slow-task warning itself: each one differs in the task's address and
+    the time, and every one passed the per-template limit."""
+    import logging
+
+    from stream.logs import ClientChatter
+    chatter = ClientChatter(interval_s=60, clock=lambda: 0.0, away=threading.Event())
+
+    def slow(address: str, seconds: float) -> logging.LogRecord:
+        text = (f"Task <kafka.net.selector.Task object at {address}> ran for {seconds:.3f}s (>0.100s threshold). "
+                "It is blocking the event loop")
+        return logging.LogRecord("kafka.net.selector", logging.WARNING, __file__, 1, text, (), None)
+    assert chatter.filter(slow("0x7fb976d94690", 0.126))
+    assert not chatter.filter(slow("0x7fb976d95a10", 0.131)) and not chatter.filter(slow("0x7fb9", 0.2))
