@@ -62,8 +62,8 @@ class Service:
         self.manifest, self.selection, self.backend = open_artifact(
             cfg.artifact, cfg.backend, cfg.precision, cfg.exact_precision, cfg.max_batch,
             threads=cfg.inference_threads or None, streams=cfg.inference_streams)
-        self.model_info = {"name": self.manifest["model"]["name"], "sha256": self.selection.sha256,
-                           "precision": self.selection.precision, "placeholder": self.manifest["model"]["placeholder"],
+        self.model_info = {"name": self.manifest.model.name, "sha256": self.selection.sha256,
+                           "precision": self.selection.precision, "placeholder": self.manifest.model.placeholder,
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
         self._reachable = True
         self._missing: list[str] = []
