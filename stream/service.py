@@ -18,7 +18,7 @@ import plugins
 from engine_build.artifact import open_artifact
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 from engine_build.imaging import DecodeLimits
-from engine_build.runtime.base import usable_cores
+from engine_build.runtime.cpu import usable_cores
 
 from .config import StreamConfig, auto_decode_workers
 from .failures import FailureWatch
