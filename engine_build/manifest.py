@@ -76,7 +76,7 @@ class FileEntry:
         out["sha256"] = self.sha256
         if self.quantizer is not None:
             out["quantizer"] = self.quantizer
-        if self.by_runtime or (self.quantizer is not None and self.precision):
+        if self.precision == "int8":     # an INT8 variant lists its runtimes' own files, even none
             out["by_runtime"] = {k: v.record() for k, v in self.by_runtime.items()}
         return out
 

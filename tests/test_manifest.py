@@ -149,3 +149,11 @@ def test_a_bad_manifest_is_one_line(tmp_path, content, message):
     assert "\n" not in str(caught.value)
     with pytest.raises(ArtifactError, match="does not exist"):
         Manifest.read(tmp_path / "missing")
+
+
+def test_an_int8_entry_always_lists_its_runtimes_files_and_others_never_do():
+    made = {"quantizer": "minmax", "version": "1"}
+    assert FileEntry("model.int8.onnx", "i8", "int8", quantizer=made).record() == \
+        {"file": "model.int8.onnx", "precision": "int8", "sha256": "i8", "quantizer": made, "by_runtime": {}}
+    assert FileEntry("model.onnx", "f32", "fp32").record() == {"file": "model.onnx", "precision": "fp32",
+                                                               "sha256": "f32"}
