@@ -89,7 +89,15 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
                   if rank[target.split(".")[0]] > rank[source.split(".")[0]])
 
 
-def test_the_graph_sees_every_kind_of_import():
+def test_the_parser_counts_type_only_lazy_relative_and_package_imports(tmp_path):
+    source = tmp_path / "a.py"
+    source.write_text("from typing import TYPE_CHECKING\nimport os\nif TYPE_CHECKING:\n    from .b import Thing\n"
+                      "def f():\n    import pkg.c\nfrom . import d\nfrom .sub.e import g\n")
+    known = {"pkg", "pkg.a", "pkg.b", "pkg.c", "pkg.d", "pkg.sub", "pkg.sub.e"}
+    assert imported("pkg.a", source, known) == {"pkg.b", "pkg.c", "pkg.d", "pkg.sub.e"}
+
+
+def test_the_graph_sees_the_project_imports():
     graph = import_graph()
     assert "engine_build.errors" in graph["engine_build.manifest"], "relative from-import"
     assert "engine_build.runtime.identity" in graph["engine_build.artifact"], "import inside a function"
