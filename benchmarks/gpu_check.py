@@ -92,12 +92,12 @@ def cuda_roundtrip(mib: int = 64, repeats: int = 5) -> dict:
 def tensorrt_throughput(artifact: Path, batches: list[int], repeats: int) -> list[dict]:
     """Median latency and images/s of the artifact's engine at each batch size (after warm-up)."""
     from engine_build.imaging import builtin_photos, photo_views
-    from engine_build.manifest import read_manifest
+    from engine_build.manifest import Manifest
     from engine_build.runtime import open_backend
-    entry = read_manifest(artifact)["files"]["tensorrt"]
+    entry = Manifest.read(artifact).files["tensorrt"]
     views = photo_views(builtin_photos())
     rows = []
-    with open_backend("tensorrt", artifact / entry["file"], "fp16", max(batches)) as backend:
+    with open_backend("tensorrt", artifact / entry.file, "fp16", max(batches)) as backend:
         for batch in batches:
             images = np.resize(views, (batch, *views.shape[1:]))
             for _ in range(3):
@@ -164,8 +164,8 @@ def proved_cuda(result: dict) -> str:
 
 
 def proved_tensorrt(artifact: Path, host: dict, rows: list[dict]) -> str:
-    from engine_build.manifest import read_manifest
-    checks = [c for c in read_manifest(artifact).get("validation", {}).get("checks", [])
+    from engine_build.manifest import Manifest
+    checks = [c for c in Manifest.read(artifact).validation.checks
               if c.get("runtime") == "tensorrt"]
     gate = ("passed its validation gate against ONNX Runtime FP32" if checks and all(c["passed"] for c in checks)
             else "has NO passing TensorRT validation record")

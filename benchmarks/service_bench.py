@@ -61,7 +61,7 @@ def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int 
     the machine's luckiest moment for its capacity (the backlog rate it is compared with is a mean)."""
     from engine_build.artifact import open_artifact
     from engine_build.imaging import decode
-    from engine_build.runtime.base import usable_cores
+    from engine_build.runtime.cpu import usable_cores
     for payload in payloads:     # warm-up: the first decodes of a process pay for the library's set-up
         decode(payload)
     decode_passes = []

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine_build.imaging import DecodeLimits, builtin_photos, decode, photo_views  # noqa: E402
-from engine_build.manifest import read_manifest  # noqa: E402
+from engine_build.manifest import Manifest  # noqa: E402
 from engine_build.runtime import available_backends, open_backend  # noqa: E402
 from engine_build.runtime.cpu import this_cpu  # noqa: E402
 
@@ -55,27 +55,27 @@ def summary(seconds: list[float], items: int) -> dict:
             "min_ms": round(ordered[0] * 1000, 2), "images_per_s": round(items / median, 1), "repeats": len(seconds)}
 
 
-def model_configs(manifest: dict, variants: list[str]) -> list[tuple[str, str, str, bool, bool]]:
+def model_configs(manifest: Manifest, variants: list[str]) -> list[tuple[str, str, str, bool, bool]]:
     """(runtime, variant, file, exact, used_by_service) for every file on every runtime that can read it.
 
     Every INT8 file runs on both CPU runtimes, so the choice of a file per runtime is measured,
     not assumed; ``used_by_service`` marks the file each runtime really gets.
     """
-    files = manifest["files"]
+    files = manifest.files
     configs = []
     for precision in variants:
         if precision not in files:
             continue
         entry = files[precision]
-        own = {runtime: e["file"] for runtime, e in entry.get("by_runtime", {}).items()}
-        for name in [entry["file"], *own.values()]:
+        own = {runtime: e.file for runtime, e in entry.by_runtime.items()}
+        for name in [entry.file, *own.values()]:
             for runtime, exact in (("onnxruntime", True), ("openvino", False), ("openvino", True)):
                 if precision == "int8" and runtime == "openvino" and exact:
                     continue   # INT8 layers compute the same either way; default mode is the service's
-                used = own.get(runtime, entry["file"]) == name
+                used = own.get(runtime, entry.file) == name
                 configs.append((runtime, precision, name, exact, used))
     if "tensorrt" in files:
-        configs.append(("tensorrt", "fp16", files["tensorrt"]["file"], True, True))
+        configs.append(("tensorrt", "fp16", files["tensorrt"].file, True, True))
     return configs
 
 
@@ -101,11 +101,12 @@ def model_runs(artifact: Path, images: np.ndarray, batch_sizes: list[int], repea
                variants: list[str] = ("fp32", "fp16", "int8")) -> list[dict]:
     """Every file on every runtime; the files of one runtime and mode are timed in turns."""
     import contextlib
-    manifest = read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     quantizer = {}
-    for entry in [manifest["files"].get("int8", {}), *manifest["files"].get("int8", {}).get("by_runtime", {}).values()]:
-        if "quantizer" in entry:
-            quantizer[entry["file"]] = entry["quantizer"]["quantizer"]
+    int8_file = manifest.files.get("int8")
+    for entry in [int8_file, *int8_file.by_runtime.values()] if int8_file else []:
+        if entry.quantizer:
+            quantizer[entry.file] = entry.quantizer["quantizer"]
     reasons = available_backends()
     groups: dict[tuple[str, bool], list] = {}
     for config in model_configs(manifest, list(variants)):
@@ -140,31 +141,32 @@ def float_layer_cost(artifact: Path, images: np.ndarray, batch_sizes: list[int],
     """
     from engine_build.imagesets import builtin_set
     from engine_build.quantize import quantize_minmax, quantize_nncf
-    manifest = read_manifest(artifact)
-    int8 = manifest["files"].get("int8")
-    kept = manifest.get("int8", {}).get("float_layers", {})
+    manifest = Manifest.read(artifact)
+    int8 = manifest.files.get("int8")
+    kept = (manifest.int8 or {}).get("float_layers", {})
     if not int8 or not any(kept.values()):
         return []
     calibration = builtin_set("calibration").images
     makers = {"nncf": quantize_nncf, "onnxruntime": quantize_minmax}
-    pairs = [("openvino", int8)] + [(runtime, own) for runtime, own in int8.get("by_runtime", {}).items()]
-    if not int8.get("by_runtime"):
+    pairs = [("openvino", int8)] + [(runtime, own) for runtime, own in int8.by_runtime.items()]
+    if not int8.by_runtime:
         pairs.append(("onnxruntime", int8))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for runtime, entry in pairs:
-        quantizer = entry["quantizer"]["quantizer"]
-        floats = entry["quantizer"]["float_layers"]
+        assert entry.quantizer is not None, "an INT8 file records its quantiser"
+        quantizer = entry.quantizer["quantizer"]
+        floats = entry.quantizer["float_layers"]
         twin = workdir / f"all-int8.{quantizer}.onnx"
         makers[quantizer](artifact / "model.onnx", twin, calibration, ())
-        with open_backend(runtime, artifact / entry["file"], "int8", max(batch_sizes)) as built, \
+        with open_backend(runtime, artifact / entry.file, "int8", max(batch_sizes)) as built, \
                 open_backend(runtime, twin, "int8", max(batch_sizes)) as every:
             for batch in batch_sizes:
                 x = np.ascontiguousarray(images[:batch])
                 as_built, all_int8 = interleaved([lambda x=x: built.infer(x), lambda x=x: every.infer(x)], repeats)
                 a, b = summary(as_built, batch), summary(all_int8, batch)
                 ratio = round(a["images_per_s"] / b["images_per_s"], 3)
-                rows.append({"runtime": runtime, "file": entry["file"], "quantizer": quantizer, "batch": batch,
+                rows.append({"runtime": runtime, "file": entry.file, "quantizer": quantizer, "batch": batch,
                              "float_layers": kept, "as_built": a, "all_int8": b, "speed_vs_all_int8": ratio})
                 print(f"  {runtime:<12} {quantizer:<11} batch {batch:>3}: {a['images_per_s']:>7.1f} img/s with "
                       f"{', '.join(floats) or 'nothing'} in float, {b['images_per_s']:>7.1f} all int8 (x{ratio})")
@@ -227,9 +229,9 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 def prepare(artifact: Path | None, workdir: Path) -> tuple[Path, Path, Path]:
     """(artifact, prototxt, caffemodel): the given artifact and its sources, or a full-size placeholder built once."""
     if artifact:
-        source = read_manifest(artifact)["model"]["source"]
-        return (artifact, Path(source.get("prototxt", {}).get("path", "-")),
-                Path(source.get("caffemodel", {}).get("path", "-")))
+        source = Manifest.read(artifact).model.source
+        return (artifact, Path(getattr(source.get("prototxt"), "path", "-")),
+                Path(getattr(source.get("caffemodel"), "path", "-")))
     from engine_build.build import ensure_artifact
     from engine_build.placeholder import ensure_placeholder
     prototxt, caffemodel = ensure_placeholder(workdir / "model")
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latency histogram: {plot} ({pipeline['plot']['drawn_with']})")
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "cpu": cpu, "python": platform.python_version()},
-              "placeholder": read_manifest(artifact)["model"]["placeholder"],
+              "placeholder": Manifest.read(artifact).model.placeholder,
               "model": rows, "int8_float_layers": float_cost, "decode": decoding, "pipeline": pipeline,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     suffix = "" if rows and pipeline else ("-pipeline" if pipeline else "-models")

@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ArtifactError, ConfigError
-from .manifest import read_manifest, variant_entry, verify_file
-from .recheck import check_record, needs_recheck, recheck
+from .manifest import Manifest, verify_file
+from .recheck import needs_recheck, recheck
 from .runtime import Backend, available_backends, open_backend
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,16 @@ class Selection:
     sha256: str = ""       # of ``file``, from the manifest (a variant may have a file per runtime)
 
 
-def gate_passed(manifest: dict, variant: str, runtime: str, exact: bool) -> bool | None:
+def gate_passed(manifest: Manifest, variant: str, runtime: str, exact: bool) -> bool | None:
     """Did (variant, runtime, mode) pass validation? None when it was never checked."""
     if variant == "fp32" and runtime == "onnxruntime":
         return True   # the reference itself
-    record = check_record(manifest, variant, runtime, exact)
+    record = manifest.check_record(variant, runtime, exact)
     return None if record is None else bool(record["passed"])
 
 
-def _tensorrt_choice(directory: Path, manifest: dict, explicit: bool, max_batch: int | None) -> Selection | None:
-    entry = manifest["files"].get("tensorrt")
+def _tensorrt_choice(directory: Path, manifest: Manifest, explicit: bool, max_batch: int | None) -> Selection | None:
+    entry = manifest.files.get("tensorrt")
     if entry is None:
         if explicit:
             raise ArtifactError(f"{directory} has no TensorRT engine: rebuild with --tensorrt on a GPU machine")
@@ -52,23 +52,23 @@ def _tensorrt_choice(directory: Path, manifest: dict, explicit: bool, max_batch:
         return None
     from .runtime.identity import check_engine, current_identity
     # stale engines are refused, never loaded: field by field against this machine and batch size
-    check_engine(entry.get("identity"), current_identity(1, max_batch or 1), exact_batch=False)
+    check_engine(entry.identity, current_identity(1, max_batch or 1), exact_batch=False)
     passed = gate_passed(manifest, "tensorrt", "tensorrt", True)
     if passed is not True:
         raise ArtifactError(f"engine.plan {'failed' if passed is False else 'has no record of'} its validation "
                             "gate; rebuild it with python -m engine_build build --tensorrt")
-    return Selection("tensorrt", "fp16", directory / entry["file"], True, "TensorRT engine and a GPU are present",
-                     entry.get("sha256", ""))
+    return Selection("tensorrt", "fp16", directory / entry.file, True, "TensorRT engine and a GPU are present",
+                     entry.sha256)
 
 
 def select(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
-           max_batch: int | None = None) -> tuple[dict, Selection]:
+           max_batch: int | None = None) -> tuple[Manifest, Selection]:
     """Choose what to run; raises a one-line UserError when the request cannot be honoured."""
     directory = Path(directory)
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
-    manifest = read_manifest(directory)
-    files = manifest["files"]
+    manifest = Manifest.read(directory)
+    files = manifest.files
     if backend in ("auto", "tensorrt") and precision in (None, "fp16"):
         choice = _tensorrt_choice(directory, manifest, backend == "tensorrt", max_batch)
         if choice:
@@ -95,8 +95,8 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
             if passed:
                 why = ("explicit request" if precision else "fastest variant that passed its gate") + \
                       (f", {runtime} chosen automatically" if backend == "auto" else "")
-                entry = variant_entry(manifest, variant, runtime)
-                return manifest, Selection(runtime, variant, directory / entry["file"], exact, why, entry["sha256"])
+                entry = manifest.variant_entry(variant, runtime)
+                return manifest, Selection(runtime, variant, directory / entry.file, exact, why, entry.sha256)
             refused.append(f"{variant} on {runtime}{'' if exact or runtime != 'openvino' else ' (lowered precision)'}: "
                            + ("failed its validation gate" if passed is False else "never validated"))
     hint = "" if exact else "; --exact-precision runs the file's own precision"
@@ -104,7 +104,8 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
 
 
 def open_artifact(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
-                  max_batch: int = 32, threads: int | None = None, streams: int = 1) -> tuple[dict, Selection, Backend]:
+                  max_batch: int = 32, threads: int | None = None,
+                  streams: int = 1) -> tuple[Manifest, Selection, Backend]:
     """Verify, select and open; the file's sha256 is checked against the manifest first.
 
     A variant computing below FP32 that was validated on a CPU with other extensions is checked
@@ -113,7 +114,7 @@ def open_artifact(directory: Path, backend: str = "auto", precision: str | None 
     """
     manifest, choice = select(directory, backend, precision, exact, max_batch)
     key = "tensorrt" if choice.backend == "tensorrt" else choice.precision
-    verify_file(Path(directory), variant_entry(manifest, key, choice.backend))
+    verify_file(Path(directory), manifest.variant_entry(key, choice.backend))
     choice = _valid_here(Path(directory), manifest, choice, backend, precision, max_batch)
     opened = open_backend(choice.backend, choice.file, choice.precision, max_batch, exact=choice.exact, threads=threads,
                           streams=streams)
@@ -121,7 +122,7 @@ def open_artifact(directory: Path, backend: str = "auto", precision: str | None 
     return manifest, choice, opened
 
 
-def _valid_here(directory: Path, manifest: dict, choice: Selection, backend: str, precision: str | None,
+def _valid_here(directory: Path, manifest: Manifest, choice: Selection, backend: str, precision: str | None,
                 max_batch: int) -> Selection:
     """``choice`` when its validation holds on this CPU (re-checked if the CPU differs), else FP32 run exactly."""
     why = needs_recheck(manifest, choice.precision, choice.backend, choice.exact)

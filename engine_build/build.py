@@ -17,7 +17,6 @@ from collections.abc import Collection
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -30,14 +29,19 @@ from .errors import ArtifactError, ConfigError, ValidationFailed
 from .imagesets import ImageSet, load_sets
 from .manifest import (
     ENGINE_FILE,
-    FORMAT,
     MANIFEST,
     RUNTIME_FILES,
     TIMING_CACHE,
     VARIANT_FILES,
-    read_manifest,
+    BuildInfo,
+    FileEntry,
+    ImagesUsed,
+    Manifest,
+    ModelInfo,
+    Preprocessing,
+    SourceFile,
+    Validation,
     sha256,
-    write_manifest,
 )
 from .onnx_graph import build_onnx
 from .placeholder import PLACEHOLDER_NAME
@@ -186,33 +190,35 @@ def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tu
     return files, made, record
 
 
-def file_entries(variants: dict[str, dict[str, Path]], quantizers: dict, engine: dict | None, output: Path) -> dict:
+def file_entries(variants: dict[str, dict[str, Path]], quantizers: dict, engine: FileEntry | None,
+                 output: Path) -> dict[str, FileEntry]:
     """The manifest's ``files``: one entry per variant, with per-runtime files under ``by_runtime``."""
     files = {}
     for key, by_runtime in variants.items():
-        entry: dict[str, Any] = {"file": by_runtime["*"].name, "precision": key, "sha256": sha256(by_runtime["*"])}
+        main = by_runtime["*"]
         if key == "int8":
-            entry["quantizer"] = quantizers["*"]
-            entry["by_runtime"] = {runtime: {"file": path.name, "sha256": sha256(path),
-                                             "quantizer": quantizers[runtime]}
-                                   for runtime, path in by_runtime.items() if runtime != "*"}
-        files[key] = entry
+            own = {runtime: FileEntry(path.name, sha256(path), quantizer=quantizers[runtime])
+                   for runtime, path in by_runtime.items() if runtime != "*"}
+            files[key] = FileEntry(main.name, sha256(main), key, quantizer=quantizers["*"], by_runtime=own)
+        else:
+            files[key] = FileEntry(main.name, sha256(main), key)
     if engine:
-        files["tensorrt"] = {**engine, "sha256": sha256(output / ENGINE_FILE)}
+        files["tensorrt"] = replace(engine, sha256=sha256(output / ENGINE_FILE))
     return files
 
 
-def sources(cfg: BuildConfig) -> dict:
+def sources(cfg: BuildConfig) -> dict[str, SourceFile]:
     """Path and sha256 of each input file, for the manifest."""
     if cfg.onnx:
         files = {"onnx": cfg.onnx}
     else:
         prototxt, caffemodel = caffe_files(cfg)
         files = {"prototxt": prototxt, "caffemodel": caffemodel}
-    return {kind: {"path": str(path), "sha256": sha256(path)} for kind, path in files.items()}
+    return {kind: SourceFile(str(path), sha256(path)) for kind, path in files.items()}
 
 
-def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None, notes: list[str]) -> dict | None:
+def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: Manifest | None,
+                 notes: list[str]) -> FileEntry | None:
     """Build engine.plan (or keep a still-valid one); None, with a note, when TensorRT is missing.
 
     The entry records the engine's identity (TensorRT, GPU, compute capability, batch range)
@@ -229,16 +235,16 @@ def maybe_engine(cfg: BuildConfig, fp16_path: Path | None, previous: dict | None
     from .runtime.identity import current_identity, staleness
     from .tensorrt_build import build_engine
     plan, cache = cfg.output / ENGINE_FILE, cfg.output / TIMING_CACHE
-    old = (previous or {}).get("files", {}).get("tensorrt")
-    if old and plan.exists() and old.get("onnx_sha256") == sha256(fp16_path) and old.get("sha256") == sha256(plan):
-        why = staleness(old.get("identity"), current_identity(1, cfg.max_batch), exact_batch=True)
+    old = previous.files.get("tensorrt") if previous else None
+    if old and plan.exists() and old.onnx_sha256 == sha256(fp16_path) and old.sha256 == sha256(plan):
+        why = staleness(old.identity, current_identity(1, cfg.max_batch), exact_batch=True)
         if why is None:
             log.info("engine.plan is current; kept")
             return old
         log.info("engine.plan is stale (%s); rebuilding", why)
-    built = build_engine(fp16_path, plan, cache, cfg.max_batch, (old or {}).get("timing_cache"))
-    return {"file": ENGINE_FILE, "precision": "fp16", "onnx_sha256": sha256(fp16_path),
-            "identity": built.identity.as_dict(), "timing_cache": {"file": TIMING_CACHE, **built.timing_cache}}
+    built = build_engine(fp16_path, plan, cache, cfg.max_batch, old.timing_cache if old else None)
+    return FileEntry(ENGINE_FILE, "", "fp16", onnx_sha256=sha256(fp16_path), identity=built.identity.as_dict(),
+                     timing_cache={"file": TIMING_CACHE, **built.timing_cache})
 
 
 def tool_versions() -> dict:
@@ -255,32 +261,24 @@ def tool_versions() -> dict:
     return versions
 
 
-def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict, calibration: dict | None, validation: dict,
-                  started: float, notes: list[str]) -> dict:
+def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict[str, FileEntry], calibration: ImagesUsed | None,
+                  validation: Validation, started: float, notes: list[str], fp16_range: dict | None = None,
+                  int8: dict | None = None) -> Manifest:
     """Everything an artifact's user (the service, ``inspect``, a person) needs to trust it."""
-    return {
-        "format": FORMAT,
-        "model": {"name": PLACEHOLDER_NAME if placeholder else (cfg.onnx or caffe_files(cfg)[0]).stem,
-                  "placeholder": placeholder, "labels": list(LABELS), "source": sources(cfg)},
-        "input": {"name": "images", "dtype": "uint8", "shape": ["N", IMAGE_SIZE, IMAGE_SIZE, 3],
-                  "layout": "NHWC", "channels": "BGR"},
-        "outputs": {"probs": {"dtype": "float32", "shape": ["N", 2],
-                              "meaning": "softmax; index 0 negative, 1 positive"},
-                    "logits": {"dtype": "float32", "shape": ["N", 2]}},
-        "preprocessing": {"resize": f"{IMAGE_SIZE}x{IMAGE_SIZE} bilinear, aspect not kept (done by the caller)",
-                          "mean_bgr": list(MEAN_BGR), "crop": "10 crops averaged" if cfg.oversample else "centre",
-                          "crop_size": CROP_SIZE, "oversample": cfg.oversample},
-        "files": files,
-        "tools": tool_versions(),
-        "calibration": calibration,
-        "validation": validation,
-        "build": {"seconds": round(time.perf_counter() - started, 1), "notes": notes,
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-    }
+    return Manifest.create(
+        model=ModelInfo(PLACEHOLDER_NAME if placeholder else (cfg.onnx or caffe_files(cfg)[0]).stem,
+                        placeholder, tuple(LABELS), sources(cfg)),
+        preprocessing=Preprocessing(f"{IMAGE_SIZE}x{IMAGE_SIZE} bilinear, aspect not kept (done by the caller)",
+                                    tuple(MEAN_BGR), "10 crops averaged" if cfg.oversample else "centre",
+                                    CROP_SIZE, cfg.oversample),
+        files=files, tools=tool_versions(), calibration=calibration, validation=validation,
+        build=BuildInfo(round(time.perf_counter() - started, 1),
+                        round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                        datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(notes)),
+        fp16_range=fp16_range, int8=int8)
 
 
-def run_build(cfg: BuildConfig) -> dict:
+def run_build(cfg: BuildConfig) -> Manifest:
     """Every step in order; returns the manifest written.
 
     Raises ValidationFailed (carrying the manifest) after writing a complete artifact whose
@@ -299,17 +297,17 @@ def run_build(cfg: BuildConfig) -> dict:
     if failures:
         raise ValidationFailed("validation failed: " + failures[0]
                                + (f" (and {len(failures) - 1} more failing checks)" if len(failures) > 1 else ""),
-                               manifest=manifest)
+                               manifest=manifest.raw)
     return manifest
 
 
-def _checks(manifest: dict) -> list:
+def _checks(manifest: Manifest) -> list:
     from .validate import Check
-    return [Check.from_record(c) for c in manifest["validation"]["checks"]]
+    return [Check.from_record(c) for c in manifest.validation.checks]
 
 
 def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, validation: ImageSet,
-              started: float) -> dict:
+              started: float) -> Manifest:
     """The whole build into ``cfg.output``, a fresh staging folder that will become ``final``."""
     previous = _carry_engine(final, cfg.output)
     model, placeholder = import_source(cfg)
@@ -332,24 +330,21 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
                            validation.names, cfg.gate())
     files = file_entries(variants, quantizers, engine, cfg.output)
     gate = cfg.gate()
-    validation_record = {"reference": "onnxruntime model.onnx", **validation.record(),
-                         "gate": {"confident_margin": gate.confident_margin,
-                                  "bounds": {k: vars(b) for k, b in gate.bounds.items()}},
-                         "checks": as_records(checks)}
+    used = validation.record()
+    validation_record = Validation(used.source, used.images, used.image_sha256, "onnxruntime model.onnx",
+                                   {"confident_margin": gate.confident_margin,
+                                    "bounds": {k: vars(b) for k, b in gate.bounds.items()}},
+                                   tuple(as_records(checks)))
     manifest = make_manifest(cfg, placeholder, files, calibration.record() if calibration else None,
-                             validation_record, started, notes)
-    if fp16_range is not None:
-        manifest["fp16_range"] = fp16_range
-    if int8_record is not None:
-        manifest["int8"] = int8_record
-    write_manifest(cfg.output, manifest)
+                             validation_record, started, notes, fp16_range, int8_record)
+    manifest.write(cfg.output)
     return manifest
 
 
-def _carry_engine(old: Path, staging: Path) -> dict | None:
+def _carry_engine(old: Path, staging: Path) -> Manifest | None:
     """The previous build's manifest, with its engine and timing cache copied in for reuse."""
     try:
-        previous = read_manifest(old)
+        previous: Manifest | None = Manifest.read(old)
     except ArtifactError:
         previous = None
     for name in (ENGINE_FILE, TIMING_CACHE):
@@ -372,13 +367,13 @@ def _publish(staging: Path, output: Path) -> None:
 def ensure_artifact(prototxt: Path, caffemodel: Path, output: Path) -> Path:
     """``output`` built from these files: kept when its manifest names the same sources, else rebuilt."""
     try:
-        source = read_manifest(output)["model"]["source"]
-        if (source.get("prototxt", {}).get("sha256") == sha256(prototxt)
-                and source.get("caffemodel", {}).get("sha256") == sha256(caffemodel)):
+        source = Manifest.read(output).model.source
+        if (getattr(source.get("prototxt"), "sha256", None) == sha256(prototxt)
+                and getattr(source.get("caffemodel"), "sha256", None) == sha256(caffemodel)):
             log.info("reusing artifact %s", output)
             return output
     except ArtifactError:
         pass
     manifest = run_build(BuildConfig(prototxt=prototxt, caffemodel=caffemodel, output=output))
-    log.info("artifact written to %s in %s s", output, manifest["build"]["seconds"])
+    log.info("artifact written to %s in %s s", output, manifest.build.seconds)
     return output

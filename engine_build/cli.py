@@ -15,9 +15,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from .errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from .manifest import FileEntry, Manifest
 
 PLACEHOLDER_BANNER = "PLACEHOLDER WEIGHTS: seeded random model, labels are meaningless"
 REAL_WEIGHTS_HINT = ("The authors publish the real weights (twitter_finetuned_test4_iter_180.caffemodel) "
@@ -75,45 +78,46 @@ def _build(args: argparse.Namespace) -> int:
     from .build import run_build
     from .config import BuildConfig
     from .errors import ValidationFailed
+    from .manifest import Manifest
     cfg = BuildConfig.from_namespace(args)
     try:
         with build_progress() if not args.verbose else nullcontext():
             manifest = run_build(cfg)
     except ValidationFailed as exc:
         if exc.manifest:
-            _print_build_report(exc.manifest)
+            _print_build_report(Manifest.from_dict(exc.manifest))
         raise
     _print_build_report(manifest)
-    print(f"artifact written to {args.output} in {manifest['build']['seconds']} s "
-          f"(peak memory {manifest['build']['peak_rss_mib']} MiB)")
-    if manifest["model"]["placeholder"]:
+    print(f"artifact written to {args.output} in {manifest.build.seconds} s "
+          f"(peak memory {manifest.build.peak_rss_mib} MiB)")
+    if manifest.model.placeholder:
         print(PLACEHOLDER_BANNER)
     return 0
 
 
-def _print_build_report(manifest: dict) -> None:
-    for note in manifest["build"].get("notes", []):
+def _print_build_report(manifest: Manifest) -> None:
+    for note in manifest.build.notes:
         print(f"engine_build: {note}")
     print(_validation_summary(manifest))
 
 
-def _validation_summary(manifest: dict) -> str:
+def _validation_summary(manifest: Manifest) -> str:
     from .validate import Check, table
-    v, c = manifest["validation"], manifest.get("calibration")
+    v, c = manifest.validation, manifest.calibration
     lines = []
     if c:
-        lines.append(f"calibration {c['images']} images from {c['source']} ({len(c['image_sha256'])} source files)")
-    gate = v.get("gate", {})
-    lines.append(f"validation  {v['images']} images from {v['source']} ({len(v.get('image_sha256', {}))} source files, "
-                 f"none used for calibration), reference {v['reference']}")
+        lines.append(f"calibration {c.images} images from {c.source} ({len(c.image_sha256)} source files)")
+    gate = v.gate
+    lines.append(f"validation  {v.images} images from {v.source} ({len(v.image_sha256)} source files, "
+                 f"none used for calibration), reference {v.reference}")
     if gate:
         bounds = ", ".join(f"{k} max|dp| <= {b['max_abs_diff']:g}, mean <= {b['mean_abs_diff']:g}"
                            for k, b in gate["bounds"].items())
         lines.append(f"gate        no flip where FP32 |p-0.5| >= {gate['confident_margin']:g}; {bounds}; no NaN")
-    cpus = {json.dumps(r["cpu"], sort_keys=True) for r in v["checks"] if r.get("cpu")}
+    cpus = {json.dumps(r["cpu"], sort_keys=True) for r in v.checks if r.get("cpu")}
     for cpu in map(json.loads, sorted(cpus)):
         lines.append(f"checked on  {cpu['model']} ({cpu['machine']}: {' '.join(cpu['extensions']) or 'no SIMD flags'})")
-    lines.append(table([Check.from_record(r) for r in v["checks"]]))
+    lines.append(table([Check.from_record(r) for r in v.checks]))
     return "\n".join(lines)
 
 
@@ -129,42 +133,42 @@ def _evaluate(args: argparse.Namespace) -> int:
                                               max_batch=args.batch)
     with backend:
         result = evaluate(backend, args.images, entries, batch=args.batch)
-    crop = manifest["preprocessing"]["crop"]
+    crop = manifest.preprocessing.crop
     print(f"{args.list}: {backend.describe()} ({choice.reason}), crop: {crop}")
-    if manifest["model"]["placeholder"]:
+    if manifest.model.placeholder:
         print(PLACEHOLDER_BANNER)
     print(result.report())
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .manifest import read_manifest
-    manifest = read_manifest(args.artifact)
+    from .manifest import Manifest
+    manifest = Manifest.read(args.artifact)
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest.raw, indent=2))
         return 0
-    model = manifest["model"]
-    print(f"model       {model['name']}" + (f"   [{PLACEHOLDER_BANNER}]" if model["placeholder"] else ""))
-    print(f"labels      {', '.join(f'{i} = {n}' for i, n in enumerate(model['labels']))}")
-    print(f"input       {manifest['input']['name']} {manifest['input']['dtype']} {manifest['input']['shape']} "
-          f"{manifest['input']['channels']}")
-    mean_bgr = [round(m, 3) for m in manifest["preprocessing"]["mean_bgr"]]
-    print(f"crop        {manifest['preprocessing']['crop']}, mean BGR {mean_bgr}")
-    for key, entry in manifest["files"].items():
+    model, shape = manifest.model, manifest.input
+    print(f"model       {model.name}" + (f"   [{PLACEHOLDER_BANNER}]" if model.placeholder else ""))
+    print(f"labels      {', '.join(f'{i} = {n}' for i, n in enumerate(model.labels))}")
+    print(f"input       {shape.name} {shape.dtype} {shape.shape} {shape.channels}")
+    mean_bgr = [round(m, 3) for m in manifest.preprocessing.mean_bgr]
+    print(f"crop        {manifest.preprocessing.crop}, mean BGR {mean_bgr}")
+    for key, entry in manifest.files.items():
         extra = f"  {engine_lines(entry)}" if key == "tensorrt" else ""
-        made = f"  {entry['quantizer']['quantizer']} {entry['quantizer']['version']}" if "quantizer" in entry else ""
-        print(f"file        {entry['file']:<28} {entry['precision']:<5} sha256 {entry['sha256'][:16]}{extra}{made}")
-        for runtime, own in entry.get("by_runtime", {}).items():
-            print(f"file        {own['file']:<28} {entry['precision']:<5} sha256 {own['sha256'][:16]}  "
-                  f"{own['quantizer']['quantizer']} {own['quantizer']['version']}, for {runtime}")
-    if "int8" in manifest:
-        print(int8_lines(manifest["int8"]))
-    if "fp16_range" in manifest:
-        print(fp16_range_lines(manifest["fp16_range"]))
-    for kind, entry in model["source"].items():
-        print(f"source      {kind} {entry['path']} (sha256 {entry['sha256'][:16]})")
-    print(f"built       {manifest['build']['created']} in {manifest['build']['seconds']} s, "
-          f"tools: {', '.join(f'{k} {v}' for k, v in manifest['tools'].items())}")
+        made = f"  {entry.quantizer['quantizer']} {entry.quantizer['version']}" if entry.quantizer else ""
+        print(f"file        {entry.file:<28} {entry.precision:<5} sha256 {entry.sha256[:16]}{extra}{made}")
+        for runtime, own in entry.by_runtime.items():
+            assert own.quantizer is not None, "a runtime's own file is a quantiser's"
+            print(f"file        {own.file:<28} {entry.precision:<5} sha256 {own.sha256[:16]}  "
+                  f"{own.quantizer['quantizer']} {own.quantizer['version']}, for {runtime}")
+    if manifest.int8 is not None:
+        print(int8_lines(manifest.int8))
+    if manifest.fp16_range is not None:
+        print(fp16_range_lines(manifest.fp16_range))
+    for kind, source in model.source.items():
+        print(f"source      {kind} {source.path} (sha256 {source.sha256[:16]})")
+    print(f"built       {manifest.build.created} in {manifest.build.seconds} s, "
+          f"tools: {', '.join(f'{k} {v}' for k, v in manifest.tools.items())}")
     print(_validation_summary(manifest))
     return 0
 
@@ -185,12 +189,12 @@ def int8_lines(record: dict) -> str:
     return "\n".join(lines)
 
 
-def engine_lines(entry: dict) -> str:
+def engine_lines(entry: FileEntry) -> str:
     """The engine's identity and its timing cache's, as recorded by the build."""
     from .runtime.identity import EngineIdentity
-    identity = EngineIdentity.from_dict(entry.get("identity"))
+    identity = EngineIdentity.from_dict(entry.identity)
     text = identity.describe() if identity else "no engine identity recorded: rebuild with --tensorrt"
-    cache = entry.get("timing_cache") or {}
+    cache = entry.timing_cache or {}
     if cache.get("tensorrt"):
         text += (f"\ntiming      {cache.get('file')} from TensorRT {cache['tensorrt']} on {cache.get('gpu')}, "
                  f"{'reused' if cache.get('reused') else 'new'}" + (f" ({cache['note']})" if cache.get("note") else ""))

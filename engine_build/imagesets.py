@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import ConfigError, DecodeError
 from .imaging import builtin_photos, decode, list_images, photo_views, view_names
-from .manifest import sha256
+from .manifest import ImagesUsed, sha256
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,9 @@ class ImageSet:
     source: str               # where they came from, for people
     files: dict[str, str]     # source file name -> sha256, for the manifest
 
-    def record(self) -> dict:
+    def record(self) -> ImagesUsed:
         """What the manifest keeps: the source, the count and the sha256 of every source file."""
-        return {"source": self.source, "images": int(len(self.images)), "image_sha256": dict(self.files)}
+        return ImagesUsed(self.source, int(len(self.images)), dict(self.files))
 
 
 def builtin_set(subset: str) -> ImageSet:

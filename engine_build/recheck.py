@@ -12,31 +12,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .errors import ArtifactError
 from .imagesets import builtin_set
-from .manifest import verify_file
+from .manifest import Manifest, verify_file
 from .runtime.cpu import numerics_differ, this_cpu
 from .validate import Check, check_one, gate_from_record, reference_probs
 
 log = logging.getLogger(__name__)
 
 
-def check_record(manifest: dict, variant: str, runtime: str, exact: bool) -> dict | None:
-    """The manifest's validation record for (variant, runtime, mode), if the build ran one."""
-    mode = "exact" if exact or runtime != "openvino" else "default"
-    for check in manifest.get("validation", {}).get("checks", []):
-        if (check["variant"] == variant and check["runtime"] == runtime and check["mode"] == mode
-                and not check.get("note")):
-            return check
-    return None
-
-
-def needs_recheck(manifest: dict, variant: str, runtime: str, exact: bool) -> str | None:
+def needs_recheck(manifest: Manifest, variant: str, runtime: str, exact: bool) -> str | None:
     """Why (variant, runtime, mode) must be checked again on this CPU; None when its record holds here."""
     if runtime not in ("onnxruntime", "openvino"):
         return None
     if variant == "fp32" and (exact or runtime == "onnxruntime"):
         return None
-    record = check_record(manifest, variant, runtime, exact)
+    record = manifest.check_record(variant, runtime, exact)
     if record is None:
         return None
     why = numerics_differ(record.get("cpu"), this_cpu())
@@ -45,11 +36,14 @@ def needs_recheck(manifest: dict, variant: str, runtime: str, exact: bool) -> st
     return why
 
 
-def recheck(directory: Path, manifest: dict, variant: str, runtime: str, file: Path, exact: bool,
+def recheck(directory: Path, manifest: Manifest, variant: str, runtime: str, file: Path, exact: bool,
             max_batch: int = 16) -> Check:
     """The build's check of ``file`` on ``runtime``, run again on this CPU on the built-in validation photos."""
+    gate = manifest.validation.gate
+    if gate is None:
+        raise ArtifactError(f"{directory}: the manifest records no validation gate; rebuild the artifact")
     photos = builtin_set("validation")
-    fp32 = verify_file(Path(directory), manifest["files"]["fp32"])
+    fp32 = verify_file(Path(directory), manifest.files["fp32"])
     reference = reference_probs(fp32, photos.images, max_batch)
     return check_one(variant, file, runtime, exact, reference, photos.images, photos.names,
-                     gate_from_record(manifest["validation"]["gate"]), max_batch)
+                     gate_from_record(gate), max_batch)

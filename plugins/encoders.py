@@ -5,7 +5,8 @@ import json
 from typing import Protocol
 
 from engine_build.preprocess import LABELS
-from stream.records import Prediction
+
+from .records import Prediction
 
 
 class OutputEncoder(Protocol):

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
     holder.append(service)
-    logging.getLogger("stream").info("%s", startup_line(cfg, service.model_info["runtime"]))
+    logging.getLogger("stream").info("%s", startup_line(cfg, str(service.model_info["runtime"])))
     if received:
         service.stop()   # stopped while starting: run() closes at once
     if service.model_info["placeholder"]:

@@ -9,16 +9,11 @@ logic (what is drained, what may be committed) and never touches a client.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from engine_build.errors import KafkaPermanent
 
 from .records import Message, Outgoing
-
-if TYPE_CHECKING:
-    from engine_build.errors import KafkaPermanent
-
-    from .transactions import Transactions
 
 Partition = tuple[str, int]
 """(topic, partition)."""
@@ -32,6 +27,19 @@ def show(partitions: Sequence[Partition]) -> str:
     return ", ".join(f"{t}[{p}]" for t, p in sorted(partitions)) or "none"
 
 
+class OpenTransaction(Protocol):
+    """What a source asks of the exactly-once transaction when partitions go
+    (:class:`.transactions.Transactions` is the one implementation)."""
+
+    def end_for_revocation(self, drained: bool) -> dict[Partition, int]:
+        """Commit the open transaction if ``drained``, else abort it; returns the offsets committed."""
+        ...
+
+    def lost(self, partitions: list[Partition]) -> KafkaPermanent:
+        """Abort the open transaction and fence the member; returns the failure that ends it."""
+        ...
+
+
 class RebalanceHandler(Protocol):
     """What a source asks of the service when the group moves partitions.
 
@@ -43,8 +51,11 @@ class RebalanceHandler(Protocol):
     """
 
     drain_timeout_s: float
-    transactions: Transactions | None
-    """Exactly-once: the open transaction, committed or aborted on revocation; None otherwise."""
+
+    @property
+    def transactions(self) -> OpenTransaction | None:
+        """Exactly-once: the open transaction, committed or aborted on revocation; None otherwise."""
+        ...
 
     def drained(self, partitions: Sequence[Partition]) -> bool: ...
 

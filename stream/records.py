@@ -1,41 +1,15 @@
-"""Plain data that flows through the service, independent of any Kafka client."""
+"""Plain data that flows through the service, independent of any Kafka client.
+
+:class:`Message` and :class:`Prediction` are what plugins are handed, so they live with the plugin
+interface (:mod:`plugins.records`) and are named here too for the service's modules.
+"""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
+from plugins.records import Headers, Message, Prediction
 
-Headers = list[tuple[str, bytes]]
-
-
-@dataclass(frozen=True)
-class Message:
-    """One input record, as any source (Kafka or the fake broker) delivers it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers = field(default_factory=list)
-    timestamp_ms: int | None = None
-    received: float = field(default_factory=time.monotonic)
-
-    @property
-    def position(self) -> tuple[str, int, int]:
-        return self.topic, self.partition, self.offset
-
-
-@dataclass
-class Prediction:
-    """The model's answer for one message, handed to the output encoder."""
-
-    message: Message
-    probs: np.ndarray                  # [2]: negative, positive
-    metadata: dict                     # pass-through from the input codec
-    timing_ms: dict[str, float]
-    model: dict                        # name, sha256, precision, placeholder
+__all__ = ["Headers", "Message", "Prediction", "Outgoing", "dead_letter"]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ import plugins
 from engine_build.artifact import Selection, open_artifact
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 from engine_build.imaging import DecodeLimits
-from engine_build.runtime.base import Backend, usable_cores
+from engine_build.manifest import Manifest
+from engine_build.runtime.base import Backend
+from engine_build.runtime.cpu import usable_cores
 
 from .config import StreamConfig, auto_decode_workers
 from .failures import FailureWatch
@@ -55,7 +57,7 @@ class RunStats:
 
 class Service:
     def __init__(self, cfg: StreamConfig, connector: Connector | None = None, metrics: Metrics | None = None,
-                 model: tuple[dict, Selection, Backend] | None = None) -> None:
+                 model: tuple[Manifest, Selection, Backend] | None = None) -> None:
         """``model``: the artifact already opened, as :func:`open_artifact` returns it (a test's
         stand-in); by default ``cfg.artifact`` is opened here."""
         self.cfg = cfg
@@ -74,8 +76,8 @@ class Service:
         self.manifest, self.selection, self.backend = model or open_artifact(
             cfg.artifact, cfg.backend, cfg.precision, cfg.exact_precision, cfg.max_batch,
             threads=cfg.inference_threads or None, streams=cfg.inference_streams)
-        self.model_info = {"name": self.manifest["model"]["name"], "sha256": self.selection.sha256,
-                           "precision": self.selection.precision, "placeholder": self.manifest["model"]["placeholder"],
+        self.model_info = {"name": self.manifest.model.name, "sha256": self.selection.sha256,
+                           "precision": self.selection.precision, "placeholder": self.manifest.model.placeholder,
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
         self._reachable = True
         self._missing: list[str] = []

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from engine_build.artifact import Selection
+from engine_build.manifest import FORMAT, Manifest
 from engine_build.runtime.base import Backend, Outputs
 
-MANIFEST = {"model": {"name": "stand-in", "placeholder": True}}
+MANIFEST = Manifest.from_dict({"format": FORMAT, "model": {"name": "stand-in", "placeholder": True}})
 SELECTION = Selection("stand-in", "fp32", Path("stand-in"), True, "a test's stand-in for the model", "0" * 64)
 
 
@@ -32,6 +33,6 @@ class PixelModel(Backend):
         return Outputs(probs, np.log(np.clip(probs, 1e-6, 1.0)))
 
 
-def stand_in(backend: Backend | None = None) -> tuple[dict, Selection, Backend]:
+def stand_in(backend: Backend | None = None) -> tuple[Manifest, Selection, Backend]:
     """What ``open_artifact`` returns, with ``backend`` (a :class:`PixelModel` by default) as the model."""
     return MANIFEST, SELECTION, backend or PixelModel()

@@ -9,7 +9,8 @@ import pytest
 
 from engine_build.errors import BackendClosed, ConfigError
 from engine_build.runtime import open_backend
-from engine_build.runtime.base import Slots, usable_cores
+from engine_build.runtime.base import Slots
+from engine_build.runtime.cpu import usable_cores
 
 
 @pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])

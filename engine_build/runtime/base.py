@@ -13,7 +13,6 @@ The concrete backends live in their own modules and are found by name through
 """
 from __future__ import annotations
 
-import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -96,15 +95,6 @@ class Slots(Generic[H]):
                 failures.append(exc)
         if failures:
             raise failures[0]
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on: its affinity mask (``taskset``, a container's cpuset) where the
-    system has one, else the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:   # no affinity call on this system (macOS, Windows)
-        return os.cpu_count() or 1
 
 
 def split_threads(total: int, streams: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""The CPU a check ran on: its model and the vector extensions that change INT8 and bf16 numerics.
+"""The CPU a check ran on: its model and the vector extensions that change INT8 and bf16 numerics;
+and how many of its cores this process may use.
 
 INT8 and bf16 kernels differ between CPUs (AVX2 without VNNI multiplies pairs into saturating
 16-bit sums, AVX-512 VNNI and AMX do not; bf16 runs only where avx512_bf16 or AMX exist), so a
@@ -6,6 +7,7 @@ variant validated on one CPU is re-checked where the extensions that pick the ke
 """
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -65,3 +67,12 @@ def numerics_differ(recorded: dict | None, current: dict) -> str | None:
     if has - had:
         parts.append("adds " + ", ".join(f for f in NUMERICS_FLAGS if f in has - had))
     return f"validated on {recorded.get('model', '?')}; this CPU ({current.get('model', '?')}) " + " and ".join(parts)
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, a container's cpuset) where the
+    system has one, else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:   # no affinity call on this system (macOS, Windows)
+        return os.cpu_count() or 1

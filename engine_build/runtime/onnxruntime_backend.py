@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import Backend, Outputs, Slots, split_threads, usable_cores
+from .base import Backend, Outputs, Slots, split_threads
+from .cpu import usable_cores
 
 
 class OnnxRuntimeBackend(Backend):

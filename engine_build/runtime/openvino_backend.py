@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import INPUT_SHAPE, Backend, Outputs, Slots, usable_cores
+from .base import INPUT_SHAPE, Backend, Outputs, Slots
+from .cpu import usable_cores
 
 
 def leave_unpinned(threads: int | None, cores: int) -> bool:
