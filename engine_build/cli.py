@@ -178,6 +178,9 @@ def int8_lines(record: dict) -> str:
     lines = [f"int8        {quantizer}: layers in float: {', '.join(kept) or 'none'} (chosen by {record['chosen_by']})"
              for quantizer, kept in record["float_layers"].items()]
     for quantizer, sensitivity in record.get("passes", {}).items():
+        if sensitivity.get("skipped"):
+            lines.append(f"            {quantizer}: sensitivity pass skipped: {sensitivity['skipped']}")
+            continue
         held = {k: "n/a" if v is None else v for k, v in sensitivity["held_out_max_abs_diff"].items()}
         lines.append(f"            {quantizer}: held-out calibration folds max |dp| {held['output_layers_in_float']} "
                      f"with {', '.join(sensitivity['output_layers']) or 'no layer'} in float, {held['chosen']} with "

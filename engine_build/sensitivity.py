@@ -48,6 +48,7 @@ class FloatChoice:
     sensitivity: dict[str, float]            # layer -> held-out max |dp| with only it in int8 (step 2)
     output_layers: tuple[str, ...] = ()      # in float from the start
     folds: tuple[tuple[str, ...], ...] = ()  # source photos of each fold
+    skipped: str = ""                        # why the pass did not run
 
     def record(self) -> dict:
         return {"float_layers": list(self.float_layers), "output_layers": list(self.output_layers),
@@ -55,7 +56,7 @@ class FloatChoice:
                 "held_out_max_abs_diff": {"output_layers_in_float": _number(self.first),
                                           "chosen": _number(self.chosen)},
                 "sensitivity": {k: _number(v) for k, v in self.sensitivity.items()},
-                "folds": [list(fold) for fold in self.folds]}
+                "folds": [list(fold) for fold in self.folds], **({"skipped": self.skipped} if self.skipped else {})}
 
 
 def _number(value: float) -> float | None:
@@ -120,8 +121,9 @@ def choose_float_layers(fp32: Path, calibration: ImageSet, target: float, limit:
     folds = (one_names, two_names)
     fixed = [layer for layer in layers if layer in set(always_float)]
     if not len(one) or not len(two):
-        log.warning("INT8 sensitivity pass skipped: the calibration set has one source photo, nothing to hold out")
-        return FloatChoice(tuple(fixed), target, float("nan"), float("nan"), {}, tuple(fixed))
+        why = "the calibration set has one source photo, nothing to hold out"
+        log.warning("INT8 sensitivity pass (%s) skipped: %s", runtime, why)
+        return FloatChoice(tuple(fixed), target, float("nan"), float("nan"), {}, tuple(fixed), skipped=why)
     with tempfile.TemporaryDirectory(prefix="sensitivity-", dir=workdir) as tmp:
         references = reference_probs(fp32, one), reference_probs(fp32, two)
 
