@@ -3,8 +3,11 @@
 For fast, honest unit tests of the service logic (batching, dead letters, offset
 commits, draining, rebalances): it keeps partitioned logs, committed offsets and
 consumer groups whose members rebalance eagerly (every member revokes, draining
-and committing through its :class:`RebalanceHandler`, before any is assigned). It is
-not Kafka; integration tests use a real broker.
+and committing through its :class:`RebalanceHandler`, before any is assigned). As in
+kafka-python under the eager protocol, a partition a member keeps across a rebalance
+keeps its fetch position and paused flag; only a partition new to the member starts
+from the group's committed offset (unpaused). It is not Kafka; integration tests use a
+real broker.
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ class FakeSource:
         self.revoked_generation = -1
         self.generation = -1
         self._position: dict[Partition, int] = {}
-        self.paused = False
+        self.paused: set[Partition] = set()
         self.closed = False
         broker._join(self)
 
@@ -101,7 +104,7 @@ class FakeSource:
         if not self._stable():
             time.sleep(min(timeout_s, 0.01))
             return []
-        out = self._fetch(max_records) if not self.paused else []
+        out = self._fetch(max_records)
         if not out:
             time.sleep(min(timeout_s, 0.01))
         return out
@@ -120,7 +123,9 @@ class FakeSource:
         self.generation = generation
         self.assigned = share
         start = self.broker.committed[self.group]
-        self._position = {p: start.get(p, 0) for p in share}
+        # kafka-python's assign_from_subscribed: retained partitions keep their state, new ones get fresh
+        self._position = {p: self._position[p] if p in self._position else start.get(p, 0) for p in share}
+        self.paused &= set(share)
         self.rebalance.assigned(list(share))
         return True
 
@@ -144,6 +149,8 @@ class FakeSource:
             while progress and len(out) < max_records:
                 progress = False
                 for (topic, index) in self.assigned:
+                    if (topic, index) in self.paused:
+                        continue
                     log = self.broker.topics[topic][index]
                     offset = self._position[(topic, index)]
                     if offset < len(log) and len(out) < max_records:
@@ -158,10 +165,10 @@ class FakeSource:
             self.broker.committed[self.group].update(offsets)
 
     def pause_all(self) -> None:
-        self.paused = True
+        self.paused = set(self.assigned)
 
     def resume_all(self) -> None:
-        self.paused = False
+        self.paused = set()
 
     def end_offsets(self) -> dict[Partition, int]:
         with self.broker.lock:
