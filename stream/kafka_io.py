@@ -162,8 +162,9 @@ class KafkaSource:
                 log.warning("revoked %s: commit failed (%s); their unacknowledged work will be redelivered",
                             show(partitions), exc)
         if not drained:
-            log.warning("revoked %s with work still in flight after %.0f s: left uncommitted (it will be "
-                        "redelivered)", show(partitions), handler.drain_timeout_s)
+            log.warning("revoked %s with work still in flight after %g s: committed only below it (a next "
+                        "owner redoes it; kept here, it holds commits back until acknowledged)", show(partitions),
+                        handler.drain_timeout_s)
         handler.released(partitions, lost=False)
 
     @staticmethod

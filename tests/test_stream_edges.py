@@ -1,0 +1,79 @@
+"""The guarantees at their edges, on the real broker: a rebalance that cannot drain in time
+followed by a kill, records the broker refuses for good, memory on a backlog of large images."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from .images import good_images
+from .kafka_helpers import committed, names, positions, produce, read_all, start_service, stop
+
+pytestmark = pytest.mark.kafka
+
+
+def _wait(what: str, check, process, log, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def spans(positions: set[tuple[int, int]]) -> str:
+    """``p0: 3-9, 12; p1: 4`` for an assertion message."""
+    out: dict[int, list[list[int]]] = {}
+    for partition, offset in sorted(positions):
+        runs = out.setdefault(partition, [])
+        if runs and runs[-1][1] == offset - 1:
+            runs[-1][1] = offset
+        else:
+            runs.append([offset, offset])
+    return "; ".join(f"p{p}: " + ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs) for p, runs in out.items())
+
+
+def read_until(bootstrap: str, topic: str, wanted: set[tuple[int, int]], timeout: float = 10) -> list:
+    """Every record of ``topic`` until each input in ``wanted`` has one or no more arrive (duplicates
+    make a count an unsafe stopping point)."""
+    expected = len(wanted)
+    while True:
+        records = read_all(bootstrap, topic, expected, timeout=timeout)
+        if wanted <= set(positions(records)) or len(records) < expected:
+            return records
+        expected = len(records) + 1
+
+
+def test_an_undrained_revocation_then_a_kill_loses_nothing(kafka_broker, small_artifact, tmp_path):
+    """Member a drains a backlog; b joins, a's drain cannot finish in time (a short
+    --drain-timeout-s), a keeps some partitions and goes on, and is killed soon after: every input
+    still gets a result (a's commits never passed the work its revocation left in flight)."""
+    t = names(kafka_broker, partitions=4)
+    total = 4000
+    image = good_images()["jpeg_cell"]
+    produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), image) for i in range(total)])
+    logs = {name: tmp_path / f"{name}.log" for name in "ab"}
+    a = start_service(kafka_broker, t, small_artifact, logs["a"], drain_timeout_s=0.2,
+                      max_in_flight=3000)   # more queued than it finishes in a rebalance
+    b = None
+    try:
+        _wait("a's first results", lambda: "batch 20:" in logs["a"].read_text(), a, logs["a"])
+        b = start_service(kafka_broker, t, small_artifact, logs["b"])
+        _wait("a's undrained revocation", lambda: "work still in flight" in logs["a"].read_text(), a, logs["a"])
+        _wait("a's new assignment", lambda: logs["a"].read_text().count("partitions assigned:") >= 2, a, logs["a"])
+        after = len(logs["a"].read_text())
+        _wait("a's progress after it", lambda: "batch" in logs["a"].read_text()[after:], a, logs["a"])
+        a.send_signal(signal.SIGKILL)
+        a.wait(30)
+        _wait("b finishing the input", lambda: sum(
+            v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) >= total,
+            b, logs["b"], timeout=300)
+    finally:
+        if a.poll() is None:
+            a.kill()
+        if b is not None:
+            stop(b, logs["b"])
+    assert "work still in flight" in logs["a"].read_text(), "the staged revocation did not drain in time"
+    inputs = {(r.partition, r.offset) for r in read_all(kafka_broker.bootstrap, t["input"], total)}
+    missing = inputs - set(positions(read_until(kafka_broker.bootstrap, t["output"], inputs)))
+    assert len(inputs) == total and not missing, f"{len(missing)} of {total} inputs without a result: {spans(missing)}"

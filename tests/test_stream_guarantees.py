@@ -1,0 +1,81 @@
+"""At least once at its edges, against the fake broker: rebalances that do not drain in time,
+records the broker refuses for good, order through outages, memory bounded by bytes."""
+from __future__ import annotations
+
+import threading
+import time
+
+from stream.fake import FakeBroker, FakeConnector, FakeSource
+from stream.metrics import Metrics
+from stream.offsets import OffsetTracker
+from stream.ports import Partition, RebalanceHandler
+from stream.rebalance import Rebalance
+
+from .images import good_images
+from .test_stream_units import config, slow, sources
+
+
+class _Audited(FakeSource):
+    """A member whose every commit is checked: nothing below a committed offset may lack its
+    acknowledged record (a result or a dead letter)."""
+
+    violations: list[str]
+
+    def commit(self, offsets: dict[Partition, int]) -> None:
+        with self.broker.lock:
+            done = set(sources(self.broker.records("out")))
+            for (topic, partition), offset in offsets.items():
+                missing = [o for o in range(offset) if (partition, o) not in done]
+                if missing:
+                    self.violations.append(f"{topic}[{partition}] committed at {offset} while {len(missing)} "
+                                           f"below it had no record (first {missing[0]})")
+            super().commit(offsets)
+
+
+class _AuditedConnector(FakeConnector):
+    def __init__(self, broker: FakeBroker, topics: list[str], group_id: str) -> None:
+        super().__init__(broker, topics, group_id)
+        self.violations: list[str] = []
+
+    def source(self, rebalance: RebalanceHandler) -> FakeSource:
+        member = _Audited(self.broker, self.topics, self.group_id, rebalance)
+        member.violations = self.violations
+        return member
+
+
+def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfinished_work(small_artifact):
+    """A member under backlog revokes, cannot drain in time, and keeps one partition (its fetch
+    position kept, as kafka-python keeps it): the work still in its queues must keep holding that
+    partition's commits back until its records are acknowledged."""
+    from stream.service import Service
+    broker = FakeBroker()
+    broker.create_topic("in", 2)
+    total = 240
+    for i in range(total):
+        broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
+    cfg = config(small_artifact, max_batch=4, max_in_flight=64, max_poll_records=16, drain_timeout_s=0.05)
+    connector = _AuditedConnector(broker, ["in"], cfg.group_id)
+    first = slow(Service(cfg, connector), 0.02)
+    worker = threading.Thread(target=first.run, kwargs={"timeout": 90}, daemon=True)
+    worker.start()
+    while len(broker.records("out")) < 12:
+        threading.Event().wait(0.005)
+
+    handler = Rebalance(OffsetTracker(), Metrics(), drain_timeout_s=5)
+    newcomer = broker.connector(["in"], cfg.group_id).source(handler)   # joins under backlog
+    deadline = time.monotonic() + 30
+    while not handler.owned() and time.monotonic() < deadline:
+        newcomer.poll(0.01, 4)
+    assert handler.owned(), "the newcomer was assigned a partition"
+    (kept,) = first.rebalance.owned()
+    before = broker.committed[cfg.group_id].get(kept, 0)
+    while broker.committed[cfg.group_id].get(kept, 0) <= before + 16 and time.monotonic() < deadline:
+        threading.Event().wait(0.01)   # the first member goes on with the partition it kept
+    newcomer.close()   # the first member gets the other partition back
+    while sum(broker.committed[cfg.group_id].values()) < total and time.monotonic() < deadline + 60:
+        threading.Event().wait(0.02)
+    first.stop()
+    worker.join(60)
+    assert not connector.violations, connector.violations[:3]
+    assert set(sources(broker.records("out"))) == {(i % 2, i // 2) for i in range(total)}
+    assert broker.committed[cfg.group_id] == {("in", 0): total // 2, ("in", 1): total // 2}
