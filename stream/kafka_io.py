@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 
 from .failures import FailureWatch
+from .isolation import Isolation
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
 
@@ -263,6 +264,17 @@ def retriable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and (exc.retriable or _outage(exc))
 
 
+def refused_for_good(exc: BaseException) -> bool:
+    """A broker refusal no resend can change (InvalidRecord: a broker-side schema or policy check,
+    MessageSizeTooLarge, RecordListTooLarge, TopicAuthorizationFailed, PolicyViolation). kafka-python's
+    idempotent producer turns such an error fatal and fails every batch in flight with it, so the
+    record that carries it may only have shared the refused one's fate. The one classification the
+    at-least-once and the exactly-once publishing paths both use."""
+    from kafka import errors as e
+    return isinstance(exc, (e.InvalidRecordError, e.MessageSizeTooLargeError, e.RecordListTooLargeError,
+                            e.TopicAuthorizationFailedError, e.PolicyViolationError)) and _async(exc)
+
+
 class KafkaSink:
     """acks=all producer. A send that fails with a retriable Kafka error is retried with backoff until
     acknowledged or closed; any other error refuses the record: its ``on_refused`` runs (the pipeline
@@ -302,10 +314,30 @@ class KafkaSink:
         self.failure: KafkaPermanent | None = None
         self._thread = threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)
         self._thread.start()
+        self._probe: Any = None   # made at the first refusal
+        self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome)
 
     def _new_producer(self) -> Any:
         from kafka import KafkaProducer
         return KafkaProducer(**self._settings)
+
+    def _send_alone(self, record: Outgoing) -> BaseException | None:
+        """Send one record on a producer of its own and wait for the broker (bounded); the error or None.
+        Not idempotent, one request at a time: a refusal fails that record alone, never the producer."""
+        from kafka import KafkaProducer
+        try:
+            if self._probe is None:
+                self._probe = KafkaProducer(**{**self._settings, "enable_idempotence": False, "retries": 0,
+                                               "max_in_flight_requests_per_connection": 1, "linger_ms": 0})
+            self._probe.send(record.topic, key=record.key, value=record.value,
+                             headers=record.headers).get(timeout=_CLIENT_TIMEOUT_MS / 1000 * 6)
+        except Exception as exc:
+            if retriable(exc):
+                with self._watch_lock:
+                    self._sending.failed(exc)
+                    self.failing_since = self._sending.since
+            return exc
+        return None
 
     def _renewed(self, exc: BaseException, producer: Any) -> bool:
         """After a broker restart kafka-python's idempotent producer can be left in a fatal state
@@ -333,6 +365,8 @@ class KafkaSink:
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
                 attempt: int = 0) -> None:
+        if not self.transactional and attempt == 0 and self._isolation.take(record, on_ack, on_refused):
+            return   # records isolated after a refusal go first: this one waits its turn behind them
         def ok(_metadata: Any) -> None:
             with self._watch_lock:
                 self._sending.ok()
@@ -361,6 +395,12 @@ class KafkaSink:
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value), record.topic)
             self.publish(record.fallback, on_ack, on_refused)
+            return
+        if not self.transactional and refused_for_good(exc):
+            self._renewed(exc, producer)   # the refusal left it fatal
+            log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
+                        "time, to find the record refused for good", record.topic, exc)
+            self._isolation.add(record, on_ack, on_refused)
             return
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
             self._refuse(record, on_refused, exc)
@@ -467,7 +507,7 @@ class KafkaSink:
 
     def pending_retries(self) -> int:
         with self._retry_lock:
-            return len(self._retries)
+            return len(self._retries) + self._isolation.waiting()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -483,7 +523,28 @@ class KafkaSink:
         with self._retry_lock:
             self._closed = True
             self._retry_lock.notify_all()
+        self._isolation.close()
+        if self._probe is not None:
+            close_producer(self._probe, _CLIENT_TIMEOUT_MS / 1000)
         close_producer(self._producer, _CLIENT_TIMEOUT_MS / 1000)
+
+    def _isolated_outcome(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+                          exc: BaseException | None) -> Outgoing | None:
+        """What a record sent alone came to: acknowledged, or refused for good (its own fault)."""
+        if exc is None:
+            with self._watch_lock:
+                self._sending.ok()
+                self.failing_since = None
+            on_ack()
+            return None
+        from kafka.errors import MessageSizeTooLargeError
+        if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
+            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
+                        len(record.value), record.topic)
+            return record.fallback
+        log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
+        self._refuse(record, on_refused, exc)
+        return None
 
 
 def close_producer(producer: Any, timeout: float) -> bool:

@@ -77,3 +77,78 @@ def test_an_undrained_revocation_then_a_kill_loses_nothing(kafka_broker, small_a
     inputs = {(r.partition, r.offset) for r in read_all(kafka_broker.bootstrap, t["input"], total)}
     missing = inputs - set(positions(read_until(kafka_broker.bootstrap, t["output"], inputs)))
     assert len(inputs) == total and not missing, f"{len(missing)} of {total} inputs without a result: {spans(missing)}"
+
+
+@pytest.fixture(scope="module")
+def schema_broker(tmp_path_factory):
+    """A second broker that validates the keys of ``labels-checked`` and ``dead-checked`` against a JSON
+    schema (tansu's schema registry): a record whose key is not a JSON string starting "ok" is refused
+    for good (InvalidRecord), as a broker-side schema or policy check refuses it. tansu 0.6 enforces no
+    size limit (neither max.message.bytes nor its own: 30 MB records were accepted), so a schema is
+    how it refuses a record for good."""
+    from stream.embedded_broker import EmbeddedBroker
+    schemas = tmp_path_factory.mktemp("schemas")
+    for topic in ("labels-checked", "dead-checked"):
+        (schemas / f"{topic}.json").write_text(
+            '{"type": "object", "properties": {"key": {"type": "string", "pattern": "^ok"}}}')
+    broker = EmbeddedBroker(log_path=schemas / "tansu.log", schema_registry=schemas).start()
+    yield broker
+    broker.stop()
+
+
+def _refusal_topics(broker, dead_letters_checked: bool) -> dict:
+    import uuid
+    run = uuid.uuid4().hex[:8]
+    t = {"input": f"images-{run}", "output": "labels-checked", "group": f"g-{run}",
+         "dlq": "dead-checked" if dead_letters_checked else f"dead-{run}"}
+    broker.create_topics({t["input"]: 1, t["output"]: 1, t["dlq"]: 1})
+    return t
+
+
+def test_a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_partition_goes_on(
+        schema_broker, small_artifact, tmp_path):
+    t = _refusal_topics(schema_broker, dead_letters_checked=False)
+    total = 60
+    images = list(good_images().values())[:6]
+    keys = [f'"{"bad" if i % 7 == 3 else "ok"}-{i}"'.encode() for i in range(total)]
+    produce(schema_broker.bootstrap, t["input"], [(keys[i], images[i % 6]) for i in range(total)])
+    log = tmp_path / "refused.log"
+    process = start_service(schema_broker, t, small_artifact, log)
+    try:
+        _wait("every input committed", lambda: (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0)
+                                                or 0) >= total, process, log, timeout=180)
+    finally:
+        stop(process, log)
+    results = read_all(schema_broker.bootstrap, t["output"], total - 9)
+    dead = read_all(schema_broker.bootstrap, t["dlq"], 9)
+    bad = {i for i in range(total) if i % 7 == 3}
+    assert sorted(o for _, o in positions(results)) == [i for i in range(total) if i not in bad], \
+        "each innocent result once, in offset order"
+    assert {int(dict(r.headers)["source.offset"]) for r in dead} == bad
+    for r in dead:
+        headers = dict(r.headers)
+        offset = int(headers["source.offset"])
+        assert headers["error.reason"] == b"publish_error" and b"InvalidRecord" in headers["error.message"]
+        assert r.value == images[offset % 6] and r.key == keys[offset], "the original bytes"
+    text = log.read_text()
+    assert text.count("the producer is in a fatal state") <= len(bad) + 1, "no endless replacement"
+
+
+def test_a_dead_letter_the_broker_refuses_for_good_ends_the_member_with_one_line(
+        schema_broker, small_artifact, tmp_path):
+    t = _refusal_topics(schema_broker, dead_letters_checked=True)
+    images = good_images()
+    produce(schema_broker.bootstrap, t["input"], [(b'"ok-0"', images["png"]), (b'"bad-1"', images["png"]),
+                                                  (b'"ok-2"', images["png"])])
+    log = tmp_path / "refused-dead-letter.log"
+    process = start_service(schema_broker, t, small_artifact, log)
+    try:
+        code = process.wait(120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    assert text.count("ERROR stream.kafka_io: cannot publish even a dead letter to dead-checked") == 1, text[-3000:]
+    assert "stream: error: cannot publish even a dead letter" in text, "the exit says why, in one line"
+    assert (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0) or 0) <= 1
