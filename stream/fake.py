@@ -31,7 +31,7 @@ class FakeBroker:
         self.topics: dict[str, list[list[Record]]] = {}
         self.committed: dict[str, dict[Partition, int]] = defaultdict(dict)
         self.fail_next_publishes = 0          # make the next N sends fail once each
-        self.max_record_bytes: int | None = None   # like a broker's message.max.bytes
+        self.max_record_bytes: int | None = None   # like a broker's message.max.bytes (key, value, headers)
         self.poll_errors: list[BaseException] = []  # raised by the next polls, one each
         self.up = True                        # what reachable() answers
         self.errors: list[BaseException] = []       # a sink's assertion, re-raised on the poll thread
@@ -220,11 +220,14 @@ class FakeSink:
             threading.Timer(0.01, self._retry, (record, on_ack, on_refused)).start()
             return
         limit = self.broker.max_record_bytes
-        if limit is not None and len(record.value) > limit:
-            if record.fallback is None:   # the Kafka sink would retry forever: fail the test on its poll thread
-                with self.broker.lock:
-                    self.broker.errors.append(AssertionError(
-                        f"record of {len(record.value)} bytes exceeds {limit} and has no fallback"))
+        size = len(record.value) + len(record.key or b"") + sum(len(n) + len(v or b"") for n, v in record.headers)
+        if limit is not None and size > limit:
+            if record.fallback is None:   # like the Kafka sink: a record too large is refused, never retried
+                too_large = ValueError(f"record of {size} bytes exceeds the broker's {limit}")
+                if on_refused is not None:
+                    on_refused(too_large)
+                elif self.failure is None:
+                    self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {too_large}")
                 return
             self.publish(record.fallback, on_ack, on_refused)
             return

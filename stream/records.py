@@ -43,8 +43,8 @@ class Outgoing:
     """A record to publish: encoder output or a dead letter.
 
     ``fallback`` is published instead when the broker refuses this record as too
-    large (a dead letter keeps its headers and drops the original value), so a huge
-    bad input can never stall its partition.
+    large (a dead letter drops oversized input headers, then the original value; see
+    :func:`dead_letter`), so a huge bad input can never stall its partition.
     """
 
     topic: str
@@ -54,9 +54,32 @@ class Outgoing:
     fallback: Outgoing | None = None
 
 
+HEADER_BUDGET = 64 * 1024
+"""Input headers a dead letter's fallbacks keep, in bytes (names and values, in order)."""
+
+
+def _within_budget(headers: Headers) -> tuple[Headers, list[str]]:
+    """The headers that fit :data:`HEADER_BUDGET`, and ``name=bytes`` for each one dropped."""
+    kept, dropped, used = [], [], 0
+    for name, value in headers:
+        size = len(name.encode("utf-8", "replace")) + len(value or b"")
+        if used + size <= HEADER_BUDGET:
+            kept.append((name, value))
+            used += size
+        else:
+            dropped.append(f"{name}={size}")
+    return kept, dropped
+
+
 def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoing:
-    """The original key and value, with why it was rejected and where it came from."""
-    headers = list(message.headers) + [
+    """The original key and value, with why it was rejected and where it came from.
+
+    Should the broker refuse it as too large, its fallbacks drop the oversized parts and say so:
+    first input headers beyond :data:`HEADER_BUDGET` (``error.headers_dropped``: ``name=bytes, ...``;
+    only when there are such), then also the value (``error.value_dropped``: its length). An input
+    with megabytes of headers thus still ends as a dead letter, never as a member that cannot go on.
+    """
+    about = [
         ("error.reason", reason.encode()),
         ("error.message", text.encode("utf-8", "replace")[:1000]),
         ("source.topic", message.topic.encode()),
@@ -64,5 +87,9 @@ def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoin
         ("source.offset", str(message.offset).encode()),
     ]
     value = message.value or b""
-    slim = Outgoing(topic, message.key, b"", headers + [("error.value_dropped", str(len(value)).encode())])
-    return Outgoing(topic, message.key, value, headers, fallback=slim)
+    kept, dropped = _within_budget(list(message.headers))
+    trimmed = kept + about + ([("error.headers_dropped", ", ".join(dropped).encode()[:1000])] if dropped else [])
+    slim = Outgoing(topic, message.key, b"", trimmed + [("error.value_dropped", str(len(value)).encode())])
+    if dropped:
+        slim = Outgoing(topic, message.key, value, trimmed, fallback=slim)
+    return Outgoing(topic, message.key, value, list(message.headers) + about, fallback=slim)

@@ -152,3 +152,28 @@ def test_a_dead_letter_the_broker_refuses_for_good_ends_the_member_with_one_line
     assert text.count("ERROR stream.kafka_io: cannot publish even a dead letter to dead-checked") == 1, text[-3000:]
     assert "stream: error: cannot publish even a dead letter" in text, "the exit says why, in one line"
     assert (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0) or 0) <= 1
+
+
+def test_an_input_with_megabytes_of_headers_is_dead_lettered_without_them(kafka_broker, small_artifact, tmp_path):
+    """Its result, and a dead letter with all its headers, are over the producer's limit: the dead
+    letter drops the oversized headers and says so; the member goes on (no crash loop)."""
+    from kafka import KafkaProducer
+    t = names(kafka_broker, partitions=1)
+    image = good_images()["jpeg_clock"]
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", max_request_size=8 << 20)
+    producer.send(t["input"], key=b"heavy", value=image, headers=[("blob", b"x" * 700_000), ("blob2", b"y" * 700_000)])
+    producer.send(t["input"], key=b"after", value=image)
+    producer.flush()
+    producer.close()
+    log = tmp_path / "headers.log"
+    process = start_service(kafka_broker, t, small_artifact, log, max_message_bytes=1 << 20)
+    try:
+        _wait("both inputs committed", lambda: (committed(kafka_broker.bootstrap, t["group"], t["input"]).get(0)
+                                                or 0) >= 2, process, log)
+    finally:
+        stop(process, log)
+    (dead,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
+    headers = dict(dead.headers)
+    assert dead.key == b"heavy" and dead.value == image and "blob" not in headers
+    assert headers["error.headers_dropped"] == b"blob=700004, blob2=700005"
+    assert [r.key for r in read_all(kafka_broker.bootstrap, t["output"], 1)] == [b"after"]

@@ -79,3 +79,28 @@ def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfin
     assert not connector.violations, connector.violations[:3]
     assert set(sources(broker.records("out"))) == {(i % 2, i // 2) for i in range(total)}
     assert broker.committed[cfg.group_id] == {("in", 0): total // 2, ("in", 1): total // 2}
+
+
+def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(small_artifact):
+    """Its result is too large for the broker, and so is a dead letter with all its headers: the
+    dead letter drops the oversized headers (saying which) and keeps the original value."""
+    from stream.service import Service
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.max_record_bytes = 200_000
+    image = good_images()["jpeg_clock"]
+    huge = [("trace-id", b"t-1"), ("blob", b"x" * 300_000), ("blob2", b"y" * 300_000)]
+    broker.produce("in", image, key=b"heavy", headers=huge)
+    broker.produce("in", image, key=b"after", headers=[("trace-id", b"t-2")])
+    svc = Service(config(small_artifact), broker.connector(["in"], "sentiment-stream"))
+    stats = svc.run(count=2, timeout=60)
+    assert stats.finished == 2
+    (dead,) = broker.records("dlq")
+    key, value, headers = dead
+    names = [n for n, _ in headers]
+    assert key == b"heavy" and value == image, "the original key and value"
+    assert "blob" not in names and "blob2" not in names and ("trace-id", b"t-1") in headers
+    assert dict(headers)["error.headers_dropped"] == b"blob=300004, blob2=300005"
+    assert dict(headers)["error.reason"] == b"publish_error"
+    assert [k for k, _, _ in broker.records("out")] == [b"after"]
+    assert broker.committed["sentiment-stream"] == {("in", 0): 2}
