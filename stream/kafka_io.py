@@ -80,6 +80,15 @@ def translate(exc: BaseException, what: str, group: str = "") -> Exception:
     return KafkaTransient(f"{what}: {text}")
 
 
+def fetch_bytes(max_in_flight_bytes: int) -> int:
+    """The consumer's fetch size for a byte budget: a sixteenth of it, between 1 MiB and kafka-python's
+    default of 50 MiB. A record larger than it is still fetched, alone. Small, because a fetched
+    response costs several times its size on its way to the pipeline (the response, the parsed batch,
+    each record's value), once for each partition fetched at the same time, and a poll may add it on
+    top of the budget."""
+    return max(1 << 20, min(50 << 20, max_in_flight_bytes // 16))
+
+
 def _tp_list(partitions: Any) -> list[Partition]:
     return sorted((tp.topic, tp.partition) for tp in partitions)
 
@@ -111,6 +120,7 @@ class KafkaSource:
                 bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
                 auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.max_poll_records,
                 fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+                fetch_max_bytes=fetch_bytes(cfg.max_in_flight_bytes),
                 session_timeout_ms=cfg.session_timeout_ms,
                 heartbeat_interval_ms=max(100, cfg.session_timeout_ms // 4),
                 max_poll_interval_ms=cfg.max_poll_interval_ms, bootstrap_timeout_ms=5_000,

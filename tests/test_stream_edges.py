@@ -177,3 +177,65 @@ def test_an_input_with_megabytes_of_headers_is_dead_lettered_without_them(kafka_
     assert dead.key == b"heavy" and dead.value == image and "blob" not in headers
     assert headers["error.headers_dropped"] == b"blob=700004, blob2=700005"
     assert [r.key for r in read_all(kafka_broker.bootstrap, t["output"], 1)] == [b"after"]
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def large_photo_backlog_rss(kafka_broker, artifact, tmp_path, count: int, environ: dict | None = None,
+                            **options) -> tuple[float, float]:
+    """(ready-state RSS, peak RSS) in MB of a service draining ``count`` 16 MB photos (noise JPEGs)."""
+    import threading
+
+    import cv2
+    import numpy as np
+    from kafka import KafkaProducer
+    t = names(kafka_broker, partitions=4)
+    photo = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (3500, 4000, 3), dtype=np.uint8),
+                         [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", max_request_size=32 << 20)
+    for i in range(count):
+        producer.send(t["input"], key=str(i).encode(), value=photo)
+    producer.flush()
+    producer.close()
+    log = tmp_path / "large.log"
+    process = start_service(kafka_broker, t, artifact, log, environ, **options)
+    samples: list[float] = []
+    ready: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set() and process.poll() is None:
+            samples.append(_rss_mb(process.pid))
+            if not ready and "connected to" in log.read_text():
+                ready.append(samples[-1])
+            done.wait(0.02)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        _wait("the backlog drained", lambda: sum(v or 0 for v in committed(
+            kafka_broker.bootstrap, t["group"], t["input"]).values()) >= count, process, log, timeout=300)
+    finally:
+        done.set()
+        sampler.join(5)
+        stop(process, log)
+    print(f"{count} photos of {len(photo) / 1e6:.1f} MB: RSS {ready[0]:.0f} MB ready, peak {max(samples):.0f} MB "
+          f"({max(samples) - ready[0]:+.0f} MB)")
+    return ready[0], max(samples)
+
+
+def test_memory_on_a_backlog_of_16_mb_photos_stays_within_1_gb_of_the_ready_state(kafka_broker, small_artifact,
+                                                                                   tmp_path):
+    """Decoding at full size on one thread is slower than fetching, so a backlog builds up in the
+    service: bounded by --max-in-flight-bytes (its default), not by the message count (512 of 16 MB)."""
+    ready, peak = large_photo_backlog_rss(kafka_broker, small_artifact, tmp_path, count=96, decode_workers=1,
+                                          no_reduced_decode="true")
+    assert peak - ready < 1024, f"peak RSS {peak - ready:.0f} MB above the ready state"

@@ -104,3 +104,33 @@ def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(s
     assert dict(headers)["error.reason"] == b"publish_error"
     assert [k for k, _, _ in broker.records("out")] == [b"after"]
     assert broker.committed["sentiment-stream"] == {("in", 0): 2}
+
+
+def test_backpressure_bounds_the_bytes_in_flight(small_artifact):
+    """Far fewer messages than --max-in-flight, but their bytes pass --max-in-flight-bytes: paused."""
+    from stream.service import Service
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    image = good_images()["png"]   # 439 kB
+    for i in range(60):
+        broker.produce("in", image, key=str(i).encode())
+    budget = 8 * len(image)
+    svc = Service(config(small_artifact, max_in_flight=512, max_in_flight_bytes=budget, max_batch=4,
+                         max_poll_records=2), broker.connector(["in"], "sentiment-stream"))
+    svc.backend.infer = _slowed(svc.backend.infer)
+    peak = []
+    original = svc.tracker.add
+
+    def watching_add(partition, offset):
+        original(partition, offset)
+        peak.append(svc.tracker.in_flight())
+    svc.tracker.add = watching_add
+    assert svc.run(count=60, timeout=60).finished == 60
+    assert max(peak) <= 8 + 2, "paused at the byte budget (one poll may overshoot by its size)"
+
+
+def _slowed(infer):
+    def slow(batch):
+        threading.Event().wait(0.02)
+        return infer(batch)
+    return slow
