@@ -1,5 +1,7 @@
-"""Records resent one at a time after a broker refusal, to tell the record refused for good from
-those that merely shared its fate. Pure logic over a "send one record and wait" function; no Kafka.
+"""Records resent one at a time, in order: after a broker refusal, to tell the record refused for
+good from those that merely shared its fate, and after the client gave up on a send (an outage),
+so that no later record overtakes it. Pure logic over a "send one record and wait" function; no
+Kafka.
 
 kafka-python's idempotent producer turns a refusal (InvalidRecord, MessageSizeTooLarge, ...) fatal
 and fails every batch in flight with the same error, so a failed record does not say whether it

@@ -292,15 +292,25 @@ class KafkaSink:
 
     With a ``transactional_id`` (exactly-once) every send goes into the open transaction; a send the
     broker fails is not retried but dooms the transaction: the record counts as handled so the unit
-    can finish, and :meth:`commit_transaction` then aborts it (the unit is redone after a rewind)."""
+    can finish, and :meth:`commit_transaction` then aborts it (the unit is redone after a rewind).
+
+    Order (at least once): the client retries in order until its delivery timeout (120 s); a record it
+    gives up on, or that a refusal failed, is resent through one ordered queue (:mod:`.isolation`) that
+    every later record then waits behind. Where order can still break: a record already in flight when
+    an earlier one failed, and failing itself only later, joins that queue behind records handed over
+    in between (an outage past the delivery timeout, or a refusal, with several batches in flight)."""
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
                  transactional_id: str | None = None) -> None:
         from kafka.errors import KafkaError
-        extra = {"transactional_id": transactional_id, "transaction_timeout_ms": 30_000} if transactional_id else {}
+        # At least once the client retries a send without a count (kafka-python's default), in order, until
+        # delivery_timeout_ms; a record it gives up on is resent through the ordered queue. In a transaction a
+        # failed send dooms the unit, so there it gives up after 5.
+        extra = ({"transactional_id": transactional_id, "transaction_timeout_ms": 30_000, "retries": 5}
+                 if transactional_id else {})
         self._settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_block_ms=10_000,
-                              retries=5, bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
+                              bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
                               compression_type=compression_type, **extra, **client_options)
         try:
             self._producer = self._new_producer()
@@ -331,14 +341,17 @@ class KafkaSink:
         from kafka import KafkaProducer
         return KafkaProducer(**self._settings)
 
+    def _new_probe(self) -> Any:
+        from kafka import KafkaProducer
+        return KafkaProducer(**{**self._settings, "enable_idempotence": False, "retries": 0,
+                                "max_in_flight_requests_per_connection": 1, "linger_ms": 0})
+
     def _send_alone(self, record: Outgoing) -> BaseException | None:
         """Send one record on a producer of its own and wait for the broker (bounded); the error or None.
         Not idempotent, one request at a time: a refusal fails that record alone, never the producer."""
-        from kafka import KafkaProducer
         try:
             if self._probe is None:
-                self._probe = KafkaProducer(**{**self._settings, "enable_idempotence": False, "retries": 0,
-                                               "max_in_flight_requests_per_connection": 1, "linger_ms": 0})
+                self._probe = self._new_probe()
             self._probe.send(record.topic, key=record.key, value=record.value,
                              headers=record.headers).get(timeout=_CLIENT_TIMEOUT_MS / 1000 * 6)
         except Exception as exc:
@@ -388,6 +401,11 @@ class KafkaSink:
         producer = self._producer
 
         def failed(exc: BaseException) -> None:   # on the producer's IO thread: never send from here
+            if not self.transactional and _async(exc):
+                # queued at once, before any record handed over after this failure: none overtakes it
+                self._isolation.add(record, on_ack, on_refused)
+                self._later(0.0, lambda: self._after_failure(record, exc, producer))
+                return
             self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, exc, producer))
 
         try:
@@ -397,6 +415,18 @@ class KafkaSink:
             return
         future.add_callback(ok)
         future.add_errback(failed)
+
+    def _after_failure(self, record: Outgoing, exc: BaseException, producer: Any) -> None:
+        """A broker failure whose record is already queued for an ordered resend: replace a producer
+        it left fatal, say it, count it."""
+        self._renewed(exc, producer)
+        with self._watch_lock:
+            self._sending.failed(exc)
+            self.failing_since = self._sending.since
+        if refused_for_good(exc):
+            log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
+                        "time, to find the record refused for good", record.topic, exc)
+        self._on_retry()
 
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
                 exc: BaseException, producer: Any) -> None:
@@ -425,10 +455,10 @@ class KafkaSink:
         with self._watch_lock:
             self._sending.failed(exc)
             self.failing_since = self._sending.since
-        delay = min(5.0, 0.1 * 2 ** attempt)
-        log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, exc, delay)
+        log.debug("publish to %s failed (%s); resending it in order", record.topic, exc)
         self._on_retry()
-        self._later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
+        # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
+        self._isolation.add(record, on_ack, on_refused)
 
     def _later(self, delay: float, action: Callable[[], None]) -> None:
         """Run ``action`` on the publish-retry thread after ``delay`` seconds."""

@@ -134,3 +134,75 @@ def _slowed(infer):
         threading.Event().wait(0.02)
         return infer(batch)
     return slow
+
+
+class _StubFuture:
+    """Resolved at once, like a kafka-python future whose batch already completed."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+    def add_callback(self, callback) -> None:
+        if self.error is None:
+            callback(None)
+
+    def add_errback(self, errback) -> None:
+        if self.error is not None:
+            errback(self.error)
+
+    def get(self, timeout: float) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class _StubProducer:
+    """A producer on a log that can be down (every send fails as a lost connection)."""
+
+    def __init__(self, log: list, state: dict) -> None:
+        self.log, self.state = log, state
+
+    def send(self, topic, key=None, value=None, headers=None) -> _StubFuture:
+        from kafka.errors import KafkaConnectionError
+        if self.state["down"]:
+            return _StubFuture(KafkaConnectionError("broker down"))
+        self.log.append(key)
+        return _StubFuture(None)
+
+    def flush(self, timeout=None) -> None:
+        pass
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+def test_a_record_resent_after_an_outage_is_not_overtaken_by_later_ones():
+    """The client gave up on the first record while the broker was away; records handed over after
+    the broker came back wait behind its resend, so the partition's output stays in offset order."""
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+    log: list = []
+    state = {"down": True}
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            return _StubProducer(log, state)
+
+        def _new_probe(self):
+            return _StubProducer(log, state)
+
+    sink = Sink("stub:9092", {})
+    acked = threading.Semaphore(0)
+    try:
+        sink.publish(Outgoing("out", b"0", b"v", []), acked.release)
+        deadline = time.monotonic() + 10
+        while not sink.pending_retries() and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+        assert sink.pending_retries() >= 1, "the failed record waits to be resent"
+        state["down"] = False
+        for i in range(1, 5):
+            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
+        for _ in range(5):
+            assert acked.acquire(timeout=10), "every record acknowledged"
+    finally:
+        sink.close()
+    assert log == [b"0", b"1", b"2", b"3", b"4"]
