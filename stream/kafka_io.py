@@ -274,6 +274,20 @@ def retriable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and (exc.retriable or _outage(exc))
 
 
+def _fingerprint(record: Outgoing) -> bytes:
+    """What names a record across a redo: the topic and the input it answers (its content where unknown:
+    a result's timings differ from one try to the next)."""
+    import hashlib
+    digest = hashlib.blake2b(record.topic.encode(), digest_size=16)
+    if record.source is not None:
+        digest.update(repr(record.source).encode())
+        return digest.digest()
+    for part in (record.key or b"", record.value):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
 def refused_for_good(exc: BaseException) -> bool:
     """A broker refusal no resend can change (InvalidRecord: a broker-side schema or policy check,
     MessageSizeTooLarge, RecordListTooLarge, TopicAuthorizationFailed, PolicyViolation). kafka-python's
@@ -335,6 +349,10 @@ class KafkaSink:
         self._thread = threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)
         self._thread.start()
         self._probe: Any = None   # made at the first refusal
+        # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
+        # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
+        self._refused: dict[bytes, BaseException] = {}
+        self._transactional_id = transactional_id
         self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome)
 
     def _new_producer(self) -> Any:
@@ -388,6 +406,9 @@ class KafkaSink:
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
                 attempt: int = 0) -> None:
+        if self._refused and _fingerprint(record) in self._refused:   # exactly once: known to be refused
+            self._refuse(record, on_refused, self._refused[_fingerprint(record)])
+            return
         if not self.transactional and attempt == 0 and self._isolation.take(record, on_ack, on_refused):
             return   # records isolated after a refusal go first: this one waits its turn behind them
         def ok(_metadata: Any) -> None:
@@ -415,6 +436,38 @@ class KafkaSink:
             return
         future.add_callback(ok)
         future.add_errback(failed)
+
+    def _probe_in_transaction(self, record: Outgoing, exc: BaseException) -> None:
+        """Exactly once: send a record that failed with a refusal alone, in a transaction of its own that
+        is then aborted (a read_committed reader never sees it). Refused alone, it is remembered; the
+        records that merely shared its fate are redone with the unit."""
+        from kafka import KafkaProducer
+        if _fingerprint(record) in self._refused or self._closed:
+            return
+        settings = {**self._settings, "transactional_id": f"{self._transactional_id}-probe", "linger_ms": 0}
+        error: BaseException | None = None
+        try:
+            if self._probe is None:
+                self._probe = KafkaProducer(**settings)
+                self._probe.init_transactions()   # aborts what an earlier probe left open
+            self._probe.begin_transaction()
+            self._probe.send(record.topic, key=record.key, value=record.value,
+                             headers=record.headers).get(timeout=_CLIENT_TIMEOUT_MS / 1000 * 6)
+        except Exception as failure:
+            error = failure
+        try:
+            self._probe.abort_transaction()
+        except Exception:   # left fatal by the refusal: the next probe starts afresh (and aborts this one)
+            probe, self._probe = self._probe, None
+            if probe is not None:
+                threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
+        if error is not None and refused_for_good(error):
+            log.warning("broker refuses a record for %s for good (%s); its input will be dead-lettered when "
+                        "the unit is redone", record.topic, error)
+            self._refused[_fingerprint(record)] = error
+        else:
+            log.info("a record for %s that failed with %s is accepted alone; it is redone with its unit",
+                     record.topic, exc)
 
     def _after_failure(self, record: Outgoing, exc: BaseException, producer: Any) -> None:
         """A broker failure whose record is already queued for an ordered resend: replace a producer
@@ -447,6 +500,8 @@ class KafkaSink:
             return
         if self.transactional:
             # The open transaction cannot commit now; it will be aborted and this unit redone.
+            if refused_for_good(exc):   # find out, off this transaction, whether this record is the refused one
+                self._later(0.0, lambda: self._probe_in_transaction(record, exc))
             with self._watch_lock:
                 self._sending.failed(exc)
                 self._doomed = self._doomed or exc

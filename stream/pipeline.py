@@ -231,7 +231,8 @@ class Processor:
             log.exception("output encoder failed on %s", decoded.message.position)
             self._reject(decoded.message, "encoder_error", f"{type(exc).__name__}: {exc}")
             return
-        self._send(decoded.message, Outgoing(self.cfg.output_topic, key, value, headers), "published")
+        self._send(decoded.message, Outgoing(self.cfg.output_topic, key, value, headers,
+                                             source=decoded.message.position), "published")
 
     def _one_by_one(self, batch: list[_Decoded]) -> list[_Inferred]:
         results = []

@@ -52,6 +52,8 @@ class Outgoing:
     value: bytes
     headers: Headers
     fallback: Outgoing | None = None
+    source: tuple[str, int, int] | None = None
+    """The input it answers (topic, partition, offset): names it across a redo, whose result differs."""
 
 
 HEADER_BUDGET = 64 * 1024
@@ -89,7 +91,9 @@ def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoin
     value = message.value or b""
     kept, dropped = _within_budget(list(message.headers))
     trimmed = kept + about + ([("error.headers_dropped", ", ".join(dropped).encode()[:1000])] if dropped else [])
-    slim = Outgoing(topic, message.key, b"", trimmed + [("error.value_dropped", str(len(value)).encode())])
+    source = message.position
+    slim = Outgoing(topic, message.key, b"", trimmed + [("error.value_dropped", str(len(value)).encode())],
+                    source=source)
     if dropped:
-        slim = Outgoing(topic, message.key, value, trimmed, fallback=slim)
-    return Outgoing(topic, message.key, value, list(message.headers) + about, fallback=slim)
+        slim = Outgoing(topic, message.key, value, trimmed, fallback=slim, source=source)
+    return Outgoing(topic, message.key, value, list(message.headers) + about, fallback=slim, source=source)

@@ -239,3 +239,32 @@ def test_memory_on_a_backlog_of_16_mb_photos_stays_within_1_gb_of_the_ready_stat
     ready, peak = large_photo_backlog_rss(kafka_broker, small_artifact, tmp_path, count=96, decode_workers=1,
                                           no_reduced_decode="true")
     assert peak - ready < 1024, f"peak RSS {peak - ready:.0f} MB above the ready state"
+
+
+def test_exactly_once_a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_rest_commit(
+        schema_broker, small_artifact, tmp_path):
+    """The refusal aborts the unit; the record is sent alone in a probe transaction (aborted), and when
+    the unit is redone its input is dead-lettered: a read_committed reader sees each innocent result
+    once and a dead letter for each refused one, and every offset commits."""
+    import collections
+
+    from .kafka_helpers import read_committed
+    t = _refusal_topics(schema_broker, dead_letters_checked=False)
+    total = 30
+    images = list(good_images().values())[:6]
+    keys = [f'"{"bad" if i % 7 == 3 else "ok"}-{i}"'.encode() for i in range(total)]
+    produce(schema_broker.bootstrap, t["input"], [(keys[i], images[i % 6]) for i in range(total)])
+    log = tmp_path / "refused-eos.log"
+    process = start_service(schema_broker, t, small_artifact, log, processing_guarantee="exactly-once",
+                            transactional_id=f"eos-{t['group']}")
+    try:
+        _wait("every input committed", lambda: (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0)
+                                                or 0) >= total, process, log, timeout=240)
+    finally:
+        stop(process, log)
+    bad = {i for i in range(total) if i % 7 == 3}
+    results = collections.Counter(o for _, o in positions(read_committed(schema_broker.bootstrap, t["output"])))
+    assert results == collections.Counter(i for i in range(total) if i not in bad), "each innocent result once"
+    dead = [r for r in read_committed(schema_broker.bootstrap, t["dlq"]) if r.key is not None]
+    assert sorted(int(dict(r.headers)["source.offset"]) for r in dead) == sorted(bad)
+    assert all(r.value == images[int(dict(r.headers)["source.offset"]) % 6] for r in dead), "the original bytes"
