@@ -81,16 +81,13 @@ def test_an_undrained_revocation_then_a_kill_loses_nothing(kafka_broker, small_a
 
 @pytest.fixture(scope="module")
 def schema_broker(tmp_path_factory):
-    """A second broker that validates the keys of ``labels-checked`` and ``dead-checked`` against a JSON
+    """A second broker that validates the keys of ``labels-checked-*`` and ``dead-checked-*`` against a JSON
     schema (tansu's schema registry): a record whose key is not a JSON string starting "ok" is refused
     for good (InvalidRecord), as a broker-side schema or policy check refuses it. tansu 0.6 enforces no
     size limit (neither max.message.bytes nor its own: 30 MB records were accepted), so a schema is
     how it refuses a record for good."""
     from stream.embedded_broker import EmbeddedBroker
     schemas = tmp_path_factory.mktemp("schemas")
-    for topic in ("labels-checked", "dead-checked"):
-        (schemas / f"{topic}.json").write_text(
-            '{"type": "object", "properties": {"key": {"type": "string", "pattern": "^ok"}}}')
     broker = EmbeddedBroker(log_path=schemas / "tansu.log", schema_registry=schemas).start()
     yield broker
     broker.stop()
@@ -99,8 +96,12 @@ def schema_broker(tmp_path_factory):
 def _refusal_topics(broker, dead_letters_checked: bool) -> dict:
     import uuid
     run = uuid.uuid4().hex[:8]
-    t = {"input": f"images-{run}", "output": "labels-checked", "group": f"g-{run}",
-         "dlq": "dead-checked" if dead_letters_checked else f"dead-{run}"}
+    t = {"input": f"images-{run}", "output": f"labels-checked-{run}", "group": f"g-{run}",
+         "dlq": f"dead-checked-{run}" if dead_letters_checked else f"dead-{run}"}
+    for topic in (t["output"], t["dlq"]):
+        if "checked" in topic:   # read by the broker when the topic is first written
+            (broker.schema_registry / f"{topic}.json").write_text(
+                '{"type": "object", "properties": {"key": {"type": "string", "pattern": "^ok"}}}')
     broker.create_topics({t["input"]: 1, t["output"]: 1, t["dlq"]: 1})
     return t
 
@@ -149,7 +150,7 @@ def test_a_dead_letter_the_broker_refuses_for_good_ends_the_member_with_one_line
             process.kill()
     text = log.read_text()
     assert code == 1, text[-3000:]
-    assert text.count("ERROR stream.kafka_io: cannot publish even a dead letter to dead-checked") == 1, text[-3000:]
+    assert text.count(f"ERROR stream.kafka_io: cannot publish even a dead letter to {t['dlq']}") == 1, text[-3000:]
     assert "stream: error: cannot publish even a dead letter" in text, "the exit says why, in one line"
     assert (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0) or 0) <= 1
 
