@@ -167,6 +167,14 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def status_mb(pid: int, field: str = "VmHWM") -> float:
+    """A memory figure of a process from /proc/<pid>/status, in MB (VmHWM: its peak RSS so far)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds so far of each thread group (by OS thread name, digits dropped) of a process."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -302,6 +310,7 @@ class Bench:
             reader.wait_for(hi, 600)
             t1, cpu1, broker1 = time.perf_counter(), [thread_cpu(p.pid) for p in procs], thread_cpu(self.broker.pid)
             machine1 = machine_busy()
+            peak_rss = max(status_mb(p.pid) for p in procs)
         finally:
             reader.close()
             for p in procs:
@@ -318,10 +327,11 @@ class Bench:
         # Cores busy with anything but this service and the broker (the benchmark's reader, other users).
         other = max(0.0, (machine1 - machine0) / (t1 - t0) - (service_ms + broker_ms) * rate / 1000)
         print(f"  {label or mode:<8} x{processes}: {rate:6.1f} img/s draining {messages}; core-ms/image by thread "
-              f"{threads}, broker {broker_ms:.2f}; other load {other:.2f} cores")
+              f"{threads}, broker {broker_ms:.2f}; other load {other:.2f} cores; peak RSS {peak_rss:.0f} MB")
         return {"mode": mode, "processes": processes, "messages": messages, "images_per_s": round(rate, 1),
                 "thread_core_ms_per_image": threads, "broker_core_ms_per_image": round(broker_ms, 3),
-                "service_core_ms_per_image": round(service_ms, 3), "other_load_cores": round(other, 2)}
+                "service_core_ms_per_image": round(service_ms, 3), "other_load_cores": round(other, 2),
+                "service_peak_rss_mb": peak_rss}
 
     def close(self) -> None:
         self.prod.close()

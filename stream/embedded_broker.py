@@ -39,21 +39,26 @@ class EmbeddedBroker:
     """``with EmbeddedBroker() as broker: broker.bootstrap`` -> '127.0.0.1:PORT'."""
 
     def __init__(self, port: int | None = None, log_path: Path | None = None,
-                 advertised_port: int | None = None) -> None:
-        """``advertised_port``: the port clients are told to use (a proxy in front of the broker)."""
+                 advertised_port: int | None = None, schema_registry: Path | None = None) -> None:
+        """``advertised_port``: the port clients are told to use (a proxy in front of the broker);
+        ``schema_registry``: a folder of ``<topic>.json`` JSON schemas the broker validates records of
+        those topics against (a record that fails is refused for good: InvalidRecord)."""
         self.port = port or free_port()
         self.advertised_port = advertised_port or self.port
         self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self.log_path = log_path
+        self.schema_registry = schema_registry
         self._process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         advertised = f"tcp://127.0.0.1:{self.advertised_port}"
+        # tansu reads file://PATH relative to its working directory: run it from / with the path absolute
+        schemas = ["--schema-registry", f"file://{self.schema_registry.resolve()}"] if self.schema_registry else []
         self._process = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url,
                                           "--advertised-listener-url", advertised,
-                                          "--storage-engine", "memory://tansu/"],
+                                          "--storage-engine", "memory://tansu/", *schemas], cwd="/",
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

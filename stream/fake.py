@@ -3,8 +3,11 @@
 For fast, honest unit tests of the service logic (batching, dead letters, offset
 commits, draining, rebalances): it keeps partitioned logs, committed offsets and
 consumer groups whose members rebalance eagerly (every member revokes, draining
-and committing through its :class:`RebalanceHandler`, before any is assigned). It is
-not Kafka; integration tests use a real broker.
+and committing through its :class:`RebalanceHandler`, before any is assigned). As in
+kafka-python under the eager protocol, a partition a member keeps across a rebalance
+keeps its fetch position and paused flag; only a partition new to the member starts
+from the group's committed offset (unpaused). It is not Kafka; integration tests use a
+real broker.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ class FakeBroker:
         self.topics: dict[str, list[list[Record]]] = {}
         self.committed: dict[str, dict[Partition, int]] = defaultdict(dict)
         self.fail_next_publishes = 0          # make the next N sends fail once each
-        self.max_record_bytes: int | None = None   # like a broker's message.max.bytes
+        self.max_record_bytes: int | None = None   # like a broker's message.max.bytes (key, value, headers)
         self.poll_errors: list[BaseException] = []  # raised by the next polls, one each
         self.up = True                        # what reachable() answers
         self.errors: list[BaseException] = []       # a sink's assertion, re-raised on the poll thread
@@ -96,7 +99,7 @@ class FakeSource:
         self.revoked_generation = -1
         self.generation = -1
         self._position: dict[Partition, int] = {}
-        self.paused = False
+        self.paused: set[Partition] = set()
         self.closed = False
         self.evicted = False
         self.joined = False   # like the Kafka source: no group membership until every input topic exists
@@ -112,7 +115,7 @@ class FakeSource:
         if not self.joined or not self._stable():
             time.sleep(min(timeout_s, 0.01))
             return []
-        out = self._fetch(max_records) if not self.paused else []
+        out = self._fetch(max_records)
         if not out:
             time.sleep(min(timeout_s, 0.01))
         return out
@@ -133,8 +136,9 @@ class FakeSource:
         self.generation = generation
         self.assigned = share
         start = self.broker.committed[self.group]
-        # as kafka-python's eager protocol: a partition kept across the rebalance keeps its position
+        # kafka-python's assign_from_subscribed: retained partitions keep their state, new ones get fresh
         self._position = {p: self._position[p] if p in self._position else start.get(p, 0) for p in share}
+        self.paused &= set(share)
         self.rebalance.assigned(list(share))
         return True
 
@@ -178,6 +182,8 @@ class FakeSource:
             while progress and len(out) < max_records:
                 progress = False
                 for (topic, index) in self.assigned:
+                    if (topic, index) in self.paused:
+                        continue
                     log = self.broker.topics[topic][index]
                     offset = self._position[(topic, index)]
                     if offset < len(log) and len(out) < max_records:
@@ -210,10 +216,10 @@ class FakeSource:
                     self._position[partition] = start.get(partition, 0)
 
     def pause_all(self) -> None:
-        self.paused = True
+        self.paused = set(self.assigned)
 
     def resume_all(self) -> None:
-        self.paused = False
+        self.paused = set()
 
     def end_offsets(self) -> dict[Partition, int]:
         with self.broker.lock:
@@ -265,11 +271,15 @@ class FakeSink:
             threading.Timer(0.01, self._retry, (record, on_ack, on_refused)).start()
             return
         limit = self.broker.max_record_bytes
-        if limit is not None and len(record.value or b"") > limit:
-            if record.fallback is None:   # the Kafka sink would retry forever: fail the test on its poll thread
-                with self.broker.lock:
-                    self.broker.errors.append(AssertionError(
-                        f"record of {len(record.value or b'')} bytes exceeds {limit} and has no fallback"))
+        size = (len(record.value or b"") + len(record.key or b"")
+                + sum(len(n) + len(v or b"") for n, v in record.headers))
+        if limit is not None and size > limit:
+            if record.fallback is None:   # like the Kafka sink: a record too large is refused, never retried
+                too_large = ValueError(f"record of {size} bytes exceeds the broker's {limit}")
+                if on_refused is not None:
+                    on_refused(too_large)
+                elif self.failure is None:
+                    self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {too_large}")
                 return
             self.publish(record.fallback, on_ack, on_refused)
             return

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 
 from .failures import FailureWatch
+from .isolation import Isolation
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
 
@@ -103,6 +104,15 @@ def _refuse_topic_creation(consumer: Any) -> bool:
     return True
 
 
+def fetch_bytes(max_in_flight_bytes: int) -> int:
+    """The consumer's fetch size for a byte budget: a sixteenth of it, between 1 MiB and kafka-python's
+    default of 50 MiB. A record larger than it is still fetched, alone. Small, because a fetched
+    response costs several times its size on its way to the pipeline (the response, the parsed batch,
+    each record's value), once for each partition fetched at the same time, and a poll may add it on
+    top of the budget."""
+    return max(1 << 20, min(50 << 20, max_in_flight_bytes // 16))
+
+
 def _tp_list(partitions: Any) -> list[Partition]:
     return sorted((tp.topic, tp.partition) for tp in partitions)
 
@@ -137,6 +147,7 @@ class KafkaSource:
                 bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
                 auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.max_poll_records,
                 fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+                fetch_max_bytes=fetch_bytes(cfg.max_in_flight_bytes),
                 session_timeout_ms=cfg.session_timeout_ms,
                 heartbeat_interval_ms=max(100, cfg.session_timeout_ms // 4),
                 max_poll_interval_ms=cfg.max_poll_interval_ms, bootstrap_timeout_ms=5_000,
@@ -219,8 +230,9 @@ class KafkaSource:
                 log.warning("revoked %s: commit failed (%s); their unacknowledged work will be redelivered",
                             show(partitions), failed)
         if not drained:
-            log.warning("revoked %s with work still in flight after %.0f s: left uncommitted (it will be "
-                        "redelivered)", show(partitions), handler.drain_timeout_s)
+            log.warning("revoked %s with work still in flight after %g s: committed only below it (a next "
+                        "owner redoes it; kept here, it holds commits back until acknowledged)", show(partitions),
+                        handler.drain_timeout_s)
         handler.released(partitions, lost=False)
 
     async def _lose(self, partitions: list[Partition]) -> None:
@@ -369,6 +381,31 @@ def retriable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and (exc.retriable or _outage(exc))
 
 
+def _fingerprint(record: Outgoing) -> bytes:
+    """What names a record across a redo: the topic and the input it answers (its content where unknown:
+    a result's timings differ from one try to the next)."""
+    import hashlib
+    digest = hashlib.blake2b(record.topic.encode(), digest_size=16)
+    if record.source is not None:
+        digest.update(repr(record.source).encode())
+        return digest.digest()
+    for part in (record.key or b"", record.value or b""):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """A broker refusal no resend can change (InvalidRecord: a broker-side schema or policy check,
+    MessageSizeTooLarge, RecordListTooLarge, TopicAuthorizationFailed, PolicyViolation). kafka-python's
+    idempotent producer turns such an error fatal and fails every batch in flight with it, so the
+    record that carries it may only have shared the refused one's fate. The one classification the
+    at-least-once and the exactly-once publishing paths both use."""
+    from kafka import errors as e
+    return isinstance(exc, (e.InvalidRecordError, e.MessageSizeTooLargeError, e.RecordListTooLargeError,
+                            e.TopicAuthorizationFailedError, e.PolicyViolationError)) and _async(exc)
+
+
 class KafkaSink:
     """acks=all producer. A send that fails with a retriable Kafka error is retried with backoff until
     acknowledged or closed; any other error refuses the record: its ``on_refused`` runs (the pipeline
@@ -376,16 +413,25 @@ class KafkaSink:
 
     With a ``transactional_id`` (exactly-once) every send goes into the open transaction; a send the
     broker fails is not retried but dooms the transaction: the record counts as handled so the unit
-    can finish, and :meth:`commit_transaction` then aborts it (the unit is redone after a rewind)."""
+    can finish, and :meth:`commit_transaction` then aborts it (the unit is redone after a rewind).
+
+    Order (at least once): the client retries in order until its delivery timeout (120 s); a record it
+    gives up on, or that a refusal failed, is resent through one ordered queue (:mod:`.isolation`) that
+    every later record then waits behind. Where order can still break: a record already in flight when
+    an earlier one failed, and failing itself only later, joins that queue behind records handed over
+    in between (an outage past the delivery timeout, or a refusal, with several batches in flight)."""
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
                  transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
         from kafka.errors import KafkaError
-        extra = ({"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms}
+        # At least once the client retries a send without a count (kafka-python's default), in order, until
+        # delivery_timeout_ms; a record it gives up on is resent through the ordered queue. In a transaction a
+        # failed send dooms the unit, so there it gives up after 5.
+        extra = ({"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms, "retries": 5}
                  if transactional_id else {})
         self._settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_block_ms=10_000,
-                              retries=5, bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
+                              bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
                               compression_type=compression_type, **extra, **client_options)
         try:
             self._producer = self._new_producer()
@@ -409,10 +455,37 @@ class KafkaSink:
         self.failure: KafkaPermanent | None = None
         self._thread = threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)
         self._thread.start()
+        self._probe: Any = None   # made at the first refusal
+        # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
+        # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
+        self._refused: dict[bytes, BaseException] = {}
+        self._transactional_id = transactional_id
+        self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome)
 
     def _new_producer(self) -> Any:
         from kafka import KafkaProducer
         return KafkaProducer(**self._settings)
+
+    def _new_probe(self) -> Any:
+        from kafka import KafkaProducer
+        return KafkaProducer(**{**self._settings, "enable_idempotence": False, "retries": 0,
+                                "max_in_flight_requests_per_connection": 1, "linger_ms": 0})
+
+    def _send_alone(self, record: Outgoing) -> BaseException | None:
+        """Send one record on a producer of its own and wait for the broker (bounded); the error or None.
+        Not idempotent, one request at a time: a refusal fails that record alone, never the producer."""
+        try:
+            if self._probe is None:
+                self._probe = self._new_probe()
+            self._probe.send(record.topic, key=record.key, value=record.value,
+                             headers=record.headers).get(timeout=_CLIENT_TIMEOUT_MS / 1000 * 6)
+        except Exception as exc:
+            if retriable(exc):
+                with self._watch_lock:
+                    self._sending.failed(exc)
+                    self.failing_since = self._sending.since
+            return exc
+        return None
 
     def _renewed(self, exc: BaseException, producer: Any) -> bool:
         """After a broker restart kafka-python's idempotent producer can be left in a fatal state
@@ -440,6 +513,11 @@ class KafkaSink:
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
                 attempt: int = 0) -> None:
+        if self._refused and _fingerprint(record) in self._refused:   # exactly once: known to be refused
+            self._refuse(record, on_refused, self._refused[_fingerprint(record)])
+            return
+        if not self.transactional and attempt == 0 and self._isolation.take(record, on_ack, on_refused):
+            return   # records isolated after a refusal go first: this one waits its turn behind them
         def ok(_metadata: Any) -> None:
             with self._watch_lock:
                 self._sending.ok()
@@ -451,6 +529,11 @@ class KafkaSink:
         producer = self._producer
 
         def failed(exc: BaseException) -> None:   # on the producer's IO thread: never send from here
+            if not self.transactional and _async(exc):
+                # queued at once, before any record handed over after this failure: none overtakes it
+                self._isolation.add(record, on_ack, on_refused)
+                self._later(0.0, lambda: self._after_failure(record, exc, producer))
+                return
             self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, exc, producer))
 
         try:
@@ -461,6 +544,50 @@ class KafkaSink:
         future.add_callback(ok)
         future.add_errback(failed)
 
+    def _probe_in_transaction(self, record: Outgoing, exc: BaseException) -> None:
+        """Exactly once: send a record that failed with a refusal alone, in a transaction of its own that
+        is then aborted (a read_committed reader never sees it). Refused alone, it is remembered; the
+        records that merely shared its fate are redone with the unit."""
+        from kafka import KafkaProducer
+        if _fingerprint(record) in self._refused or self._closed:
+            return
+        settings = {**self._settings, "transactional_id": f"{self._transactional_id}-probe", "linger_ms": 0}
+        error: BaseException | None = None
+        try:
+            if self._probe is None:
+                self._probe = KafkaProducer(**settings)
+                self._probe.init_transactions()   # aborts what an earlier probe left open
+            self._probe.begin_transaction()
+            self._probe.send(record.topic, key=record.key, value=record.value,
+                             headers=record.headers).get(timeout=_CLIENT_TIMEOUT_MS / 1000 * 6)
+        except Exception as failure:
+            error = failure
+        try:
+            self._probe.abort_transaction()
+        except Exception:   # left fatal by the refusal: the next probe starts afresh (and aborts this one)
+            probe, self._probe = self._probe, None
+            if probe is not None:
+                threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
+        if error is not None and refused_for_good(error):
+            log.warning("broker refuses a record for %s for good (%s); its input will be dead-lettered when "
+                        "the unit is redone", record.topic, error)
+            self._refused[_fingerprint(record)] = error
+        else:
+            log.info("a record for %s that failed with %s is accepted alone; it is redone with its unit",
+                     record.topic, exc)
+
+    def _after_failure(self, record: Outgoing, exc: BaseException, producer: Any) -> None:
+        """A broker failure whose record is already queued for an ordered resend: replace a producer
+        it left fatal, say it, count it."""
+        self._renewed(exc, producer)
+        with self._watch_lock:
+            self._sending.failed(exc)
+            self.failing_since = self._sending.since
+        if refused_for_good(exc):
+            log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
+                        "time, to find the record refused for good", record.topic, exc)
+        self._on_retry()
+
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
                 exc: BaseException, producer: Any) -> None:
         from kafka.errors import MessageSizeTooLargeError
@@ -469,11 +596,19 @@ class KafkaSink:
                         len(record.value or b""), record.topic)
             self.publish(record.fallback, on_ack, on_refused)
             return
+        if not self.transactional and refused_for_good(exc):
+            self._renewed(exc, producer)   # the refusal left it fatal
+            log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
+                        "time, to find the record refused for good", record.topic, exc)
+            self._isolation.add(record, on_ack, on_refused)
+            return
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
             self._refuse(record, on_refused, exc)
             return
         if self.transactional:
             # The open transaction cannot commit now; it will be aborted and this unit redone.
+            if refused_for_good(exc):   # find out, off this transaction, whether this record is the refused one
+                self._later(0.0, lambda: self._probe_in_transaction(record, exc))
             with self._watch_lock:
                 self._sending.failed(exc)
                 self._doomed = self._doomed or exc
@@ -482,10 +617,10 @@ class KafkaSink:
         with self._watch_lock:
             self._sending.failed(exc)
             self.failing_since = self._sending.since
-        delay = min(5.0, 0.1 * 2 ** attempt)
-        log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, exc, delay)
+        log.debug("publish to %s failed (%s); resending it in order", record.topic, exc)
         self._on_retry()
-        self._later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
+        # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
+        self._isolation.add(record, on_ack, on_refused)
 
     def _later(self, delay: float, action: Callable[[], None]) -> None:
         """Run ``action`` on the publish-retry thread after ``delay`` seconds."""
@@ -601,7 +736,7 @@ class KafkaSink:
 
     def pending_retries(self) -> int:
         with self._retry_lock:
-            return len(self._retries)
+            return len(self._retries) + self._isolation.waiting()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -617,7 +752,28 @@ class KafkaSink:
         with self._retry_lock:
             self._closed = True
             self._retry_lock.notify_all()
+        self._isolation.close()
+        if self._probe is not None:
+            close_producer(self._probe, _CLIENT_TIMEOUT_MS / 1000)
         close_producer(self._producer, _CLIENT_TIMEOUT_MS / 1000)
+
+    def _isolated_outcome(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+                          exc: BaseException | None) -> Outgoing | None:
+        """What a record sent alone came to: acknowledged, or refused for good (its own fault)."""
+        if exc is None:
+            with self._watch_lock:
+                self._sending.ok()
+                self.failing_since = None
+            on_ack()
+            return None
+        from kafka.errors import MessageSizeTooLargeError
+        if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
+            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
+                        len(record.value or b""), record.topic)
+            return record.fallback
+        log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
+        self._refuse(record, on_refused, exc)
+        return None
 
 
 def close_producer(producer: Any, timeout: float) -> bool:

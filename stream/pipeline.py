@@ -101,6 +101,22 @@ class Processor:
         self._decoding = 0          # submitted, not yet queued for inference (nor rejected)
         self._decoding_lock = threading.Lock()
         self._stopping = False
+        self._bytes = 0             # input values submitted, not yet acknowledged
+        self._bytes_changed = threading.Condition()
+
+    def in_flight_bytes(self) -> int:
+        with self._bytes_changed:
+            return self._bytes
+
+    def wait_bytes_at_most(self, limit: int, timeout: float) -> bool:
+        """Block until at most ``limit`` bytes of input values are in flight; False on timeout."""
+        with self._bytes_changed:
+            return self._bytes_changed.wait_for(lambda: self._bytes <= limit, timeout)
+
+    def _count_bytes(self, change: int) -> None:
+        with self._bytes_changed:
+            self._bytes += change
+            self._bytes_changed.notify_all()
 
     def start(self) -> Processor:
         for thread in self._decoders + self._threads:
@@ -112,6 +128,7 @@ class Processor:
         if self._stopping:   # it would wait in the queue, in flight, forever
             raise RuntimeError("submit after stop: the processor takes no more messages")
         self.tracker.add((message.topic, message.partition), message.offset)
+        self._count_bytes(len(message.value or b""))
         self._order.expect((message.topic, message.partition), id(message))
         self.metrics.in_flight.inc()
         with self._decoding_lock:
@@ -214,7 +231,8 @@ class Processor:
             log.exception("output encoder failed on %s", decoded.message.position)
             self._reject(decoded.message, "encoder_error", f"{type(exc).__name__}: {exc}")
             return
-        self._send(decoded.message, Outgoing(self.cfg.output_topic, key, value, headers), "published")
+        self._send(decoded.message, Outgoing(self.cfg.output_topic, key, value, headers,
+                                             source=decoded.message.position), "published")
 
     def _one_by_one(self, batch: list[_Decoded]) -> list[_Inferred]:
         results = []
@@ -259,6 +277,7 @@ class Processor:
 
         def acknowledged() -> None:
             self.tracker.done((message.topic, message.partition), message.offset)
+            self._count_bytes(-len(message.value or b""))
             self.metrics.in_flight.dec()
             self.metrics.record_finished(outcome, message.received)
             if outcome == "dead_letter":

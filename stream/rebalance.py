@@ -2,6 +2,15 @@
 
 Pure logic over the offset tracker; sources call it from wherever their client runs
 rebalance callbacks (kafka-python's IO thread), so nothing here blocks.
+
+Work that outlives its assignment stays tracked. Under the eager protocol every partition
+is revoked at each rebalance, and one the member is assigned again keeps its fetch
+position (kafka-python keeps a retained partition's state): the client goes on after the
+messages already fetched, so any of them still in the pipeline (a drain that did not
+finish in time) must go on holding that partition's commits back until acknowledged.
+Only at the assignment is a partition's state dropped: for those that went elsewhere,
+and for those new to the member (they start again from the committed offset). Lost
+partitions (an eviction drops the client's positions) are dropped at once.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ class Rebalance:
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.Lock()
         self._owned: set[Partition] = set()
+        self._revoked: set[Partition] = set()   # since the last assignment; kept by the client if assigned again
         self.transactions: Transactions | None = None   # exactly-once: commits or aborts on revocation
         self.failure: KafkaPermanent | None = None
 
@@ -44,7 +54,8 @@ class Rebalance:
         self.tracker.committed(offsets)
 
     def released(self, partitions: Sequence[Partition], lost: bool) -> None:
-        self.tracker.forget(list(partitions))
+        if lost:
+            self.tracker.forget(list(partitions))
         for topic, partition in partitions:
             try:
                 self.metrics.lag.remove(topic, str(partition))
@@ -52,6 +63,8 @@ class Rebalance:
                 pass
         with self._lock:
             self._owned -= set(partitions)
+            if not lost:
+                self._revoked |= set(partitions)
         if lost:
             log.warning("partitions lost (this member was evicted from the group): %s; their uncommitted work "
                         "will be redelivered to the new owner", show(partitions))
@@ -59,8 +72,13 @@ class Rebalance:
             log.info("partitions revoked: %s", show(partitions))
 
     def assigned(self, partitions: Sequence[Partition]) -> None:
+        new = set(partitions)
         with self._lock:
-            self._owned |= set(partitions)
+            # kept (revoked, assigned again): the client keeps its position, so the tracker keeps its state
+            stale = (self._revoked - new) | (new - self._revoked)
+            self._revoked = set()
+            self._owned |= new
+        self.tracker.forget(sorted(stale))
         log.info("partitions assigned: %s", show(partitions))
 
     def owned(self) -> set[Partition]:

@@ -276,10 +276,13 @@ class Service:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 return
-            paused = self._backpressure(paused)
+            paused = self._backpressure(paused, processor)
             if paused:   # nothing to fetch: wait for the resume mark rather than poll (an empty poll costs ~1 ms)
-                self.tracker.wait_at_most(self._resume_at, PAUSED_POLL_S)
-                paused = self._backpressure(paused)
+                if self.tracker.in_flight() > self._resume_at:
+                    self.tracker.wait_at_most(self._resume_at, PAUSED_POLL_S)
+                else:
+                    processor.wait_bytes_at_most(self.cfg.max_in_flight_bytes // 2, PAUSED_POLL_S)
+                paused = self._backpressure(paused, processor)
             if self._stuck():
                 return
             messages = self._poll(0.0 if paused else 0.1)
@@ -334,14 +337,15 @@ class Service:
         """In flight at or below this, paused partitions resume."""
         return self.cfg.max_in_flight // 2
 
-    def _backpressure(self, paused: bool) -> bool:
-        """Pause every partition while too much is in flight; resume at half. Returns the new state."""
+    def _backpressure(self, paused: bool, processor: Processor) -> bool:
+        """Pause every partition while too much is in flight (messages or bytes); resume at half of
+        both. Returns the new state."""
         assert self.source is not None
-        in_flight = self.tracker.in_flight()
-        if not paused and in_flight >= self.cfg.max_in_flight:
+        in_flight, in_bytes = self.tracker.in_flight(), processor.in_flight_bytes()
+        if not paused and (in_flight >= self.cfg.max_in_flight or in_bytes >= self.cfg.max_in_flight_bytes):
             self.source.pause_all()
             return True
-        if paused and in_flight <= self._resume_at:
+        if paused and in_flight <= self._resume_at and in_bytes <= self.cfg.max_in_flight_bytes // 2:
             self.source.resume_all()
             return False
         return paused

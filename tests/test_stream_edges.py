@@ -1,0 +1,271 @@
+"""The guarantees at their edges, on the real broker: a rebalance that cannot drain in time
+followed by a kill, records the broker refuses for good, memory on a backlog of large images."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from .images import good_images
+from .kafka_helpers import committed, names, positions, produce, read_all, start_service, stop
+
+pytestmark = pytest.mark.kafka
+
+
+def _wait(what: str, check, process, log, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def spans(positions: set[tuple[int, int]]) -> str:
+    """``p0: 3-9, 12; p1: 4`` for an assertion message."""
+    out: dict[int, list[list[int]]] = {}
+    for partition, offset in sorted(positions):
+        runs = out.setdefault(partition, [])
+        if runs and runs[-1][1] == offset - 1:
+            runs[-1][1] = offset
+        else:
+            runs.append([offset, offset])
+    return "; ".join(f"p{p}: " + ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs) for p, runs in out.items())
+
+
+def read_until(bootstrap: str, topic: str, wanted: set[tuple[int, int]], timeout: float = 10) -> list:
+    """Every record of ``topic`` until each input in ``wanted`` has one or no more arrive (duplicates
+    make a count an unsafe stopping point)."""
+    expected = len(wanted)
+    while True:
+        records = read_all(bootstrap, topic, expected, timeout=timeout)
+        if wanted <= set(positions(records)) or len(records) < expected:
+            return records
+        expected = len(records) + 1
+
+
+def test_an_undrained_revocation_then_a_kill_loses_nothing(kafka_broker, small_artifact, tmp_path):
+    """Member a drains a backlog; b joins, a's drain cannot finish in time (a short
+    --drain-timeout-s), a keeps some partitions and goes on, and is killed soon after: every input
+    still gets a result (a's commits never passed the work its revocation left in flight)."""
+    t = names(kafka_broker, partitions=4)
+    total = 4000
+    image = good_images()["jpeg_cell"]
+    produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), image) for i in range(total)])
+    logs = {name: tmp_path / f"{name}.log" for name in "ab"}
+    a = start_service(kafka_broker, t, small_artifact, logs["a"], drain_timeout_s=0.2,
+                      max_in_flight=3000)   # more queued than it finishes in a rebalance
+    b = None
+    try:
+        _wait("a's first results", lambda: "batch 20:" in logs["a"].read_text(), a, logs["a"])
+        b = start_service(kafka_broker, t, small_artifact, logs["b"])
+        _wait("a's undrained revocation", lambda: "work still in flight" in logs["a"].read_text(), a, logs["a"])
+        _wait("a's new assignment", lambda: logs["a"].read_text().count("partitions assigned:") >= 2, a, logs["a"])
+        after = len(logs["a"].read_text())
+        _wait("a's progress after it", lambda: "batch" in logs["a"].read_text()[after:], a, logs["a"])
+        a.send_signal(signal.SIGKILL)
+        a.wait(30)
+        _wait("b finishing the input", lambda: sum(
+            v or 0 for v in committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) >= total,
+            b, logs["b"], timeout=300)
+    finally:
+        if a.poll() is None:
+            a.kill()
+        if b is not None:
+            stop(b, logs["b"])
+    assert "work still in flight" in logs["a"].read_text(), "the staged revocation did not drain in time"
+    inputs = {(r.partition, r.offset) for r in read_all(kafka_broker.bootstrap, t["input"], total)}
+    missing = inputs - set(positions(read_until(kafka_broker.bootstrap, t["output"], inputs)))
+    assert len(inputs) == total and not missing, f"{len(missing)} of {total} inputs without a result: {spans(missing)}"
+
+
+@pytest.fixture(scope="module")
+def schema_broker(tmp_path_factory):
+    """A second broker that validates the keys of ``labels-checked-*`` and ``dead-checked-*`` against a JSON
+    schema (tansu's schema registry): a record whose key is not a JSON string starting "ok" is refused
+    for good (InvalidRecord), as a broker-side schema or policy check refuses it. tansu 0.6 enforces no
+    size limit (neither max.message.bytes nor its own: 30 MB records were accepted), so a schema is
+    how it refuses a record for good."""
+    from stream.embedded_broker import EmbeddedBroker
+    schemas = tmp_path_factory.mktemp("schemas")
+    broker = EmbeddedBroker(log_path=schemas / "tansu.log", schema_registry=schemas).start()
+    yield broker
+    broker.stop()
+
+
+def _refusal_topics(broker, dead_letters_checked: bool) -> dict:
+    import uuid
+    run = uuid.uuid4().hex[:8]
+    t = {"input": f"images-{run}", "output": f"labels-checked-{run}", "group": f"g-{run}",
+         "dlq": f"dead-checked-{run}" if dead_letters_checked else f"dead-{run}"}
+    for topic in (t["output"], t["dlq"]):
+        if "checked" in topic:   # read by the broker when the topic is first written
+            (broker.schema_registry / f"{topic}.json").write_text(
+                '{"type": "object", "properties": {"key": {"type": "string", "pattern": "^ok"}}}')
+    broker.create_topics({t["input"]: 1, t["output"]: 1, t["dlq"]: 1})
+    return t
+
+
+def test_a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_partition_goes_on(
+        schema_broker, small_artifact, tmp_path):
+    t = _refusal_topics(schema_broker, dead_letters_checked=False)
+    total = 60
+    images = list(good_images().values())[:6]
+    keys = [f'"{"bad" if i % 7 == 3 else "ok"}-{i}"'.encode() for i in range(total)]
+    produce(schema_broker.bootstrap, t["input"], [(keys[i], images[i % 6]) for i in range(total)])
+    log = tmp_path / "refused.log"
+    process = start_service(schema_broker, t, small_artifact, log)
+    try:
+        _wait("every input committed", lambda: (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0)
+                                                or 0) >= total, process, log, timeout=180)
+    finally:
+        stop(process, log)
+    results = read_all(schema_broker.bootstrap, t["output"], total - 9)
+    dead = read_all(schema_broker.bootstrap, t["dlq"], 9)
+    bad = {i for i in range(total) if i % 7 == 3}
+    assert sorted(o for _, o in positions(results)) == [i for i in range(total) if i not in bad], \
+        "each innocent result once, in offset order"
+    assert {int(dict(r.headers)["source.offset"]) for r in dead} == bad
+    for r in dead:
+        headers = dict(r.headers)
+        offset = int(headers["source.offset"])
+        assert headers["error.reason"] == b"publish_error" and b"InvalidRecord" in headers["error.message"]
+        assert r.value == images[offset % 6] and r.key == keys[offset], "the original bytes"
+    text = log.read_text()
+    assert text.count("the producer is in a fatal state") <= len(bad) + 1, "no endless replacement"
+
+
+def test_a_dead_letter_the_broker_refuses_for_good_ends_the_member_with_one_line(
+        schema_broker, small_artifact, tmp_path):
+    t = _refusal_topics(schema_broker, dead_letters_checked=True)
+    images = good_images()
+    produce(schema_broker.bootstrap, t["input"], [(b'"ok-0"', images["png"]), (b'"bad-1"', images["png"]),
+                                                  (b'"ok-2"', images["png"])])
+    log = tmp_path / "refused-dead-letter.log"
+    process = start_service(schema_broker, t, small_artifact, log)
+    try:
+        code = process.wait(120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    assert text.count(f"ERROR stream.kafka_io: cannot publish even a dead letter to {t['dlq']}") == 1, text[-3000:]
+    assert "stream: error: cannot publish even a dead letter" in text, "the exit says why, in one line"
+    assert (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0) or 0) <= 1
+
+
+def test_an_input_with_megabytes_of_headers_is_dead_lettered_without_them(kafka_broker, small_artifact, tmp_path):
+    """Its result, and a dead letter with all its headers, are over the producer's limit: the dead
+    letter drops the oversized headers and says so; the member goes on (no crash loop)."""
+    from kafka import KafkaProducer
+    t = names(kafka_broker, partitions=1)
+    image = good_images()["jpeg_clock"]
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", max_request_size=8 << 20)
+    producer.send(t["input"], key=b"heavy", value=image, headers=[("blob", b"x" * 700_000), ("blob2", b"y" * 700_000)])
+    producer.send(t["input"], key=b"after", value=image)
+    producer.flush()
+    producer.close()
+    log = tmp_path / "headers.log"
+    process = start_service(kafka_broker, t, small_artifact, log, max_message_bytes=1 << 20)
+    try:
+        _wait("both inputs committed", lambda: (committed(kafka_broker.bootstrap, t["group"], t["input"]).get(0)
+                                                or 0) >= 2, process, log)
+    finally:
+        stop(process, log)
+    (dead,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
+    headers = dict(dead.headers)
+    assert dead.key == b"heavy" and dead.value == image and "blob" not in headers
+    assert headers["error.headers_dropped"] == b"blob=700004, blob2=700005"
+    assert [r.key for r in read_all(kafka_broker.bootstrap, t["output"], 1)] == [b"after"]
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def large_photo_backlog_rss(kafka_broker, artifact, tmp_path, count: int, environ: dict | None = None,
+                            **options) -> tuple[float, float]:
+    """(ready-state RSS, peak RSS) in MB of a service draining ``count`` 16 MB photos (noise JPEGs)."""
+    import threading
+
+    import cv2
+    import numpy as np
+    from kafka import KafkaProducer
+    t = names(kafka_broker, partitions=4)
+    photo = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (3500, 4000, 3), dtype=np.uint8),
+                         [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", max_request_size=32 << 20)
+    for i in range(count):
+        producer.send(t["input"], key=str(i).encode(), value=photo)
+    producer.flush()
+    producer.close()
+    log = tmp_path / "large.log"
+    process = start_service(kafka_broker, t, artifact, log, environ, **options)
+    samples: list[float] = []
+    ready: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set() and process.poll() is None:
+            samples.append(_rss_mb(process.pid))
+            if not ready and "connected to" in log.read_text():
+                ready.append(samples[-1])
+            done.wait(0.02)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        _wait("the backlog drained", lambda: sum(v or 0 for v in committed(
+            kafka_broker.bootstrap, t["group"], t["input"]).values()) >= count, process, log, timeout=300)
+    finally:
+        done.set()
+        sampler.join(5)
+        stop(process, log)
+    print(f"{count} photos of {len(photo) / 1e6:.1f} MB: RSS {ready[0]:.0f} MB ready, peak {max(samples):.0f} MB "
+          f"({max(samples) - ready[0]:+.0f} MB)")
+    return ready[0], max(samples)
+
+
+def test_memory_on_a_backlog_of_16_mb_photos_stays_within_1_gb_of_the_ready_state(kafka_broker, small_artifact,
+                                                                                   tmp_path):
+    """Decoding at full size on one thread is slower than fetching, so a backlog builds up in the
+    service: bounded by --max-in-flight-bytes (its default), not by the message count (512 of 16 MB)."""
+    ready, peak = large_photo_backlog_rss(kafka_broker, small_artifact, tmp_path, count=96, decode_workers=1,
+                                          no_reduced_decode="true")
+    assert peak - ready < 1024, f"peak RSS {peak - ready:.0f} MB above the ready state"
+
+
+def test_exactly_once_a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_rest_commit(
+        schema_broker, small_artifact, tmp_path):
+    """The refusal aborts the unit; the record is sent alone in a probe transaction (aborted), and when
+    the unit is redone its input is dead-lettered: a read_committed reader sees each innocent result
+    once and a dead letter for each refused one, and every offset commits."""
+    import collections
+
+    from .kafka_helpers import read_committed
+    t = _refusal_topics(schema_broker, dead_letters_checked=False)
+    total = 30
+    images = list(good_images().values())[:6]
+    keys = [f'"{"bad" if i % 7 == 3 else "ok"}-{i}"'.encode() for i in range(total)]
+    produce(schema_broker.bootstrap, t["input"], [(keys[i], images[i % 6]) for i in range(total)])
+    log = tmp_path / "refused-eos.log"
+    process = start_service(schema_broker, t, small_artifact, log, processing_guarantee="exactly-once",
+                            transactional_id=f"eos-{t['group']}")
+    try:
+        _wait("every input committed", lambda: (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0)
+                                                or 0) >= total, process, log, timeout=240)
+    finally:
+        stop(process, log)
+    bad = {i for i in range(total) if i % 7 == 3}
+    results = collections.Counter(o for _, o in positions(read_committed(schema_broker.bootstrap, t["output"])))
+    assert results == collections.Counter(i for i in range(total) if i not in bad), "each innocent result once"
+    dead = [r for r in read_committed(schema_broker.bootstrap, t["dlq"]) if r.key is not None]
+    assert sorted(int(dict(r.headers)["source.offset"]) for r in dead) == sorted(bad)
+    assert all(r.value == images[int(dict(r.headers)["source.offset"]) % 6] for r in dead), "the original bytes"

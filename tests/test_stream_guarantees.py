@@ -1,0 +1,208 @@
+"""At least once at its edges, against the fake broker: rebalances that do not drain in time,
+records the broker refuses for good, order through outages, memory bounded by bytes."""
+from __future__ import annotations
+
+import threading
+import time
+
+from stream.fake import FakeBroker, FakeConnector, FakeSource
+from stream.metrics import Metrics
+from stream.offsets import OffsetTracker
+from stream.ports import Partition, RebalanceHandler
+from stream.rebalance import Rebalance
+
+from .images import good_images
+from .test_stream_units import config, slow, sources
+
+
+class _Audited(FakeSource):
+    """A member whose every commit is checked: nothing below a committed offset may lack its
+    acknowledged record (a result or a dead letter)."""
+
+    violations: list[str]
+
+    def commit(self, offsets: dict[Partition, int]) -> None:
+        with self.broker.lock:
+            done = set(sources(self.broker.records("out")))
+            for (topic, partition), offset in offsets.items():
+                missing = [o for o in range(offset) if (partition, o) not in done]
+                if missing:
+                    self.violations.append(f"{topic}[{partition}] committed at {offset} while {len(missing)} "
+                                           f"below it had no record (first {missing[0]})")
+            super().commit(offsets)
+
+
+class _AuditedConnector(FakeConnector):
+    def __init__(self, broker: FakeBroker, topics: list[str], group_id: str) -> None:
+        super().__init__(broker, topics, group_id)
+        self.violations: list[str] = []
+
+    def source(self, rebalance: RebalanceHandler) -> FakeSource:
+        member = _Audited(self.broker, self.topics, self.group_id, rebalance)
+        member.violations = self.violations
+        return member
+
+
+def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfinished_work(small_artifact):
+    """A member under backlog revokes, cannot drain in time, and keeps one partition (its fetch
+    position kept, as kafka-python keeps it): the work still in its queues must keep holding that
+    partition's commits back until its records are acknowledged."""
+    from stream.service import Service
+    broker = FakeBroker()
+    broker.create_topic("in", 2)
+    total = 240
+    for i in range(total):
+        broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
+    cfg = config(small_artifact, max_batch=4, max_in_flight=64, max_poll_records=16, drain_timeout_s=0.05)
+    connector = _AuditedConnector(broker, ["in"], cfg.group_id)
+    first = slow(Service(cfg, connector), 0.02)
+    worker = threading.Thread(target=first.run, kwargs={"timeout": 90}, daemon=True)
+    worker.start()
+    while len(broker.records("out")) < 12:
+        threading.Event().wait(0.005)
+
+    handler = Rebalance(OffsetTracker(), Metrics(), drain_timeout_s=5)
+    newcomer = broker.connector(["in"], cfg.group_id).source(handler)   # joins under backlog
+    deadline = time.monotonic() + 30
+    while not handler.owned() and time.monotonic() < deadline:
+        newcomer.poll(0.01, 4)
+    assert handler.owned(), "the newcomer was assigned a partition"
+    (kept,) = first.rebalance.owned()
+    before = broker.committed[cfg.group_id].get(kept, 0)
+    while broker.committed[cfg.group_id].get(kept, 0) <= before + 16 and time.monotonic() < deadline:
+        threading.Event().wait(0.01)   # the first member goes on with the partition it kept
+    newcomer.close()   # the first member gets the other partition back
+    while sum(broker.committed[cfg.group_id].values()) < total and time.monotonic() < deadline + 60:
+        threading.Event().wait(0.02)
+    first.stop()
+    worker.join(60)
+    assert not connector.violations, connector.violations[:3]
+    assert set(sources(broker.records("out"))) == {(i % 2, i // 2) for i in range(total)}
+    assert broker.committed[cfg.group_id] == {("in", 0): total // 2, ("in", 1): total // 2}
+
+
+def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(small_artifact):
+    """Its result is too large for the broker, and so is a dead letter with all its headers: the
+    dead letter drops the oversized headers (saying which) and keeps the original value."""
+    from stream.service import Service
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.max_record_bytes = 200_000
+    image = good_images()["jpeg_clock"]
+    huge = [("trace-id", b"t-1"), ("blob", b"x" * 300_000), ("blob2", b"y" * 300_000)]
+    broker.produce("in", image, key=b"heavy", headers=huge)
+    broker.produce("in", image, key=b"after", headers=[("trace-id", b"t-2")])
+    svc = Service(config(small_artifact), broker.connector(["in"], "sentiment-stream"))
+    stats = svc.run(count=2, timeout=60)
+    assert stats.finished == 2
+    (dead,) = broker.records("dlq")
+    key, value, headers = dead
+    names = [n for n, _ in headers]
+    assert key == b"heavy" and value == image, "the original key and value"
+    assert "blob" not in names and "blob2" not in names and ("trace-id", b"t-1") in headers
+    assert dict(headers)["error.headers_dropped"] == b"blob=300004, blob2=300005"
+    assert dict(headers)["error.reason"] == b"publish_error"
+    assert [k for k, _, _ in broker.records("out")] == [b"after"]
+    assert broker.committed["sentiment-stream"] == {("in", 0): 2}
+
+
+def test_backpressure_bounds_the_bytes_in_flight(small_artifact):
+    """Far fewer messages than --max-in-flight, but their bytes pass --max-in-flight-bytes: paused."""
+    from stream.service import Service
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    image = good_images()["png"]   # 439 kB
+    for i in range(60):
+        broker.produce("in", image, key=str(i).encode())
+    budget = 8 * len(image)
+    svc = Service(config(small_artifact, max_in_flight=512, max_in_flight_bytes=budget, max_batch=4,
+                         max_poll_records=2), broker.connector(["in"], "sentiment-stream"))
+    svc.backend.infer = _slowed(svc.backend.infer)
+    peak = []
+    original = svc.tracker.add
+
+    def watching_add(partition, offset):
+        original(partition, offset)
+        peak.append(svc.tracker.in_flight())
+    svc.tracker.add = watching_add
+    assert svc.run(count=60, timeout=60).finished == 60
+    assert max(peak) <= 8 + 2, "paused at the byte budget (one poll may overshoot by its size)"
+
+
+def _slowed(infer):
+    def slow(batch):
+        threading.Event().wait(0.02)
+        return infer(batch)
+    return slow
+
+
+class _StubFuture:
+    """Resolved at once, like a kafka-python future whose batch already completed."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+    def add_callback(self, callback) -> None:
+        if self.error is None:
+            callback(None)
+
+    def add_errback(self, errback) -> None:
+        if self.error is not None:
+            errback(self.error)
+
+    def get(self, timeout: float) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class _StubProducer:
+    """A producer on a log that can be down (every send fails as a lost connection)."""
+
+    def __init__(self, log: list, state: dict) -> None:
+        self.log, self.state = log, state
+
+    def send(self, topic, key=None, value=None, headers=None) -> _StubFuture:
+        from kafka.errors import KafkaConnectionError
+        if self.state["down"]:
+            return _StubFuture(KafkaConnectionError("broker down"))
+        self.log.append(key)
+        return _StubFuture(None)
+
+    def flush(self, timeout=None) -> None:
+        pass
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+def test_a_record_resent_after_an_outage_is_not_overtaken_by_later_ones():
+    """The client gave up on the first record while the broker was away; records handed over after
+    the broker came back wait behind its resend, so the partition's output stays in offset order."""
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+    log: list = []
+    state = {"down": True}
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            return _StubProducer(log, state)
+
+        def _new_probe(self):
+            return _StubProducer(log, state)
+
+    sink = Sink("stub:9092", {})
+    acked = threading.Semaphore(0)
+    try:
+        sink.publish(Outgoing("out", b"0", b"v", []), acked.release)
+        deadline = time.monotonic() + 10
+        while not sink.pending_retries() and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+        assert sink.pending_retries() >= 1, "the failed record waits to be resent"
+        state["down"] = False
+        for i in range(1, 5):
+            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
+        for _ in range(5):
+            assert acked.acquire(timeout=10), "every record acknowledged"
+    finally:
+        sink.close()
+    assert log == [b"0", b"1", b"2", b"3", b"4"]
