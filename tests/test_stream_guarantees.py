@@ -12,7 +12,8 @@ from stream.ports import Partition, RebalanceHandler
 from stream.rebalance import Rebalance
 
 from .images import good_images
-from .test_stream_units import config, slow, sources
+from .standins import PixelModel, stand_in
+from .test_stream_units import config, sources
 
 
 class _Audited(FakeSource):
@@ -55,7 +56,7 @@ def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfin
         broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
     cfg = config(small_artifact, max_batch=4, max_in_flight=64, max_poll_records=16, drain_timeout_s=0.05)
     connector = _AuditedConnector(broker, ["in"], cfg.group_id)
-    first = slow(Service(cfg, connector), 0.02)
+    first = Service(cfg, connector, model=stand_in(PixelModel(delay_s=0.02)))
     worker = threading.Thread(target=first.run, kwargs={"timeout": 90}, daemon=True)
     worker.start()
     while len(broker.records("out")) < 12:
@@ -92,7 +93,7 @@ def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(s
     huge = [("trace-id", b"t-1"), ("blob", b"x" * 300_000), ("blob2", b"y" * 300_000)]
     broker.produce("in", image, key=b"heavy", headers=huge)
     broker.produce("in", image, key=b"after", headers=[("trace-id", b"t-2")])
-    svc = Service(config(small_artifact), broker.connector(["in"], "sentiment-stream"))
+    svc = Service(config(small_artifact), broker.connector(["in"], "sentiment-stream"), model=stand_in())
     stats = svc.run(count=2, timeout=60)
     assert stats.finished == 2
     (dead,) = broker.records("dlq")
@@ -116,8 +117,8 @@ def test_backpressure_bounds_the_bytes_in_flight(small_artifact):
         broker.produce("in", image, key=str(i).encode())
     budget = 8 * len(image)
     svc = Service(config(small_artifact, max_in_flight=512, max_in_flight_bytes=budget, max_batch=4,
-                         max_poll_records=2), broker.connector(["in"], "sentiment-stream"))
-    svc.backend.infer = _slowed(svc.backend.infer)
+                         max_poll_records=2), broker.connector(["in"], "sentiment-stream"),
+                  model=stand_in(PixelModel(delay_s=0.02)))
     peak = []
     original = svc.tracker.add
 
@@ -127,13 +128,6 @@ def test_backpressure_bounds_the_bytes_in_flight(small_artifact):
     svc.tracker.add = watching_add
     assert svc.run(count=60, timeout=60).finished == 60
     assert max(peak) <= 8 + 2, "paused at the byte budget (one poll may overshoot by its size)"
-
-
-def _slowed(infer):
-    def slow(batch):
-        threading.Event().wait(0.02)
-        return infer(batch)
-    return slow
 
 
 class _StubFuture:
