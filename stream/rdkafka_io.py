@@ -308,6 +308,10 @@ class RdKafkaSink:
                 self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer))
 
         try:
+            # a plugin's str is a bug: librdkafka would send its UTF-8, kafka-python refuses it; refuse it here too
+            for name, part in (("key", record.key), ("value", record.value)):
+                if part is not None and not isinstance(part, bytes):
+                    raise TypeError(f"a record {name} must be bytes, not {type(part).__name__}")
             extra = {"headers": record.headers} if record.headers else {}
             producer.produce(record.topic, value=record.value, key=record.key, on_delivery=delivered, **extra)
         except BufferError as exc:   # the local queue is full: wait for deliveries, then send again
@@ -416,10 +420,12 @@ class RdKafkaConnector:
 
     def __init__(self, cfg: StreamConfig, assignment_strategy: str = "range") -> None:
         try:
-            import confluent_kafka  # noqa: F401
+            import confluent_kafka
         except ImportError as exc:
             raise ConfigError("--kafka-client librdkafka needs confluent-kafka "
                               "(pip install 'sentiment-stream[librdkafka]')") from exc
+        log.info("Kafka client: librdkafka %s (confluent-kafka %s)", confluent_kafka.libversion()[0],
+                 confluent_kafka.version()[0])
         self.cfg, self.assignment_strategy = cfg, assignment_strategy
 
     def source(self, rebalance: RebalanceHandler) -> RdKafkaSource:

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_broker, small_artifact):
+def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_broker, small_artifact,
+                                                                         kafka_client):
     t = names(kafka_broker)
     good, bad = good_images(), bad_images()
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, v in good.items()],
@@ -37,7 +38,7 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, (v, _) in bad.items()])
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=8, commit_interval_ms=100,
-                       session_timeout_ms=6000)
+                       session_timeout_ms=6000, kafka_client=kafka_client)
     stats = Service(cfg).run(count=len(good) + len(bad), timeout=120)
     assert stats.finished == len(good) + len(bad)
 
@@ -47,6 +48,11 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
         record = json.loads(r.value)
         assert record["label"] in ("negative", "positive") and record["model"]["placeholder"] is True
         assert ("trace-id", b"abc") in r.headers
+    for output_partition in {r.partition for r in out}:   # read in log order: each input partition's order kept
+        sources = positions([r for r in out if r.partition == output_partition])
+        for input_partition in {p for p, _ in sources}:
+            offsets = [o for p, o in sources if p == input_partition]
+            assert offsets == sorted(offsets), f"results of input partition {input_partition} out of order"
     dead = read_all(kafka_broker.bootstrap, t["dlq"], len(bad))
     assert {r.key.decode(): dict(r.headers)["error.reason"].decode() for r in dead} == \
         {k: reason for k, (_, reason) in bad.items()}
@@ -55,15 +61,16 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
     assert sum(committed(kafka_broker.bootstrap, t["group"], t["input"]).values()) == total
 
 
-def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path):
+def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path, kafka_client):
     t = names(kafka_broker, partitions=2)
     total = 600   # paced over 20 s, so SIGTERM after the first 40 results lands mid-stream
     producer = produce_steadily(kafka_broker.bootstrap, t["input"], total, 20, image="jpeg_coffee")
-    first = start_service(kafka_broker, t, small_artifact, tmp_path / "first.log")
+    first = start_service(kafka_broker, t, small_artifact, tmp_path / "first.log", kafka_client=kafka_client)
     wait_for_outputs(kafka_broker, t["output"], 40)
     stop(first, tmp_path / "first.log")
     log = (tmp_path / "first.log").read_text()
     assert "stopped:" in log
+    assert ("Kafka client: librdkafka" in log) == (kafka_client == "librdkafka")
 
     # Offsets committed by the stopped process are all backed by published records.
     after_first = read_all(kafka_broker.bootstrap, t["output"], 1)
@@ -76,7 +83,7 @@ def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path
 
     # A restarted member picks up from the committed offsets; together nothing is missing.
     producer.join(60)
-    second = start_service(kafka_broker, t, small_artifact, tmp_path / "second.log")
+    second = start_service(kafka_broker, t, small_artifact, tmp_path / "second.log", kafka_client=kafka_client)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -198,14 +205,15 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
     assert "Traceback" not in text
 
 
-def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever(kafka_broker, small_artifact, caplog):
+def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever(kafka_broker, small_artifact, caplog,
+                                                                                 kafka_client):
     from .test_stream_units import _StrEncoder
     t = names(kafka_broker, partitions=1)
     good = good_images()
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, v in good.items()])
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=4, commit_interval_ms=100,
-                       session_timeout_ms=6000)
+                       session_timeout_ms=6000, kafka_client=kafka_client)
     svc = Service(cfg)
     svc.encoder = _StrEncoder(svc.encoder)
     with caplog.at_level("WARNING"):
