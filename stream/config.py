@@ -98,8 +98,7 @@ class StreamConfig:
                                                "it; the poll loop never blocks on inference")
     metrics_port: int = option(9108, "Prometheus /metrics, /healthz, /readyz (0 = off)")
     kafka_client: str = option("kafka-python", "Kafka client library: kafka-python (pure Python), or librdkafka "
-                                               "(confluent-kafka: pip install 'sentiment-stream[librdkafka]'; "
-                                               "at least once only)",
+                                               "(confluent-kafka: pip install 'sentiment-stream[librdkafka]')",
                                choices=("kafka-python", "librdkafka"))
     security_protocol: str = option("PLAINTEXT", "Kafka security protocol",
                                     choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
@@ -158,9 +157,6 @@ class StreamConfig:
             raise ConfigError("--input-topic: at least one topic name")
         if self.output_topic in self.input_topic or self.dead_letter_topic in self.input_topic:
             raise ConfigError("the output and dead-letter topics must differ from the input topics")
-        if self.kafka_client == "librdkafka" and self.processing_guarantee == "exactly-once":
-            raise ConfigError("--kafka-client librdkafka: exactly-once is not implemented for it yet; use "
-                              "kafka-python or --processing-guarantee at-least-once")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
             raise ConfigError(f"--security-protocol {self.security_protocol} needs --sasl-mechanism")
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
 
 from .failures import FailureWatch
-from .kafka_io import ensure_output_topics, isolation_level, reachable
+from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, isolation_level, reachable
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
 
@@ -125,7 +126,7 @@ class RdKafkaSource:
 
     def __init__(self, cfg: StreamConfig, rebalance: RebalanceHandler, assignment_strategy: str = "range") -> None:
         from confluent_kafka import Consumer, KafkaException
-        self._bootstrap, self._group = cfg.bootstrap_servers, cfg.group_id
+        self._bootstrap, self._group, self._reset = cfg.bootstrap_servers, cfg.group_id, cfg.auto_offset_reset
         self._topics = list(cfg.input_topic)
         self._rebalance = rebalance
         settings = {
@@ -146,6 +147,7 @@ class RdKafkaSource:
         except KafkaException as exc:
             raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id) from exc
         self._paused = False
+        self._lost = False   # librdkafka reported the partitions lost: evicted (exactly once, fenced for good)
 
     # ---- rebalance callbacks (from consume(), on the poll thread) ----
     def _assign(self, consumer: Any, partitions: Any) -> None:
@@ -163,8 +165,14 @@ class RdKafkaSource:
         while not handler.drained(revoked) and time.monotonic() < deadline:
             time.sleep(_DRAIN_STEP_S)   # librdkafka heartbeats on its own thread meanwhile
         drained = handler.drained(revoked)
-        if handler.transactions is not None:
-            handler.fail(KafkaPermanent("exactly-once is not implemented for --kafka-client librdkafka"))
+        transactions = handler.transactions
+        if transactions is not None:   # exactly-once: commit or abort the open transaction (bounded calls)
+            try:
+                handler.committed(transactions.end_for_revocation(drained))
+            except KafkaPermanent as failure:   # fenced, or undrained: the service ends this member
+                handler.fail(failure)
+            handler.released(revoked, lost=False)
+            return
         offsets = handler.committable(revoked)
         if offsets:
             try:
@@ -179,8 +187,37 @@ class RdKafkaSource:
         handler.released(revoked, lost=False)
 
     def _lose(self, consumer: Any, partitions: Any) -> None:
-        """Evicted: the partitions already belong to another member; nothing of theirs may be committed."""
-        self._rebalance.released(_tp_list(partitions), lost=True)
+        """Evicted: the partitions already belong to another member; nothing of theirs may be committed
+        (exactly once, the open transaction is aborted first and the member ends)."""
+        lost = _tp_list(partitions)
+        self._lost = True
+        transactions = self._rebalance.transactions
+        if transactions is not None and lost:
+            self._rebalance.fail(transactions.lost(lost))
+        self._rebalance.released(lost, lost=True)
+
+    # ---- exactly once (stream.transactions.RewindableSource) ----
+    def group_metadata(self) -> Any:
+        return self._consumer.consumer_group_metadata()
+
+    def in_group(self) -> bool:
+        """False once librdkafka reported the partitions lost (it does when the session expires or the
+        coordinator says the member is unknown) or while it has no member id."""
+        return not self._lost and bool(self._consumer.memberid())
+
+    def rewind(self, partitions: list[Partition]) -> None:
+        """Seek to the last committed offsets (or where a new group starts) to redo aborted work."""
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException, TopicPartition
+        owned = set(self.assigned())
+        wanted = [TopicPartition(t, p) for t, p in partitions if (t, p) in owned]
+        if not wanted:
+            return
+        try:
+            for tp in self._consumer.committed(wanted, timeout=_CLIENT_TIMEOUT_S):
+                start = OFFSET_BEGINNING if self._reset == "earliest" else OFFSET_END
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else start))
+        except KafkaException as exc:
+            raise translate(exc, "rewinding after an aborted transaction", self._group) from exc
 
     # ---- the Source port ----
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
@@ -260,14 +297,22 @@ class RdKafkaSink:
     letter) sets :attr:`failure`. A fatal idempotence error replaces the producer."""
 
     def __init__(self, bootstrap: str, settings: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
-                 linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None) -> None:
+                 linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
         from confluent_kafka import KafkaException
+        extra = ({"transactional.id": transactional_id, "transaction.timeout.ms": transaction_timeout_ms}
+                 if transactional_id else {})
         self._settings = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
                           "linger.ms": linger_ms, "message.max.bytes": max_request_size,
                           "compression.type": compression_type or "none", "message.timeout.ms": 30_000,
-                          "logger": logging.getLogger("stream.librdkafka"), **settings}
+                          "logger": logging.getLogger("stream.librdkafka"), **extra, **settings}
+        self.transactional = bool(transactional_id)
+        self._doomed: Any = None   # a send failed inside the open transaction
         try:
             self._producer = self._new_producer()
+            if transactional_id:   # aborts what a predecessor with this id left open
+                self._producer.init_transactions(TRANSACTION_CALLS_S)
+                self._producer.begin_transaction()
         except KafkaException as exc:
             raise translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
         self._on_retry = on_retry
@@ -305,7 +350,7 @@ class RdKafkaSink:
                     self.failing_since = None
                 on_ack()
             else:
-                self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer))
+                self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer, True))
 
         try:
             # a plugin's str is a bug: librdkafka would send its UTF-8, kafka-python refuses it; refuse it here too
@@ -321,11 +366,20 @@ class RdKafkaSink:
             self._failed(record, on_ack, on_refused, attempt, _error(exc) or exc, producer)
 
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
-                error: Any, producer: Any) -> None:
+                error: Any, producer: Any, reported: bool = False) -> None:
+        """``reported``: the error came in a delivery report (the broker's answer), not from ``produce``."""
         from confluent_kafka import KafkaError, KafkaException
         found = kind(error) if isinstance(error, KafkaError) else REFUSED
         exc = KafkaException(error) if isinstance(error, KafkaError) else error
         too_large = isinstance(error, KafkaError) and _name(error) == "MSG_SIZE_TOO_LARGE"
+        if self.transactional and (reported or found != REFUSED):
+            # Any failed delivery makes librdkafka's open transaction abortable: it will be aborted and this
+            # unit redone. A record produce() refused at once never entered it and is refused below.
+            with self._lock:
+                self._sending.failed(exc)
+                self._doomed = self._doomed or error
+            on_ack()
+            return
         if record.fallback is not None and too_large:
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value), record.topic)
@@ -359,6 +413,58 @@ class RdKafkaSink:
                 return
         # the old one's records fail (and are retried) as its delivery reports are served
         threading.Thread(target=producer.flush, args=(30.0,), name="old-producer-flush", daemon=True).start()
+
+    def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
+        """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
+        transaction is aborted (raises KafkaTransient or BrokerUnavailable) or, fenced, KafkaPermanent."""
+        from confluent_kafka import KafkaException
+        try:
+            if self._doomed is not None:
+                raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
+            limit = time.monotonic() + TRANSACTION_CALLS_S
+            self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
+            self._producer.commit_transaction(_left(limit))
+            with self._lock:
+                self._sending.ok()
+                self.failing_since = None
+        except KafkaTransient:
+            log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
+            self.abort_transaction()
+            raise
+        except KafkaException as exc:
+            self._fatal_check(exc, "committing the transaction")
+            log.warning("committing the transaction failed (%s); aborting it", exc)
+            self.abort_transaction()
+            raise translate(exc, "transaction commit failed") from exc
+        self._begin()
+
+    def abort_transaction(self) -> None:
+        from confluent_kafka import KafkaException
+        try:
+            self._producer.abort_transaction(TRANSACTION_CALLS_S)
+        except KafkaException as exc:
+            self._fatal_check(exc, "aborting a transaction")
+            raise KafkaPermanent(f"aborting a transaction failed ({exc}); exiting so a restart makes a new "
+                                 f"producer") from exc
+        finally:
+            self._doomed = None
+        self._begin()
+
+    def _begin(self) -> None:
+        from confluent_kafka import KafkaException
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise KafkaPermanent(f"beginning a transaction failed ({exc}); exiting so a restart makes a new "
+                                 f"producer") from exc
+
+    @staticmethod
+    def _fatal_check(exc: BaseException, what: str) -> None:
+        """A fatal transaction error (fenced: another member took over the transactional id) ends the member."""
+        error = _error(exc)
+        if error is not None and (error.fatal() or kind(error) == PERMANENT):
+            raise KafkaPermanent(f"{what}: {error.name()}: {error.str()}: this member's producer can send no more "
+                                 f"(fenced when another member took over its transactional id); stopping") from exc
 
     def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
         if on_refused is not None:
@@ -415,6 +521,11 @@ class RdKafkaSink:
                         "redelivered)", left)
 
 
+def _left(limit: float) -> float:
+    """Seconds until ``limit`` (monotonic), at least a little: librdkafka's own bound on a transaction call."""
+    return max(0.1, limit - time.monotonic())
+
+
 class RdKafkaConnector:
     """Makes the librdkafka source and sink from the service config."""
 
@@ -434,7 +545,11 @@ class RdKafkaConnector:
     def sink(self, on_retry: Callable[[], None]) -> RdKafkaSink:
         cfg = self.cfg
         log.info("%s", ensure_output_topics(cfg))
+        transactional_id = None
+        if cfg.processing_guarantee == "exactly-once":
+            transactional_id = cfg.transactional_id or f"sentiment-stream-{cfg.group_id}-{uuid.uuid4().hex[:12]}"
         # Room for a dead letter carrying the largest accepted input, plus headers.
         return RdKafkaSink(cfg.bootstrap_servers, client_settings(cfg), on_retry, linger_ms=cfg.linger_ms,
                            max_request_size=max(1 << 20, cfg.max_message_bytes + (64 << 10)),
-                           compression_type=None if cfg.compression_type == "none" else cfg.compression_type)
+                           compression_type=None if cfg.compression_type == "none" else cfg.compression_type,
+                           transactional_id=transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms())

@@ -66,8 +66,6 @@ def test_kafka_client_flag_env_twin_and_default(tmp_path):
     assert from_args(parser.parse_args(base + ["--kafka-client", "librdkafka"]), {}).kafka_client == "librdkafka"
     with pytest.raises(ConfigError, match="--kafka-client rdkafka: choose from kafka-python, librdkafka"):
         _cfg(tmp_path, kafka_client="rdkafka")
-    with pytest.raises(ConfigError, match="exactly-once is not implemented"):
-        _cfg(tmp_path, kafka_client="librdkafka", processing_guarantee="exactly-once")
 
 
 def test_tls_and_sasl_settings_keep_their_meaning(tmp_path):
@@ -225,3 +223,41 @@ def test_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker):
         sink.close()
     (record,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
     assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"
+
+
+@pytest.mark.kafka
+def test_transactional_sink_commits_offsets_with_its_records_aborts_and_is_fenced_by_a_successor(
+        kafka_broker, tmp_path):
+    from .kafka_helpers import committed, read_committed
+    t = names(kafka_broker, partitions=1)
+    produce(kafka_broker.bootstrap, t["input"], [(b"k", b"v")] * 3)
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], tmp_path, group_id=t["group"],
+                       session_timeout_ms=6000, kafka_client="librdkafka", processing_guarantee="exactly-once")
+    handler = Handler()
+    handler.done.set()   # nothing in flight when the source closes
+    source = rdkafka_io.RdKafkaSource(cfg, handler)
+    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+    successor = None
+    acked = threading.Semaphore(0)
+    try:
+        _poll_until(source, lambda got: len(got) >= 3)
+        assert source.in_group()
+        for i in range(3):
+            sink.publish(Outgoing(t["output"], b"k", f"kept-{i}".encode(), []), acked.release)
+        assert all(acked.acquire(timeout=30) for _ in range(3))
+        sink.commit_transaction({(t["input"], 0): 3}, source.group_metadata())
+        sink.publish(Outgoing(t["output"], b"k", b"aborted", []), acked.release)
+        assert acked.acquire(timeout=30)
+        sink.abort_transaction()
+        sink.publish(Outgoing(t["output"], b"k", b"fenced", []), acked.release)
+        assert acked.acquire(timeout=30)
+        successor = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+        with pytest.raises(KafkaPermanent, match="fenced|FENCED|EPOCH"):
+            sink.commit_transaction({(t["input"], 0): 3}, source.group_metadata())
+    finally:
+        source.close()
+        sink.close()
+        if successor is not None:
+            successor.close()
+    assert [r.value for r in read_committed(kafka_broker.bootstrap, t["output"])] == [b"kept-0", b"kept-1", b"kept-2"]
+    assert committed(kafka_broker.bootstrap, t["group"], t["input"]) == {0: 3}
