@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _DRAIN_STEP_S = 0.02
 _CLIENT_TIMEOUT_S = 5.0   # metadata, close: shutdown must end even with the broker gone
 
+# librdkafka's own log, through logging, critical lines only: at its default level it writes a line for every
+# failed reconnect while the broker is away (the service says that once); errors reach the service as events
+_QUIET: dict[str, Any] = {"logger": logging.getLogger("stream.librdkafka"), "log_level": 2}
 OUTAGE, TRANSIENT, PERMANENT, REFUSED = "outage", "transient", "permanent", "refused"
 # librdkafka's error codes (KafkaError.<NAME>) by what they mean here; a code not listed is transient.
 # REFUSED: the broker or client will never take this record (the sink dead-letters its input);
@@ -127,6 +130,7 @@ class RdKafkaSource:
     def __init__(self, cfg: StreamConfig, rebalance: RebalanceHandler,
                  assignment_strategy: str = "range") -> None:
         from confluent_kafka import Consumer, KafkaException
+        from confluent_kafka.admin import AdminClient
         self._bootstrap, self._group, self._reset = cfg.bootstrap_servers, cfg.group_id, cfg.auto_offset_reset
         self._topics = list(cfg.input_topic)
         self._rebalance = rebalance
@@ -141,8 +145,10 @@ class RdKafkaSource:
             "max.poll.interval.ms": cfg.max_poll_interval_ms,
             "isolation.level": isolation_level(cfg.processing_guarantee),
             "allow.auto.create.topics": False, "partition.assignment.strategy": assignment_strategy,
-            "logger": logging.getLogger("stream.librdkafka"), **client_settings(cfg)}
+            **_QUIET, **client_settings(cfg)}
         try:
+            # a second client for the probe thread: the consumer's own list_topics waits while consume() runs
+            self._admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
             self._consumer = Consumer(settings)
             self._consumer.subscribe(self._topics, on_assign=self._assign, on_revoke=self._revoke,
                                      on_lost=self._lose)
@@ -284,7 +290,7 @@ class RdKafkaSource:
         """Subscribed input topics the cluster does not have: asked by listing every topic, since
         asking for one topic's metadata makes some brokers (tansu) create it."""
         try:
-            existing = self._consumer.list_topics(timeout=_CLIENT_TIMEOUT_S).topics
+            existing = self._admin.list_topics(timeout=_CLIENT_TIMEOUT_S).topics
         except Exception:   # KafkaException while the broker is away; readiness already says so
             return []
         return [t for t in self._topics if t not in existing]
@@ -311,8 +317,8 @@ class RdKafkaSink:
         self._settings = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
                           "linger.ms": linger_ms, "message.max.bytes": max_request_size,
                           "compression.type": compression_type or "none", "message.timeout.ms": 30_000,
-                          "logger": logging.getLogger("stream.librdkafka"), **extra, **settings}
-        self.transactional = bool(transactional_id)
+                          **_QUIET, **extra, **settings}
+        self.transactional, self._bootstrap = bool(transactional_id), bootstrap
         self._doomed: Any = None   # a send failed inside the open transaction
         try:
             self._producer = self._new_producer()
@@ -392,6 +398,10 @@ class RdKafkaSink:
             self.publish(record.fallback, on_ack, on_refused)
             return
         if found == PERMANENT and isinstance(error, KafkaError) and error.fatal():
+            self._renew(producer, error)
+        elif isinstance(error, KafkaError) and _name(error) == "_MSG_TIMED_OUT" and reachable(self._bootstrap):
+            # timed out while the broker answers: after a broker restart that lost its state (a new in-memory
+            # broker) the idempotent producer can wait for ever on its old producer id; a new one starts afresh
             self._renew(producer, error)
         elif found in (PERMANENT, REFUSED):
             self._refuse(record, on_refused, exc)

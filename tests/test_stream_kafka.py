@@ -119,7 +119,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_artifact, tmp_path):
+def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_artifact, tmp_path, kafka_client):
     """Not-ready while Kafka is away, works once it comes, survives it vanishing, resumes when it
     returns (a fresh in-memory broker: new producer ids, offsets out of range), stops cleanly."""
     from stream.embedded_broker import EmbeddedBroker, free_port
@@ -127,7 +127,7 @@ def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_ar
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log")
     t = {"input": "images", "output": "labels", "dlq": "dead", "group": "outage"}
     log = tmp_path / "service.log"
-    service = start_service(broker, t, small_artifact, log, metrics_port=metrics)
+    service = start_service(broker, t, small_artifact, log, metrics_port=metrics, kafka_client=kafka_client)
     try:
         wait_until(lambda: readyz(metrics) [0] == 503 and "cannot reach Kafka" in readyz(metrics)[1], 60,
                    "/readyz to answer 503 'cannot reach Kafka' while Kafka is away")
@@ -173,7 +173,7 @@ def test_kafka_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_brok
     assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"
 
 
-def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_artifact, tmp_path):
+def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_artifact, tmp_path, kafka_client):
     """The broker dies at the moment of SIGTERM: the process still ends in time and says what it left."""
     from stream.embedded_broker import EmbeddedBroker
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
@@ -182,7 +182,7 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
     producer = produce_steadily(broker.bootstrap, "images", 3000, 30, image="jpeg_chelsea")
     log = tmp_path / "service.log"
     drain = 4
-    service = start_service(broker, t, small_artifact, log, drain_timeout_s=drain)
+    service = start_service(broker, t, small_artifact, log, drain_timeout_s=drain, kafka_client=kafka_client)
     try:
         wait_for_outputs(broker, "labels", 30)
         assert producer.is_alive(), "the broker dies mid-stream"

@@ -155,6 +155,30 @@ def test_source_reads_in_partition_order_pauses_commits_what_it_is_given_and_kno
 
 
 @pytest.mark.kafka
+def test_missing_topics_answers_from_the_probe_thread_while_the_poll_thread_consumes(kafka_broker, tmp_path):
+    """The service asks from its broker-probe thread; the consumer's own list_topics waits while another
+    thread is inside consume(), which froze /readyz."""
+    t = names(kafka_broker, partitions=1)
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"], "never-made-" + t["group"]), t["output"], t["dlq"],
+                       tmp_path, group_id=t["group"], session_timeout_ms=6000, kafka_client="librdkafka")
+    handler = Handler()
+    handler.done.set()
+    source = rdkafka_io.RdKafkaSource(cfg, handler)
+    stop, answers = threading.Event(), []
+    polling = threading.Thread(target=lambda: [source.poll(0.5, 10) for _ in iter(stop.is_set, True)], daemon=True)
+    try:
+        polling.start()
+        probe = threading.Thread(target=lambda: answers.append(source.missing_topics()), daemon=True)
+        probe.start()
+        probe.join(20)
+        assert answers == [["never-made-" + t["group"]]], "the probe thread got no answer within 20 s"
+    finally:
+        stop.set()
+        polling.join(10)
+        source.close()
+
+
+@pytest.mark.kafka
 def test_revocation_drains_on_the_poll_thread_then_commits_before_another_member_takes_over(
         kafka_broker, tmp_path):
     """librdkafka revokes from consume(): the drain blocks there until the work is done (the handler
