@@ -102,6 +102,9 @@ class StreamConfig:
                                                "long); above --drain-timeout-s, since revocation drains within "
                                                "it; the poll loop never blocks on inference")
     metrics_port: int = option(9108, "Prometheus /metrics, /healthz, /readyz (0 = off)")
+    kafka_client: str = option("kafka-python", "Kafka client library: kafka-python (pure Python), or librdkafka "
+                                               "(confluent-kafka: pip install 'sentiment-stream[librdkafka]')",
+                               choices=("kafka-python", "librdkafka"))
     security_protocol: str = option("PLAINTEXT", "Kafka security protocol",
                                     choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
     ssl_cafile: str | None = option(None, "CA bundle for TLS")

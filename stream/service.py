@@ -65,7 +65,10 @@ class Service:
         self.tracker = OffsetTracker()
         self.rebalance = Rebalance(self.tracker, self.metrics, cfg.drain_timeout_s)
         self._stop = threading.Event()
-        if connector is None:
+        if connector is None and cfg.kafka_client == "librdkafka":
+            from .rdkafka_io import RdKafkaConnector
+            connector = RdKafkaConnector(cfg)
+        elif connector is None:
             from .kafka_io import KafkaConnector
             connector = KafkaConnector(cfg)
         self.connector = connector

@@ -59,6 +59,12 @@ def kafka_broker(tmp_path_factory):
     broker.stop()
 
 
+@pytest.fixture(params=["kafka-python", "librdkafka"])
+def kafka_client(request) -> str:
+    """Each Kafka client the service can run (--kafka-client), for tests that hold for both."""
+    return request.param
+
+
 @pytest.fixture
 def trt_double(monkeypatch):
     """The TensorRT/cuda-python test double (tests/trt_double.py) installed in sys.modules;

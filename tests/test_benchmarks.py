@@ -69,3 +69,17 @@ def test_gpu_check_steps_run_one_at_a_time_and_say_what_they_skipped() -> None:
     assert "nothing failed; what was skipped above was not proved on this host" in done.stdout
     wrong = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True, timeout=60, env=env)
     assert wrong.returncode == 1 and wrong.stderr == "usage: gpu-check.sh [versions|tests|throughput]\n"
+
+
+@pytest.mark.kafka
+def test_kafka_clients_benchmark_runs_both_clients_and_names_the_cpu(tmp_path, capsys) -> None:
+    import json
+
+    from benchmarks import kafka_clients
+    out = tmp_path / "clients.json"
+    assert kafka_clients.main(["--records", "60", "--value-bytes", "2000", "--rounds", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("CPU: ") and "kafka-python" in text and "librdkafka" in text
+    results = json.loads(out.read_text())
+    assert results["cpu"]["model"] and set(results["runs"]) == {"kafka-python", "librdkafka"}
+    assert all(r["core_ms_per_record"] > 0 for runs in results["runs"].values() for r in runs)

@@ -53,7 +53,7 @@ def test_two_processes_with_one_stable_transactional_id_do_not_fence_each_other(
     _each_once(kafka_broker, t, total)
 
 
-def test_exactly_once_reads_only_committed_input(kafka_broker, small_artifact, tmp_path):
+def test_exactly_once_reads_only_committed_input(kafka_broker, small_artifact, tmp_path, kafka_client):
     """Records of an upstream transaction still open are not input yet: the service processes the
     other partition's records and holds these back until the transaction commits."""
     from kafka import KafkaProducer
@@ -73,7 +73,7 @@ def test_exactly_once_reads_only_committed_input(kafka_broker, small_artifact, t
     plain.close()
     log = tmp_path / "service.log"
     process = start_service(kafka_broker, t, small_artifact, log, processing_guarantee="exactly-once",
-                            transactional_id="replica-0")
+                            transactional_id="replica-0", kafka_client=kafka_client)
     try:
         deadline = time.monotonic() + 120
         while committed(kafka_broker.bootstrap, t["group"], t["input"]).get(1) != 5:   # progress on partition 1

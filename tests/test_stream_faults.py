@@ -64,20 +64,21 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
 
 
 @pytest.mark.slow
-def test_kill_9_three_times_at_least_once_loses_nothing(kafka_broker, small_artifact, tmp_path):
+def test_kill_9_three_times_at_least_once_loses_nothing(kafka_broker, small_artifact, tmp_path, kafka_client):
     total = 300
-    t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total)
+    t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total, kafka_client=kafka_client)
     records = read_all(kafka_broker.bootstrap, t["output"], total)
     assert set(positions(records)) == {(p, o) for p, mark in
                                         committed(kafka_broker.bootstrap, t["group"], t["input"]).items()
                                         for o in range(mark)}
-    print(f"at-least-once: {len(records) - total} duplicates after 3 x kill -9")
+    print(f"at-least-once, {kafka_client}: {len(records) - total} duplicates after 3 x kill -9")
 
 
 @pytest.mark.slow
-def test_kill_9_three_times_exactly_once_read_committed_sees_each_input_once(kafka_broker, small_artifact, tmp_path):
+def test_kill_9_three_times_exactly_once_read_committed_sees_each_input_once(kafka_broker, small_artifact, tmp_path,
+        kafka_client):
     total = 300
-    t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total,
+    t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total, kafka_client=kafka_client,
                                       processing_guarantee="exactly-once", transactional_id="replica-0")
     records = read_committed(kafka_broker.bootstrap, t["output"])
     counts = collections.Counter(positions(records))
@@ -86,7 +87,8 @@ def test_kill_9_three_times_exactly_once_read_committed_sees_each_input_once(kaf
     marks = committed(kafka_broker.bootstrap, t["group"], t["input"])
     assert set(counts) == {(p, o) for p, mark in marks.items() for o in range(mark)} and sum(marks.values()) == total
     raw = read_all(kafka_broker.bootstrap, t["output"], total)
-    print(f"exactly-once: 0 duplicates read_committed; {len(raw) - total} aborted records visible read_uncommitted")
+    print(f"exactly-once, {kafka_client}: 0 duplicates read_committed; {len(raw) - total} aborted records visible "
+          f"read_uncommitted")
 
 
 class _FlakyProxy:

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_broker, small_artifact):
+def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_broker, small_artifact,
+                                                                         kafka_client):
     t = names(kafka_broker)
     good, bad = good_images(), bad_images()
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, v in good.items()],
@@ -39,7 +40,7 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, (v, _) in bad.items()])
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=8, commit_interval_ms=100,
-                       session_timeout_ms=6000)
+                       session_timeout_ms=6000, kafka_client=kafka_client)
     stats = Service(cfg).run(count=len(good) + len(bad), timeout=120)
     assert stats.finished == len(good) + len(bad)
 
@@ -49,6 +50,11 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
         record = json.loads(r.value)
         assert record["label"] in ("negative", "positive") and record["model"]["placeholder"] is True
         assert ("trace-id", b"abc") in r.headers
+    for output_partition in {r.partition for r in out}:   # read in log order: each input partition's order kept
+        sources = positions([r for r in out if r.partition == output_partition])
+        for input_partition in {p for p, _ in sources}:
+            offsets = [o for p, o in sources if p == input_partition]
+            assert offsets == sorted(offsets), f"results of input partition {input_partition} out of order"
     dead = read_all(kafka_broker.bootstrap, t["dlq"], len(bad))
     assert {r.key.decode(): dict(r.headers)["error.reason"].decode() for r in dead} == \
         {k: reason for k, (_, reason) in bad.items()}
@@ -58,7 +64,7 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
 
 
 @pytest.mark.slow
-def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path):
+def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path, kafka_client):
     from stream.embedded_broker import free_port
     t = names(kafka_broker, partitions=2)
     # Half the input before the first member starts, half after it stops. With at most 80 messages
@@ -66,11 +72,12 @@ def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path
     total, port = 600, free_port()
     produce(kafka_broker.bootstrap, t["input"], images(0, total // 2))
     first = start_service(kafka_broker, t, small_artifact, tmp_path / "first.log", metrics_port=port,
-                          max_in_flight=64, max_poll_records=16)
+                          max_in_flight=64, max_poll_records=16, kafka_client=kafka_client)
     wait_finished(first, port, 40, tmp_path / "first.log")
     stop(first, tmp_path / "first.log")
     log = (tmp_path / "first.log").read_text()
     assert "stopped:" in log
+    assert ("Kafka client: librdkafka" in log) == (kafka_client == "librdkafka")
 
     # Offsets committed by the stopped process are all backed by published records.
     after_first = read_all(kafka_broker.bootstrap, t["output"], 1, to_end=True)
@@ -83,7 +90,7 @@ def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path
 
     # A restarted member picks up from the committed offsets; together nothing is missing.
     produce(kafka_broker.bootstrap, t["input"], images(total // 2, total - total // 2))
-    second = start_service(kafka_broker, t, small_artifact, tmp_path / "second.log")
+    second = start_service(kafka_broker, t, small_artifact, tmp_path / "second.log", kafka_client=kafka_client)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -120,7 +127,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_artifact, tmp_path):
+def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_artifact, tmp_path, kafka_client):
     """Not-ready while Kafka is away, works once it comes, survives it vanishing, resumes when it
     returns (a fresh in-memory broker: new producer ids, offsets out of range), stops cleanly."""
     from stream.embedded_broker import EmbeddedBroker, free_port
@@ -128,7 +135,7 @@ def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_ar
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log")
     t = {"input": "images", "output": "labels", "dlq": "dead", "group": "outage"}
     log = tmp_path / "service.log"
-    service = start_service(broker, t, small_artifact, log, metrics_port=metrics)
+    service = start_service(broker, t, small_artifact, log, metrics_port=metrics, kafka_client=kafka_client)
     try:
         wait_until(lambda: readyz(metrics) [0] == 503 and "cannot reach Kafka" in readyz(metrics)[1], 60,
                    "/readyz to answer 503 'cannot reach Kafka' while Kafka is away")
@@ -195,7 +202,7 @@ def test_a_tombstone_dead_letter_reaches_the_broker_with_a_null_value(kafka_brok
 
 
 @pytest.mark.slow
-def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_artifact, tmp_path):
+def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_artifact, tmp_path, kafka_client):
     """The broker dies at the moment of SIGTERM: the process still ends in time and says what it left."""
     from stream.embedded_broker import EmbeddedBroker, free_port
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
@@ -205,7 +212,8 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
     produce(broker.bootstrap, "images", images(0, 1000, image="jpeg_chelsea"))
     log, port = tmp_path / "service.log", free_port()
     drain = 4
-    service = start_service(broker, t, small_artifact, log, drain_timeout_s=drain, metrics_port=port)
+    service = start_service(broker, t, small_artifact, log, drain_timeout_s=drain, metrics_port=port,
+                            kafka_client=kafka_client)
     try:
         wait_finished(service, port, 30, log)
         broker.stop()
@@ -226,14 +234,15 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
     assert "Traceback" not in text
 
 
-def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever(kafka_broker, small_artifact, caplog):
+def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever(kafka_broker, small_artifact, caplog,
+                                                                                 kafka_client):
     from .test_stream_units import _StrEncoder
     t = names(kafka_broker, partitions=1)
     good = good_images()
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, v in good.items()])
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=4, commit_interval_ms=100,
-                       session_timeout_ms=6000)
+                       session_timeout_ms=6000, kafka_client=kafka_client)
     svc = Service(cfg, model=stand_in())
     svc.encoder = _StrEncoder(svc.encoder)
     with caplog.at_level("WARNING"):

@@ -1,0 +1,576 @@
+"""The Kafka client, librdkafka's way (confluent-kafka): the same source and sink as :mod:`.kafka_io`.
+
+Chosen with ``--kafka-client librdkafka``; nothing else imports confluent-kafka. librdkafka's
+errors leave this module as the project's own, classified in one table (:data:`KINDS`):
+:class:`BrokerUnavailable` (an outage), :class:`KafkaTransient` (retry), :class:`KafkaPermanent`
+(never succeeds), and for a record the broker refuses for good, the sink's ``on_refused``.
+
+librdkafka calls the rebalance callbacks from ``consume()`` on the poll thread, so the drain on
+revocation may block there (up to the drain timeout; heartbeats run on librdkafka's own threads).
+Delivery reports are served by a thread of the sink polling the producer, so acknowledgements
+reach the service while the poll thread drains.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
+
+from .failures import FailureWatch
+from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, isolation_level, reachable
+from .ports import Partition, RebalanceHandler, Refused, show
+from .records import Message, Outgoing
+
+if TYPE_CHECKING:
+    from .config import StreamConfig
+
+log = logging.getLogger(__name__)
+_DRAIN_STEP_S = 0.02
+_CLIENT_TIMEOUT_S = 5.0   # metadata, close: shutdown must end even with the broker gone
+
+# librdkafka's own log, through logging, critical lines only: at its default level it writes a line for every
+# failed reconnect while the broker is away (the service says that once); errors reach the service as events
+_QUIET: dict[str, Any] = {"logger": logging.getLogger("stream.librdkafka"), "log_level": 2}
+OUTAGE, TRANSIENT, PERMANENT, REFUSED = "outage", "transient", "permanent", "refused"
+# librdkafka's error codes (KafkaError.<NAME>) by what they mean here; a code not listed is transient.
+# REFUSED: the broker or client will never take this record (the sink dead-letters its input);
+# PERMANENT: nothing this client does can succeed (the member drains and exits).
+KINDS: dict[str, str] = {
+    **dict.fromkeys(("_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_MSG_TIMED_OUT", "_RESOLVE", "_WAIT_COORD",
+                     "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
+                     "COORDINATOR_LOAD_IN_PROGRESS", "LEADER_NOT_AVAILABLE", "NOT_LEADER_FOR_PARTITION",
+                     "BROKER_NOT_AVAILABLE", "_TIMED_OUT_QUEUE"), OUTAGE),
+    **dict.fromkeys(("MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_MSG_SIZE", "INVALID_RECORD",
+                     "TOPIC_AUTHORIZATION_FAILED", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE", "INVALID_REQUIRED_ACKS",
+                     "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE"), REFUSED),
+    **dict.fromkeys(("SASL_AUTHENTICATION_FAILED", "_AUTHENTICATION", "_SSL", "GROUP_AUTHORIZATION_FAILED",
+                     "CLUSTER_AUTHORIZATION_FAILED", "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+                     "UNSUPPORTED_VERSION", "UNSUPPORTED_SASL_MECHANISM", "TOPIC_EXCEPTION",
+                     "_UNKNOWN_PROTOCOL", "_NOT_IMPLEMENTED", "_UNSUPPORTED_FEATURE", "_BAD_COMPRESSION",
+                     "_BAD_MSG", "_FATAL", "_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH",
+                     "UNSUPPORTED_COMPRESSION_TYPE", "_INVALID_DIFFERENT_RECORD"), PERMANENT),
+}
+_ADVICE = {
+    "_BAD_COMPRESSION": "records there are compressed with a codec this librdkafka cannot decode; install a "
+                        "confluent-kafka wheel (it carries every codec) and restart",
+    "_BAD_MSG": "a corrupt record batch the client cannot skip; move the group {group!r} past it "
+                "(kafka-consumer-groups --reset-offsets) and restart",
+    "SASL_AUTHENTICATION_FAILED": "check the credentials",
+    "_AUTHENTICATION": "check the credentials",
+    "GROUP_AUTHORIZATION_FAILED": "grant READ on the input topics and group {group!r}",
+    "TOPIC_AUTHORIZATION_FAILED": "grant READ on the input topics and group {group!r}, WRITE on the output and "
+                                  "dead-letter topics",
+}
+
+
+def kind(error: Any) -> str:
+    """What a librdkafka ``KafkaError`` means here: OUTAGE, TRANSIENT, PERMANENT or REFUSED."""
+    from confluent_kafka import KafkaError
+    names = {getattr(KafkaError, n): n for n in KINDS if hasattr(KafkaError, n)}
+    found = KINDS.get(names.get(error.code(), ""))
+    if found is not None:
+        return found
+    return PERMANENT if error.fatal() else TRANSIENT
+
+
+def _error(exc: BaseException) -> Any:
+    """The ``KafkaError`` a confluent-kafka exception carries (None for any other exception)."""
+    from confluent_kafka import KafkaError, KafkaException
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0]
+    return exc if isinstance(exc, KafkaError) else None
+
+
+def translate(exc: Any, what: str, group: str = "") -> Exception:
+    """A librdkafka error (a ``KafkaException`` or a ``KafkaError``) as the project's own."""
+    error = _error(exc)
+    if error is None:
+        return KafkaTransient(f"{what}: {type(exc).__name__}: {exc}")
+    text = f"{error.name()}: {error.str()}"
+    found = kind(error)
+    if found in (PERMANENT, REFUSED):   # outside a publish, a refusal too can never succeed
+        advice = _ADVICE.get(_name(error), "")
+        return KafkaPermanent(f"{what}: {text}" + (f": {advice.format(group=group)}" if advice else ""))
+    if found == OUTAGE:
+        return BrokerUnavailable(f"{what}: {text}")
+    return KafkaTransient(f"{what}: {text}")
+
+
+def _name(error: Any) -> str:
+    from confluent_kafka import KafkaError
+    return next((n for n in KINDS if getattr(KafkaError, n, None) == error.code()), error.name())
+
+
+def client_settings(cfg: StreamConfig) -> dict[str, Any]:
+    """librdkafka's names for the TLS/SASL settings of ``cfg`` (only those that are set)."""
+    options = {"security.protocol": cfg.security_protocol.lower(), "ssl.ca.location": cfg.ssl_cafile,
+               "ssl.certificate.location": cfg.ssl_certfile, "ssl.key.location": cfg.ssl_keyfile,
+               "sasl.mechanism": cfg.sasl_mechanism, "sasl.username": cfg.sasl_username,
+               "sasl.password": cfg.sasl_password}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _tp_list(partitions: Any) -> list[Partition]:
+    return sorted((tp.topic, tp.partition) for tp in partitions)
+
+
+def _offsets(offsets: dict[Partition, int]) -> list[Any]:
+    from confluent_kafka import TopicPartition
+    return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+
+
+class RdKafkaSource:
+    """A consumer-group member; every call, the rebalance callbacks included, comes from the poll thread."""
+
+    def __init__(self, cfg: StreamConfig, rebalance: RebalanceHandler,
+                 assignment_strategy: str = "range") -> None:
+        from confluent_kafka import Consumer, KafkaException
+        from confluent_kafka.admin import AdminClient
+        self._bootstrap, self._group, self._reset = cfg.bootstrap_servers, cfg.group_id, cfg.auto_offset_reset
+        self._topics = list(cfg.input_topic)
+        self._rebalance = rebalance
+        self._cooperative = assignment_strategy == "cooperative-sticky"
+        settings = {
+            "bootstrap.servers": cfg.bootstrap_servers, "group.id": cfg.group_id,
+            "client.id": f"sentiment-stream-{cfg.group_id}",
+            "enable.auto.commit": False, "enable.auto.offset.store": False,
+            "auto.offset.reset": cfg.auto_offset_reset, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
+            "session.timeout.ms": cfg.session_timeout_ms,
+            "heartbeat.interval.ms": max(100, cfg.session_timeout_ms // 4),
+            "max.poll.interval.ms": cfg.max_poll_interval_ms,
+            "isolation.level": isolation_level(cfg.processing_guarantee),
+            "allow.auto.create.topics": False, "partition.assignment.strategy": assignment_strategy,
+            **_QUIET, **client_settings(cfg)}
+        try:
+            # a second client for the probe thread: the consumer's own list_topics waits while consume() runs
+            self._admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
+            self._consumer = Consumer(settings)
+            self._consumer.subscribe(self._topics, on_assign=self._assign, on_revoke=self._revoke,
+                                     on_lost=self._lose)
+        except KafkaException as exc:
+            raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id) from exc
+        self._paused = False
+        self._lost = False   # librdkafka reported the partitions lost: evicted (exactly once, fenced for good)
+
+    # ---- rebalance callbacks (from consume(), on the poll thread) ----
+    def _assign(self, consumer: Any, partitions: Any) -> None:
+        self._rebalance.assigned(_tp_list(partitions))
+        if self._cooperative:   # the partitions added to those kept
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        if self._paused and partitions:   # backpressure holds for partitions that arrive while paused
+            consumer.pause(partitions)
+
+    def _revoke(self, consumer: Any, partitions: Any) -> None:
+        """Drain the revoked partitions' work (up to the drain timeout), commit it, release them."""
+        revoked = _tp_list(partitions)
+        if not revoked:
+            return
+        handler = self._rebalance
+        deadline = time.monotonic() + handler.drain_timeout_s
+        while not handler.drained(revoked) and time.monotonic() < deadline:
+            time.sleep(_DRAIN_STEP_S)   # librdkafka heartbeats on its own thread meanwhile
+        drained = handler.drained(revoked)
+        transactions = handler.transactions
+        if transactions is not None:   # exactly-once: commit or abort the open transaction (bounded calls)
+            try:
+                handler.committed(transactions.end_for_revocation(drained))
+            except KafkaPermanent as failure:   # fenced, or undrained: the service ends this member
+                handler.fail(failure)
+            handler.released(revoked, lost=False)
+            return
+        offsets = handler.committable(revoked)
+        if offsets:
+            try:
+                consumer.commit(offsets=_offsets(offsets), asynchronous=False)
+                handler.committed(offsets)
+            except Exception as exc:   # a KafkaException: a revocation never raises into consume()
+                log.warning("revoked %s: commit failed (%s); their unacknowledged work will be redelivered",
+                            show(revoked), exc)
+        if not drained:
+            log.warning("revoked %s with work still in flight after %.0f s: left uncommitted (it will be "
+                        "redelivered)", show(revoked), handler.drain_timeout_s)
+        handler.released(revoked, lost=False)
+
+    def _lose(self, consumer: Any, partitions: Any) -> None:
+        """Evicted: the partitions already belong to another member; nothing of theirs may be committed
+        (exactly once, the open transaction is aborted first and the member ends)."""
+        lost = _tp_list(partitions)
+        self._lost = True
+        transactions = self._rebalance.transactions
+        if transactions is not None and lost:
+            self._rebalance.fail(transactions.lost(lost))
+        self._rebalance.released(lost, lost=True)
+
+    # ---- exactly once (stream.transactions.RewindableSource) ----
+    def group_metadata(self) -> Any:
+        return self._consumer.consumer_group_metadata()
+
+    def in_group(self) -> bool:
+        """False once librdkafka reported the partitions lost (it does when the session expires or the
+        coordinator says the member is unknown) or while it has no member id."""
+        return not self._lost and bool(self._consumer.memberid())
+
+    def rewind(self, partitions: list[Partition]) -> None:
+        """Seek to the last committed offsets (or where a new group starts) to redo aborted work."""
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException, TopicPartition
+        owned = set(self.assigned())
+        wanted = [TopicPartition(t, p) for t, p in partitions if (t, p) in owned]
+        if not wanted:
+            return
+        try:
+            for tp in self._consumer.committed(wanted, timeout=_CLIENT_TIMEOUT_S):
+                start = OFFSET_BEGINNING if self._reset == "earliest" else OFFSET_END
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else start))
+        except KafkaException as exc:
+            raise translate(exc, "rewinding after an aborted transaction", self._group) from exc
+
+    # ---- the Source port ----
+    def poll(self, timeout_s: float, max_records: int) -> list[Message]:
+        from confluent_kafka import KafkaError
+        try:
+            batch = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
+        except Exception as exc:   # KafkaException, or anything a rebalance callback raised
+            raise translate(exc, "consuming", self._group) from exc
+        now = time.monotonic()
+        out, errors = [], []
+        for m in batch:
+            error = m.error()
+            if error is None:
+                message: Any = m   # confluent-kafka's stubs allow None where a consumed record has a value
+                out.append(Message(message.topic(), message.partition(), message.offset(), message.key(),
+                                   message.value(), list(message.headers() or []), message.timestamp()[1], now))
+            elif error.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                      KafkaError._UNKNOWN_TOPIC):   # a missing topic: missing_topics says so
+                errors.append(error)
+        if errors and not out:   # records already taken are handed on; the error comes again if it lasts
+            raise translate(errors[0], f"consuming from {show(self.assigned())}", self._group)
+        return out
+
+    def assigned(self) -> list[Partition]:
+        return _tp_list(self._consumer.assignment())
+
+    def commit(self, offsets: dict[Partition, int]) -> None:
+        from confluent_kafka import KafkaException
+        try:
+            self._consumer.commit(offsets=_offsets(offsets), asynchronous=False)
+        except KafkaException as exc:
+            raise translate(exc, "commit failed", self._group) from exc
+
+    def pause_all(self) -> None:
+        self._paused = True
+        self._consumer.pause(self._consumer.assignment())
+
+    def resume_all(self) -> None:
+        self._paused = False
+        self._consumer.resume(self._consumer.assignment())
+
+    def end_offsets(self) -> dict[Partition, int]:
+        """Last known log-end offsets (librdkafka's cache from fetch responses; no extra request)."""
+        out = {}
+        for tp in self._consumer.assignment():
+            try:
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:   # KafkaException: not fetched yet
+                continue
+            if high is not None and high >= 0:
+                out[(tp.topic, tp.partition)] = high
+        return out
+
+    def reachable(self) -> bool:
+        return reachable(self._bootstrap)
+
+    def missing_topics(self) -> list[str]:
+        """Subscribed input topics the cluster does not have: asked by listing every topic, since
+        asking for one topic's metadata makes some brokers (tansu) create it."""
+        try:
+            existing = self._admin.list_topics(timeout=_CLIENT_TIMEOUT_S).topics
+        except Exception:   # KafkaException while the broker is away; readiness already says so
+            return []
+        return [t for t in self._topics if t not in existing]
+
+    def close(self) -> None:
+        try:
+            self._consumer.close()
+        except Exception as exc:   # already closed, or the broker gone
+            log.warning("closing the consumer: %s", exc)
+
+
+class RdKafkaSink:
+    """Idempotent acks=all producer with delivery reports. A send that fails with a retriable error is
+    sent again with backoff until acknowledged or closed; a refusal (:data:`REFUSED`) runs
+    ``on_refused`` (the pipeline dead-letters the input), and a refused record without one (a dead
+    letter) sets :attr:`failure`. A fatal idempotence error replaces the producer."""
+
+    def __init__(self, bootstrap: str, settings: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
+                 linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
+        from confluent_kafka import KafkaException
+        extra = ({"transactional.id": transactional_id, "transaction.timeout.ms": transaction_timeout_ms}
+                 if transactional_id else {})
+        self._settings = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
+                          "linger.ms": linger_ms, "message.max.bytes": max_request_size,
+                          "compression.type": compression_type or "none", "message.timeout.ms": 30_000,
+                          **_QUIET, **extra, **settings}
+        self.transactional, self._bootstrap = bool(transactional_id), bootstrap
+        self._doomed: Any = None   # a send failed inside the open transaction
+        try:
+            self._producer = self._new_producer()
+            if transactional_id:   # aborts what a predecessor with this id left open
+                self._producer.init_transactions(TRANSACTION_CALLS_S)
+                self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
+        self._on_retry = on_retry
+        self._lock = threading.Condition()
+        self._retries: list[tuple[float, Callable[[], None]]] = []   # (when, what), on the retry thread
+        self._closed = False
+        self._sending = FailureWatch("publishing to Kafka")
+        self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
+        self.failing_since: float | None = None
+        self.failure: KafkaPermanent | None = None
+        self._threads = [threading.Thread(target=self._serve, name="producer-poll", daemon=True),
+                         threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _new_producer(self) -> Any:
+        from confluent_kafka import Producer
+        return Producer(self._settings)
+
+    def _serve(self) -> None:
+        """Serve delivery reports (they call ``on_ack``) until closed."""
+        while not self._closed:
+            self._producer.poll(0.05)
+
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
+                attempt: int = 0) -> None:
+        producer = self._producer
+
+        def delivered(error: Any, _message: Any) -> None:   # on the producer-poll thread
+            if error is None:
+                with self._lock:
+                    self._sending.ok()
+                    if on_refused is not None:
+                        self._refusing.ok()
+                    self.failing_since = None
+                on_ack()
+            else:
+                self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer, True))
+
+        try:
+            # a plugin's str is a bug: librdkafka would send its UTF-8, kafka-python refuses it; refuse it here too
+            for name, part in (("key", record.key), ("value", record.value)):
+                if part is not None and not isinstance(part, bytes):
+                    raise TypeError(f"a record {name} must be bytes, not {type(part).__name__}")
+            extra = {"headers": record.headers} if record.headers else {}
+            producer.produce(record.topic, value=record.value, key=record.key, on_delivery=delivered, **extra)
+        except BufferError as exc:   # the local queue is full: wait for deliveries, then send again
+            self._later(0.05, lambda: self.publish(record, on_ack, on_refused, attempt))
+            log.debug("producer queue full (%s)", exc)
+        except Exception as exc:   # a KafkaException (too large, closed) or a bad value (TypeError)
+            self._failed(record, on_ack, on_refused, attempt, _error(exc) or exc, producer)
+
+    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
+                error: Any, producer: Any, reported: bool = False) -> None:
+        """``reported``: the error came in a delivery report (the broker's answer), not from ``produce``."""
+        from confluent_kafka import KafkaError, KafkaException
+        found = kind(error) if isinstance(error, KafkaError) else REFUSED
+        exc = KafkaException(error) if isinstance(error, KafkaError) else error
+        too_large = isinstance(error, KafkaError) and _name(error) == "MSG_SIZE_TOO_LARGE"
+        if self.transactional and (reported or found != REFUSED):
+            # Any failed delivery makes librdkafka's open transaction abortable: it will be aborted and this
+            # unit redone. A record produce() refused at once never entered it and is refused below.
+            with self._lock:
+                self._sending.failed(exc)
+                self._doomed = self._doomed or error
+            on_ack()
+            return
+        if record.fallback is not None and too_large:
+            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
+                        len(record.value or b""), record.topic)
+            self.publish(record.fallback, on_ack, on_refused)
+            return
+        if found == PERMANENT and isinstance(error, KafkaError) and error.fatal():
+            self._renew(producer, error)
+        elif isinstance(error, KafkaError) and _name(error) == "_MSG_TIMED_OUT" and reachable(self._bootstrap):
+            # timed out while the broker answers: after a broker restart that lost its state (a new in-memory
+            # broker) the idempotent producer can wait for ever on its old producer id; a new one starts afresh
+            self._renew(producer, error)
+        elif found in (PERMANENT, REFUSED):
+            self._refuse(record, on_refused, exc)
+            return
+        with self._lock:
+            self._sending.failed(exc)
+            self.failing_since = self._sending.since
+        delay = min(5.0, 0.1 * 2 ** attempt)
+        log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, error, delay)
+        self._on_retry()
+        self._later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
+
+    def _renew(self, producer: Any, error: Any) -> None:
+        """Replace a producer in librdkafka's fatal state (every later send would fail); its records are
+        sent again by their retries."""
+        from confluent_kafka import KafkaException
+        with self._lock:
+            if self._producer is not producer or self._closed:
+                return
+            log.warning("the producer is in a fatal state (%s); replacing it with a new one", error.str())
+            try:
+                self._producer = self._new_producer()
+            except KafkaException as exc:   # the retry will find the old one and try again
+                log.warning("making a new producer failed (%s); will retry", exc)
+                return
+        # the old one's records fail (and are retried) as its delivery reports are served
+        threading.Thread(target=producer.flush, args=(30.0,), name="old-producer-flush", daemon=True).start()
+
+    def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
+        """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
+        transaction is aborted (raises KafkaTransient or BrokerUnavailable) or, fenced, KafkaPermanent."""
+        from confluent_kafka import KafkaException
+        try:
+            if self._doomed is not None:
+                raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
+            limit = time.monotonic() + TRANSACTION_CALLS_S
+            self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
+            self._producer.commit_transaction(_left(limit))
+            with self._lock:
+                self._sending.ok()
+                self.failing_since = None
+        except KafkaTransient:
+            log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
+            self.abort_transaction()
+            raise
+        except KafkaException as exc:
+            self._fatal_check(exc, "committing the transaction")
+            log.warning("committing the transaction failed (%s); aborting it", exc)
+            self.abort_transaction()
+            raise translate(exc, "transaction commit failed") from exc
+        self._begin()
+
+    def abort_transaction(self) -> None:
+        from confluent_kafka import KafkaException
+        try:
+            self._producer.abort_transaction(TRANSACTION_CALLS_S)
+        except KafkaException as exc:
+            self._fatal_check(exc, "aborting a transaction")
+            raise KafkaPermanent(f"aborting a transaction failed ({exc}); exiting so a restart makes a new "
+                                 f"producer") from exc
+        finally:
+            self._doomed = None
+        self._begin()
+
+    def _begin(self) -> None:
+        from confluent_kafka import KafkaException
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise KafkaPermanent(f"beginning a transaction failed ({exc}); exiting so a restart makes a new "
+                                 f"producer") from exc
+
+    @staticmethod
+    def _fatal_check(exc: BaseException, what: str) -> None:
+        """A fatal transaction error (fenced: another member took over the transactional id) ends the member."""
+        error = _error(exc)
+        if error is not None and (error.fatal() or kind(error) == PERMANENT):
+            raise KafkaPermanent(f"{what}: {error.name()}: {error.str()}: this member's producer can send no more "
+                                 f"(fenced when another member took over its transactional id); stopping") from exc
+
+    def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
+        if on_refused is not None:
+            with self._lock:
+                self._refusing.failed(exc)
+            on_refused(exc)
+            return
+        if self.failure is None and not self._closed:
+            self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {exc}; "
+                                          f"stopping this member (its partition stays uncommitted from there)")
+            log.error("%s", self.failure)
+
+    def _later(self, delay: float, action: Callable[[], None]) -> None:
+        with self._lock:
+            self._retries.append((time.monotonic() + delay, action))
+            self._lock.notify()
+
+    def _retry_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not any(at <= time.monotonic() for at, _ in self._retries):
+                    wait = min((at for at, _ in self._retries), default=time.monotonic() + 1) - time.monotonic()
+                    self._lock.wait(max(0.01, wait))
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = [r for r in self._retries if r[0] <= now]
+                self._retries = [r for r in self._retries if r[0] > now]
+            for _, action in due:
+                action()
+
+    def pending_retries(self) -> int:
+        with self._lock:
+            return len(self._retries)
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            left = self._producer.flush(max(0.0, min(0.1, deadline - time.monotonic())))
+            if not left and not self.pending_retries():
+                return True
+        return not self.pending_retries() and not len(self._producer)
+
+    def close(self) -> None:
+        self.flush(_CLIENT_TIMEOUT_S)
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(1.0)
+        left = self._producer.flush(0)
+        if left:
+            log.warning("the producer closed with %d records undelivered (their inputs stay uncommitted and are "
+                        "redelivered)", left)
+
+
+def _left(limit: float) -> float:
+    """Seconds until ``limit`` (monotonic), at least a little: librdkafka's own bound on a transaction call."""
+    return max(0.1, limit - time.monotonic())
+
+
+class RdKafkaConnector:
+    """Makes the librdkafka source and sink from the service config.
+
+    ``assignment_strategy`` is librdkafka's ``partition.assignment.strategy``: eager ``range`` by default.
+    ``cooperative-sticky`` (the source then adds and removes partitions incrementally) was tried against
+    tansu 0.6: a member leaving left the group unable to finish its rebalance, and offset commits failed
+    with ILLEGAL_GENERATION meanwhile, so it is not the default and not offered as a flag."""
+
+    def __init__(self, cfg: StreamConfig, assignment_strategy: str = "range") -> None:
+        try:
+            import confluent_kafka
+        except ImportError as exc:
+            raise ConfigError("--kafka-client librdkafka needs confluent-kafka "
+                              "(pip install 'sentiment-stream[librdkafka]')") from exc
+        log.info("Kafka client: librdkafka %s (confluent-kafka %s)", confluent_kafka.libversion()[0],
+                 confluent_kafka.version()[0])
+        self.cfg, self.assignment_strategy = cfg, assignment_strategy
+
+    def source(self, rebalance: RebalanceHandler) -> RdKafkaSource:
+        return RdKafkaSource(self.cfg, rebalance, self.assignment_strategy)
+
+    def sink(self, on_retry: Callable[[], None]) -> RdKafkaSink:
+        cfg = self.cfg
+        log.info("%s", ensure_output_topics(cfg))
+        transactional_id = None
+        if cfg.processing_guarantee == "exactly-once":
+            transactional_id = cfg.transactional_id or f"sentiment-stream-{cfg.group_id}-{uuid.uuid4().hex[:12]}"
+        # Room for a dead letter carrying the largest accepted input, plus headers.
+        return RdKafkaSink(cfg.bootstrap_servers, client_settings(cfg), on_retry, linger_ms=cfg.linger_ms,
+                           max_request_size=max(1 << 20, cfg.max_message_bytes + (64 << 10)),
+                           compression_type=None if cfg.compression_type == "none" else cfg.compression_type,
+                           transactional_id=transactional_id, transaction_timeout_ms=cfg.transaction_timeout_ms())

@@ -1,0 +1,287 @@
+"""The librdkafka connector (``--kafka-client librdkafka``): its error table, its settings, and,
+against the real broker, its source and sink behind the service's ports."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+confluent_kafka = pytest.importorskip("confluent_kafka")
+
+from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient  # noqa: E402
+from stream import rdkafka_io  # noqa: E402
+from stream.config import StreamConfig, build_parser, from_args  # noqa: E402
+from stream.records import Outgoing  # noqa: E402
+
+from .kafka_helpers import names, produce, read_all  # noqa: E402
+
+KafkaError = confluent_kafka.KafkaError
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("_TRANSPORT", BrokerUnavailable), ("_ALL_BROKERS_DOWN", BrokerUnavailable),
+    ("_MSG_TIMED_OUT", BrokerUnavailable), ("COORDINATOR_NOT_AVAILABLE", BrokerUnavailable),
+    ("NOT_COORDINATOR", BrokerUnavailable), ("REQUEST_TIMED_OUT", BrokerUnavailable),
+    ("REBALANCE_IN_PROGRESS", KafkaTransient), ("UNKNOWN_MEMBER_ID", KafkaTransient),
+    ("OFFSET_OUT_OF_RANGE", KafkaTransient),
+    ("SASL_AUTHENTICATION_FAILED", KafkaPermanent), ("_SSL", KafkaPermanent),
+    ("GROUP_AUTHORIZATION_FAILED", KafkaPermanent), ("TOPIC_AUTHORIZATION_FAILED", KafkaPermanent),
+    ("_BAD_COMPRESSION", KafkaPermanent), ("_BAD_MSG", KafkaPermanent), ("PRODUCER_FENCED", KafkaPermanent),
+    ("MSG_SIZE_TOO_LARGE", KafkaPermanent), ("INVALID_RECORD", KafkaPermanent),
+])
+def test_librdkafka_errors_map_into_the_project_tree(code, expected):
+    error = KafkaError(getattr(KafkaError, code), "from the test")
+    translated = rdkafka_io.translate(confluent_kafka.KafkaException(error), "consuming", "g")
+    assert type(translated) is expected
+    assert code.lstrip("_") in str(translated) and "\n" not in str(translated)
+
+
+@pytest.mark.parametrize("code", ["MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_RECORD",
+                                  "TOPIC_AUTHORIZATION_FAILED", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE"])
+def test_records_the_broker_can_never_take_are_refusals(code):
+    assert rdkafka_io.kind(KafkaError(getattr(KafkaError, code))) == rdkafka_io.REFUSED
+
+
+def test_every_code_in_the_table_is_one_librdkafka_has():
+    assert [n for n in rdkafka_io.KINDS if not hasattr(KafkaError, n)] == []
+
+
+def test_a_fatal_error_not_in_the_table_is_permanent():
+    error = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "seq", fatal=True)
+    assert rdkafka_io.kind(error) == rdkafka_io.PERMANENT
+    assert rdkafka_io.kind(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "seq")) == rdkafka_io.TRANSIENT
+
+
+def _cfg(tmp_path, **extra) -> StreamConfig:
+    return StreamConfig("localhost:9092", ("in",), "out", "dlq", tmp_path, **extra)
+
+
+def test_kafka_client_flag_env_twin_and_default(tmp_path):
+    assert _cfg(tmp_path).kafka_client == "kafka-python"
+    base = ["--bootstrap-servers", "h:1", "--input-topic", "i", "--output-topic", "o",
+            "--dead-letter-topic", "d", "--artifact", str(tmp_path)]
+    parser = build_parser("stream", "")
+    assert from_args(parser.parse_args(base), {"STREAM_KAFKA_CLIENT": "librdkafka"}).kafka_client == "librdkafka"
+    assert from_args(parser.parse_args(base + ["--kafka-client", "librdkafka"]), {}).kafka_client == "librdkafka"
+    with pytest.raises(ConfigError, match="--kafka-client rdkafka: choose from kafka-python, librdkafka"):
+        _cfg(tmp_path, kafka_client="rdkafka")
+
+
+def test_tls_and_sasl_settings_keep_their_meaning(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    cfg = _cfg(tmp_path, security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="u",
+               sasl_password="p", ssl_cafile=str(ca))
+    assert rdkafka_io.client_settings(cfg) == {
+        "security.protocol": "sasl_ssl", "ssl.ca.location": str(ca), "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "u", "sasl.password": "p"}
+    # librdkafka knows every name: it reads the CA file (not a certificate here) and says which setting failed
+    with pytest.raises(KafkaPermanent, match="ssl.ca.location"):
+        rdkafka_io.RdKafkaSink("localhost:1", rdkafka_io.client_settings(cfg))
+    plain = _cfg(tmp_path, security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u",
+                 sasl_password="p")
+    rdkafka_io.RdKafkaSink("localhost:1", rdkafka_io.client_settings(plain)).close()
+
+
+# ---- against the real broker ----
+
+class Handler:
+    """A RebalanceHandler recording what the source asked, with work in flight until ``done`` is set."""
+
+    def __init__(self, drain_timeout_s: float = 10.0, offsets: dict | None = None) -> None:
+        self.drain_timeout_s, self.transactions = drain_timeout_s, None
+        self.done, self.offsets = threading.Event(), offsets or {}
+        self.events: list = []
+
+    def drained(self, partitions):
+        return self.done.is_set()
+
+    def committable(self, partitions):
+        return {p: o for p, o in self.offsets.items() if p in partitions}
+
+    def committed(self, offsets):
+        self.events.append(("committed", offsets))
+
+    def released(self, partitions, lost):
+        self.events.append(("released", list(partitions), lost))
+
+    def assigned(self, partitions):
+        self.events.append(("assigned", list(partitions)))
+
+    def fail(self, failure):
+        self.events.append(("fail", failure))
+
+
+def _poll_until(source, predicate, timeout: float = 60.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while not predicate(got) and time.monotonic() < deadline:
+        got += source.poll(0.2, 100)
+    assert predicate(got), f"only {len(got)} records within {timeout} s"
+    return got
+
+
+@pytest.mark.kafka
+def test_source_reads_in_partition_order_pauses_commits_what_it_is_given_and_knows_missing_topics(
+        kafka_broker, tmp_path):
+    t = names(kafka_broker, partitions=2)
+    items = [(f"k{i % 4}".encode(), f"v{i}".encode()) for i in range(40)]
+    produce(kafka_broker.bootstrap, t["input"], items)
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"], "never-made-" + t["group"]), t["output"], t["dlq"],
+                       tmp_path, group_id=t["group"], session_timeout_ms=6000, kafka_client="librdkafka")
+    source = rdkafka_io.RdKafkaSource(cfg, Handler())
+    try:
+        got = _poll_until(source, lambda got: len(got) >= 40)
+        assert len(got) == 40, "each record once"
+        for partition in (0, 1):
+            offsets = [m.offset for m in got if m.partition == partition]
+            assert offsets == sorted(offsets) == list(range(len(offsets)))
+        assert source.missing_topics() == ["never-made-" + t["group"]]
+        assert source.missing_topics() == ["never-made-" + t["group"]], "asking did not create it"
+        ends = source.end_offsets()
+        assert sum(ends.values()) == 40
+        source.commit({(t["input"], 0): 1})   # only what it is handed: not the whole position
+        produce(kafka_broker.bootstrap, t["input"], items[:4])
+        source.pause_all()
+        assert sum(len(source.poll(0.3, 100)) for _ in range(5)) == 0, "paused: nothing fetched"
+        source.resume_all()
+        _poll_until(source, lambda got: len(got) >= 4)
+        assert source.reachable()
+    finally:
+        source.close()
+    from .kafka_helpers import committed
+    assert committed(kafka_broker.bootstrap, t["group"], t["input"]) in ({0: 1, 1: None}, {0: 1})
+
+
+@pytest.mark.kafka
+def test_missing_topics_answers_from_the_probe_thread_while_the_poll_thread_consumes(kafka_broker, tmp_path):
+    """The service asks from its broker-probe thread; the consumer's own list_topics waits while another
+    thread is inside consume(), which froze /readyz."""
+    t = names(kafka_broker, partitions=1)
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"], "never-made-" + t["group"]), t["output"], t["dlq"],
+                       tmp_path, group_id=t["group"], session_timeout_ms=6000, kafka_client="librdkafka")
+    handler = Handler()
+    handler.done.set()
+    source = rdkafka_io.RdKafkaSource(cfg, handler)
+    stop, answers = threading.Event(), []
+    polling = threading.Thread(target=lambda: [source.poll(0.5, 10) for _ in iter(stop.is_set, True)], daemon=True)
+    try:
+        polling.start()
+        probe = threading.Thread(target=lambda: answers.append(source.missing_topics()), daemon=True)
+        probe.start()
+        probe.join(20)
+        assert answers == [["never-made-" + t["group"]]], "the probe thread got no answer within 20 s"
+    finally:
+        stop.set()
+        polling.join(10)
+        source.close()
+
+
+@pytest.mark.kafka
+def test_revocation_drains_on_the_poll_thread_then_commits_before_another_member_takes_over(
+        kafka_broker, tmp_path):
+    """librdkafka revokes from consume(): the drain blocks there until the work is done (the handler
+    says so from another thread) and the commit lands before the partition moves."""
+    t = names(kafka_broker, partitions=1)
+    produce(kafka_broker.bootstrap, t["input"], [(b"k", b"v")] * 5)
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], tmp_path, group_id=t["group"],
+                       session_timeout_ms=6000, kafka_client="librdkafka")
+    partition = (t["input"], 0)
+    first = Handler(drain_timeout_s=20, offsets={partition: 5})
+    source = rdkafka_io.RdKafkaSource(cfg, first)
+    second_source = None
+    try:
+        _poll_until(source, lambda got: len(got) >= 5)
+        second = Handler()
+        second_source = rdkafka_io.RdKafkaSource(cfg, second)
+        threading.Timer(1.0, first.done.set).start()   # the work finishes while the revocation waits
+        stop = threading.Event()
+        threading.Thread(target=lambda: [second_source.poll(0.2, 10) for _ in iter(stop.is_set, True)],
+                         daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not any(e[0] == "released" for e in first.events) and time.monotonic() < deadline:
+            source.poll(0.2, 10)
+        stop.set()
+        assert first.events[-2:] == [("committed", {partition: 5}), ("released", [partition], False)]
+    finally:
+        source.close()
+        if second_source is not None:
+            second_source.close()
+
+
+@pytest.mark.kafka
+def test_sink_acknowledges_refuses_for_good_and_stops_on_a_refused_dead_letter(kafka_broker):
+    t = names(kafka_broker, partitions=1)
+    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, max_request_size=1 << 20, compression_type="zstd")
+    acked, refused = threading.Semaphore(0), []
+    try:
+        for i in range(20):
+            sink.publish(Outgoing(t["output"], b"k", f"r{i}".encode(), [("h", b"1")]), acked.release,
+                         refused.append)
+        assert all(acked.acquire(timeout=30) for _ in range(20))
+        big = b"x" * (2 << 20)
+        sink.publish(Outgoing(t["output"], b"big", big, []), acked.release, refused.append)
+        assert [rdkafka_io._name(rdkafka_io._error(e)) for e in refused] == ["MSG_SIZE_TOO_LARGE"]
+        assert sink.failure is None and sink.pending_retries() == 0
+        sink.publish(Outgoing(t["dlq"], b"big", big, []), acked.release)
+        assert sink.failure is not None and "cannot publish even a dead letter" in str(sink.failure)
+        assert sink.flush(10)
+    finally:
+        sink.close()
+    records = read_all(kafka_broker.bootstrap, t["output"], 20)
+    assert [r.value for r in records] == [f"r{i}".encode() for i in range(20)], "in order, once each"
+
+
+@pytest.mark.kafka
+def test_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker):
+    from stream.records import Message, dead_letter
+    t = names(kafka_broker, partitions=1)
+    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, max_request_size=100_000)
+    acked = threading.Event()
+    try:
+        message = Message(t["input"], 0, 7, b"k", b"y" * 300_000)
+        sink.publish(dead_letter(message, t["dlq"], "not_an_image", "text"), acked.set)
+        assert acked.wait(30), "the fallback was acknowledged"
+    finally:
+        sink.close()
+    (record,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
+    assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"
+
+
+@pytest.mark.kafka
+def test_transactional_sink_commits_offsets_with_its_records_aborts_and_is_fenced_by_a_successor(
+        kafka_broker, tmp_path):
+    from .kafka_helpers import committed, read_committed
+    t = names(kafka_broker, partitions=1)
+    produce(kafka_broker.bootstrap, t["input"], [(b"k", b"v")] * 3)
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], tmp_path, group_id=t["group"],
+                       session_timeout_ms=6000, kafka_client="librdkafka", processing_guarantee="exactly-once")
+    handler = Handler()
+    handler.done.set()   # nothing in flight when the source closes
+    source = rdkafka_io.RdKafkaSource(cfg, handler)
+    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+    successor = None
+    acked = threading.Semaphore(0)
+    try:
+        _poll_until(source, lambda got: len(got) >= 3)
+        assert source.in_group()
+        for i in range(3):
+            sink.publish(Outgoing(t["output"], b"k", f"kept-{i}".encode(), []), acked.release)
+        assert all(acked.acquire(timeout=30) for _ in range(3))
+        sink.commit_transaction({(t["input"], 0): 3}, source.group_metadata())
+        sink.publish(Outgoing(t["output"], b"k", b"aborted", []), acked.release)
+        assert acked.acquire(timeout=30)
+        sink.abort_transaction()
+        sink.publish(Outgoing(t["output"], b"k", b"fenced", []), acked.release)
+        assert acked.acquire(timeout=30)
+        successor = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+        with pytest.raises(KafkaPermanent, match="fenced|FENCED|EPOCH"):
+            sink.commit_transaction({(t["input"], 0): 3}, source.group_metadata())
+    finally:
+        source.close()
+        sink.close()
+        if successor is not None:
+            successor.close()
+    assert [r.value for r in read_committed(kafka_broker.bootstrap, t["output"])] == [b"kept-0", b"kept-1", b"kept-2"]
+    assert committed(kafka_broker.bootstrap, t["group"], t["input"]) == {0: 3}
