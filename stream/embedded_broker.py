@@ -112,6 +112,13 @@ class EmbeddedBroker:
                 self._process.kill()
                 self._process.wait()
 
+    def kill(self) -> None:
+        """End the broker at once (SIGKILL), as a crashed machine would: no graceful shutdown, which takes
+        tansu a few seconds in which its clients still get answers."""
+        if self._process and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
