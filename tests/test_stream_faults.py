@@ -33,8 +33,9 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
     from stream.embedded_broker import free_port
     t = names(kafka_broker, partitions=2)
     # A third of the input arrives before each member starts, and the member is killed once it has
-    # finished a sixth of the total: each kill lands with input left unfinished, however fast the
-    # service, and more input arrives after it.
+    # finished a quarter of that chunk: each kill lands with input left unfinished (a sixth of the total
+    # was too late: at 500 img/s the rest of a 100-image chunk finished between the /metrics poll and
+    # the kill), and more input arrives after it.
     chunk, produced, acknowledged = total // 3, 0, 0
     for round_ in range(3):
         count = chunk if round_ < 2 else total - produced
@@ -43,7 +44,7 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
         log, port = tmp_path / f"killed-{round_}.log", free_port()
         process = start_service(kafka_broker, t, small_artifact, log, metrics_port=port,
                                 session_timeout_ms=KILLED_SESSION_MS, **options)
-        acknowledged += wait_finished(process, port, total // 6, log)
+        acknowledged += wait_finished(process, port, count // 4, log)
         process.send_signal(signal.SIGKILL)
         process.wait(30)
         done = set(positions(read_all(kafka_broker.bootstrap, t["output"], acknowledged, timeout=30, to_end=True)))
@@ -65,7 +66,7 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
 
 @pytest.mark.slow
 def test_kill_9_three_times_at_least_once_loses_nothing(kafka_broker, small_artifact, tmp_path, kafka_client):
-    total = 300
+    total = 600
     t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total, kafka_client=kafka_client)
     records = read_all(kafka_broker.bootstrap, t["output"], total)
     assert set(positions(records)) == {(p, o) for p, mark in
@@ -77,7 +78,7 @@ def test_kill_9_three_times_at_least_once_loses_nothing(kafka_broker, small_arti
 @pytest.mark.slow
 def test_kill_9_three_times_exactly_once_read_committed_sees_each_input_once(kafka_broker, small_artifact, tmp_path,
         kafka_client):
-    total = 300
+    total = 600
     t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total, kafka_client=kafka_client,
                                       processing_guarantee="exactly-once", transactional_id="replica-0")
     records = read_committed(kafka_broker.bootstrap, t["output"])
