@@ -157,13 +157,14 @@ def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tu
     """
     from .quantize import output_layers, quantizable_layers, quantize_minmax, quantize_nncf
     from .sensitivity import choose_float_layers
-    layers = quantizable_layers(fp32)
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    layers = quantizable_layers(graph)
     made_by = {"nncf": (quantize_nncf, "openvino"), "minmax": (quantize_minmax, "onnxruntime")}
     used = ["nncf", "minmax"] if cfg.int8_quantizer == "auto" else [cfg.int8_quantizer]
     if cfg.int8_float_layers is None:
         passes = {name: choose_float_layers(fp32, calibration, cfg.int8_max_diff * SENSITIVITY_MARGIN,
                                             cfg.int8_max_diff, made_by[name][0], made_by[name][1], layers, cfg.output,
-                                            always_float=output_layers(fp32))
+                                            always_float=output_layers(graph))
                   for name in used}
         float_layers = {name: p.float_layers for name, p in passes.items()}
         record = {"chosen_by": "sensitivity pass", "float_layers": {k: list(v) for k, v in float_layers.items()},

@@ -50,22 +50,18 @@ class _HideShapeInferenceHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def quantizable_layers(model_path: Path) -> list[str]:
-    """Names of the nodes an INT8 file may compute in int8, in graph order."""
-    import onnx
-    model = onnx.load(str(model_path), load_external_data=False)
-    return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and n.name]
+def quantizable_layers(graph: Any) -> list[str]:
+    """Names of the nodes of ``graph`` (an ONNX GraphProto) an INT8 file may compute in int8, in order."""
+    return [n.name for n in graph.node if n.op_type in QUANTIZED_OPS and n.name]
 
 
-def output_layers(model_path: Path) -> list[str]:
+def output_layers(graph: Any) -> list[str]:
     """The quantisable layers that compute the model's outputs (the classifier's logits).
 
     They stay in float: an int8 output takes its range from the calibration photos, and a photo
     whose logits fall outside it is clipped (ONNX Runtime's quantiser quantises Gemm outputs).
     For a two-class head this is 2 x 4096 multiply-adds, nothing next to the rest.
     """
-    import onnx
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     producer = {out: node for node in graph.node for out in node.output}
     found: list[str] = []
     seen: set[str] = set()
@@ -83,16 +79,15 @@ def output_layers(model_path: Path) -> list[str]:
     return [n.name for n in graph.node if n.name in found]
 
 
-def head_nodes(model_path: Path) -> list[str]:
+def head_nodes(graph: Any) -> list[str]:
     """Every named node after the output layers (softmax, the average over ``--oversample``'s crops).
 
     NNCF puts quantisers on the inputs of such ops too: with ten crops it quantised each crop's
     logits and probabilities before their average, clipped them to the calibration photos' range
     and failed the gate by 0.08 to 0.11 on every model tried. Ignoring them keeps the head in float.
     """
-    import onnx
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    frontier = {out for n in graph.node if n.name in set(output_layers(model_path)) for out in n.output}
+    outputs = set(output_layers(graph))
+    frontier = {out for n in graph.node if n.name in outputs for out in n.output}
     found: list[str] = []
     for node in graph.node:                       # ONNX nodes are in topological order
         if frontier & set(node.input):
@@ -118,7 +113,7 @@ def quantize_nncf(fp32_path: Path, int8_path: Path, calibration: np.ndarray,
     dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))], lambda x: {"images": x})
     log.info("calibrating INT8 (NNCF, fast bias correction) on %d images%s", len(calibration), _kept(float_layers))
     nncf.set_log_level(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
-    ignored = nncf.IgnoredScope(names=[*float_layers, *head_nodes(fp32_path)], validate=False)
+    ignored = nncf.IgnoredScope(names=[*float_layers, *head_nodes(model.graph)], validate=False)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             quantized = nncf.quantize(model, dataset, subset_size=len(calibration), fast_bias_correction=True,

@@ -311,6 +311,8 @@ def test_the_same_cpu_opens_without_a_recheck(near_tie_artifact, caplog):
 
 @pytest.mark.slow
 def test_sensitivity_pass_ranks_every_layer_and_floats_the_most_sensitive_first(near_tie_artifact, tmp_path):
+    import onnx
+
     from engine_build.imagesets import builtin_set
     from engine_build.quantize import output_layers, quantizable_layers, quantize_minmax
     from engine_build.sensitivity import choose_float_layers, split_folds
@@ -318,10 +320,11 @@ def test_sensitivity_pass_ranks_every_layer_and_floats_the_most_sensitive_first(
     calibration = builtin_set("calibration")
     (one, one_names), (two, two_names) = split_folds(calibration)
     assert len(one) == len(two) == 24 and not set(one_names) & set(two_names)
-    layers = quantizable_layers(fp32)
+    graph = onnx.load(str(fp32)).graph
+    layers = quantizable_layers(graph)
     # a target no INT8 file meets: every layer is probed, and the ranking decides what goes to float
     choice = choose_float_layers(fp32, calibration, 1e-6, 1e-6, quantize_minmax, "onnxruntime", layers, tmp_path,
-                                 always_float=output_layers(fp32))
+                                 always_float=output_layers(graph))
     assert set(choice.sensitivity) == set(layers) - {"fc8_twitter"}
     ranked = sorted(choice.sensitivity, key=lambda layer: -choice.sensitivity[layer])
     assert choice.chosen > choice.target, "no choice meets it"
