@@ -29,8 +29,8 @@ from engine_build.imaging import builtin_photos  # noqa: E402
 def one_run(broker, artifact: Path, messages: int, guarantee: str, interval_ms: float) -> dict:
     from kafka import KafkaProducer
 
+    from stream.app import build
     from stream.config import StreamConfig
-    from stream.service import Service
     run = uuid.uuid4().hex[:8]
     topics = {"in": f"bench-in-{run}", "out": f"bench-out-{run}", "dlq": f"bench-dlq-{run}"}
     broker.create_topics({topics["in"]: 4, topics["out"]: 1, topics["dlq"]: 1})
@@ -44,7 +44,7 @@ def one_run(broker, artifact: Path, messages: int, guarantee: str, interval_ms: 
                        group_id=f"bench-{run}", metrics_port=0, max_batch=32, max_delay_ms=20,
                        session_timeout_ms=6000,
                        commit_interval_ms=interval_ms, processing_guarantee=guarantee)
-    service = Service(cfg)
+    service = build(cfg)
     first: list[tuple[float, int]] = []
 
     def watch() -> None:

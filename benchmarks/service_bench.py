@@ -2,8 +2,8 @@
 
 Used by ``benchmarks/throughput.py``. The service runs as its own process (``python -m
 stream`` through :func:`child_main`, which only names OS threads so their CPU can be read
-from ``/proc/PID/task``, and for the client-only runs swaps the model, or the model and
-the decoder, for no-ops), so the benchmark's producer and reader (:mod:`benchmarks.harness`) never
+from ``/proc/PID/task``, and for the client-only runs builds the service with no-ops for
+the model, or the model and the decoder), so the benchmark's producer and reader (:mod:`benchmarks.harness`) never
 share its GIL.
 
 * budget: decode core-seconds and inference core-seconds per image on the same 600x400
@@ -98,53 +98,53 @@ def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int 
 
 
 # ---------------------------------------------------------------- the service as a child process
-def _name_threads() -> None:
-    """Give every Python thread its name at the OS level (Python 3.11 does not), for /proc; the
-    runtime's own worker threads, started while the backend opens, are named ``runtime``. The hook is
-    the thread's bootstrap, not ``run``: kafka-python's producer thread overrides ``run``, and unnamed
-    it counted as the poll loop."""
-    import ctypes
+def _name_threads(interval_s: float = 0.1) -> None:
+    """Give every thread of this process an OS-level name, for /proc (Python 3.11 names none): each
+    Python thread its own (``Thread.native_id`` is its /proc/self/task entry), the main thread, which
+    runs the poll loop, ``poll-loop``; threads with no Python thread are the runtime's (``runtime``),
+    but for librdkafka's, which name themselves (``rdk:``). A daemon thread renames them as they come;
+    its own CPU is a few /proc reads every ``interval_s``."""
+    tasks = Path("/proc/self/task")
 
-    import stream.service
-    libc = ctypes.CDLL(None)
-    bootstrap = threading.Thread._bootstrap_inner     # type: ignore[attr-defined]
-
-    def named(self: threading.Thread) -> None:
-        try:
-            libc.prctl(15, self.name[:15].encode(), 0, 0, 0)   # PR_SET_NAME
-        finally:   # whatever happens, the thread must start: Thread.start() waits for it
-            bootstrap(self)
-    threading.Thread._bootstrap_inner = named         # type: ignore[attr-defined]
-    real = stream.service.open_artifact
-
-    def open_named(*args, **kwargs):
-        libc.prctl(15, b"runtime", 0, 0, 0)
-        try:
-            return real(*args, **kwargs)
-        finally:
-            libc.prctl(15, b"poll-loop", 0, 0, 0)
-    stream.service.open_artifact = open_named
+    def rename() -> None:
+        named: dict[int, str] = {}
+        while True:
+            python = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+            python[threading.main_thread().native_id or os.getpid()] = "poll-loop"
+            for task in tasks.iterdir():
+                try:
+                    tid = int(task.name)
+                    name = python.get(tid)
+                    if name is None and named.get(tid) is None:
+                        name = None if (task / "comm").read_text().startswith("rdk:") else "runtime"
+                    if name is not None and named.get(tid) != name:
+                        (task / "comm").write_text(name[:15])
+                        named[tid] = name
+                except (OSError, ValueError):   # the thread ended meanwhile
+                    continue
+            time.sleep(interval_s)
+    threading.Thread(target=rename, name="thread-names", daemon=True).start()
 
 
 def child_main(mode: str, argv: list[str]) -> int:
-    """``python benchmarks/service_bench.py MODE ARGS``: the service; MODE service|decode|kafka."""
-    _name_threads()
-    if mode in ("decode", "kafka"):
-        import stream.pipeline
-        import stream.service
-        from benchmarks.processor_overhead import ConstantModel
-        real = stream.service.open_artifact
-
-        def open_no_model(*args, **kwargs):
-            manifest, selection, backend = real(*args, **kwargs)
-            backend.close()
-            return manifest, selection, ConstantModel(concurrency=1)
-        stream.service.open_artifact = open_no_model
-        if mode == "kafka":
-            still = np.zeros((256, 256, 3), np.uint8)
-            stream.pipeline.decode = lambda data, limits=None: still
+    """``python benchmarks/service_bench.py MODE ARGS``: the service; MODE service|decode|kafka
+    (decode: no model; kafka: no model and no decoding)."""
     from stream.cli import main
-    return main(argv)
+    _name_threads()
+    if mode == "service":
+        return main(argv)
+    from benchmarks.processor_overhead import ConstantModel, still_image
+    from engine_build.imaging import decode
+    from stream.app import build, open_model
+    from stream.config import StreamConfig
+    from stream.service import Service
+
+    def without_model(cfg: StreamConfig) -> Service:
+        manifest, selection, backend = open_model(cfg)   # the artifact's manifest, as the service reports it
+        backend.close()
+        return build(cfg, model=(manifest, selection, ConstantModel(concurrency=1)),
+                     decoder=still_image if mode == "kafka" else decode)
+    return main(argv, build=without_model)
 
 
 def start_service(bootstrap: str, topic: str, group: str, artifact: Path, log: Path, mode: str = "service",

@@ -21,6 +21,8 @@ from .supervisor import CHILD_INDEX
 if TYPE_CHECKING:
     from .service import Service
 
+    Build = Callable[[StreamConfig], Service]
+
 DESCRIPTION = """Consume encoded images from Kafka, decode them with OpenCV, batch them, classify their
 sentiment with an artifact built by `python -m engine_build build`, and publish one JSON record per
 image (label, scores, source, model, timing) to the output topic; rejected inputs go to the
@@ -72,7 +74,9 @@ def parser() -> argparse.ArgumentParser:
     return build_parser("python -m stream", DESCRIPTION)
 
 
-def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
+def main(argv: list[str] | None = None, environ: dict | None = None, build: Build | None = None) -> int:
+    """``build``: makes the service from the config (default :func:`.app.build`; a benchmark hands in
+    its own, with a stand-in model or decoder)."""
     environ = dict(os.environ if environ is None else environ)
     try:
         cfg = from_args(parser().parse_args(argv), environ)
@@ -101,9 +105,9 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
                              name="shutdown-deadline", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    from .service import Service
+    from .app import build as build_service
     try:
-        service = Service(cfg)
+        service = (build or build_service)(cfg)
     except UserError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1

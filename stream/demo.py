@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)    # each step shows as it happens, through a pipe too
     print("loading the runtimes (ONNX Runtime, OpenVINO, OpenCV, Kafka client)")
+    from stream.app import build
     from stream.config import StreamConfig
     from stream.embedded_broker import EmbeddedBroker, free_port
-    from stream.service import Service
     try:
         args.workdir.mkdir(parents=True, exist_ok=True)
         artifact = demo_artifact(args.workdir, args.models)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                group_id="demo", metrics_port=port, max_batch=8, commit_interval_ms=200,
                                session_timeout_ms=6000)
             print("starting the service: opening the artifact and choosing its runtime")
-            service = Service(cfg)
+            service = build(cfg)
             print(f"service: {service.backend.describe()}, metrics on http://127.0.0.1:{port}/metrics")
             metrics_text: list[str] = []
 

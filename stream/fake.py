@@ -357,11 +357,16 @@ class FakeConnector:
     def __init__(self, broker: FakeBroker, topics: list[str], group_id: str, transactional: bool = False) -> None:
         self.broker, self.topics, self.group_id = broker, topics, group_id
         self.transactional = transactional
+        # what it made, newest last: a test reaches a running service's ports through them
+        self.sources: list[FakeSource] = []
+        self.sinks: list[FakeSink] = []
 
     def source(self, rebalance: RebalanceHandler) -> FakeSource:
-        return FakeSource(self.broker, self.topics, self.group_id, rebalance)
+        self.sources.append(FakeSource(self.broker, self.topics, self.group_id, rebalance))
+        return self.sources[-1]
 
     def sink(self, on_retry: Callable[[], None]) -> FakeSink:
-        if self.transactional:
-            return FakeTransactionalSink(self.broker, self.group_id, on_retry)
-        return FakeSink(self.broker, on_retry)
+        sink = FakeTransactionalSink(self.broker, self.group_id, on_retry) if self.transactional else \
+            FakeSink(self.broker, on_retry)
+        self.sinks.append(sink)
+        return sink

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -22,7 +23,10 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class Metrics:
     """All service metrics in one registry (a fresh one per service, so tests stay apart)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: the time of the per-second rate (a test's hand-turned clock)."""
+        self.clock = clock
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)   # the standard process_* metrics: resident memory, CPU seconds, open files
@@ -52,7 +56,7 @@ class Metrics:
 
     def record_finished(self, outcome: str, received: float) -> None:
         """One message's record (result or dead letter) was acknowledged by the broker."""
-        now = time.monotonic()
+        now = self.clock()
         self.images.labels(outcome).inc()
         self.end_to_end.observe(now - received)
         with self._lock:
@@ -61,7 +65,7 @@ class Metrics:
 
     def _rate(self) -> float:
         """Computed at scrape time, so it falls to 0 when traffic stops."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             while self._recent and self._recent[0] < now - 10:
                 self._recent.popleft()

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 from .records import Message, Outgoing, Prediction, dead_letter
 
 log = logging.getLogger(__name__)
+Decoder = Callable[[bytes, DecodeLimits], np.ndarray]   # bytes to pixels: :func:`engine_build.imaging.decode`
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,11 @@ class _Inferred(NamedTuple):
 
 class Processor:
     def __init__(self, backend: Backend, codec: InputCodec, encoder: OutputEncoder, sink: Sink,
-                 tracker: OffsetTracker, metrics: Metrics, model_info: dict[str, Any], cfg: PipelineConfig) -> None:
+                 tracker: OffsetTracker, metrics: Metrics, model_info: dict[str, Any], cfg: PipelineConfig,
+                 decoder: Decoder = decode) -> None:
+        """``decoder``: bytes to pixels (a benchmark's stand-in measures the rest without decoding)."""
         self.backend, self.codec, self.encoder, self.sink = backend, codec, encoder, sink
+        self.decoder = decoder
         self.tracker, self.metrics, self.model_info, self.cfg = tracker, metrics, model_info, cfg
         # Decode workers take messages from a plain queue: an executor's Future per message (a lock, a
         # condition, a callback list) cost the poll loop about 8 us a message, a tenth of its own work.
@@ -94,7 +99,8 @@ class Processor:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._infer_loop, name=f"infer-{i}", daemon=True)
                          for i in range(max(1, backend.concurrency))]
-        self.batches = 0
+        self.batches = 0            # counted by every inference thread: under its lock
+        self._batches_lock = threading.Lock()
         self._order: InOrder[tuple[Message, Outgoing, str]] = InOrder(cfg.keep_order)
         self._rejected: Counter[str] = Counter()
         self._rejected_lock = threading.Lock()
@@ -157,7 +163,7 @@ class Processor:
         started = time.perf_counter()
         try:
             data, metadata = self.codec.unpack(message.value, message.headers)
-            image = decode(data, self.cfg.limits)
+            image = self.decoder(data, self.cfg.limits)
         except DecodeError as exc:
             self.metrics.decode_failures.labels(exc.reason).inc()
             self._reject(message, exc.reason, str(exc))
@@ -202,12 +208,14 @@ class Processor:
         except Exception:
             log.exception("batch of %d failed; retrying its images one by one", len(batch))
             results = self._one_by_one(batch)
-        self.batches += 1
+        with self._batches_lock:
+            self.batches += 1
+            number = self.batches
         self.metrics.batch_size.observe(len(batch))
         self.metrics.inference.observe(time.perf_counter() - started)
         answered = [r.scores for r in results if r.finite and r.scores is not None]
         positive = int(np.argmax(answered, axis=1).sum()) if answered else 0
-        log.info("batch %d: %d images, %.1f ms inference, %d positive, %d negative%s%s", self.batches, len(batch),
+        log.info("batch %d: %d images, %.1f ms inference, %d positive, %d negative%s%s", number, len(batch),
                  (time.perf_counter() - started) * 1000, positive, len(answered) - positive,
                  self._dead_letter_summary(), " [PLACEHOLDER MODEL]" if self.model_info.get("placeholder") else "")
         for result in results:

@@ -11,27 +11,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import plugins
-from engine_build.artifact import Selection, open_artifact
-from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
-from engine_build.imaging import DecodeLimits
+from engine_build.artifact import Selection
+from engine_build.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
+from engine_build.imaging import decode
 from engine_build.manifest import Manifest
 from engine_build.runtime.base import Backend
-from engine_build.runtime.cpu import usable_cores
 
-from .config import StreamConfig, auto_decode_workers
+from .config import StreamConfig
 from .failures import FailureWatch
 from .logs import BROKER_AWAY
 from .metrics import HealthServer, Metrics
 from .offsets import OffsetTracker
-from .pipeline import PipelineConfig, Processor
+from .pipeline import Decoder, PipelineConfig, Processor
 from .ports import Connector, Partition, Sink, Source
 from .progress import ProgressWatch
 from .rebalance import Rebalance
 from .transactions import RewindableSource, TransactionalSink, Transactions
+
+if TYPE_CHECKING:
+    from plugins.codecs import InputCodec
+    from plugins.encoders import OutputEncoder
 
 log = logging.getLogger(__name__)
 DEAD_LETTER_REPORT_S = 10.0   # how often dead letters no batch line counted are summarised
@@ -55,30 +58,30 @@ class RunStats:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class Ports:
+    """The connected ports of one run: what the loop consumes from and publishes to."""
+    source: Source
+    sink: Sink
+    transactions: Transactions | None   # exactly once only
+
+
 class Service:
-    def __init__(self, cfg: StreamConfig, connector: Connector | None = None, metrics: Metrics | None = None,
-                 model: tuple[Manifest, Selection, Backend] | None = None) -> None:
-        """``model``: the artifact already opened, as :func:`open_artifact` returns it (a test's
-        stand-in); by default ``cfg.artifact`` is opened here."""
-        self.cfg = cfg
-        self.metrics = metrics or Metrics()
-        self.tracker = OffsetTracker()
-        self.rebalance = Rebalance(self.tracker, self.metrics, cfg.drain_timeout_s)
+    """Runs what it is handed (built by :func:`.app.build`): connects, polls, hands off, commits, drains."""
+
+    def __init__(self, cfg: StreamConfig, connector: Connector, model: tuple[Manifest, Selection, Backend],
+                 codec: InputCodec, encoder: OutputEncoder, pipeline: PipelineConfig, *, metrics: Metrics,
+                 tracker: OffsetTracker, health: HealthServer | None = None, decoder: Decoder = decode,
+                 dead_letter_report_s: float = DEAD_LETTER_REPORT_S) -> None:
+        """Only stores: ``model`` is the artifact already opened (as :func:`open_artifact` returns it),
+        ``health`` the server already started; both are closed when the run ends."""
+        self.cfg, self.connector, self.pipeline = cfg, connector, pipeline
+        self.codec, self.encoder, self.decoder = codec, encoder, decoder
+        self.metrics, self.tracker, self.health = metrics, tracker, health
+        self.dead_letter_report_s = dead_letter_report_s
+        self.rebalance = Rebalance(tracker, metrics, cfg.drain_timeout_s)
         self._stop = threading.Event()
-        if connector is None and cfg.kafka_client == "librdkafka":
-            from .rdkafka_io import RdKafkaConnector
-            connector = RdKafkaConnector(cfg)
-        elif connector is None:
-            from .kafka_io import KafkaConnector
-            connector = KafkaConnector(cfg)
-        self.connector = connector
-        # Everything that can be wrong with the artifact or the plugins fails here,
-        # before anything is consumed.
-        self.codec = plugins.load(plugins.INPUT_GROUP, cfg.input_codec)
-        self.encoder = plugins.load(plugins.OUTPUT_GROUP, cfg.output_codec)
-        self.manifest, self.selection, self.backend = model or open_artifact(
-            cfg.artifact, cfg.backend, cfg.precision, cfg.exact_precision, cfg.max_batch,
-            threads=cfg.inference_threads or None, streams=cfg.inference_streams)
+        self.manifest, self.selection, self.backend = model
         self.model_info = {"name": self.manifest.model.name, "sha256": self.selection.sha256,
                            "precision": self.selection.precision, "placeholder": self.manifest.model.placeholder,
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
@@ -90,15 +93,12 @@ class Service:
         self._commits = FailureWatch("committing offsets")
         self._connecting = FailureWatch(f"connecting to Kafka at {cfg.bootstrap_servers}")
         self._failure: KafkaPermanent | None = None
-        try:
-            self.health = HealthServer(self.metrics, cfg.metrics_port).start() if cfg.metrics_port else None
-        except OSError as exc:
-            self.backend.close()
-            raise ConfigError(f"--metrics-port {cfg.metrics_port}: {exc.strerror or exc}") from exc
-        self.source: Source | None = None
-        self.sink: Sink | None = None
         self.closing = threading.Event()   # set when the run starts closing, whatever ended it
         self._progress = ProgressWatch()
+        self._drain_deadline = 0.0         # when closing, the one deadline of the whole drain
+        self._drain_budget = 0.0
+        self._inference_done = True        # False while an inference call may still be running
+        self._leftover: str | None = None  # what the shutdown leaves for redelivery
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -128,7 +128,7 @@ class Service:
         else:
             self.metrics.ready.set(1 if ready else 0)
 
-    def _update_readiness(self) -> None:
+    def _update_readiness(self, ports: Ports) -> None:
         if not self._reachable:
             self._ready(False, f"Kafka at {self.cfg.bootstrap_servers} is unreachable")
         elif self._missing:
@@ -137,18 +137,18 @@ class Service:
             self._ready(False, "looking for the input topics")
         elif self._polls.failing:
             self._ready(False, f"consuming is failing: {self._polls.error}")
-        elif self.sink is not None and self.sink.failing_since is not None:
+        elif ports.sink.failing_since is not None:
             self._ready(False, "publishing to Kafka is failing; retrying")
         elif self._commits.failing:
             self._ready(False, f"committing offsets is failing: {self._commits.error}")
         else:
             self._ready(True)
 
-    def _watch_broker(self, source: Source) -> None:
+    def _watch_broker(self, ports: Ports) -> None:
         """Every few seconds: do the brokers answer, do the input topics exist (for /readyz and one log
         line per change); never blocks the poll loop."""
         while True:
-            reachable = source.reachable()
+            reachable = ports.source.reachable()
             if reachable != self._reachable:
                 if reachable:
                     log.info("Kafka at %s answers again", self.cfg.bootstrap_servers)
@@ -156,7 +156,7 @@ class Service:
                     log.warning("Kafka at %s is unreachable; retrying", self.cfg.bootstrap_servers)
                 _broker_away(not reachable)
             self._reachable = reachable
-            missing = source.missing_topics() if reachable else self._missing
+            missing = ports.source.missing_topics() if reachable else self._missing
             if missing != self._missing:
                 if missing:
                     log.warning("input topic %s does not exist (it is not created by consuming): create it or fix "
@@ -165,35 +165,44 @@ class Service:
                     log.info("every input topic exists")
             self._missing = missing
             self._topics_checked = self._topics_checked or reachable
-            self._update_readiness()
+            self._update_readiness(ports)
             if self._stop.wait(3.0):
                 return
 
     # ---- connecting ----
-    def _connect(self) -> bool:
-        """Make the sink and source, retrying outages and transient errors; False when stopped or a
-        permanent error (kept in ``_failure``) ends it."""
+    def _connect(self, closes: ExitStack) -> Ports | None:
+        """Make the sink and source, retrying outages and transient errors; None when stopped or a
+        permanent error (kept in ``_failure``) ends it. Each port made is entered into ``closes``,
+        followed by what settles the shutdown between their closes."""
         delay = 0.5
+        sink: Sink | None = None   # made once: kept through the source's retries
         while not self._stop.is_set():
             if self.health:
                 self.health.tick()   # alive while connecting: only the broker is missing
             try:
-                self.sink = self.sink or self.connector.sink(self.metrics.publish_retries.inc)
-                self.source = self.connector.source(self.rebalance)
+                if sink is None:
+                    sink = self.connector.sink(self.metrics.publish_retries.inc)
+                    closes.callback(sink.close)
+                source = self.connector.source(self.rebalance)
+                closes.callback(source.close)
+                closes.callback(self._settle)
+                transactions = None
                 if self.cfg.processing_guarantee == "exactly-once":
                     # only the Kafka connector's ports are transactional (checked on the real broker)
-                    self.rebalance.transactions = Transactions(
-                        cast(TransactionalSink, self.sink), cast(RewindableSource, self.source), self.tracker,
+                    transactions = self.rebalance.transactions = Transactions(
+                        cast(TransactionalSink, sink), cast(RewindableSource, source), self.tracker,
                         self.rebalance.owned, self.cfg.drain_timeout_s, self.cfg.transaction_timeout_ms() / 1000)
-                self._update_readiness()   # ready once the broker probe has found the input topics
+                    closes.callback(transactions.close)
+                ports = Ports(source, sink, transactions)
+                self._update_readiness(ports)   # ready once the broker probe has found the input topics
                 self._connecting.ok()
                 _broker_away(False)
                 log.info("connected to %s; consuming %s as group %s", self.cfg.bootstrap_servers,
                          ", ".join(self.cfg.input_topic), self.cfg.group_id)
-                return True
+                return ports
             except KafkaPermanent as exc:
                 self._failure = exc
-                return False
+                return None
             except (BrokerUnavailable, KafkaTransient) as exc:
                 self._ready(False, str(exc))
                 self._connecting.failed(exc)   # said once, and again only if the error changes
@@ -201,23 +210,22 @@ class Service:
                 log.debug("%s; retrying in %.1f s", exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
-        return False
+        return None
 
     # ---- committing ----
-    def _commit(self, offsets: dict[Partition, int] | None = None) -> None:
-        transactions = self.rebalance.transactions
+    def _commit(self, ports: Ports, offsets: dict[Partition, int] | None = None) -> None:
         owned = self.rebalance.owned()
         # never for a partition revoked meanwhile: a commit is not checked for ownership and could
         # move the new owner's committed offset past work it has not finished
         offsets = {p: o for p, o in (self.tracker.committable() if offsets is None else offsets).items()
                    if p in owned}
-        if not offsets or self.source is None:
+        if not offsets:
             return
         try:
-            if transactions is not None:
-                offsets = transactions.commit()
+            if ports.transactions is not None:
+                offsets = ports.transactions.commit()
             else:
-                self.source.commit(offsets)
+                ports.source.commit(offsets)
         except KafkaPermanent as exc:
             self._failure = self._failure or exc
             return
@@ -228,7 +236,7 @@ class Service:
             return
         self._commits.ok()
         self.tracker.committed(offsets)
-        ends = self.source.end_offsets()
+        ends = ports.source.end_offsets()
         for (topic, partition), offset in offsets.items():
             if (topic, partition) in ends:
                 self.metrics.lag.labels(topic, str(partition)).set(max(0, ends[(topic, partition)] - offset))
@@ -237,40 +245,48 @@ class Service:
     def run(self, count: int | None = None, timeout: float | None = None) -> RunStats:
         """Consume until stopped, or until ``count`` messages are finished, or ``timeout`` s pass.
 
-        Raises :class:`KafkaPermanent` (after draining) when consuming can never succeed.
+        Everything the run holds (the health server, the model, the ports, the processor) is closed
+        through one exit stack, in reverse, whatever fails: first the drain (stop fetching, finish
+        in-flight batches, publish, commit), then the transactions, the source, the sink, the model
+        and the health server. Raises :class:`KafkaPermanent` (after draining) when consuming can never
+        succeed.
         """
         started = time.monotonic()
         stats = RunStats()
-        if not self._connect():
-            self._close(None)
-            if self._failure is not None:
-                raise self._failure
-            return stats
-        assert self.source is not None and self.sink is not None
-        processor = Processor(self.backend, self.codec, self.encoder, self.sink, self.tracker, self.metrics,
-                              self.model_info, self._pipeline_config()).start()
-        threading.Thread(target=self._watch_broker, args=(self.source,), name="broker-probe", daemon=True).start()
-        try:
-            self._loop(processor, stats, count, None if timeout is None else started + timeout)
-        finally:
-            self._close(processor)
+        with ExitStack() as closes:
+            closes.callback(self._said_stopped)
+            if self.health is not None:
+                closes.callback(self.health.close)
+            closes.callback(self._release_model)
+            try:
+                ports = self._connect(closes)
+                if ports is not None:
+                    self._run(ports, closes, stats, count, None if timeout is None else started + timeout)
+            finally:
+                self._begin_closing()   # before the stack unwinds: the drain starts at once
         stats.finished = self.finished()
         stats.seconds = time.monotonic() - started
         if self._failure is not None:
             raise self._failure
         return stats
 
-    def _pipeline_config(self) -> PipelineConfig:
-        cfg = self.cfg
-        decoders = cfg.decode_workers or auto_decode_workers(self.backend.on_cpu, usable_cores())
-        log.info("decoding on %d thread%s%s", decoders, "s" * (decoders != 1), "" if cfg.decode_workers else " (auto)")
-        return PipelineConfig(cfg.output_topic, cfg.dead_letter_topic, cfg.max_batch, cfg.max_delay_ms,
-                              decoders, not cfg.no_adaptive_batching,
-                              DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, not cfg.no_reduced_decode),
-                              keep_order=not cfg.unordered)
+    def _run(self, ports: Ports, closes: ExitStack, stats: RunStats, count: int | None,
+             deadline: float | None) -> None:
+        decoders = self.pipeline.decode_workers
+        log.info("decoding on %d thread%s%s", decoders, "s" * (decoders != 1),
+                 "" if self.cfg.decode_workers else " (auto)")
+        processor = Processor(self.backend, self.codec, self.encoder, ports.sink, self.tracker, self.metrics,
+                              self.model_info, self.pipeline, self.decoder)
+        self._inference_done = False
+        processor.start()
+        closes.callback(self._finish, ports)               # third: flush and commit
+        closes.callback(self._stop_processor, processor)   # second: finish what is in flight
+        closes.callback(self._stop_fetching, ports)        # first: the deadline starts, fetching stops
+        threading.Thread(target=self._watch_broker, args=(ports,), name="broker-probe", daemon=True).start()
+        self._loop(ports, processor, stats, count, deadline)
 
-    def _loop(self, processor: Processor, stats: RunStats, count: int | None, deadline: float | None) -> None:
-        assert self.source is not None
+    def _loop(self, ports: Ports, processor: Processor, stats: RunStats, count: int | None,
+              deadline: float | None) -> None:
         paused, last_commit, last_report = False, time.monotonic(), time.monotonic()
         while not self._stop.is_set():
             if self.health:
@@ -279,31 +295,31 @@ class Service:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 return
-            paused = self._backpressure(paused, processor)
+            paused = self._backpressure(ports, paused, processor)
             if paused:   # nothing to fetch: wait for the resume mark rather than poll (an empty poll costs ~1 ms)
                 if self.tracker.in_flight() > self._resume_at:
                     self.tracker.wait_at_most(self._resume_at, PAUSED_POLL_S)
                 else:
                     processor.wait_bytes_at_most(self.cfg.max_in_flight_bytes // 2, PAUSED_POLL_S)
-                paused = self._backpressure(paused, processor)
+                paused = self._backpressure(ports, paused, processor)
             if self._stuck():
                 return
-            messages = self._poll(0.0 if paused else 0.1)
+            messages = self._poll(ports, 0.0 if paused else 0.1)
             # the first cause wins: a poll's, the sink's or a rebalance step's
-            self._failure = self._failure or (self.sink and self.sink.failure) or self.rebalance.failure
+            self._failure = self._failure or ports.sink.failure or self.rebalance.failure
             if self._failure is not None:
                 return
             owned = self.rebalance.owned() if messages else set()
-            owned -= self._redo()
+            owned -= self._redo(ports)
             kept = [m for m in messages if (m.topic, m.partition) in owned]   # others: revoked since the poll
             for message in kept:
                 processor.submit(message)
             stats.consumed += len(kept)
             if time.monotonic() - last_commit >= self.cfg.commit_interval_ms / 1000:
-                self._commit()
+                self._commit(ports)
                 last_commit = time.monotonic()
-                self._update_readiness()
-            if time.monotonic() - last_report >= DEAD_LETTER_REPORT_S:
+                self._update_readiness(ports)
+            if time.monotonic() - last_report >= self.dead_letter_report_s:
                 processor.report_dead_letters()
                 last_report = time.monotonic()
 
@@ -325,12 +341,11 @@ class Service:
         self._failure = self._failure or KafkaPermanent(reason)
         return True
 
-    def _redo(self) -> set[Partition]:
+    def _redo(self, ports: Ports) -> set[Partition]:
         """Exactly once: partitions rewound after a revocation aborted their unit (their records from
         this poll are stale); a rewind that fails ends the member."""
-        transactions = self.rebalance.transactions
         try:
-            return transactions.redo() if transactions is not None else set()
+            return ports.transactions.redo() if ports.transactions is not None else set()
         except KafkaPermanent as exc:
             self._failure = self._failure or exc
             return self.rebalance.owned()   # nothing more is handed out
@@ -340,31 +355,29 @@ class Service:
         """In flight at or below this, paused partitions resume."""
         return self.cfg.max_in_flight // 2
 
-    def _backpressure(self, paused: bool, processor: Processor) -> bool:
+    def _backpressure(self, ports: Ports, paused: bool, processor: Processor) -> bool:
         """Pause every partition while too much is in flight (messages or bytes); resume at half of
         both. Returns the new state."""
-        assert self.source is not None
         in_flight, in_bytes = self.tracker.in_flight(), processor.in_flight_bytes()
         if not paused and (in_flight >= self.cfg.max_in_flight or in_bytes >= self.cfg.max_in_flight_bytes):
-            self.source.pause_all()
+            ports.source.pause_all()
             return True
         if paused and in_flight <= self._resume_at and in_bytes <= self.cfg.max_in_flight_bytes // 2:
-            self.source.resume_all()
+            ports.source.resume_all()
             return False
         return paused
 
-    def _poll(self, timeout: float) -> list[Any]:
+    def _poll(self, ports: Ports, timeout: float) -> list[Any]:
         """One poll; errors are classified: outages and transient ones retried, permanent ones end the run."""
-        assert self.source is not None
         try:
-            messages = self.source.poll(timeout, self.cfg.max_poll_records)
+            messages = ports.source.poll(timeout, self.cfg.max_poll_records)
         except KafkaPermanent as exc:
             self._failure = exc
             return []
         except (BrokerUnavailable, KafkaTransient) as exc:
             failing_for = self._polls.failed(exc)
             self.metrics.poll_errors.labels("outage" if isinstance(exc, BrokerUnavailable) else "transient").inc()
-            self._update_readiness()
+            self._update_readiness(ports)
             if isinstance(exc, KafkaTransient) and failing_for > self.cfg.fail_after_s:
                 self._failure = KafkaPermanent(f"{exc} (failing for {failing_for:.0f} s, past --fail-after-s "
                                                f"{self.cfg.fail_after_s:g}); exiting so a restart makes a new client")
@@ -373,50 +386,53 @@ class Service:
             return []
         if self._polls.failing:
             self._polls.ok()
-            self._update_readiness()
+            self._update_readiness(ports)
         return messages
 
-    def _close(self, processor: Processor | None) -> None:
-        """Stop fetching, finish in-flight batches, publish, commit, close."""
+    # ---- closing: the steps the run's exit stack takes, in this order ----
+    def _begin_closing(self) -> None:
         self.closing.set()
         self._ready(False, "shutting down")
         self._stop.set()   # ends the broker probe too
-        if self.source is not None:
-            self.source.pause_all()
-        # One deadline for the whole drain; a sink that failed for good never acknowledges what it
-        # holds, so then do not wait for it.
-        budget = 1.0 if self.sink is not None and self.sink.failure is not None else self.cfg.drain_timeout_s
-        deadline = time.monotonic() + budget
 
-        def left() -> float:
-            return max(0.0, deadline - time.monotonic())
-        inference_done = True
-        if processor is not None:
-            inference_done = processor.stop(left())
-            processor.report_dead_letters()
-            if not self.tracker.wait_idle(left()):
-                log.warning("%d messages unacknowledged after %.0f s: left uncommitted (they will be redelivered)",
-                            self.tracker.in_flight(), budget)
-        if self.sink is not None:
-            self.sink.flush(left())
-        if self.rebalance.transactions is not None:
-            self.rebalance.transactions.drain_timeout_s = left()
-        self._commit()
-        if self.rebalance.transactions is not None:
-            self.rebalance.transactions.close()
-        leftover = self.uncommitted() if self.tracker.committable() or self.tracker.in_flight() else None
+    def _left(self) -> float:
+        return max(0.0, self._drain_deadline - time.monotonic())
+
+    def _stop_fetching(self, ports: Ports) -> None:
+        """The drain's one deadline starts; a sink that failed for good never acknowledges what it
+        holds, so then it is not waited for."""
+        self._drain_budget = 1.0 if ports.sink.failure is not None else self.cfg.drain_timeout_s
+        self._drain_deadline = time.monotonic() + self._drain_budget
+        ports.source.pause_all()
+
+    def _stop_processor(self, processor: Processor) -> None:
+        """Finish in-flight batches (and publish them) within the deadline."""
+        self._inference_done = processor.stop(self._left())
+        processor.report_dead_letters()
+        if not self.tracker.wait_idle(self._left()):
+            log.warning("%d messages unacknowledged after %.0f s: left uncommitted (they will be redelivered)",
+                        self.tracker.in_flight(), self._drain_budget)
+
+    def _finish(self, ports: Ports) -> None:
+        """Flush what is published and commit what is acknowledged."""
+        ports.sink.flush(self._left())
+        if ports.transactions is not None:
+            ports.transactions.drain_timeout_s = self._left()
+        self._commit(ports)
+
+    def _settle(self) -> None:
+        """After the last commit (and the transactions' close), before the source closes."""
+        self._leftover = self.uncommitted() if self.tracker.committable() or self.tracker.in_flight() else None
         self.rebalance.drain_timeout_s = 0.0   # drained above: closing revokes without waiting again
-        if self.source is not None:
-            self.source.close()
-        if self.sink is not None:
-            self.sink.close()
-        if inference_done:
+
+    def _release_model(self) -> None:
+        if self._inference_done:
             self.backend.close()
         else:   # a runtime may not be closed under a running inference call; the process ends anyway
             log.warning("an inference call outlasted the drain; the model is left to the process exit")
-        if self.health:
-            self.health.close()
-        if leftover:
-            log.warning("stopped: %d messages finished; left for redelivery: %s", self.finished(), leftover)
+
+    def _said_stopped(self) -> None:
+        if self._leftover:
+            log.warning("stopped: %d messages finished; left for redelivery: %s", self.finished(), self._leftover)
         else:
             log.info("stopped: %d messages finished, offsets committed", self.finished())

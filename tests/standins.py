@@ -1,4 +1,4 @@
-"""A model stand-in for service tests that do not test the model: handed to ``Service(model=...)``
+"""A model stand-in for service tests that do not test the model: handed to ``stream.app.build(model=...)``
 in place of an opened artifact, so those tests neither compile nor run a network."""
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from stream.app import build
 from stream.fake import FakeBroker, FakeConnector, FakeSource
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
@@ -48,7 +49,6 @@ def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfin
     """A member under backlog revokes, cannot drain in time, and keeps one partition (its fetch
     position kept, as kafka-python keeps it): the work still in its queues must keep holding that
     partition's commits back until its records are acknowledged."""
-    from stream.service import Service
     broker = FakeBroker()
     broker.create_topic("in", 2)
     total = 240
@@ -56,7 +56,7 @@ def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfin
         broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
     cfg = config(small_artifact, max_batch=4, max_in_flight=64, max_poll_records=16, drain_timeout_s=0.05)
     connector = _AuditedConnector(broker, ["in"], cfg.group_id)
-    first = Service(cfg, connector, model=stand_in(PixelModel(delay_s=0.02)))
+    first = build(cfg, connector=connector, model=stand_in(PixelModel(delay_s=0.02)))
     worker = threading.Thread(target=first.run, kwargs={"timeout": 90}, daemon=True)
     worker.start()
     while len(broker.records("out")) < 12:
@@ -85,7 +85,6 @@ def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfin
 def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(small_artifact):
     """Its result is too large for the broker, and so is a dead letter with all its headers: the
     dead letter drops the oversized headers (saying which) and keeps the original value."""
-    from stream.service import Service
     broker = FakeBroker()
     broker.create_topic("in", 1)
     broker.max_record_bytes = 200_000
@@ -93,7 +92,7 @@ def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(s
     huge = [("trace-id", b"t-1"), ("blob", b"x" * 300_000), ("blob2", b"y" * 300_000)]
     broker.produce("in", image, key=b"heavy", headers=huge)
     broker.produce("in", image, key=b"after", headers=[("trace-id", b"t-2")])
-    svc = Service(config(small_artifact), broker.connector(["in"], "sentiment-stream"), model=stand_in())
+    svc = build(config(small_artifact), connector=broker.connector(["in"], "sentiment-stream"), model=stand_in())
     stats = svc.run(count=2, timeout=60)
     assert stats.finished == 2
     (dead,) = broker.records("dlq")
@@ -109,16 +108,15 @@ def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(s
 
 def test_backpressure_bounds_the_bytes_in_flight(small_artifact):
     """Far fewer messages than --max-in-flight, but their bytes pass --max-in-flight-bytes: paused."""
-    from stream.service import Service
     broker = FakeBroker()
     broker.create_topic("in", 1)
     image = good_images()["png"]   # 439 kB
     for i in range(60):
         broker.produce("in", image, key=str(i).encode())
     budget = 8 * len(image)
-    svc = Service(config(small_artifact, max_in_flight=512, max_in_flight_bytes=budget, max_batch=4,
-                         max_poll_records=2), broker.connector(["in"], "sentiment-stream"),
-                  model=stand_in(PixelModel(delay_s=0.02)))
+    svc = build(config(small_artifact, max_in_flight=512, max_in_flight_bytes=budget, max_batch=4,
+                       max_poll_records=2), connector=broker.connector(["in"], "sentiment-stream"),
+                model=stand_in(PixelModel(delay_s=0.02)))
     peak = []
     original = svc.tracker.add
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from stream.app import build
 from stream.config import StreamConfig
-from stream.service import Service
 
 from .images import bad_images, good_images
 from .kafka_helpers import (
@@ -41,7 +41,7 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=8, commit_interval_ms=100,
                        session_timeout_ms=6000, kafka_client=kafka_client)
-    stats = Service(cfg).run(count=len(good) + len(bad), timeout=120)
+    stats = build(cfg).run(count=len(good) + len(bad), timeout=120)
     assert stats.finished == len(good) + len(bad)
 
     out = read_all(kafka_broker.bootstrap, t["output"], len(good))
@@ -244,7 +244,7 @@ def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=4, commit_interval_ms=100,
                        session_timeout_ms=6000, kafka_client=kafka_client)
-    svc = Service(cfg, model=stand_in())
+    svc = build(cfg, model=stand_in())
     svc.encoder = _StrEncoder(svc.encoder)
     with caplog.at_level("WARNING"):
         stats = svc.run(count=len(good), timeout=120)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from engine_build.errors import ConfigError, KafkaPermanent
+from stream.app import build
 from stream.fake import FakeBroker
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker
@@ -32,8 +33,8 @@ def exactly_once(artifact, **overrides):
 
 def transactional(broker: FakeBroker, cfg, model: PixelModel | None = None) -> Service:
     """An exactly-once service on the fake broker, its model a stand-in (tests/standins.py)."""
-    return Service(cfg, broker.connector(list(cfg.input_topic), cfg.group_id, transactional=True),
-                   model=stand_in(model))
+    return build(cfg, connector=broker.connector(list(cfg.input_topic), cfg.group_id, transactional=True),
+                 model=stand_in(model))
 
 
 def fill(broker: FakeBroker, total: int) -> None:
@@ -83,7 +84,7 @@ def test_a_revocation_whose_commit_fails_redoes_what_the_member_keeps(small_arti
     member = newcomer(broker)
     assert broker.fail_next_commits == 0
     member.close()                   # the first member gets everything back
-    source = first.source
+    source = first.connector.sources[-1]   # type: ignore[attr-defined]
     wait_until(lambda: [source.position(("in", p)) for p in (0, 1)] == [total // 2] * 2   # type: ignore[attr-defined]
                and first.tracker.in_flight() == 0, what="everything fetched again and published")
     first.stop()                     # commits on the way out
@@ -103,13 +104,14 @@ def test_an_evicted_member_aborts_its_transaction_and_commits_nothing_more(small
     evicted = transactional(broker, cfg, PixelModel(delay_s=0.01))
     worker, raised = start(evicted)
     wait_until(lambda: evicted.finished() >= total // 2, what="half the inputs in the open transaction")
-    broker.evict(evicted.source)
+    broker.evict(evicted.connector.sources[-1])   # type: ignore[attr-defined]
     other = transactional(broker, cfg)
     other_worker, other_raised = start(other)
     worker.join(60)
     assert len(raised) == 1 and isinstance(raised[0], KafkaPermanent) and "evicted" in str(raised[0])
-    assert evicted.sink.open_transaction() == [], "left open, it would hold back read_committed readers"  # type: ignore[union-attr]
-    source = other.source
+    assert evicted.connector.sinks[-1].open_transaction() == [], \
+        "left open, it would hold back read_committed readers"  # type: ignore[attr-defined]
+    source = other.connector.sources[-1]   # type: ignore[attr-defined]
     wait_until(lambda: [source.position(("in", p)) for p in (0, 1)] == [total // 2] * 2   # type: ignore[attr-defined]
                and other.tracker.in_flight() == 0, what="the other member fetches and publishes every input")
     other.stop()   # commits on the way out

@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from engine_build.errors import ConfigError
 from engine_build.runtime.base import Backend, Outputs
 from plugins.codecs import RawCodec
 from plugins.encoders import JsonEncoder
+from stream.app import build
 from stream.batching import Batcher
 from stream.config import StreamConfig
 from stream.fake import FakeBroker
@@ -110,11 +112,13 @@ def config(artifact: Path, **overrides) -> StreamConfig:
     return StreamConfig(**values)
 
 
-def service(broker: FakeBroker, cfg: StreamConfig, backend: Backend | None = None, artifact: bool = False) -> Service:
+def service(broker: FakeBroker, cfg: StreamConfig, backend: Backend | None = None, artifact: bool = False,
+            **handed: Any) -> Service:
     """A service on the fake broker; its model is a stand-in (``backend``, a PixelModel by default)
-    unless the test is about the model from the ``artifact``."""
-    return Service(cfg, broker.connector(list(cfg.input_topic), cfg.group_id),
-                   model=None if artifact else stand_in(backend))
+    unless the test is about the model from the ``artifact``; ``handed``: what else the test hands
+    to :func:`stream.app.build`."""
+    return build(cfg, connector=broker.connector(list(cfg.input_topic), cfg.group_id),
+                 model=None if artifact else stand_in(backend), **handed)
 
 
 def fill(broker: FakeBroker, partitions: int = 2) -> tuple[int, int]:
@@ -365,12 +369,9 @@ def test_dead_letter_too_large_for_the_broker_keeps_headers_and_drops_the_value(
     assert broker.committed["sentiment-stream"] == {("in", 0): 2}
 
 
-def test_images_per_second_is_measured_at_scrape_time(monkeypatch):
-    from stream import metrics as metrics_module
-    from stream.metrics import Metrics
+def test_images_per_second_is_measured_at_scrape_time():
     clock = [1000.0]
-    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
-    m = Metrics()
+    m = Metrics(clock=lambda: clock[0])
     for _ in range(30):
         m.record_finished("published", clock[0] - 0.1)
     assert "sentiment_images_per_second 3.0" in m.render().decode()
@@ -701,23 +702,17 @@ def test_auto_decode_workers_leave_cpu_inference_most_of_the_cores(on_cpu, cores
     assert auto_decode_workers(on_cpu, cores) == workers
 
 
-def test_the_service_decodes_on_the_auto_count_unless_told(small_artifact, caplog, monkeypatch):
-    import stream.service
-    monkeypatch.setattr(stream.service, "usable_cores", lambda: 16)
+def test_the_service_decodes_on_the_auto_count_unless_told(small_artifact, caplog):
     broker = FakeBroker()
     broker.create_topic("in", 1)
     with caplog.at_level("INFO", logger="stream"):
-        auto = service(broker, config(small_artifact))
-        try:
-            assert auto.backend.on_cpu and auto._pipeline_config().decode_workers == 8
-        finally:
-            auto.backend.close()
+        auto = service(broker, config(small_artifact), cores=16)
+        assert auto.backend.on_cpu and auto.pipeline.decode_workers == 8
+        auto.run(count=0, timeout=30)
     assert any(r.getMessage() == "decoding on 8 threads (auto)" for r in caplog.records)
-    told = service(broker, config(small_artifact, decode_workers=3))
-    try:
-        assert told._pipeline_config().decode_workers == 3
-    finally:
-        told.backend.close()
+    told = service(broker, config(small_artifact, decode_workers=3), cores=16)
+    assert told.pipeline.decode_workers == 3
+    told.run(count=0, timeout=30)
 
 
 def test_a_tombstone_is_dead_lettered_with_a_null_value_not_an_empty_one(small_artifact):
@@ -753,7 +748,7 @@ def test_a_broker_unreachable_at_start_up_is_said_once_and_its_recovery_once(sma
     broker.create_topic("in", 1)
     broker.produce("in", good_images()["png"], key=b"k")
     cfg = config(small_artifact)
-    svc = Service(cfg, _AwayAtFirst(broker.connector(["in"], cfg.group_id), failures=3))
+    svc = build(cfg, connector=_AwayAtFirst(broker.connector(["in"], cfg.group_id), failures=3))
     with caplog.at_level("INFO", logger="stream"):
         assert svc.run(count=1, timeout=60).finished == 1
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("stream") and r.levelname != "DEBUG"]
