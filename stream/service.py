@@ -29,6 +29,7 @@ from .offsets import OffsetTracker
 from .pipeline import Decoder, PipelineConfig, Processor
 from .ports import Connector, Partition, Sink, Source
 from .progress import ProgressWatch
+from .readiness import Readiness
 from .rebalance import Rebalance
 from .transactions import RewindableSource, TransactionalSink, Transactions
 
@@ -85,10 +86,7 @@ class Service:
         self.model_info = {"name": self.manifest.model.name, "sha256": self.selection.sha256,
                            "precision": self.selection.precision, "placeholder": self.manifest.model.placeholder,
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
-        self._reachable = True
-        self._missing: list[str] = []
-        self._topics_checked = False   # ready only once the broker probe has looked for the input topics
-        self._readiness: tuple[bool, str] = (False, "starting")
+        self.readiness = Readiness(cfg.bootstrap_servers, health.set_ready if health else self._ready_gauge)
         self._polls = FailureWatch("consuming from Kafka")
         self._commits = FailureWatch("committing offsets")
         self._connecting = FailureWatch(f"connecting to Kafka at {cfg.bootstrap_servers}")
@@ -114,57 +112,27 @@ class Service:
         return self.metrics.finished_total
 
     # ---- readiness ----
-    def _ready(self, ready: bool, reason: str = "") -> None:
-        if self._readiness[1] == "shutting down":
-            return   # the probe thread may still report; shutting down is final
-        if ready != self._readiness[0]:
-            if ready or reason == "shutting down":
-                log.info("ready" if ready else reason)
-            else:
-                log.warning("not ready: %s", reason)
-        self._readiness = (ready, reason)
-        if self.health:
-            self.health.set_ready(ready, reason)
-        else:
-            self.metrics.ready.set(1 if ready else 0)
+    def _ready_gauge(self, ready: bool, reason: str) -> None:
+        self.metrics.ready.set(1 if ready else 0)
 
     def _update_readiness(self, ports: Ports) -> None:
-        if not self._reachable:
-            self._ready(False, f"Kafka at {self.cfg.bootstrap_servers} is unreachable")
-        elif self._missing:
-            self._ready(False, f"input topic {', '.join(self._missing)} does not exist")
-        elif not self._topics_checked:
-            self._ready(False, "looking for the input topics")
-        elif self._polls.failing:
-            self._ready(False, f"consuming is failing: {self._polls.error}")
+        if self._polls.failing:
+            failing: str | None = f"consuming is failing: {self._polls.error}"
         elif ports.sink.failing_since is not None:
-            self._ready(False, "publishing to Kafka is failing; retrying")
+            failing = "publishing to Kafka is failing; retrying"
         elif self._commits.failing:
-            self._ready(False, f"committing offsets is failing: {self._commits.error}")
+            failing = f"committing offsets is failing: {self._commits.error}"
         else:
-            self._ready(True)
+            failing = None
+        self.readiness.update(failing)
 
     def _watch_broker(self, ports: Ports) -> None:
         """Every few seconds: do the brokers answer, do the input topics exist (for /readyz and one log
         line per change); never blocks the poll loop."""
         while True:
             reachable = ports.source.reachable()
-            if reachable != self._reachable:
-                if reachable:
-                    log.info("Kafka at %s answers again", self.cfg.bootstrap_servers)
-                else:
-                    log.warning("Kafka at %s is unreachable; retrying", self.cfg.bootstrap_servers)
+            if self.readiness.observed(reachable, ports.source.missing_topics() if reachable else None):
                 _broker_away(not reachable)
-            self._reachable = reachable
-            missing = ports.source.missing_topics() if reachable else self._missing
-            if missing != self._missing:
-                if missing:
-                    log.warning("input topic %s does not exist (it is not created by consuming): create it or fix "
-                                "--input-topic", ", ".join(repr(t) for t in missing))
-                else:
-                    log.info("every input topic exists")
-            self._missing = missing
-            self._topics_checked = self._topics_checked or reachable
             self._update_readiness(ports)
             if self._stop.wait(3.0):
                 return
@@ -204,7 +172,7 @@ class Service:
                 self._failure = exc
                 return None
             except (BrokerUnavailable, KafkaTransient) as exc:
-                self._ready(False, str(exc))
+                self.readiness.set(False, str(exc))
                 self._connecting.failed(exc)   # said once, and again only if the error changes
                 _broker_away(isinstance(exc, BrokerUnavailable))
                 log.debug("%s; retrying in %.1f s", exc, delay)
@@ -326,7 +294,7 @@ class Service:
     def _stuck(self) -> bool:
         """Work queued and nothing finished for --stall-timeout-s while Kafka answers: fail /healthz and
         end the run (the group then moves this member's partitions)."""
-        if not self._reachable:
+        if not self.readiness.reachable:
             self._progress.reset()
             return False
         queued = self.tracker.in_flight()
@@ -392,7 +360,7 @@ class Service:
     # ---- closing: the steps the run's exit stack takes, in this order ----
     def _begin_closing(self) -> None:
         self.closing.set()
-        self._ready(False, "shutting down")
+        self.readiness.shut_down()
         self._stop.set()   # ends the broker probe too
 
     def _left(self) -> float:
