@@ -20,6 +20,7 @@ from .supervisor import CHILD_INDEX
 
 if TYPE_CHECKING:
     from .service import Service
+    from .supervisor import ChildCommand
 
     Build = Callable[[StreamConfig], Service]
 
@@ -74,9 +75,11 @@ def parser() -> argparse.ArgumentParser:
     return build_parser("python -m stream", DESCRIPTION)
 
 
-def main(argv: list[str] | None = None, environ: dict | None = None, build: Build | None = None) -> int:
+def main(argv: list[str] | None = None, environ: dict | None = None, build: Build | None = None,
+         child_command: ChildCommand | None = None) -> int:
     """``build``: makes the service from the config (default :func:`.app.build`; a benchmark hands in
-    its own, with a stand-in model or decoder)."""
+    its own, with a stand-in model or decoder). ``child_command``: with ``--processes`` above 1, each
+    child's command line (default :func:`.supervisor.child_argv`)."""
     environ = dict(os.environ if environ is None else environ)
     try:
         cfg = from_args(parser().parse_args(argv), environ)
@@ -85,9 +88,10 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
         return 1
     configure_logging(cfg.log_level, environ.get(CHILD_INDEX))
     if cfg.processes > 1:
-        from .supervisor import supervise
+        from .supervisor import child_argv, supervise
         return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
-                         cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None)
+                         cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None,
+                         child_command or child_argv)
     # Signals are handled from here on: one that arrives while the model loads ends the start cleanly.
     received: list[int] = []
     holder: list[Service] = []

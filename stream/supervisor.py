@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 CHILD_INDEX = "STREAM_CHILD_INDEX"   # set in child i's environment; its log lines carry [pi]
@@ -39,10 +39,16 @@ def child_environ(index: int) -> dict[str, str]:
     return {**os.environ, CHILD_INDEX: str(index)}
 
 
-def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None) -> int:
+ChildCommand = Callable[[Sequence[str], int, int], list[str]]   # (flags, index, base metrics port) -> command
+
+
+def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None,
+              command: ChildCommand = child_argv) -> int:
+    """Run ``processes`` children (``command`` makes each one's command line) until all have exited;
+    returns the first failure's code, else 0."""
     # Own sessions (so own process groups): a terminal's Ctrl-C reaches the children once, through
     # forward(), not twice (a second signal means "exit now" to a child).
-    children = [subprocess.Popen(child_argv(own_transactional_id(argv, i, transactional_id), i, metrics_port),
+    children = [subprocess.Popen(command(own_transactional_id(argv, i, transactional_id), i, metrics_port),
                                  env=child_environ(i), start_new_session=True)
                 for i in range(processes)]
     log.info("started %d consumer processes (pids %s)%s", processes, ", ".join(str(c.pid) for c in children),

@@ -14,7 +14,7 @@ from stream.rebalance import Rebalance
 
 from .images import good_images
 from .standins import PixelModel, stand_in
-from .test_stream_units import config, sources
+from .test_stream_units import PeakTracker, config, sources
 
 
 class _Audited(FakeSource):
@@ -114,18 +114,12 @@ def test_backpressure_bounds_the_bytes_in_flight(small_artifact):
     for i in range(60):
         broker.produce("in", image, key=str(i).encode())
     budget = 8 * len(image)
+    tracker = PeakTracker()
     svc = build(config(small_artifact, max_in_flight=512, max_in_flight_bytes=budget, max_batch=4,
                        max_poll_records=2), connector=broker.connector(["in"], "sentiment-stream"),
-                model=stand_in(PixelModel(delay_s=0.02)))
-    peak = []
-    original = svc.tracker.add
-
-    def watching_add(partition, offset):
-        original(partition, offset)
-        peak.append(svc.tracker.in_flight())
-    svc.tracker.add = watching_add
+                model=stand_in(PixelModel(delay_s=0.02)), tracker=tracker)
     assert svc.run(count=60, timeout=60).finished == 60
-    assert max(peak) <= 8 + 2, "paused at the byte budget (one poll may overshoot by its size)"
+    assert max(tracker.peaks) <= 8 + 2, "paused at the byte budget (one poll may overshoot by its size)"
 
 
 class _StubFuture:

@@ -237,6 +237,8 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
 
 def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever(kafka_broker, small_artifact, caplog,
                                                                                  kafka_client):
+    from plugins.encoders import JsonEncoder
+
     from .test_stream_units import _StrEncoder
     t = names(kafka_broker, partitions=1)
     good = good_images()
@@ -244,8 +246,7 @@ def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=4, commit_interval_ms=100,
                        session_timeout_ms=6000, kafka_client=kafka_client)
-    svc = build(cfg, model=stand_in())
-    svc.encoder = _StrEncoder(svc.encoder)
+    svc = build(cfg, model=stand_in(), encoder=_StrEncoder(JsonEncoder()))
     with caplog.at_level("WARNING"):
         stats = svc.run(count=len(good), timeout=120)
     assert stats.finished == len(good)

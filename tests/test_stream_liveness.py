@@ -133,20 +133,21 @@ def test_a_member_whose_inference_hangs_fails_healthz_and_ends(small_artifact):
     from stream.fake import FakeBroker
 
     from .images import good_images
+    from .standins import PixelModel
     from .test_stream_units import config, service
     broker = FakeBroker()
     broker.create_topic("in", 1)
     for i in range(8):
         broker.produce("in", good_images()["png"], key=str(i).encode())
     port = free_port()
-    svc = service(broker, config(small_artifact, metrics_port=port, stall_timeout_s=1.0, drain_timeout_s=3.0))
     release = threading.Event()
-    real = svc.backend.infer
 
-    def hang(batch):   # the stalled inference stand-in
-        release.wait(60)
-        return real(batch)
-    svc.backend.infer = hang
+    class Hanging(PixelModel):   # the stalled inference stand-in
+        def _infer_impl(self, images):
+            release.wait(60)
+            return super()._infer_impl(images)
+    svc = service(broker, config(small_artifact, metrics_port=port, stall_timeout_s=1.0, drain_timeout_s=3.0),
+                  Hanging())
     raised: list[BaseException] = []
 
     def run() -> None:

@@ -196,27 +196,33 @@ def test_stop_mid_stream_drains_and_commits_exactly_what_was_published(small_art
     assert broker.committed["sentiment-stream"] == {("in", 0): published}
 
 
+class PeakTracker(OffsetTracker):
+    """Notes how many messages are in flight after each one is added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peaks: list[int] = []
+
+    def add(self, partition, offset) -> None:
+        super().add(partition, offset)
+        self.peaks.append(self.in_flight())
+
+
 def test_backpressure_bounds_in_flight(small_artifact):
     broker = FakeBroker()
     broker.create_topic("in", 1)
     for i in range(120):
         broker.produce("in", good_images()["png"], key=str(i).encode())
-    svc = service(broker, config(small_artifact, max_in_flight=16, max_batch=8, max_poll_records=4))
-    peak = []
-    original = svc.tracker.add
-
-    def watching_add(partition, offset):
-        original(partition, offset)
-        peak.append(svc.tracker.in_flight())
-    svc.tracker.add = watching_add
+    tracker = PeakTracker()
+    svc = service(broker, config(small_artifact, max_in_flight=16, max_batch=8, max_poll_records=4), tracker=tracker)
     svc.run(count=120, timeout=60)
-    assert max(peak) <= 16 + 4, "paused at the limit (one poll may overshoot by its size)"
+    assert max(tracker.peaks) <= 16 + 4, "paused at the limit (one poll may overshoot by its size)"
 
 
-def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artifact, monkeypatch):
+def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artifact):
     """Paused, an empty poll costs CPU and fetches nothing: the loop waits on the tracker and polls
     only every PAUSED_POLL_S (without waiting) to keep its group membership going."""
-    from stream.fake import FakeSource
+    from stream.fake import FakeConnector, FakeSource
     from stream.service import PAUSED_POLL_S
     broker = FakeBroker()
     broker.create_topic("in", 1)
@@ -224,18 +230,21 @@ def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artif
         broker.produce("in", good_images()["png"], key=str(i).encode())
     broker.fail_next_publishes = 10**9        # every result is retried: in flight stays at the limit
     paused: list[tuple[float, float]] = []    # (when, timeout) of each poll while paused
-    real = FakeSource.poll
 
-    def recorded(self, timeout_s, max_records):
-        if self.paused:
-            paused.append((time.monotonic(), timeout_s))
-            if len(paused) == 4:              # seen enough: let the results through
-                with broker.lock:
-                    broker.fail_next_publishes = 0
-        return real(self, timeout_s, max_records)
-    monkeypatch.setattr(FakeSource, "poll", recorded)
-    stats = service(broker, config(small_artifact, max_in_flight=4, max_batch=2, max_poll_records=4)).run(
-        count=12, timeout=60)
+    class Recorded(FakeSource):
+        def poll(self, timeout_s, max_records):
+            if self.paused:
+                paused.append((time.monotonic(), timeout_s))
+                if len(paused) == 4:              # seen enough: let the results through
+                    with broker.lock:
+                        broker.fail_next_publishes = 0
+            return super().poll(timeout_s, max_records)
+
+    class Recording(FakeConnector):
+        def source(self, rebalance):
+            return Recorded(self.broker, self.topics, self.group_id, rebalance)
+    cfg = config(small_artifact, max_in_flight=4, max_batch=2, max_poll_records=4)
+    stats = build(cfg, connector=Recording(broker, ["in"], cfg.group_id), model=stand_in()).run(count=12, timeout=60)
     assert stats.finished == 12
     assert len(paused) >= 4 and all(timeout == 0 for _, timeout in paused), "paused polls never wait"
     gaps = [b - a for (a, _), (b, _) in zip(paused[:4], paused[1:4], strict=False)]
@@ -547,18 +556,31 @@ def test_client_chatter_is_rate_limited_and_counted():
     assert chatter.filter(passed) and "[15 like this held back" in passed.msg
 
 
-def test_dead_letters_are_counted_in_the_log_even_with_no_batch(small_artifact, caplog, monkeypatch):
-    from stream import service as service_module
-    monkeypatch.setattr(service_module, "DEAD_LETTER_REPORT_S", 0.05)
+def test_dead_letters_are_counted_in_the_log_even_with_no_batch(small_artifact, caplog):
+    """Said while the run goes on (every ``dead_letter_report_s``), not only when it ends."""
+    import re
     broker = FakeBroker()
     broker.create_topic("in", 1)
     for i in range(6):
         broker.produce("in", b"plain text, not an image", key=str(i).encode())
-    svc = service(broker, config(small_artifact))
+    svc = service(broker, config(small_artifact), dead_letter_report_s=0.05)
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in list(caplog.records)]
+
+    def stop_once_said() -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (svc.finished() == 6 and any("dead letters since" in line
+                                                                               for line in said())):
+            threading.Event().wait(0.01)
+        svc.stop()
     with caplog.at_level("INFO", logger="stream"):
-        svc.run(count=6, timeout=30)
-        svc_lines = [r.getMessage() for r in caplog.records if "dead letters since the last line" in r.getMessage()]
-    assert svc_lines and "not_an_image=6" in " ".join(svc_lines), svc_lines
+        threading.Thread(target=stop_once_said, daemon=True).start()
+        svc.run(timeout=30)
+    lines = said()
+    reports = [i for i, line in enumerate(lines) if "dead letters since the last line" in line]
+    assert reports and reports[0] < lines.index("shutting down"), lines
+    assert sum(int(n) for i in reports for n in re.findall(r"not_an_image=(\d+)", lines[i])) == 6, lines
 
 
 def test_a_missing_input_topic_is_not_ready_and_said_once(small_artifact, caplog):
@@ -606,8 +628,7 @@ def test_a_result_that_can_never_be_published_is_dead_lettered_with_the_original
     images = good_images()
     for name in ("png", "webp", "bmp"):
         broker.produce("in", images[name], key=name.encode())
-    svc = service(broker, config(small_artifact))
-    svc.encoder = _StrEncoder(svc.encoder)
+    svc = service(broker, config(small_artifact), encoder=_StrEncoder(JsonEncoder()))
     stats = svc.run(count=3, timeout=30)
     assert stats.finished == 3 and broker.records("out") == []
     dead = {k.decode(): (v, dict(h)) for k, v, h in broker.records("dlq")}
