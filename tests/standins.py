@@ -13,6 +13,7 @@ from engine_build.runtime.base import Backend, Outputs
 
 MANIFEST = Manifest.from_dict({"format": FORMAT, "model": {"name": "stand-in", "placeholder": True}})
 SELECTION = Selection("stand-in", "fp32", Path("stand-in"), True, "a test's stand-in for the model", "0" * 64)
+ARTIFACT = Path("stand-in")   # the config's --artifact for a service handed the stand-in: never opened
 
 
 class PixelModel(Backend):

@@ -13,7 +13,7 @@ from stream.ports import Partition, RebalanceHandler
 from stream.rebalance import Rebalance
 
 from .images import good_images
-from .standins import PixelModel, stand_in
+from .standins import ARTIFACT, PixelModel, stand_in
 from .test_stream_units import PeakTracker, config, sources
 
 
@@ -45,7 +45,7 @@ class _AuditedConnector(FakeConnector):
         return member
 
 
-def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfinished_work(small_artifact):
+def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfinished_work():
     """A member under backlog revokes, cannot drain in time, and keeps one partition (its fetch
     position kept, as kafka-python keeps it): the work still in its queues must keep holding that
     partition's commits back until its records are acknowledged."""
@@ -54,7 +54,7 @@ def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfin
     total = 240
     for i in range(total):
         broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
-    cfg = config(small_artifact, max_batch=4, max_in_flight=64, max_poll_records=16, drain_timeout_s=0.05)
+    cfg = config(ARTIFACT, max_batch=4, max_in_flight=64, max_poll_records=16, drain_timeout_s=0.05)
     connector = _AuditedConnector(broker, ["in"], cfg.group_id)
     first = build(cfg, connector=connector, model=stand_in(PixelModel(delay_s=0.02)))
     worker = threading.Thread(target=first.run, kwargs={"timeout": 90}, daemon=True)
@@ -82,7 +82,7 @@ def test_a_revocation_that_does_not_drain_in_time_never_lets_a_commit_pass_unfin
     assert broker.committed[cfg.group_id] == {("in", 0): total // 2, ("in", 1): total // 2}
 
 
-def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(small_artifact):
+def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them():
     """Its result is too large for the broker, and so is a dead letter with all its headers: the
     dead letter drops the oversized headers (saying which) and keeps the original value."""
     broker = FakeBroker()
@@ -92,7 +92,7 @@ def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(s
     huge = [("trace-id", b"t-1"), ("blob", b"x" * 300_000), ("blob2", b"y" * 300_000)]
     broker.produce("in", image, key=b"heavy", headers=huge)
     broker.produce("in", image, key=b"after", headers=[("trace-id", b"t-2")])
-    svc = build(config(small_artifact), connector=broker.connector(["in"], "sentiment-stream"), model=stand_in())
+    svc = build(config(ARTIFACT), connector=broker.connector(["in"], "sentiment-stream"), model=stand_in())
     stats = svc.run(count=2, timeout=60)
     assert stats.finished == 2
     (dead,) = broker.records("dlq")
@@ -106,7 +106,7 @@ def test_an_input_with_megabytes_of_headers_ends_as_a_dead_letter_without_them(s
     assert broker.committed["sentiment-stream"] == {("in", 0): 2}
 
 
-def test_backpressure_bounds_the_bytes_in_flight(small_artifact):
+def test_backpressure_bounds_the_bytes_in_flight():
     """Far fewer messages than --max-in-flight, but their bytes pass --max-in-flight-bytes: paused."""
     broker = FakeBroker()
     broker.create_topic("in", 1)
@@ -115,7 +115,7 @@ def test_backpressure_bounds_the_bytes_in_flight(small_artifact):
         broker.produce("in", image, key=str(i).encode())
     budget = 8 * len(image)
     tracker = PeakTracker()
-    svc = build(config(small_artifact, max_in_flight=512, max_in_flight_bytes=budget, max_batch=4,
+    svc = build(config(ARTIFACT, max_in_flight=512, max_in_flight_bytes=budget, max_batch=4,
                        max_poll_records=2), connector=broker.connector(["in"], "sentiment-stream"),
                 model=stand_in(PixelModel(delay_s=0.02)), tracker=tracker)
     assert svc.run(count=60, timeout=60).finished == 60

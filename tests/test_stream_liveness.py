@@ -121,7 +121,7 @@ def test_progress_watch_counts_only_queued_work_that_finishes_nothing():
     assert watch.stalled_for(3, 6, now=200) == 0
 
 
-def test_a_member_whose_inference_hangs_fails_healthz_and_ends(small_artifact):
+def test_a_member_whose_inference_hangs_fails_healthz_and_ends():
     """The poll loop never waits on the pipeline, so nothing else would evict this member: with work
     queued and nothing finished for --stall-timeout-s, /healthz fails and the run ends with one line."""
     import time
@@ -133,7 +133,7 @@ def test_a_member_whose_inference_hangs_fails_healthz_and_ends(small_artifact):
     from stream.fake import FakeBroker
 
     from .images import good_images
-    from .standins import PixelModel
+    from .standins import ARTIFACT, PixelModel
     from .test_stream_units import config, service
     broker = FakeBroker()
     broker.create_topic("in", 1)
@@ -146,7 +146,7 @@ def test_a_member_whose_inference_hangs_fails_healthz_and_ends(small_artifact):
         def _infer_impl(self, images):
             release.wait(60)
             return super()._infer_impl(images)
-    svc = service(broker, config(small_artifact, metrics_port=port, stall_timeout_s=1.0, drain_timeout_s=3.0),
+    svc = service(broker, config(ARTIFACT, metrics_port=port, stall_timeout_s=1.0, drain_timeout_s=3.0),
                   Hanging())
     raised: list[BaseException] = []
 

@@ -20,7 +20,7 @@ from stream.service import Service
 from stream.transactions import Transactions
 
 from .images import good_images
-from .standins import PixelModel, stand_in
+from .standins import ARTIFACT, PixelModel, stand_in
 from .test_stream_units import config, sources
 
 GROUP = "sentiment-stream"
@@ -71,13 +71,13 @@ def newcomer(broker: FakeBroker):
     return member
 
 
-def test_a_revocation_whose_commit_fails_redoes_what_the_member_keeps(small_artifact):
+def test_a_revocation_whose_commit_fails_redoes_what_the_member_keeps():
     """The open transaction is aborted at a revocation; the member keeps partition 0 at its
     position (as kafka-python does): unless it rewinds, the aborted inputs are never redone."""
     total = 40
     broker = FakeBroker()
     fill(broker, total)
-    first = transactional(broker, exactly_once(small_artifact))
+    first = transactional(broker, exactly_once(ARTIFACT))
     worker, raised = start(first)
     wait_until(lambda: first.finished() == total, what="every input published into the open transaction")
     broker.fail_next_commits = 1     # the revocation's commit fails
@@ -94,13 +94,13 @@ def test_a_revocation_whose_commit_fails_redoes_what_the_member_keeps(small_arti
     assert sorted(sources(broker.records("out"))) == sorted((i % 2, i // 2) for i in range(total))
 
 
-def test_an_evicted_member_aborts_its_transaction_and_commits_nothing_more(small_artifact):
+def test_an_evicted_member_aborts_its_transaction_and_commits_nothing_more():
     """A member frozen past its session timeout: its work is redone by the new owner, and none of
     what it published or still has in flight may commit; the fake, like tansu, would accept it."""
     total = 40
     broker = FakeBroker()
     fill(broker, total)
-    cfg = exactly_once(small_artifact)
+    cfg = exactly_once(ARTIFACT)
     evicted = transactional(broker, cfg, PixelModel(delay_s=0.01))
     worker, raised = start(evicted)
     wait_until(lambda: evicted.finished() >= total // 2, what="half the inputs in the open transaction")
@@ -123,7 +123,7 @@ def test_an_evicted_member_aborts_its_transaction_and_commits_nothing_more(small
     assert sorted(counts) == sorted((i % 2, i // 2) for i in range(total))
 
 
-def test_a_member_whose_session_may_have_expired_commits_nothing(small_artifact):
+def test_a_member_whose_session_may_have_expired_commits_nothing():
     """Resumed after a freeze, the poll thread reaches its commit point before the client has
     noticed the eviction: the transaction is aborted, not committed with stale group metadata."""
     broker = FakeBroker()
@@ -162,10 +162,10 @@ def test_a_unit_that_cannot_be_published_before_its_transaction_times_out_ends_t
         transactions.commit()
 
 
-def test_the_transaction_timeout_is_derived_from_the_commit_wait_and_checked(small_artifact):
-    cfg = config(small_artifact, processing_guarantee="exactly-once", drain_timeout_s=30, commit_interval_ms=1000)
+def test_the_transaction_timeout_is_derived_from_the_commit_wait_and_checked():
+    cfg = config(ARTIFACT, processing_guarantee="exactly-once", drain_timeout_s=30, commit_interval_ms=1000)
     assert cfg.transaction_timeout_ms() > 30_000 + 1000
     with pytest.raises(ConfigError, match="transaction.max.timeout.ms"):
-        config(small_artifact, processing_guarantee="exactly-once", drain_timeout_s=900,
+        config(ARTIFACT, processing_guarantee="exactly-once", drain_timeout_s=900,
                max_poll_interval_ms=1_000_000)
-    config(small_artifact, drain_timeout_s=900, max_poll_interval_ms=1_000_000)   # at least once: no transaction
+    config(ARTIFACT, drain_timeout_s=900, max_poll_interval_ms=1_000_000)   # at least once: no transaction

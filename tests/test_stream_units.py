@@ -29,7 +29,7 @@ from stream.records import Message, Outgoing
 from stream.service import Service
 
 from .images import bad_images, good_images
-from .standins import PixelModel, stand_in
+from .standins import ARTIFACT, PixelModel, stand_in
 
 
 def test_batch_closes_at_max_batch_or_delay():
@@ -153,36 +153,36 @@ def test_every_message_gets_one_record_and_offsets_reach_the_end(small_artifact)
     assert broker.committed["sentiment-stream"] == ends
 
 
-def test_a_lone_image_is_not_held_for_the_batch_window(small_artifact):
+def test_a_lone_image_is_not_held_for_the_batch_window():
     """Adaptive batching on the fake broker: with a 60 s window, one image still finishes at once."""
     broker = FakeBroker()
     broker.create_topic("in", 1)
     broker.produce("in", next(iter(good_images().values())), key=b"lone")
-    svc = service(broker, config(small_artifact, max_delay_ms=60_000))
+    svc = service(broker, config(ARTIFACT, max_delay_ms=60_000))
     stats = svc.run(count=1, timeout=20)
     # Finished by count, not by the run's timeout (the drain at close would publish it too).
     assert stats.finished == 1 and stats.seconds < 20 and len(broker.records("out")) == 1
 
 
-def test_failed_publishes_are_retried_not_lost(small_artifact):
+def test_failed_publishes_are_retried_not_lost():
     broker = FakeBroker()
     good, bad = fill(broker, partitions=1)
     broker.fail_next_publishes = 7
-    svc = service(broker, config(small_artifact))
+    svc = service(broker, config(ARTIFACT))
     svc.run(count=good + bad, timeout=60)
     assert len(broker.records("out")) + len(broker.records("dlq")) == good + bad
     assert "sentiment_publish_retries_total 7.0" in svc.metrics.render().decode()
     assert broker.committed["sentiment-stream"] == {("in", 0): good + bad}
 
 
-def test_stop_mid_stream_drains_and_commits_exactly_what_was_published(small_artifact):
+def test_stop_mid_stream_drains_and_commits_exactly_what_was_published():
     broker = FakeBroker()
     broker.create_topic("in", 1)
     data = good_images()["jpeg_chelsea"]
     total = 3000
     for i in range(total):
         broker.produce("in", data, key=str(i).encode())
-    svc = service(broker, config(small_artifact, max_in_flight=16, max_batch=4))
+    svc = service(broker, config(ARTIFACT, max_in_flight=16, max_batch=4))
 
     def stop_once_flowing() -> None:
         while len(broker.records("out")) < 50:
@@ -208,18 +208,18 @@ class PeakTracker(OffsetTracker):
         self.peaks.append(self.in_flight())
 
 
-def test_backpressure_bounds_in_flight(small_artifact):
+def test_backpressure_bounds_in_flight():
     broker = FakeBroker()
     broker.create_topic("in", 1)
     for i in range(120):
         broker.produce("in", good_images()["png"], key=str(i).encode())
     tracker = PeakTracker()
-    svc = service(broker, config(small_artifact, max_in_flight=16, max_batch=8, max_poll_records=4), tracker=tracker)
+    svc = service(broker, config(ARTIFACT, max_in_flight=16, max_batch=8, max_poll_records=4), tracker=tracker)
     svc.run(count=120, timeout=60)
     assert max(tracker.peaks) <= 16 + 4, "paused at the limit (one poll may overshoot by its size)"
 
 
-def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artifact):
+def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling():
     """Paused, an empty poll costs CPU and fetches nothing: the loop waits on the tracker and polls
     only every PAUSED_POLL_S (without waiting) to keep its group membership going."""
     from stream.fake import FakeConnector, FakeSource
@@ -243,7 +243,7 @@ def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artif
     class Recording(FakeConnector):
         def source(self, rebalance):
             return Recorded(self.broker, self.topics, self.group_id, rebalance)
-    cfg = config(small_artifact, max_in_flight=4, max_batch=2, max_poll_records=4)
+    cfg = config(ARTIFACT, max_in_flight=4, max_batch=2, max_poll_records=4)
     stats = build(cfg, connector=Recording(broker, ["in"], cfg.group_id), model=stand_in()).run(count=12, timeout=60)
     assert stats.finished == 12
     assert len(paused) >= 4 and all(timeout == 0 for _, timeout in paused), "paused polls never wait"
@@ -251,26 +251,26 @@ def test_a_paused_loop_waits_for_results_to_drain_instead_of_polling(small_artif
     assert min(gaps) >= 0.8 * PAUSED_POLL_S, f"paused polls {gaps} s apart"
 
 
-def test_json_envelope_codec_passes_metadata(small_artifact):
+def test_json_envelope_codec_passes_metadata():
     import base64
     broker = FakeBroker()
     broker.create_topic("in", 1)
     image = base64.b64encode(good_images()["webp"]).decode()
     broker.produce("in", json.dumps({"image": image, "metadata": {"post": 42}}).encode(), key=b"k")
     broker.produce("in", b'{"image": 5}', key=b"bad")
-    service(broker, config(small_artifact, input_codec="json")).run(count=2, timeout=30)
+    service(broker, config(ARTIFACT, input_codec="json")).run(count=2, timeout=30)
     (record,) = [json.loads(v) for _, v, _ in broker.records("out")]
     assert record["metadata"] == {"post": 42}
     assert dict(broker.records("dlq")[0][2])["error.reason"] == b"bad_envelope"
 
 
-def test_metrics_and_health_endpoints(small_artifact):
+def test_metrics_and_health_endpoints():
     """Scraped over HTTP while the service runs, as Prometheus would."""
     from stream.embedded_broker import free_port
     broker = FakeBroker()
     good, bad = fill(broker, partitions=1)
     port = free_port()
-    svc = service(broker, config(small_artifact, metrics_port=port))
+    svc = service(broker, config(ARTIFACT, metrics_port=port))
     worker = threading.Thread(target=svc.run, kwargs={"timeout": 60}, daemon=True)
     worker.start()
     expected = [f'sentiment_images_total{{outcome="published"}} {float(good)}',
@@ -290,7 +290,7 @@ def test_metrics_and_health_endpoints(small_artifact):
     assert [e for e in expected if e not in text] == []
 
 
-def test_health_server_answers(small_artifact):
+def test_health_server_answers():
     from stream.embedded_broker import free_port
     from stream.metrics import HealthServer, Metrics
     server = HealthServer(Metrics(), free_port(), host="127.0.0.1").start()
@@ -335,7 +335,7 @@ def test_a_users_plugin_is_found_through_entry_points(tmp_path, monkeypatch):
     sys.modules.pop("userplug_mod", None)
 
 
-def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash(small_artifact):
+def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash():
     """One bad image gets its own error; the rest of its batch is published."""
     broker = FakeBroker()
     broker.create_topic("in", 1)
@@ -355,7 +355,7 @@ def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash(small_artifac
             if len(calls) == 3:                            # the second yields NaN,
                 out.probs[:] = np.nan
             return out                                     # the rest succeed
-    svc = service(broker, config(small_artifact, max_batch=4, max_delay_ms=200), Flaky())
+    svc = service(broker, config(ARTIFACT, max_batch=4, max_delay_ms=200), Flaky())
     svc.run(count=4, timeout=30)
     assert calls == [4, 1, 1, 1, 1]
     assert len(broker.records("out")) == 2
@@ -364,13 +364,13 @@ def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash(small_artifac
     assert broker.committed["sentiment-stream"] == {("in", 0): 4}
 
 
-def test_dead_letter_too_large_for_the_broker_keeps_headers_and_drops_the_value(small_artifact):
+def test_dead_letter_too_large_for_the_broker_keeps_headers_and_drops_the_value():
     broker = FakeBroker()
     broker.create_topic("in", 1)
     broker.max_record_bytes = 1000
     broker.produce("in", b"x" * 50_000, key=b"huge-text")
     broker.produce("in", good_images()["png"], key=b"ok")
-    service(broker, config(small_artifact)).run(count=2, timeout=30)
+    service(broker, config(ARTIFACT)).run(count=2, timeout=30)
     ((key, value, headers),) = broker.records("dlq")
     headers = dict(headers)
     assert key == b"huge-text" and value == b""
@@ -392,7 +392,7 @@ def sources(records) -> list[tuple[int, int]]:
     return [(json.loads(v)["source"]["partition"], json.loads(v)["source"]["offset"]) for _, v, _ in records]
 
 
-def test_revocation_drains_and_commits_before_another_member_is_assigned(small_artifact):
+def test_revocation_drains_and_commits_before_another_member_is_assigned():
     """A member joins mid-stream: the first one finishes and commits the revoked partitions' work
     before the newcomer is assigned them, so the newcomer starts exactly where the work ended."""
     from stream.metrics import Metrics
@@ -403,7 +403,7 @@ def test_revocation_drains_and_commits_before_another_member_is_assigned(small_a
     total = 160
     for i in range(total):
         broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
-    cfg = config(small_artifact, max_batch=4, max_in_flight=8, max_poll_records=4)
+    cfg = config(ARTIFACT, max_batch=4, max_in_flight=8, max_poll_records=4)
     first = service(broker, cfg, PixelModel(delay_s=0.02))
     worker = threading.Thread(target=first.run, kwargs={"count": total, "timeout": 60}, daemon=True)
     worker.start()
@@ -429,12 +429,12 @@ def test_revocation_drains_and_commits_before_another_member_is_assigned(small_a
     assert broker.committed[cfg.group_id] == {("in", 0): total // 2, ("in", 1): total // 2}
 
 
-def test_transient_poll_errors_are_said_once_retried_and_counted(small_artifact, caplog):
+def test_transient_poll_errors_are_said_once_retried_and_counted(caplog):
     from engine_build.errors import KafkaTransient
     broker = FakeBroker()
     good, bad = fill(broker, partitions=1)
     broker.poll_errors = [KafkaTransient("consuming in[0]: RequestTimedOut") for _ in range(3)]
-    svc = service(broker, config(small_artifact))
+    svc = service(broker, config(ARTIFACT))
     with caplog.at_level("INFO", logger="stream"):
         stats = svc.run(count=good + bad, timeout=60)
     assert stats.finished == good + bad
@@ -443,13 +443,13 @@ def test_transient_poll_errors_are_said_once_retried_and_counted(small_artifact,
     assert len(lines) == 2 and "failing" in lines[0] and "recovered" in lines[1], lines
 
 
-def test_a_permanent_consumer_error_drains_then_ends_the_run(small_artifact):
+def test_a_permanent_consumer_error_drains_then_ends_the_run():
     from engine_build.errors import KafkaPermanent
     broker = FakeBroker()
     broker.create_topic("in", 1)
     for i in range(40):
         broker.produce("in", good_images()["png"], key=str(i).encode())
-    svc = service(broker, config(small_artifact, max_batch=4), PixelModel(delay_s=0.01))
+    svc = service(broker, config(ARTIFACT, max_batch=4), PixelModel(delay_s=0.01))
 
     def fail_once_flowing() -> None:
         while len(broker.records("out")) < 4:
@@ -463,12 +463,12 @@ def test_a_permanent_consumer_error_drains_then_ends_the_run(small_artifact):
         "what was in flight was finished and committed before the end"
 
 
-def test_a_transient_error_that_lasts_past_the_limit_ends_the_run(small_artifact):
+def test_a_transient_error_that_lasts_past_the_limit_ends_the_run():
     from engine_build.errors import KafkaPermanent, KafkaTransient
     broker = FakeBroker()
     broker.create_topic("in", 1)
     broker.poll_errors = [KafkaTransient("User rebalance callback throws an error") for _ in range(1000)]
-    svc = service(broker, config(small_artifact, fail_after_s=0.5))
+    svc = service(broker, config(ARTIFACT, fail_after_s=0.5))
     with pytest.raises(KafkaPermanent, match="rebalance callback.*--fail-after-s"):
         svc.run(timeout=30)
     assert "sentiment_ready 0.0" in svc.metrics.render().decode()
@@ -523,7 +523,7 @@ def test_in_order_releases_each_partition_in_arrival_order():
     assert out[-1] == "a3"
 
 
-def test_results_are_published_in_each_partitions_offset_order(small_artifact):
+def test_results_are_published_in_each_partitions_offset_order():
     """Large and small images decode at different speeds on four threads; the output keeps input order."""
     broker = FakeBroker()
     broker.create_topic("in", 2)
@@ -532,7 +532,7 @@ def test_results_are_published_in_each_partitions_offset_order(small_artifact):
     for i, name in enumerate(names):
         broker.produce("in", images[name], partition=i % 2, key=str(i).encode())
     broker.produce("in", b"not an image", partition=0, key=b"bad")
-    service(broker, config(small_artifact, decode_workers=4, max_batch=3)).run(count=len(names) + 1, timeout=60)
+    service(broker, config(ARTIFACT, decode_workers=4, max_batch=3)).run(count=len(names) + 1, timeout=60)
     got = sources(broker.records("out"))
     for partition in (0, 1):
         offsets = [o for p, o in got if p == partition]
@@ -556,14 +556,14 @@ def test_client_chatter_is_rate_limited_and_counted():
     assert chatter.filter(passed) and "[15 like this held back" in passed.msg
 
 
-def test_dead_letters_are_counted_in_the_log_even_with_no_batch(small_artifact, caplog):
+def test_dead_letters_are_counted_in_the_log_even_with_no_batch(caplog):
     """Said while the run goes on (every ``dead_letter_report_s``), not only when it ends."""
     import re
     broker = FakeBroker()
     broker.create_topic("in", 1)
     for i in range(6):
         broker.produce("in", b"plain text, not an image", key=str(i).encode())
-    svc = service(broker, config(small_artifact), dead_letter_report_s=0.05)
+    svc = service(broker, config(ARTIFACT), dead_letter_report_s=0.05)
 
     def said() -> list[str]:
         return [r.getMessage() for r in list(caplog.records)]
@@ -583,12 +583,12 @@ def test_dead_letters_are_counted_in_the_log_even_with_no_batch(small_artifact, 
     assert sum(int(n) for i in reports for n in re.findall(r"not_an_image=(\d+)", lines[i])) == 6, lines
 
 
-def test_a_missing_input_topic_is_not_ready_and_said_once(small_artifact, caplog):
+def test_a_missing_input_topic_is_not_ready_and_said_once(caplog):
     from stream.embedded_broker import free_port
     broker = FakeBroker()
     broker.create_topic("in", 1)
     port = free_port()
-    svc = service(broker, config(small_artifact, input_topic=("in", "typo"), metrics_port=port))
+    svc = service(broker, config(ARTIFACT, input_topic=("in", "typo"), metrics_port=port))
     worker = threading.Thread(target=svc.run, kwargs={"timeout": 30}, daemon=True)
     with caplog.at_level("INFO", logger="stream"):
         worker.start()
@@ -622,13 +622,13 @@ class _StrEncoder:
         return key, value.decode(), headers
 
 
-def test_a_result_that_can_never_be_published_is_dead_lettered_with_the_original_bytes(small_artifact):
+def test_a_result_that_can_never_be_published_is_dead_lettered_with_the_original_bytes():
     broker = FakeBroker()
     broker.create_topic("in", 1)
     images = good_images()
     for name in ("png", "webp", "bmp"):
         broker.produce("in", images[name], key=name.encode())
-    svc = service(broker, config(small_artifact), encoder=_StrEncoder(JsonEncoder()))
+    svc = service(broker, config(ARTIFACT), encoder=_StrEncoder(JsonEncoder()))
     stats = svc.run(count=3, timeout=30)
     assert stats.finished == 3 and broker.records("out") == []
     dead = {k.decode(): (v, dict(h)) for k, v, h in broker.records("dlq")}
@@ -637,7 +637,7 @@ def test_a_result_that_can_never_be_published_is_dead_lettered_with_the_original
     assert broker.committed["sentiment-stream"] == {("in", 0): 3}
 
 
-def test_a_dead_letter_that_can_never_be_published_stops_the_member_with_one_line(small_artifact):
+def test_a_dead_letter_that_can_never_be_published_stops_the_member_with_one_line():
     from engine_build.errors import KafkaPermanent
     broker = FakeBroker()
     broker.create_topic("in", 1)
@@ -645,7 +645,7 @@ def test_a_dead_letter_that_can_never_be_published_stops_the_member_with_one_lin
     broker.produce("in", b"not an image", key=b"bad")
     broker.produce("in", good_images()["png"], key=b"after")
     broker.refuse_topics.add("dlq")
-    svc = service(broker, config(small_artifact, max_batch=1, drain_timeout_s=5))
+    svc = service(broker, config(ARTIFACT, max_batch=1, drain_timeout_s=5))
     started = time.monotonic()
     with pytest.raises(KafkaPermanent, match="cannot publish even a dead letter to dlq"):
         svc.run(timeout=30)
@@ -723,25 +723,25 @@ def test_auto_decode_workers_leave_cpu_inference_most_of_the_cores(on_cpu, cores
     assert auto_decode_workers(on_cpu, cores) == workers
 
 
-def test_the_service_decodes_on_the_auto_count_unless_told(small_artifact, caplog):
+def test_the_service_decodes_on_the_auto_count_unless_told(caplog):
     broker = FakeBroker()
     broker.create_topic("in", 1)
     with caplog.at_level("INFO", logger="stream"):
-        auto = service(broker, config(small_artifact), cores=16)
+        auto = service(broker, config(ARTIFACT), cores=16)
         assert auto.backend.on_cpu and auto.pipeline.decode_workers == 8
         auto.run(count=0, timeout=30)
     assert any(r.getMessage() == "decoding on 8 threads (auto)" for r in caplog.records)
-    told = service(broker, config(small_artifact, decode_workers=3), cores=16)
+    told = service(broker, config(ARTIFACT, decode_workers=3), cores=16)
     assert told.pipeline.decode_workers == 3
     told.run(count=0, timeout=30)
 
 
-def test_a_tombstone_is_dead_lettered_with_a_null_value_not_an_empty_one(small_artifact):
+def test_a_tombstone_is_dead_lettered_with_a_null_value_not_an_empty_one():
     broker = FakeBroker()
     broker.create_topic("in", 1)
     broker.produce("in", None, key=b"deleted")
     broker.produce("in", b"", key=b"empty")
-    svc = service(broker, config(small_artifact))
+    svc = service(broker, config(ARTIFACT))
     assert svc.run(count=2, timeout=30).finished == 2
     dead = {k: v for k, v, _ in broker.records("dlq")}
     assert dead == {b"deleted": None, b"empty": b""}
@@ -764,12 +764,12 @@ class _AwayAtFirst:
         return self.real.source(rebalance)
 
 
-def test_a_broker_unreachable_at_start_up_is_said_once_and_its_recovery_once(small_artifact, caplog):
+def test_a_broker_unreachable_at_start_up_is_said_once_and_its_recovery_once(caplog):
     broker = FakeBroker()
     broker.create_topic("in", 1)
     broker.produce("in", good_images()["png"], key=b"k")
-    cfg = config(small_artifact)
-    svc = build(cfg, connector=_AwayAtFirst(broker.connector(["in"], cfg.group_id), failures=3))
+    cfg = config(ARTIFACT)
+    svc = build(cfg, connector=_AwayAtFirst(broker.connector(["in"], cfg.group_id), failures=3), model=stand_in())
     with caplog.at_level("INFO", logger="stream"):
         assert svc.run(count=1, timeout=60).finished == 1
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("stream") and r.levelname != "DEBUG"]
