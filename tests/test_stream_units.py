@@ -808,3 +808,44 @@ def test_client_lines_it_formats_itself_are_rate_limited_as_one_kind():
         return logging.LogRecord("kafka.net.selector", logging.WARNING, __file__, 1, text, (), None)
     assert chatter.filter(slow("0x7fb976d94690", 0.126))
     assert not chatter.filter(slow("0x7fb976d95a10", 0.131)) and not chatter.filter(slow("0x7fb9", 0.2))
+
+
+class _SinkFailingToClose:
+    """A connector whose sink raises when it is closed, as a client cut off mid-close would."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.sources: list = []
+
+    def source(self, rebalance):
+        self.sources.append(self.real.source(rebalance))
+        return self.sources[-1]
+
+    def sink(self, on_retry):
+        from stream.fake import FakeSink
+
+        class Unclosable(FakeSink):
+            def close(self) -> None:
+                raise RuntimeError("the producer's close failed")
+        return Unclosable(self.real.broker, on_retry)
+
+
+def test_a_close_that_fails_leaves_nothing_else_open():
+    """Everything the run opened is closed whatever one close raises: the source left the group,
+    the model and the health server are closed, and the failure is raised, not swallowed."""
+    from stream.embedded_broker import free_port
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.produce("in", good_images()["png"], key=b"k")
+    port = free_port()
+    cfg = config(ARTIFACT, metrics_port=port)
+    model = PixelModel()
+    connector = _SinkFailingToClose(broker.connector(["in"], cfg.group_id))
+    svc = build(cfg, connector=connector, model=stand_in(model))
+    with pytest.raises(RuntimeError, match="the producer's close failed"):
+        svc.run(count=1, timeout=30)
+    assert broker.committed["sentiment-stream"] == {("in", 0): 1}, "drained and committed before closing"
+    (source,) = connector.sources
+    assert source.closed and model.closed
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
