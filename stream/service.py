@@ -1,5 +1,8 @@
 """The service loop: connect, poll, hand off, commit what is acknowledged, drain on stop.
 
+A :class:`Service` is handed everything it uses, already built (:func:`.app.build` builds
+them from the config); it only runs, and closes what it was handed when the run ends.
+
 All consumer calls but the rebalance listener's happen on the thread that calls
 :meth:`Service.run`; decoding, inference and publishing run on their own threads (see
 :mod:`.pipeline`), so the poll loop never waits for a batch and the member is never
