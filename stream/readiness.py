@@ -11,16 +11,18 @@ import logging
 import threading
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
 SHUTTING_DOWN = "shutting down"
 
 
 class Readiness:
-    """``publish(ready, reason)`` is told of every state set (the health server's, or the gauge)."""
+    """``publish(ready, reason)`` is told of every state set (the health server's, or the gauge);
+    ``log`` says each change (the service hands in its own logger, so the lines keep its name)."""
 
-    def __init__(self, bootstrap_servers: str, publish: Callable[[bool, str], None]) -> None:
+    def __init__(self, bootstrap_servers: str, publish: Callable[[bool, str], None],
+                 log: logging.Logger | None = None) -> None:
         self.bootstrap_servers = bootstrap_servers
         self._publish = publish
+        self._log = log or logging.getLogger(__name__)
         self._lock = threading.Lock()
         self._state: tuple[bool, str] = (False, "starting")
         self._reachable = True
@@ -53,16 +55,16 @@ class Readiness:
         with self._lock:
             changed = reachable != self._reachable
             if changed and reachable:
-                log.info("Kafka at %s answers again", self.bootstrap_servers)
+                self._log.info("Kafka at %s answers again", self.bootstrap_servers)
             elif changed:
-                log.warning("Kafka at %s is unreachable; retrying", self.bootstrap_servers)
+                self._log.warning("Kafka at %s is unreachable; retrying", self.bootstrap_servers)
             self._reachable = reachable
             if missing is not None and missing != self._missing:
                 if missing:
-                    log.warning("input topic %s does not exist (it is not created by consuming): create it or fix "
-                                "--input-topic", ", ".join(repr(t) for t in missing))
+                    self._log.warning("input topic %s does not exist (it is not created by consuming): create it or "
+                                      "fix --input-topic", ", ".join(repr(t) for t in missing))
                 else:
-                    log.info("every input topic exists")
+                    self._log.info("every input topic exists")
                 self._missing = missing
             self._topics_checked = self._topics_checked or reachable
             return changed
@@ -87,8 +89,8 @@ class Readiness:
             return   # the probe thread may still report; shutting down is final
         if ready != self._state[0]:
             if ready or reason == SHUTTING_DOWN:
-                log.info("ready" if ready else reason)
+                self._log.info("ready" if ready else reason)
             else:
-                log.warning("not ready: %s", reason)
+                self._log.warning("not ready: %s", reason)
         self._state = (ready, reason)
         self._publish(ready, reason)

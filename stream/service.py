@@ -89,7 +89,7 @@ class Service:
         self.model_info = {"name": self.manifest.model.name, "sha256": self.selection.sha256,
                            "precision": self.selection.precision, "placeholder": self.manifest.model.placeholder,
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
-        self.readiness = Readiness(cfg.bootstrap_servers, health.set_ready if health else self._ready_gauge)
+        self.readiness = Readiness(cfg.bootstrap_servers, health.set_ready if health else self._ready_gauge, log)
         self._polls = FailureWatch("consuming from Kafka")
         self._commits = FailureWatch("committing offsets")
         self._connecting = FailureWatch(f"connecting to Kafka at {cfg.bootstrap_servers}")
