@@ -18,8 +18,9 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
+from engine_build.errors import ConfigError
 
+from .errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
 from .failures import FailureWatch
 from .isolation import Isolation
 from .ports import Partition, RebalanceHandler, Refused, show

@@ -19,8 +19,9 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
+from engine_build.errors import ConfigError
 
+from .errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
 from .failures import FailureWatch
 from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, isolation_level, reachable
 from .ports import Partition, RebalanceHandler, Refused, show

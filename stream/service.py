@@ -16,13 +16,14 @@ from typing import Any, cast
 
 import plugins
 from engine_build.artifact import Selection, open_artifact
-from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
+from engine_build.errors import ConfigError
 from engine_build.imaging import DecodeLimits
 from engine_build.manifest import Manifest
 from engine_build.runtime.base import Backend
 from engine_build.runtime.cpu import usable_cores
 
 from .config import StreamConfig, auto_decode_workers
+from .errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
 from .failures import FailureWatch
 from .logs import BROKER_AWAY
 from .metrics import HealthServer, Metrics

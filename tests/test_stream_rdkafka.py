@@ -9,9 +9,10 @@ import pytest
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 
-from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient  # noqa: E402
+from engine_build.errors import ConfigError  # noqa: E402
 from stream import rdkafka_io  # noqa: E402
 from stream.config import StreamConfig, build_parser, from_args  # noqa: E402
+from stream.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient  # noqa: E402
 from stream.records import Outgoing  # noqa: E402
 
 from .kafka_helpers import names, produce, read_all  # noqa: E402
