@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import ConfigError
 
+from .delayed import Delayed
 from .errors import OUTAGE, REFUSED, KafkaPermanent, KafkaTransient, kafka_errors, kafka_python_kind
 from .failures import FailureWatch
 from .isolation import Isolation
@@ -396,17 +397,15 @@ class KafkaSink:
         self.transactional = bool(transactional_id)
         self._doomed: BaseException | None = None   # a send failed inside the open transaction
         self._on_retry = on_retry
-        self._retry_lock = threading.Condition()
-        # (when, what): retries, and failure handling moved off the producer's IO thread
-        self._retries: list[tuple[float, Callable[[], None]]] = []
+        # retries, and failure handling moved off the producer's IO thread
+        self._delayed = Delayed("publish-retry")
         self._closed = False
         self._watch_lock = threading.Lock()
         self._sending = FailureWatch("publishing to Kafka")
         self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
         self.failing_since: float | None = None
         self.failure: KafkaPermanent | None = None
-        self._thread = threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)
-        self._thread.start()
+        self._delayed.start()
         self._probe: Any = None   # made at the first refusal
         # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
         # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
@@ -484,9 +483,9 @@ class KafkaSink:
             if not self.transactional and _async(exc):
                 # queued at once, before any record handed over after this failure: none overtakes it
                 self._isolation.add(record, on_ack, on_refused)
-                self._later(0.0, lambda: self._after_failure(record, exc, producer))
+                self._delayed.later(0.0, lambda: self._after_failure(record, exc, producer))
                 return
-            self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, exc, producer))
+            self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, exc, producer))
 
         try:
             future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
@@ -560,7 +559,7 @@ class KafkaSink:
         if self.transactional:
             # The open transaction cannot commit now; it will be aborted and this unit redone.
             if refused_for_good(exc):   # find out, off this transaction, whether this record is the refused one
-                self._later(0.0, lambda: self._probe_in_transaction(record, exc))
+                self._delayed.later(0.0, lambda: self._probe_in_transaction(record, exc))
             with self._watch_lock:
                 self._sending.failed(exc)
                 self._doomed = self._doomed or exc
@@ -573,12 +572,6 @@ class KafkaSink:
         self._on_retry()
         # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
         self._isolation.add(record, on_ack, on_refused)
-
-    def _later(self, delay: float, action: Callable[[], None]) -> None:
-        """Run ``action`` on the publish-retry thread after ``delay`` seconds."""
-        with self._retry_lock:
-            self._retries.append((time.monotonic() + delay, action))
-            self._retry_lock.notify()
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next.
@@ -669,27 +662,8 @@ class KafkaSink:
                                           f"stopping this member (its partition stays uncommitted from there)")
             log.error("%s", self.failure)
 
-    def _retry_loop(self) -> None:
-        while True:
-            with self._retry_lock:
-                while not self._closed and not self._due():
-                    wait = min((at for at, _ in self._retries), default=time.monotonic() + 1) - time.monotonic()
-                    self._retry_lock.wait(max(0.01, wait))
-                if self._closed:
-                    return
-                now = time.monotonic()
-                due = [r for r in self._retries if r[0] <= now]
-                self._retries = [r for r in self._retries if r[0] > now]
-            for _, action in due:
-                action()
-
-    def _due(self) -> bool:
-        now = time.monotonic()
-        return any(at <= now for at, _ in self._retries)
-
     def pending_retries(self) -> int:
-        with self._retry_lock:
-            return len(self._retries) + self._isolation.waiting()
+        return self._delayed.pending() + self._isolation.waiting()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -702,9 +676,8 @@ class KafkaSink:
         return not self.pending_retries()
 
     def close(self) -> None:
-        with self._retry_lock:
-            self._closed = True
-            self._retry_lock.notify_all()
+        self._closed = True
+        self._delayed.close()
         self._isolation.close()
         if self._probe is not None:
             close_producer(self._probe, _CLIENT_TIMEOUT_MS / 1000)

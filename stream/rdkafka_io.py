@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import ConfigError
 
+from .delayed import Delayed
 from .errors import (
     PERMANENT,
     REFUSED,
@@ -259,17 +260,16 @@ class RdKafkaSink:
                 self._producer.init_transactions(TRANSACTION_CALLS_S)
                 self._producer.begin_transaction()
         self._on_retry = on_retry
-        self._lock = threading.Condition()
-        self._retries: list[tuple[float, Callable[[], None]]] = []   # (when, what), on the retry thread
+        self._lock = threading.Lock()
+        self._delayed = Delayed("publish-retry")   # retries, and failure handling off the producer-poll thread
         self._closed = False
         self._sending = FailureWatch("publishing to Kafka")
         self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
         self.failing_since: float | None = None
         self.failure: KafkaPermanent | None = None
-        self._threads = [threading.Thread(target=self._serve, name="producer-poll", daemon=True),
-                         threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
+        self._poll_thread.start()
+        self._delayed.start()
 
     def _new_producer(self) -> Any:
         from confluent_kafka import Producer
@@ -293,7 +293,8 @@ class RdKafkaSink:
                     self.failing_since = None
                 on_ack()
             else:
-                self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer, True))
+                self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer,
+                                                              True))
 
         try:
             # a plugin's str is a bug: librdkafka would send its UTF-8, kafka-python refuses it; refuse it here too
@@ -303,7 +304,7 @@ class RdKafkaSink:
             extra = {"headers": record.headers} if record.headers else {}
             producer.produce(record.topic, value=record.value, key=record.key, on_delivery=delivered, **extra)
         except BufferError as exc:   # the local queue is full: wait for deliveries, then send again
-            self._later(0.05, lambda: self.publish(record, on_ack, on_refused, attempt))
+            self._delayed.later(0.05, lambda: self.publish(record, on_ack, on_refused, attempt))
             log.debug("producer queue full (%s)", exc)
         except Exception as exc:   # a KafkaException (too large, closed) or a bad value (TypeError)
             self._failed(record, on_ack, on_refused, attempt, librdkafka_error(exc) or exc, producer)
@@ -344,7 +345,7 @@ class RdKafkaSink:
         delay = min(5.0, 0.1 * 2 ** attempt)
         log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, error, delay)
         self._on_retry()
-        self._later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
+        self._delayed.later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
 
     def _renew(self, producer: Any, error: Any) -> None:
         """Replace a producer in librdkafka's fatal state (every later send would fail); its records are
@@ -426,28 +427,8 @@ class RdKafkaSink:
                                           f"stopping this member (its partition stays uncommitted from there)")
             log.error("%s", self.failure)
 
-    def _later(self, delay: float, action: Callable[[], None]) -> None:
-        with self._lock:
-            self._retries.append((time.monotonic() + delay, action))
-            self._lock.notify()
-
-    def _retry_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._closed and not any(at <= time.monotonic() for at, _ in self._retries):
-                    wait = min((at for at, _ in self._retries), default=time.monotonic() + 1) - time.monotonic()
-                    self._lock.wait(max(0.01, wait))
-                if self._closed:
-                    return
-                now = time.monotonic()
-                due = [r for r in self._retries if r[0] <= now]
-                self._retries = [r for r in self._retries if r[0] > now]
-            for _, action in due:
-                action()
-
     def pending_retries(self) -> int:
-        with self._lock:
-            return len(self._retries)
+        return self._delayed.pending()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -459,11 +440,9 @@ class RdKafkaSink:
 
     def close(self) -> None:
         self.flush(_CLIENT_TIMEOUT_S)
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        for thread in self._threads:
-            thread.join(1.0)
+        self._closed = True
+        self._delayed.close(timeout=1.0)
+        self._poll_thread.join(1.0)
         left = self._producer.flush(0)
         if left:
             log.warning("the producer closed with %d records undelivered (their inputs stay uncommitted and are "
