@@ -9,19 +9,21 @@
     │   ├── ArtifactError           an artifact directory is missing, tampered with or stale
     │   │   └── StaleEngineError    engine.plan was built for another GPU/TensorRT/batch range
     │   ├── ValidationFailed        a variant failed its validation gate (flips, |dp| bounds, NaN)
-    │   ├── KafkaPermanent          a Kafka error that can never succeed (unsupported codec,
-    │   │                           authorisation, corrupt batch); the service drains and exits
+    │   ├── KafkaPermanent          (stream.errors) a Kafka error that can never succeed; the
+    │   │                           service drains and exits
     │   └── BackendUnavailable      a runtime (TensorRT, GPU, OpenVINO) is not installed/usable
     ├── DecodeError                 one message's image is rejected (becomes a dead letter);
     │                               ``reason`` is a short machine-readable code
     ├── InferenceError              a runtime failed on a batch (the service retries image by image)
     │   ├── CudaError               a CUDA runtime call returned an error (``code``, ``name``)
     │   └── BackendClosed           ``infer`` was called on a backend after ``close``
-    ├── BrokerUnavailable           Kafka cannot be reached right now; the service retries
-    └── KafkaTransient              a Kafka client error worth retrying that is not an outage;
-                                    retried with backoff, fatal if it lasts past a limit
+    ├── BrokerUnavailable           (stream.errors) Kafka cannot be reached right now; retried
+    └── KafkaTransient              (stream.errors) a Kafka client error worth retrying that is
+                                    not an outage; retried with backoff, fatal past a limit
 
-Third-party exceptions are translated at the boundary (``raise Ours(...) from exc``).
+The Kafka branch lives in the package that raises it, :mod:`stream.errors` (drawn there too, with
+the tables that classify both Kafka clients' errors); it subclasses the classes here, so the tree
+stays one. Third-party exceptions are translated at the boundary (``raise Ours(...) from exc``).
 Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -93,15 +95,3 @@ class CudaError(InferenceError):
 
 class BackendClosed(InferenceError):
     """``infer`` after ``close``: the backend's buffers are gone."""
-
-
-class BrokerUnavailable(SentimentError):
-    """Kafka is unreachable; the service keeps retrying with backoff and reports not-ready."""
-
-
-class KafkaTransient(SentimentError):
-    """A Kafka client error worth retrying that is not an outage (the brokers answer)."""
-
-
-class KafkaPermanent(UserError):
-    """A Kafka client error that retrying cannot fix; the message says what to do."""

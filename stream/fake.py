@@ -17,8 +17,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable
 
-from engine_build.errors import KafkaPermanent, KafkaTransient
-
+from .errors import KafkaPermanent, KafkaTransient
 from .ports import Partition, RebalanceHandler, Refused
 from .records import Headers, Message, Outgoing
 

@@ -1,7 +1,8 @@
 """The Kafka client, wrapped thinly: a source (consumer-group member) and a sink (acks=all producer).
 
-Everything here runs kafka-python; nothing else in the service imports it. Client
-errors leave this module as the project's own: :class:`BrokerUnavailable` (an
+Everything here runs kafka-python; nothing else in the service imports it (but
+:mod:`.errors`, which classifies its exceptions). Client errors leave this module as the
+project's own, through :func:`.errors.kafka_errors`: :class:`BrokerUnavailable` (an
 outage), :class:`KafkaTransient` (retry) or :class:`KafkaPermanent` (never succeeds).
 
 kafka-python 3 runs rebalance listeners on its IO thread, where a blocking client call
@@ -18,8 +19,10 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
+from engine_build.errors import ConfigError
 
+from .delayed import Delayed
+from .errors import OUTAGE, REFUSED, KafkaPermanent, KafkaTransient, kafka_errors, kafka_python_kind
 from .failures import FailureWatch
 from .isolation import Isolation
 from .ports import Partition, RebalanceHandler, Refused, show
@@ -46,41 +49,6 @@ def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
         except (OSError, ValueError):
             continue
     return False
-
-
-def _advice(exc: BaseException, where: str, group: str) -> str | None:
-    """For an error retrying cannot fix: one line with what to do; None for any other error."""
-    from kafka import errors as e
-    if isinstance(exc, e.UnsupportedCodecError):
-        return (f"{where}: {exc}: records there are compressed with a codec this installation cannot "
-                f"decode; install the service's codec libraries (pip install lz4 zstandard python-snappy) "
-                f"and restart")
-    if isinstance(exc, e.CorruptRecordError):
-        return (f"{where}: {exc}: a corrupt record batch the client cannot skip; move the group "
-                f"{group!r} past it (kafka-consumer-groups --reset-offsets) and restart")
-    if isinstance(exc, (e.AuthorizationError, e.SaslAuthenticationFailedError)):
-        return (f"{where}: {exc}: check the credentials and grant READ on the input topics and group "
-                f"{group!r}, WRITE on the output and dead-letter topics")
-    if isinstance(exc, (e.UnsupportedVersionError, e.InvalidTopicError, e.KafkaConfigurationError)):
-        return f"{where}: {exc}"
-    return None
-
-
-def _outage(exc: BaseException) -> bool:
-    from kafka import errors as e
-    return isinstance(exc, (e.KafkaConnectionError, e.KafkaTimeoutError, e.NodeNotReadyError,
-                            e.CoordinatorNotAvailableError, e.RequestTimedOutError))
-
-
-def translate(exc: BaseException, what: str, group: str = "") -> Exception:
-    """A client exception as the project's own: outage, transient or permanent."""
-    advice = _advice(exc, what, group)
-    if advice is not None:
-        return KafkaPermanent(advice)
-    text = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
-    if _outage(exc):
-        return BrokerUnavailable(f"{what}: {text}")
-    return KafkaTransient(f"{what}: {text}")
 
 
 def isolation_level(guarantee: str) -> str:
@@ -122,7 +90,6 @@ class KafkaSource:
 
     def __init__(self, cfg: StreamConfig, rebalance: RebalanceHandler) -> None:
         from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
-        from kafka.errors import KafkaError
 
         self._bootstrap, self._group, self._reset = cfg.bootstrap_servers, cfg.group_id, cfg.auto_offset_reset
         self._topics = list(cfg.input_topic)
@@ -142,7 +109,7 @@ class KafkaSource:
         self._rebalance = rebalance
         self._session_s = cfg.session_timeout_ms / 1000
         self._joined_at = time.monotonic()   # the last join completed (the listener's assignment)
-        try:
+        with kafka_errors(f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id):
             self._consumer = KafkaConsumer(
                 bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
                 auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.max_poll_records,
@@ -158,8 +125,6 @@ class KafkaSource:
                 self._consumer.close(autocommit=False)
                 raise ConfigError("this kafka-python cannot be kept from creating the input topics; "
                                   "install kafka-python>=3.0.12,<3.1")
-        except KafkaError as exc:
-            raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id) from exc
         # The listener waits on the client's own event loop; kafka-python 3 offers no public sleep.
         sleep = getattr(getattr(self._consumer, "_net", None), "sleep", None)
         if sleep is None:
@@ -296,23 +261,19 @@ class KafkaSource:
         return f"one of {show(_tp_list(self._consumer.assignment()))}"
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
-        try:
+        # kafka-python raises its own errors and, from listeners, anything
+        with kafka_errors(lambda: f"consuming {self._failing_partition()}", self._group, also=(Exception,)):
             if not self._joined():
                 time.sleep(timeout_s)
                 return []
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        except Exception as exc:   # kafka-python raises its own errors and, from listeners, anything
-            raise translate(exc, f"consuming {self._failing_partition()}", self._group) from exc
         now = time.monotonic()
         return [Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp, now)
                 for records in batches.values() for r in records]
 
     def commit(self, offsets: dict[Partition, int]) -> None:
-        from kafka.errors import KafkaError
-        try:
+        with kafka_errors("commit failed", self._group):
             self._consumer.commit(self._kafka_offsets(offsets), timeout_ms=_CLIENT_TIMEOUT_MS)
-        except KafkaError as exc:
-            raise translate(exc, "commit failed", self._group) from exc
 
     def group_metadata(self) -> Any:
         return self._consumer.group_metadata()
@@ -320,16 +281,13 @@ class KafkaSource:
     def rewind(self, partitions: list[Partition]) -> None:
         """Seek to the last committed offsets (or where a new group starts) to redo aborted work."""
         from kafka import TopicPartition
-        from kafka.errors import KafkaError
         owned = set(self._consumer.assignment())
         for topic, index in partitions:
             tp = TopicPartition(topic, index)
             if tp not in owned:
                 continue
-            try:
+            with kafka_errors("rewinding after an aborted transaction", self._group):
                 offset = self._consumer.committed(tp, timeout_ms=_CLIENT_TIMEOUT_MS)
-            except KafkaError as exc:
-                raise translate(exc, "rewinding after an aborted transaction", self._group) from exc
             if offset is not None:
                 self._consumer.seek(tp, offset)
             elif self._reset == "earliest":
@@ -378,7 +336,7 @@ def _async(exc: BaseException) -> bool:
 def retriable(exc: BaseException) -> bool:
     """Whether sending again can succeed: a retriable Kafka error or an outage; never a bad record."""
     from kafka.errors import KafkaError
-    return isinstance(exc, KafkaError) and (exc.retriable or _outage(exc))
+    return isinstance(exc, KafkaError) and (exc.retriable or kafka_python_kind(exc) == OUTAGE)
 
 
 def _fingerprint(record: Outgoing) -> bytes:
@@ -396,14 +354,12 @@ def _fingerprint(record: Outgoing) -> bytes:
 
 
 def refused_for_good(exc: BaseException) -> bool:
-    """A broker refusal no resend can change (InvalidRecord: a broker-side schema or policy check,
-    MessageSizeTooLarge, RecordListTooLarge, TopicAuthorizationFailed, PolicyViolation). kafka-python's
+    """A broker refusal no resend can change (REFUSED in :data:`.errors.KAFKA_PYTHON`: InvalidRecord, a
+    broker-side schema or policy check, MessageSizeTooLarge, TopicAuthorizationFailed, ...). kafka-python's
     idempotent producer turns such an error fatal and fails every batch in flight with it, so the
     record that carries it may only have shared the refused one's fate. The one classification the
     at-least-once and the exactly-once publishing paths both use."""
-    from kafka import errors as e
-    return isinstance(exc, (e.InvalidRecordError, e.MessageSizeTooLargeError, e.RecordListTooLargeError,
-                            e.TopicAuthorizationFailedError, e.PolicyViolationError)) and _async(exc)
+    return kafka_python_kind(exc) == REFUSED and _async(exc)
 
 
 class KafkaSink:
@@ -424,7 +380,6 @@ class KafkaSink:
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
                  transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
-        from kafka.errors import KafkaError
         # At least once the client retries a send without a count (kafka-python's default), in order, until
         # delivery_timeout_ms; a record it gives up on is resent through the ordered queue. In a transaction a
         # failed send dooms the unit, so there it gives up after 5.
@@ -433,28 +388,24 @@ class KafkaSink:
         self._settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_block_ms=10_000,
                               bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
                               compression_type=compression_type, **extra, **client_options)
-        try:
+        with kafka_errors(f"cannot reach Kafka at {bootstrap}"):
             self._producer = self._new_producer()
             if transactional_id:
                 self._producer.init_transactions()   # aborts what a predecessor with this id left open
                 self._producer.begin_transaction()
-        except KafkaError as exc:
-            raise translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
         self._renew_lock = threading.Lock()
         self.transactional = bool(transactional_id)
         self._doomed: BaseException | None = None   # a send failed inside the open transaction
         self._on_retry = on_retry
-        self._retry_lock = threading.Condition()
-        # (when, what): retries, and failure handling moved off the producer's IO thread
-        self._retries: list[tuple[float, Callable[[], None]]] = []
+        # retries, and failure handling moved off the producer's IO thread
+        self._delayed = Delayed("publish-retry")
         self._closed = False
         self._watch_lock = threading.Lock()
         self._sending = FailureWatch("publishing to Kafka")
         self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
         self.failing_since: float | None = None
         self.failure: KafkaPermanent | None = None
-        self._thread = threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)
-        self._thread.start()
+        self._delayed.start()
         self._probe: Any = None   # made at the first refusal
         # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
         # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
@@ -532,9 +483,9 @@ class KafkaSink:
             if not self.transactional and _async(exc):
                 # queued at once, before any record handed over after this failure: none overtakes it
                 self._isolation.add(record, on_ack, on_refused)
-                self._later(0.0, lambda: self._after_failure(record, exc, producer))
+                self._delayed.later(0.0, lambda: self._after_failure(record, exc, producer))
                 return
-            self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, exc, producer))
+            self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, exc, producer))
 
         try:
             future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
@@ -608,7 +559,7 @@ class KafkaSink:
         if self.transactional:
             # The open transaction cannot commit now; it will be aborted and this unit redone.
             if refused_for_good(exc):   # find out, off this transaction, whether this record is the refused one
-                self._later(0.0, lambda: self._probe_in_transaction(record, exc))
+                self._delayed.later(0.0, lambda: self._probe_in_transaction(record, exc))
             with self._watch_lock:
                 self._sending.failed(exc)
                 self._doomed = self._doomed or exc
@@ -622,36 +573,31 @@ class KafkaSink:
         # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
         self._isolation.add(record, on_ack, on_refused)
 
-    def _later(self, delay: float, action: Callable[[], None]) -> None:
-        """Run ``action`` on the publish-retry thread after ``delay`` seconds."""
-        with self._retry_lock:
-            self._retries.append((time.monotonic() + delay, action))
-            self._retry_lock.notify()
-
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next.
         On failure the transaction is aborted (raises KafkaTransient) or, fenced, KafkaPermanent."""
         from kafka.errors import KafkaError
-        try:
-            if self._doomed is not None:
-                raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
-            limit = time.monotonic() + TRANSACTION_CALLS_S
-            kafka_offsets = KafkaSource._kafka_offsets(offsets)
-            self._bounded("adding the offsets to the transaction", limit,
-                          lambda: self._producer.send_offsets_to_transaction(kafka_offsets, group_metadata))
-            self._bounded("committing the transaction", limit, self._producer.commit_transaction)
-            with self._watch_lock:
-                self._sending.ok()
-                self.failing_since = None
-        except KafkaTransient:
-            log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
-            self.abort_transaction()
-            raise
-        except KafkaError as exc:
-            self._fenced_check(exc)
-            log.warning("committing the transaction failed (%s); aborting it", exc)
-            self.abort_transaction()
-            raise translate(exc, "transaction commit failed") from exc
+        with kafka_errors("transaction commit failed"):
+            try:
+                if self._doomed is not None:
+                    raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
+                limit = time.monotonic() + TRANSACTION_CALLS_S
+                kafka_offsets = KafkaSource._kafka_offsets(offsets)
+                self._bounded("adding the offsets to the transaction", limit,
+                              lambda: self._producer.send_offsets_to_transaction(kafka_offsets, group_metadata))
+                self._bounded("committing the transaction", limit, self._producer.commit_transaction)
+                with self._watch_lock:
+                    self._sending.ok()
+                    self.failing_since = None
+            except KafkaTransient:
+                log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
+                self.abort_transaction()
+                raise
+            except KafkaError as exc:
+                self._fenced_check(exc)
+                log.warning("committing the transaction failed (%s); aborting it", exc)
+                self.abort_transaction()
+                raise   # as the project's own, by kafka_errors
         self._begin()
 
     @staticmethod
@@ -716,27 +662,8 @@ class KafkaSink:
                                           f"stopping this member (its partition stays uncommitted from there)")
             log.error("%s", self.failure)
 
-    def _retry_loop(self) -> None:
-        while True:
-            with self._retry_lock:
-                while not self._closed and not self._due():
-                    wait = min((at for at, _ in self._retries), default=time.monotonic() + 1) - time.monotonic()
-                    self._retry_lock.wait(max(0.01, wait))
-                if self._closed:
-                    return
-                now = time.monotonic()
-                due = [r for r in self._retries if r[0] <= now]
-                self._retries = [r for r in self._retries if r[0] > now]
-            for _, action in due:
-                action()
-
-    def _due(self) -> bool:
-        now = time.monotonic()
-        return any(at <= now for at, _ in self._retries)
-
     def pending_retries(self) -> int:
-        with self._retry_lock:
-            return len(self._retries) + self._isolation.waiting()
+        return self._delayed.pending() + self._isolation.waiting()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -749,9 +676,8 @@ class KafkaSink:
         return not self.pending_retries()
 
     def close(self) -> None:
-        with self._retry_lock:
-            self._closed = True
-            self._retry_lock.notify_all()
+        self._closed = True
+        self._delayed.close()
         self._isolation.close()
         if self._probe is not None:
             close_producer(self._probe, _CLIENT_TIMEOUT_MS / 1000)
@@ -831,29 +757,26 @@ def ensure_output_topics(cfg: StreamConfig) -> str:
     topic, the broker's default replication); one line saying which existed and which were made."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
-    try:
+    with kafka_errors(f"cannot reach Kafka at {cfg.bootstrap_servers}"):
         admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="sentiment-stream-admin",
                                  bootstrap_timeout_ms=5_000, **cfg.client_options())
-    except KafkaError as exc:
-        raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}") from exc
     try:
-        existing = set(admin.list_topics())
-        wanted = {"output": cfg.output_topic, "dead-letter": cfg.dead_letter_topic}
-        missing = [t for t in dict.fromkeys(wanted.values()) if t not in existing]
-        partitions = 1
-        if cfg.input_topic[0] in existing:
-            (described,) = admin.describe_topics([cfg.input_topic[0]])
-            partitions = max(1, len(described.get("partitions", ())))
-        if missing:
-            try:
-                admin.create_topics([NewTopic(t, partitions, -1) for t in missing])
-            except TopicAlreadyExistsError:
-                pass   # another member made it first
-            except KafkaError as exc:
-                raise KafkaPermanent(f"{', '.join(missing)}: missing and cannot be created ({exc}); create them "
-                                     f"(README: Topics) or grant CREATE") from exc
-    except (KafkaError, ValueError) as exc:
-        raise translate(exc, "checking the output topics") from exc
+        with kafka_errors("checking the output topics", also=(ValueError,)):
+            existing = set(admin.list_topics())
+            wanted = {"output": cfg.output_topic, "dead-letter": cfg.dead_letter_topic}
+            missing = [t for t in dict.fromkeys(wanted.values()) if t not in existing]
+            partitions = 1
+            if cfg.input_topic[0] in existing:
+                (described,) = admin.describe_topics([cfg.input_topic[0]])
+                partitions = max(1, len(described.get("partitions", ())))
+            if missing:
+                try:
+                    admin.create_topics([NewTopic(t, partitions, -1) for t in missing])
+                except TopicAlreadyExistsError:
+                    pass   # another member made it first
+                except KafkaError as exc:
+                    raise KafkaPermanent(f"{', '.join(missing)}: missing and cannot be created ({exc}); create "
+                                         f"them (README: Topics) or grant CREATE") from exc
     finally:
         admin.close()
     return "; ".join(f"{kind} topic {name!r} " + (f"created with {partitions} partitions" if name in missing

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from engine_build.errors import KafkaPermanent
-
+from .errors import KafkaPermanent
 from .records import Message, Outgoing
 
 Partition = tuple[str, int]

@@ -1,7 +1,8 @@
 """The Kafka client, librdkafka's way (confluent-kafka): the same source and sink as :mod:`.kafka_io`.
 
-Chosen with ``--kafka-client librdkafka``; nothing else imports confluent-kafka. librdkafka's
-errors leave this module as the project's own, classified in one table (:data:`KINDS`):
+Chosen with ``--kafka-client librdkafka``; nothing else imports confluent-kafka (but :mod:`.errors`,
+which classifies its errors). librdkafka's errors leave this module as the project's own, classified
+in one table (:data:`.errors.LIBRDKAFKA`) and raised through :func:`.errors.kafka_errors`:
 :class:`BrokerUnavailable` (an outage), :class:`KafkaTransient` (retry), :class:`KafkaPermanent`
 (never succeeds), and for a record the broker refuses for good, the sink's ``on_refused``.
 
@@ -19,8 +20,19 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient
+from engine_build.errors import ConfigError
 
+from .delayed import Delayed
+from .errors import (
+    PERMANENT,
+    REFUSED,
+    KafkaPermanent,
+    KafkaTransient,
+    kafka_errors,
+    librdkafka_error,
+    librdkafka_kind,
+    librdkafka_name,
+)
 from .failures import FailureWatch
 from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, isolation_level, reachable
 from .ports import Partition, RebalanceHandler, Refused, show
@@ -36,76 +48,6 @@ _CLIENT_TIMEOUT_S = 5.0   # metadata, close: shutdown must end even with the bro
 # librdkafka's own log, through logging, critical lines only: at its default level it writes a line for every
 # failed reconnect while the broker is away (the service says that once); errors reach the service as events
 _QUIET: dict[str, Any] = {"logger": logging.getLogger("stream.librdkafka"), "log_level": 2}
-OUTAGE, TRANSIENT, PERMANENT, REFUSED = "outage", "transient", "permanent", "refused"
-# librdkafka's error codes (KafkaError.<NAME>) by what they mean here; a code not listed is transient.
-# REFUSED: the broker or client will never take this record (the sink dead-letters its input);
-# PERMANENT: nothing this client does can succeed (the member drains and exits).
-KINDS: dict[str, str] = {
-    **dict.fromkeys(("_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_MSG_TIMED_OUT", "_RESOLVE", "_WAIT_COORD",
-                     "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
-                     "COORDINATOR_LOAD_IN_PROGRESS", "LEADER_NOT_AVAILABLE", "NOT_LEADER_FOR_PARTITION",
-                     "BROKER_NOT_AVAILABLE", "_TIMED_OUT_QUEUE"), OUTAGE),
-    **dict.fromkeys(("MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_MSG_SIZE", "INVALID_RECORD",
-                     "TOPIC_AUTHORIZATION_FAILED", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE", "INVALID_REQUIRED_ACKS",
-                     "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE"), REFUSED),
-    **dict.fromkeys(("SASL_AUTHENTICATION_FAILED", "_AUTHENTICATION", "_SSL", "GROUP_AUTHORIZATION_FAILED",
-                     "CLUSTER_AUTHORIZATION_FAILED", "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
-                     "UNSUPPORTED_VERSION", "UNSUPPORTED_SASL_MECHANISM", "TOPIC_EXCEPTION",
-                     "_UNKNOWN_PROTOCOL", "_NOT_IMPLEMENTED", "_UNSUPPORTED_FEATURE", "_BAD_COMPRESSION",
-                     "_BAD_MSG", "_FATAL", "_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH",
-                     "UNSUPPORTED_COMPRESSION_TYPE", "_INVALID_DIFFERENT_RECORD"), PERMANENT),
-}
-_ADVICE = {
-    "_BAD_COMPRESSION": "records there are compressed with a codec this librdkafka cannot decode; install a "
-                        "confluent-kafka wheel (it carries every codec) and restart",
-    "_BAD_MSG": "a corrupt record batch the client cannot skip; move the group {group!r} past it "
-                "(kafka-consumer-groups --reset-offsets) and restart",
-    "SASL_AUTHENTICATION_FAILED": "check the credentials",
-    "_AUTHENTICATION": "check the credentials",
-    "GROUP_AUTHORIZATION_FAILED": "grant READ on the input topics and group {group!r}",
-    "TOPIC_AUTHORIZATION_FAILED": "grant READ on the input topics and group {group!r}, WRITE on the output and "
-                                  "dead-letter topics",
-}
-
-
-def kind(error: Any) -> str:
-    """What a librdkafka ``KafkaError`` means here: OUTAGE, TRANSIENT, PERMANENT or REFUSED."""
-    from confluent_kafka import KafkaError
-    names = {getattr(KafkaError, n): n for n in KINDS if hasattr(KafkaError, n)}
-    found = KINDS.get(names.get(error.code(), ""))
-    if found is not None:
-        return found
-    return PERMANENT if error.fatal() else TRANSIENT
-
-
-def _error(exc: BaseException) -> Any:
-    """The ``KafkaError`` a confluent-kafka exception carries (None for any other exception)."""
-    from confluent_kafka import KafkaError, KafkaException
-    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
-        return exc.args[0]
-    return exc if isinstance(exc, KafkaError) else None
-
-
-def translate(exc: Any, what: str, group: str = "") -> Exception:
-    """A librdkafka error (a ``KafkaException`` or a ``KafkaError``) as the project's own."""
-    error = _error(exc)
-    if error is None:
-        return KafkaTransient(f"{what}: {type(exc).__name__}: {exc}")
-    text = f"{error.name()}: {error.str()}"
-    found = kind(error)
-    if found in (PERMANENT, REFUSED):   # outside a publish, a refusal too can never succeed
-        advice = _ADVICE.get(_name(error), "")
-        return KafkaPermanent(f"{what}: {text}" + (f": {advice.format(group=group)}" if advice else ""))
-    if found == OUTAGE:
-        return BrokerUnavailable(f"{what}: {text}")
-    return KafkaTransient(f"{what}: {text}")
-
-
-def _name(error: Any) -> str:
-    from confluent_kafka import KafkaError
-    return next((n for n in KINDS if getattr(KafkaError, n, None) == error.code()), error.name())
-
-
 def client_settings(cfg: StreamConfig) -> dict[str, Any]:
     """librdkafka's names for the TLS/SASL settings of ``cfg`` (only those that are set)."""
     options = {"security.protocol": cfg.security_protocol.lower(), "ssl.ca.location": cfg.ssl_cafile,
@@ -129,7 +71,7 @@ class RdKafkaSource:
 
     def __init__(self, cfg: StreamConfig, rebalance: RebalanceHandler,
                  assignment_strategy: str = "range") -> None:
-        from confluent_kafka import Consumer, KafkaException
+        from confluent_kafka import Consumer
         from confluent_kafka.admin import AdminClient
         self._bootstrap, self._group, self._reset = cfg.bootstrap_servers, cfg.group_id, cfg.auto_offset_reset
         self._topics = list(cfg.input_topic)
@@ -146,14 +88,12 @@ class RdKafkaSource:
             "isolation.level": isolation_level(cfg.processing_guarantee),
             "allow.auto.create.topics": False, "partition.assignment.strategy": assignment_strategy,
             **_QUIET, **client_settings(cfg)}
-        try:
+        with kafka_errors(f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id):
             # a second client for the probe thread: the consumer's own list_topics waits while consume() runs
             self._admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
             self._consumer = Consumer(settings)
             self._consumer.subscribe(self._topics, on_assign=self._assign, on_revoke=self._revoke,
                                      on_lost=self._lose)
-        except KafkaException as exc:
-            raise translate(exc, f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id) from exc
         self._paused = False
         self._lost = False   # librdkafka reported the partitions lost: evicted (exactly once, fenced for good)
 
@@ -219,25 +159,22 @@ class RdKafkaSource:
 
     def rewind(self, partitions: list[Partition]) -> None:
         """Seek to the last committed offsets (or where a new group starts) to redo aborted work."""
-        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
         owned = set(self.assigned())
         wanted = [TopicPartition(t, p) for t, p in partitions if (t, p) in owned]
         if not wanted:
             return
-        try:
+        with kafka_errors("rewinding after an aborted transaction", self._group):
             for tp in self._consumer.committed(wanted, timeout=_CLIENT_TIMEOUT_S):
                 start = OFFSET_BEGINNING if self._reset == "earliest" else OFFSET_END
                 self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else start))
-        except KafkaException as exc:
-            raise translate(exc, "rewinding after an aborted transaction", self._group) from exc
 
     # ---- the Source port ----
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
-        from confluent_kafka import KafkaError
-        try:
+        from confluent_kafka import KafkaError, KafkaException
+        # a KafkaException, or anything a rebalance callback raised
+        with kafka_errors("consuming", self._group, also=(Exception,)):
             batch = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
-        except Exception as exc:   # KafkaException, or anything a rebalance callback raised
-            raise translate(exc, "consuming", self._group) from exc
         now = time.monotonic()
         out, errors = [], []
         for m in batch:
@@ -250,18 +187,16 @@ class RdKafkaSource:
                                       KafkaError._UNKNOWN_TOPIC):   # a missing topic: missing_topics says so
                 errors.append(error)
         if errors and not out:   # records already taken are handed on; the error comes again if it lasts
-            raise translate(errors[0], f"consuming from {show(self.assigned())}", self._group)
+            with kafka_errors(f"consuming from {show(self.assigned())}", self._group):
+                raise KafkaException(errors[0])
         return out
 
     def assigned(self) -> list[Partition]:
         return _tp_list(self._consumer.assignment())
 
     def commit(self, offsets: dict[Partition, int]) -> None:
-        from confluent_kafka import KafkaException
-        try:
+        with kafka_errors("commit failed", self._group):
             self._consumer.commit(offsets=_offsets(offsets), asynchronous=False)
-        except KafkaException as exc:
-            raise translate(exc, "commit failed", self._group) from exc
 
     def pause_all(self) -> None:
         self._paused = True
@@ -311,7 +246,6 @@ class RdKafkaSink:
     def __init__(self, bootstrap: str, settings: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
                  transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
-        from confluent_kafka import KafkaException
         extra = ({"transactional.id": transactional_id, "transaction.timeout.ms": transaction_timeout_ms}
                  if transactional_id else {})
         self._settings = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
@@ -320,25 +254,22 @@ class RdKafkaSink:
                           **_QUIET, **extra, **settings}
         self.transactional, self._bootstrap = bool(transactional_id), bootstrap
         self._doomed: Any = None   # a send failed inside the open transaction
-        try:
+        with kafka_errors(f"cannot reach Kafka at {bootstrap}"):
             self._producer = self._new_producer()
             if transactional_id:   # aborts what a predecessor with this id left open
                 self._producer.init_transactions(TRANSACTION_CALLS_S)
                 self._producer.begin_transaction()
-        except KafkaException as exc:
-            raise translate(exc, f"cannot reach Kafka at {bootstrap}") from exc
         self._on_retry = on_retry
-        self._lock = threading.Condition()
-        self._retries: list[tuple[float, Callable[[], None]]] = []   # (when, what), on the retry thread
+        self._lock = threading.Lock()
+        self._delayed = Delayed("publish-retry")   # retries, and failure handling off the producer-poll thread
         self._closed = False
         self._sending = FailureWatch("publishing to Kafka")
         self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
         self.failing_since: float | None = None
         self.failure: KafkaPermanent | None = None
-        self._threads = [threading.Thread(target=self._serve, name="producer-poll", daemon=True),
-                         threading.Thread(target=self._retry_loop, name="publish-retry", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
+        self._poll_thread.start()
+        self._delayed.start()
 
     def _new_producer(self) -> Any:
         from confluent_kafka import Producer
@@ -362,7 +293,8 @@ class RdKafkaSink:
                     self.failing_since = None
                 on_ack()
             else:
-                self._later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer, True))
+                self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer,
+                                                              True))
 
         try:
             # a plugin's str is a bug: librdkafka would send its UTF-8, kafka-python refuses it; refuse it here too
@@ -372,18 +304,19 @@ class RdKafkaSink:
             extra = {"headers": record.headers} if record.headers else {}
             producer.produce(record.topic, value=record.value, key=record.key, on_delivery=delivered, **extra)
         except BufferError as exc:   # the local queue is full: wait for deliveries, then send again
-            self._later(0.05, lambda: self.publish(record, on_ack, on_refused, attempt))
+            self._delayed.later(0.05, lambda: self.publish(record, on_ack, on_refused, attempt))
             log.debug("producer queue full (%s)", exc)
         except Exception as exc:   # a KafkaException (too large, closed) or a bad value (TypeError)
-            self._failed(record, on_ack, on_refused, attempt, _error(exc) or exc, producer)
+            self._failed(record, on_ack, on_refused, attempt, librdkafka_error(exc) or exc, producer)
 
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
                 error: Any, producer: Any, reported: bool = False) -> None:
         """``reported``: the error came in a delivery report (the broker's answer), not from ``produce``."""
         from confluent_kafka import KafkaError, KafkaException
-        found = kind(error) if isinstance(error, KafkaError) else REFUSED
+        found = librdkafka_kind(error) if isinstance(error, KafkaError) else REFUSED
         exc = KafkaException(error) if isinstance(error, KafkaError) else error
-        too_large = isinstance(error, KafkaError) and _name(error) == "MSG_SIZE_TOO_LARGE"
+        name = librdkafka_name(error) if isinstance(error, KafkaError) else None
+        too_large = name == "MSG_SIZE_TOO_LARGE"
         if self.transactional and (reported or found != REFUSED):
             # Any failed delivery makes librdkafka's open transaction abortable: it will be aborted and this
             # unit redone. A record produce() refused at once never entered it and is refused below.
@@ -399,7 +332,7 @@ class RdKafkaSink:
             return
         if found == PERMANENT and isinstance(error, KafkaError) and error.fatal():
             self._renew(producer, error)
-        elif isinstance(error, KafkaError) and _name(error) == "_MSG_TIMED_OUT" and reachable(self._bootstrap):
+        elif name == "_MSG_TIMED_OUT" and reachable(self._bootstrap):
             # timed out while the broker answers: after a broker restart that lost its state (a new in-memory
             # broker) the idempotent producer can wait for ever on its old producer id; a new one starts afresh
             self._renew(producer, error)
@@ -412,7 +345,7 @@ class RdKafkaSink:
         delay = min(5.0, 0.1 * 2 ** attempt)
         log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, error, delay)
         self._on_retry()
-        self._later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
+        self._delayed.later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
 
     def _renew(self, producer: Any, error: Any) -> None:
         """Replace a producer in librdkafka's fatal state (every later send would fail); its records are
@@ -434,24 +367,25 @@ class RdKafkaSink:
         """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
         transaction is aborted (raises KafkaTransient or BrokerUnavailable) or, fenced, KafkaPermanent."""
         from confluent_kafka import KafkaException
-        try:
-            if self._doomed is not None:
-                raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
-            limit = time.monotonic() + TRANSACTION_CALLS_S
-            self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
-            self._producer.commit_transaction(_left(limit))
-            with self._lock:
-                self._sending.ok()
-                self.failing_since = None
-        except KafkaTransient:
-            log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
-            self.abort_transaction()
-            raise
-        except KafkaException as exc:
-            self._fatal_check(exc, "committing the transaction")
-            log.warning("committing the transaction failed (%s); aborting it", exc)
-            self.abort_transaction()
-            raise translate(exc, "transaction commit failed") from exc
+        with kafka_errors("transaction commit failed"):
+            try:
+                if self._doomed is not None:
+                    raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
+                limit = time.monotonic() + TRANSACTION_CALLS_S
+                self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
+                self._producer.commit_transaction(_left(limit))
+                with self._lock:
+                    self._sending.ok()
+                    self.failing_since = None
+            except KafkaTransient:
+                log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
+                self.abort_transaction()
+                raise
+            except KafkaException as exc:
+                self._fatal_check(exc, "committing the transaction")
+                log.warning("committing the transaction failed (%s); aborting it", exc)
+                self.abort_transaction()
+                raise   # as the project's own, by kafka_errors
         self._begin()
 
     def abort_transaction(self) -> None:
@@ -477,8 +411,8 @@ class RdKafkaSink:
     @staticmethod
     def _fatal_check(exc: BaseException, what: str) -> None:
         """A fatal transaction error (fenced: another member took over the transactional id) ends the member."""
-        error = _error(exc)
-        if error is not None and (error.fatal() or kind(error) == PERMANENT):
+        error = librdkafka_error(exc)
+        if error is not None and (error.fatal() or librdkafka_kind(error) == PERMANENT):
             raise KafkaPermanent(f"{what}: {error.name()}: {error.str()}: this member's producer can send no more "
                                  f"(fenced when another member took over its transactional id); stopping") from exc
 
@@ -493,28 +427,8 @@ class RdKafkaSink:
                                           f"stopping this member (its partition stays uncommitted from there)")
             log.error("%s", self.failure)
 
-    def _later(self, delay: float, action: Callable[[], None]) -> None:
-        with self._lock:
-            self._retries.append((time.monotonic() + delay, action))
-            self._lock.notify()
-
-    def _retry_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._closed and not any(at <= time.monotonic() for at, _ in self._retries):
-                    wait = min((at for at, _ in self._retries), default=time.monotonic() + 1) - time.monotonic()
-                    self._lock.wait(max(0.01, wait))
-                if self._closed:
-                    return
-                now = time.monotonic()
-                due = [r for r in self._retries if r[0] <= now]
-                self._retries = [r for r in self._retries if r[0] > now]
-            for _, action in due:
-                action()
-
     def pending_retries(self) -> int:
-        with self._lock:
-            return len(self._retries)
+        return self._delayed.pending()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -526,11 +440,9 @@ class RdKafkaSink:
 
     def close(self) -> None:
         self.flush(_CLIENT_TIMEOUT_S)
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        for thread in self._threads:
-            thread.join(1.0)
+        self._closed = True
+        self._delayed.close(timeout=1.0)
+        self._poll_thread.join(1.0)
         left = self._producer.flush(0)
         if left:
             log.warning("the producer closed with %d records undelivered (their inputs stay uncommitted and are "

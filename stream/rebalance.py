@@ -24,8 +24,7 @@ from .offsets import OffsetTracker
 from .ports import Partition, show
 
 if TYPE_CHECKING:
-    from engine_build.errors import KafkaPermanent
-
+    from .errors import KafkaPermanent
     from .transactions import Transactions
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from engine_build.artifact import Selection
-from engine_build.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
 from engine_build.imaging import decode
 from engine_build.manifest import Manifest
 from engine_build.runtime.base import Backend
 
 from .config import StreamConfig
+from .errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
 from .failures import FailureWatch
 from .logs import BROKER_AWAY
 from .metrics import HealthServer, Metrics

@@ -22,9 +22,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from engine_build.errors import ConfigError, UserError
+from engine_build.errors import ConfigError, SentimentError
 
 from .config import StreamConfig, _Parser, env_name, flag
+from .errors import kafka_errors
 
 SECURITY = ("security_protocol", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism", "sasl_username",
             "sasl_password")
@@ -143,40 +144,41 @@ def read(options: dict[str, Any], topic: str, most: int, idle_s: float) -> int:
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
-    from kafka.errors import KafkaError
     environ = dict(os.environ if environ is None else environ)
     try:
         args = parser().parse_args(argv)
         options = client_options(args, environ)
         if args.command == "create" and args.partitions < 1:
             raise ConfigError(f"--partitions {args.partitions}: must be at least 1")
-        from kafka.admin import KafkaAdminClient
-        admin = KafkaAdminClient(client_id="sentiment-topics", request_timeout_ms=TIMEOUT_MS, **options)
-        try:
-            if args.command == "list":
-                counts = partition_counts(admin)
-                for name in sorted(counts):
-                    print(f"{name}\t{counts[name]} partitions")
-            elif args.command == "create":
-                for line in create(admin, args.topics, args.partitions, args.replication_factor):
-                    print(line)
-            else:
-                _existing(admin, args.topic)
-        finally:
-            admin.close()
-        if args.command == "publish":
-            print(f"published {publish(options, args.topic, args.files)} file(s) to '{args.topic}'")
-        elif args.command == "read":
-            count = read(options, args.topic, args.max, args.idle_s)
-            print(f"read {count} record(s) from '{args.topic}'", file=sys.stderr)
-    except UserError as exc:
+        # the client's own errors (NoBrokersAvailable, TopicAuthorizationFailed, ...) as the project's
+        with kafka_errors(options["bootstrap_servers"]):
+            _run(args, options)
+    except SentimentError as exc:
         print(f"stream.topics: error: {exc}", file=sys.stderr)
         return 1
-    except KafkaError as exc:     # the client's own errors, e.g. NoBrokersAvailable, TopicAuthorizationFailed
-        print(f"stream.topics: error: {options['bootstrap_servers']}: {exc}",
-              file=sys.stderr)
-        return 1
     return 0
+
+
+def _run(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    from kafka.admin import KafkaAdminClient
+    admin = KafkaAdminClient(client_id="sentiment-topics", request_timeout_ms=TIMEOUT_MS, **options)
+    try:
+        if args.command == "list":
+            counts = partition_counts(admin)
+            for name in sorted(counts):
+                print(f"{name}\t{counts[name]} partitions")
+        elif args.command == "create":
+            for line in create(admin, args.topics, args.partitions, args.replication_factor):
+                print(line)
+        else:
+            _existing(admin, args.topic)
+    finally:
+        admin.close()
+    if args.command == "publish":
+        print(f"published {publish(options, args.topic, args.files)} file(s) to '{args.topic}'")
+    elif args.command == "read":
+        count = read(options, args.topic, args.max, args.idle_s)
+        print(f"read {count} record(s) from '{args.topic}'", file=sys.stderr)
 
 
 if __name__ == "__main__":

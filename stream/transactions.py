@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from engine_build.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
-
+from .errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
 from .offsets import OffsetTracker
 from .ports import Partition, show
 

@@ -11,6 +11,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -148,29 +149,12 @@ def read_committed(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
     writes for a killed producer) but sends no AbortedTransactions list in its Fetch
     responses, and clients filter aborted records by that list, so ``isolation_level=
     "read_committed"`` returns aborted records from it. This reads the raw batches
-    (kafka-python internals, tests only) and keeps a transactional record once its
+    (:func:`raw_batches`, read_uncommitted) and keeps a transactional record once its
     producer's commit marker follows it, as a Kafka broker's reader would. It reads up to the
     high watermark of every partition (call it once the writers have stopped)."""
-    import kafka.consumer.fetcher as fetcher
-    from kafka.record.memory_records import MemoryRecords
-
-    batches: dict[tuple[int, int], object] = {}
-    real_init = fetcher.Fetcher.PartitionRecords.__init__
-
-    def capture(self, fetch_offset, tp, records, *args, **kwargs):
-        raw = MemoryRecords(bytes(records._buffer))
-        while (batch := raw.next_batch()) is not None:
-            batches[(tp.partition, batch.base_offset)] = (batch, list(batch))
-        real_init(self, fetch_offset, tp, records, *args, **kwargs)
-
-    fetcher.Fetcher.PartitionRecords.__init__ = capture
-    try:
-        read_all(bootstrap, topic, 0, timeout=timeout, to_end=True)
-    finally:
-        fetcher.Fetcher.PartitionRecords.__init__ = real_init
     visible: list = []
     pending: dict[tuple[int, int], list] = collections.defaultdict(list)
-    for (partition, _), (batch, records) in sorted(batches.items(), key=lambda kv: kv[0]):
+    for partition, batch, records in raw_batches(bootstrap, topic, timeout):
         if not batch.is_transactional:
             visible.extend(records)
         elif batch.is_control_batch:
@@ -181,3 +165,60 @@ def read_committed(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
         else:
             pending[(partition, batch.producer_id)].extend(records)
     return visible
+
+
+def raw_batches(bootstrap: str, topic: str, timeout: float = 60.0) -> list[tuple[int, Any, list]]:
+    """Every record batch of ``topic`` up to each partition's high watermark, control batches and
+    aborted ones included, as (partition, batch, its records), in partition and offset order.
+
+    Sent as plain Fetch requests (read_uncommitted, no fetch session) to each partition's leader
+    through kafka-python's network client, and parsed with ``kafka.record.MemoryRecords``: no
+    consumer, nothing of the client patched."""
+    from kafka.net.compat import KafkaNetClient
+    from kafka.protocol.consumer import FetchRequest
+    from kafka.protocol.metadata import MetadataRequest
+    from kafka.record import MemoryRecords
+
+    deadline = time.monotonic() + timeout
+    client = KafkaNetClient(bootstrap_servers=bootstrap, client_id="tests-raw-batches")
+    try:
+        client.check_version(timeout_ms=int(timeout * 1000))
+        leaders: dict[int, int] = {}
+        while not leaders:   # a listing of every topic: asking for one by name may create it (tansu)
+            node = client.least_loaded_node(bootstrap_fallback=True)
+            metadata = client.send_and_receive(node, MetadataRequest(topics=None), timeout_ms=_left_ms(deadline))
+            leaders = {p.partition_index: p.leader_id for t in metadata.topics if t.name == topic
+                       for p in t.partitions if p.leader_id >= 0}
+            assert leaders or time.monotonic() < deadline, f"no partition of {topic} has a leader after {timeout} s"
+            if not leaders:
+                time.sleep(0.2)
+        out = []
+        for partition in sorted(leaders):
+            offset, high = 0, None
+            while high is None or offset < high:
+                assert time.monotonic() < deadline, f"{topic}[{partition}]: at {offset} of {high} after {timeout} s"
+                request = FetchRequest(
+                    max_wait_ms=100, min_bytes=1, max_bytes=50 << 20, isolation_level=0, session_id=0,
+                    session_epoch=-1, topics=[FetchRequest.FetchTopic(topic=topic, partitions=[
+                        FetchRequest.FetchTopic.FetchPartition(partition=partition, fetch_offset=offset,
+                                                               partition_max_bytes=50 << 20)])],
+                    forgotten_topics_data=[], rack_id="", min_version=4, max_version=12)
+                response = client.send_and_receive(leaders[partition], request, timeout_ms=_left_ms(deadline))
+                (data,) = [p for t in response.responses for p in t.partitions if p.partition_index == partition]
+                if data.error_code == 1 and offset < data.log_start_offset:   # OFFSET_OUT_OF_RANGE: deleted
+                    offset = data.log_start_offset
+                    continue
+                assert data.error_code == 0, f"{topic}[{partition}] at {offset}: Fetch error {data.error_code}"
+                high = data.high_watermark
+                raw = MemoryRecords(bytes(data.records or b""))
+                while (batch := raw.next_batch()) is not None:
+                    if batch.next_offset > offset:
+                        out.append((partition, batch, [r for r in batch if r.offset >= offset]))
+                        offset = batch.next_offset
+        return out
+    finally:
+        client.close()
+
+
+def _left_ms(deadline: float) -> int:
+    return max(100, int((deadline - time.monotonic()) * 1000))

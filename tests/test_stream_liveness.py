@@ -43,8 +43,8 @@ def test_a_send_blocked_on_one_partition_holds_up_neither_other_partitions_nor_t
 def test_a_transaction_commit_the_coordinator_never_answers_ends_within_its_bound(tmp_path):
     """kafka-python's commit_transaction waits on the coordinator without a bound; the sink's wait
     has one, and past it the member ends instead of hanging at its commit point."""
-    from engine_build.errors import KafkaPermanent
     from stream.embedded_broker import EmbeddedBroker, free_port
+    from stream.errors import KafkaPermanent
     from stream.kafka_io import TRANSACTION_CALLS_S, KafkaSink
 
     from .test_stream_faults import _FlakyProxy
@@ -128,8 +128,8 @@ def test_a_member_whose_inference_hangs_fails_healthz_and_ends():
     import urllib.error
     import urllib.request
 
-    from engine_build.errors import KafkaPermanent
     from stream.embedded_broker import free_port
+    from stream.errors import KafkaPermanent
     from stream.fake import FakeBroker
 
     from .images import good_images

@@ -9,9 +9,10 @@ import pytest
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 
-from engine_build.errors import BrokerUnavailable, ConfigError, KafkaPermanent, KafkaTransient  # noqa: E402
-from stream import rdkafka_io  # noqa: E402
+from engine_build.errors import ConfigError  # noqa: E402
+from stream import errors, rdkafka_io  # noqa: E402
 from stream.config import StreamConfig, build_parser, from_args  # noqa: E402
+from stream.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient  # noqa: E402
 from stream.records import Outgoing  # noqa: E402
 
 from .kafka_helpers import names, produce, read_all  # noqa: E402
@@ -32,7 +33,7 @@ KafkaError = confluent_kafka.KafkaError
 ])
 def test_librdkafka_errors_map_into_the_project_tree(code, expected):
     error = KafkaError(getattr(KafkaError, code), "from the test")
-    translated = rdkafka_io.translate(confluent_kafka.KafkaException(error), "consuming", "g")
+    translated = errors.translate(confluent_kafka.KafkaException(error), "consuming", "g")
     assert type(translated) is expected
     assert code.lstrip("_") in str(translated) and "\n" not in str(translated)
 
@@ -40,17 +41,17 @@ def test_librdkafka_errors_map_into_the_project_tree(code, expected):
 @pytest.mark.parametrize("code", ["MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_RECORD",
                                   "TOPIC_AUTHORIZATION_FAILED", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE"])
 def test_records_the_broker_can_never_take_are_refusals(code):
-    assert rdkafka_io.kind(KafkaError(getattr(KafkaError, code))) == rdkafka_io.REFUSED
+    assert errors.librdkafka_kind(KafkaError(getattr(KafkaError, code))) == errors.REFUSED
 
 
 def test_every_code_in_the_table_is_one_librdkafka_has():
-    assert [n for n in rdkafka_io.KINDS if not hasattr(KafkaError, n)] == []
+    assert [n for n in errors.LIBRDKAFKA if not hasattr(KafkaError, n)] == []
 
 
 def test_a_fatal_error_not_in_the_table_is_permanent():
     error = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "seq", fatal=True)
-    assert rdkafka_io.kind(error) == rdkafka_io.PERMANENT
-    assert rdkafka_io.kind(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "seq")) == rdkafka_io.TRANSIENT
+    assert errors.librdkafka_kind(error) == errors.PERMANENT
+    assert errors.librdkafka_kind(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "seq")) == errors.TRANSIENT
 
 
 def _cfg(tmp_path, **extra) -> StreamConfig:
@@ -222,7 +223,7 @@ def test_sink_acknowledges_refuses_for_good_and_stops_on_a_refused_dead_letter(k
         assert all(acked.acquire(timeout=30) for _ in range(20))
         big = b"x" * (2 << 20)
         sink.publish(Outgoing(t["output"], b"big", big, []), acked.release, refused.append)
-        assert [rdkafka_io._name(rdkafka_io._error(e)) for e in refused] == ["MSG_SIZE_TOO_LARGE"]
+        assert [errors.librdkafka_name(errors.librdkafka_error(e)) for e in refused] == ["MSG_SIZE_TOO_LARGE"]
         assert sink.failure is None and sink.pending_retries() == 0
         sink.publish(Outgoing(t["dlq"], b"big", big, []), acked.release)
         assert sink.failure is not None and "cannot publish even a dead letter" in str(sink.failure)

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from engine_build.errors import ConfigError, KafkaPermanent
+from engine_build.errors import ConfigError
 from stream.app import build
+from stream.errors import KafkaPermanent
 from stream.fake import FakeBroker
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker

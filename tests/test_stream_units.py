@@ -430,7 +430,7 @@ def test_revocation_drains_and_commits_before_another_member_is_assigned():
 
 
 def test_transient_poll_errors_are_said_once_retried_and_counted(caplog):
-    from engine_build.errors import KafkaTransient
+    from stream.errors import KafkaTransient
     broker = FakeBroker()
     good, bad = fill(broker, partitions=1)
     broker.poll_errors = [KafkaTransient("consuming in[0]: RequestTimedOut") for _ in range(3)]
@@ -444,7 +444,7 @@ def test_transient_poll_errors_are_said_once_retried_and_counted(caplog):
 
 
 def test_a_permanent_consumer_error_drains_then_ends_the_run():
-    from engine_build.errors import KafkaPermanent
+    from stream.errors import KafkaPermanent
     broker = FakeBroker()
     broker.create_topic("in", 1)
     for i in range(40):
@@ -464,7 +464,7 @@ def test_a_permanent_consumer_error_drains_then_ends_the_run():
 
 
 def test_a_transient_error_that_lasts_past_the_limit_ends_the_run():
-    from engine_build.errors import KafkaPermanent, KafkaTransient
+    from stream.errors import KafkaPermanent, KafkaTransient
     broker = FakeBroker()
     broker.create_topic("in", 1)
     broker.poll_errors = [KafkaTransient("User rebalance callback throws an error") for _ in range(1000)]
@@ -638,7 +638,7 @@ def test_a_result_that_can_never_be_published_is_dead_lettered_with_the_original
 
 
 def test_a_dead_letter_that_can_never_be_published_stops_the_member_with_one_line():
-    from engine_build.errors import KafkaPermanent
+    from stream.errors import KafkaPermanent
     broker = FakeBroker()
     broker.create_topic("in", 1)
     broker.produce("in", good_images()["png"], key=b"ok")
@@ -757,7 +757,7 @@ class _AwayAtFirst:
         return self.real.sink(on_retry)
 
     def source(self, rebalance):
-        from engine_build.errors import BrokerUnavailable
+        from stream.errors import BrokerUnavailable
         if self.failures:
             self.failures -= 1
             raise BrokerUnavailable("cannot reach Kafka at fake:9092: KafkaTimeoutError: Unable to bootstrap")

@@ -1,0 +1,254 @@
+"""The Kafka branch of the project's one error tree, and the one place client errors are mapped into it.
+
+    SentimentError (engine_build.errors)
+    ├── UserError
+    │   └── KafkaPermanent      a Kafka error that can never succeed (unsupported codec, authorisation,
+    │                           corrupt batch, fenced producer); the service drains and exits
+    ├── BrokerUnavailable       Kafka cannot be reached right now; the service retries and is not ready
+    └── KafkaTransient          a Kafka client error worth retrying that is not an outage; retried with
+                                backoff, fatal if it lasts past --fail-after-s
+
+Both clients' errors are classified by one table each, every entry one of four kinds: OUTAGE
+(:class:`BrokerUnavailable`), TRANSIENT (:class:`KafkaTransient`), PERMANENT (:class:`KafkaPermanent`)
+and REFUSED: the broker refuses one record for good (the sink dead-letters its input; anywhere else
+nothing can retry it, so it is a :class:`KafkaPermanent` too). :data:`KAFKA_PYTHON` names every
+exception class of ``kafka.errors`` (a test fails when kafka-python grows one nobody classified);
+:data:`LIBRDKAFKA` names the librdkafka codes the connector treats apart from its default (a fatal
+error is PERMANENT, any other TRANSIENT). Call sites wrap client calls in :func:`kafka_errors`.
+Neither client is imported here unless its exceptions are already about (``sys.modules``).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from engine_build.errors import SentimentError, UserError
+
+
+class BrokerUnavailable(SentimentError):
+    """Kafka is unreachable; the service keeps retrying with backoff and reports not-ready."""
+
+
+class KafkaTransient(SentimentError):
+    """A Kafka client error worth retrying that is not an outage (the brokers answer)."""
+
+
+class KafkaPermanent(UserError):
+    """A Kafka client error that retrying cannot fix; the message says what to do."""
+
+
+OUTAGE, TRANSIENT, PERMANENT, REFUSED = "outage", "transient", "permanent", "refused"
+
+# kafka-python 3.0.12's exception classes (kafka.errors) by what they mean here. Every class is listed:
+# a subclass of a listed one that is not (a newer kafka-python) takes its nearest listed base's kind.
+KAFKA_PYTHON: dict[str, str] = {
+    # the brokers do not answer, or not yet (a leader or coordinator being elected): retried without a limit
+    **dict.fromkeys(("KafkaConnectionError", "KafkaTimeoutError", "NodeNotReadyError", "RequestTimedOutError",
+                     "CoordinatorNotAvailableError", "NotCoordinatorError", "CoordinatorLoadInProgressError",
+                     "BrokerNotAvailableError", "LeaderNotAvailableError", "NotLeaderForPartitionError",
+                     "NetworkExceptionError"), OUTAGE),
+    # one record the broker will never take, however often sent: the sink isolates it and dead-letters its input
+    # (kafka-python's idempotent producer turns each fatal and fails every batch in flight with it)
+    **dict.fromkeys(("InvalidRecordError", "MessageSizeTooLargeError", "RecordListTooLargeError",
+                     "TopicAuthorizationFailedError", "PolicyViolationError", "InvalidTimestampError"), REFUSED),
+    # what only the operator can fix (credentials, ACLs, codecs, settings the broker rejects, a broker too
+    # old) or what ends this producer for good (fenced): retrying cannot help
+    **dict.fromkeys(("UnsupportedCodecError", "CorruptRecordError", "AuthorizationError",
+                     "GroupAuthorizationFailedError", "ClusterAuthorizationFailedError",
+                     "TransactionalIdAuthorizationFailedError", "DelegationTokenAuthorizationFailedError",
+                     "SaslAuthenticationFailedError", "UnsupportedSaslMechanismError", "IllegalSaslStateError",
+                     "UnacceptableCredentialError", "SecurityDisabledError", "InvalidPrincipalTypeError",
+                     "DelegationTokenAuthDisabledError", "DelegationTokenNotFoundError",
+                     "DelegationTokenOwnerMismatchError", "DelegationTokenRequestNotAllowedError",
+                     "DelegationTokenExpiredError", "UnsupportedVersionError", "IncompatibleBrokerVersion",
+                     "UnrecognizedBrokerVersion", "UnsupportedForMessageFormatError",
+                     "UnsupportedCompressionTypeError", "InvalidTopicError", "KafkaConfigurationError",
+                     "IllegalArgumentError", "InvalidRequestError", "InvalidRequiredAcksError",
+                     "InvalidSessionTimeoutError", "InvalidGroupIdError", "InconsistentGroupProtocolError",
+                     "GroupMaxSizeReachedError", "UnsupportedAssignorError", "InvalidTransactionTimeoutError",
+                     "ProducerFencedError", "InvalidProducerEpochError", "TransactionCoordinatorFencedError",
+                     "FencedInstanceIdError", "InvalidConfigurationError", "InvalidPartitionsError",
+                     "InvalidReplicationFactorError", "InvalidReplicationAssignmentError",
+                     "TopicDeletionDisabledError"), PERMANENT),
+    # anything else passes: rebalances, stale metadata, replication lagging, a transaction's state, the
+    # client's own bookkeeping, and the broker codes of features this service never uses
+    **dict.fromkeys((
+        "KafkaError", "RetriableError", "InvalidMetadataError", "Cancelled", "CommitFailedError",
+        "IllegalStateError", "KafkaProtocolError", "CorrelationIdError", "InvalidReceiveError",
+        "MetadataEmptyBrokerList", "NoOffsetForPartitionError", "LogTruncationError", "UnknownBrokerIdError",
+        "QuotaViolationError", "StaleMetadata", "TooManyInFlightRequests", "TransactionAbortedError",
+        "BrokerResponseError", "NoError", "UnknownError", "OffsetOutOfRangeError", "UnknownTopicOrPartitionError",
+        "InvalidFetchRequestError", "ReplicaNotAvailableError", "StaleControllerEpochError",
+        "OffsetMetadataTooLargeError", "NotEnoughReplicasError", "NotEnoughReplicasAfterAppendError",
+        "IllegalGenerationError", "UnknownMemberIdError", "RebalanceInProgressError", "InvalidCommitOffsetSizeError",
+        "TopicAlreadyExistsError", "NotControllerError", "OutOfOrderSequenceNumberError",
+        "DuplicateSequenceNumberError", "InvalidTxnStateError", "InvalidProducerIdMappingError",
+        "ConcurrentTransactionsError", "OperationNotAttemptedError", "KafkaStorageError", "LogDirNotFoundError",
+        "UnknownProducerIdError", "ReassignmentInProgressError", "NonEmptyGroupError", "GroupIdNotFoundError",
+        "FetchSessionIdNotFoundError", "InvalidFetchSessionEpochError", "ListenerNotFoundError",
+        "FencedLeaderEpochError", "UnknownLeaderEpochError", "StaleBrokerEpochError", "OffsetNotAvailableError",
+        "MemberIdRequiredError", "PreferredLeaderNotAvailableError", "EligibleLeadersNotAvailableError",
+        "ElectionNotNeededError", "NoReassignmentInProgressError", "GroupSubscribedToTopicError",
+        "UnstableOffsetCommitError", "ThrottlingQuotaExceededError", "ResourceNotFoundError",
+        "DuplicateResourceError", "InconsistentVoterSetError", "InvalidUpdateVersionError",
+        "FeatureUpdateFailedError", "PrincipalDeserializationFailureError", "SnapshotNotFoundError",
+        "PositionOutOfRangeError", "UnknownTopicIdError", "DuplicateBrokerRegistrationError",
+        "BrokerIdNotRegisteredError", "InconsistentTopicIdError", "InconsistentClusterIdError",
+        "TransactionalIdNotFoundError", "FetchSessionTopicIdError", "IneligibleReplicaError",
+        "NewLeaderElectedError", "OffsetMovedToTieredStorageError", "FencedMemberEpochError",
+        "UnreleasedInstanceIdError", "StaleMemberEpochError", "MismatchedEndpointTypeError",
+        "UnsupportedEndpointTypeError", "UnknownControllerIdError", "UnknownSubscriptionIdError",
+        "TelemetryTooLargeError", "InvalidRegistrationError", "TransactionAbortableError",
+        "InvalidRecordStateError", "ShareSessionNotFoundError", "InvalidShareSessionEpochError",
+        "FencedStateEpochError", "InvalidVoterKeyError", "DuplicateVoterError", "VoterNotFoundError"), TRANSIENT),
+}
+
+# librdkafka's error codes (KafkaError.<NAME>) that the connector treats apart from the default: a fatal
+# error (librdkafka's own verdict: the client can do no more) is PERMANENT, any other TRANSIENT.
+LIBRDKAFKA: dict[str, str] = {
+    **dict.fromkeys(("_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_MSG_TIMED_OUT", "_RESOLVE", "_WAIT_COORD",
+                     "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
+                     "COORDINATOR_LOAD_IN_PROGRESS", "LEADER_NOT_AVAILABLE", "NOT_LEADER_FOR_PARTITION",
+                     "BROKER_NOT_AVAILABLE", "_TIMED_OUT_QUEUE"), OUTAGE),
+    **dict.fromkeys(("MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_MSG_SIZE", "INVALID_RECORD",
+                     "TOPIC_AUTHORIZATION_FAILED", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE", "INVALID_REQUIRED_ACKS",
+                     "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE"), REFUSED),
+    **dict.fromkeys(("SASL_AUTHENTICATION_FAILED", "_AUTHENTICATION", "_SSL", "GROUP_AUTHORIZATION_FAILED",
+                     "CLUSTER_AUTHORIZATION_FAILED", "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+                     "UNSUPPORTED_VERSION", "UNSUPPORTED_SASL_MECHANISM", "TOPIC_EXCEPTION",
+                     "_UNKNOWN_PROTOCOL", "_NOT_IMPLEMENTED", "_UNSUPPORTED_FEATURE", "_BAD_COMPRESSION",
+                     "_BAD_MSG", "_FATAL", "_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH",
+                     "UNSUPPORTED_COMPRESSION_TYPE", "_INVALID_DIFFERENT_RECORD"), PERMANENT),
+}
+_LIBRDKAFKA_ADVICE = {
+    "_BAD_COMPRESSION": "records there are compressed with a codec this librdkafka cannot decode; install a "
+                        "confluent-kafka wheel (it carries every codec) and restart",
+    "_BAD_MSG": "a corrupt record batch the client cannot skip; move the group {group!r} past it "
+                "(kafka-consumer-groups --reset-offsets) and restart",
+    "SASL_AUTHENTICATION_FAILED": "check the credentials",
+    "_AUTHENTICATION": "check the credentials",
+    "GROUP_AUTHORIZATION_FAILED": "grant READ on the input topics and group {group!r}",
+    "TOPIC_AUTHORIZATION_FAILED": "grant READ on the input topics and group {group!r}, WRITE on the output and "
+                                  "dead-letter topics",
+}
+
+
+@contextmanager
+def kafka_errors(what: str | Callable[[], str], group: str = "",
+                 also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Raise a client error from the block as the project's own (``raise ... from`` the client's).
+
+    ``what`` says what was being done (a callable: worked out only when an error comes); ``group``
+    goes into the advice of authorisation and corrupt-batch errors; ``also``: other exception types
+    to raise as :class:`KafkaTransient`. The project's own errors and anything else pass unchanged."""
+    try:
+        yield
+    except SentimentError:
+        raise
+    except Exception as exc:
+        ours = translate(exc, what() if callable(what) else what, group, also)
+        if ours is None:
+            raise
+        raise ours from exc
+
+
+def translate(exc: BaseException, what: str, group: str = "",
+              also: tuple[type[BaseException], ...] = ()) -> SentimentError | None:
+    """A client exception (either client's) as the project's own; None for one that is neither a client
+    error nor one of ``also``."""
+    if _is_kafka_python(exc):
+        return _from_kafka_python(exc, what, group)
+    error = librdkafka_error(exc)
+    if error is not None:
+        return _from_librdkafka(error, what, group)
+    if isinstance(exc, also):
+        return KafkaTransient(f"{what}: {_text(exc)}")
+    return None
+
+
+def _text(exc: BaseException) -> str:
+    """The exception's message, led by its class name (kafka-python's messages often already are)."""
+    return str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+# ---- kafka-python ----
+def _is_kafka_python(exc: BaseException) -> bool:
+    module = sys.modules.get("kafka.errors")
+    return module is not None and isinstance(exc, module.KafkaError)
+
+
+def kafka_python_kind(exc: BaseException) -> str | None:
+    """What a kafka-python exception means here (its nearest class in :data:`KAFKA_PYTHON`); None for
+    any other exception."""
+    if not _is_kafka_python(exc):
+        return None
+    for cls in type(exc).__mro__:
+        if cls.__module__ == "kafka.errors" and cls.__name__ in KAFKA_PYTHON:
+            return KAFKA_PYTHON[cls.__name__]
+    return TRANSIENT   # a KafkaError subclass defined outside kafka.errors
+
+
+def _from_kafka_python(exc: BaseException, what: str, group: str) -> SentimentError:
+    found = kafka_python_kind(exc)
+    if found in (PERMANENT, REFUSED):   # outside a publish, a refusal too can never succeed
+        return KafkaPermanent(_kafka_python_advice(exc, what, group) or f"{what}: {_text(exc)}")
+    if found == OUTAGE:
+        return BrokerUnavailable(f"{what}: {_text(exc)}")
+    return KafkaTransient(f"{what}: {_text(exc)}")
+
+
+def _kafka_python_advice(exc: BaseException, where: str, group: str) -> str | None:
+    """For an error retrying cannot fix, one line with what to do; None where the error says it all."""
+    from kafka import errors as e
+    if isinstance(exc, e.UnsupportedCodecError):
+        return (f"{where}: {exc}: records there are compressed with a codec this installation cannot "
+                f"decode; install the service's codec libraries (pip install lz4 zstandard python-snappy) "
+                f"and restart")
+    if isinstance(exc, e.CorruptRecordError):
+        return (f"{where}: {exc}: a corrupt record batch the client cannot skip; move the group "
+                f"{group!r} past it (kafka-consumer-groups --reset-offsets) and restart")
+    if isinstance(exc, (e.AuthorizationError, e.SaslAuthenticationFailedError)):
+        return (f"{where}: {exc}: check the credentials and grant READ on the input topics and group "
+                f"{group!r}, WRITE on the output and dead-letter topics")
+    if isinstance(exc, (e.UnsupportedVersionError, e.InvalidTopicError, e.KafkaConfigurationError)):
+        return f"{where}: {exc}"
+    return None
+
+
+# ---- librdkafka (confluent-kafka) ----
+def librdkafka_error(exc: Any) -> Any:
+    """The librdkafka ``KafkaError`` a confluent-kafka exception carries, or ``exc`` itself when it is
+    one; None for anything else."""
+    module = sys.modules.get("confluent_kafka")
+    if module is None:
+        return None
+    if isinstance(exc, module.KafkaException) and exc.args and isinstance(exc.args[0], module.KafkaError):
+        return exc.args[0]
+    return exc if isinstance(exc, module.KafkaError) else None
+
+
+def librdkafka_name(error: Any) -> str:
+    """The code's name as :data:`LIBRDKAFKA` spells it (librdkafka's ``name()`` drops the leading _)."""
+    from confluent_kafka import KafkaError
+    return next((n for n in LIBRDKAFKA if getattr(KafkaError, n, None) == error.code()), error.name())
+
+
+def librdkafka_kind(error: Any) -> str:
+    """What a librdkafka ``KafkaError`` means here: its entry in :data:`LIBRDKAFKA`, else the default."""
+    found = LIBRDKAFKA.get(librdkafka_name(error))
+    if found is not None:
+        return found
+    return PERMANENT if error.fatal() else TRANSIENT
+
+
+def _from_librdkafka(error: Any, what: str, group: str) -> SentimentError:
+    text = f"{error.name()}: {error.str()}"
+    found = librdkafka_kind(error)
+    if found in (PERMANENT, REFUSED):   # outside a publish, a refusal too can never succeed
+        advice = _LIBRDKAFKA_ADVICE.get(librdkafka_name(error), "")
+        return KafkaPermanent(f"{what}: {text}" + (f": {advice.format(group=group)}" if advice else ""))
+    if found == OUTAGE:
+        return BrokerUnavailable(f"{what}: {text}")
+    return KafkaTransient(f"{what}: {text}")

@@ -1,0 +1,148 @@
+"""The Kafka branch of the error tree: every client error classified on purpose, and mapped in one place."""
+from __future__ import annotations
+
+import inspect
+
+import kafka.errors
+import pytest
+
+from engine_build.errors import ConfigError, SentimentError, UserError
+from stream import errors
+from stream.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient, kafka_errors
+from stream.kafka_io import refused_for_good, retriable
+
+PROJECT = {errors.OUTAGE: BrokerUnavailable, errors.TRANSIENT: KafkaTransient,
+           errors.PERMANENT: KafkaPermanent, errors.REFUSED: KafkaPermanent}
+KINDS = set(PROJECT)
+
+
+def kafka_python_classes() -> dict[str, type[BaseException]]:
+    """Every exception class kafka-python defines in kafka.errors, by name (aliases once)."""
+    return {c.__name__: c for c in vars(kafka.errors).values()
+            if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__ == "kafka.errors"}
+
+
+def test_every_kafka_python_exception_class_is_classified():
+    classes = kafka_python_classes()
+    assert len(classes) > 100   # the enumeration found the module's classes, not nothing
+    assert sorted(set(classes) - set(errors.KAFKA_PYTHON)) == [], "classify these in stream.errors.KAFKA_PYTHON"
+    assert sorted(set(errors.KAFKA_PYTHON) - set(classes)) == [], "kafka-python has no such class"
+    assert set(errors.KAFKA_PYTHON.values()) == KINDS
+
+
+@pytest.mark.parametrize("name", sorted(kafka_python_classes()))
+def test_each_kafka_python_exception_becomes_the_project_error_of_its_kind(name):
+    exc = kafka_python_classes()[name]("from the test")
+    kind = errors.KAFKA_PYTHON[name]
+    assert errors.kafka_python_kind(exc) == kind
+    ours = errors.translate(exc, "consuming in[0]", "g")
+    assert type(ours) is PROJECT[kind]
+    assert str(ours).startswith("consuming in[0]: ") and "from the test" in str(ours) and "\n" not in str(ours)
+    assert refused_for_good(exc) is (kind == errors.REFUSED)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("KafkaConnectionError", errors.OUTAGE), ("KafkaTimeoutError", errors.OUTAGE),
+    ("NodeNotReadyError", errors.OUTAGE), ("CoordinatorNotAvailableError", errors.OUTAGE),
+    ("RequestTimedOutError", errors.OUTAGE), ("NotLeaderForPartitionError", errors.OUTAGE),
+    ("RebalanceInProgressError", errors.TRANSIENT), ("UnknownMemberIdError", errors.TRANSIENT),
+    ("IllegalGenerationError", errors.TRANSIENT), ("CommitFailedError", errors.TRANSIENT),
+    ("UnknownTopicOrPartitionError", errors.TRANSIENT), ("KafkaError", errors.TRANSIENT),
+    ("UnsupportedCodecError", errors.PERMANENT), ("CorruptRecordError", errors.PERMANENT),
+    ("GroupAuthorizationFailedError", errors.PERMANENT), ("SaslAuthenticationFailedError", errors.PERMANENT),
+    ("ProducerFencedError", errors.PERMANENT), ("UnsupportedVersionError", errors.PERMANENT),
+    ("InvalidRecordError", errors.REFUSED), ("MessageSizeTooLargeError", errors.REFUSED),
+    ("TopicAuthorizationFailedError", errors.REFUSED), ("PolicyViolationError", errors.REFUSED),
+])
+def test_a_sample_of_each_kind_is_classified_as_the_service_relies_on(name, kind):
+    assert errors.KAFKA_PYTHON[name] == kind
+
+
+def test_the_table_agrees_with_kafka_pythons_own_retriable_flag():
+    """What kafka-python retries itself is never a refusal or permanent; the sink's resend decision
+    (:func:`stream.kafka_io.retriable`) follows that flag and the table's outages."""
+    for name, cls in kafka_python_classes().items():
+        if getattr(cls, "retriable", False):
+            assert errors.KAFKA_PYTHON[name] in (errors.OUTAGE, errors.TRANSIENT), name
+        exc = cls("x")
+        assert retriable(exc) is (bool(cls.retriable) or errors.KAFKA_PYTHON[name] == errors.OUTAGE), name
+        if errors.KAFKA_PYTHON[name] in (errors.REFUSED, errors.PERMANENT):
+            assert not retriable(exc), name
+
+
+def test_a_subclass_nobody_listed_takes_its_nearest_listed_base():
+    class Newer(kafka.errors.NotCoordinatorError):
+        pass
+    assert errors.kafka_python_kind(Newer()) == errors.OUTAGE
+
+
+@pytest.mark.parametrize("exc, advice", [
+    (kafka.errors.UnsupportedCodecError("lz4"), "pip install lz4 zstandard python-snappy"),
+    (kafka.errors.CorruptRecordError("crc"), "move the group 'g' past it"),
+    (kafka.errors.GroupAuthorizationFailedError("g"), "grant READ on the input topics and group 'g'"),
+    (kafka.errors.TopicAuthorizationFailedError("t"), "WRITE on the output and dead-letter topics"),
+])
+def test_permanent_errors_say_what_to_do(exc, advice):
+    ours = errors.translate(exc, "consuming in[0]", "g")
+    assert isinstance(ours, KafkaPermanent) and isinstance(ours, UserError) and advice in str(ours)
+
+
+def test_kafka_errors_raises_the_project_error_from_the_clients():
+    with pytest.raises(BrokerUnavailable, match="committing offsets: KafkaConnectionError") as raised:
+        with kafka_errors("committing offsets", group="g"):
+            raise kafka.errors.KafkaConnectionError("gone")
+    assert isinstance(raised.value.__cause__, kafka.errors.KafkaConnectionError)
+
+
+def test_kafka_errors_leaves_the_projects_own_and_unrelated_errors_alone():
+    for exc in (ConfigError("bad flag"), KafkaPermanent("fenced"), KafkaTransient("again")):
+        with pytest.raises(type(exc)) as raised, kafka_errors("consuming"):
+            raise exc
+        assert raised.value is exc
+    with pytest.raises(ValueError), kafka_errors("consuming"):
+        raise ValueError("a bug keeps its traceback")
+
+
+def test_kafka_errors_translates_other_types_only_when_asked_and_works_out_what_only_on_failure():
+    asked: list[str] = []
+
+    def what() -> str:
+        asked.append("asked")
+        return "consuming in[1]"
+    with kafka_errors(what, also=(ValueError,)):
+        pass
+    assert asked == []
+    with pytest.raises(KafkaTransient, match=r"consuming in\[1\]: ValueError: no"):
+        with kafka_errors(what, also=(ValueError,)):
+            raise ValueError("no")
+    assert asked == ["asked"]
+
+
+def test_every_project_kafka_error_is_in_the_one_tree():
+    for cls in (BrokerUnavailable, KafkaTransient, KafkaPermanent):
+        assert issubclass(cls, SentimentError)
+
+
+# ---- librdkafka ----
+def librdkafka_codes() -> dict[str, int]:
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    error = confluent_kafka.KafkaError
+    return {n: getattr(error, n) for n in dir(error)
+            if n.lstrip("_")[:1].isupper() and n.lstrip("_").replace("_", "").isupper()
+            and isinstance(getattr(error, n), int)}
+
+
+def test_every_librdkafka_code_maps_to_a_deliberate_kind():
+    """A code in the table gets its entry; any other, the stated default: PERMANENT when librdkafka says
+    the error is fatal, TRANSIENT otherwise. Each becomes the project error of its kind."""
+    from confluent_kafka import KafkaError, KafkaException
+    codes = librdkafka_codes()
+    assert len(codes) > 150 and "_TRANSPORT" in codes and "MSG_SIZE_TOO_LARGE" in codes
+    assert sorted(set(errors.LIBRDKAFKA) - set(codes)) == [], "librdkafka has no such code"
+    for name, code in codes.items():
+        for fatal in (False, True):
+            error = KafkaError(code, "from the test", fatal=fatal)
+            kind = errors.librdkafka_kind(error)
+            default = errors.PERMANENT if fatal else errors.TRANSIENT
+            assert kind == errors.LIBRDKAFKA.get(name, default), name
+            assert type(errors.translate(KafkaException(error), "consuming", "g")) is PROJECT[kind], name
