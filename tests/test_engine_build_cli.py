@@ -279,7 +279,8 @@ def test_inspect_into_a_reader_that_quit_ends_quietly(small_artifact, json_flag)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["build"], "the following arguments are required: --output"),
+    (["build"], "missing --output (or ENGINE_BUILD_OUTPUT)"),
+    (["build", "--output", "o", "--onnx", "m.onnx", "--max-batch", "many"], "--max-batch='many': expected int"),
     (["inspect"], "the following arguments are required: artifact"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["fetch-weights", "--dest"], "expected one argument"),
@@ -288,9 +289,39 @@ def test_usage_errors_are_one_line_exit_1_as_stream_does(argv, message, capsys):
     from stream.cli import main as stream_main
     assert stream_main(["--max-batch"], {}) == 1          # the convention to follow
     capsys.readouterr()
-    assert main(argv) == 1
+    assert main(argv, {}) == 1
     err = capsys.readouterr().err
     assert err.startswith("engine_build: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_build_flags_have_environment_twins_and_a_flag_wins():
+    """``ENGINE_BUILD_<FLAG>`` fills a flag not given: several values comma-separated, a switch true or
+    false (``--no-x`` undoes it), an empty list for a flag that takes none."""
+    from engine_build.cli import parser
+    from engine_build.config import OPTIONS
+    environ = {"ENGINE_BUILD_OUTPUT": "out", "ENGINE_BUILD_ONNX": "m.onnx", "ENGINE_BUILD_PRECISION": "fp32, fp16",
+               "ENGINE_BUILD_TENSORRT": "true", "ENGINE_BUILD_INT8_FLOAT_LAYERS": "", "ENGINE_BUILD_MAX_BATCH": "8"}
+    cfg = OPTIONS.from_args(parser().parse_args(["build", "--max-batch", "4"]), environ)
+    assert (cfg.output, cfg.onnx, cfg.precisions) == (Path("out"), Path("m.onnx"), ("fp32", "fp16"))
+    assert cfg.tensorrt is True and cfg.int8_float_layers == () and cfg.max_batch == 4
+    cfg = OPTIONS.from_args(parser().parse_args(["build", "--no-tensorrt", "--precision", "int8", "fp32"]), environ)
+    assert cfg.tensorrt is False and cfg.precisions == ("int8", "fp32") and cfg.max_batch == 8
+    plain = OPTIONS.from_args(parser().parse_args(["build", "--output", "o", "--onnx", "m"]), {})
+    assert plain.int8_float_layers is None and plain.tensorrt is False
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("ENGINE_BUILD_MAX_BATCH", "many", "ENGINE_BUILD_MAX_BATCH='many': expected int"),
+    ("ENGINE_BUILD_TENSORRT", "maybe", "ENGINE_BUILD_TENSORRT='maybe': expected one of 1, true"),
+    ("ENGINE_BUILD_PRECISION", "fp32,fp8", "--precision fp8: choose from fp32, fp16, int8"),
+    ("ENGINE_BUILD_INT8_QUANTIZER", "best", "--int8-quantizer best: choose from auto, nncf, minmax"),
+])
+def test_bad_build_environment_values_are_one_line(tmp_path, name, value, message, capsys):
+    out = tmp_path / "never"
+    assert main(["build", "--onnx", str(tmp_path / "m.onnx")], {"ENGINE_BUILD_OUTPUT": str(out), name: value}) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("engine_build: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifact, tmp_path, monkeypatch):
