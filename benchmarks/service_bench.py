@@ -38,7 +38,7 @@ from benchmarks.harness import Producer, Reader, paced  # noqa: E402
 
 # kafka-python's consumer default fetch wait and the old producer linger, batching without the adaptive
 # rule, one inference call on every core
-OLD_DEFAULTS = {"fetch_max_wait_ms": 500, "linger_ms": 5, "no_adaptive_batching": "true", "inference_streams": 1}
+OLD_DEFAULTS = {"fetch_max_wait_ms": 500, "linger_ms": 5, "adaptive_batching": "false", "inference_streams": 1}
 
 
 # ---------------------------------------------------------------- inputs and budget

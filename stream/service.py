@@ -265,8 +265,8 @@ class Service:
         decoders = cfg.decode_workers or auto_decode_workers(self.backend.on_cpu, usable_cores())
         log.info("decoding on %d thread%s%s", decoders, "s" * (decoders != 1), "" if cfg.decode_workers else " (auto)")
         return PipelineConfig(cfg.output_topic, cfg.dead_letter_topic, cfg.max_batch, cfg.max_delay_ms,
-                              decoders, not cfg.no_adaptive_batching,
-                              DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, not cfg.no_reduced_decode),
+                              decoders, cfg.adaptive_batching,
+                              DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, cfg.reduced_decode),
                               keep_order=not cfg.unordered)
 
     def _loop(self, processor: Processor, stats: RunStats, count: int | None, deadline: float | None) -> None:
