@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_build.errors import ConfigError
-from engine_build.options import OptionParser, Options, check_choices, option
+from engine_build.options import Options, check_choices, option
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
@@ -188,7 +188,6 @@ class StreamConfig:
 
 
 OPTIONS = Options(StreamConfig, "STREAM_")
-_Parser = OptionParser   # the other stream tools' parsers: usage errors as one line and exit 1
 
 
 def flag(name: str) -> str:
