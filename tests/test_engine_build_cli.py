@@ -324,25 +324,28 @@ def test_bad_build_environment_values_are_one_line(tmp_path, name, value, messag
     assert not out.exists()
 
 
-def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifact, tmp_path, monkeypatch):
+def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifact, tmp_path):
     """A crash mid-build (here: in quantisation) keeps the previous artifact as it was, and no staging folder."""
     import shutil
 
-    import engine_build.quantize as quantize
+    from engine_build.build import run_build
+    from engine_build.config import BuildConfig
     out = tmp_path / "art"
     shutil.copytree(small_artifact, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written: list[str] = []
 
-    def crash(*args, **kwargs):
+    def crash(cfg, fp32, calibration):
+        written.extend(p.name for p in cfg.output.iterdir())
         raise RuntimeError("simulated crash during quantisation")
-    monkeypatch.setattr(quantize, "quantize_nncf", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]), "--output", str(out)])
+        run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=out), quantize=crash)
+    assert "model.onnx" in written, "the crash came half way, with files already written"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["art"], "the staging folder is gone"
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError):
-        main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]), "--output", str(fresh)])
+        run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=fresh), quantize=crash)
     assert not fresh.exists()
 
 
