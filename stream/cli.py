@@ -16,7 +16,7 @@ from engine_build.errors import UserError
 
 from .config import StreamConfig, build_parser, from_args
 from .logs import configure as configure_logging
-from .supervisor import CHILD_INDEX
+from .supervisor import CHILD_INDEX, ChildCommand, child_argv
 
 if TYPE_CHECKING:
     from .service import Service
@@ -72,7 +72,10 @@ def parser() -> argparse.ArgumentParser:
     return build_parser("python -m stream", DESCRIPTION)
 
 
-def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
+def main(argv: list[str] | None = None, environ: dict | None = None, *,
+         child_command: ChildCommand = child_argv) -> int:
+    """``environ``: where the environment twins are read (os.environ); ``child_command``: each child's
+    command line under ``--processes N`` (:func:`~.supervisor.child_argv`)."""
     environ = dict(os.environ if environ is None else environ)
     try:
         cfg = from_args(parser().parse_args(argv), environ)
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     if cfg.processes > 1:
         from .supervisor import supervise
         return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
-                         cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None)
+                         cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None,
+                         child_command)
     # Signals are handled from here on: one that arrives while the model loads ends the start cleanly.
     received: list[int] = []
     holder: list[Service] = []

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 CHILD_INDEX = "STREAM_CHILD_INDEX"   # set in child i's environment; its log lines carry [pi]
@@ -26,6 +26,9 @@ def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
     """The command line of child ``index`` (later flags win in argparse)."""
     port = metrics_port + index if metrics_port else 0
     return [sys.executable, "-m", "stream", *argv, "--processes", "1", "--metrics-port", str(port)]
+
+
+ChildCommand = Callable[[Sequence[str], int, int], list[str]]   # (flags, index, metrics port) -> argv, as child_argv
 
 
 def own_transactional_id(argv: Sequence[str], index: int, transactional_id: str | None) -> list[str]:
@@ -39,10 +42,13 @@ def child_environ(index: int) -> dict[str, str]:
     return {**os.environ, CHILD_INDEX: str(index)}
 
 
-def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None) -> int:
+def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None,
+              command: ChildCommand = child_argv) -> int:
+    """Run ``processes`` children, each started as ``command`` says (:func:`child_argv`; tests hand in
+    their own), until all have exited; returns the first failure's exit code, else 0."""
     # Own sessions (so own process groups): a terminal's Ctrl-C reaches the children once, through
     # forward(), not twice (a second signal means "exit now" to a child).
-    children = [subprocess.Popen(child_argv(own_transactional_id(argv, i, transactional_id), i, metrics_port),
+    children = [subprocess.Popen(command(own_transactional_id(argv, i, transactional_id), i, metrics_port),
                                  env=child_environ(i), start_new_session=True)
                 for i in range(processes)]
     log.info("started %d consumer processes (pids %s)%s", processes, ", ".join(str(c.pid) for c in children),

@@ -186,30 +186,27 @@ def test_processes_start_children_that_share_the_flags_and_their_failure_is_the_
     assert code == 1
 
 
-def test_the_failing_child_s_code_is_returned_not_the_sigterm_it_caused_a_sibling(monkeypatch):
+def test_the_failing_child_s_code_is_returned_not_the_sigterm_it_caused_a_sibling():
     """One child fails while the other still runs: the supervisor stops the other, which then dies of
     SIGTERM (143), and must exit with the failure's own code, whichever child failed."""
-    import stream.supervisor
+    from stream.supervisor import supervise
     commands = [[sys.executable, "-c", "import time; time.sleep(30)"], [sys.executable, "-c", "raise SystemExit(3)"]]
-    monkeypatch.setattr(stream.supervisor, "child_argv", lambda argv, index, port: commands[index])
     started = time.monotonic()
-    assert stream.supervisor.supervise([], 2, 0) == 3
+    assert supervise([], 2, 0, command=lambda argv, index, port: commands[index]) == 3
     assert time.monotonic() - started < 20      # the sleeper was stopped, not waited for
 
 
-def test_processes_give_each_child_its_own_stable_transactional_id(monkeypatch, tmp_path, small_artifact):
+def test_processes_give_each_child_its_own_stable_transactional_id(tmp_path, small_artifact):
     """Children sharing one transactional id fence each other: each gets the id plus its index,
     whether the id came as a flag or as its environment twin."""
-    import stream.supervisor
     seen: list[list[str]] = []
 
     def record(argv, index, port):
         seen.append(list(argv))
         return [sys.executable, "-c", "pass"]
-    monkeypatch.setattr(stream.supervisor, "child_argv", record)
     flags = BASE + ["--artifact", str(small_artifact), "--processing-guarantee", "exactly-once", "--processes", "2"]
-    assert main(flags, {"STREAM_TRANSACTIONAL_ID": "pod-a"}) == 0
-    assert main(flags + ["--transactional-id", "pod-b"], {}) == 0
+    assert main(flags, {"STREAM_TRANSACTIONAL_ID": "pod-a"}, child_command=record) == 0
+    assert main(flags + ["--transactional-id", "pod-b"], {}, child_command=record) == 0
     ids = [argv[len(argv) - argv[::-1].index("--transactional-id")] for argv in seen]   # the last one wins
     assert ids == ["pod-a-0", "pod-a-1", "pod-b-0", "pod-b-1"]
 
