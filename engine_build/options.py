@@ -71,7 +71,7 @@ class OptionParser(argparse.ArgumentParser):
 
 
 class Options(Generic[C]):
-    """The options of config class ``config``, with environment twins ``prefix`` + FIELD_NAME."""
+    """The options of config class ``config``; each one's environment twin is ``prefix`` + its flag's name."""
 
     def __init__(self, config: type[C], prefix: str) -> None:
         self.config, self.prefix = config, prefix
