@@ -38,7 +38,7 @@ from benchmarks.harness import Producer, Reader, paced  # noqa: E402
 
 # kafka-python's consumer default fetch wait and the old producer linger, batching without the adaptive
 # rule, one inference call on every core
-OLD_DEFAULTS = {"fetch_max_wait_ms": 500, "linger_ms": 5, "no_adaptive_batching": "true", "inference_streams": 1}
+OLD_DEFAULTS = {"fetch_max_wait_ms": 500, "linger_ms": 5, "adaptive_batching": False, "inference_streams": 1}
 
 
 # ---------------------------------------------------------------- inputs and budget
@@ -152,8 +152,9 @@ def start_service(bootstrap: str, topic: str, group: str, artifact: Path, log: P
     argv = ["--bootstrap-servers", bootstrap, "--input-topic", topic, "--output-topic", f"{topic}-out",
             "--dead-letter-topic", f"{topic}-dlq", "--group-id", group, "--artifact", str(artifact),
             "--metrics-port", "0", "--session-timeout-ms", "6000", "--log-level", "WARNING"]
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}"] + ([] if value == "true" else [str(value)])
+    for key, value in options.items():   # a switch as True or False: --key or --no-key
+        name = key.replace("_", "-")
+        argv += [f"--{name}" if value else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
     return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, *argv], cwd=ROOT,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
@@ -430,13 +431,13 @@ def efficiency(bench: Bench, artifact: Path, payloads: list[bytes], backlog: int
     (:func:`budget_around`); the round with the median efficiency is reported. Returns its backlog run."""
     runs = []
     for index in range(rounds):
-        unordered = bench.backlog(backlog, unordered="true") if index % 2 else None
+        unordered = bench.backlog(backlog, unordered=True) if index % 2 else None
         before = budget(artifact, payloads)
         sat = bench.backlog(backlog)
         cost = budget_around(before, budget(artifact, payloads))
         print(f"  budget around that run: {cost['images_per_s']:.0f} img/s "
               f"(before {cost['before_after_images_per_s'][0]:.0f}, after {cost['before_after_images_per_s'][1]:.0f})")
-        unordered = unordered or bench.backlog(backlog, unordered="true")
+        unordered = unordered or bench.backlog(backlog, unordered=True)
         need = cost["decode_core_ms"] + cost["inference_core_ms"]
         runs.append({"budget": cost, "saturation": sat,
                      "efficiency": round(sat["images_per_s"] / cost["images_per_s"], 3),

@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--variants", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"],
                         help="variants to measure (default all; e.g. --variants int8 to compare the INT8 files)")
-    parser.add_argument("--no-opencv", action="store_true", help="skip OpenCV DNN")
+    parser.add_argument("--opencv", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time OpenCV DNN on the Caffe files (--no-opencv: skip it)")
     parser.add_argument("--skip-models", action="store_true", help="skip the runtime/precision matrix")
     parser.add_argument("--skip-pipeline", action="store_true", help="skip the whole-service runs")
     parser.add_argument("--quick", action="store_true",
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if "int8" in args.variants:
             print("INT8 layers kept in float, against every layer in int8 (timed in turns):")
             float_cost = float_layer_cost(artifact, images, args.batch_sizes, args.repeats, args.workdir / "int8")
-        if caffemodel.exists() and not args.no_opencv:
+        if caffemodel.exists() and args.opencv:
             rows += opencv_dnn_runs(prototxt, caffemodel, images, args.batch_sizes, max(3, args.repeats // 2))
         print("decoding (one thread):")
         decoding = decode_runs(args.repeats)

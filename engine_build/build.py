@@ -13,7 +13,7 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -191,6 +191,9 @@ def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tu
     return files, made, record
 
 
+Quantize = Callable[[BuildConfig, Path, ImageSet], tuple[dict[str, Path], dict, dict]]   # as quantize_variants
+
+
 def file_entries(variants: dict[str, dict[str, Path]], quantizers: dict, engine: FileEntry | None,
                  output: Path) -> dict[str, FileEntry]:
     """The manifest's ``files``: one entry per variant, with per-runtime files under ``by_runtime``."""
@@ -279,8 +282,9 @@ def make_manifest(cfg: BuildConfig, placeholder: bool, files: dict[str, FileEntr
         fp16_range=fp16_range, int8=int8)
 
 
-def run_build(cfg: BuildConfig) -> Manifest:
-    """Every step in order; returns the manifest written.
+def run_build(cfg: BuildConfig, quantize: Quantize = quantize_variants) -> Manifest:
+    """Every step in order; returns the manifest written. ``quantize`` makes the INT8 files
+    (:func:`quantize_variants`; a test hands in one that fails, to fail a build half way).
 
     Raises ValidationFailed (carrying the manifest) after writing a complete artifact whose
     manifest records the failure, so that the failing variant is never used.
@@ -290,7 +294,7 @@ def run_build(cfg: BuildConfig) -> Manifest:
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.building-", dir=cfg.output.parent))
     try:
-        manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started)
+        manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started, quantize)
         _publish(staging, cfg.output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -308,7 +312,7 @@ def _checks(manifest: Manifest) -> list:
 
 
 def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, validation: ImageSet,
-              started: float) -> Manifest:
+              started: float, quantize: Quantize) -> Manifest:
     """The whole build into ``cfg.output``, a fresh staging folder that will become ``final``."""
     previous = _carry_engine(final, cfg.output)
     model, placeholder = import_source(cfg)
@@ -320,7 +324,7 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
     if "int8" in cfg.precisions:
         if calibration is None:
             raise ConfigError("INT8 quantisation needs calibration images")
-        variants["int8"], quantizers, int8_record = quantize_variants(cfg, emitted["fp32"], calibration)
+        variants["int8"], quantizers, int8_record = quantize(cfg, emitted["fp32"], calibration)
     notes: list[str] = []
     engine = maybe_engine(cfg, emitted.get("fp16"), previous, notes)
     if not engine:

@@ -12,12 +12,13 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .errors import ConfigError, UserError
+from .options import OptionParser
 
 if TYPE_CHECKING:
     from .manifest import FileEntry, Manifest
@@ -74,12 +75,12 @@ def build_progress(out: TextIO | None = None) -> Iterator[None]:
             lg.propagate = propagate
 
 
-def _build(args: argparse.Namespace) -> int:
+def _build(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .build import run_build
-    from .config import BuildConfig
+    from .config import OPTIONS
     from .errors import ValidationFailed
     from .manifest import Manifest
-    cfg = BuildConfig.from_namespace(args)
+    cfg = OPTIONS.from_args(args, environ)
     try:
         with build_progress() if not args.verbose else nullcontext():
             manifest = run_build(cfg)
@@ -88,7 +89,7 @@ def _build(args: argparse.Namespace) -> int:
             _print_build_report(Manifest.from_dict(exc.manifest))
         raise
     _print_build_report(manifest)
-    print(f"artifact written to {args.output} in {manifest.build.seconds} s "
+    print(f"artifact written to {cfg.output} in {manifest.build.seconds} s "
           f"(peak memory {manifest.build.peak_rss_mib} MiB)")
     if manifest.model.placeholder:
         print(PLACEHOLDER_BANNER)
@@ -121,7 +122,7 @@ def _validation_summary(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .artifact import open_artifact
     from .evaluate import evaluate, read_list
     if args.batch < 1:
@@ -141,7 +142,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _inspect(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .manifest import Manifest
     manifest = Manifest.read(args.artifact)
     if args.json:
@@ -223,7 +224,7 @@ def fp16_range_lines(audit: dict, limit: int = 40) -> str:
     return "\n".join(lines)
 
 
-def _placeholder(args: argparse.Namespace) -> int:
+def _placeholder(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .placeholder import write_placeholder
     if args.output.exists() and not args.output.is_dir():
         raise ConfigError(f"--output {args.output}: is a file; give a directory")
@@ -237,7 +238,7 @@ def _placeholder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fetch_weights(args: argparse.Namespace) -> int:
+def _fetch_weights(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .weights import PUBLISHED, WeightsSource, fetch_weights
     if args.dest.exists() and not args.dest.is_dir():
         raise ConfigError(f"--dest {args.dest}: is a file; give a directory")
@@ -250,15 +251,12 @@ def _fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors (argparse's own included) as one line and exit 1, as ``python -m stream`` does."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see {self.prog} --help)")
+Command = Callable[[argparse.Namespace, Mapping[str, str]], int]   # a subcommand, given the environment
 
 
 def parser() -> argparse.ArgumentParser:
-    top = _Parser(
+    """Usage errors (argparse's own included) are one line and exit 1, as ``python -m stream`` has them."""
+    top = OptionParser(
         prog="python -m engine_build",
         description="Import the 'Diving Deep into Sentiment' Caffe model (CaffeNet fine-tuned on Twitter images, "
                     "0 = negative, 1 = positive), fold the authors' preprocessing into ONNX, make FP32/FP16/INT8 "
@@ -273,10 +271,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build and validate an artifact directory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Build DIR/model.onnx (+ model.fp16.onnx, model.int8.onnx, engine.plan) and "
-                                   "DIR/manifest.json. Input: uint8 [N,256,256,3] BGR; outputs probs and logits [N,2].")
-    from .config import add_arguments
-    add_arguments(b)
+                                   "DIR/manifest.json.\nInput: uint8 [N,256,256,3] BGR; outputs probs and logits "
+                                   "[N,2]. Every flag has an\nenvironment variable twin, shown in brackets.")
+    from .config import OPTIONS
+    OPTIONS.add_arguments(b)
     b.set_defaults(func=_build)
 
 
@@ -333,12 +333,15 @@ def _add_fetch_weights(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(func=_fetch_weights)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """``environ``: where ``build``'s environment twins (``ENGINE_BUILD_<FIELD>``) are read (os.environ)."""
+    environ = dict(os.environ if environ is None else environ)
     try:
         args = parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        code = args.func(args)
+        command: Command = args.func
+        code = command(args, environ)
         sys.stdout.flush()    # here, not at exit, so a reader that has gone is seen below
         return code
     except UserError as exc:

@@ -53,8 +53,8 @@ def pipeline_config(cfg: StreamConfig, backend: Backend, cores: int) -> Pipeline
     """The processor's settings; ``cores``: the usable cores, for the automatic decode-worker count."""
     decoders = cfg.decode_workers or auto_decode_workers(backend.on_cpu, cores)
     return PipelineConfig(cfg.output_topic, cfg.dead_letter_topic, cfg.max_batch, cfg.max_delay_ms,
-                          decoders, not cfg.no_adaptive_batching,
-                          DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, not cfg.no_reduced_decode),
+                          decoders, cfg.adaptive_batching,
+                          DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, cfg.reduced_decode),
                           keep_order=not cfg.unordered)
 
 

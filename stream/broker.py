@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 from engine_build.errors import ConfigError, UserError
+from engine_build.options import OptionParser  # usage errors: one line and exit 1, as in python -m stream
 
-from .config import _Parser  # usage errors as one line and exit 1, as python -m stream has them
 from .embedded_broker import EmbeddedBroker
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m stream.broker", description=__doc__)
+    p = OptionParser(prog="python -m stream.broker", description=__doc__)
     p.add_argument("--port", type=int, default=9092, help="loopback port to listen on (default 9092)")
     p.add_argument("--log-file", type=Path, help="write the broker's own output here (default: discard it)")
     return p

@@ -16,11 +16,10 @@ from engine_build.errors import UserError
 
 from .config import StreamConfig, build_parser, from_args
 from .logs import configure as configure_logging
-from .supervisor import CHILD_INDEX
+from .supervisor import CHILD_INDEX, ChildCommand, child_argv
 
 if TYPE_CHECKING:
     from .service import Service
-    from .supervisor import ChildCommand
 
     Build = Callable[[StreamConfig], Service]
 
@@ -76,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, environ: dict | None = None, build: Build | None = None,
-         child_command: ChildCommand | None = None) -> int:
+         child_command: ChildCommand = child_argv) -> int:
     """``build``: makes the service from the config (default :func:`.app.build`; a benchmark hands in
     its own, with a stand-in model or decoder). ``child_command``: with ``--processes`` above 1, each
     child's command line (default :func:`.supervisor.child_argv`)."""
@@ -88,10 +87,10 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
         return 1
     configure_logging(cfg.log_level, environ.get(CHILD_INDEX))
     if cfg.processes > 1:
-        from .supervisor import child_argv, supervise
+        from .supervisor import supervise
         return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
                          cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None,
-                         child_command or child_argv)
+                         child_command)
     # Signals are handled from here on: one that arrives while the model loads ends the start cleanly.
     received: list[int] = []
     holder: list[Service] = []

@@ -1,16 +1,18 @@
 """The service's one frozen config, declared once: each field carries its flag's help and
 choices; the command line and the environment twins (``STREAM_<FIELD>``) are derived
-from the fields, and every instance is validated when it is made."""
+from the fields (:mod:`engine_build.options`, shared with ``python -m engine_build build``),
+and every instance is validated when it is made."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 from engine_build.errors import ConfigError
+from engine_build.options import Options, check_choices, option
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 # Exactly once: a transaction lives from one commit point to the next (--commit-interval-ms), plus the
@@ -20,16 +22,11 @@ TRANSACTION_MARGIN_MS = 20_000
 BROKER_TRANSACTION_MAX_MS = 900_000   # transaction.max.timeout.ms, Kafka's default
 
 
-def option(default: Any = MISSING, help: str = "", choices: tuple[str, ...] | None = None,
-           secret: bool = False) -> Any:
-    """A config field with what its flag needs: ``help``, ``choices``; ``secret`` hides it from repr."""
-    return field(default=default, repr=not secret, metadata={"help": help, "choices": choices})
-
-
 @dataclass(frozen=True)
 class StreamConfig:
     bootstrap_servers: str = option(help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
-    input_topic: tuple[str, ...] = option(help="topic to consume (repeat for several; env: comma-separated)")
+    input_topic: tuple[str, ...] = option(help="topic to consume (repeat for several; env: comma-separated)",
+                                          repeat=True)
     output_topic: str = option(help="topic for one JSON label record per image")
     dead_letter_topic: str = option(help="topic for rejected inputs (original key/value + error.* headers)")
     artifact: Path = option(help="artifact directory made by python -m engine_build build")
@@ -42,9 +39,9 @@ class StreamConfig:
     exact_precision: bool = option(False, "make runtimes compute in the file's own precision (no OpenVINO bf16)")
     max_batch: int = option(32, "a batch closes at this many images ...")
     max_delay_ms: float = option(20.0, "... or this long after its first image")
-    no_adaptive_batching: bool = option(False, "always wait for --max-batch or --max-delay-ms (default: a free "
-                                               "inference slot runs the open batch at once when no image is "
-                                               "queued or decoding)")
+    adaptive_batching: bool = option(True, "a free inference slot runs the open batch at once when no image is "
+                                           "queued or decoding (--no-adaptive-batching: always wait for "
+                                           "--max-batch or --max-delay-ms)")
     decode_workers: int = option(0, "threads decoding images (0 = auto: half the cores where inference runs on "
                                     "them too, one per core with TensorRT; measured in docs/performance.md)")
     inference_streams: int = option(0, "inference calls running at once, each forming its own batches with its "
@@ -70,7 +67,8 @@ class StreamConfig:
                                     "docs/operations.md)")
     max_message_bytes: int = option(20 * 1024 * 1024, "larger values are dead-lettered unread")
     max_pixels: int = option(64_000_000, "images declaring more pixels are dead-lettered before decoding")
-    no_reduced_decode: bool = option(False, "always decode JPEGs at full size")
+    reduced_decode: bool = option(True, "decode a large JPEG at 1/2, 1/4 or 1/8 of its size where that still "
+                                        "covers the 256x256 input (--no-reduced-decode: always at full size)")
     commit_interval_ms: float = option(1000.0, "how often acknowledged offsets are committed")
     processing_guarantee: str = option("at-least-once", "at-least-once: a crash can publish a result twice; "
                                        "exactly-once: results, dead letters and offsets commit in one Kafka "
@@ -121,11 +119,7 @@ class StreamConfig:
         object.__setattr__(self, "log_level", str(self.log_level).upper())
         object.__setattr__(self, "input_topic", tuple(self.input_topic))
         object.__setattr__(self, "artifact", Path(self.artifact))
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ConfigError(f"{flag(f.name)} {value}: choose from {', '.join(choices)}")
+        check_choices(self)
         self._check_numbers()
         self._check_kafka()
 
@@ -193,80 +187,25 @@ class StreamConfig:
         return {k: v for k, v in options.items() if v is not None}
 
 
+OPTIONS = Options(StreamConfig, "STREAM_")
+
+
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return OPTIONS.flag(name)
 
 
 def env_name(name: str) -> str:
-    return "STREAM_" + name.upper()
-
-
-def _kind(name: str) -> Any:
-    """The field's plain type: str, int, float, bool, Path or tuple (for repeatable flags)."""
-    hint = get_type_hints(StreamConfig)[name]
-    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
-    if getattr(hint, "__origin__", None) is tuple:
-        return tuple
-    return args[0] if args else hint
-
-
-def _parse(name: str, text: str, source: str) -> Any:
-    kind = _kind(name)
-    if kind is bool:
-        if text.strip().lower() in _TRUE + _FALSE:
-            return text.strip().lower() in _TRUE
-        raise ConfigError(f"{source}={text!r}: expected one of {', '.join(_TRUE + _FALSE)}")
-    if kind is tuple:
-        return tuple(t.strip() for t in text.split(",") if t.strip())
-    try:
-        return kind(text)
-    except ValueError as exc:
-        raise ConfigError(f"{source}={text!r}: expected {kind.__name__}") from exc
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as the project's one-line ConfigError instead of argparse's exit 2."""
-
-    def error(self, message: str) -> Any:
-        raise ConfigError(message)
+    return OPTIONS.env_name(name)
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """One flag per config field; a flag not given falls back to its environment twin, then the default."""
-    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(StreamConfig):
-        shown = not (f.default is MISSING or f.default is None or f.default is False)
-        default = f"; default {f.default}" if shown else ""
-        text = f"{f.metadata['help']} [env {env_name(f.name)}{default}]"
-        kind = _kind(f.name)
-        if kind is bool:
-            parser.add_argument(flag(f.name), action="store_const", const="true", default=None, help=text)
-        elif kind is tuple:
-            parser.add_argument(flag(f.name), action="append", default=None, help=text, metavar=f.name.upper())
-        else:
-            parser.add_argument(flag(f.name), default=None, help=text, metavar=_metavar(f.name))
-    return parser
+    return OPTIONS.parser(prog, description)
 
 
-def _metavar(name: str) -> str:
-    """The value's placeholder in ``--help``: the allowed values where the field has a fixed set."""
-    choices = next(f.metadata["choices"] for f in fields(StreamConfig) if f.name == name)
-    return "{" + ",".join(choices) + "}" if choices else name.upper()
-
-
-def from_args(args: argparse.Namespace, environ: dict[str, str]) -> StreamConfig:
+def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> StreamConfig:
     """The config from parsed flags, then environment twins, then defaults (validated)."""
-    values: dict[str, Any] = {}
-    for f in fields(StreamConfig):
-        given = getattr(args, f.name)
-        if given is not None:
-            values[f.name] = (tuple(t for item in given for t in _parse(f.name, item, flag(f.name)))
-                              if isinstance(given, list) else _parse(f.name, given, flag(f.name)))
-        elif env_name(f.name) in environ:
-            values[f.name] = _parse(f.name, environ[env_name(f.name)], env_name(f.name))
-        elif f.default is MISSING:
-            raise ConfigError(f"missing {flag(f.name)} (or {env_name(f.name)})")
-    return StreamConfig(**values)
+    return OPTIONS.from_args(args, environ)
 
 
 def auto_decode_workers(inference_on_cpu: bool, cores: int) -> int:
@@ -281,11 +220,4 @@ def auto_decode_workers(inference_on_cpu: bool, cores: int) -> int:
 
 def markdown_table() -> str:
     """The README's configuration table, made from the fields (a test keeps the README equal to it)."""
-    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
-    for f in fields(StreamConfig):
-        if f.default is MISSING:
-            default = "(required)"
-        else:
-            default = "" if f.default is None or f.default is False else str(f.default)
-        rows.append(f"| `{flag(f.name)}` | `{env_name(f.name)}` | {default} | {f.metadata['help']} |")
-    return "\n".join(rows)
+    return OPTIONS.markdown_table()

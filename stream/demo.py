@@ -15,8 +15,7 @@ from pathlib import Path
 
 from engine_build.errors import UserError
 from engine_build.imaging import builtin_photos
-
-from .config import _Parser  # usage errors as one line and exit 1, as python -m stream has them
+from engine_build.options import OptionParser  # usage errors: one line and exit 1, as in python -m stream
 
 MODELS = Path("models")
 METRIC_LINES = ("sentiment_images_total", "sentiment_decode_failures_total", "sentiment_dead_letters_total",
@@ -59,7 +58,7 @@ def demo_inputs() -> list[tuple[bytes, bytes]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m stream.demo", description=__doc__)
+    parser = OptionParser(prog="python -m stream.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("demo-out"))
     parser.add_argument("--metrics-port", type=int, default=0, help="default: a free port")
     parser.add_argument("--models", type=Path, default=MODELS,

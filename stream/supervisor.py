@@ -28,6 +28,9 @@ def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
     return [sys.executable, "-m", "stream", *argv, "--processes", "1", "--metrics-port", str(port)]
 
 
+ChildCommand = Callable[[Sequence[str], int, int], list[str]]   # (flags, index, metrics port) -> argv, as child_argv
+
+
 def own_transactional_id(argv: Sequence[str], index: int, transactional_id: str | None) -> list[str]:
     """Child ``index``'s flags with its own stable transactional id, ``ID-index``: children sharing one
     id would fence each other (each one's init_transactions aborts its sibling's transaction)."""
@@ -37,9 +40,6 @@ def own_transactional_id(argv: Sequence[str], index: int, transactional_id: str 
 def child_environ(index: int) -> dict[str, str]:
     """Child ``index``'s environment: this process's, plus its index for its log lines."""
     return {**os.environ, CHILD_INDEX: str(index)}
-
-
-ChildCommand = Callable[[Sequence[str], int, int], list[str]]   # (flags, index, base metrics port) -> command
 
 
 def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None,

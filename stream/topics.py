@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from engine_build.errors import ConfigError, SentimentError
+from engine_build.options import OptionParser
 
-from .config import StreamConfig, _Parser, env_name, flag
+from .config import StreamConfig, env_name, flag
 from .errors import kafka_errors
 
 SECURITY = ("security_protocol", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism", "sasl_username",
@@ -35,7 +36,7 @@ TIMEOUT_MS = 15_000
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m stream.topics", description=__doc__,
+    p = OptionParser(prog="python -m stream.topics", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bootstrap-servers", help=f"Kafka bootstrap servers, HOST:PORT[,HOST:PORT] "
                                                f"[env {env_name('bootstrap_servers')}]")

@@ -46,3 +46,13 @@ def test_every_test_the_readme_names_exists() -> None:
     for block in re.findall(r"`tests/(\w+\.py)::\w+`((?:,?\s*`::\w+`)+)", readme):
         for name in re.findall(r"`::(\w+)`", block[1]):
             assert re.search(rf"^def {name}\(", (ROOT / "tests" / block[0]).read_text(), re.M), name
+
+
+def test_every_flag_table_is_its_config() -> None:
+    """The service's table (README) and the build's (docs/model.md) are rendered from the config fields."""
+    from engine_build.config import OPTIONS as BUILD
+    from stream.config import OPTIONS as STREAM
+    for page, options, module in (("README.md", STREAM, "stream.config"),
+                                  ("docs/model.md", BUILD, "engine_build.config")):
+        assert options.markdown_table() in (ROOT / page).read_text(), \
+            f"regenerate {page}'s table: python -c 'import {module} as c; print(c.OPTIONS.markdown_table())'"

@@ -256,16 +256,18 @@ def test_output_pointing_at_a_file_is_one_line(small_model, tmp_path, command, c
     assert target.read_text() == "keep me"
 
 
-def test_inspect_json_into_a_closed_pipe_ends_quietly(small_artifact, capsys, monkeypatch):
-    class ClosedPipe:
-        def write(self, text: str) -> int:
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def flush(self) -> None:
-            pass
-    monkeypatch.setattr(sys, "stdout", ClosedPipe())
-    assert main(["inspect", "--json", str(small_artifact)]) == 0
-    assert capsys.readouterr().err == ""
+def test_inspect_json_into_a_closed_pipe_ends_quietly(small_artifact):
+    """The reader closed the pipe before the first write and output is unbuffered (``python -u``), so
+    the write itself fails, not the flush at exit: the command still ends quietly with 0."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-u", "-m", "engine_build", "inspect", "--json", str(small_artifact)],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                                cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(write)
+    assert result.stderr == "" and result.returncode == 0, result
 
 
 @pytest.mark.parametrize("json_flag", [["--json"], []])
@@ -279,7 +281,8 @@ def test_inspect_into_a_reader_that_quit_ends_quietly(small_artifact, json_flag)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["build"], "the following arguments are required: --output"),
+    (["build"], "missing --output (or ENGINE_BUILD_OUTPUT)"),
+    (["build", "--output", "o", "--onnx", "m.onnx", "--max-batch", "many"], "--max-batch='many': expected int"),
     (["inspect"], "the following arguments are required: artifact"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["fetch-weights", "--dest"], "expected one argument"),
@@ -288,30 +291,63 @@ def test_usage_errors_are_one_line_exit_1_as_stream_does(argv, message, capsys):
     from stream.cli import main as stream_main
     assert stream_main(["--max-batch"], {}) == 1          # the convention to follow
     capsys.readouterr()
-    assert main(argv) == 1
+    assert main(argv, {}) == 1
     err = capsys.readouterr().err
     assert err.startswith("engine_build: error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifact, tmp_path, monkeypatch):
+def test_build_flags_have_environment_twins_and_a_flag_wins():
+    """``ENGINE_BUILD_<FLAG>`` fills a flag not given: several values comma-separated, a switch true or
+    false (``--no-x`` undoes it), an empty list for a flag that takes none."""
+    from engine_build.cli import parser
+    from engine_build.config import OPTIONS
+    environ = {"ENGINE_BUILD_OUTPUT": "out", "ENGINE_BUILD_ONNX": "m.onnx", "ENGINE_BUILD_PRECISION": "fp32, fp16",
+               "ENGINE_BUILD_TENSORRT": "true", "ENGINE_BUILD_INT8_FLOAT_LAYERS": "", "ENGINE_BUILD_MAX_BATCH": "8"}
+    cfg = OPTIONS.from_args(parser().parse_args(["build", "--max-batch", "4"]), environ)
+    assert (cfg.output, cfg.onnx, cfg.precisions) == (Path("out"), Path("m.onnx"), ("fp32", "fp16"))
+    assert cfg.tensorrt is True and cfg.int8_float_layers == () and cfg.max_batch == 4
+    cfg = OPTIONS.from_args(parser().parse_args(["build", "--no-tensorrt", "--precision", "int8", "fp32"]), environ)
+    assert cfg.tensorrt is False and cfg.precisions == ("int8", "fp32") and cfg.max_batch == 8
+    plain = OPTIONS.from_args(parser().parse_args(["build", "--output", "o", "--onnx", "m"]), {})
+    assert plain.int8_float_layers is None and plain.tensorrt is False
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("ENGINE_BUILD_MAX_BATCH", "many", "ENGINE_BUILD_MAX_BATCH='many': expected int"),
+    ("ENGINE_BUILD_TENSORRT", "maybe", "ENGINE_BUILD_TENSORRT='maybe': expected one of 1, true"),
+    ("ENGINE_BUILD_PRECISION", "fp32,fp8", "--precision fp8: choose from fp32, fp16, int8"),
+    ("ENGINE_BUILD_INT8_QUANTIZER", "best", "--int8-quantizer best: choose from auto, nncf, minmax"),
+])
+def test_bad_build_environment_values_are_one_line(tmp_path, name, value, message, capsys):
+    out = tmp_path / "never"
+    assert main(["build", "--onnx", str(tmp_path / "m.onnx")], {"ENGINE_BUILD_OUTPUT": str(out), name: value}) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("engine_build: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifact, tmp_path):
     """A crash mid-build (here: in quantisation) keeps the previous artifact as it was, and no staging folder."""
     import shutil
 
-    import engine_build.quantize as quantize
+    from engine_build.build import run_build
+    from engine_build.config import BuildConfig
     out = tmp_path / "art"
     shutil.copytree(small_artifact, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written: list[str] = []
 
-    def crash(*args, **kwargs):
+    def crash(cfg, fp32, calibration):
+        written.extend(p.name for p in cfg.output.iterdir())
         raise RuntimeError("simulated crash during quantisation")
-    monkeypatch.setattr(quantize, "quantize_nncf", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]), "--output", str(out)])
+        run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=out), quantize=crash)
+    assert "model.onnx" in written, "the crash came half way, with files already written"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["art"], "the staging folder is gone"
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError):
-        main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]), "--output", str(fresh)])
+        run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=fresh), quantize=crash)
     assert not fresh.exists()
 
 

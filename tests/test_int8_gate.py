@@ -1,7 +1,6 @@
 """INT8 that holds on a model with many near-ties, and a gate that means something."""
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -145,19 +144,17 @@ def test_calibration_and_validation_images_must_be_disjoint(near_tie_model, tmp_
 
 def test_build_config_is_declared_once():
     """Every flag comes from a field, with the field's default; invalid values cannot make a config."""
-    from dataclasses import fields
-
     from engine_build.cli import parser
-    from engine_build.config import BuildConfig
+    from engine_build.config import OPTIONS, BuildConfig
     from engine_build.errors import ConfigError
     args = parser().parse_args(["build", "--output", "out", "--onnx", "m.onnx"])
-    assert BuildConfig.from_namespace(args) == BuildConfig(output=Path("out"), onnx=Path("m.onnx"))
-    flagged = {f.name for f in fields(BuildConfig) if f.metadata}
+    assert OPTIONS.from_args(args, {}) == BuildConfig(output=Path("out"), onnx=Path("m.onnx"))
+    flagged = {f.name for f in OPTIONS.fields}
     assert flagged <= set(vars(args)) and {"confident_margin", "int8_max_diff", "fp16_mean_diff"} <= flagged
     with pytest.raises(ConfigError, match="--fp16-max-diff -1: must be between 0 and 1"):
         BuildConfig(output=Path("out"), onnx=Path("m.onnx"), fp16_max_diff=-1)
     with pytest.raises(ConfigError, match="either --prototxt and --caffemodel, or --onnx"):
-        BuildConfig.from_namespace(argparse.Namespace(**{**vars(args), "onnx": None}))
+        OPTIONS.from_args(parser().parse_args(["build", "--output", "out"]), {})
 
 
 def test_build_steps_do_not_print(near_tie_model, tmp_path, capsys):

@@ -162,13 +162,19 @@ def test_log_level_is_accepted_in_any_case(small_artifact):
     assert cfg.log_level == "INFO"
 
 
-def test_readme_configuration_table_is_the_config():
-    from pathlib import Path
-
-    from stream.config import markdown_table
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate the README table: python -c 'import stream.config as c; " \
-                                       "print(c.markdown_table())'"
+def test_switches_have_a_no_form_and_their_twins_take_true_or_false():
+    """A switch that is on by default is turned off by ``--no-x`` or ``STREAM_X=false``; a flag wins."""
+    from stream.cli import parser
+    from stream.config import from_args
+    assert from_args(parser().parse_args(BASE + ["--artifact", "a"]), {}).adaptive_batching is True
+    off = from_args(parser().parse_args(BASE + ["--artifact", "a", "--no-adaptive-batching", "--no-reduced-decode"]),
+                    {})
+    assert off.adaptive_batching is False and off.reduced_decode is False
+    environ = {"STREAM_ADAPTIVE_BATCHING": "false", "STREAM_UNORDERED": "yes"}
+    cfg = from_args(parser().parse_args(BASE + ["--artifact", "a"]), environ)
+    assert cfg.adaptive_batching is False and cfg.unordered is True
+    cfg = from_args(parser().parse_args(BASE + ["--artifact", "a", "--adaptive-batching", "--no-unordered"]), environ)
+    assert cfg.adaptive_batching is True and cfg.unordered is False
 
 
 def test_processes_start_children_that_share_the_flags_and_their_failure_is_the_exit_code(tmp_path, capsys):

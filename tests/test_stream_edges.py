@@ -238,7 +238,7 @@ def test_memory_on_a_backlog_of_16_mb_photos_stays_within_1_gb_of_the_ready_stat
     """Decoding at full size on one thread is slower than fetching, so a backlog builds up in the
     service: bounded by --max-in-flight-bytes (its default), not by the message count (512 of 16 MB)."""
     ready, peak = large_photo_backlog_rss(kafka_broker, small_artifact, tmp_path, count=96, decode_workers=1,
-                                          no_reduced_decode="true")
+                                          reduced_decode="false")
     assert peak - ready < 1024, f"peak RSS {peak - ready:.0f} MB above the ready state"
 
 

@@ -40,6 +40,7 @@ class Machine:
     """What the double pretends this machine is, and what happened on it."""
 
     tensorrt: str = "10.13.0.35"
+    cuda_bindings: str = "13.0.1"          # cuda.bindings.__version__: the CUDA major the wheels need
     gpu: str = "NVIDIA H200"
     capability: tuple[int, int] = (9, 0)
     driver: int = 13000
@@ -499,6 +500,7 @@ def install(machine: Machine | None = None) -> dict[str, types.ModuleType]:
     runtime = _runtime_module()
     runtime.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings.runtime", loader=None)
     utils.get_cuda_native_handle = get_cuda_native_handle
+    bindings.__version__ = M.cuda_bindings
     cuda.bindings, bindings.runtime, bindings.utils = bindings, runtime, utils
     modules = {"tensorrt": trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": runtime,
                "cuda.bindings.utils": utils}

@@ -16,18 +16,19 @@ from ..errors import SentimentError
 
 INSTALL_HINT = ("pip install 'sentiment-stream[gpu]' (CUDA 13 driver, R580+) or 'sentiment-stream[gpu-cu12]' "
                 "(CUDA 12 driver); tensorrt wheels come from NVIDIA's index, https://pypi.nvidia.com")
-_logger: Any = None
+_logger: tuple[Any, Any] | None = None     # (the tensorrt module, its one Logger)
 _logger_lock = threading.Lock()
 
 
 def trt_logger() -> Any:
-    """The process's one ``tensorrt.Logger`` (warnings and errors), made on first use."""
+    """The process's one ``tensorrt.Logger`` (warnings and errors), made on first use: one per
+    ``tensorrt`` module, so a test double installed later gets a Logger of its own."""
     global _logger
+    import tensorrt as trt
     with _logger_lock:
-        if _logger is None:
-            import tensorrt as trt
-            _logger = trt.Logger(trt.Logger.WARNING)
-        return _logger
+        if _logger is None or _logger[0] is not trt:
+            _logger = (trt, trt.Logger(trt.Logger.WARNING))
+        return _logger[1]
 
 
 def _major(distributions: tuple[str, ...]) -> int | None:
@@ -40,9 +41,19 @@ def _major(distributions: tuple[str, ...]) -> int | None:
     return None
 
 
+def _bindings_major() -> int | None:
+    """Major version of the cuda-python bindings this process imports (``cuda.bindings.__version__``),
+    else of the installed cuda-bindings or cuda-python distribution."""
+    try:
+        import cuda.bindings
+        return int(str(cuda.bindings.__version__).split(".")[0])
+    except (ImportError, AttributeError, ValueError):
+        return _major(("cuda-bindings", "cuda-python"))
+
+
 def needed_cuda_major() -> int | None:
     """The CUDA major version the installed cuda-python and TensorRT wheels are built for."""
-    bindings = _major(("cuda-bindings", "cuda-python"))
+    bindings = _bindings_major()
     if _major(("tensorrt-cu13", "tensorrt-cu13-libs")) is not None:
         return 13
     if bindings is not None and bindings >= 13:

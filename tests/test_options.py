@@ -1,0 +1,73 @@
+"""engine_build.options, on a small config of its own: what both CLIs' configs are declared with."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from engine_build.errors import ConfigError
+from engine_build.options import Options, check_choices, option
+
+
+@dataclass(frozen=True)
+class Toy:
+    path: Path = option(help="where")
+    topic: tuple[str, ...] = option((), "repeat it", repeat=True)
+    sizes: tuple[str, ...] | None = option(None, "several after one flag", flag="--size", nargs="*",
+                                           choices=("s", "m", "l"))
+    fast: bool = option(True, "go fast")
+    mode: str = option("a", "a | b", choices=("a", "b"))
+    count: int = option(2, "how many")
+    token: str | None = option(None, "a secret", secret=True)
+    internal: int = field(default=7)       # not an option
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+TOY = Options(Toy, "TOY_")
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None) -> Toy:
+    return TOY.from_args(TOY.parser("toy", "").parse_args(argv), environ or {})
+
+
+def test_flag_then_environment_then_default():
+    assert parse(["--path", "p"]) == Toy(path=Path("p"))
+    environ = {"TOY_PATH": "e", "TOY_COUNT": "5", "TOY_TOPIC": "a, b", "TOY_SIZE": "s,l", "TOY_FAST": "off"}
+    cfg = parse(["--count", "3"], environ)
+    assert (cfg.path, cfg.count, cfg.topic, cfg.sizes, cfg.fast) == (Path("e"), 3, ("a", "b"), ("s", "l"), False)
+    cfg = parse(["--topic", "x", "--topic", "y,z", "--size", "m", "l", "--fast"], environ)
+    assert (cfg.topic, cfg.sizes, cfg.fast) == (("x", "y", "z"), ("m", "l"), True)
+    assert parse(["--size"], environ).sizes == (), "a flag given with no values is an empty tuple, not absent"
+    assert [f.name for f in TOY.fields] == ["path", "topic", "sizes", "fast", "mode", "count", "token"]
+
+
+@pytest.mark.parametrize("argv,environ,message", [
+    ([], {}, "missing --path (or TOY_PATH)"),
+    (["--path", "p", "--count", "x"], {}, "--count='x': expected int"),
+    (["--path", "p"], {"TOY_FAST": "maybe"}, "TOY_FAST='maybe': expected one of 1, true"),
+    (["--path", "p", "--mode", "c"], {}, "--mode c: choose from a, b"),
+    (["--path", "p"], {"TOY_SIZE": "s,xl"}, "--size xl: choose from s, m, l"),
+    (["--path", "p", "--nope"], {}, "unrecognized arguments: --nope (see toy --help)"),
+    (["--path"], {}, "expected one argument (see toy --help)"),
+])
+def test_every_bad_value_is_one_config_error(argv, environ, message):
+    with pytest.raises(ConfigError) as caught:
+        parse(argv, environ)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_help_and_table_name_every_twin_and_default(capsys):
+    with pytest.raises(SystemExit):
+        TOY.parser("toy", "").parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--fast, --no-fast go fast [env TOY_FAST; default true]" in out
+    assert "--mode {a,b} a | b [env TOY_MODE; default a]" in out and "[env TOY_TOKEN]" in out
+    assert "--internal" not in out
+    table = TOY.markdown_table()
+    assert "| `--[no-]fast` | `TOY_FAST` | true | go fast |" in table
+    assert "| `--mode` | `TOY_MODE` | a | a \\| b |" in table, "a | in the meaning does not split the cell"
+    assert "| `--path` | `TOY_PATH` | (required) |" in table and "| `--size` | `TOY_SIZE` |  |" in table
+    assert "s3cret" not in repr(parse(["--path", "p", "--token", "s3cret"]))
