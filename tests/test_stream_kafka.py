@@ -29,6 +29,10 @@ from .standins import stand_in
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
+# Joining a group on tansu waits about half the session timeout (3 s at the 6 s the helpers give):
+# every service here joins at least once and none is killed (a stopped member leaves its group), so a
+# short session costs nothing the tests check. Heartbeats go every quarter of it.
+SESSION_MS = 2000
 
 
 def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_broker, small_artifact,
@@ -40,7 +44,7 @@ def test_every_image_one_record_bad_ones_dead_lettered_offsets_committed(kafka_b
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, (v, _) in bad.items()])
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=8, commit_interval_ms=100,
-                       session_timeout_ms=6000, kafka_client=kafka_client)
+                       session_timeout_ms=SESSION_MS, kafka_client=kafka_client)
     stats = build(cfg).run(count=len(good) + len(bad), timeout=120)
     assert stats.finished == len(good) + len(bad)
 
@@ -68,11 +72,13 @@ def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path
     from stream.embedded_broker import free_port
     t = names(kafka_broker, partitions=2)
     # Half the input before the first member starts, half after it stops. With at most 80 messages
-    # in flight (64 + one poll of 16), SIGTERM after its first 40 results lands mid-stream.
-    total, port = 600, free_port()
+    # in flight (64 + one poll of 16), SIGTERM after its first 40 results lands mid-stream: a half of
+    # 150 leaves 30 or more unfinished.
+    total, port = 300, free_port()
     produce(kafka_broker.bootstrap, t["input"], images(0, total // 2))
     first = start_service(kafka_broker, t, small_artifact, tmp_path / "first.log", metrics_port=port,
-                          max_in_flight=64, max_poll_records=16, kafka_client=kafka_client)
+                          max_in_flight=64, max_poll_records=16, kafka_client=kafka_client,
+                          session_timeout_ms=SESSION_MS)
     wait_finished(first, port, 40, tmp_path / "first.log")
     stop(first, tmp_path / "first.log")
     log = (tmp_path / "first.log").read_text()
@@ -90,7 +96,8 @@ def test_sigterm_mid_stream_loses_nothing(kafka_broker, small_artifact, tmp_path
 
     # A restarted member picks up from the committed offsets; together nothing is missing.
     produce(kafka_broker.bootstrap, t["input"], images(total // 2, total - total // 2))
-    second = start_service(kafka_broker, t, small_artifact, tmp_path / "second.log", kafka_client=kafka_client)
+    second = start_service(kafka_broker, t, small_artifact, tmp_path / "second.log", kafka_client=kafka_client,
+                           session_timeout_ms=SESSION_MS)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -135,7 +142,8 @@ def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_ar
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log")
     t = {"input": "images", "output": "labels", "dlq": "dead", "group": "outage"}
     log = tmp_path / "service.log"
-    service = start_service(broker, t, small_artifact, log, metrics_port=metrics, kafka_client=kafka_client)
+    service = start_service(broker, t, small_artifact, log, metrics_port=metrics, kafka_client=kafka_client,
+                            session_timeout_ms=SESSION_MS)
     try:
         wait_until(lambda: readyz(metrics) [0] == 503 and "cannot reach Kafka" in readyz(metrics)[1], 60,
                    "/readyz to answer 503 'cannot reach Kafka' while Kafka is away")
@@ -209,11 +217,11 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
     t = {"input": "images", "output": "labels", "dlq": "dead", "group": "gone"}
     broker.create_topics({"images": 2, "labels": 1, "dead": 1})
     # a backlog far larger than the 30 results awaited: the broker dies with work in flight
-    produce(broker.bootstrap, "images", images(0, 1000, image="jpeg_chelsea"))
+    produce(broker.bootstrap, "images", images(0, 300, image="jpeg_chelsea"))
     log, port = tmp_path / "service.log", free_port()
-    drain = 4
+    drain = 1   # the whole shutdown is bounded by drain + 5 s (closing the clients): what is checked
     service = start_service(broker, t, small_artifact, log, drain_timeout_s=drain, metrics_port=port,
-                            kafka_client=kafka_client)
+                            kafka_client=kafka_client, session_timeout_ms=SESSION_MS)
     try:
         wait_finished(service, port, 30, log)
         # at once: a graceful stop took tansu 3.5 s, in which the service finished and committed all 1000
@@ -245,7 +253,7 @@ def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever
     produce(kafka_broker.bootstrap, t["input"], [(k.encode(), v) for k, v in good.items()])
     cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], small_artifact,
                        group_id=t["group"], metrics_port=0, max_batch=4, commit_interval_ms=100,
-                       session_timeout_ms=6000, kafka_client=kafka_client)
+                       session_timeout_ms=SESSION_MS, kafka_client=kafka_client)
     svc = build(cfg, model=stand_in(), encoder=_StrEncoder(JsonEncoder()))
     with caplog.at_level("WARNING"):
         stats = svc.run(count=len(good), timeout=120)
@@ -307,7 +315,7 @@ def test_a_typo_in_the_input_topic_is_not_created_and_stays_not_ready_until_it_e
     typo = t["input"] + "-typo"
     metrics, log = free_port(), tmp_path / "service.log"
     service = start_service(kafka_broker, {**t, "input": typo}, small_artifact, log, metrics_port=metrics,
-                            log_level="DEBUG")
+                            log_level="DEBUG", session_timeout_ms=SESSION_MS)
     admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
     try:
         # Consuming for a while (the old code had joined its group and made the topic within 3 s of it).
