@@ -12,6 +12,7 @@ import pytest
 from .images import good_images
 from .kafka_helpers import (
     committed,
+    finished,
     images,
     names,
     positions,
@@ -32,26 +33,59 @@ KILLED_SESSION_MS = 1500
 SESSION_MS = 2000
 
 
+class _Marks:
+    """The sum of a group's committed offsets on a topic, read through one consumer that never joins
+    (a fresh one per look, as :func:`committed` makes, takes longer than a member's commit interval)."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        self._tps = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or ())]
+
+    def total(self) -> int:
+        return sum(self._consumer.committed(tp) or 0 for tp in self._tps)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total: int, **options) -> dict:
     from stream.embedded_broker import free_port
     t = names(kafka_broker, partitions=2)
-    # A third of the input arrives before each member starts, and the member is killed once it has
-    # finished a quarter of that chunk: each kill lands with input left unfinished (a sixth of the total
+    # A third of the input per member: half of it before the member starts; the other half once the
+    # member has committed (offsets, or with exactly-once a transaction: a member killed before its
+    # first commit leaves only aborted work), and the member is killed once it has finished a quarter
+    # of that half: each kill lands after a commit, with input left unfinished (a sixth of the total
     # was too late: at 500 img/s the rest of a 100-image chunk finished between the /metrics poll and
     # the kill), and more input arrives after it.
     chunk, produced, acknowledged = total // 3, 0, 0
-    for round_ in range(3):
-        count = chunk if round_ < 2 else total - produced
-        produce(kafka_broker.bootstrap, t["input"], images(produced, count))
-        produced += count
-        log, port = tmp_path / f"killed-{round_}.log", free_port()
-        process = start_service(kafka_broker, t, small_artifact, log, metrics_port=port,
-                                session_timeout_ms=KILLED_SESSION_MS, **options)
-        acknowledged += wait_finished(process, port, count // 4, log)
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
-        done = set(positions(read_all(kafka_broker.bootstrap, t["output"], acknowledged, timeout=30, to_end=True)))
-        assert len(done) < produced, f"kill {round_ + 1} landed mid-stream ({len(done)} of {produced} done)"
+    marks = _Marks(kafka_broker.bootstrap, t["group"], t["input"])
+    try:
+        for round_ in range(3):
+            count = chunk if round_ < 2 else total - produced
+            produce(kafka_broker.bootstrap, t["input"], images(produced, count // 2))
+            produced += count // 2
+            log, port = tmp_path / f"killed-{round_}.log", free_port()
+            before = marks.total()
+            process = start_service(kafka_broker, t, small_artifact, log, metrics_port=port,
+                                    session_timeout_ms=KILLED_SESSION_MS, commit_interval_ms=100, **options)
+            deadline = time.monotonic() + 120
+            while marks.total() <= before:
+                assert process.poll() is None and time.monotonic() < deadline, \
+                    f"member {round_ + 1} committed nothing:\n" + log.read_text()[-3000:]
+                time.sleep(0.05)
+            rest, done_then = count - count // 2, finished(port, answering=True)
+            produce(kafka_broker.bootstrap, t["input"], images(produced, rest))
+            produced += rest
+            acknowledged += wait_finished(process, port, done_then + rest // 4, log)
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+            done = set(positions(read_all(kafka_broker.bootstrap, t["output"], acknowledged, timeout=30,
+                                          to_end=True)))
+            assert len(done) < produced, f"kill {round_ + 1} landed mid-stream ({len(done)} of {produced} done)"
+            print(f"kill {round_ + 1}: {marks.total()} of {produced} committed, {len(done)} published")
+    finally:
+        marks.close()
     log = tmp_path / "last.log"
     process = start_service(kafka_broker, t, small_artifact, log, session_timeout_ms=KILLED_SESSION_MS, **options)
     try:
@@ -69,7 +103,7 @@ def _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total:
 
 @pytest.mark.slow
 def test_kill_9_three_times_at_least_once_loses_nothing(kafka_broker, small_artifact, tmp_path, kafka_client):
-    total = 300
+    total = 600
     t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total, kafka_client=kafka_client)
     records = read_all(kafka_broker.bootstrap, t["output"], total)
     assert set(positions(records)) == {(p, o) for p, mark in
@@ -81,7 +115,7 @@ def test_kill_9_three_times_at_least_once_loses_nothing(kafka_broker, small_arti
 @pytest.mark.slow
 def test_kill_9_three_times_exactly_once_read_committed_sees_each_input_once(kafka_broker, small_artifact, tmp_path,
         kafka_client):
-    total = 300
+    total = 600
     t = _kill_three_times_then_finish(kafka_broker, small_artifact, tmp_path, total, kafka_client=kafka_client,
                                       processing_guarantee="exactly-once", transactional_id="replica-0")
     records = read_committed(kafka_broker.bootstrap, t["output"])
