@@ -235,22 +235,6 @@ def test_sink_acknowledges_refuses_for_good_and_stops_on_a_refused_dead_letter(k
 
 
 @pytest.mark.kafka
-def test_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker):
-    from stream.records import Message, dead_letter
-    t = names(kafka_broker, partitions=1)
-    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, max_request_size=100_000)
-    acked = threading.Event()
-    try:
-        message = Message(t["input"], 0, 7, b"k", b"y" * 300_000)
-        sink.publish(dead_letter(message, t["dlq"], "not_an_image", "text"), acked.set)
-        assert acked.wait(30), "the fallback was acknowledged"
-    finally:
-        sink.close()
-    (record,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
-    assert record.value == b"" and dict(record.headers)["error.value_dropped"] == b"300000"
-
-
-@pytest.mark.kafka
 def test_transactional_sink_commits_offsets_with_its_records_aborts_and_is_fenced_by_a_successor(
         kafka_broker, tmp_path):
     from .kafka_helpers import committed, read_committed
