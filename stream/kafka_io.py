@@ -379,7 +379,8 @@ class KafkaSink:
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
-                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000,
+                 transaction_calls_s: float = TRANSACTION_CALLS_S) -> None:
         # At least once the client retries a send without a count (kafka-python's default), in order, until
         # delivery_timeout_ms; a record it gives up on is resent through the ordered queue. In a transaction a
         # failed send dooms the unit, so there it gives up after 5.
@@ -395,6 +396,7 @@ class KafkaSink:
                 self._producer.begin_transaction()
         self._renew_lock = threading.Lock()
         self.transactional = bool(transactional_id)
+        self._calls_s = transaction_calls_s   # each commit point's transaction calls together, and an abort
         self._doomed: BaseException | None = None   # a send failed inside the open transaction
         self._on_retry = on_retry
         # retries, and failure handling moved off the producer's IO thread
@@ -581,7 +583,7 @@ class KafkaSink:
             try:
                 if self._doomed is not None:
                     raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
-                limit = time.monotonic() + TRANSACTION_CALLS_S
+                limit = time.monotonic() + self._calls_s
                 kafka_offsets = KafkaSource._kafka_offsets(offsets)
                 self._bounded("adding the offsets to the transaction", limit,
                               lambda: self._producer.send_offsets_to_transaction(kafka_offsets, group_metadata))
@@ -600,8 +602,7 @@ class KafkaSink:
                 raise   # as the project's own, by kafka_errors
         self._begin()
 
-    @staticmethod
-    def _bounded(what: str, limit: float, call: Callable[[], Any]) -> None:
+    def _bounded(self, what: str, limit: float, call: Callable[[], Any]) -> None:
         """Run a transaction call that kafka-python lets wait on the coordinator without a bound on its
         own thread, until ``limit`` (monotonic): past it the member ends (KafkaPermanent); the call's own
         error is raised here."""
@@ -618,7 +619,7 @@ class KafkaSink:
         worker.join(max(0.0, limit - time.monotonic()))
         if not outcome:
             raise KafkaPermanent(f"{what}: the transaction coordinator did not answer within "
-                                 f"{TRANSACTION_CALLS_S:g} s; exiting so a restart makes a new producer")
+                                 f"{self._calls_s:g} s; exiting so a restart makes a new producer")
         if outcome[0] is not None:
             raise outcome[0]
 
@@ -636,7 +637,7 @@ class KafkaSink:
 
     def abort_transaction(self) -> None:
         try:
-            limit = time.monotonic() + TRANSACTION_CALLS_S
+            limit = time.monotonic() + self._calls_s
             self._must("aborting a transaction",
                        lambda: self._bounded("aborting a transaction", limit, self._producer.abort_transaction))
         finally:

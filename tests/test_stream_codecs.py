@@ -12,15 +12,24 @@ from .kafka_helpers import names, start_service, stop
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]   # a service process each
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+SESSION_MS = 3000   # a group join waits about half of it on tansu
 
 
 def librdkafka_produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]], codec: str) -> None:
+    librdkafka_produce_each(bootstrap, topic, {codec: items})
+
+
+def librdkafka_produce_each(bootstrap: str, topic: str, by_codec: dict[str, list[tuple[bytes, bytes]]]) -> None:
+    """Each codec's items from an idempotent producer of its own; the producers start together (each
+    takes about half a second to get its producer id)."""
     from confluent_kafka import Producer
-    producer = Producer({"bootstrap.servers": bootstrap, "compression.type": codec, "linger.ms": 20,
-                         "enable.idempotence": True})
-    for key, value in items:
-        producer.produce(topic, key=key, value=value, headers=[("codec", codec.encode())])
-    assert producer.flush(30) == 0, "every record delivered"
+    producers = {codec: Producer({"bootstrap.servers": bootstrap, "compression.type": codec, "linger.ms": 20,
+                                  "enable.idempotence": True}) for codec in by_codec}
+    for codec, items in by_codec.items():
+        for key, value in items:
+            producers[codec].produce(topic, key=key, value=value, headers=[("codec", codec.encode())])
+    for codec, producer in producers.items():
+        assert producer.flush(30) == 0, f"every {codec} record delivered"
 
 
 def librdkafka_read(bootstrap: str, topic: str, expected: int, timeout: float = 120) -> list:
@@ -48,12 +57,12 @@ def test_every_codec_from_librdkafka_producers_comes_out(kafka_broker, small_art
     photos = [(name, good_images()[name]) for name in ("bmp", "jpeg_coffee", "png", "alpha_png")]
     bad_name = "text"
     bad_value, bad_reason = bad_images()[bad_name]
-    for codec in CODECS:
-        items = [(f"{codec}/{name}".encode(), value) for name, value in photos]
-        librdkafka_produce(kafka_broker.bootstrap, t["input"], items + [(f"{codec}/{bad_name}".encode(), bad_value)],
-                           codec)
+    librdkafka_produce_each(kafka_broker.bootstrap, t["input"], {
+        codec: [(f"{codec}/{name}".encode(), value) for name, value in photos] + [(f"{codec}/{bad_name}".encode(),
+                                                                                  bad_value)]
+        for codec in CODECS})
     log = tmp_path / "service.log"
-    service = start_service(kafka_broker, t, small_artifact, log)
+    service = start_service(kafka_broker, t, small_artifact, log, session_timeout_ms=SESSION_MS)
     try:
         results = librdkafka_read(kafka_broker.bootstrap, t["output"], len(CODECS) * len(photos))
         dead = librdkafka_read(kafka_broker.bootstrap, t["dlq"], len(CODECS))
@@ -80,7 +89,7 @@ def test_a_codec_this_install_cannot_decode_fails_loudly(kafka_broker, small_art
     (shadow / "lz4" / "__init__.py").write_text("raise ImportError('lz4 hidden by the test')\n")
     log = tmp_path / "service.log"
     service = start_service(kafka_broker, t, small_artifact, log, environ={"PYTHONPATH": str(shadow)},
-                            compression_type="gzip")
+                            compression_type="gzip", session_timeout_ms=SESSION_MS)
     try:
         code = service.wait(120)
     except subprocess.TimeoutExpired:

@@ -13,6 +13,9 @@ from stream.kafka_io import close_producer
 from .kafka_helpers import committed, images, names, positions, produce, read_committed, start_service, stop
 
 pytestmark = pytest.mark.kafka
+# a group join waits about half the session timeout on tansu, and an eviction the whole of it; 3 s keeps
+# four heartbeats (750 ms apart) in it
+SESSION_MS = 3000
 
 
 def _wait_committed(kafka_broker, t: dict, total: int, processes: list, logs: list, timeout: float = 240) -> None:
@@ -41,7 +44,8 @@ def test_two_processes_with_one_stable_transactional_id_do_not_fence_each_other(
     produce(kafka_broker.bootstrap, t["input"], images(0, total // 2))
     log = tmp_path / "processes.log"
     process = start_service(kafka_broker, t, small_artifact, log, processing_guarantee="exactly-once",
-                            transactional_id="replica-0", processes=2)
+                            transactional_id="replica-0", processes=2,
+                            session_timeout_ms=SESSION_MS)
     try:
         _wait_committed(kafka_broker, t, total // 6, [process], [log])     # both children are committing
         produce(kafka_broker.bootstrap, t["input"], images(total // 2, total - total // 2))
@@ -73,7 +77,8 @@ def test_exactly_once_reads_only_committed_input(kafka_broker, small_artifact, t
     plain.close()
     log = tmp_path / "service.log"
     process = start_service(kafka_broker, t, small_artifact, log, processing_guarantee="exactly-once",
-                            transactional_id="replica-0", kafka_client=kafka_client)
+                            transactional_id="replica-0", kafka_client=kafka_client,
+                            session_timeout_ms=SESSION_MS)
     try:
         deadline = time.monotonic() + 120
         while committed(kafka_broker.bootstrap, t["group"], t["input"]).get(1) != 5:   # progress on partition 1
@@ -120,7 +125,8 @@ def test_a_member_frozen_past_its_session_timeout_commits_nothing_twice(kafka_br
     # commit points a second apart: a freeze inside a commit (offsets sent, the end marker not yet) cannot be
     # fenced by the member, and tansu lets the other member read the offsets of a transaction still open
     frozen, other = (start_service(kafka_broker, t, small_artifact, log, processing_guarantee="exactly-once",
-                                   transactional_id=f"replica-{i}", commit_interval_ms=1000)
+                                   transactional_id=f"replica-{i}", commit_interval_ms=1000,
+                                   session_timeout_ms=SESSION_MS)
                      for i, log in enumerate(logs))
     try:
         deadline = time.monotonic() + 120

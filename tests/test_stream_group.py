@@ -11,6 +11,8 @@ import pytest
 from .kafka_helpers import committed, finished, images, names, positions, produce, read_all, start_service, stop
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]   # three service processes
+# a group join waits about half the session timeout on tansu; 2 s keeps four heartbeats (500 ms apart) in it
+SESSION_MS = 2000
 
 
 def assigned_some(log) -> bool:
@@ -89,7 +91,7 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
     logs = {name: tmp_path / f"{name}.log" for name in "abc"}
     ports = {name: free_port() for name in "abc"}
     started = {"a": start_service(kafka_broker, t, small_artifact, logs["a"], metrics_port=ports["a"],
-                                      kafka_client=kafka_client)}
+                                      kafka_client=kafka_client, session_timeout_ms=SESSION_MS)}
     stopped: dict[str, int] = {}
     events = []
 
@@ -108,7 +110,7 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
         for name in "bc":                                   # two joins, each mid-stream
             members = {n: (started[n], logs[n].read_text().count("partitions revoked")) for n in started}
             started[name] = start_service(kafka_broker, t, small_artifact, logs[name], metrics_port=ports[name],
-                                           kafka_client=kafka_client)
+                                           kafka_client=kafka_client, session_timeout_ms=SESSION_MS)
             wait_logged(started[name], logs[name], "connected to")   # its next poll joins the group
             more_input()
             for n, (process, revoked) in members.items():

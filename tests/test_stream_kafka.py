@@ -173,13 +173,15 @@ def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_ar
     assert "Traceback" not in log.read_text()
 
 
-def test_kafka_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker):
+def test_a_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker, kafka_client):
     import threading
 
     from stream.kafka_io import KafkaSink
+    from stream.rdkafka_io import RdKafkaSink
     from stream.records import Message, dead_letter
     t = names(kafka_broker, partitions=1)
-    sink = KafkaSink(kafka_broker.bootstrap, {}, max_request_size=100_000)
+    sink = (RdKafkaSink if kafka_client == "librdkafka" else KafkaSink)(kafka_broker.bootstrap, {},
+                                                                        max_request_size=100_000)
     acked = threading.Event()
     try:
         message = Message(t["input"], 0, 7, b"k", b"y" * 300_000)
