@@ -143,7 +143,7 @@ def test_every_message_gets_one_record_and_offsets_reach_the_end(small_artifact)
         assert record["label"] in ("negative", "positive")
         assert abs(sum(record["scores"].values()) - 1) < 1e-5
         assert record["model"]["placeholder"] is True and len(record["model"]["sha256"]) == 64
-        assert set(record["timing_ms"]) == {"decode", "queue", "inference", "total"}
+        assert set(record["timing_ms"]) == {"wait", "decode", "queue", "inference", "output", "total"}
         assert ("trace-id", key) in headers
     dead = {k.decode(): dict(h) for k, _, h in broker.records("dlq")}
     assert {name: h["error.reason"].decode() for name, h in dead.items()} == \
