@@ -69,18 +69,25 @@ def stage_times(received: float, decode_started: float, decoded: float, batch_st
 
 
 class _Stacker:
-    """One inference thread's input array, filled batch after batch: a fresh array per batch (6 MB
-    at 32 images) costs page faults and an allocation each time; the runtimes copy out of it (or
-    read it) during the call, so it is free again when the call returns."""
+    """One inference thread's input array, filled batch after batch: each image is copied once, from
+    its decoder into this array, which is what the runtime reads (the backend's
+    :meth:`~engine_build.runtime.base.Backend.input_buffer`: page-locked memory with TensorRT, copied
+    to the GPU as it is). A fresh array per batch (6 MB at 32 images) would cost page faults and an
+    allocation each time; the runtimes read it during the call, so it is free again when the call
+    returns. Images of another shape (a backend stand-in's) get an array of their own."""
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, rows: int, allocate: Callable[[int], np.ndarray]) -> None:
+        self.rows, self.allocate = rows, allocate
         self._array: np.ndarray | None = None
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         first, array = images[0], self._array
         if array is None or array.shape[1:] != first.shape or array.dtype != first.dtype or len(images) > len(array):
-            array = self._array = np.empty((max(self.rows, len(images)), *first.shape), first.dtype)
+            rows = max(self.rows, len(images))
+            array = self.allocate(rows)
+            if array.shape[1:] != first.shape or array.dtype != first.dtype:
+                array = np.empty((rows, *first.shape), first.dtype)
+            self._array = array
         return np.stack(images, out=array[:len(images)], casting="no")   # never a silent cast
 
 
@@ -244,7 +251,7 @@ class Processor:
     def _infer_loop(self) -> None:
         batcher: Batcher[_Decoded] = Batcher(self.cfg.max_batch, self.cfg.max_delay_ms / 1000,
                                              self.cfg.adaptive_batching)
-        stack = _Stacker(self.cfg.max_batch)
+        stack = _Stacker(self.cfg.max_batch, self.backend.input_buffer)
         while True:
             try:
                 item = self._decoded.get(timeout=batcher.wait_time(time.monotonic()))

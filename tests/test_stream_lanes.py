@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from engine_build.imaging import DecodeLimits, decode
+from engine_build.runtime.base import Outputs
 from plugins.codecs import RawCodec
 from plugins.encoders import JsonEncoder
 from stream.metrics import Metrics
@@ -84,3 +85,33 @@ def test_every_published_timing_adds_up_to_its_total():
         stages = sum(v for k, v in timing.items() if k != "total")
         assert abs(stages - timing["total"]) < 0.01, timing    # rounded to 3 decimals each
         assert min(timing.values()) >= 0, timing
+
+
+class _BufferedModel(PixelModel):
+    """Records the arrays it handed out and whether each batch it ran lay in one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffers: list[np.ndarray] = []
+        self.in_buffer: list[bool] = []
+
+    def input_buffer(self, rows: int) -> np.ndarray:
+        self.buffers.append(super().input_buffer(rows))
+        return self.buffers[-1]
+
+    def _infer_impl(self, images: np.ndarray) -> Outputs:
+        self.in_buffer.append(any(np.shares_memory(images, b) for b in self.buffers))
+        return super()._infer_impl(images)
+
+
+def test_each_batch_is_stacked_into_the_backends_own_input_buffer():
+    """The one copy of each image goes from its decoder into the array the backend gave (page-locked
+    memory with TensorRT), one per inference thread, reused batch after batch."""
+    model, sink = _BufferedModel(), _Sink()
+    processor = Processor(model, RawCodec(), JsonEncoder(), sink, OffsetTracker(), Metrics(), {"name": "test"},
+                          PipelineConfig("out", "dlq", max_batch=4, decode_workers=1)).start()
+    for offset, (name, data) in enumerate(good_images().items()):
+        processor.submit(Message("in", 0, offset, name.encode(), data))
+    assert processor.stop(60)
+    assert len(sink.published) == len(good_images())
+    assert len(model.buffers) == 1 and model.in_buffer and all(model.in_buffer)
