@@ -23,6 +23,7 @@ class Reader(threading.Thread):
         partitions = self.consumer.list_topics(topic, timeout=30).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self.seen: list[tuple[float, float]] = []    # (arrival, latency s)
+        self.seqs: list[int] = []                     # each result's input sequence number
         self.inside: list[dict] = []                  # the service's own timing_ms of each result
         self.lock = threading.Condition()
         self.halt = False
@@ -36,8 +37,9 @@ class Reader(threading.Thread):
             records = [r for r in [first, *self.consumer.consume(1000, 0)] if r.error() is None]
             with self.lock:
                 for r in records:
-                    sent = int(r.key().split(b":")[1])
+                    seq, sent = (int(part) for part in r.key().split(b":"))
                     self.seen.append((now / 1e9, (now - sent) / 1e9))
+                    self.seqs.append(seq)
                     self.inside.append(json.loads(r.value()).get("timing_ms", {}))
                 self.lock.notify_all()
         self.consumer.close()
@@ -61,7 +63,7 @@ class Producer:
     def __init__(self, bootstrap: str) -> None:
         from confluent_kafka import Producer as Librdkafka
         self._producer = Librdkafka({"bootstrap.servers": bootstrap, "acks": 1, "linger.ms": 0,
-                                     "message.max.bytes": 4 << 20})
+                                     "message.max.bytes": 8 << 20})
         self._failures: list[str] = []
 
     def _delivered(self, error: object, _record: object) -> None:

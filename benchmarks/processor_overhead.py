@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_build.imaging import DecodeLimits  # noqa: E402
-from engine_build.runtime.base import Outputs  # noqa: E402
+from engine_build.runtime.base import INPUT_SHAPE, Outputs  # noqa: E402
 from plugins.codecs import RawCodec  # noqa: E402
 from plugins.encoders import JsonEncoder  # noqa: E402
 from stream.config import StreamConfig  # noqa: E402
@@ -53,6 +53,9 @@ class ConstantModel:
     def infer(self, images: np.ndarray) -> Outputs:
         probs = np.full((len(images), 2), 0.5, np.float32)
         return Outputs(probs, probs)
+
+    def input_buffer(self, rows: int) -> np.ndarray:
+        return np.empty((rows, *INPUT_SHAPE), np.uint8)
 
     def describe(self) -> str:
         return "no model"

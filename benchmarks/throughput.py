@@ -238,6 +238,19 @@ def prepare(artifact: Path | None, workdir: Path) -> tuple[Path, Path, Path]:
     return ensure_artifact(prototxt, caffemodel, workdir / "artifact"), prototxt, caffemodel
 
 
+def cpu_kind(cpu: dict) -> str:
+    """A results file's name for a kind of CPU: its vendor and the widest extension that picks its kernels
+    (``intel-amx``, ``amd-avx2``, ...), so runs on different kinds of machine keep their own files."""
+    model = cpu["model"].lower()
+    vendor = next((v for v in ("intel", "amd", "ampere", "apple", "graviton") if v in model), cpu["machine"])
+    extensions = set(cpu["extensions"])
+    widest = next((name for name, flag in (("amx", "amx_int8"), ("avx512-vnni", "avx512_vnni"),
+                                           ("avx512", "avx512f"), ("avx-vnni", "avx_vnni"), ("avx2", "avx2"),
+                                           ("i8mm", "i8mm"), ("dotprod", "asimddp"), ("neon", "asimd"))
+                   if flag in extensions), "baseline")
+    return f"{vendor}-{widest}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, help="artifact to measure (default: build a full-size placeholder)")
@@ -254,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="also vary each service default one at a time (fetch wait, linger, batching window, "
                              "decode workers, inference streams, batch size; about 8 more minutes)")
-    parser.add_argument("--rate", type=float, default=80.0, help="the moderate rate for latency (img/s)")
+    parser.add_argument("--gpu-feed", action="store_true",
+                        help="only the GPU feed: the service with a device stand-in (no CPU used for inference), "
+                             "each Kafka client, 1 to N processes")
+    parser.add_argument("--device-us", type=float, default=None,
+                        help="GPU feed: device time per image in microseconds (default 25: an H100's FP16 "
+                             "CaffeNet, estimated)")
+    parser.add_argument("--feed-processes", type=int, nargs="+", default=None,
+                        help="GPU feed: process counts to run (default 1 and the CPU count)")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
     parser.add_argument("--backlog", type=int, default=8000,
                         help="images in each backlog (throughput) run; rate and CPU are read over its steady middle")
@@ -263,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.skip_models, args.latency_seconds, args.backlog = True, min(args.latency_seconds, 8.0), 6000
+    if args.gpu_feed:
+        args.skip_models = True
     artifact, prototxt, caffemodel = prepare(args.artifact, args.workdir)
     cpu = this_cpu()
     print(f"machine: {cpu['model']} ({platform.machine()}: {' '.join(cpu['extensions'])}), "
@@ -284,21 +306,23 @@ def main(argv: list[str] | None = None) -> int:
         print("decoding (one thread):")
         decoding = decode_runs(args.repeats)
     args.output.mkdir(parents=True, exist_ok=True)
-    name = f"{platform.node() or 'host'}-{os.cpu_count()}cpu"
+    name = f"{cpu_kind(cpu)}-{os.cpu_count()}cpu"
     pipeline, plot = {}, None
     if not args.skip_pipeline:
-        from benchmarks.service_bench import histogram, run_all
-        pipeline, runs = run_all(artifact, args.workdir / "service", args.rate, args.latency_seconds, args.backlog,
-                                 args.sweep)
-        plot = args.output / f"{name}-latency.png"
-        pipeline["plot"] = {"file": plot.name, "drawn_with": histogram(runs, plot)}
-        print(f"latency histogram: {plot} ({pipeline['plot']['drawn_with']})")
+        from benchmarks.service_bench import DEVICE_US_PER_IMAGE, histogram, run_all
+        pipeline, runs = run_all(artifact, args.workdir / "service", args.latency_seconds, args.backlog,
+                                 args.sweep, args.device_us or DEVICE_US_PER_IMAGE, args.feed_processes,
+                                 feed_only=args.gpu_feed)
+        if runs:
+            plot = args.output / f"{name}-latency.png"
+            pipeline["plot"] = {"file": plot.name, "drawn_with": histogram(runs, plot)}
+            print(f"latency histogram: {plot} ({pipeline['plot']['drawn_with']})")
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "cpu": cpu, "python": platform.python_version()},
               "placeholder": Manifest.read(artifact).model.placeholder,
               "model": rows, "int8_float_layers": float_cost, "decode": decoding, "pipeline": pipeline,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    suffix = "" if rows and pipeline else ("-pipeline" if pipeline else "-models")
+    suffix = "" if rows and pipeline else ("-gpu-feed" if args.gpu_feed else "-pipeline" if pipeline else "-models")
     (args.output / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     if rows:
         chart(rows, args.output / f"{name}.png", f"CaffeNet-Twitter on {os.cpu_count()} CPUs")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from engine_build.errors import UserError
+from engine_build.runtime.cpu import this_cpu, usable_cores
 
 from .config import StreamConfig, build_parser, from_args
 from .logs import configure as configure_logging
@@ -59,15 +60,30 @@ def exit_when_closing_overdue(service: Service, finished: threading.Event, secon
     exit(1)
 
 
-def startup_line(cfg: StreamConfig, runtime: str) -> str:
-    """What this process runs with: the processing guarantee, the Kafka client and the runtimes."""
+def client_version(kafka_client: str) -> str:
+    """The Kafka client library and its version, as --kafka-client names it."""
     from importlib.metadata import PackageNotFoundError, version
     try:
-        client = f"kafka-python {version('kafka-python')}"
-    except PackageNotFoundError:
-        client = "kafka-python (version unknown)"
-    return (f"starting: {cfg.processing_guarantee}, Kafka client {client}, inference runtime {runtime}, "
-            f"Python {platform.python_version()} on {platform.machine()}, pid {os.getpid()}")
+        if kafka_client == "librdkafka":
+            import confluent_kafka
+            return f"librdkafka {confluent_kafka.libversion()[0]} (confluent-kafka {version('confluent-kafka')})"
+        return f"kafka-python {version('kafka-python')}"
+    except (ImportError, PackageNotFoundError):
+        return f"{kafka_client} (version unknown)"
+
+
+def startup_line(cfg: StreamConfig, runtime: str, streams: int, decoders: int, cores: int, cpu: dict) -> str:
+    """What this process runs with: the processing guarantee, the Kafka client, the runtime and how
+    the machine's cores were split (each count with where it came from), and the CPU."""
+    streams_from = f"--inference-streams {cfg.inference_streams}" if cfg.inference_streams else "the runtime's choice"
+    threads = f"{cfg.inference_threads} inference threads" if cfg.inference_threads else "inference on every core"
+    decoders_from = f"--decode-workers {cfg.decode_workers}" if cfg.decode_workers else f"auto for {cores} cores"
+    extensions = ", ".join(cpu.get("extensions", ())) or "no vector extensions that change kernels"
+    return (f"starting: {cfg.processing_guarantee}, Kafka client {client_version(cfg.kafka_client)}, inference "
+            f"runtime {runtime}, {streams} inference stream{'s' * (streams != 1)} ({streams_from}; {threads}), "
+            f"{decoders} decode thread{'s' * (decoders != 1)} ({decoders_from}), CPU {cpu.get('model', '?')} "
+            f"({extensions}; {cores} usable cores), Python {platform.python_version()} on {platform.machine()}, "
+            f"pid {os.getpid()}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,7 +131,9 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
     holder.append(service)
-    logging.getLogger("stream").info("%s", startup_line(cfg, str(service.model_info["runtime"])))
+    logging.getLogger("stream").info("%s", startup_line(cfg, str(service.model_info["runtime"]),
+                                                        service.backend.concurrency, service.pipeline.decode_workers,
+                                                        usable_cores(), this_cpu()))
     if received:
         service.stop()   # stopped while starting: run() closes at once
     if service.model_info["placeholder"]:

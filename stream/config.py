@@ -5,6 +5,7 @@ and every instance is validated when it is made."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 # commit and a late poll loop. A Kafka broker refuses a timeout above its transaction.max.timeout.ms.
 TRANSACTION_MARGIN_MS = 20_000
 BROKER_TRANSACTION_MAX_MS = 900_000   # transaction.max.timeout.ms, Kafka's default
+LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")   # what a Kafka broker accepts as a topic name
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,12 @@ class StreamConfig:
                 raise ConfigError(f"--bootstrap-servers {self.bootstrap_servers!r}: expected HOST:PORT[,HOST:PORT]")
         if not self.input_topic or not all(self.input_topic):
             raise ConfigError("--input-topic: at least one topic name")
+        for name, topics in (("input_topic", self.input_topic), ("output_topic", (self.output_topic,)),
+                             ("dead_letter_topic", (self.dead_letter_topic,))):
+            for topic in topics:
+                if not LEGAL_TOPIC.fullmatch(topic) or topic in (".", ".."):
+                    raise ConfigError(f"{flag(name)} {topic!r}: a Kafka topic name is 1 to 249 of a-z, A-Z, 0-9, "
+                                      f"'.', '_' and '-' (and not '.' or '..')")
         if self.output_topic in self.input_topic or self.dead_letter_topic in self.input_topic:
             raise ConfigError("the output and dead-letter topics must differ from the input topics")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:

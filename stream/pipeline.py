@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from engine_build.errors import DecodeError
-from engine_build.imaging import DecodeLimits, decode
+from engine_build.imaging import DecodeLimits, decode, probe
 
 from .batching import Batcher
 from .metrics import Metrics
@@ -48,22 +48,56 @@ class PipelineConfig:
     adaptive_batching: bool = True
     limits: DecodeLimits = DecodeLimits()
     keep_order: bool = True
+    # Images whose decode works on more pixels than this (after JPEG's reduced decode) go to a
+    # decode thread of their own, so a 60-megapixel PNG (about 0.9 s) never holds up the small
+    # images behind it. 8 MP: a full-size decode of a 12 MP phone JPEG stays in the main lane
+    # (reduced decode makes it 0.75 MP); PNGs, WebPs and TIFFs above 8 MP take the large lane.
+    large_pixels: int = 8_000_000
+
+
+def stage_times(received: float, decode_started: float, decoded: float, batch_started: float, inferred: float,
+                now: float) -> dict[str, float]:
+    """A result's ``timing_ms`` from the moments its image passed each stage (one monotonic clock): the
+    stages account for the whole total. wait: polled until a decode thread took it (behind other
+    decodes); decode: unpacking and decoding; queue: decoded until its batch ran; inference: the
+    batch's call (with stacking); output: from the call's end to this record (batch bookkeeping,
+    the encodes of the images before it in the batch)."""
+    marks = (received, decode_started, decoded, batch_started, inferred, now)
+    stages = {name: (end - start) * 1000 for name, start, end in
+              zip(("wait", "decode", "queue", "inference", "output"), marks, marks[1:], strict=False)}
+    return {**stages, "total": (now - received) * 1000}
 
 
 class _Stacker:
-    """One inference thread's input array, filled batch after batch: a fresh array per batch (6 MB
-    at 32 images) costs page faults and an allocation each time; the runtimes copy out of it (or
-    read it) during the call, so it is free again when the call returns."""
+    """One inference thread's input array, filled batch after batch: each image is copied once, from
+    its decoder into this array, which is what the runtime reads (the backend's
+    :meth:`~engine_build.runtime.base.Backend.input_buffer`: page-locked memory with TensorRT, copied
+    to the GPU as it is). A fresh array per batch (6 MB at 32 images) would cost page faults and an
+    allocation each time; the runtimes read it during the call, so it is free again when the call
+    returns. Images of another shape (a backend stand-in's) get an array of their own."""
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, rows: int, allocate: Callable[[int], np.ndarray]) -> None:
+        self.rows, self.allocate = rows, allocate
         self._array: np.ndarray | None = None
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         first, array = images[0], self._array
         if array is None or array.shape[1:] != first.shape or array.dtype != first.dtype or len(images) > len(array):
-            array = self._array = np.empty((max(self.rows, len(images)), *first.shape), first.dtype)
+            rows = max(self.rows, len(images))
+            array = self.allocate(rows)
+            if array.shape[1:] != first.shape or array.dtype != first.dtype:
+                array = np.empty((rows, *first.shape), first.dtype)
+            self._array = array
         return np.stack(images, out=array[:len(images)], casting="no")   # never a silent cast
+
+
+@dataclass
+class _Unpacked:
+    """A message the codec has unpacked, waiting in the large lane for its decode."""
+    message: Message
+    data: bytes
+    metadata: dict
+    taken_at: float     # time.monotonic() when a decode thread took it
 
 
 @dataclass
@@ -71,7 +105,7 @@ class _Decoded:
     message: Message
     image: np.ndarray
     metadata: dict
-    decode_ms: float
+    decode_started: float   # time.monotonic(), as Message.received
     ready_at: float
 
 
@@ -79,7 +113,8 @@ class _Inferred(NamedTuple):
     decoded: _Decoded
     scores: np.ndarray | None       # None: the model failed on this image
     finite: bool
-    infer_ms: float
+    batch_start: float              # time.monotonic()
+    inferred_at: float
 
 
 class Processor:
@@ -95,6 +130,9 @@ class Processor:
         self._undecoded: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self._decoders = [threading.Thread(target=self._decode_loop, name=f"decode-{i}", daemon=True)
                           for i in range(max(1, cfg.decode_workers))]
+        # the large lane: one more thread, for images above cfg.large_pixels only
+        self._large: queue.SimpleQueue[_Unpacked | None] = queue.SimpleQueue()
+        self._large_decoder = threading.Thread(target=self._large_loop, name="decode-large", daemon=True)
         self._decoded: queue.Queue[_Decoded | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._infer_loop, name=f"infer-{i}", daemon=True)
@@ -125,7 +163,7 @@ class Processor:
             self._bytes_changed.notify_all()
 
     def start(self) -> Processor:
-        for thread in self._decoders + self._threads:
+        for thread in [*self._decoders, self._large_decoder, *self._threads]:
             thread.start()
         return self
 
@@ -143,15 +181,25 @@ class Processor:
 
     def _decode_loop(self) -> None:
         while (message := self._undecoded.get()) is not None:
-            try:
-                self._decode(message)
-            except Exception:
-                # A bug: bad inputs and codec errors become dead letters inside _decode. The message
-                # cannot be dead-lettered safely from here (its place in the partition's order may be
-                # spent), so it stays unacknowledged; this worker goes on with the rest.
-                log.exception("decoding %s failed; it stays unacknowledged: its partition commits no further "
-                              "until a restart redelivers it", message.position)
-            finally:   # after the put: a batch never closes early for an image about to be queued
+            self._guarded(message, self._decode, message, time.monotonic())
+
+    def _large_loop(self) -> None:
+        while (item := self._large.get()) is not None:
+            self._guarded(item.message, self._finish_decode, item, time.monotonic())
+
+    def _guarded(self, message: Message, step: Callable[..., bool], *args: Any) -> None:
+        """Run one decode step; ``step`` returns False when it handed the message on (to the large lane)."""
+        handed_on = False
+        try:
+            handed_on = not step(*args)
+        except Exception:
+            # A bug: bad inputs and codec errors become dead letters inside _decode. The message
+            # cannot be dead-lettered safely from here (its place in the partition's order may be
+            # spent), so it stays unacknowledged; this worker goes on with the rest.
+            log.exception("decoding %s failed; it stays unacknowledged: its partition commits no further "
+                          "until a restart redelivers it", message.position)
+        finally:   # after the put: a batch never closes early for an image about to be queued
+            if not handed_on:
                 with self._decoding_lock:
                     self._decoding -= 1
 
@@ -159,27 +207,51 @@ class Processor:
         """Images that could still join an open batch: queued for inference or being decoded."""
         return self._decoded.qsize() + self._decoding
 
-    def _decode(self, message: Message) -> None:
-        started = time.perf_counter()
+    def _decode(self, message: Message, taken_at: float) -> bool:
+        """Unpack and decode one message, or hand it to the large lane (returns False then)."""
         try:
             data, metadata = self.codec.unpack(message.value, message.headers)
-            image = self.decoder(data, self.cfg.limits)
         except DecodeError as exc:
-            self.metrics.decode_failures.labels(exc.reason).inc()
-            self._reject(message, exc.reason, str(exc))
-            return
+            self._rejected_input(message, exc)
+            return True
         except Exception as exc:  # a codec plugin's bug must not sink the service
             log.exception("input codec failed on %s", message.position)
             self._reject(message, "codec_error", f"{type(exc).__name__}: {exc}")
-            return
-        self._decoded.put(_Decoded(message, image, metadata, (time.perf_counter() - started) * 1000,
-                                   time.monotonic()))
+            return True
+        unpacked = _Unpacked(message, data, metadata, taken_at)
+        if self._large_work(data):
+            self._large.put(unpacked)
+            return False
+        return self._finish_decode(unpacked, taken_at)
+
+    def _large_work(self, data: bytes) -> bool:
+        """Does this image's decode work on more than ``large_pixels``? From its header alone; an
+        unreadable header is not large (the decode rejects it at once)."""
+        try:
+            info = probe(data, self.cfg.limits)
+        except DecodeError:
+            return False
+        return info.width * info.height // (info.scale * info.scale) > self.cfg.large_pixels
+
+    def _finish_decode(self, item: _Unpacked, started: float) -> bool:
+        """Decode an unpacked message; ``started``: when its decode began (codec included in the main lane)."""
+        try:
+            image = self.decoder(item.data, self.cfg.limits)
+        except DecodeError as exc:
+            self._rejected_input(item.message, exc)
+            return True
+        self._decoded.put(_Decoded(item.message, image, item.metadata, started, time.monotonic()))
+        return True
+
+    def _rejected_input(self, message: Message, exc: DecodeError) -> None:
+        self.metrics.decode_failures.labels(exc.reason).inc()
+        self._reject(message, exc.reason, str(exc))
 
     # ---- inference side (one thread per backend slot) ----
     def _infer_loop(self) -> None:
         batcher: Batcher[_Decoded] = Batcher(self.cfg.max_batch, self.cfg.max_delay_ms / 1000,
                                              self.cfg.adaptive_batching)
-        stack = _Stacker(self.cfg.max_batch)
+        stack = _Stacker(self.cfg.max_batch, self.backend.input_buffer)
         while True:
             try:
                 item = self._decoded.get(timeout=batcher.wait_time(time.monotonic()))
@@ -200,11 +272,12 @@ class Processor:
         started = time.perf_counter()
         try:
             probs = self.backend.infer(stack([d.image for d in batch])).probs
-            infer_ms = (time.perf_counter() - started) * 1000
+            inferred_at = time.monotonic()
             # once per batch: numpy's per-call overhead on one image's two scores cost a tenth of this
             # thread's own work
             finite = np.isfinite(probs).all(axis=1).tolist()
-            results = [_Inferred(d, p, ok, infer_ms) for d, p, ok in zip(batch, probs, finite, strict=True)]
+            results = [_Inferred(d, p, ok, batch_start, inferred_at)
+                       for d, p, ok in zip(batch, probs, finite, strict=True)]
         except Exception:
             log.exception("batch of %d failed; retrying its images one by one", len(batch))
             results = self._one_by_one(batch)
@@ -219,9 +292,9 @@ class Processor:
                  (time.perf_counter() - started) * 1000, positive, len(answered) - positive,
                  self._dead_letter_summary(), " [PLACEHOLDER MODEL]" if self.model_info.get("placeholder") else "")
         for result in results:
-            self._emit(result, batch_start)
+            self._emit(result)
 
-    def _emit(self, result: _Inferred, batch_start: float) -> None:
+    def _emit(self, result: _Inferred) -> None:
         """One image's outcome: its encoded prediction, or a dead letter saying why not."""
         decoded, scores = result.decoded, result.scores
         if scores is None:
@@ -230,8 +303,8 @@ class Processor:
         if not result.finite:
             self._reject(decoded.message, "invalid_output", f"the model returned non-finite scores {scores.tolist()}")
             return
-        timing = {"decode": decoded.decode_ms, "queue": (batch_start - decoded.ready_at) * 1000,
-                  "inference": result.infer_ms, "total": (time.monotonic() - decoded.message.received) * 1000}
+        timing = stage_times(decoded.message.received, decoded.decode_started, decoded.ready_at, result.batch_start,
+                             result.inferred_at, time.monotonic())
         prediction = Prediction(decoded.message, scores, decoded.metadata, timing, self.model_info)
         try:
             key, value, headers = self.encoder.encode(prediction)
@@ -245,14 +318,14 @@ class Processor:
     def _one_by_one(self, batch: list[_Decoded]) -> list[_Inferred]:
         results = []
         for d in batch:
-            started = time.perf_counter()
+            started = time.monotonic()
             try:
                 scores = self.backend.infer(d.image[None]).probs[0]
                 finite = bool(np.isfinite(scores).all())
             except Exception:
                 log.exception("image %s failed inference", d.message.position)
                 scores, finite = None, False
-            results.append(_Inferred(d, scores, finite, (time.perf_counter() - started) * 1000))
+            results.append(_Inferred(d, scores, finite, started, time.monotonic()))
         return results
 
     # ---- output side ----
@@ -311,6 +384,8 @@ class Processor:
             self._undecoded.put(None)
         for thread in self._decoders:   # a dead letter's publish can block: the drain has one deadline
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._large.put(None)           # after the decoders: they may still hand it images
+        self._large_decoder.join(max(0.0, deadline - time.monotonic()))
         self._stop.set()
         for _ in self._threads:
             self._decoded.put(None)

@@ -61,6 +61,8 @@ def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
     (["--inference-streams", "-1"], "--inference-streams, --inference-threads, --max-delay-ms"),
     (["--decode-workers", "-1"], "--decode-workers, --inference-streams"),
     (["--output-topic", "in"], "must differ from the input topics"),
+    (["--input-topic", "photos:new"], "--input-topic 'photos:new': a Kafka topic name is 1 to 249 of a-z"),
+    (["--dead-letter-topic", "x" * 250], "--dead-letter-topic 'xxxx"),
     (["--input-codec", "nope"], "--input-codec nope: no such plugin"),
     (["--precision", "fp16", "--backend", "tensorrt"], "TensorRT"),
     (["--bootstrap-servers", "kafka:notaport"], "expected HOST:PORT"),

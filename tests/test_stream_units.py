@@ -72,7 +72,7 @@ def test_fixed_batching_waits_out_the_window():
 
 def test_the_reused_batch_array_holds_exactly_each_batch():
     rng = np.random.default_rng(0)
-    stack = _Stacker(4)
+    stack = _Stacker(4, lambda rows: np.empty((rows, 8, 8, 3), np.uint8))
     first = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(4)]
     a = stack(first)
     assert np.array_equal(a, np.stack(first))
@@ -143,7 +143,7 @@ def test_every_message_gets_one_record_and_offsets_reach_the_end(small_artifact)
         assert record["label"] in ("negative", "positive")
         assert abs(sum(record["scores"].values()) - 1) < 1e-5
         assert record["model"]["placeholder"] is True and len(record["model"]["sha256"]) == 64
-        assert set(record["timing_ms"]) == {"decode", "queue", "inference", "total"}
+        assert set(record["timing_ms"]) == {"wait", "decode", "queue", "inference", "output", "total"}
         assert ("trace-id", key) in headers
     dead = {k.decode(): dict(h) for k, _, h in broker.records("dlq")}
     assert {name: h["error.reason"].decode() for name, h in dead.items()} == \
@@ -678,6 +678,9 @@ def test_a_producer_that_cannot_flush_yet_is_closed_by_trying_again():
 class _Constant:
     """The backend interface's two-score answer, with no model."""
     concurrency = 1
+
+    def input_buffer(self, rows: int) -> np.ndarray:
+        return np.empty((rows, 256, 256, 3), np.uint8)
 
     def infer(self, images: np.ndarray) -> Outputs:
         probs = np.tile(np.array([0.25, 0.75], np.float32), (len(images), 1))

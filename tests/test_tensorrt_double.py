@@ -261,3 +261,24 @@ def test_gpu_check_steps_run_on_the_double(engine_artifact, trt_double, tmp_path
                            "--output", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "gpu-nvidia-h200.json").read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 8] and all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_a_batch_stacked_into_the_backends_input_buffer_goes_to_the_gpu_without_another_copy(
+        engine_artifact, trt_double, photos):
+    """The service stacks each batch into the backend's input buffer (page-locked memory with TensorRT):
+    the copy to the device reads it where it is. A batch in plain memory is staged through the slot's
+    own page-locked buffer, as before; both give the reference's scores."""
+    with open_backend("tensorrt", engine_artifact / "engine.plan", "fp16", 8) as backend:
+        buffer = backend.input_buffer(8)
+        assert any(base <= buffer.ctypes.data < base + len(b) for base, b in trt_double.pinned.items())
+        buffer[:4] = photos[:4]
+        direct = backend.infer(buffer[:4])
+        assert trt_double.uploads[-1] == buffer.ctypes.data
+        staged = backend.infer(np.array(photos[:4]))
+        assert trt_double.uploads[-1] != buffer.ctypes.data
+        pinned_before_close, slots = len(trt_double.pinned), backend.concurrency
+    ref = _reference(engine_artifact, photos[:4])
+    np.testing.assert_allclose(direct.probs, ref.probs, atol=1e-6)
+    np.testing.assert_allclose(staged.probs, ref.probs, atol=1e-6)
+    # each slot's images, probs and logits, and the input buffer: all freed on close
+    assert pinned_before_close == slots * 3 + 1 and not trt_double.pinned

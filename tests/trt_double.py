@@ -50,6 +50,7 @@ class Machine:
     memory: dict[int, ctypes.Array] = field(default_factory=dict)      # device
     pinned: dict[int, ctypes.Array] = field(default_factory=dict)      # host
     streams: set[int] = field(default_factory=set)
+    uploads: list[int] = field(default_factory=list)                   # host address of each copy to the device
     loggers: int = 0
     builds: list[dict] = field(default_factory=list)
     running: int = 0
@@ -124,16 +125,31 @@ def _size(ptr: int) -> int | None:
     return None
 
 
+def _pinned_base(ptr: int) -> int | None:
+    """The page-locked allocation ``ptr`` points into (real CUDA copies from any address inside one)."""
+    return next((base for base, buffer in M.pinned.items() if base <= ptr < base + ctypes.sizeof(buffer)), None)
+
+
+def _room(ptr: int) -> int:
+    """Bytes from ``ptr`` to the end of its allocation."""
+    if ptr in M.memory:
+        return ctypes.sizeof(M.memory[ptr])
+    base = _pinned_base(ptr)
+    return 0 if base is None else base + ctypes.sizeof(M.pinned[base]) - ptr
+
+
 def cudaMemcpyAsync(dst: int, src: int, count: int, kind: cudaMemcpyKind, stream: cudaStream_t) -> tuple:
     if not isinstance(stream, cudaStream_t) or stream.getPtr() not in M.streams:
         return (cudaError_t.cudaErrorInvalidResourceHandle,)
     if kind == cudaMemcpyKind.cudaMemcpyHostToDevice:
-        ok = int(src) in M.pinned and int(dst) in M.memory
+        ok = _pinned_base(int(src)) is not None and int(dst) in M.memory
+        if ok:
+            M.uploads.append(int(src))
     elif kind == cudaMemcpyKind.cudaMemcpyDeviceToHost:
         ok = int(src) in M.memory and int(dst) in M.pinned
     else:
         ok = False
-    if not ok or count > min(_size(int(dst)), _size(int(src))):
+    if not ok or count > min(_size(int(dst)), _room(int(src))):
         return (cudaError_t.cudaErrorInvalidValue,)
     ctypes.memmove(int(dst), int(src), count)
     return (cudaError_t.cudaSuccess,)

@@ -140,6 +140,13 @@ class Backend(ABC):
             return parts[0]
         return Outputs(np.concatenate([p.probs for p in parts]), np.concatenate([p.logits for p in parts]))
 
+    def input_buffer(self, rows: int) -> np.ndarray:
+        """An array for ``rows`` images that a caller fills and hands to :meth:`infer` (a leading slice
+        of it), batch after batch: the one copy of each image on its way from the decoder to the model.
+        Plain memory here; runtimes that move the batch elsewhere give memory they move it from directly
+        (TensorRT: page-locked memory, copied to the device as it is)."""
+        return np.empty((rows, *INPUT_SHAPE), np.uint8)
+
     @abstractmethod
     def _infer_impl(self, images: np.ndarray) -> Outputs: ...
 

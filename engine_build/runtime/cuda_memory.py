@@ -61,6 +61,27 @@ def native_handle(obj: Any) -> int:
     return int(get_cuda_native_handle(obj))
 
 
+class PinnedArray:
+    """A page-locked host array alone (no device buffer): memory a CUDA copy reads asynchronously."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type) -> None:
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        self.ptr = int(check(cudart().cudaMallocHost(self.nbytes), "cudaMallocHost"))
+        buffer = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
+        self.array: np.ndarray | None = np.frombuffer(memoryview(buffer), dtype=self.dtype).reshape(shape)
+
+    def holds(self, array: np.ndarray) -> bool:
+        """Whether ``array`` is a C-contiguous run of this memory."""
+        start = array.__array_interface__["data"][0]
+        return array.flags.c_contiguous and self.ptr <= start and start + array.nbytes <= self.ptr + self.nbytes
+
+    def free(self) -> None:
+        ptr, self.ptr, self.array = self.ptr, 0, None
+        if ptr:
+            check(cudart().cudaFreeHost(ptr), "cudaFreeHost")
+
+
 class PinnedBuffer:
     """A page-locked host array plus a device buffer of the same size."""
 
@@ -84,9 +105,11 @@ class PinnedBuffer:
             raise RuntimeError("PinnedBuffer.host used after free()")
         return self._host
 
-    def to_device(self, nbytes: int, stream: Any) -> None:
+    def to_device(self, nbytes: int, stream: Any, source: int | None = None) -> None:
+        """Copy ``nbytes`` to the device from the host array, or from ``source`` (another page-locked
+        address: a :class:`PinnedArray`'s)."""
         rt = cudart()
-        check(rt.cudaMemcpyAsync(self.device, self.host_ptr, nbytes,
+        check(rt.cudaMemcpyAsync(self.device, self.host_ptr if source is None else source, nbytes,
                                  rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync to device")
 
     def to_host(self, nbytes: int, stream: Any) -> None:

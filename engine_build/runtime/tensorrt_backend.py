@@ -10,6 +10,8 @@ I/O, ``execute_async_v3``) and cuda-python 12.9+/13.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, InferenceError
 from .base import INPUT_SHAPE, Backend, Outputs, Slots
-from .cuda_memory import PinnedBuffer, check, cudart, native_handle
+from .cuda_memory import PinnedArray, PinnedBuffer, check, cudart, native_handle
 from .tensorrt_support import tensorrt_unavailable_reason, trt_logger
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,11 @@ INPUT, OUTPUTS = "images", ("probs", "logits")
 class _Slot:
     """One execution context with its stream and buffers; used by one thread at a time."""
 
-    def __init__(self, engine: Any, dtypes: dict[str, np.dtype], shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, engine: Any, dtypes: dict[str, np.dtype], shapes: dict[str, tuple[int, ...]],
+                 pinned: Callable[[np.ndarray], bool]) -> None:
+        """``pinned``: whether an input array is page-locked memory the backend handed out (copied to
+        the device as it is, not through this slot's host buffer)."""
+        self.pinned = pinned
         self.context = engine.create_execution_context()
         if self.context is None:
             raise InferenceError("TensorRT could not create an execution context (out of GPU memory?)")
@@ -46,10 +52,14 @@ class _Slot:
         n = len(images)
         context, stream = self.context, self.stream
         source = self.buffers[INPUT]
-        source.host[:n] = images
+        if self.pinned(images):      # the batch was stacked into page-locked memory: no second copy
+            address = images.__array_interface__["data"][0]
+        else:
+            source.host[:n] = images
+            address = None
         if not context.set_input_shape(INPUT, (n,) + INPUT_SHAPE):
             raise InferenceError(f"TensorRT refused input shape {(n,) + INPUT_SHAPE}")
-        source.to_device(n * source.host[0].nbytes, stream)
+        source.to_device(n * source.host[0].nbytes, stream, address)
         if not context.execute_async_v3(native_handle(stream)):
             raise InferenceError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         sizes = {}
@@ -125,7 +135,22 @@ class TensorRtBackend(Backend):
                                 "(built by another TensorRT version or for another GPU?)")
         dtypes, shapes, profile_max = _io_tensors(self._engine, Path(path))
         self.max_batch = min(max_batch, profile_max)
-        self._slots = Slots((_Slot(self._engine, dtypes, shapes) for _ in range(self.concurrency)), _Slot.free)
+        self._inputs: list[PinnedArray] = []          # handed out by input_buffer, freed on close
+        self._inputs_lock = threading.Lock()
+        self._slots = Slots((_Slot(self._engine, dtypes, shapes, self._pinned) for _ in range(self.concurrency)),
+                            _Slot.free)
+
+    def input_buffer(self, rows: int) -> np.ndarray:
+        """Page-locked memory for ``rows`` images, copied to the device as it is (valid until close)."""
+        buffer = PinnedArray((rows, *INPUT_SHAPE), np.uint8)
+        with self._inputs_lock:
+            self._inputs.append(buffer)
+        assert buffer.array is not None
+        return buffer.array
+
+    def _pinned(self, images: np.ndarray) -> bool:
+        with self._inputs_lock:
+            return any(buffer.holds(images) for buffer in self._inputs)
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
         with self._slots.use() as slot:
@@ -138,6 +163,11 @@ class TensorRtBackend(Backend):
         if running:
             log.warning("%d TensorRT slot(s) still running after %.0f s; their buffers are left to the process",
                         running, timeout)
+            return      # a running copy may still read the input buffers
+        with self._inputs_lock:
+            inputs, self._inputs = self._inputs, []
+        for buffer in inputs:
+            buffer.free()
             return
         self._engine = None
         self._runtime = None

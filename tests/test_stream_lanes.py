@@ -1,0 +1,117 @@
+"""Mixed sizes: a huge image decodes in a lane of its own, and every result says where its time went."""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from engine_build.imaging import DecodeLimits, decode
+from engine_build.runtime.base import Outputs
+from plugins.codecs import RawCodec
+from plugins.encoders import JsonEncoder
+from stream.metrics import Metrics
+from stream.offsets import OffsetTracker
+from stream.pipeline import PipelineConfig, Processor, stage_times
+from stream.ports import Refused
+from stream.records import Message, Outgoing
+
+from .images import good_images, png_declaring
+from .standins import PixelModel
+
+HUGE = png_declaring(9000, 7000)      # 63 MP: accepted by the 64 MP default, about 0.9 s of decoding
+
+
+class _Sink:
+    """Acknowledges every record at once and keeps it."""
+
+    def __init__(self) -> None:
+        self.published: list[Outgoing] = []
+        self.lock = threading.Lock()
+
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None) -> None:
+        with self.lock:
+            self.published.append(record)
+        on_ack()
+
+
+def test_a_huge_decode_does_not_hold_up_the_small_images_behind_it():
+    """One decode thread, a 63-megapixel PNG first (its decode held until the small ones are done),
+    then small images: they are all published while the huge one is still decoding."""
+    release = threading.Event()
+
+    def decoder(data: bytes, limits: DecodeLimits) -> np.ndarray:
+        if data == HUGE:
+            assert release.wait(60), "the test never released the huge decode"
+            return np.zeros((256, 256, 3), np.uint8)
+        return decode(data, limits)
+
+    tracker, sink = OffsetTracker(), _Sink()
+    processor = Processor(PixelModel(), RawCodec(), JsonEncoder(), sink, tracker, Metrics(), {"name": "test"},
+                          PipelineConfig("out", "dlq", decode_workers=1, keep_order=False), decoder).start()
+    try:
+        processor.submit(Message("in", 0, 0, b"huge", HUGE))
+        small = list(good_images().items())[:6]
+        for offset, (name, data) in enumerate(small):
+            processor.submit(Message("in", 1, offset, name.encode(), data))
+        assert tracker.wait_at_most(1, 20), "the small images waited behind the huge decode"
+        assert sorted(r.key for r in sink.published) == sorted(name.encode() for name, _ in small)
+    finally:
+        release.set()
+        assert processor.stop(30)
+    assert b"huge" in {r.key for r in sink.published}
+    assert tracker.in_flight() == 0
+
+
+def test_a_results_stages_account_for_its_whole_time():
+    times = stage_times(received=10.0, decode_started=10.5, decoded=10.6, batch_started=10.62, inferred=10.7,
+                        now=10.71)
+    assert set(times) == {"wait", "decode", "queue", "inference", "output", "total"}
+    assert abs(times["wait"] - 500) < 1e-6 and abs(times["inference"] - 80) < 1e-6
+    assert abs(sum(v for k, v in times.items() if k != "total") - times["total"]) < 1e-6
+
+
+def test_every_published_timing_adds_up_to_its_total():
+    tracker, sink = OffsetTracker(), _Sink()
+    processor = Processor(PixelModel(), RawCodec(), JsonEncoder(), sink, tracker, Metrics(), {"name": "test"},
+                          PipelineConfig("out", "dlq", decode_workers=1)).start()
+    for offset, (name, data) in enumerate(good_images().items()):
+        processor.submit(Message("in", 0, offset, name.encode(), data))
+    assert processor.stop(60)
+    assert len(sink.published) == len(good_images())
+    for record in sink.published:
+        timing = json.loads(record.value)["timing_ms"]
+        stages = sum(v for k, v in timing.items() if k != "total")
+        assert abs(stages - timing["total"]) < 0.01, timing    # rounded to 3 decimals each
+        assert min(timing.values()) >= 0, timing
+
+
+class _BufferedModel(PixelModel):
+    """Records the arrays it handed out and whether each batch it ran lay in one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffers: list[np.ndarray] = []
+        self.in_buffer: list[bool] = []
+
+    def input_buffer(self, rows: int) -> np.ndarray:
+        self.buffers.append(super().input_buffer(rows))
+        return self.buffers[-1]
+
+    def _infer_impl(self, images: np.ndarray) -> Outputs:
+        self.in_buffer.append(any(np.shares_memory(images, b) for b in self.buffers))
+        return super()._infer_impl(images)
+
+
+def test_each_batch_is_stacked_into_the_backends_own_input_buffer():
+    """The one copy of each image goes from its decoder into the array the backend gave (page-locked
+    memory with TensorRT), one per inference thread, reused batch after batch."""
+    model, sink = _BufferedModel(), _Sink()
+    processor = Processor(model, RawCodec(), JsonEncoder(), sink, OffsetTracker(), Metrics(), {"name": "test"},
+                          PipelineConfig("out", "dlq", max_batch=4, decode_workers=1)).start()
+    for offset, (name, data) in enumerate(good_images().items()):
+        processor.submit(Message("in", 0, offset, name.encode(), data))
+    assert processor.stop(60)
+    assert len(sink.published) == len(good_images())
+    assert len(model.buffers) == 1 and model.in_buffer and all(model.in_buffer)

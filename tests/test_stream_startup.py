@@ -1,0 +1,37 @@
+"""The start-up line says what this process runs with, and where each choice came from."""
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import pytest
+
+from stream.cli import startup_line
+from stream.config import StreamConfig
+
+AVX2 = {"model": "AMD EPYC 7B12", "machine": "x86_64", "extensions": ["avx2", "fma", "f16c"]}
+
+
+def config(**overrides) -> StreamConfig:
+    return StreamConfig(**{"bootstrap_servers": "localhost:9092", "input_topic": ("in",), "output_topic": "out",
+                           "dead_letter_topic": "dlq", "artifact": "a", **overrides})
+
+
+def test_automatic_choices_say_they_were_automatic_and_name_the_cpu():
+    line = startup_line(config(), "openvino (int8)", streams=2, decoders=1, cores=2, cpu=AVX2)
+    assert f"Kafka client kafka-python {version('kafka-python')}" in line
+    assert "2 inference streams (the runtime's choice; inference on every core)" in line
+    assert "1 decode thread (auto for 2 cores)" in line
+    assert "CPU AMD EPYC 7B12 (avx2, fma, f16c; 2 usable cores)" in line
+
+
+def test_choices_given_on_the_command_line_are_named_as_such():
+    line = startup_line(config(inference_streams=4, inference_threads=8, decode_workers=3), "onnxruntime (fp32)",
+                        streams=4, decoders=3, cores=16, cpu=AVX2)
+    assert "4 inference streams (--inference-streams 4; 8 inference threads)" in line
+    assert "3 decode threads (--decode-workers 3)" in line
+
+
+def test_the_librdkafka_client_is_named_with_its_version():
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    line = startup_line(config(kafka_client="librdkafka"), "openvino (int8)", 1, 1, 2, AVX2)
+    assert f"Kafka client librdkafka {confluent_kafka.libversion()[0]}" in line and "kafka-python" not in line
