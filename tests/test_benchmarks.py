@@ -77,7 +77,9 @@ def test_kafka_clients_benchmark_runs_both_clients_and_names_the_cpu(tmp_path, c
 
     from benchmarks import kafka_clients
     out = tmp_path / "clients.json"
-    assert kafka_clients.main(["--records", "60", "--value-bytes", "2000", "--rounds", "1", "--out", str(out)]) == 0
+    # a short session timeout: each round joins a new group, and a join waits about half of it (10 s by default)
+    assert kafka_clients.main(["--records", "60", "--value-bytes", "2000", "--rounds", "1", "--out", str(out),
+                               "--session-timeout-ms", "3000"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("CPU: ") and "kafka-python" in text and "librdkafka" in text
     results = json.loads(out.read_text())
