@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,24 @@ def small_model(tmp_path_factory) -> tuple[Path, Path]:
     return write_placeholder(tmp_path_factory.mktemp("small"), width=0.25, seed=1)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """``build(folder)`` run once for the whole test run, however many xdist workers need it: the first
+    worker builds under a lock in the run's shared temp folder, the others wait and take its folder.
+    For read-only inputs (a test that changes one works on a copy)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent      # the run's folder above every worker's own
+    out, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)       # released when the file closes
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)   # a worker that failed half-way
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_artifact(small_model, tmp_path_factory) -> Path:
     """Every variant of the small model. Its random quarter-width layers are far more sensitive to INT8
@@ -39,18 +61,20 @@ def small_artifact(small_model, tmp_path_factory) -> Path:
     (the logits layer): what the sensitivity pass chooses for this model, so the same files byte for byte
     (checked by sha256), without the pass's probes (about 9 s of the build's 14)."""
     from engine_build.cli import main
-    out = tmp_path_factory.mktemp("artifact")
-    assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
-                 "--output", str(out), "--int8-max-diff", "0.1", "--int8-mean-diff", "0.02",
-                 "--int8-float-layers", "fc8_twitter"]) == 0
-    return out
+
+    def build(out: Path) -> None:
+        assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
+                     "--output", str(out / "artifact"), "--int8-max-diff", "0.1", "--int8-mean-diff", "0.02",
+                     "--int8-float-layers", "fc8_twitter"]) == 0
+    return built_once(tmp_path_factory, "small-artifact", build) / "artifact"
 
 
 @pytest.fixture(scope="session")
 def full_model(tmp_path_factory) -> tuple[Path, Path]:
-    """Full-size placeholder (57M weights, ~217 MiB), written once per session."""
+    """Full-size placeholder (57M weights, ~217 MiB), written once per test run."""
     from engine_build.placeholder import write_placeholder
-    return write_placeholder(tmp_path_factory.mktemp("full"), seed=0)
+    folder = built_once(tmp_path_factory, "full-model", lambda out: write_placeholder(out, seed=0))
+    return folder / "deploy.prototxt", folder / "placeholder.caffemodel"
 
 
 @pytest.fixture(scope="session")
