@@ -2,9 +2,12 @@
 they move off a client's IO thread. Pure logic; the clock is handed in (tests pass one they move)."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 1.0     # nothing waiting: look again after this long (a close wakes it at once)
 _SHORTEST_WAIT_S = 0.01
@@ -80,4 +83,7 @@ class Delayed:
                 if self._closed:
                     return
             for action in due:
-                action()
+                try:
+                    action()
+                except Exception:   # a bug in one action must not end the thread every later retry needs
+                    log.exception("a delayed action (%s) failed", self._name)

@@ -181,48 +181,49 @@ class Processor:
 
     def _decode_loop(self) -> None:
         while (message := self._undecoded.get()) is not None:
-            self._guarded(message, self._decode, message, time.monotonic())
+            try:
+                self._guarded(message, self._decode, message, time.monotonic())
+            finally:   # after the put (or the hand-over to the large lane): a batch never closes early for
+                # an image about to be queued, nor waits for one in the large lane
+                with self._decoding_lock:
+                    self._decoding -= 1
 
     def _large_loop(self) -> None:
         while (item := self._large.get()) is not None:
             self._guarded(item.message, self._finish_decode, item, time.monotonic())
 
-    def _guarded(self, message: Message, step: Callable[..., bool], *args: Any) -> None:
-        """Run one decode step; ``step`` returns False when it handed the message on (to the large lane)."""
-        handed_on = False
+    @staticmethod
+    def _guarded(message: Message, step: Callable[..., None], *args: Any) -> None:
+        """Run one decode step. Bad inputs and failing codecs or decoders become dead letters inside it;
+        what escapes is a bug past that point (a dead letter's publish raising): the message cannot be
+        dead-lettered safely from here (its place in the partition's order may be spent), so it stays
+        unacknowledged, said in the log; the worker goes on with the rest."""
         try:
-            handed_on = not step(*args)
+            step(*args)
         except Exception:
-            # A bug: bad inputs and codec errors become dead letters inside _decode. The message
-            # cannot be dead-lettered safely from here (its place in the partition's order may be
-            # spent), so it stays unacknowledged; this worker goes on with the rest.
             log.exception("decoding %s failed; it stays unacknowledged: its partition commits no further "
                           "until a restart redelivers it", message.position)
-        finally:   # after the put: a batch never closes early for an image about to be queued
-            if not handed_on:
-                with self._decoding_lock:
-                    self._decoding -= 1
 
     def _arriving(self) -> int:
         """Images that could still join an open batch: queued for inference or being decoded."""
         return self._decoded.qsize() + self._decoding
 
-    def _decode(self, message: Message, taken_at: float) -> bool:
-        """Unpack and decode one message, or hand it to the large lane (returns False then)."""
+    def _decode(self, message: Message, taken_at: float) -> None:
+        """Unpack and decode one message, or hand it to the large lane."""
         try:
             data, metadata = self.codec.unpack(message.value, message.headers)
         except DecodeError as exc:
             self._rejected_input(message, exc)
-            return True
+            return
         except Exception as exc:  # a codec plugin's bug must not sink the service
             log.exception("input codec failed on %s", message.position)
             self._reject(message, "codec_error", f"{type(exc).__name__}: {exc}")
-            return True
+            return
         unpacked = _Unpacked(message, data, metadata, taken_at)
         if self._large_work(data):
             self._large.put(unpacked)
-            return False
-        return self._finish_decode(unpacked, taken_at)
+        else:
+            self._finish_decode(unpacked, taken_at)
 
     def _large_work(self, data: bytes) -> bool:
         """Does this image's decode work on more than ``large_pixels``? From its header alone; an
@@ -233,15 +234,19 @@ class Processor:
             return False
         return info.width * info.height // (info.scale * info.scale) > self.cfg.large_pixels
 
-    def _finish_decode(self, item: _Unpacked, started: float) -> bool:
+    def _finish_decode(self, item: _Unpacked, started: float) -> None:
         """Decode an unpacked message; ``started``: when its decode began (codec included in the main lane)."""
         try:
             image = self.decoder(item.data, self.cfg.limits)
         except DecodeError as exc:
             self._rejected_input(item.message, exc)
-            return True
+            return
+        except Exception as exc:  # the decoder's bug (or out of memory) on this input must not stall its partition
+            log.exception("decoding failed on %s", item.message.position)
+            self.metrics.decode_failures.labels("decode_error").inc()
+            self._reject(item.message, "decode_error", f"{type(exc).__name__}: {exc}")
+            return
         self._decoded.put(_Decoded(item.message, image, item.metadata, started, time.monotonic()))
-        return True
 
     def _rejected_input(self, message: Message, exc: DecodeError) -> None:
         self.metrics.decode_failures.labels(exc.reason).inc()

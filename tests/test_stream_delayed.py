@@ -76,3 +76,19 @@ def test_an_action_added_from_a_running_action_runs_too():
         assert done.wait(10)
     finally:
         delayed.close(timeout=10)
+
+
+def test_an_action_that_raises_is_logged_and_the_later_ones_still_run(caplog):
+    delayed = Delayed("test", Clock())
+    ran = threading.Event()
+
+    def boom() -> None:
+        raise RuntimeError("a bug in one retry")
+    delayed.later(0.0, boom)
+    delayed.later(0.0, ran.set)
+    delayed.start()
+    try:
+        assert ran.wait(10), "the thread died with the first action's exception"
+    finally:
+        delayed.close(timeout=10)
+    assert "a delayed action (test) failed" in caplog.text and "a bug in one retry" in caplog.text

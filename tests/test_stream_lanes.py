@@ -38,7 +38,9 @@ class _Sink:
 
 def test_a_huge_decode_does_not_hold_up_the_small_images_behind_it():
     """One decode thread, a 63-megapixel PNG first (its decode held until the small ones are done),
-    then small images: they are all published while the huge one is still decoding."""
+    then small images: they are all published while the huge one is still decoding, in batches that
+    close as soon as nothing else is on its way (the batching window is ten minutes: an image in the
+    large lane is not one a batch waits for)."""
     release = threading.Event()
 
     def decoder(data: bytes, limits: DecodeLimits) -> np.ndarray:
@@ -49,7 +51,8 @@ def test_a_huge_decode_does_not_hold_up_the_small_images_behind_it():
 
     tracker, sink = OffsetTracker(), _Sink()
     processor = Processor(PixelModel(), RawCodec(), JsonEncoder(), sink, tracker, Metrics(), {"name": "test"},
-                          PipelineConfig("out", "dlq", decode_workers=1, keep_order=False), decoder).start()
+                          PipelineConfig("out", "dlq", max_delay_ms=600_000, decode_workers=1, keep_order=False),
+                          decoder).start()
     try:
         processor.submit(Message("in", 0, 0, b"huge", HUGE))
         small = list(good_images().items())[:6]
@@ -115,3 +118,23 @@ def test_each_batch_is_stacked_into_the_backends_own_input_buffer():
     assert processor.stop(60)
     assert len(sink.published) == len(good_images())
     assert len(model.buffers) == 1 and model.in_buffer and all(model.in_buffer)
+
+
+def test_a_decoder_that_raises_dead_letters_its_input_and_the_partition_goes_on(caplog):
+    """Not a DecodeError: a bug, or memory running out on one image. The input is dead-lettered
+    (decode_error) like a codec's failure, so its partition keeps committing."""
+    def decoder(data: bytes, limits: DecodeLimits) -> np.ndarray:
+        if data == b"poison":
+            raise MemoryError("no room for this one")
+        return decode(data, limits)
+
+    tracker, sink = OffsetTracker(), _Sink()
+    processor = Processor(PixelModel(), RawCodec(), JsonEncoder(), sink, tracker, Metrics(), {"name": "test"},
+                          PipelineConfig("out", "dlq", decode_workers=1), decoder).start()
+    processor.submit(Message("in", 0, 0, b"bad", b"poison"))
+    processor.submit(Message("in", 0, 1, b"good", good_images()["png"]))
+    assert processor.stop(30)
+    assert [(r.topic, r.key) for r in sink.published] == [("dlq", b"bad"), ("out", b"good")]
+    assert dict(sink.published[0].headers)["error.reason"] == b"decode_error"
+    assert tracker.committable() == {("in", 0): 2}
+    assert "decoding failed on ('in', 0, 0)" in caplog.text

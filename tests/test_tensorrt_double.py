@@ -291,9 +291,10 @@ def test_a_batch_stacked_into_the_backends_input_buffer_goes_to_the_gpu_without_
         assert trt_double.uploads[-1] == buffer.ctypes.data
         staged = backend.infer(np.array(photos[:4]))
         assert trt_double.uploads[-1] != buffer.ctypes.data
+        backend.input_buffer(8)       # a second inference thread's
         pinned_before_close, slots = len(trt_double.pinned), backend.concurrency
     ref = _reference(engine_artifact, photos[:4])
     np.testing.assert_allclose(direct.probs, ref.probs, atol=1e-6)
     np.testing.assert_allclose(staged.probs, ref.probs, atol=1e-6)
-    # each slot's images, probs and logits, and the input buffer: all freed on close
-    assert pinned_before_close == slots * 3 + 1 and not trt_double.pinned
+    # each slot's images, probs and logits, and both input buffers: all freed on close
+    assert pinned_before_close == slots * 3 + 2 and not trt_double.pinned

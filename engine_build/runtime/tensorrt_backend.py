@@ -166,8 +166,13 @@ class TensorRtBackend(Backend):
             return      # a running copy may still read the input buffers
         with self._inputs_lock:
             inputs, self._inputs = self._inputs, []
-        for buffer in inputs:
-            buffer.free()
-            return
+        errors = []
+        for buffer in inputs:   # every one, whatever one of them raises
+            try:
+                buffer.free()
+            except InferenceError as exc:
+                errors.append(exc)
         self._engine = None
         self._runtime = None
+        if errors:
+            raise errors[0]
