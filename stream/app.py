@@ -71,9 +71,11 @@ def build(cfg: StreamConfig, *, connector: Connector | None = None, model: Model
     connector = connector or connector_for(cfg)
     codec = codec or plugins.load(plugins.INPUT_GROUP, cfg.input_codec)
     encoder = encoder or plugins.load(plugins.OUTPUT_GROUP, cfg.output_codec)
+    opened = model is None
     model = model or open_model(cfg)
-    with ExitStack() as undo:   # closes what was opened if the rest fails
-        undo.callback(model[2].close)
+    with ExitStack() as undo:   # closes what was opened here if the rest fails (a model handed in is the caller's)
+        if opened:
+            undo.callback(model[2].close)
         try:
             health = HealthServer(metrics, cfg.metrics_port).start() if cfg.metrics_port else None
         except OSError as exc:

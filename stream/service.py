@@ -224,17 +224,24 @@ class Service:
         """
         started = time.monotonic()
         stats = RunStats()
-        with ExitStack() as closes:
-            closes.callback(self._said_stopped)
-            if self.health is not None:
-                closes.callback(self.health.close)
-            closes.callback(self._release_model)
-            try:
-                ports = self._connect(closes)
-                if ports is not None:
-                    self._run(ports, closes, stats, count, None if timeout is None else started + timeout)
-            finally:
-                self._begin_closing()   # before the stack unwinds: the drain starts at once
+        try:
+            with ExitStack() as closes:
+                closes.callback(self._said_stopped)
+                if self.health is not None:
+                    closes.callback(self.health.close)
+                closes.callback(self._release_model)
+                try:
+                    ports = self._connect(closes)
+                    if ports is not None:
+                        self._run(ports, closes, stats, count, None if timeout is None else started + timeout)
+                finally:
+                    self._begin_closing()   # before the stack unwinds: the drain starts at once
+        except Exception:
+            if self._failure is None:
+                raise
+            # the failure that ended the run is what the caller must hear (one line, its exit code);
+            # what went wrong after it is said here
+            log.exception("closing after %s failed too", self._failure)
         stats.finished = self.finished()
         stats.seconds = time.monotonic() - started
         if self._failure is not None:

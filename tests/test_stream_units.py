@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -853,3 +854,32 @@ def test_a_close_that_fails_leaves_nothing_else_open():
     assert source.closed and model.closed
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_a_close_that_fails_after_a_permanent_failure_still_ends_with_that_failure(caplog):
+    """The run ends on a permanent consumer error and then a close raises too: the caller still gets the
+    permanent error (its one line and exit code), and the close's error is in the log."""
+    from stream.errors import KafkaPermanent
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    broker.poll_errors = [KafkaPermanent("consuming in[0]: TopicAuthorizationFailed")]
+    connector = _SinkFailingToClose(broker.connector(["in"], "sentiment-stream"))
+    svc = build(config(ARTIFACT), connector=connector, model=stand_in())
+    with pytest.raises(KafkaPermanent, match="TopicAuthorizationFailed"):
+        svc.run(timeout=30)
+    assert "closing after consuming in[0]: TopicAuthorizationFailed failed too" in caplog.text
+    assert "the producer's close failed" in caplog.text
+
+
+def test_a_model_handed_to_build_stays_open_when_build_fails():
+    """build() closes what it opened when a later step fails, never a model the caller handed in."""
+    from stream.embedded_broker import free_port
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", port))
+        taken.listen()
+        model = PixelModel()
+        with pytest.raises(ConfigError, match=f"--metrics-port {port}"):
+            build(config(ARTIFACT, metrics_port=port), connector=FakeBroker().connector(["in"], "g"),
+                  model=stand_in(model))
+    assert not model.closed
