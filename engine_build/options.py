@@ -14,6 +14,7 @@ Fields made without :func:`option` are not options: they keep their default.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, field, fields
 from typing import Any, Generic, NoReturn, TypeVar, get_type_hints
@@ -133,9 +134,12 @@ class Options(Generic[C]):
         if kind is tuple:
             return tuple(t.strip() for t in text.split(",") if t.strip())
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError as exc:
             raise ConfigError(f"{source}={text!r}: expected {kind.__name__}") from exc
+        if kind is float and not math.isfinite(value):   # nan passes every "> 0" check
+            raise ConfigError(f"{source}={text!r}: expected a finite number")
+        return value
 
     def values(self, args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
         """Each option's value from its flag, else its environment twin; absent ones take their default."""
@@ -148,7 +152,8 @@ class Options(Generic[C]):
                 values[f.name] = tuple(t for item in given for t in self.parse(f.name, item, flag(f)))
             elif given is not None:
                 values[f.name] = self.parse(f.name, given, flag(f))
-            elif env in environ:
+            elif environ.get(env, "") != "" or (env in environ and self.kind(f.name) is tuple):
+                # an empty twin is unset (FOO= in a unit file), but for a list, where it means none
                 values[f.name] = self.parse(f.name, environ[env], env)
             elif f.default is MISSING:
                 raise ConfigError(f"missing {flag(f)} (or {env})")

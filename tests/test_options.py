@@ -19,6 +19,7 @@ class Toy:
     fast: bool = option(True, "go fast")
     mode: str = option("a", "a | b", choices=("a", "b"))
     count: int = option(2, "how many")
+    wait_s: float = option(1.0, "how long")
     token: str | None = option(None, "a secret", secret=True)
     internal: int = field(default=7)       # not an option
 
@@ -41,7 +42,14 @@ def test_flag_then_environment_then_default():
     cfg = parse(["--topic", "x", "--topic", "y,z", "--size", "m", "l", "--fast"], environ)
     assert (cfg.topic, cfg.sizes, cfg.fast) == (("x", "y", "z"), ("m", "l"), True)
     assert parse(["--size"], environ).sizes == (), "a flag given with no values is an empty tuple, not absent"
-    assert [f.name for f in TOY.fields] == ["path", "topic", "sizes", "fast", "mode", "count", "token"]
+    assert [f.name for f in TOY.fields] == ["path", "topic", "sizes", "fast", "mode", "count", "wait_s", "token"]
+
+
+def test_an_empty_environment_twin_is_unset_but_for_a_list_where_it_means_none():
+    cfg = parse([], {"TOY_PATH": "p", "TOY_COUNT": "", "TOY_MODE": "", "TOY_SIZE": ""})
+    assert (cfg.count, cfg.mode, cfg.sizes) == (2, "a", ())
+    with pytest.raises(ConfigError, match="missing --path"):
+        parse([], {"TOY_PATH": ""})
 
 
 @pytest.mark.parametrize("argv,environ,message", [
@@ -52,6 +60,8 @@ def test_flag_then_environment_then_default():
     (["--path", "p"], {"TOY_SIZE": "s,xl"}, "--size xl: choose from s, m, l"),
     (["--path", "p", "--nope"], {}, "unrecognized arguments: --nope (see toy --help)"),
     (["--path"], {}, "expected one argument (see toy --help)"),
+    (["--path", "p", "--wait-s", "nan"], {}, "--wait-s='nan': expected a finite number"),
+    (["--path", "p"], {"TOY_WAIT_S": "inf"}, "TOY_WAIT_S='inf': expected a finite number"),
 ])
 def test_every_bad_value_is_one_config_error(argv, environ, message):
     with pytest.raises(ConfigError) as caught:
