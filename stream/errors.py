@@ -14,7 +14,8 @@ and REFUSED: the broker refuses one record for good (the sink dead-letters its i
 nothing can retry it, so it is a :class:`KafkaPermanent` too). :data:`KAFKA_PYTHON` names every
 exception class of ``kafka.errors`` (a test fails when kafka-python grows one nobody classified);
 :data:`LIBRDKAFKA` names the librdkafka codes the connector treats apart from its default (a fatal
-error is PERMANENT, any other TRANSIENT). Call sites wrap client calls in :func:`kafka_errors`.
+error is PERMANENT, any other TRANSIENT); a broker code gets the kind of kafka-python's class of the same
+number but where :data:`LIBRDKAFKA_DIFFERS` says why not. Call sites wrap client calls in :func:`kafka_errors`.
 Neither client is imported here unless its exceptions are already about (``sys.modules``).
 """
 from __future__ import annotations
@@ -106,22 +107,40 @@ KAFKA_PYTHON: dict[str, str] = {
 }
 
 # librdkafka's error codes (KafkaError.<NAME>) that the connector treats apart from the default: a fatal
-# error (librdkafka's own verdict: the client can do no more) is PERMANENT, any other TRANSIENT.
+# error (librdkafka's own verdict: the client can do no more) is PERMANENT, any other TRANSIENT. librdkafka's
+# positive codes are the Kafka protocol's error numbers, the ones kafka-python's classes carry as ``errno``:
+# each takes the kind of its kafka-python class (a test checks every number), but for LIBRDKAFKA_DIFFERS.
 LIBRDKAFKA: dict[str, str] = {
     **dict.fromkeys(("_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_MSG_TIMED_OUT", "_RESOLVE", "_WAIT_COORD",
                      "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
                      "COORDINATOR_LOAD_IN_PROGRESS", "LEADER_NOT_AVAILABLE", "NOT_LEADER_FOR_PARTITION",
                      "BROKER_NOT_AVAILABLE", "_TIMED_OUT_QUEUE"), OUTAGE),
-    **dict.fromkeys(("MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_MSG_SIZE", "INVALID_RECORD",
-                     "TOPIC_AUTHORIZATION_FAILED", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE", "INVALID_REQUIRED_ACKS",
-                     "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE"), REFUSED),
-    **dict.fromkeys(("SASL_AUTHENTICATION_FAILED", "_AUTHENTICATION", "_SSL", "GROUP_AUTHORIZATION_FAILED",
-                     "CLUSTER_AUTHORIZATION_FAILED", "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
-                     "UNSUPPORTED_VERSION", "UNSUPPORTED_SASL_MECHANISM", "TOPIC_EXCEPTION",
-                     "_UNKNOWN_PROTOCOL", "_NOT_IMPLEMENTED", "_UNSUPPORTED_FEATURE", "_BAD_COMPRESSION",
-                     "_BAD_MSG", "_FATAL", "_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH",
-                     "UNSUPPORTED_COMPRESSION_TYPE", "_INVALID_DIFFERENT_RECORD"), PERMANENT),
+    **dict.fromkeys(("MSG_SIZE_TOO_LARGE", "INVALID_RECORD", "TOPIC_AUTHORIZATION_FAILED", "POLICY_VIOLATION",
+                     "RECORD_LIST_TOO_LARGE", "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE"), REFUSED),
+    # the client's own verdicts: no broker code, nothing to agree with
+    **dict.fromkeys(("_AUTHENTICATION", "_SSL", "_UNKNOWN_PROTOCOL", "_NOT_IMPLEMENTED", "_UNSUPPORTED_FEATURE",
+                     "_BAD_COMPRESSION", "_BAD_MSG", "_FATAL", "_FENCED", "_INVALID_DIFFERENT_RECORD"), PERMANENT),
+    # broker codes kafka-python calls permanent: a setting only the operator can fix (acks, timeouts, group,
+    # assignor, credentials, ACLs, topic settings), a broker too old, or a producer or member fenced for good
+    **dict.fromkeys(("INVALID_MSG", "SASL_AUTHENTICATION_FAILED", "GROUP_AUTHORIZATION_FAILED",
+                     "CLUSTER_AUTHORIZATION_FAILED", "TRANSACTIONAL_ID_AUTHORIZATION_FAILED", "UNSUPPORTED_VERSION",
+                     "UNSUPPORTED_SASL_MECHANISM", "ILLEGAL_SASL_STATE", "UNACCEPTABLE_CREDENTIAL",
+                     "SECURITY_DISABLED", "INVALID_PRINCIPAL_TYPE", "DELEGATION_TOKEN_AUTH_DISABLED",
+                     "DELEGATION_TOKEN_NOT_FOUND", "DELEGATION_TOKEN_OWNER_MISMATCH",
+                     "DELEGATION_TOKEN_REQUEST_NOT_ALLOWED", "DELEGATION_TOKEN_AUTHORIZATION_FAILED",
+                     "DELEGATION_TOKEN_EXPIRED", "TOPIC_EXCEPTION", "UNSUPPORTED_FOR_MESSAGE_FORMAT",
+                     "UNSUPPORTED_COMPRESSION_TYPE", "INVALID_REQUIRED_ACKS", "INVALID_REQUEST", "INVALID_CONFIG",
+                     "INVALID_SESSION_TIMEOUT", "INVALID_GROUP_ID", "INCONSISTENT_GROUP_PROTOCOL",
+                     "GROUP_MAX_SIZE_REACHED", "UNSUPPORTED_ASSIGNOR", "INVALID_TRANSACTION_TIMEOUT",
+                     "INVALID_PARTITIONS", "INVALID_REPLICATION_FACTOR", "INVALID_REPLICA_ASSIGNMENT",
+                     "TOPIC_DELETION_DISABLED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH",
+                     "TRANSACTION_COORDINATOR_FENCED", "FENCED_INSTANCE_ID"), PERMANENT),
 }
+# Broker codes whose kind here differs from kafka-python's class of the same errno, each with why. None
+# today: INVALID_MSG (CORRUPT_MESSAGE: a CRC failure or keyless records sent to a compacted topic) says
+# nothing against one record's content and INVALID_MSG_SIZE is code 4, today the fetch-only INVALID_FETCH_SIZE,
+# so neither is a refusal that would dead-letter inputs.
+LIBRDKAFKA_DIFFERS: dict[str, str] = {}
 _LIBRDKAFKA_ADVICE = {
     "_BAD_COMPRESSION": "records there are compressed with a codec this librdkafka cannot decode; install a "
                         "confluent-kafka wheel (it carries every codec) and restart",

@@ -313,14 +313,15 @@ class KafkaSource:
     def reachable(self) -> bool:
         return reachable(self._bootstrap)
 
-    def missing_topics(self) -> list[str]:
+    def missing_topics(self) -> list[str] | None:
         """Subscribed input topics the cluster does not have, from a listing of every topic (a request
-        that names no topic, so no broker creates one for it)."""
+        that names no topic, so no broker creates one for it); None when the listing failed."""
         from kafka.errors import KafkaError
         try:
             existing = self._consumer.topics()
-        except KafkaError:
-            return []   # unknown while the broker is away; readiness already says so
+        except KafkaError as exc:   # a timeout, or an ACL refusing the listing while TCP still connects
+            log.debug("listing the topics: %s", exc)
+            return None   # did not look: not "every input topic exists"
         return [t for t in self._topics if t not in existing]
 
     def close(self) -> None:

@@ -91,8 +91,9 @@ class Source(Protocol):
 
     def reachable(self) -> bool: ...
 
-    def missing_topics(self) -> list[str]:
-        """Subscribed topics the cluster does not have (never created by consuming)."""
+    def missing_topics(self) -> list[str] | None:
+        """Subscribed topics the cluster does not have (never created by consuming); None when the
+        listing failed (not looked)."""
         ...
 
     def close(self) -> None: ...

@@ -221,13 +221,14 @@ class RdKafkaSource:
     def reachable(self) -> bool:
         return reachable(self._bootstrap)
 
-    def missing_topics(self) -> list[str]:
+    def missing_topics(self) -> list[str] | None:
         """Subscribed input topics the cluster does not have: asked by listing every topic, since
-        asking for one topic's metadata makes some brokers (tansu) create it."""
+        asking for one topic's metadata makes some brokers (tansu) create it; None when the listing failed."""
         try:
             existing = self._admin.list_topics(timeout=_CLIENT_TIMEOUT_S).topics
-        except Exception:   # KafkaException while the broker is away; readiness already says so
-            return []
+        except Exception as exc:   # KafkaException: a timeout, or an ACL refusing the listing while TCP connects
+            log.debug("listing the topics: %s", exc)
+            return None   # did not look: not "every input topic exists"
         return [t for t in self._topics if t not in existing]
 
     def close(self) -> None:

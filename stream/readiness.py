@@ -51,7 +51,8 @@ class Readiness:
 
     def observed(self, reachable: bool, missing: list[str] | None) -> bool:
         """What the broker probe found: does Kafka answer, which input topics are missing (None: not
-        looked, as while Kafka is away). Each change is said once. True when reachability changed."""
+        looked, as while Kafka is away or when the listing failed: the last list found stands). Each change
+        is said once. True when reachability changed."""
         with self._lock:
             changed = reachable != self._reachable
             if changed and reachable:
@@ -66,7 +67,7 @@ class Readiness:
                 else:
                     self._log.info("every input topic exists")
                 self._missing = missing
-            self._topics_checked = self._topics_checked or reachable
+            self._topics_checked = self._topics_checked or missing is not None   # a failed listing looked at nothing
             return changed
 
     def update(self, failing: str | None = None) -> None:
