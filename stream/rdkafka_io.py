@@ -174,7 +174,12 @@ class RdKafkaSource:
         from confluent_kafka import KafkaError, KafkaException
         # a KafkaException, or anything a rebalance callback raised
         with kafka_errors("consuming", self._group, also=(Exception,)):
-            batch = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
+            # consume(n, timeout) waits out its whole timeout unless n records come: at a low rate every
+            # poll cost its timeout (0.1 s) in latency. Wait for the first record, then take what is there.
+            first = self._consumer.poll(timeout_s)
+            batch = [] if first is None else [first]
+            if first is not None and max_records > 1:
+                batch += self._consumer.consume(num_messages=max_records - 1, timeout=0)
         now = time.monotonic()
         out, errors = [], []
         for m in batch:

@@ -277,3 +277,66 @@ def test_transactional_sink_commits_offsets_with_its_records_aborts_and_is_fence
             successor.close()
     assert [r.value for r in read_committed(kafka_broker.bootstrap, t["output"])] == [b"kept-0", b"kept-1", b"kept-2"]
     assert committed(kafka_broker.bootstrap, t["group"], t["input"]) == {0: 3}
+
+
+class _Record:
+    """A consumed record as confluent-kafka gives it."""
+
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return "in"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return None
+
+    def value(self):
+        return b"v"
+
+    def headers(self):
+        return None
+
+    def timestamp(self):
+        return (1, 0)
+
+
+class _BufferedConsumer:
+    """librdkafka's consumer as far as waiting goes: consume(n, timeout) waits its whole timeout unless n
+    records are buffered, poll(timeout) only until the first; the time each would wait is added up, not slept."""
+
+    def __init__(self, buffered: int) -> None:
+        self.buffered = [_Record(i) for i in range(buffered)]
+        self.waited = 0.0
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        if len(self.buffered) < num_messages:
+            self.waited += timeout
+        taken, self.buffered = self.buffered[:num_messages], self.buffered[num_messages:]
+        return taken
+
+    def poll(self, timeout: float):
+        if not self.buffered:
+            self.waited += timeout
+            return None
+        return self.buffered.pop(0)
+
+
+def test_a_poll_at_a_low_rate_returns_what_came_without_waiting_for_a_full_batch():
+    """Three records buffered, up to 256 asked for: they are handed on at once. consume(256, 0.1) alone
+    waited out its 0.1 s on every poll that found fewer than 256, in every record's latency."""
+    from stream.rdkafka_io import RdKafkaSource
+    source = RdKafkaSource.__new__(RdKafkaSource)   # no broker: only what poll reads
+    source._consumer, source._group = _BufferedConsumer(3), "g"
+    assert [m.offset for m in source.poll(0.1, 256)] == [0, 1, 2]
+    assert source._consumer.waited == 0.0
+    assert source.poll(0.1, 256) == [] and source._consumer.waited == pytest.approx(0.1)   # nothing there: waits
