@@ -51,7 +51,7 @@ def open_model(cfg: StreamConfig) -> Model:
 
 def pipeline_config(cfg: StreamConfig, backend: Backend, cores: int) -> PipelineConfig:
     """The processor's settings; ``cores``: the usable cores, for the automatic decode-worker count."""
-    decoders = cfg.decode_workers or auto_decode_workers(backend.on_cpu, cores)
+    decoders = cfg.decode_workers or auto_decode_workers(cores)
     return PipelineConfig(cfg.output_topic, cfg.dead_letter_topic, cfg.max_batch, cfg.max_delay_ms,
                           decoders, cfg.adaptive_batching,
                           DecodeLimits(cfg.max_message_bytes, cfg.max_pixels, cfg.reduced_decode),

@@ -720,11 +720,10 @@ def test_a_bug_while_decoding_is_logged_and_the_decode_worker_goes_on(caplog):
         processor.submit(Message("in", 1, 1, None, b""))
 
 
-@pytest.mark.parametrize(("on_cpu", "cores", "workers"), [(True, 1, 1), (True, 2, 1), (True, 3, 1), (True, 16, 8),
-                                                         (False, 1, 1), (False, 16, 16)])
-def test_auto_decode_workers_leave_cpu_inference_most_of_the_cores(on_cpu, cores, workers):
+@pytest.mark.parametrize(("cores", "workers"), [(0, 1), (1, 1), (2, 2), (16, 16)])
+def test_auto_decode_workers_are_one_per_usable_core(cores, workers):
     from stream.config import auto_decode_workers
-    assert auto_decode_workers(on_cpu, cores) == workers
+    assert auto_decode_workers(cores) == workers
 
 
 def test_the_service_decodes_on_the_auto_count_unless_told(caplog):
@@ -732,9 +731,9 @@ def test_the_service_decodes_on_the_auto_count_unless_told(caplog):
     broker.create_topic("in", 1)
     with caplog.at_level("INFO", logger="stream"):
         auto = service(broker, config(ARTIFACT), cores=16)
-        assert auto.backend.on_cpu and auto.pipeline.decode_workers == 8
+        assert auto.pipeline.decode_workers == 16
         auto.run(count=0, timeout=30)
-    assert any(r.getMessage() == "decoding on 8 threads (auto)" for r in caplog.records)
+    assert any(r.getMessage() == "decoding on 16 threads (auto)" for r in caplog.records)
     told = service(broker, config(ARTIFACT, decode_workers=3), cores=16)
     assert told.pipeline.decode_workers == 3
     told.run(count=0, timeout=30)
