@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_build.imaging import DecodeLimits  # noqa: E402
-from engine_build.runtime.base import INPUT_SHAPE, Outputs  # noqa: E402
+from engine_build.runtime.base import Backend, Outputs  # noqa: E402
 from plugins.codecs import RawCodec  # noqa: E402
 from plugins.encoders import JsonEncoder  # noqa: E402
 from stream.config import StreamConfig  # noqa: E402
@@ -41,27 +41,22 @@ RESUME_AT = PAUSE_AT // 2                 # ... and its resume mark (Service._re
 MODEL = {"name": "placeholder", "sha256": "0" * 64, "precision": "int8", "placeholder": True, "runtime": "none"}
 
 
-class ConstantModel:
+class ConstantModel(Backend):
     """The backend interface with no model: even scores for every image, ``concurrency`` callers at once.
     Also the stand-in of the whole-service benchmark's client-only runs (``service_bench``)."""
-    name, compute_precision = "none", "none"
-    on_cpu = False     # nothing competes with decoding: one decoder per core, as with a GPU
+    name = "none"
+    on_cpu = False     # nothing competes with decoding, as with a GPU
 
     def __init__(self, concurrency: int = 2) -> None:
+        super().__init__(Path("none"), "none", max_batch=1 << 16)
         self.concurrency = concurrency
 
-    def infer(self, images: np.ndarray) -> Outputs:
+    def _infer_impl(self, images: np.ndarray) -> Outputs:
         probs = np.full((len(images), 2), 0.5, np.float32)
         return Outputs(probs, probs)
 
-    def input_buffer(self, rows: int) -> np.ndarray:
-        return np.empty((rows, *INPUT_SHAPE), np.uint8)
-
     def describe(self) -> str:
         return "no model"
-
-    def close(self) -> None:
-        pass
 
 
 class AckingSink:

@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # imported, and run as a script: the service child (see child_main)
 from benchmarks.harness import Producer, Reader, paced  # noqa: E402
-from engine_build.runtime.base import INPUT_SHAPE, Outputs  # noqa: E402
+from engine_build.runtime.base import Backend, Outputs  # noqa: E402
 
 # kafka-python's consumer default fetch wait and the old producer linger, batching without the adaptive
 # rule, one inference call on every core
@@ -71,30 +71,25 @@ def huge_png() -> bytes:
     return data.tobytes()
 
 
-class DeviceStandIn:
+class DeviceStandIn(Backend):
     """An accelerator's place in the pipeline with no accelerator: each batch is held for its device time
     (``us_per_image`` x its images) without using the CPU, ``concurrency`` batches at once (the TensorRT
     backend's two execution contexts). It copies nothing: the batch array it is handed is the one buffer
     the images were copied into from the decoder (pinned memory with TensorRT)."""
-    name, compute_precision = "device stand-in", "fp16"
+    name = "device stand-in"
     on_cpu = False
 
     def __init__(self, us_per_image: float, concurrency: int = 2) -> None:
+        super().__init__(Path("device"), "fp16", max_batch=1 << 16)
         self.us_per_image, self.concurrency = us_per_image, concurrency
 
-    def infer(self, images: np.ndarray) -> Outputs:
+    def _infer_impl(self, images: np.ndarray) -> Outputs:
         threading.Event().wait(self.us_per_image * len(images) / 1e6)
         probs = np.full((len(images), 2), 0.5, np.float32)
         return Outputs(probs, probs)
 
-    def input_buffer(self, rows: int) -> np.ndarray:
-        return np.empty((rows, *INPUT_SHAPE), np.uint8)
-
     def describe(self) -> str:
         return f"device stand-in, {self.us_per_image:g} us per image"
-
-    def close(self) -> None:
-        pass
 
 
 def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int = 32, repeats: int = 3) -> dict:
