@@ -34,7 +34,7 @@ from .errors import (
     librdkafka_name,
 )
 from .failures import FailureWatch
-from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, isolation_level, reachable
+from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, fetch_bytes, isolation_level, reachable
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
 
@@ -66,6 +66,11 @@ def _offsets(offsets: dict[Partition, int]) -> list[Any]:
     return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
 
 
+# Backpressure holds records in librdkafka's queue this long before pausing the partitions (which drops
+# them): a hold usually ends within a second, and a rebalance waits for this member at most this long.
+HOLD_BEFORE_PAUSE_S = 2.0
+
+
 class RdKafkaSource:
     """A consumer-group member; every call, the rebalance callbacks included, comes from the poll thread."""
 
@@ -82,6 +87,8 @@ class RdKafkaSource:
             "client.id": f"sentiment-stream-{cfg.group_id}",
             "enable.auto.commit": False, "enable.auto.offset.store": False,
             "auto.offset.reset": cfg.auto_offset_reset, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
+            # what librdkafka prefetches while backpressure holds the loop (64 MB by default): within the byte budget
+            "queued.max.messages.kbytes": fetch_bytes(cfg.max_in_flight_bytes) // 1024,
             "session.timeout.ms": cfg.session_timeout_ms,
             "heartbeat.interval.ms": max(100, cfg.session_timeout_ms // 4),
             "max.poll.interval.ms": cfg.max_poll_interval_ms,
@@ -94,7 +101,8 @@ class RdKafkaSource:
             self._consumer = Consumer(settings)
             self._consumer.subscribe(self._topics, on_assign=self._assign, on_revoke=self._revoke,
                                      on_lost=self._lose)
-        self._paused = False
+        self._paused = False          # the partitions are paused in librdkafka
+        self._held_since: float | None = None   # backpressure: since when no records are taken
         self._lost = False   # librdkafka reported the partitions lost: evicted (exactly once, fenced for good)
 
     # ---- rebalance callbacks (from consume(), on the poll thread) ----
@@ -172,6 +180,8 @@ class RdKafkaSource:
     # ---- the Source port ----
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         from confluent_kafka import KafkaError, KafkaException
+        if self._holding():   # rebalance events wait for the hold's end, at most HOLD_BEFORE_PAUSE_S
+            return []
         # a KafkaException, or anything a rebalance callback raised
         with kafka_errors("consuming", self._group, also=(Exception,)):
             # consume(n, timeout) waits out its whole timeout unless n records come: at a low rate every
@@ -204,12 +214,28 @@ class RdKafkaSource:
             self._consumer.commit(offsets=_offsets(offsets), asynchronous=False)
 
     def pause_all(self) -> None:
-        self._paused = True
-        self._consumer.pause(self._consumer.assignment())
+        """Take no more records. librdkafka drops a paused partition's prefetched records and fetches them
+        again after the resume, which halved one process's rate under backpressure's short cycles; so
+        records are first only left in its (bounded) queue, and the partitions paused once a hold lasts
+        :data:`HOLD_BEFORE_PAUSE_S` (a poll must then serve rebalance events without taking records)."""
+        if self._held_since is None:
+            self._held_since = time.monotonic()
 
     def resume_all(self) -> None:
-        self._paused = False
-        self._consumer.resume(self._consumer.assignment())
+        self._held_since = None
+        if self._paused:
+            self._paused = False
+            self._consumer.resume(self._consumer.assignment())
+
+    def _holding(self) -> bool:
+        """True while a short hold lasts (poll takes nothing and calls nothing); past it, pause for real."""
+        if self._held_since is None or self._paused:
+            return False
+        if time.monotonic() - self._held_since < HOLD_BEFORE_PAUSE_S:
+            return True
+        self._paused = True
+        self._consumer.pause(self._consumer.assignment())
+        return False
 
     def end_offsets(self) -> dict[Partition, int]:
         """Last known log-end offsets (librdkafka's cache from fetch responses; no extra request)."""

@@ -317,6 +317,16 @@ class _BufferedConsumer:
     def __init__(self, buffered: int) -> None:
         self.buffered = [_Record(i) for i in range(buffered)]
         self.waited = 0.0
+        self.paused = False
+
+    def assignment(self) -> list:
+        return ["in[0]"]
+
+    def pause(self, partitions: list) -> None:
+        self.paused, self.buffered = True, []     # librdkafka drops what it prefetched
+
+    def resume(self, partitions: list) -> None:
+        self.paused = False
 
     def consume(self, num_messages: int, timeout: float) -> list:
         if len(self.buffered) < num_messages:
@@ -334,9 +344,35 @@ class _BufferedConsumer:
 def test_a_poll_at_a_low_rate_returns_what_came_without_waiting_for_a_full_batch():
     """Three records buffered, up to 256 asked for: they are handed on at once. consume(256, 0.1) alone
     waited out its 0.1 s on every poll that found fewer than 256, in every record's latency."""
-    from stream.rdkafka_io import RdKafkaSource
-    source = RdKafkaSource.__new__(RdKafkaSource)   # no broker: only what poll reads
-    source._consumer, source._group = _BufferedConsumer(3), "g"
+    source = _source(_BufferedConsumer(3))
     assert [m.offset for m in source.poll(0.1, 256)] == [0, 1, 2]
     assert source._consumer.waited == 0.0
     assert source.poll(0.1, 256) == [] and source._consumer.waited == pytest.approx(0.1)   # nothing there: waits
+
+
+def _source(consumer: _BufferedConsumer):
+    from stream.rdkafka_io import RdKafkaSource
+    source = RdKafkaSource.__new__(RdKafkaSource)   # no broker: only what poll, pause and resume read
+    source._consumer, source._group, source._held_since, source._paused = consumer, "g", None, False
+    return source
+
+
+def test_backpressure_first_holds_records_in_the_client_and_pauses_only_if_the_hold_lasts():
+    """A short hold (the usual backpressure cycle) keeps librdkafka's prefetched records: pausing drops
+    them, and they were fetched again after every resume. A hold that lasts pauses for real, so a poll
+    serves rebalance events without taking records."""
+    import time
+
+    from stream.rdkafka_io import HOLD_BEFORE_PAUSE_S
+    consumer = _BufferedConsumer(3)
+    source = _source(consumer)
+    source.pause_all()
+    assert source.poll(0.1, 256) == [] and not consumer.paused and len(consumer.buffered) == 3
+    source.resume_all()
+    assert [m.offset for m in source.poll(0.1, 256)] == [0, 1, 2]
+    consumer.buffered = [_Record(3)]
+    source.pause_all()
+    source._held_since = time.monotonic() - HOLD_BEFORE_PAUSE_S      # held that long already
+    assert source.poll(0.0, 256) == [] and consumer.paused
+    source.resume_all()
+    assert not consumer.paused and source._held_since is None
