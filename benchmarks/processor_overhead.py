@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_build.imaging import DecodeLimits  # noqa: E402
+from engine_build.imaging import DecodeLimits, ImageInfo  # noqa: E402
 from engine_build.runtime.base import Backend, Outputs  # noqa: E402
 from plugins.codecs import RawCodec  # noqa: E402
 from plugins.encoders import JsonEncoder  # noqa: E402
@@ -82,7 +82,7 @@ class AckingSink:
 STILL = np.zeros((256, 256, 3), np.uint8)
 
 
-def still_image(data: bytes, limits: DecodeLimits | None = None) -> np.ndarray:
+def still_image(data: bytes, limits: DecodeLimits | None = None, info: ImageInfo | None = None) -> np.ndarray:
     """The decoder of the runs that leave decoding out: one still image, whatever the bytes."""
     return STILL
 

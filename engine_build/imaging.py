@@ -74,9 +74,10 @@ def probe(data: bytes, limits: DecodeLimits = DecodeLimits()) -> ImageInfo:
     return ImageInfo(fmt, width, height, scale)
 
 
-def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Encoded image bytes -> uint8 BGR [256, 256, 3]."""
-    info = probe(data, limits)
+def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), info: ImageInfo | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 BGR [256, 256, 3]; ``info``: what :func:`probe` read of ``data`` with
+    ``limits`` already (the service reads each header once), else it is read here."""
+    info = info or probe(data, limits)
     flag = dict(_REDUCED).get(info.scale, cv2.IMREAD_COLOR)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from engine_build.errors import DecodeError
-from engine_build.imaging import DecodeLimits, decode, probe
+from engine_build.imaging import DecodeLimits, ImageInfo, decode, probe
 
 from .batching import Batcher
 from .metrics import Metrics
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 from .records import Message, Outgoing, Prediction, dead_letter
 
 log = logging.getLogger(__name__)
-Decoder = Callable[[bytes, DecodeLimits], np.ndarray]   # bytes to pixels: :func:`engine_build.imaging.decode`
+# bytes to pixels, given the header the pipeline already read (None: read it): :func:`engine_build.imaging.decode`
+Decoder = Callable[[bytes, DecodeLimits, ImageInfo | None], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class _Unpacked:
     message: Message
     data: bytes
     metadata: dict
-    taken_at: float     # time.monotonic() when a decode thread took it
+    info: ImageInfo | None   # its header, read once (None: unreadable, the decoder says why)
 
 
 @dataclass
@@ -219,25 +220,20 @@ class Processor:
             log.exception("input codec failed on %s", message.position)
             self._reject(message, "codec_error", f"{type(exc).__name__}: {exc}")
             return
-        unpacked = _Unpacked(message, data, metadata, taken_at)
-        if self._large_work(data):
-            self._large.put(unpacked)
+        try:
+            info: ImageInfo | None = probe(data, self.cfg.limits)
+        except DecodeError:
+            info = None   # not large: the decoder rejects it at once, saying why
+        unpacked = _Unpacked(message, data, metadata, info)
+        if info is not None and info.width * info.height // (info.scale * info.scale) > self.cfg.large_pixels:
+            self._large.put(unpacked)   # its decode works on more than large_pixels
         else:
             self._finish_decode(unpacked, taken_at)
-
-    def _large_work(self, data: bytes) -> bool:
-        """Does this image's decode work on more than ``large_pixels``? From its header alone; an
-        unreadable header is not large (the decode rejects it at once)."""
-        try:
-            info = probe(data, self.cfg.limits)
-        except DecodeError:
-            return False
-        return info.width * info.height // (info.scale * info.scale) > self.cfg.large_pixels
 
     def _finish_decode(self, item: _Unpacked, started: float) -> None:
         """Decode an unpacked message; ``started``: when its decode began (codec included in the main lane)."""
         try:
-            image = self.decoder(item.data, self.cfg.limits)
+            image = self.decoder(item.data, self.cfg.limits, item.info)
         except DecodeError as exc:
             self._rejected_input(item.message, exc)
             return
