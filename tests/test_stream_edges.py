@@ -108,13 +108,20 @@ def _refusal_topics(broker, dead_letters_checked: bool) -> dict:
     return t
 
 
+def _inputs_some_refused(broker, topic: str, total: int) -> tuple[list[bytes], list[bytes], set[int]]:
+    """``total`` photos on ``topic``, keyed so that every seventh result (offset 3, 10, ...) is one the
+    checked topics refuse; returns the six photos (input i is photo i % 6), the keys and the refused offsets."""
+    images = list(good_images().values())[:6]
+    keys = [f'"{"bad" if i % 7 == 3 else "ok"}-{i}"'.encode() for i in range(total)]
+    produce(broker.bootstrap, topic, [(keys[i], images[i % 6]) for i in range(total)])
+    return images, keys, {i for i in range(total) if i % 7 == 3}
+
+
 def test_a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_partition_goes_on(
         schema_broker, small_artifact, tmp_path):
     t = _refusal_topics(schema_broker, dead_letters_checked=False)
     total = 60
-    images = list(good_images().values())[:6]
-    keys = [f'"{"bad" if i % 7 == 3 else "ok"}-{i}"'.encode() for i in range(total)]
-    produce(schema_broker.bootstrap, t["input"], [(keys[i], images[i % 6]) for i in range(total)])
+    images, keys, bad = _inputs_some_refused(schema_broker, t["input"], total)
     log = tmp_path / "refused.log"
     process = start_service(schema_broker, t, small_artifact, log, session_timeout_ms=SESSION_MS)
     try:
@@ -124,7 +131,6 @@ def test_a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_partition
         stop(process, log)
     results = read_all(schema_broker.bootstrap, t["output"], total - 9)
     dead = read_all(schema_broker.bootstrap, t["dlq"], 9)
-    bad = {i for i in range(total) if i % 7 == 3}
     assert sorted(o for _, o in positions(results)) == [i for i in range(total) if i not in bad], \
         "each innocent result once, in offset order"
     assert {int(dict(r.headers)["source.offset"]) for r in dead} == bad
@@ -263,9 +269,7 @@ def test_exactly_once_a_record_the_broker_refuses_for_good_is_dead_lettered_and_
     from .kafka_helpers import read_committed
     t = _refusal_topics(schema_broker, dead_letters_checked=False)
     total = 30
-    images = list(good_images().values())[:6]
-    keys = [f'"{"bad" if i % 7 == 3 else "ok"}-{i}"'.encode() for i in range(total)]
-    produce(schema_broker.bootstrap, t["input"], [(keys[i], images[i % 6]) for i in range(total)])
+    images, _, bad = _inputs_some_refused(schema_broker, t["input"], total)
     log = tmp_path / "refused-eos.log"
     process = start_service(schema_broker, t, small_artifact, log, processing_guarantee="exactly-once",
                             transactional_id=f"eos-{t['group']}", session_timeout_ms=SESSION_MS)
@@ -274,7 +278,6 @@ def test_exactly_once_a_record_the_broker_refuses_for_good_is_dead_lettered_and_
                                                 or 0) >= total, process, log, timeout=240)
     finally:
         stop(process, log)
-    bad = {i for i in range(total) if i % 7 == 3}
     results = collections.Counter(o for _, o in positions(read_committed(schema_broker.bootstrap, t["output"])))
     assert results == collections.Counter(i for i in range(total) if i not in bad), "each innocent result once"
     dead = [r for r in read_committed(schema_broker.bootstrap, t["dlq"]) if r.key is not None]
