@@ -187,6 +187,24 @@ def translate(exc: BaseException, what: str, group: str = "",
     return None
 
 
+def kind(exc: BaseException) -> str | None:
+    """What either client's exception means here (OUTAGE, TRANSIENT, PERMANENT or REFUSED); None for
+    any other exception."""
+    if _is_kafka_python(exc):
+        return kafka_python_kind(exc)
+    error = librdkafka_error(exc)
+    return None if error is None else librdkafka_kind(error)
+
+
+def publish_failure(exc: BaseException, topic: str, dead_letter: bool) -> KafkaPermanent:
+    """Why a sink stops its member: the broker refused even a dead letter, or (``dead_letter`` False) an
+    error only the operator can fix (a PERMANENT one: acks, codec, ACLs), which dead-lettering the input
+    would only repeat for every record. One line, with what to do where the error has advice."""
+    what = f"cannot publish even a dead letter to {topic}" if dead_letter else f"publishing to {topic} failed"
+    cause = translate(exc, what) or KafkaPermanent(f"{what}: {_text(exc)}")
+    return KafkaPermanent(f"{cause}; stopping this member (its partitions stay uncommitted from there)")
+
+
 def _text(exc: BaseException) -> str:
     """The exception's message, led by its class name (kafka-python's messages often already are)."""
     return str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"

@@ -22,7 +22,17 @@ from typing import TYPE_CHECKING, Any
 from engine_build.errors import ConfigError
 
 from .delayed import Delayed
-from .errors import OUTAGE, REFUSED, KafkaPermanent, KafkaTransient, kafka_errors, kafka_python_kind
+from .errors import (
+    OUTAGE,
+    PERMANENT,
+    REFUSED,
+    KafkaPermanent,
+    KafkaTransient,
+    kafka_errors,
+    kafka_python_kind,
+    kind,
+    publish_failure,
+)
 from .failures import FailureWatch
 from .isolation import Isolation
 from .ports import Partition, RebalanceHandler, Refused, show
@@ -653,15 +663,15 @@ class KafkaSink:
                                  f"took over its transactional id; stopping") from exc
 
     def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
-        text = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
-        if on_refused is not None:
+        """Dead-letter the input of a record refused for good; stop the member when even a dead letter is
+        refused, or when the error is the operator's to fix (it would refuse every record)."""
+        if on_refused is not None and kind(exc) != PERMANENT:
             with self._watch_lock:
                 self._refusing.failed(exc)
             on_refused(exc)
             return
         if self.failure is None and not self._closed:
-            self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {text}; "
-                                          f"stopping this member (its partition stays uncommitted from there)")
+            self.failure = publish_failure(exc, record.topic, dead_letter=on_refused is None)
             log.error("%s", self.failure)
 
     def pending_retries(self) -> int:

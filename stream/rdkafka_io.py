@@ -29,9 +29,11 @@ from .errors import (
     KafkaPermanent,
     KafkaTransient,
     kafka_errors,
+    kind,
     librdkafka_error,
     librdkafka_kind,
     librdkafka_name,
+    publish_failure,
 )
 from .failures import FailureWatch
 from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, fetch_bytes, isolation_level, reachable
@@ -449,14 +451,15 @@ class RdKafkaSink:
                                  f"(fenced when another member took over its transactional id); stopping") from exc
 
     def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
-        if on_refused is not None:
+        """Dead-letter the input of a record refused for good; stop the member when even a dead letter is
+        refused, or when the error is the operator's to fix (it would refuse every record)."""
+        if on_refused is not None and kind(exc) != PERMANENT:
             with self._lock:
                 self._refusing.failed(exc)
             on_refused(exc)
             return
         if self.failure is None and not self._closed:
-            self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {exc}; "
-                                          f"stopping this member (its partition stays uncommitted from there)")
+            self.failure = publish_failure(exc, record.topic, dead_letter=on_refused is None)
             log.error("%s", self.failure)
 
     def pending_retries(self) -> int:

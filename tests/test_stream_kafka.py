@@ -287,6 +287,57 @@ def test_kafka_sink_stops_when_even_a_dead_letter_is_refused(kafka_broker):
         sink.close()
 
 
+class _RefusingProducer:
+    """A kafka-python producer the broker answers with INVALID_REQUIRED_ACKS (acks it does not accept), as
+    kafka-python hands that answer back: a failed future. tansu checks no acks setting, so the answer is
+    made here."""
+
+    def send(self, *_args: object, **_kwargs: object) -> object:
+        from kafka.errors import InvalidRequiredAcksError
+        from kafka.future import Future
+
+        class Answered(Future):   # kafka-python's FutureRecordMetadata, already failed
+            def get(self, timeout: float | None = None) -> object:
+                raise self.exception
+        return Answered().failure(InvalidRequiredAcksError("the broker does not accept acks=all"))
+
+    def flush(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def close(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+
+def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_letters_nothing(kafka_broker):
+    """An error about the settings, not the record, would come back for every record: dead-lettering each
+    input would empty the stream into the dead-letter topic. The sink stops the member instead, in one line
+    naming the error, and the record stays unacknowledged (its input uncommitted, redelivered after the fix)."""
+    import threading
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+
+    class Sink(KafkaSink):   # its producers, and the one it resends a failed record on alone
+        def _new_producer(self) -> object:
+            return _RefusingProducer()
+
+        def _new_probe(self) -> object:
+            return _RefusingProducer()
+    t = names(kafka_broker, partitions=1)
+    sink = Sink(kafka_broker.bootstrap, {})
+    refused, acked = [], threading.Event()
+    try:
+        sink.publish(Outgoing(t["output"], b"k", b"result", []), acked.set, refused.append)
+        deadline = time.monotonic() + 30
+        while sink.failure is None and not refused and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not refused, f"dead-lettered on an error no input caused: {refused}"
+        assert sink.failure is not None and not acked.is_set()
+        assert "InvalidRequiredAcks" in str(sink.failure) and "stopping this member" in str(sink.failure)
+    finally:
+        sink.close()
+
+
 def test_embedded_broker_deletes_topics_with_their_records(kafka_broker):
     """The benchmark drops every run's topics so the in-memory broker does not grow run by run: a
     deleted topic is gone, and one made again under its name starts empty."""

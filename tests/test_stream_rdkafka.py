@@ -241,6 +241,50 @@ def test_sink_acknowledges_refuses_for_good_and_stops_on_a_refused_dead_letter(k
     assert [r.value for r in records] == [f"r{i}".encode() for i in range(20)], "in order, once each"
 
 
+class _RefusingProducer:
+    """A librdkafka producer the broker answers with INVALID_REQUIRED_ACKS (acks it does not accept), as
+    librdkafka hands that answer back: in the record's delivery report, served by a later ``poll``. tansu
+    checks no acks setting, so the answer is made here; the rest is a real producer's."""
+
+    def __init__(self, real: object) -> None:
+        self._real, self._reports = real, []
+
+    def produce(self, *_args: object, on_delivery: object = None, **_kwargs: object) -> None:
+        self._reports.append(on_delivery)
+
+    def poll(self, timeout: float = 0) -> int:
+        from confluent_kafka import KafkaError
+        reports, self._reports = self._reports, []
+        for report in reports:
+            report(KafkaError(KafkaError.INVALID_REQUIRED_ACKS), None)
+        return len(reports) or self._real.poll(timeout)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+@pytest.mark.kafka
+def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_letters_nothing(kafka_broker):
+    """An error about the settings, not the record, would come back for every record: the sink stops the
+    member in one line naming it instead of dead-lettering the input, and leaves the record unacknowledged."""
+    class Sink(rdkafka_io.RdKafkaSink):
+        def _new_producer(self) -> object:
+            return _RefusingProducer(super()._new_producer())
+    t = names(kafka_broker, partitions=1)
+    sink = Sink(kafka_broker.bootstrap, {})
+    refused, acked = [], threading.Event()
+    try:
+        sink.publish(Outgoing(t["output"], b"k", b"result", []), acked.set, refused.append)
+        deadline = time.monotonic() + 30
+        while sink.failure is None and not refused and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not refused, f"dead-lettered on an error no input caused: {refused}"
+        assert sink.failure is not None and not acked.is_set()
+        assert "INVALID_REQUIRED_ACKS" in str(sink.failure) and "stopping this member" in str(sink.failure)
+    finally:
+        sink.close()
+
+
 @pytest.mark.kafka
 def test_transactional_sink_commits_offsets_with_its_records_aborts_and_is_fenced_by_a_successor(
         kafka_broker, tmp_path):
