@@ -498,13 +498,11 @@ class RdKafkaConnector:
     with ILLEGAL_GENERATION meanwhile, so it is not the default and not offered as a flag."""
 
     def __init__(self, cfg: StreamConfig, assignment_strategy: str = "range") -> None:
-        try:
-            import confluent_kafka
+        try:   # its version is in the start-up line (stream.cli.client_version)
+            import confluent_kafka  # noqa: F401
         except ImportError as exc:
             raise ConfigError("--kafka-client librdkafka needs confluent-kafka "
                               "(pip install 'sentiment-stream[librdkafka]')") from exc
-        log.info("Kafka client: librdkafka %s (confluent-kafka %s)", confluent_kafka.libversion()[0],
-                 confluent_kafka.version()[0])
         self.cfg, self.assignment_strategy = cfg, assignment_strategy
 
     def source(self, rebalance: RebalanceHandler) -> RdKafkaSource:
