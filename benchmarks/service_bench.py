@@ -504,6 +504,8 @@ def efficiency(bench: Bench, artifact: Path, payloads: list[bytes], backlog: int
     result.update({k: median[k] for k in ("budget", "saturation", "efficiency", "cpu_efficiency",
                                           "cpu_efficiency_without_broker")})
     result["efficiency_rounds"] = [r["efficiency"] for r in runs]
+    # rate x (service + broker) core-ms = efficiency / CPU efficiency x the cores
+    result["cores_busy"] = round(median["efficiency"] / median["cpu_efficiency"], 3)
     result["rounds"] = [{"budget": r["budget"], "images_per_s": r["saturation"]["images_per_s"],
                          "thread_core_ms_per_image": r["saturation"]["thread_core_ms_per_image"],
                          "unordered_images_per_s": r["unordered_images_per_s"]} for r in runs]
@@ -514,8 +516,9 @@ def efficiency(bench: Bench, artifact: Path, payloads: list[bytes], backlog: int
     print(f"  {kafka_client}: efficiency under backlog (median of {result['efficiency_rounds']}): rate "
           f"{median['efficiency']:.2f} of "
           f"the budget (wall clock; other load {sat['other_load_cores']:.2f} cores); "
-          f"CPU {median['cpu_efficiency']:.2f} (budget core-ms / service + broker core-ms per image), "
-          f"{median['cpu_efficiency_without_broker']:.2f} without the broker")
+          f"CPU {median['cpu_efficiency']:.2f} (budget core-ms / service + broker core-ms per image: the most the "
+          f"rate could reach with every core busy), {median['cpu_efficiency_without_broker']:.2f} without the broker; "
+          f"the service and broker kept {result['cores_busy']:.2f} of the cores busy")
     print(f"  per-partition order: ordered / --unordered throughput x{result['ordering']['ordered_over_unordered']} "
           f"(median of {result['ordering']['ordered_over_unordered_rounds']})")
     return sat
@@ -589,14 +592,17 @@ def run_all(artifact: Path, workdir: Path, seconds: float, backlog: int, with_sw
         finally:
             bench.close()
     if not feed_only:
-        low, mid = result["latency"]["0.2 of the budget"], result["latency"]["0.5 of the budget"]
-        result["targets"] = {"p50_le_40ms_at_0.2_of_budget": low["p50_ms"] <= 40,
-                             "p99_le_100ms_at_0.2_of_budget": low["p99_ms"] <= 100,
-                             "p99_le_250ms_at_0.5_of_budget": mid["p99_ms"] <= 250,
-                             "kafka_python_efficiency_ge_0.9": result["efficiency"] >= 0.9,
+        result["targets"] = {"kafka_python_efficiency_ge_0.9": result["efficiency"] >= 0.9,
                              "librdkafka_efficiency_ge_0.95": result["librdkafka"]["efficiency"] >= 0.95}
-        print(f"  targets: at 0.2 of the budget p50 {low['p50_ms']} ms (<= 40), p99 {low['p99_ms']} ms (<= 100); "
-              f"at 0.5 p99 {mid['p99_ms']} ms (<= 250); efficiency kafka-python {result['efficiency']} (>= 0.9), "
+        said = []
+        for client, prefix in (("kafka_python", ""), ("librdkafka", "librdkafka at ")):
+            low, mid = (result["latency"][f"{prefix}{f} of the budget"] for f in ("0.2", "0.5"))
+            result["targets"] |= {f"{client}_p50_le_40ms_at_0.2_of_budget": low["p50_ms"] <= 40,
+                                  f"{client}_p99_le_100ms_at_0.2_of_budget": low["p99_ms"] <= 100,
+                                  f"{client}_p99_le_250ms_at_0.5_of_budget": mid["p99_ms"] <= 250}
+            said.append(f"{client}: at 0.2 of the budget p50 {low['p50_ms']} ms (<= 40), p99 {low['p99_ms']} ms "
+                        f"(<= 100), at 0.5 p99 {mid['p99_ms']} ms (<= 250)")
+        print(f"  targets: {'; '.join(said)}; efficiency kafka-python {result['efficiency']} (>= 0.9), "
               f"librdkafka {result['librdkafka']['efficiency']} (>= 0.95): {result['targets']}")
     return result, runs
 
@@ -613,9 +619,12 @@ def _cpu_host(bench: Bench, artifact: Path, payloads: list[bytes], seconds: floa
     print(f"  latency at fractions of the budget ({rate:.0f} img/s):")
     before = bench.latency("old", [("old defaults at 0.2", low)], seconds, **OLD_DEFAULTS)
     after = bench.latency("new", [("0.2 of the budget", low), ("0.5 of the budget", mid)], seconds)
+    librdkafka = bench.latency("librdkafka", [("librdkafka at 0.2 of the budget", low),
+                                              ("librdkafka at 0.5 of the budget", mid)], seconds,
+                               kafka_client="librdkafka")
     mixed_cycle = [huge_png(), *itertools.islice(itertools.cycle(payloads), 149)]
     mixed = bench.latency("mixed", [("mixed sizes at 0.2", low)], seconds, payloads=mixed_cycle)
-    runs = {**before, **after, **mixed}
+    runs = {**before, **after, **librdkafka, **mixed}
     result["latency"] = {k: {f: v for f, v in run.items() if f != "latencies_ms"} for k, run in runs.items()}
     kafka = bench.backlog(backlog, "kafka")
     one = bench.backlog(2 * backlog, "decode")      # two members need twice the steady middle
