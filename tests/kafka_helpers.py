@@ -135,6 +135,26 @@ def wait_finished(process: subprocess.Popen, port: int, at_least: int, log: Path
     return done
 
 
+def assert_stops_without_dead_letter(sink: Any, topic: str, error_name: str, timeout: float = 30.0) -> None:
+    """Publish one result on ``sink`` (a sink whose producer the broker answers with an error only the
+    operator can fix) and check that the sink stopped the member, saying ``error_name``, instead of
+    dead-lettering the input, and left the record unacknowledged. Closes the sink."""
+    import threading
+
+    from stream.records import Outgoing
+    refused, acked = [], threading.Event()
+    try:
+        sink.publish(Outgoing(topic, b"k", b"result", []), acked.set, refused.append)
+        deadline = time.monotonic() + timeout
+        while sink.failure is None and not refused and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not refused, f"dead-lettered on an error no input caused: {refused}"
+        assert sink.failure is not None and not acked.is_set()
+        assert error_name in str(sink.failure) and "stopping this member" in str(sink.failure), str(sink.failure)
+    finally:
+        sink.close()
+
+
 def images(first: int, count: int, image: str = "jpeg_coffee") -> list[tuple[bytes, bytes]]:
     """``count`` copies of one test image keyed ``first``, ``first + 1``, ...: a chunk of a stream."""
     from .images import good_images

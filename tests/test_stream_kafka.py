@@ -14,6 +14,7 @@ from stream.config import StreamConfig
 
 from .images import bad_images, good_images
 from .kafka_helpers import (
+    assert_stops_without_dead_letter,
     committed,
     images,
     names,
@@ -312,10 +313,7 @@ def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_let
     """An error about the settings, not the record, would come back for every record: dead-lettering each
     input would empty the stream into the dead-letter topic. The sink stops the member instead, in one line
     naming the error, and the record stays unacknowledged (its input uncommitted, redelivered after the fix)."""
-    import threading
-
     from stream.kafka_io import KafkaSink
-    from stream.records import Outgoing
 
     class Sink(KafkaSink):   # its producers, and the one it resends a failed record on alone
         def _new_producer(self) -> object:
@@ -323,19 +321,8 @@ def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_let
 
         def _new_probe(self) -> object:
             return _RefusingProducer()
-    t = names(kafka_broker, partitions=1)
-    sink = Sink(kafka_broker.bootstrap, {})
-    refused, acked = [], threading.Event()
-    try:
-        sink.publish(Outgoing(t["output"], b"k", b"result", []), acked.set, refused.append)
-        deadline = time.monotonic() + 30
-        while sink.failure is None and not refused and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not refused, f"dead-lettered on an error no input caused: {refused}"
-        assert sink.failure is not None and not acked.is_set()
-        assert "InvalidRequiredAcks" in str(sink.failure) and "stopping this member" in str(sink.failure)
-    finally:
-        sink.close()
+    assert_stops_without_dead_letter(Sink(kafka_broker.bootstrap, {}), names(kafka_broker, partitions=1)["output"],
+                                     "InvalidRequiredAcks")
 
 
 def test_embedded_broker_deletes_topics_with_their_records(kafka_broker):

@@ -15,7 +15,7 @@ from stream.config import StreamConfig, build_parser, from_args  # noqa: E402
 from stream.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient  # noqa: E402
 from stream.records import Outgoing  # noqa: E402
 
-from .kafka_helpers import names, produce, read_all  # noqa: E402
+from .kafka_helpers import assert_stops_without_dead_letter, names, produce, read_all  # noqa: E402
 
 KafkaError = confluent_kafka.KafkaError
 # a group join waits about half the session timeout on tansu; librdkafka heartbeats on its own threads
@@ -270,19 +270,8 @@ def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_let
     class Sink(rdkafka_io.RdKafkaSink):
         def _new_producer(self) -> object:
             return _RefusingProducer(super()._new_producer())
-    t = names(kafka_broker, partitions=1)
-    sink = Sink(kafka_broker.bootstrap, {})
-    refused, acked = [], threading.Event()
-    try:
-        sink.publish(Outgoing(t["output"], b"k", b"result", []), acked.set, refused.append)
-        deadline = time.monotonic() + 30
-        while sink.failure is None and not refused and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not refused, f"dead-lettered on an error no input caused: {refused}"
-        assert sink.failure is not None and not acked.is_set()
-        assert "INVALID_REQUIRED_ACKS" in str(sink.failure) and "stopping this member" in str(sink.failure)
-    finally:
-        sink.close()
+    assert_stops_without_dead_letter(Sink(kafka_broker.bootstrap, {}), names(kafka_broker, partitions=1)["output"],
+                                     "INVALID_REQUIRED_ACKS")
 
 
 @pytest.mark.kafka
