@@ -53,10 +53,12 @@ KAFKA_PYTHON: dict[str, str] = {
     # one record the broker will never take, however often sent: the sink isolates it and dead-letters its input
     # (kafka-python's idempotent producer turns each fatal and fails every batch in flight with it)
     **dict.fromkeys(("InvalidRecordError", "MessageSizeTooLargeError", "RecordListTooLargeError",
-                     "TopicAuthorizationFailedError", "PolicyViolationError", "InvalidTimestampError"), REFUSED),
+                     "PolicyViolationError", "InvalidTimestampError"), REFUSED),
     # what only the operator can fix (credentials, ACLs, codecs, settings the broker rejects, a broker too
-    # old) or what ends this producer for good (fenced): retrying cannot help
+    # old) or what ends this producer for good (fenced): retrying cannot help. A topic's ACL refuses every
+    # record sent there, not one: publishing stops the member rather than dead-letter every input
     **dict.fromkeys(("UnsupportedCodecError", "CorruptRecordError", "AuthorizationError",
+                     "TopicAuthorizationFailedError",
                      "GroupAuthorizationFailedError", "ClusterAuthorizationFailedError",
                      "TransactionalIdAuthorizationFailedError", "DelegationTokenAuthorizationFailedError",
                      "SaslAuthenticationFailedError", "UnsupportedSaslMechanismError", "IllegalSaslStateError",
@@ -115,8 +117,8 @@ LIBRDKAFKA: dict[str, str] = {
                      "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
                      "COORDINATOR_LOAD_IN_PROGRESS", "LEADER_NOT_AVAILABLE", "NOT_LEADER_FOR_PARTITION",
                      "BROKER_NOT_AVAILABLE", "_TIMED_OUT_QUEUE"), OUTAGE),
-    **dict.fromkeys(("MSG_SIZE_TOO_LARGE", "INVALID_RECORD", "TOPIC_AUTHORIZATION_FAILED", "POLICY_VIOLATION",
-                     "RECORD_LIST_TOO_LARGE", "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE"), REFUSED),
+    **dict.fromkeys(("MSG_SIZE_TOO_LARGE", "INVALID_RECORD", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE",
+                     "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE"), REFUSED),
     # the client's own verdicts: no broker code, nothing to agree with
     **dict.fromkeys(("_AUTHENTICATION", "_SSL", "_UNKNOWN_PROTOCOL", "_NOT_IMPLEMENTED", "_UNSUPPORTED_FEATURE",
                      "_BAD_COMPRESSION", "_BAD_MSG", "_FATAL", "_FENCED", "_INVALID_DIFFERENT_RECORD"), PERMANENT),
@@ -134,7 +136,7 @@ LIBRDKAFKA: dict[str, str] = {
                      "GROUP_MAX_SIZE_REACHED", "UNSUPPORTED_ASSIGNOR", "INVALID_TRANSACTION_TIMEOUT",
                      "INVALID_PARTITIONS", "INVALID_REPLICATION_FACTOR", "INVALID_REPLICA_ASSIGNMENT",
                      "TOPIC_DELETION_DISABLED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH",
-                     "TRANSACTION_COORDINATOR_FENCED", "FENCED_INSTANCE_ID"), PERMANENT),
+                     "TRANSACTION_COORDINATOR_FENCED", "FENCED_INSTANCE_ID", "TOPIC_AUTHORIZATION_FAILED"), PERMANENT),
 }
 # Broker codes whose kind here differs from kafka-python's class of the same errno, each with why. None
 # today: INVALID_MSG (CORRUPT_MESSAGE: a CRC failure or keyless records sent to a compacted topic) says

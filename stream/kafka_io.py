@@ -366,7 +366,7 @@ def _fingerprint(record: Outgoing) -> bytes:
 
 def refused_for_good(exc: BaseException) -> bool:
     """A broker refusal no resend can change (REFUSED in :data:`.errors.KAFKA_PYTHON`: InvalidRecord, a
-    broker-side schema or policy check, MessageSizeTooLarge, TopicAuthorizationFailed, ...). kafka-python's
+    broker-side schema or policy check, MessageSizeTooLarge, ...). kafka-python's
     idempotent producer turns such an error fatal and fails every batch in flight with it, so the
     record that carries it may only have shared the refused one's fate. The one classification the
     at-least-once and the exactly-once publishing paths both use."""
@@ -709,7 +709,8 @@ class KafkaSink:
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value or b""), record.topic)
             return record.fallback
-        log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
+        if kind(exc) != PERMANENT:   # that one stops the member, saying so itself
+            log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
         self._refuse(record, on_refused, exc)
         return None
 

@@ -48,10 +48,12 @@ def read_until(bootstrap: str, topic: str, wanted: set[tuple[int, int]], timeout
 
 def test_an_undrained_revocation_then_a_kill_loses_nothing(kafka_broker, small_artifact, tmp_path):
     """Member a drains a backlog; b joins, a's drain cannot finish in time (a short
-    --drain-timeout-s), a keeps some partitions and goes on, and is killed soon after: every input
-    still gets a result (a's commits never passed the work its revocation left in flight)."""
+    --drain-timeout-s), a keeps some partitions and goes on with input that arrives after the
+    rebalance, and is killed soon after: every input still gets a result (a's commits never passed the
+    work its revocation left in flight). The later input is what a goes on with: a fast machine had
+    finished the whole backlog while the rebalance ran."""
     t = names(kafka_broker, partitions=4)
-    total = 2000
+    total, later = 2000, 400
     image = good_images()["jpeg_cell"]
     produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), image) for i in range(total)])
     logs = {name: tmp_path / f"{name}.log" for name in "ab"}
@@ -64,6 +66,8 @@ def test_an_undrained_revocation_then_a_kill_loses_nothing(kafka_broker, small_a
         _wait("a's undrained revocation", lambda: "work still in flight" in logs["a"].read_text(), a, logs["a"])
         _wait("a's new assignment", lambda: logs["a"].read_text().count("partitions assigned:") >= 2, a, logs["a"])
         after = len(logs["a"].read_text())
+        produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), image) for i in range(total, total + later)])
+        total += later
         _wait("a's progress after it", lambda: "batch" in logs["a"].read_text()[after:], a, logs["a"])
         a.send_signal(signal.SIGKILL)
         a.wait(30)

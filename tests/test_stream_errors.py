@@ -52,7 +52,7 @@ def test_each_kafka_python_exception_becomes_the_project_error_of_its_kind(name)
     ("GroupAuthorizationFailedError", errors.PERMANENT), ("SaslAuthenticationFailedError", errors.PERMANENT),
     ("ProducerFencedError", errors.PERMANENT), ("UnsupportedVersionError", errors.PERMANENT),
     ("InvalidRecordError", errors.REFUSED), ("MessageSizeTooLargeError", errors.REFUSED),
-    ("TopicAuthorizationFailedError", errors.REFUSED), ("PolicyViolationError", errors.REFUSED),
+    ("TopicAuthorizationFailedError", errors.PERMANENT), ("PolicyViolationError", errors.REFUSED),
 ])
 def test_a_sample_of_each_kind_is_classified_as_the_service_relies_on(name, kind):
     assert errors.KAFKA_PYTHON[name] == kind
