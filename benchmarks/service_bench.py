@@ -505,7 +505,7 @@ def efficiency(bench: Bench, artifact: Path, payloads: list[bytes], backlog: int
                                           "cpu_efficiency_without_broker")})
     result["efficiency_rounds"] = [r["efficiency"] for r in runs]
     # rate x (service + broker) core-ms = efficiency / CPU efficiency x the cores
-    result["cores_busy"] = round(median["efficiency"] / median["cpu_efficiency"], 3)
+    result["busy_share_of_cores"] = round(median["efficiency"] / median["cpu_efficiency"], 3)
     result["rounds"] = [{"budget": r["budget"], "images_per_s": r["saturation"]["images_per_s"],
                          "thread_core_ms_per_image": r["saturation"]["thread_core_ms_per_image"],
                          "unordered_images_per_s": r["unordered_images_per_s"]} for r in runs]
@@ -518,7 +518,7 @@ def efficiency(bench: Bench, artifact: Path, payloads: list[bytes], backlog: int
           f"the budget (wall clock; other load {sat['other_load_cores']:.2f} cores); "
           f"CPU {median['cpu_efficiency']:.2f} (budget core-ms / service + broker core-ms per image: the most the "
           f"rate could reach with every core busy), {median['cpu_efficiency_without_broker']:.2f} without the broker; "
-          f"the service and broker kept {result['cores_busy']:.2f} of the cores busy")
+          f"the service and broker kept {result['busy_share_of_cores']:.0%} of the cores busy")
     print(f"  per-partition order: ordered / --unordered throughput x{result['ordering']['ordered_over_unordered']} "
           f"(median of {result['ordering']['ordered_over_unordered_rounds']})")
     return sat

@@ -200,11 +200,22 @@ def kind(exc: BaseException) -> str | None:
 
 def publish_failure(exc: BaseException, topic: str, dead_letter: bool) -> KafkaPermanent:
     """Why a sink stops its member: the broker refused even a dead letter, or (``dead_letter`` False) an
-    error only the operator can fix (a PERMANENT one: acks, codec, ACLs), which dead-lettering the input
-    would only repeat for every record. One line, with what to do where the error has advice."""
+    error only the operator can fix (PERMANENT), which dead-lettering the input would only repeat for
+    every record. One line naming the error, with what to grant where it is an ACL."""
     what = f"cannot publish even a dead letter to {topic}" if dead_letter else f"publishing to {topic} failed"
-    cause = translate(exc, what) or KafkaPermanent(f"{what}: {_text(exc)}")
-    return KafkaPermanent(f"{cause}; stopping this member (its partitions stay uncommitted from there)")
+    error = librdkafka_error(exc)
+    name = librdkafka_name(error) if error is not None else type(exc).__name__
+    text = f"{error.name()}: {error.str()}" if error is not None else _text(exc)
+    grant = _PUBLISH_GRANTS.get(name.upper().replace("_", "").removesuffix("ERROR"), "")
+    advice = f": grant this service's principal {grant.format(topic=topic)}" if grant else ""
+    return KafkaPermanent(f"{what}: {text}{advice}; stopping this member (its partitions stay uncommitted "
+                          f"from there)")
+
+
+# what a producer needs that an ACL refused, by error name (either client's, upper case, no _ or Error)
+_PUBLISH_GRANTS = {"TOPICAUTHORIZATIONFAILED": "WRITE on {topic}",
+                   "CLUSTERAUTHORIZATIONFAILED": "IDEMPOTENT_WRITE on the cluster (the producer is idempotent)",
+                   "TRANSACTIONALIDAUTHORIZATIONFAILED": "WRITE on its transactional id"}
 
 
 def _text(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""A client call that keeps failing: said once when it starts, once when it recovers.
+"""A client call that keeps failing: said once when it starts, once when it recovers; and what a sink
+does with a record the broker will never take.
 
 Pure logic over a clock, so the service's reaction to repeated errors is unit-tested
 without a broker.
@@ -6,8 +7,12 @@ without a broker.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+
+from .errors import PERMANENT, KafkaPermanent, kind, publish_failure
+from .ports import Refused
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +55,38 @@ class FailureWatch:
     def backoff(self, base: float = 0.1, cap: float = 5.0) -> float:
         """Seconds to wait before the next attempt: doubling from ``base`` up to ``cap``."""
         return min(cap, base * 2 ** max(0, self.count - 1))
+
+
+class Refusals:
+    """A sink's records the broker will never take. The input of a record refused for good is
+    dead-lettered (its ``on_refused`` runs); a refused dead letter, or an error only the operator can
+    fix (PERMANENT: an ACL, acks, a codec; it would refuse every record, so dead-lettering would empty
+    the stream into the dead-letter topic), stops the member instead: :attr:`failure`, logged once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watch = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
+        self.failure: KafkaPermanent | None = None
+
+    @staticmethod
+    def stops(exc: BaseException) -> bool:
+        """Whether ``exc`` stops the member rather than refuse one record."""
+        return kind(exc) == PERMANENT
+
+    def refuse(self, topic: str, on_refused: Refused | None, exc: BaseException, closed: bool = False) -> None:
+        """A record for ``topic`` refused with ``exc``; ``closed``: the sink is closing (nothing is stopped)."""
+        if on_refused is not None and not self.stops(exc):
+            with self._lock:
+                self._watch.failed(exc)
+            on_refused(exc)
+            return
+        with self._lock:
+            if self.failure is not None or closed:
+                return
+            self.failure = publish_failure(exc, topic, dead_letter=on_refused is None)
+        log.error("%s", self.failure)
+
+    def ok(self) -> None:
+        """A record that could have been refused was acknowledged: the refusals, if any, are over."""
+        with self._lock:
+            self._watch.ok()

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from .errors import KafkaPermanent, KafkaTransient
+from .failures import Refusals
 from .ports import Partition, RebalanceHandler, Refused
 from .records import Headers, Message, Outgoing
 
@@ -34,7 +35,7 @@ class FakeBroker:
         self.poll_errors: list[BaseException] = []  # raised by the next polls, one each
         self.up = True                        # what reachable() answers
         self.errors: list[BaseException] = []       # a sink's assertion, re-raised on the poll thread
-        self.refuse_topics: set[str] = set()  # sends to these fail for good (like an unauthorized topic)
+        self.refuse_topics: set[str] = set()  # sends to these fail: TopicAuthorizationFailed (no WRITE ACL)
         self.fail_next_commits = 0            # make the next N transaction commits fail (and abort)
         self._members: dict[str, list[FakeSource]] = defaultdict(list)
         self._generation: dict[str, int] = defaultdict(int)
@@ -244,20 +245,18 @@ class FakeSink:
     def __init__(self, broker: FakeBroker, on_retry: Callable[[], None] = lambda: None) -> None:
         self.broker, self._on_retry = broker, on_retry
         self.failing_since: float | None = None
-        self.failure: KafkaPermanent | None = None
+        self._refusals = Refusals()   # as the Kafka sinks: dead-letter one record's input, or stop the member
         self._retrying = 0
         self._lock = threading.Lock()
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None) -> None:
+        from kafka.errors import TopicAuthorizationFailedError
         refusal = (TypeError(f"Unsupported type for serialized value: {type(record.value)}")
                    if not isinstance(record.value, (bytes, bytearray, memoryview, type(None)))
-                   else PermissionError(f"not authorized to write {record.topic}")
+                   else TopicAuthorizationFailedError(record.topic)
                    if record.topic in self.broker.refuse_topics else None)
         if refusal is not None:   # like the Kafka sink: never retried
-            if on_refused is not None:
-                on_refused(refusal)
-            elif self.failure is None:
-                self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {refusal}")
+            self._refusals.refuse(record.topic, on_refused, refusal)
             return
         with self.broker.lock:
             fail = self.broker.fail_next_publishes > 0
@@ -275,15 +274,16 @@ class FakeSink:
         if limit is not None and size > limit:
             if record.fallback is None:   # like the Kafka sink: a record too large is refused, never retried
                 too_large = ValueError(f"record of {size} bytes exceeds the broker's {limit}")
-                if on_refused is not None:
-                    on_refused(too_large)
-                elif self.failure is None:
-                    self.failure = KafkaPermanent(f"cannot publish even a dead letter to {record.topic}: {too_large}")
+                self._refusals.refuse(record.topic, on_refused, too_large)
                 return
             self.publish(record.fallback, on_ack, on_refused)
             return
         self._append(record)
         on_ack()
+
+    @property
+    def failure(self) -> KafkaPermanent | None:
+        return self._refusals.failure
 
     def _append(self, record: Outgoing) -> None:
         self.broker.produce(record.topic, record.value, record.key, record.headers, partition=0)

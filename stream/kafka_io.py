@@ -24,16 +24,13 @@ from engine_build.errors import ConfigError
 from .delayed import Delayed
 from .errors import (
     OUTAGE,
-    PERMANENT,
     REFUSED,
     KafkaPermanent,
     KafkaTransient,
     kafka_errors,
     kafka_python_kind,
-    kind,
-    publish_failure,
 )
-from .failures import FailureWatch
+from .failures import FailureWatch, Refusals
 from .isolation import Isolation
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
@@ -344,6 +341,12 @@ def _async(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError)
 
 
+def _fenced(exc: BaseException) -> bool:
+    """This producer fenced by a newer one with its transactional id (the commit point says so)."""
+    from kafka.errors import InvalidProducerEpochError, ProducerFencedError
+    return isinstance(exc, (ProducerFencedError, InvalidProducerEpochError))
+
+
 def retriable(exc: BaseException) -> bool:
     """Whether sending again can succeed: a retriable Kafka error or an outage; never a bad record."""
     from kafka.errors import KafkaError
@@ -415,9 +418,8 @@ class KafkaSink:
         self._closed = False
         self._watch_lock = threading.Lock()
         self._sending = FailureWatch("publishing to Kafka")
-        self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
+        self._refusals = Refusals()
         self.failing_since: float | None = None
-        self.failure: KafkaPermanent | None = None
         self._delayed.start()
         self._probe: Any = None   # made at the first refusal
         # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
@@ -485,14 +487,17 @@ class KafkaSink:
         def ok(_metadata: Any) -> None:
             with self._watch_lock:
                 self._sending.ok()
-                if on_refused is not None:
-                    self._refusing.ok()
                 self.failing_since = None
+            if on_refused is not None:
+                self._refusals.ok()
             on_ack()
 
         producer = self._producer
 
         def failed(exc: BaseException) -> None:   # on the producer's IO thread: never send from here
+            if not self.transactional and Refusals.stops(exc):   # the operator's to fix: no resend can help
+                self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
+                return
             if not self.transactional and _async(exc):
                 # queued at once, before any record handed over after this failure: none overtakes it
                 self._isolation.add(record, on_ack, on_refused)
@@ -568,6 +573,9 @@ class KafkaSink:
             return
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
             self._refuse(record, on_refused, exc)
+            return
+        if self.transactional and Refusals.stops(exc) and not _fenced(exc):
+            self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
             return
         if self.transactional:
             # The open transaction cannot commit now; it will be aborted and this unit redone.
@@ -657,22 +665,16 @@ class KafkaSink:
 
     @staticmethod
     def _fenced_check(exc: BaseException) -> None:
-        from kafka.errors import InvalidProducerEpochError, ProducerFencedError
-        if isinstance(exc, (ProducerFencedError, InvalidProducerEpochError)):
+        if _fenced(exc):
             raise KafkaPermanent(f"this member's producer was fenced ({type(exc).__name__}): another member "
                                  f"took over its transactional id; stopping") from exc
 
+    @property
+    def failure(self) -> KafkaPermanent | None:
+        return self._refusals.failure
+
     def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
-        """Dead-letter the input of a record refused for good; stop the member when even a dead letter is
-        refused, or when the error is the operator's to fix (it would refuse every record)."""
-        if on_refused is not None and kind(exc) != PERMANENT:
-            with self._watch_lock:
-                self._refusing.failed(exc)
-            on_refused(exc)
-            return
-        if self.failure is None and not self._closed:
-            self.failure = publish_failure(exc, record.topic, dead_letter=on_refused is None)
-            log.error("%s", self.failure)
+        self._refusals.refuse(record.topic, on_refused, exc, self._closed)
 
     def pending_retries(self) -> int:
         return self._delayed.pending() + self._isolation.waiting()
@@ -709,7 +711,7 @@ class KafkaSink:
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value or b""), record.topic)
             return record.fallback
-        if kind(exc) != PERMANENT:   # that one stops the member, saying so itself
+        if not Refusals.stops(exc):   # that one stops the member, saying so itself
             log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
         self._refuse(record, on_refused, exc)
         return None

@@ -101,12 +101,15 @@ class Source(Protocol):
 
 class Sink(Protocol):
     """A producer. ``publish`` retries retriable errors until the broker acknowledges, then calls
-    ``on_ack`` (from any thread); ``failing_since`` is set while sends fail. An error that can
-    never succeed calls ``on_refused`` instead; with none given (the record is already a dead
-    letter) the sink sets ``failure``, and the service stops the member with it."""
+    ``on_ack`` (from any thread); ``failing_since`` is set while sends fail. A record the broker
+    will never take calls ``on_refused`` instead; with none given (the record is already a dead
+    letter), or for an error only the operator can fix (it would refuse every record), the sink sets
+    ``failure`` (:class:`~stream.failures.Refusals`), and the service stops the member with it."""
 
     failing_since: float | None
-    failure: KafkaPermanent | None
+
+    @property
+    def failure(self) -> KafkaPermanent | None: ...
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None) -> None: ...
 

@@ -29,13 +29,11 @@ from .errors import (
     KafkaPermanent,
     KafkaTransient,
     kafka_errors,
-    kind,
     librdkafka_error,
     librdkafka_kind,
     librdkafka_name,
-    publish_failure,
 )
-from .failures import FailureWatch
+from .failures import FailureWatch, Refusals
 from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, fetch_bytes, isolation_level, reachable
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
@@ -298,9 +296,8 @@ class RdKafkaSink:
         self._delayed = Delayed("publish-retry")   # retries, and failure handling off the producer-poll thread
         self._closed = False
         self._sending = FailureWatch("publishing to Kafka")
-        self._refusing = FailureWatch("publishing results (refused, not retriable; dead-lettering their inputs)")
+        self._refusals = Refusals()
         self.failing_since: float | None = None
-        self.failure: KafkaPermanent | None = None
         self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
         self._poll_thread.start()
         self._delayed.start()
@@ -322,9 +319,9 @@ class RdKafkaSink:
             if error is None:
                 with self._lock:
                     self._sending.ok()
-                    if on_refused is not None:
-                        self._refusing.ok()
                     self.failing_since = None
+                if on_refused is not None:
+                    self._refusals.ok()
                 on_ack()
             else:
                 self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer,
@@ -351,6 +348,9 @@ class RdKafkaSink:
         exc = KafkaException(error) if isinstance(error, KafkaError) else error
         name = librdkafka_name(error) if isinstance(error, KafkaError) else None
         too_large = name == "MSG_SIZE_TOO_LARGE"
+        if self.transactional and found == PERMANENT and not (isinstance(error, KafkaError) and error.fatal()):
+            self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
+            return
         if self.transactional and (reported or found != REFUSED):
             # Any failed delivery makes librdkafka's open transaction abortable: it will be aborted and this
             # unit redone. A record produce() refused at once never entered it and is refused below.
@@ -450,17 +450,12 @@ class RdKafkaSink:
             raise KafkaPermanent(f"{what}: {error.name()}: {error.str()}: this member's producer can send no more "
                                  f"(fenced when another member took over its transactional id); stopping") from exc
 
+    @property
+    def failure(self) -> KafkaPermanent | None:
+        return self._refusals.failure
+
     def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
-        """Dead-letter the input of a record refused for good; stop the member when even a dead letter is
-        refused, or when the error is the operator's to fix (it would refuse every record)."""
-        if on_refused is not None and kind(exc) != PERMANENT:
-            with self._lock:
-                self._refusing.failed(exc)
-            on_refused(exc)
-            return
-        if self.failure is None and not self._closed:
-            self.failure = publish_failure(exc, record.topic, dead_letter=on_refused is None)
-            log.error("%s", self.failure)
+        self._refusals.refuse(record.topic, on_refused, exc, self._closed)
 
     def pending_retries(self) -> int:
         return self._delayed.pending()

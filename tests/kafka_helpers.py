@@ -138,15 +138,17 @@ def wait_finished(process: subprocess.Popen, port: int, at_least: int, log: Path
 def assert_stops_without_dead_letter(sink: Any, topic: str, error_name: str, timeout: float = 30.0) -> None:
     """Publish one result on ``sink`` (a sink whose producer the broker answers with an error only the
     operator can fix) and check that the sink stopped the member, saying ``error_name``, instead of
-    dead-lettering the input, and left the record unacknowledged. Closes the sink."""
+    dead-lettering the input or (exactly once) acknowledging it into a transaction that is aborted and
+    redone for ever, and left the record unacknowledged. Closes the sink."""
     import threading
 
     from stream.records import Outgoing
-    refused, acked = [], threading.Event()
+    refused: list[BaseException] = []
+    acked = threading.Event()
     try:
         sink.publish(Outgoing(topic, b"k", b"result", []), acked.set, refused.append)
         deadline = time.monotonic() + timeout
-        while sink.failure is None and not refused and time.monotonic() < deadline:
+        while sink.failure is None and not refused and not acked.is_set() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not refused, f"dead-lettered on an error no input caused: {refused}"
         assert sink.failure is not None and not acked.is_set()

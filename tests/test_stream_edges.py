@@ -162,7 +162,7 @@ def test_a_dead_letter_the_broker_refuses_for_good_ends_the_member_with_one_line
             process.kill()
     text = log.read_text()
     assert code == 1, text[-3000:]
-    assert text.count(f"ERROR stream.kafka_io: cannot publish even a dead letter to {t['dlq']}") == 1, text[-3000:]
+    assert text.count(f"ERROR stream.failures: cannot publish even a dead letter to {t['dlq']}") == 1, text[-3000:]
     assert "stream: error: cannot publish even a dead letter" in text, "the exit says why, in one line"
     assert (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0) or 0) <= 1
 

@@ -289,18 +289,28 @@ def test_kafka_sink_stops_when_even_a_dead_letter_is_refused(kafka_broker):
 
 
 class _RefusingProducer:
-    """A kafka-python producer the broker answers with INVALID_REQUIRED_ACKS (acks it does not accept), as
-    kafka-python hands that answer back: a failed future. tansu checks no acks setting, so the answer is
-    made here."""
+    """A kafka-python producer the broker answers with ``error`` for every record, as kafka-python hands
+    that answer back: a failed future. tansu checks neither acks nor ACLs, so the answer is made here."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
     def send(self, *_args: object, **_kwargs: object) -> object:
-        from kafka.errors import InvalidRequiredAcksError
         from kafka.future import Future
 
         class Answered(Future):   # kafka-python's FutureRecordMetadata, already failed
             def get(self, timeout: float | None = None) -> object:
                 raise self.exception
-        return Answered().failure(InvalidRequiredAcksError("the broker does not accept acks=all"))
+        return Answered().failure(self.error)
+
+    def init_transactions(self) -> None:
+        pass
+
+    def begin_transaction(self) -> None:
+        pass
+
+    def abort_transaction(self) -> None:
+        pass
 
     def flush(self, *_args: object, **_kwargs: object) -> None:
         pass
@@ -309,20 +319,30 @@ class _RefusingProducer:
         pass
 
 
-def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_letters_nothing(kafka_broker):
+@pytest.mark.parametrize("transactional", [False, True], ids=["at-least-once", "exactly-once"])
+@pytest.mark.parametrize("error, said", [
+    ("InvalidRequiredAcksError", "InvalidRequiredAcks"),
+    ("TopicAuthorizationFailedError", "grant this service's principal WRITE on"),
+])
+def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_letters_nothing(
+        kafka_broker, error, said, transactional):
     """An error about the settings, not the record, would come back for every record: dead-lettering each
-    input would empty the stream into the dead-letter topic. The sink stops the member instead, in one line
-    naming the error, and the record stays unacknowledged (its input uncommitted, redelivered after the fix)."""
+    input would empty the stream into the dead-letter topic, and exactly once each redone unit would fail
+    alike for ever. The sink stops the member instead, in one line naming the error (and for an ACL what
+    to grant), and the record stays unacknowledged (its input uncommitted, redelivered after the fix)."""
+    import kafka.errors
+
     from stream.kafka_io import KafkaSink
 
     class Sink(KafkaSink):   # its producers, and the one it resends a failed record on alone
         def _new_producer(self) -> object:
-            return _RefusingProducer()
+            return _RefusingProducer(getattr(kafka.errors, error)("the broker's answer"))
 
         def _new_probe(self) -> object:
-            return _RefusingProducer()
-    assert_stops_without_dead_letter(Sink(kafka_broker.bootstrap, {}), names(kafka_broker, partitions=1)["output"],
-                                     "InvalidRequiredAcks")
+            return self._new_producer()
+    t = names(kafka_broker, partitions=1)
+    sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}" if transactional else None)
+    assert_stops_without_dead_letter(sink, t["output"], said)
 
 
 def test_embedded_broker_deletes_topics_with_their_records(kafka_broker):

@@ -45,6 +45,11 @@ def test_records_the_broker_can_never_take_are_refusals(code):
     assert errors.librdkafka_kind(KafkaError(getattr(KafkaError, code))) == errors.REFUSED
 
 
+def test_a_topic_acl_is_the_operators_to_fix_not_one_records_refusal():
+    """It refuses every record sent to the topic: publishing stops the member, nothing is dead-lettered."""
+    assert errors.librdkafka_kind(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)) == errors.PERMANENT
+
+
 def test_every_code_in_the_table_is_one_librdkafka_has():
     assert [n for n in errors.LIBRDKAFKA if not hasattr(KafkaError, n)] == []
 
@@ -241,21 +246,20 @@ def test_sink_acknowledges_refuses_for_good_and_stops_on_a_refused_dead_letter(k
 
 
 class _RefusingProducer:
-    """A librdkafka producer the broker answers with INVALID_REQUIRED_ACKS (acks it does not accept), as
-    librdkafka hands that answer back: in the record's delivery report, served by a later ``poll``. tansu
-    checks no acks setting, so the answer is made here; the rest is a real producer's."""
+    """A librdkafka producer the broker answers with error ``code`` for every record, as librdkafka hands
+    that answer back: in the record's delivery report, served by a later ``poll``. tansu checks neither
+    acks nor ACLs, so the answer is made here; the rest (transactions included) is a real producer's."""
 
-    def __init__(self, real: object) -> None:
-        self._real, self._reports = real, []
+    def __init__(self, real: object, code: int) -> None:
+        self._real, self._code, self._reports = real, code, []
 
     def produce(self, *_args: object, on_delivery: object = None, **_kwargs: object) -> None:
         self._reports.append(on_delivery)
 
     def poll(self, timeout: float = 0) -> int:
-        from confluent_kafka import KafkaError
         reports, self._reports = self._reports, []
         for report in reports:
-            report(KafkaError(KafkaError.INVALID_REQUIRED_ACKS), None)
+            report(KafkaError(self._code), None)
         return len(reports) or self._real.poll(timeout)
 
     def __getattr__(self, name: str) -> object:
@@ -263,14 +267,22 @@ class _RefusingProducer:
 
 
 @pytest.mark.kafka
-def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_letters_nothing(kafka_broker):
+@pytest.mark.parametrize("transactional", [False, True], ids=["at-least-once", "exactly-once"])
+@pytest.mark.parametrize("code, said", [
+    ("INVALID_REQUIRED_ACKS", "INVALID_REQUIRED_ACKS"),
+    ("TOPIC_AUTHORIZATION_FAILED", "grant this service's principal WRITE on"),
+])
+def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_letters_nothing(
+        kafka_broker, code, said, transactional):
     """An error about the settings, not the record, would come back for every record: the sink stops the
-    member in one line naming it instead of dead-lettering the input, and leaves the record unacknowledged."""
+    member in one line naming it instead of dead-lettering the input (or, exactly once, aborting and
+    redoing the unit for ever), and leaves the record unacknowledged."""
     class Sink(rdkafka_io.RdKafkaSink):
         def _new_producer(self) -> object:
-            return _RefusingProducer(super()._new_producer())
-    assert_stops_without_dead_letter(Sink(kafka_broker.bootstrap, {}), names(kafka_broker, partitions=1)["output"],
-                                     "INVALID_REQUIRED_ACKS")
+            return _RefusingProducer(super()._new_producer(), getattr(KafkaError, code))
+    t = names(kafka_broker, partitions=1)
+    sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}" if transactional else None)
+    assert_stops_without_dead_letter(sink, t["output"], said)
 
 
 @pytest.mark.kafka

@@ -654,6 +654,22 @@ def test_a_dead_letter_that_can_never_be_published_stops_the_member_with_one_lin
     assert broker.committed["sentiment-stream"] == {("in", 0): 1}, "committed up to the unpublishable record only"
 
 
+def test_an_output_topic_the_service_may_not_write_stops_the_member_and_dead_letters_nothing():
+    """A missing WRITE ACL on the output topic refuses every result: the member stops with one line saying
+    what to grant, publishes no dead letter and commits nothing, so the input waits for the fix."""
+    from stream.errors import KafkaPermanent
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+    for key in (b"a", b"b", b"c"):
+        broker.produce("in", good_images()["png"], key=key)
+    broker.refuse_topics.add("out")
+    svc = service(broker, config(ARTIFACT, max_batch=1, drain_timeout_s=5))
+    with pytest.raises(KafkaPermanent, match="publishing to out failed.*grant this service's principal WRITE on out"):
+        svc.run(timeout=30)
+    assert broker.records("dlq") == [] and broker.records("out") == [], "nothing dead-lettered or published"
+    assert broker.committed["sentiment-stream"] == {("in", 0): 0}, "nothing committed past the first input"
+
+
 def test_a_producer_that_cannot_flush_yet_is_closed_by_trying_again():
     """kafka-python's close raises when its flush times out; the records of a fatal or cut-off
     producer fail soon after, so closing is tried until they have, within the time given."""
