@@ -104,7 +104,9 @@ class StreamConfig:
                                                "it; the poll loop never blocks on inference")
     metrics_port: int = option(9108, "Prometheus /metrics, /healthz, /readyz (0 = off)")
     kafka_client: str = option("kafka-python", "Kafka client library: kafka-python (pure Python), or librdkafka "
-                                               "(confluent-kafka: pip install 'sentiment-stream[librdkafka]')",
+                                               "(confluent-kafka: pip install 'sentiment-stream[librdkafka]'; "
+                                               "a third to an eighth of kafka-python's CPU per record, and the "
+                                               "lower latency near full load)",
                                choices=("kafka-python", "librdkafka"))
     security_protocol: str = option("PLAINTEXT", "Kafka security protocol",
                                     choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
