@@ -198,16 +198,33 @@ def kind(exc: BaseException) -> str | None:
     return None if error is None else librdkafka_kind(error)
 
 
+def fenced(exc: BaseException) -> bool:
+    """A producer ended by a newer one with its transactional id, or by its own epoch bump (the idempotent
+    producer): PERMANENT, but neither one record's fault nor the operator's. Exactly once the commit point
+    says so; at least once a new producer (or a record sent again alone) carries on."""
+    error = librdkafka_error(exc)
+    if error is not None:
+        return librdkafka_name(error) in _FENCED
+    return _is_kafka_python(exc) and type(exc).__name__ in _FENCED
+
+
+_FENCED = ("ProducerFencedError", "InvalidProducerEpochError", "TransactionCoordinatorFencedError",
+           "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "TRANSACTION_COORDINATOR_FENCED", "_FENCED", "_FATAL")
+
+
 def publish_failure(exc: BaseException, topic: str, dead_letter: bool) -> KafkaPermanent:
     """Why a sink stops its member: the broker refused even a dead letter, or (``dead_letter`` False) an
     error only the operator can fix (PERMANENT), which dead-lettering the input would only repeat for
-    every record. One line naming the error, with what to grant where it is an ACL."""
+    every record. One line naming the error, with what to grant where it is an ACL (on the topics the
+    error names, else on ``topic``: in a transaction one topic's refusal fails every record in it)."""
     what = f"cannot publish even a dead letter to {topic}" if dead_letter else f"publishing to {topic} failed"
     error = librdkafka_error(exc)
     name = librdkafka_name(error) if error is not None else type(exc).__name__
     text = f"{error.name()}: {error.str()}" if error is not None else _text(exc)
     grant = _PUBLISH_GRANTS.get(name.upper().replace("_", "").removesuffix("ERROR"), "")
-    advice = f": grant this service's principal {grant.format(topic=topic)}" if grant else ""
+    named = exc.args[0] if error is None and exc.args else None   # kafka-python's ACL errors name the topics
+    topics = ", ".join(sorted(named)) if isinstance(named, (set, frozenset, list, tuple)) and named else topic
+    advice = f": grant this service's principal {grant.format(topic=topics)}" if grant else ""
     return KafkaPermanent(f"{what}: {text}{advice}; stopping this member (its partitions stay uncommitted "
                           f"from there)")
 

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import PERMANENT, KafkaPermanent, kind, publish_failure
+from .errors import PERMANENT, KafkaPermanent, fenced, kind, publish_failure
 from .ports import Refused
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,9 @@ class Refusals:
 
     @staticmethod
     def stops(exc: BaseException) -> bool:
-        """Whether ``exc`` stops the member rather than refuse one record."""
-        return kind(exc) == PERMANENT
+        """Whether ``exc`` stops the member rather than refuse one record (a fenced producer is the commit
+        point's or a new producer's to deal with, not the operator's)."""
+        return kind(exc) == PERMANENT and not fenced(exc)
 
     def refuse(self, topic: str, on_refused: Refused | None, exc: BaseException, closed: bool = False) -> None:
         """A record for ``topic`` refused with ``exc``; ``closed``: the sink is closing (nothing is stopped)."""

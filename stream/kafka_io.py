@@ -27,6 +27,7 @@ from .errors import (
     REFUSED,
     KafkaPermanent,
     KafkaTransient,
+    fenced,
     kafka_errors,
     kafka_python_kind,
 )
@@ -341,12 +342,6 @@ def _async(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError)
 
 
-def _fenced(exc: BaseException) -> bool:
-    """This producer fenced by a newer one with its transactional id (the commit point says so)."""
-    from kafka.errors import InvalidProducerEpochError, ProducerFencedError
-    return isinstance(exc, (ProducerFencedError, InvalidProducerEpochError))
-
-
 def retriable(exc: BaseException) -> bool:
     """Whether sending again can succeed: a retriable Kafka error or an outage; never a bad record."""
     from kafka.errors import KafkaError
@@ -574,7 +569,7 @@ class KafkaSink:
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
             self._refuse(record, on_refused, exc)
             return
-        if self.transactional and Refusals.stops(exc) and not _fenced(exc):
+        if self.transactional and Refusals.stops(exc):
             self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
             return
         if self.transactional:
@@ -665,7 +660,7 @@ class KafkaSink:
 
     @staticmethod
     def _fenced_check(exc: BaseException) -> None:
-        if _fenced(exc):
+        if fenced(exc):
             raise KafkaPermanent(f"this member's producer was fenced ({type(exc).__name__}): another member "
                                  f"took over its transactional id; stopping") from exc
 

@@ -28,6 +28,7 @@ from .errors import (
     REFUSED,
     KafkaPermanent,
     KafkaTransient,
+    fenced,
     kafka_errors,
     librdkafka_error,
     librdkafka_kind,
@@ -348,7 +349,7 @@ class RdKafkaSink:
         exc = KafkaException(error) if isinstance(error, KafkaError) else error
         name = librdkafka_name(error) if isinstance(error, KafkaError) else None
         too_large = name == "MSG_SIZE_TOO_LARGE"
-        if self.transactional and found == PERMANENT and not (isinstance(error, KafkaError) and error.fatal()):
+        if self.transactional and Refusals.stops(exc):
             self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
             return
         if self.transactional and (reported or found != REFUSED):
@@ -364,7 +365,8 @@ class RdKafkaSink:
                         len(record.value or b""), record.topic)
             self.publish(record.fallback, on_ack, on_refused)
             return
-        if found == PERMANENT and isinstance(error, KafkaError) and error.fatal():
+        if found == PERMANENT and isinstance(error, KafkaError) and (error.fatal() or fenced(exc)):
+            # a delivery report's error never says fatal(): its code does (the idempotent producer's end)
             self._renew(producer, error)
         elif name == "_MSG_TIMED_OUT" and reachable(self._bootstrap):
             # timed out while the broker answers: after a broker restart that lost its state (a new in-memory

@@ -197,11 +197,16 @@ class Service:
                 offsets = ports.transactions.commit()
             else:
                 ports.source.commit(offsets)
-        except KafkaPermanent as exc:
-            self._failure = self._failure or exc
+        except KafkaPermanent as exc:   # a refusal the sink stopped on is the cause (the commit only waited on it)
+            self._failure = self._failure or ports.sink.failure or exc
             return
         except (BrokerUnavailable, KafkaTransient) as exc:
-            self._commits.failed(exc)
+            failing_for = self._commits.failed(exc)
+            if isinstance(exc, KafkaTransient) and failing_for > self.cfg.fail_after_s:   # exactly once: each
+                # redone unit failing alike (an ACL librdkafka reports as a purge of the transaction) ends here
+                self._failure = self._failure or KafkaPermanent(
+                    f"{exc} (committing has failed for {failing_for:.0f} s, past --fail-after-s "
+                    f"{self.cfg.fail_after_s:g}); exiting so a restart makes a new client")
             return
         if not offsets:
             return

@@ -288,20 +288,23 @@ def test_kafka_sink_stops_when_even_a_dead_letter_is_refused(kafka_broker):
         sink.close()
 
 
-class _RefusingProducer:
-    """A kafka-python producer the broker answers with ``error`` for every record, as kafka-python hands
-    that answer back: a failed future. tansu checks neither acks nor ACLs, so the answer is made here."""
+class _AnsweringProducer:
+    """A kafka-python producer the broker answers with ``error`` for every record (None: accepts it), as
+    kafka-python hands that answer back: a future already done. tansu checks neither acks nor ACLs, nor
+    bumps an idempotent producer's epoch, so the answer is made here."""
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException | None) -> None:
         self.error = error
 
     def send(self, *_args: object, **_kwargs: object) -> object:
         from kafka.future import Future
 
-        class Answered(Future):   # kafka-python's FutureRecordMetadata, already failed
+        class Answered(Future):   # kafka-python's FutureRecordMetadata
             def get(self, timeout: float | None = None) -> object:
-                raise self.exception
-        return Answered().failure(self.error)
+                if self.exception is not None:
+                    raise self.exception
+                return self.value
+        return Answered().failure(self.error) if self.error is not None else Answered().success(None)
 
     def init_transactions(self) -> None:
         pass
@@ -336,13 +339,41 @@ def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_let
 
     class Sink(KafkaSink):   # its producers, and the one it resends a failed record on alone
         def _new_producer(self) -> object:
-            return _RefusingProducer(getattr(kafka.errors, error)("the broker's answer"))
+            return _AnsweringProducer(getattr(kafka.errors, error)("the broker's answer"))
 
         def _new_probe(self) -> object:
             return self._new_producer()
     t = names(kafka_broker, partitions=1)
     sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}" if transactional else None)
     assert_stops_without_dead_letter(sink, t["output"], said)
+
+
+def test_an_idempotent_producers_epoch_bump_is_no_reason_to_stop(kafka_broker):
+    """At least once the producer is idempotent: after an UnknownProducerId it bumps its epoch, and a batch
+    the broker took under the old epoch fails with InvalidProducerEpoch (PERMANENT in the table, but
+    nothing the operator must fix). The record is sent again alone and acknowledged; the member goes on."""
+    import threading
+
+    from kafka.errors import InvalidProducerEpochError
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+
+    class Sink(KafkaSink):
+        def _new_producer(self) -> object:
+            return _AnsweringProducer(InvalidProducerEpochError("sent under the old epoch"))
+
+        def _new_probe(self) -> object:
+            return _AnsweringProducer(None)
+    sink = Sink(kafka_broker.bootstrap, {})
+    acked, refused = threading.Event(), []
+    try:
+        sink.publish(Outgoing(names(kafka_broker, partitions=1)["output"], b"k", b"v", []), acked.set,
+                     refused.append)
+        assert acked.wait(30), f"not acknowledged: {sink.failure}"
+        assert sink.failure is None and refused == []
+    finally:
+        sink.close()
 
 
 def test_embedded_broker_deletes_topics_with_their_records(kafka_broker):

@@ -250,10 +250,17 @@ class _RefusingProducer:
     that answer back: in the record's delivery report, served by a later ``poll``. tansu checks neither
     acks nor ACLs, so the answer is made here; the rest (transactions included) is a real producer's."""
 
-    def __init__(self, real: object, code: int) -> None:
-        self._real, self._code, self._reports = real, code, []
+    def __init__(self, real: object, code: int, answers: list[int] | None = None) -> None:
+        """``answers``: how many more records get the error, shared by the producers a sink makes (the
+        rest go to the real producer); None: every record."""
+        self._real, self._code, self._reports, self._answers = real, code, [], answers
 
-    def produce(self, *_args: object, on_delivery: object = None, **_kwargs: object) -> None:
+    def produce(self, *args: object, on_delivery: object = None, **kwargs: object) -> None:
+        if self._answers is not None:
+            if not self._answers[0]:
+                self._real.produce(*args, on_delivery=on_delivery, **kwargs)
+                return
+            self._answers[0] -= 1
         self._reports.append(on_delivery)
 
     def poll(self, timeout: float = 0) -> int:
@@ -283,6 +290,29 @@ def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_let
     t = names(kafka_broker, partitions=1)
     sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}" if transactional else None)
     assert_stops_without_dead_letter(sink, t["output"], said)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("transactional", [False, True], ids=["at-least-once", "exactly-once"])
+def test_a_fenced_producer_in_a_delivery_report_is_no_reason_to_stop(kafka_broker, transactional):
+    """A delivery report's error never says fatal(), even for INVALID_PRODUCER_EPOCH (the idempotent
+    producer's epoch bump, or a successor with the transactional id): PERMANENT by its code, but not the
+    operator's to fix. At least once a new producer sends the record again; exactly once the unit is
+    doomed, to be aborted (the commit point says "fenced" where it is). The member is not stopped."""
+    answers = [1]
+
+    class Sink(rdkafka_io.RdKafkaSink):
+        def _new_producer(self) -> object:
+            return _RefusingProducer(super()._new_producer(), KafkaError.INVALID_PRODUCER_EPOCH, answers)
+    t = names(kafka_broker, partitions=1)
+    sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}" if transactional else None)
+    acked, refused = threading.Event(), []
+    try:
+        sink.publish(Outgoing(t["output"], b"k", b"v", []), acked.set, refused.append)
+        assert acked.wait(30), f"not acknowledged: {sink.failure}"
+        assert sink.failure is None and refused == []
+    finally:
+        sink.close()
 
 
 @pytest.mark.kafka

@@ -170,3 +170,31 @@ def test_the_transaction_timeout_is_derived_from_the_commit_wait_and_checked():
         config(ARTIFACT, processing_guarantee="exactly-once", drain_timeout_s=900,
                max_poll_interval_ms=1_000_000)
     config(ARTIFACT, drain_timeout_s=900, max_poll_interval_ms=1_000_000)   # at least once: no transaction
+
+
+def test_a_commit_that_keeps_failing_past_the_limit_ends_the_run():
+    """Exactly once, a unit whose every redo fails alike (librdkafka reports an ACL on the output topic as
+    a purge of the transaction's records, a transient code) would abort and redo for ever: commits failing
+    past --fail-after-s end the member with one line."""
+    broker = FakeBroker()
+    fill(broker, 6)
+    broker.fail_next_commits = 10 ** 6
+    svc = transactional(broker, config(ARTIFACT, processing_guarantee="exactly-once", commit_interval_ms=50,
+                                       fail_after_s=0.5))
+    with pytest.raises(KafkaPermanent, match="committing has failed for .* past --fail-after-s"):
+        svc.run(timeout=60)
+    assert broker.records("out") == [] and not any(broker.committed[GROUP].values()), "nothing committed"
+
+
+def test_exactly_once_an_output_topic_the_service_may_not_write_stops_the_member_saying_what_to_grant():
+    """Nothing is dead-lettered and the refused record stays unacknowledged (a commit point may be waiting
+    on it): the run ends with the sink's line, the ACL and what to grant, and nothing is committed."""
+    broker = FakeBroker()
+    fill(broker, 6)
+    broker.refuse_topics.add("out")
+    svc = transactional(broker, config(ARTIFACT, processing_guarantee="exactly-once", commit_interval_ms=50,
+                                       drain_timeout_s=11))
+    with pytest.raises(KafkaPermanent, match="grant this service's principal WRITE on out"):
+        svc.run(timeout=60)
+    assert broker.records("out") == [] and broker.records("dlq") == []
+    assert not any(broker.committed[GROUP].values()), "nothing committed"
