@@ -27,11 +27,16 @@ class FailureWatch:
         self.error: str = ""
         self._kind = ""
         self.count = 0
+        self._not_outage_since: float | None = None   # the failures since then were none of them an outage
 
-    def failed(self, exc: BaseException) -> float:
-        """Record a failure; returns how long the call has been failing (0 on the first)."""
+    def failed(self, exc: BaseException, outage: bool = False) -> float:
+        """Record a failure; returns how long the call has been failing with errors that are not an outage
+        (0 for an outage: those are retried without a limit, and the count starts afresh after one, so a
+        broker restart's aftermath is not counted from the start of the outage)."""
         now = self._clock()
         text = str(exc)
+        self._not_outage_since = None if outage else (now if self._not_outage_since is None
+                                                       else self._not_outage_since)
         if self.since is None:
             self.since = now
             log.warning("%s failing: %s; retrying", self.what, text)
@@ -39,14 +44,14 @@ class FailureWatch:
             log.warning("%s still failing, now with: %s", self.what, text)
         self.error, self._kind = text, type(exc).__name__
         self.count += 1
-        return now - self.since
+        return 0.0 if self._not_outage_since is None else now - self._not_outage_since
 
     def ok(self) -> None:
         """Record a success; says once that the call recovered."""
         if self.since is not None:
             log.info("%s recovered after %.1f s (%d failed attempts)", self.what, self._clock() - self.since,
                      self.count)
-        self.since, self.error, self._kind, self.count = None, "", "", 0
+        self.since, self.error, self._kind, self.count, self._not_outage_since = None, "", "", 0, None
 
     @property
     def failing(self) -> bool:

@@ -201,8 +201,8 @@ class Service:
             self._failure = self._failure or ports.sink.failure or exc
             return
         except (BrokerUnavailable, KafkaTransient) as exc:
-            failing_for = self._commits.failed(exc)
-            if isinstance(exc, KafkaTransient) and failing_for > self.cfg.fail_after_s:   # exactly once: each
+            failing_for = self._commits.failed(exc, outage=isinstance(exc, BrokerUnavailable))
+            if failing_for > self.cfg.fail_after_s:   # exactly once: each
                 # redone unit failing alike (an ACL librdkafka reports as a purge of the transaction) ends here
                 self._failure = self._failure or KafkaPermanent(
                     f"{exc} (committing has failed for {failing_for:.0f} s, past --fail-after-s "
@@ -358,10 +358,10 @@ class Service:
             self._failure = exc
             return []
         except (BrokerUnavailable, KafkaTransient) as exc:
-            failing_for = self._polls.failed(exc)
+            failing_for = self._polls.failed(exc, outage=isinstance(exc, BrokerUnavailable))
             self.metrics.poll_errors.labels("outage" if isinstance(exc, BrokerUnavailable) else "transient").inc()
             self._update_readiness(ports)
-            if isinstance(exc, KafkaTransient) and failing_for > self.cfg.fail_after_s:
+            if failing_for > self.cfg.fail_after_s:
                 self._failure = KafkaPermanent(f"{exc} (failing for {failing_for:.0f} s, past --fail-after-s "
                                                f"{self.cfg.fail_after_s:g}); exiting so a restart makes a new client")
                 return []

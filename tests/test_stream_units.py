@@ -489,6 +489,21 @@ def test_failure_watch_says_once_and_backs_off():
     assert not watch.failing and watch.failed(ValueError("b")) == 0
 
 
+def test_failure_watch_counts_toward_the_limit_only_what_followed_the_last_outage():
+    """--fail-after-s bounds errors that are not an outage: a broker restart of five minutes, then the
+    rebalance errors of its aftermath, must not end a healthy member at the first of them."""
+    from stream.failures import FailureWatch
+    now = [0.0]
+    watch = FailureWatch("committing offsets", clock=lambda: now[0])
+    for now[0] in (0.0, 100.0, 300.0):
+        assert watch.failed(ConnectionError("broker down"), outage=True) == 0
+    now[0] = 301.0
+    assert watch.failed(ValueError("rebalance in progress")) == 0
+    now[0] = 310.0
+    assert watch.failed(ValueError("rebalance in progress")) == 9.0
+    assert watch.failing and watch.since == 0.0, "the outage is still when the failing began"
+
+
 def test_fake_partitioning_is_stable_across_processes():
     import subprocess
     import sys
