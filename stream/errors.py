@@ -209,7 +209,7 @@ def fenced(exc: BaseException) -> bool:
 
 
 _FENCED = ("ProducerFencedError", "InvalidProducerEpochError", "TransactionCoordinatorFencedError",
-           "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "TRANSACTION_COORDINATOR_FENCED", "_FENCED", "_FATAL")
+           "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "TRANSACTION_COORDINATOR_FENCED", "_FENCED")
 
 
 def publish_failure(exc: BaseException, topic: str, dead_letter: bool) -> KafkaPermanent:

@@ -20,9 +20,15 @@ log = logging.getLogger(__name__)
 class FailureWatch:
     """Tracks one kind of call (poll, publish, commit): failing since when, with what error."""
 
-    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic,
+                 forget_after_s: float | None = None) -> None:
+        """``forget_after_s``: for a call made only now and then (a commit, when there is something to
+        commit), a failure this long after the last one starts afresh: the calls between, if any, did not
+        fail, and an idle stretch is not a failing one."""
         self.what = what
         self._clock = clock
+        self.forget_after_s = forget_after_s
+        self._last: float | None = None
         self.since: float | None = None
         self.error: str = ""
         self._kind = ""
@@ -34,6 +40,9 @@ class FailureWatch:
         (0 for an outage: those are retried without a limit, and the count starts afresh after one, so a
         broker restart's aftermath is not counted from the start of the outage)."""
         now = self._clock()
+        if self._stale(now):
+            self._reset()
+        self._last = now
         text = str(exc)
         self._not_outage_since = None if outage else (now if self._not_outage_since is None
                                                        else self._not_outage_since)
@@ -48,14 +57,20 @@ class FailureWatch:
 
     def ok(self) -> None:
         """Record a success; says once that the call recovered."""
-        if self.since is not None:
+        if self.since is not None and self.failing:
             log.info("%s recovered after %.1f s (%d failed attempts)", self.what, self._clock() - self.since,
                      self.count)
+        self._reset()
+
+    def _reset(self) -> None:
         self.since, self.error, self._kind, self.count, self._not_outage_since = None, "", "", 0, None
+
+    def _stale(self, now: float) -> bool:
+        return self.forget_after_s is not None and self._last is not None and now - self._last > self.forget_after_s
 
     @property
     def failing(self) -> bool:
-        return self.since is not None
+        return self.since is not None and not self._stale(self._clock())
 
     def backoff(self, base: float = 0.1, cap: float = 5.0) -> float:
         """Seconds to wait before the next attempt: doubling from ``base`` up to ``cap``."""

@@ -91,7 +91,9 @@ class Service:
                            "runtime": f"{self.backend.name} ({self.backend.compute_precision})"}
         self.readiness = Readiness(cfg.bootstrap_servers, health.set_ready if health else self._ready_gauge, log)
         self._polls = FailureWatch("consuming from Kafka")
-        self._commits = FailureWatch("committing offsets")
+        # commits are tried only while there is something to commit: a failure after a quiet stretch starts afresh
+        self._commits = FailureWatch("committing offsets",
+                                     forget_after_s=2 * (cfg.commit_interval_ms / 1000 + cfg.drain_timeout_s))
         self._connecting = FailureWatch(f"connecting to Kafka at {cfg.bootstrap_servers}")
         self._failure: KafkaPermanent | None = None
         self.closing = threading.Event()   # set when the run starts closing, whatever ended it

@@ -504,6 +504,21 @@ def test_failure_watch_counts_toward_the_limit_only_what_followed_the_last_outag
     assert watch.failing and watch.since == 0.0, "the outage is still when the failing began"
 
 
+def test_failure_watch_of_an_occasional_call_forgets_a_failure_after_a_quiet_stretch():
+    """Commits are tried only while there is something to commit: one failure at a rebalance, a quiet
+    hour, one more failure at the next rebalance is not a call failing for an hour (which --fail-after-s
+    would end), and the quiet hour is not reported as failing either."""
+    from stream.failures import FailureWatch
+    now = [0.0]
+    watch = FailureWatch("committing offsets", clock=lambda: now[0], forget_after_s=10.0)
+    watch.failed(ValueError("rebalance in progress"))
+    now[0] = 5.0
+    assert watch.failed(ValueError("rebalance in progress")) == 5.0, "failing again within the stretch: counted"
+    now[0] = 3600.0
+    assert not watch.failing, "a quiet hour is not a failing one"
+    assert watch.failed(ValueError("rebalance in progress")) == 0 and watch.since == 3600.0
+
+
 def test_fake_partitioning_is_stable_across_processes():
     import subprocess
     import sys
