@@ -198,18 +198,28 @@ def kind(exc: BaseException) -> str | None:
     return None if error is None else librdkafka_kind(error)
 
 
+def doomed_by(error: object, found: str | None) -> KafkaTransient | BrokerUnavailable:
+    """Why an open transaction cannot commit: a send in it failed with ``error``, of kind ``found``. Sends
+    that timed out while the brokers were away keep it an outage (retried without a limit, not counted
+    toward --fail-after-s); anything else is transient."""
+    text = f"a send in the transaction failed: {error}"
+    return BrokerUnavailable(text) if found == OUTAGE else KafkaTransient(text)
+
+
+# a producer ended by a newer one with its transactional id, or by its own epoch bump
+_FENCED_KAFKA_PYTHON = ("ProducerFencedError", "InvalidProducerEpochError", "TransactionCoordinatorFencedError")
+_FENCED_LIBRDKAFKA = ("PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "TRANSACTION_COORDINATOR_FENCED", "_FENCED")
+
+
 def fenced(exc: BaseException) -> bool:
     """A producer ended by a newer one with its transactional id, or by its own epoch bump (the idempotent
     producer): PERMANENT, but neither one record's fault nor the operator's. Exactly once the commit point
     says so; at least once a new producer (or a record sent again alone) carries on."""
     error = librdkafka_error(exc)
     if error is not None:
-        return librdkafka_name(error) in _FENCED
-    return _is_kafka_python(exc) and type(exc).__name__ in _FENCED
-
-
-_FENCED = ("ProducerFencedError", "InvalidProducerEpochError", "TransactionCoordinatorFencedError",
-           "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "TRANSACTION_COORDINATOR_FENCED", "_FENCED")
+        return librdkafka_name(error) in _FENCED_LIBRDKAFKA
+    return _is_kafka_python(exc) and any(cls.__module__ == "kafka.errors" and cls.__name__ in _FENCED_KAFKA_PYTHON
+                                         for cls in type(exc).__mro__)
 
 
 def publish_failure(exc: BaseException, topic: str, dead_letter: bool) -> KafkaPermanent:

@@ -1,5 +1,5 @@
-"""A client call that keeps failing: said once when it starts, once when it recovers; and what a sink
-does with a record the broker will never take.
+"""A client call that keeps failing: said once when it starts, once when it recovers (or is forgotten
+after a quiet stretch); and what a sink does with a record the broker will never take.
 
 Pure logic over a clock, so the service's reaction to repeated errors is unit-tested
 without a broker.
@@ -40,7 +40,8 @@ class FailureWatch:
         (0 for an outage: those are retried without a limit, and the count starts afresh after one, so a
         broker restart's aftermath is not counted from the start of the outage)."""
         now = self._clock()
-        if self._stale(now):
+        if self._stale(now) and self._last is not None:
+            log.info("%s: the last failure was %.0f s ago, none since; counting afresh", self.what, now - self._last)
             self._reset()
         self._last = now
         text = str(exc)

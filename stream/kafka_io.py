@@ -25,8 +25,10 @@ from .delayed import Delayed
 from .errors import (
     OUTAGE,
     REFUSED,
+    BrokerUnavailable,
     KafkaPermanent,
     KafkaTransient,
+    doomed_by,
     fenced,
     kafka_errors,
     kafka_python_kind,
@@ -595,8 +597,8 @@ class KafkaSink:
         from kafka.errors import KafkaError
         with kafka_errors("transaction commit failed"):
             try:
-                if self._doomed is not None:
-                    raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
+                if self._doomed is not None:   # an outage's sends (timed out) keep it an outage: retried unbounded
+                    raise doomed_by(self._doomed, kafka_python_kind(self._doomed))
                 limit = time.monotonic() + self._calls_s
                 kafka_offsets = KafkaSource._kafka_offsets(offsets)
                 self._bounded("adding the offsets to the transaction", limit,
@@ -605,7 +607,7 @@ class KafkaSink:
                 with self._watch_lock:
                     self._sending.ok()
                     self.failing_since = None
-            except KafkaTransient:
+            except (KafkaTransient, BrokerUnavailable):
                 log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
                 self.abort_transaction()
                 raise

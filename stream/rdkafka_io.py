@@ -26,8 +26,10 @@ from .delayed import Delayed
 from .errors import (
     PERMANENT,
     REFUSED,
+    BrokerUnavailable,
     KafkaPermanent,
     KafkaTransient,
+    doomed_by,
     fenced,
     kafka_errors,
     librdkafka_error,
@@ -402,18 +404,19 @@ class RdKafkaSink:
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
         transaction is aborted (raises KafkaTransient or BrokerUnavailable) or, fenced, KafkaPermanent."""
-        from confluent_kafka import KafkaException
+        from confluent_kafka import KafkaError, KafkaException
         with kafka_errors("transaction commit failed"):
             try:
-                if self._doomed is not None:
-                    raise KafkaTransient(f"a send in the transaction failed: {self._doomed}")
+                if self._doomed is not None:   # an outage's sends (timed out) keep it an outage: retried unbounded
+                    doomed = self._doomed
+                    raise doomed_by(doomed, librdkafka_kind(doomed) if isinstance(doomed, KafkaError) else None)
                 limit = time.monotonic() + TRANSACTION_CALLS_S
                 self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
                 self._producer.commit_transaction(_left(limit))
                 with self._lock:
                     self._sending.ok()
                     self.failing_since = None
-            except KafkaTransient:
+            except (KafkaTransient, BrokerUnavailable):
                 log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
                 self.abort_transaction()
                 raise

@@ -203,12 +203,9 @@ class Service:
             self._failure = self._failure or ports.sink.failure or exc
             return
         except (BrokerUnavailable, KafkaTransient) as exc:
-            failing_for = self._commits.failed(exc, outage=isinstance(exc, BrokerUnavailable))
-            if failing_for > self.cfg.fail_after_s:   # exactly once: each
-                # redone unit failing alike (an ACL librdkafka reports as a purge of the transaction) ends here
-                self._failure = self._failure or KafkaPermanent(
-                    f"{exc} (committing has failed for {failing_for:.0f} s, past --fail-after-s "
-                    f"{self.cfg.fail_after_s:g}); exiting so a restart makes a new client")
+            # exactly once, a unit redone and failing alike each time (an ACL librdkafka reports as a purge of
+            # the transaction's records) ends here
+            self._failure = self._failure or self._past_the_limit(self._commits, exc)
             return
         if not offsets:
             return
@@ -352,6 +349,15 @@ class Service:
             return False
         return paused
 
+    def _past_the_limit(self, watch: FailureWatch, exc: BrokerUnavailable | KafkaTransient) -> KafkaPermanent | None:
+        """Record a retried failure of ``watch``'s call; the failure that ends the run once errors other
+        than an outage have lasted past --fail-after-s, else None."""
+        failing_for = watch.failed(exc, outage=isinstance(exc, BrokerUnavailable))
+        if failing_for <= self.cfg.fail_after_s:
+            return None
+        return KafkaPermanent(f"{exc} ({watch.what} failing for {failing_for:.0f} s, past --fail-after-s "
+                              f"{self.cfg.fail_after_s:g}); exiting so a restart makes a new client")
+
     def _poll(self, ports: Ports, timeout: float) -> list[Any]:
         """One poll; errors are classified: outages and transient ones retried, permanent ones end the run."""
         try:
@@ -360,12 +366,11 @@ class Service:
             self._failure = exc
             return []
         except (BrokerUnavailable, KafkaTransient) as exc:
-            failing_for = self._polls.failed(exc, outage=isinstance(exc, BrokerUnavailable))
+            past = self._past_the_limit(self._polls, exc)
             self.metrics.poll_errors.labels("outage" if isinstance(exc, BrokerUnavailable) else "transient").inc()
             self._update_readiness(ports)
-            if failing_for > self.cfg.fail_after_s:
-                self._failure = KafkaPermanent(f"{exc} (failing for {failing_for:.0f} s, past --fail-after-s "
-                                               f"{self.cfg.fail_after_s:g}); exiting so a restart makes a new client")
+            if past is not None:
+                self._failure = past
                 return []
             self._stop.wait(self._polls.backoff())
             return []

@@ -152,3 +152,13 @@ def test_every_broker_code_has_the_same_kind_in_both_clients():
     assert sorted(errors.LIBRDKAFKA_DIFFERS) == sorted(differ), "a listed difference that is none"
     assert all(reason.strip() and "\n" not in reason for reason in errors.LIBRDKAFKA_DIFFERS.values())
 
+
+
+def test_the_stop_line_for_an_acl_names_the_topics_the_error_names():
+    """In a transaction one topic's ACL fails every record in it: kafka-python's error names the refused
+    topics, and the advice grants on those, not on the topic of the record that carried it."""
+    import kafka.errors
+    line = str(errors.publish_failure(kafka.errors.TopicAuthorizationFailedError({"dlq", "audit"}), "out", False))
+    assert "grant this service's principal WRITE on audit, dlq;" in line and line.startswith("publishing to out")
+    line = str(errors.publish_failure(kafka.errors.TopicAuthorizationFailedError("out"), "out", False))
+    assert "WRITE on out;" in line and "\n" not in line

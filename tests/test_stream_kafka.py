@@ -348,6 +348,34 @@ def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_let
     assert_stops_without_dead_letter(sink, t["output"], said)
 
 
+def test_exactly_once_sends_timed_out_in_an_outage_keep_the_commit_an_outage(kafka_broker):
+    """Sends that time out while the brokers are away doom the open transaction; its commit then fails as
+    an outage (retried for as long as the outage lasts, not counted toward --fail-after-s), not as a
+    transient error that would end a member through a two-minute broker outage."""
+    import threading
+
+    from kafka.errors import KafkaTimeoutError
+
+    from stream.errors import BrokerUnavailable
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+
+    class Sink(KafkaSink):
+        def _new_producer(self) -> object:
+            return _AnsweringProducer(KafkaTimeoutError("Batch for out-0 has expired"))
+    t = names(kafka_broker, partitions=1)
+    sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+    acked = threading.Event()
+    try:
+        sink.publish(Outgoing(t["output"], b"k", b"v", []), acked.set)
+        assert acked.wait(30), "a failed send in the transaction dooms the unit (acknowledged, to be redone)"
+        with pytest.raises(BrokerUnavailable, match="a send in the transaction failed"):
+            sink.commit_transaction({(t["input"], 0): 1}, None)
+        assert sink.failure is None
+    finally:
+        sink.close()
+
+
 def test_an_idempotent_producers_epoch_bump_is_no_reason_to_stop(kafka_broker):
     """At least once the producer is idempotent: after an UnknownProducerId it bumps its epoch, and a batch
     the broker took under the old epoch fails with InvalidProducerEpoch (PERMANENT in the table, but

@@ -316,6 +316,26 @@ def test_a_fenced_producer_in_a_delivery_report_is_no_reason_to_stop(kafka_broke
 
 
 @pytest.mark.kafka
+def test_exactly_once_sends_timed_out_in_an_outage_keep_the_commit_an_outage(kafka_broker):
+    """A delivery that timed out while the brokers were away dooms the open transaction; its commit fails as
+    an outage (retried without a limit), not as a transient error counted toward --fail-after-s."""
+    class Sink(rdkafka_io.RdKafkaSink):
+        def _new_producer(self) -> object:
+            return _RefusingProducer(super()._new_producer(), KafkaError._MSG_TIMED_OUT)
+    t = names(kafka_broker, partitions=1)
+    sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+    acked = threading.Event()
+    try:
+        sink.publish(Outgoing(t["output"], b"k", b"v", []), acked.set)
+        assert acked.wait(30), "a failed delivery in the transaction dooms the unit (acknowledged, to be redone)"
+        with pytest.raises(BrokerUnavailable, match="a send in the transaction failed"):
+            sink.commit_transaction({(t["input"], 0): 1}, None)
+        assert sink.failure is None
+    finally:
+        sink.close()
+
+
+@pytest.mark.kafka
 def test_transactional_sink_commits_offsets_with_its_records_aborts_and_is_fenced_by_a_successor(
         kafka_broker, tmp_path):
     from .kafka_helpers import committed, read_committed

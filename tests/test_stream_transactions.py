@@ -181,19 +181,18 @@ def test_a_commit_that_keeps_failing_past_the_limit_ends_the_run():
     broker.fail_next_commits = 10 ** 6
     svc = transactional(broker, config(ARTIFACT, processing_guarantee="exactly-once", commit_interval_ms=50,
                                        fail_after_s=0.5))
-    with pytest.raises(KafkaPermanent, match="committing has failed for .* past --fail-after-s"):
+    with pytest.raises(KafkaPermanent, match="committing offsets failing for .* past --fail-after-s"):
         svc.run(timeout=60)
     assert broker.records("out") == [] and not any(broker.committed[GROUP].values()), "nothing committed"
 
 
 def test_exactly_once_an_output_topic_the_service_may_not_write_stops_the_member_saying_what_to_grant():
-    """Nothing is dead-lettered and the refused record stays unacknowledged (a commit point may be waiting
-    on it): the run ends with the sink's line, the ACL and what to grant, and nothing is committed."""
+    """Exactly once as at least once: nothing is dead-lettered, the refused record stays unacknowledged, and
+    the run ends with the sink's line, the ACL and what to grant; nothing is committed."""
     broker = FakeBroker()
     fill(broker, 6)
     broker.refuse_topics.add("out")
-    svc = transactional(broker, config(ARTIFACT, processing_guarantee="exactly-once", commit_interval_ms=50,
-                                       drain_timeout_s=11))
+    svc = transactional(broker, config(ARTIFACT, processing_guarantee="exactly-once", commit_interval_ms=50))
     with pytest.raises(KafkaPermanent, match="grant this service's principal WRITE on out"):
         svc.run(timeout=60)
     assert broker.records("out") == [] and broker.records("dlq") == []
