@@ -580,7 +580,7 @@ class KafkaSink:
                 self._delayed.later(0.0, lambda: self._probe_in_transaction(record, exc))
             with self._watch_lock:
                 self._sending.failed(exc)
-                self._doomed = self._doomed or exc
+                self._doomed = exc if fenced(exc) else self._doomed or exc   # a fencing is the one to say
             on_ack()
             return
         with self._watch_lock:
@@ -598,6 +598,7 @@ class KafkaSink:
         with kafka_errors("transaction commit failed"):
             try:
                 if self._doomed is not None:   # an outage's sends (timed out) keep it an outage: retried unbounded
+                    self._fenced_check(self._doomed)   # fenced: say so (the abort would fail, saying 'restart')
                     raise doomed_by(self._doomed, kafka_python_kind(self._doomed))
                 limit = time.monotonic() + self._calls_s
                 kafka_offsets = KafkaSource._kafka_offsets(offsets)

@@ -359,7 +359,7 @@ class RdKafkaSink:
             # unit redone. A record produce() refused at once never entered it and is refused below.
             with self._lock:
                 self._sending.failed(exc)
-                self._doomed = self._doomed or error
+                self._doomed = error if fenced(exc) else self._doomed or error   # a fencing is the one to say
             on_ack()
             return
         if record.fallback is not None and too_large:
@@ -409,6 +409,9 @@ class RdKafkaSink:
             try:
                 if self._doomed is not None:   # an outage's sends (timed out) keep it an outage: retried unbounded
                     doomed = self._doomed
+                    if isinstance(doomed, KafkaError) and fenced(KafkaException(doomed)):
+                        # fenced: say so (the abort would time out, saying 'restart')
+                        self._fatal_check(KafkaException(doomed), "a send in the transaction failed")
                     raise doomed_by(doomed, librdkafka_kind(doomed) if isinstance(doomed, KafkaError) else None)
                 limit = time.monotonic() + TRANSACTION_CALLS_S
                 self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))

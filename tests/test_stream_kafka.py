@@ -11,6 +11,7 @@ import pytest
 
 from stream.app import build
 from stream.config import StreamConfig
+from stream.errors import KafkaPermanent
 
 from .images import bad_images, good_images
 from .kafka_helpers import (
@@ -289,12 +290,12 @@ def test_kafka_sink_stops_when_even_a_dead_letter_is_refused(kafka_broker):
 
 
 class _AnsweringProducer:
-    """A kafka-python producer the broker answers with ``error`` for every record (None: accepts it), as
-    kafka-python hands that answer back: a future already done. tansu checks neither acks nor ACLs, nor
-    bumps an idempotent producer's epoch, so the answer is made here."""
+    """A kafka-python producer the broker answers with ``answers`` in turn, the last for every record after
+    (an error, or None: accepted), as kafka-python hands an answer back: a future already done. tansu checks
+    neither acks nor ACLs, nor bumps an idempotent producer's epoch, so the answers are made here."""
 
-    def __init__(self, error: BaseException | None) -> None:
-        self.error = error
+    def __init__(self, *answers: BaseException | None) -> None:
+        self.answers = list(answers)
 
     def send(self, *_args: object, **_kwargs: object) -> object:
         from kafka.future import Future
@@ -304,7 +305,8 @@ class _AnsweringProducer:
                 if self.exception is not None:
                     raise self.exception
                 return self.value
-        return Answered().failure(self.error) if self.error is not None else Answered().success(None)
+        error = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return Answered().failure(error) if error is not None else Answered().success(None)
 
     def init_transactions(self) -> None:
         pass
@@ -372,6 +374,31 @@ def test_exactly_once_sends_timed_out_in_an_outage_keep_the_commit_an_outage(kaf
         with pytest.raises(BrokerUnavailable, match="a send in the transaction failed"):
             sink.commit_transaction({(t["input"], 0): 1}, None)
         assert sink.failure is None
+    finally:
+        sink.close()
+
+
+def test_exactly_once_a_producer_fenced_during_a_unit_says_fenced(kafka_broker):
+    """A send answered ProducerFenced (a successor took the transactional id) dooms the unit, and the commit
+    point says the member was fenced rather than that a restart fixes it (the abort would fail too)."""
+    import threading
+
+    from kafka.errors import KafkaTimeoutError, ProducerFencedError
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+    class Sink(KafkaSink):
+        def _new_producer(self) -> object:
+            return _AnsweringProducer(KafkaTimeoutError("expired"), ProducerFencedError("a successor took the id"))
+    t = names(kafka_broker, partitions=1)
+    sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+    acked = threading.Semaphore(0)
+    try:
+        for value in (b"first", b"second"):   # a timeout first: the fencing after it is still the one said
+            sink.publish(Outgoing(t["output"], b"k", value, []), acked.release)
+            assert acked.acquire(timeout=30)
+        with pytest.raises(KafkaPermanent, match="fenced"):
+            sink.commit_transaction({(t["input"], 0): 1}, None)
     finally:
         sink.close()
 
