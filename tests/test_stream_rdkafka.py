@@ -316,38 +316,25 @@ def test_a_fenced_producer_in_a_delivery_report_is_no_reason_to_stop(kafka_broke
 
 
 @pytest.mark.kafka
-def test_exactly_once_a_producer_fenced_during_a_unit_says_fenced(kafka_broker):
-    """A delivery report of PRODUCER_FENCED (a successor took the transactional id) dooms the unit, and the
-    commit point says the member was fenced rather than that a restart fixes it (the abort would time out)."""
+@pytest.mark.parametrize("code, raised, said", [
+    ("PRODUCER_FENCED", KafkaPermanent, "fenced"),
+    ("_MSG_TIMED_OUT", BrokerUnavailable, "a send in the transaction failed"),
+], ids=["fenced", "timed-out-in-an-outage"])
+def test_exactly_once_a_failed_delivery_dooms_the_unit_and_its_commit_says_why(kafka_broker, code, raised, said):
+    """A failed delivery dooms the open transaction (acknowledged, to be aborted and redone). At its commit
+    point a fencing (a successor took the transactional id) stops the member saying fenced, not that a
+    restart fixes it (the abort would time out); a delivery that timed out while the brokers were away keeps
+    the failure an outage (retried without a limit), not a transient error counted toward --fail-after-s."""
     class Sink(rdkafka_io.RdKafkaSink):
         def _new_producer(self) -> object:
-            return _RefusingProducer(super()._new_producer(), KafkaError.PRODUCER_FENCED)
+            return _RefusingProducer(super()._new_producer(), getattr(KafkaError, code))
     t = names(kafka_broker, partitions=1)
     sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
     acked = threading.Event()
     try:
         sink.publish(Outgoing(t["output"], b"k", b"v", []), acked.set)
-        assert acked.wait(30), "the fenced delivery dooms the unit"
-        with pytest.raises(KafkaPermanent, match="fenced"):
-            sink.commit_transaction({(t["input"], 0): 1}, None)
-    finally:
-        sink.close()
-
-
-@pytest.mark.kafka
-def test_exactly_once_sends_timed_out_in_an_outage_keep_the_commit_an_outage(kafka_broker):
-    """A delivery that timed out while the brokers were away dooms the open transaction; its commit fails as
-    an outage (retried without a limit), not as a transient error counted toward --fail-after-s."""
-    class Sink(rdkafka_io.RdKafkaSink):
-        def _new_producer(self) -> object:
-            return _RefusingProducer(super()._new_producer(), KafkaError._MSG_TIMED_OUT)
-    t = names(kafka_broker, partitions=1)
-    sink = Sink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
-    acked = threading.Event()
-    try:
-        sink.publish(Outgoing(t["output"], b"k", b"v", []), acked.set)
-        assert acked.wait(30), "a failed delivery in the transaction dooms the unit (acknowledged, to be redone)"
-        with pytest.raises(BrokerUnavailable, match="a send in the transaction failed"):
+        assert acked.wait(30), "a failed delivery in the transaction dooms the unit"
+        with pytest.raises(raised, match=said):
             sink.commit_transaction({(t["input"], 0): 1}, None)
         assert sink.failure is None
     finally:
