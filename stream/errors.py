@@ -189,21 +189,25 @@ def translate(exc: BaseException, what: str, group: str = "",
     return None
 
 
-def kind(exc: BaseException) -> str | None:
-    """What either client's exception means here (OUTAGE, TRANSIENT, PERMANENT or REFUSED); None for
-    any other exception."""
+def kind(exc: Any) -> str | None:
+    """What either client's exception (or librdkafka ``KafkaError``) means here (OUTAGE, TRANSIENT,
+    PERMANENT or REFUSED); None for anything else."""
     if _is_kafka_python(exc):
         return kafka_python_kind(exc)
     error = librdkafka_error(exc)
     return None if error is None else librdkafka_kind(error)
 
 
-def doomed_by(error: object, found: str | None) -> KafkaTransient | BrokerUnavailable:
-    """Why an open transaction cannot commit: a send in it failed with ``error``, of kind ``found``. Sends
-    that timed out while the brokers were away keep it an outage (retried without a limit, not counted
-    toward --fail-after-s); anything else is transient."""
+def doomed_by(error: Any) -> SentimentError:
+    """Why an open transaction cannot commit: a send in it failed with ``error`` (either client's). A
+    fencing stops the member saying so (the abort would fail too, and say a restart fixes it); sends that
+    timed out while the brokers were away keep it an outage (retried without a limit, not counted toward
+    --fail-after-s); anything else is transient."""
     text = f"a send in the transaction failed: {error}"
-    return BrokerUnavailable(text) if found == OUTAGE else KafkaTransient(text)
+    if fenced(error):
+        return KafkaPermanent(f"{text}: this member's producer was fenced (another member took over its "
+                              f"transactional id); stopping")
+    return BrokerUnavailable(text) if kind(error) == OUTAGE else KafkaTransient(text)
 
 
 # a producer ended by a newer one with its transactional id, or by its own epoch bump
@@ -211,7 +215,7 @@ _FENCED_KAFKA_PYTHON = ("ProducerFencedError", "InvalidProducerEpochError", "Tra
 _FENCED_LIBRDKAFKA = ("PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "TRANSACTION_COORDINATOR_FENCED", "_FENCED")
 
 
-def fenced(exc: BaseException) -> bool:
+def fenced(exc: Any) -> bool:
     """A producer ended by a newer one with its transactional id, or by its own epoch bump (the idempotent
     producer): PERMANENT, but neither one record's fault nor the operator's. Exactly once the commit point
     says so; at least once a new producer (or a record sent again alone) carries on."""

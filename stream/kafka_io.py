@@ -597,9 +597,8 @@ class KafkaSink:
         from kafka.errors import KafkaError
         with kafka_errors("transaction commit failed"):
             try:
-                if self._doomed is not None:   # an outage's sends (timed out) keep it an outage: retried unbounded
-                    self._fenced_check(self._doomed)   # fenced: say so (the abort would fail, saying 'restart')
-                    raise doomed_by(self._doomed, kafka_python_kind(self._doomed))
+                if self._doomed is not None:
+                    raise doomed_by(self._doomed)
                 limit = time.monotonic() + self._calls_s
                 kafka_offsets = KafkaSource._kafka_offsets(offsets)
                 self._bounded("adding the offsets to the transaction", limit,

@@ -404,15 +404,11 @@ class RdKafkaSink:
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
         transaction is aborted (raises KafkaTransient or BrokerUnavailable) or, fenced, KafkaPermanent."""
-        from confluent_kafka import KafkaError, KafkaException
+        from confluent_kafka import KafkaException
         with kafka_errors("transaction commit failed"):
             try:
-                if self._doomed is not None:   # an outage's sends (timed out) keep it an outage: retried unbounded
-                    doomed = self._doomed
-                    if isinstance(doomed, KafkaError) and fenced(KafkaException(doomed)):
-                        # fenced: say so (the abort would time out, saying 'restart')
-                        self._fatal_check(KafkaException(doomed), "a send in the transaction failed")
-                    raise doomed_by(doomed, librdkafka_kind(doomed) if isinstance(doomed, KafkaError) else None)
+                if self._doomed is not None:
+                    raise doomed_by(self._doomed)
                 limit = time.monotonic() + TRANSACTION_CALLS_S
                 self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
                 self._producer.commit_transaction(_left(limit))
