@@ -25,10 +25,7 @@ from .delayed import Delayed
 from .errors import (
     OUTAGE,
     REFUSED,
-    BrokerUnavailable,
     KafkaPermanent,
-    KafkaTransient,
-    doomed_by,
     fenced,
     kafka_errors,
     kafka_python_kind,
@@ -37,6 +34,7 @@ from .failures import FailureWatch, Refusals
 from .isolation import Isolation
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
+from .transactions import commit_unit
 
 if TYPE_CHECKING:
     from .config import StreamConfig
@@ -595,28 +593,22 @@ class KafkaSink:
         """Add the consumed offsets to the open transaction, commit it and begin the next.
         On failure the transaction is aborted (raises KafkaTransient) or, fenced, KafkaPermanent."""
         from kafka.errors import KafkaError
+
+        def commit() -> None:
+            limit = time.monotonic() + self._calls_s
+            kafka_offsets = KafkaSource._kafka_offsets(offsets)
+            self._bounded("adding the offsets to the transaction", limit,
+                          lambda: self._producer.send_offsets_to_transaction(kafka_offsets, group_metadata))
+            self._bounded("committing the transaction", limit, self._producer.commit_transaction)
         with kafka_errors("transaction commit failed"):
-            try:
-                if self._doomed is not None:
-                    raise doomed_by(self._doomed)
-                limit = time.monotonic() + self._calls_s
-                kafka_offsets = KafkaSource._kafka_offsets(offsets)
-                self._bounded("adding the offsets to the transaction", limit,
-                              lambda: self._producer.send_offsets_to_transaction(kafka_offsets, group_metadata))
-                self._bounded("committing the transaction", limit, self._producer.commit_transaction)
-                with self._watch_lock:
-                    self._sending.ok()
-                    self.failing_since = None
-            except (KafkaTransient, BrokerUnavailable):
-                log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
-                self.abort_transaction()
-                raise
-            except KafkaError as exc:
-                self._fenced_check(exc)
-                log.warning("committing the transaction failed (%s); aborting it", exc)
-                self.abort_transaction()
-                raise   # as the project's own, by kafka_errors
+            commit_unit(self._doomed, commit, self._committed, self.abort_transaction, KafkaError,
+                        self._fenced_check)
         self._begin()
+
+    def _committed(self) -> None:
+        with self._watch_lock:
+            self._sending.ok()
+            self.failing_since = None
 
     def _bounded(self, what: str, limit: float, call: Callable[[], Any]) -> None:
         """Run a transaction call that kafka-python lets wait on the coordinator without a bound on its

@@ -26,10 +26,7 @@ from .delayed import Delayed
 from .errors import (
     PERMANENT,
     REFUSED,
-    BrokerUnavailable,
     KafkaPermanent,
-    KafkaTransient,
-    doomed_by,
     fenced,
     kafka_errors,
     librdkafka_error,
@@ -40,6 +37,7 @@ from .failures import FailureWatch, Refusals
 from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, fetch_bytes, isolation_level, reachable
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
+from .transactions import commit_unit
 
 if TYPE_CHECKING:
     from .config import StreamConfig
@@ -405,26 +403,20 @@ class RdKafkaSink:
         """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
         transaction is aborted (raises KafkaTransient or BrokerUnavailable) or, fenced, KafkaPermanent."""
         from confluent_kafka import KafkaException
+
+        def commit() -> None:
+            limit = time.monotonic() + TRANSACTION_CALLS_S
+            self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
+            self._producer.commit_transaction(_left(limit))
         with kafka_errors("transaction commit failed"):
-            try:
-                if self._doomed is not None:
-                    raise doomed_by(self._doomed)
-                limit = time.monotonic() + TRANSACTION_CALLS_S
-                self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
-                self._producer.commit_transaction(_left(limit))
-                with self._lock:
-                    self._sending.ok()
-                    self.failing_since = None
-            except (KafkaTransient, BrokerUnavailable):
-                log.warning("a send in the transaction failed (%s); aborting it", self._doomed)
-                self.abort_transaction()
-                raise
-            except KafkaException as exc:
-                self._fatal_check(exc, "committing the transaction")
-                log.warning("committing the transaction failed (%s); aborting it", exc)
-                self.abort_transaction()
-                raise   # as the project's own, by kafka_errors
+            commit_unit(self._doomed, commit, self._committed, self.abort_transaction, KafkaException,
+                        lambda exc: self._fatal_check(exc, "committing the transaction"))
         self._begin()
+
+    def _committed(self) -> None:
+        with self._lock:
+            self._sending.ok()
+            self.failing_since = None
 
     def abort_transaction(self) -> None:
         from confluent_kafka import KafkaException

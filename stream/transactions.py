@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .errors import BrokerUnavailable, KafkaPermanent, KafkaTransient
+from .errors import BrokerUnavailable, KafkaPermanent, KafkaTransient, doomed_by
 from .offsets import OffsetTracker
 from .ports import Partition, show
 
@@ -203,3 +203,26 @@ class Transactions:
             raise KafkaPermanent(f"partitions revoked with work still in flight after {self.drain_timeout_s:g} s "
                                  f"(--drain-timeout-s) in exactly-once mode; exiting so that work cannot commit "
                                  f"in a later transaction (the next owner redoes it)")
+
+
+def commit_unit(doomed: Any, commit: Callable[[], None], committed: Callable[[], None], abort: Callable[[], None],
+                client_error: type[BaseException], fenced_check: Callable[[BaseException], None]) -> None:
+    """A transactional sink's half of a commit point, either client: ``commit`` (add the offsets, commit)
+    unless a send in the unit failed (``doomed``: that failure, which :func:`.errors.doomed_by` explains);
+    ``committed`` after a commit. A doomed unit or a ``client_error`` from the calls aborts the transaction
+    (``abort``) and is raised again (the client's by the caller's :func:`.errors.kafka_errors`); a fenced
+    producer's (``fenced_check`` raises for it) stops the member without an abort, which would fail too."""
+    try:
+        if doomed is not None:
+            raise doomed_by(doomed)
+        commit()
+        committed()
+    except (KafkaTransient, BrokerUnavailable):
+        log.warning("a send in the transaction failed (%s); aborting it", doomed)
+        abort()
+        raise
+    except client_error as exc:
+        fenced_check(exc)
+        log.warning("committing the transaction failed (%s); aborting it", exc)
+        abort()
+        raise
