@@ -92,10 +92,12 @@ class DeviceStandIn(Backend):
         return f"device stand-in, {self.us_per_image:g} us per image"
 
 
-def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int = 32, repeats: int = 3) -> dict:
+def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int = 32, repeats: int = 3,
+           model: dict | None = None) -> dict:
     """Core-seconds per image of decoding (one thread) and of inference (whole process CPU, all its
     threads) on the same photos, with the runtime, precision and streams the service picks (one
-    caller thread per stream, as in the service). Each is the median of ``repeats`` passes: one pass
+    caller thread per stream, as in the service; ``model``: the service's ``precision`` and
+    ``exact_precision`` options where the benchmark sets them). Each is the median of ``repeats`` passes: one pass
     on this shared machine once read 1.43 core-ms of decoding where the passes around it read 0.96,
     which made a backlog run look faster than its budget; the median drops such a pass without taking
     the machine's luckiest moment for its capacity (the backlog rate it is compared with is a mean)."""
@@ -110,7 +112,9 @@ def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int 
         decoded = [decode(payloads[i % len(payloads)]) for i in range(images)]
         decode_passes.append((time.thread_time() - started) / images)
     x = np.stack(decoded)
-    _, selection, backend = open_artifact(artifact, "auto", None, False, batch, streams=0)
+    model = model or {}
+    _, selection, backend = open_artifact(artifact, "auto", model.get("precision"), model.get("exact_precision", False),
+                                          batch, streams=0)
     infer_passes, wall_passes = [], []
     try:
         with ThreadPoolExecutor(backend.concurrency) as callers:
@@ -138,7 +142,7 @@ def budget(artifact: Path, payloads: list[bytes], images: int = 640, batch: int 
 
 
 # ---------------------------------------------------------------- the service as a child process
-def _name_threads(interval_s: float = 0.1) -> None:
+def _name_threads(interval_s: float = 0.5) -> None:
     """Give every thread of this process an OS-level name, for /proc (Python 3.11 names none): each
     Python thread its own (``Thread.native_id`` is its /proc/self/task entry), the main thread, which
     runs the poll loop, ``poll-loop``; threads with no Python thread are the runtime's (``runtime``),
@@ -253,8 +257,12 @@ def percentiles(latencies: list[float]) -> dict:
 
 # ---------------------------------------------------------------- the runs
 class Bench:
-    def __init__(self, broker, artifact: Path, payloads: list[bytes], workdir: Path, partitions: int = 4) -> None:
+    def __init__(self, broker, artifact: Path, payloads: list[bytes], workdir: Path, partitions: int = 4,
+                 model: dict | None = None) -> None:
+        """``model``: the service options choosing the variant (``precision``, ``exact_precision``), given
+        to every service this starts and to :func:`budget`."""
         self.broker, self.artifact, self.payloads, self.partitions = broker, artifact, payloads, partitions
+        self.model = model or {}
         self.log = workdir / "service.log"
         self.prod = Producer(broker.bootstrap)
         self._n = 0
@@ -279,7 +287,8 @@ class Bench:
         ``payloads`` (default the JPEGs) are sent in turn; the results of those larger than the largest
         JPEG (the mixed-size run's huge PNG) are reported apart, as ``large``."""
         topic = self.topic("latency")
-        proc = start_service(self.broker.bootstrap, topic, f"g-{topic}", self.artifact, self.log, **options)
+        proc = start_service(self.broker.bootstrap, topic, f"g-{topic}", self.artifact, self.log,
+                             **(self.model | options))
         reader = Reader(self.broker.bootstrap, f"{topic}-out")
         reader.start()
         out = {}
@@ -355,8 +364,8 @@ class Bench:
         self.prod.flush()
         reader = Reader(self.broker.bootstrap, f"{topic}-out", fetch_wait_ms=100)
         reader.start()
-        procs = [start_service(self.broker.bootstrap, topic, f"g-{topic}", self.artifact, self.log, mode, **options)
-                 for _ in range(processes)]
+        procs = [start_service(self.broker.bootstrap, topic, f"g-{topic}", self.artifact, self.log, mode,
+                               **(self.model | options)) for _ in range(processes)]
         try:
             if not reader.wait_for(lo, 180):
                 raise RuntimeError(f"the service did not drain the backlog; see {self.log}")
@@ -486,9 +495,9 @@ def efficiency(bench: Bench, artifact: Path, payloads: list[bytes], backlog: int
     runs = []
     for index in range(rounds):
         unordered = bench.backlog(backlog, unordered=True, kafka_client=kafka_client) if index % 2 else None
-        before = budget(artifact, payloads)
+        before = budget(artifact, payloads, model=bench.model)
         sat = bench.backlog(backlog, kafka_client=kafka_client)
-        cost = budget_around(before, budget(artifact, payloads))
+        cost = budget_around(before, budget(artifact, payloads, model=bench.model))
         print(f"  budget around that run: {cost['images_per_s']:.0f} img/s "
               f"(before {cost['before_after_images_per_s'][0]:.0f}, after {cost['before_after_images_per_s'][1]:.0f})")
         unordered = unordered or bench.backlog(backlog, unordered=True, kafka_client=kafka_client)
@@ -567,9 +576,9 @@ def gpu_feed(bench: Bench, backlog: int, device_us: float, processes: list[int])
 
 def run_all(artifact: Path, workdir: Path, seconds: float, backlog: int, with_sweep: bool = False,
             device_us: float = DEVICE_US_PER_IMAGE, feed_processes: list[int] | None = None,
-            feed_only: bool = False) -> tuple[dict, dict]:
+            feed_only: bool = False, model: dict | None = None) -> tuple[dict, dict]:
     """Everything above, in one run (``with_sweep``: and :func:`sweep`; ``feed_only``: only
-    :func:`gpu_feed`); returns (results, latency runs for the plot). Latency is measured at rates that
+    :func:`gpu_feed`; ``model``: see :class:`Bench`); returns (results, latency runs for the plot). Latency is measured at rates that
     follow this machine's budget (0.2 and 0.5 of it), so its figures mean the same on any CPU."""
     from stream.embedded_broker import EmbeddedBroker
     payloads = jpegs()
@@ -584,7 +593,7 @@ def run_all(artifact: Path, workdir: Path, seconds: float, backlog: int, with_sw
     runs: dict = {}
     with EmbeddedBroker() as broker:
         broker.pid = broker._process.pid
-        bench = Bench(broker, artifact, payloads, workdir)
+        bench = Bench(broker, artifact, payloads, workdir, model=model)
         try:
             if not feed_only:
                 runs = _cpu_host(bench, artifact, payloads, seconds, backlog, with_sweep, result)

@@ -275,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
                              "CaffeNet, estimated)")
     parser.add_argument("--feed-processes", type=int, nargs="+", default=None,
                         help="GPU feed: process counts to run (default 1 and the CPU count)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                        help="pipeline: the variant the service and its budget run (default: what the service "
+                             "picks, INT8 where it passed its gate)")
+    parser.add_argument("--exact-precision", action="store_true",
+                        help="pipeline: compute in the file's own precision (no OpenVINO bf16); with --precision "
+                             "fp32 the budget is a quarter of INT8's on an AVX-512 VNNI machine (inference six "
+                             "times the core-ms), standing in for a CPU where the model dominates, as INT8 does on "
+                             "an AVX2-only one")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
     parser.add_argument("--backlog", type=int, default=8000,
                         help="images in each backlog (throughput) run; rate and CPU are read over its steady middle")
@@ -307,22 +315,26 @@ def main(argv: list[str] | None = None) -> int:
         decoding = decode_runs(args.repeats)
     args.output.mkdir(parents=True, exist_ok=True)
     name = f"{cpu_kind(cpu)}-{os.cpu_count()}cpu"
+    model = {"precision": args.precision} if args.precision else {}
+    model |= {"exact_precision": True} if args.exact_precision else {}
+    variant = "".join(f"-{v}" for v in (args.precision, "exact" if args.exact_precision else None) if v)
     pipeline, plot = {}, None
     if not args.skip_pipeline:
         from benchmarks.service_bench import DEVICE_US_PER_IMAGE, histogram, run_all
         pipeline, runs = run_all(artifact, args.workdir / "service", args.latency_seconds, args.backlog,
                                  args.sweep, args.device_us or DEVICE_US_PER_IMAGE, args.feed_processes,
-                                 feed_only=args.gpu_feed)
+                                 feed_only=args.gpu_feed, model=model)
         if runs:
-            plot = args.output / f"{name}-latency.png"
+            plot = args.output / f"{name}{variant}-latency.png"
             pipeline["plot"] = {"file": plot.name, "drawn_with": histogram(runs, plot)}
             print(f"latency histogram: {plot} ({pipeline['plot']['drawn_with']})")
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "cpu": cpu, "python": platform.python_version()},
               "placeholder": Manifest.read(artifact).model.placeholder,
-              "model": rows, "int8_float_layers": float_cost, "decode": decoding, "pipeline": pipeline,
+              "service_model_options": model, "model": rows, "int8_float_layers": float_cost, "decode": decoding, "pipeline": pipeline,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     suffix = "" if rows and pipeline else ("-gpu-feed" if args.gpu_feed else "-pipeline" if pipeline else "-models")
+    suffix += variant if pipeline and not args.gpu_feed else ""
     (args.output / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     if rows:
         chart(rows, args.output / f"{name}.png", f"CaffeNet-Twitter on {os.cpu_count()} CPUs")
