@@ -105,7 +105,7 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
 
 def open_artifact(directory: Path, backend: str = "auto", precision: str | None = None, exact: bool = False,
                   max_batch: int = 32, threads: int | None = None,
-                  streams: int = 1) -> tuple[Manifest, Selection, Backend]:
+                  streams: int = 1, latency_lane: bool = True) -> tuple[Manifest, Selection, Backend]:
     """Verify, select and open; the file's sha256 is checked against the manifest first.
 
     A variant computing below FP32 that was validated on a CPU with other extensions is checked
@@ -117,7 +117,7 @@ def open_artifact(directory: Path, backend: str = "auto", precision: str | None 
     verify_file(Path(directory), manifest.variant_entry(key, choice.backend))
     choice = _valid_here(Path(directory), manifest, choice, backend, precision, max_batch)
     opened = open_backend(choice.backend, choice.file, choice.precision, max_batch, exact=choice.exact, threads=threads,
-                          streams=streams)
+                          streams=streams, latency_lane=latency_lane)
     log.info("running %s (%s)", opened.describe(), choice.reason)
     return manifest, choice, opened
 

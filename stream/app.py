@@ -46,7 +46,8 @@ def connector_for(cfg: StreamConfig) -> Connector:
 def open_model(cfg: StreamConfig) -> Model:
     """The artifact opened with the runtime, precision, batch and threads the config asks for."""
     return open_artifact(cfg.artifact, cfg.backend, cfg.precision, cfg.exact_precision, cfg.max_batch,
-                         threads=cfg.inference_threads or None, streams=cfg.inference_streams)
+                         threads=cfg.inference_threads or None, streams=cfg.inference_streams,
+                         latency_lane=cfg.latency_lane)
 
 
 def pipeline_config(cfg: StreamConfig, backend: Backend, cores: int) -> PipelineConfig:

@@ -133,6 +133,68 @@ def test_close_reports_handles_still_out_after_its_timeout():
         assert slots.close(timeout=0.05) == 1
 
 
+def test_the_lone_handle_serves_a_small_call_only_when_nothing_else_runs_and_holds_the_others_back():
+    freed: list[str] = []
+    slots = Slots(["a", "b"], freed.append, lone="lane")
+    got: list[str] = []
+    release = threading.Event()
+
+    def hold_a_stream() -> None:
+        with slots.use() as handle:
+            got.append(handle)
+            release.wait(10)
+    waiter = threading.Thread(target=hold_a_stream, daemon=True)
+    try:
+        with slots.use(small=True) as handle:
+            assert handle == "lane"                   # alone and small: every core
+            waiter.start()
+            time.sleep(0.05)
+            assert got == []                          # the lane uses the streams' cores: they wait for it
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got and got[0] in ("a", "b")           # then a stream, held meanwhile
+        with slots.use(small=True) as second:
+            assert second in ("a", "b") and second != got[0]   # a stream is busy: a small call takes another
+        with slots.use() as big:
+            assert big in ("a", "b")                  # not small: never the lane
+    finally:
+        release.set()
+    waiter.join(5)
+    slots.close(timeout=1)
+    assert sorted(freed) == ["a", "b", "lane"]        # the lane freed with the idle ones
+
+
+def test_a_lone_handle_out_at_close_is_freed_when_it_comes_back():
+    freed: list[str] = []
+    slots = Slots(["a"], freed.append, lone="lane")
+    with slots.use(small=True) as handle:
+        assert handle == "lane" and slots.close(timeout=0.05) == 1
+        assert freed == ["a"]
+    assert freed == ["a", "lane"] and not slots.has_lone
+
+
+@pytest.mark.parametrize("worth_ms", [0.0, float("inf")])
+def test_openvino_runs_lone_small_batches_on_every_core_when_its_measured_worth_it(small_artifact, photos,
+                                                                                 monkeypatch, worth_ms):
+    """Whether the lane opens rests on a lone image's measured time on one stream; its answers are the
+    streams' answers."""
+    from engine_build.runtime import openvino_backend
+    monkeypatch.setattr(openvino_backend, "LANE_WORTH_MS", worth_ms)
+    path = small_artifact / "model.onnx"
+    with open_backend("openvino", path, "fp32", exact=True, streams=2, latency_lane=False) as plain:
+        expected = [plain.infer(photos[i:i + 1]).probs for i in range(3)]
+        assert "lane" not in plain.describe()
+    with open_backend("openvino", path, "fp32", exact=True, streams=2) as backend:
+        opened = worth_ms == 0.0
+        assert backend._requests.has_lone is opened
+        assert ("lone batches of <= 8 on every core" in backend.describe()) is opened
+        assert ("no latency lane" in backend.describe()) is not opened
+        assert "ms on one stream" in backend.describe()
+        for i in range(3):
+            np.testing.assert_allclose(backend.infer(photos[i:i + 1]).probs, expected[i], atol=1e-5)
+
+
 @pytest.mark.parametrize(("threads", "cores", "unpinned"), [
     (None, 4, False), (0, 4, False),     # the runtime's default: every core
     (1, 4, True), (3, 4, True),          # a share of the machine: sibling processes would pin the same cores

@@ -33,16 +33,24 @@ H = TypeVar("H")
 class Slots(Generic[H]):
     """One runtime handle per stream; each call borrows one, and callers beyond the streams wait.
 
+    ``lone``: a handle that runs one call on every core (OpenVINO's LATENCY hint), lent to a call
+    that says it is small when no stream is busy; while it is out, other callers wait for it (it
+    uses their cores). At low load each answer then takes about half as long as on one stream's
+    share; under load, calls are large or overlap and go to the streams.
+
     :meth:`close` frees idle handles at once and borrowed ones as they come back (``free``, for
     runtimes whose handles hold memory of their own); a caller still waiting then gets
     :class:`~engine_build.errors.BackendClosed`. Handles may come from a generator: if making one
     fails, those made before it are freed.
     """
 
-    def __init__(self, handles: Iterable[H], free: Callable[[H], None] | None = None) -> None:
+    def __init__(self, handles: Iterable[H], free: Callable[[H], None] | None = None,
+                 lone: H | None = None) -> None:
         self._free = free or (lambda handle: None)
         self._cond = threading.Condition()
         self._idle: list[H] = []
+        self._lone = lone
+        self._lone_out = False
         self._busy = 0
         self._closed = False
         try:
@@ -52,22 +60,36 @@ class Slots(Generic[H]):
             self._free_idle()
             raise
 
+    @property
+    def has_lone(self) -> bool:
+        return self._lone is not None
+
     @contextmanager
-    def use(self) -> Iterator[H]:
+    def use(self, small: bool = False) -> Iterator[H]:
+        """Borrow a handle: the lone one when ``small`` and nothing else is running, else a stream's."""
         with self._cond:
-            while not self._idle and not self._closed:
+            while (self._lone_out or not self._idle) and not self._closed:
                 self._cond.wait()
             if self._closed:
                 raise BackendClosed("the backend was closed while this call waited for a stream")
+            lone = small and self._lone is not None and self._busy == 0
             self._busy += 1
-            handle = self._idle.pop()
+            if lone:
+                self._lone_out = True
+                handle = self._lone
+            else:
+                handle = self._idle.pop()
         try:
             yield handle
         finally:
             with self._cond:
                 self._busy -= 1
                 try:
-                    if self._closed:
+                    if lone:
+                        self._lone_out = False
+                        if self._closed:
+                            self._free_lone()
+                    elif self._closed:
                         self._free(handle)      # closed while it ran: free it now that it is back
                     else:
                         self._idle.append(handle)
@@ -84,9 +106,18 @@ class Slots(Generic[H]):
             self._cond.wait_for(lambda: self._busy == 0, timeout)
             return self._busy
 
+    def _free_lone(self) -> None:
+        lone, self._lone = self._lone, None
+        if lone is not None:
+            self._free(lone)
+
     def _free_idle(self) -> None:
-        """Free every idle handle, even past one that fails to free; then raise the first failure."""
+        """Free every idle handle (the lone one too when it is not out), even past one that fails to free;
+        then raise the first failure."""
         handles, self._idle = self._idle, []
+        if self._lone is not None and not self._lone_out:
+            handles.append(self._lone)
+            self._lone = None
         failures = []
         for handle in handles:
             try:

@@ -38,7 +38,7 @@ class Entry:
 BACKENDS: dict[str, Entry] = {
     "tensorrt": Entry(".tensorrt_backend", "TensorRtBackend", _tensorrt_reason, ("streams",)),
     "openvino": Entry(".openvino_backend", "OpenVinoBackend", _installed("openvino", "OpenVINO"),
-                      ("exact", "threads", "streams")),
+                      ("exact", "threads", "streams", "latency_lane")),
     "onnxruntime": Entry(".onnxruntime_backend", "OnnxRuntimeBackend", _installed("onnxruntime", "ONNX Runtime"),
                          ("threads", "streams")),
 }
@@ -50,14 +50,15 @@ def available_backends() -> dict[str, str | None]:
 
 
 def open_backend(kind: str, path: Path, precision: str, max_batch: int = 32, exact: bool = False,
-                 threads: int | None = None, streams: int = 1) -> Backend:
+                 threads: int | None = None, streams: int = 1, latency_lane: bool = True) -> Backend:
     """Open ``path`` on runtime ``kind``.
 
     ``exact`` makes runtimes that would silently lower precision (OpenVINO's bf16 on
     CPUs that have it) compute in the file's own precision. ``streams`` is how many
     ``infer`` calls may run at once, each with its share of the CPU threads (``threads``
     in all, but at least one each) or its own TensorRT execution context: 1 (one call at a time, on every core)
-    suits a single caller; 0 lets the runtime choose for this machine.
+    suits a single caller; 0 lets the runtime choose for this machine. ``latency_lane`` (OpenVINO, with
+    several streams): a small batch that finds every stream idle runs on every core at once.
     """
     if streams < 0:
         raise ConfigError(f"streams must be 0 (the runtime chooses) or more, not {streams}")
@@ -70,5 +71,6 @@ def open_backend(kind: str, path: Path, precision: str, max_batch: int = 32, exa
     if not Path(path).exists():
         raise ConfigError(f"{path} does not exist")
     cls = getattr(importlib.import_module(entry.module, __package__), entry.cls)
-    options = {k: v for k, v in (("exact", exact), ("threads", threads), ("streams", streams)) if k in entry.options}
+    options = {k: v for k, v in (("exact", exact), ("threads", threads), ("streams", streams),
+                                 ("latency_lane", latency_lane)) if k in entry.options}
     return cls(path, precision, max_batch, **options)
