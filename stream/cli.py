@@ -72,15 +72,18 @@ def client_version(kafka_client: str) -> str:
         return f"{kafka_client} (version unknown)"
 
 
-def startup_line(cfg: StreamConfig, runtime: str, streams: int, decoders: int, cores: int, cpu: dict) -> str:
+def startup_line(cfg: StreamConfig, runtime: str, streams: int, decoders: int, cores: int, cpu: dict,
+                 lane: str = "") -> str:
     """What this process runs with: the processing guarantee, the Kafka client, the runtime and how
-    the machine's cores were split (each count with where it came from), and the CPU."""
+    the machine's cores were split (each count with where it came from; ``lane``: the runtime's latency
+    lane choice), and the CPU."""
     streams_from = f"--inference-streams {cfg.inference_streams}" if cfg.inference_streams else "the runtime's choice"
     threads = f"{cfg.inference_threads} inference threads" if cfg.inference_threads else "inference on every core"
     decoders_from = f"--decode-workers {cfg.decode_workers}" if cfg.decode_workers else f"auto for {cores} cores"
     extensions = ", ".join(cpu.get("extensions", ())) or "no vector extensions that change kernels"
     return (f"starting: {cfg.processing_guarantee}, Kafka client {client_version(cfg.kafka_client)}, inference "
-            f"runtime {runtime}, {streams} inference stream{'s' * (streams != 1)} ({streams_from}; {threads}), "
+            f"runtime {runtime}, {streams} inference stream{'s' * (streams != 1)} ({streams_from}; {threads}"
+            f"{'; ' + lane if lane else ''}), "
             f"{decoders} decode thread{'s' * (decoders != 1)} ({decoders_from}), CPU {cpu.get('model', '?')} "
             f"({extensions}; {cores} usable cores), Python {platform.python_version()} on {platform.machine()}, "
             f"pid {os.getpid()}")
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
     holder.append(service)
     logging.getLogger("stream").info("%s", startup_line(cfg, str(service.model_info["runtime"]),
                                                         service.backend.concurrency, service.pipeline.decode_workers,
-                                                        usable_cores(), this_cpu()))
+                                                        usable_cores(), this_cpu(), service.backend.lane))
     if received:
         service.stop()   # stopped while starting: run() closes at once
     if service.model_info["placeholder"]:

@@ -53,9 +53,10 @@ class StreamConfig:
                                        "1 = one call on every core; measured in docs/performance.md)")
     inference_threads: int = option(0, "CPU threads for inference, shared by the streams (0 = runtime default: "
                                        "every core)")
-    latency_lane: bool = option(True, "with several OpenVINO streams, a batch of at most a quarter of --max-batch "
-                                      "that finds them all idle runs on every core at once (the LATENCY hint, "
-                                      "weights shared): at low load each answer comes in about half the time")
+    latency_lane: bool = option(True, "with several OpenVINO streams, where a lone image takes 10 ms or more on "
+                                      "one (measured at start-up), a batch of at most a quarter of --max-batch "
+                                      "that finds them all idle runs on every core at once: at low load each "
+                                      "answer comes in about half the time")
     max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")
     max_in_flight_bytes: int = option(256 * 1024 * 1024, "bytes of input values in flight before partitions are "
                                                           "paused (backpressure, with --max-in-flight); the "

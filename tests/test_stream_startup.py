@@ -24,6 +24,12 @@ def test_automatic_choices_say_they_were_automatic_and_name_the_cpu():
     assert "CPU AMD EPYC 7B12 (avx2, fma, f16c; 2 usable cores)" in line
 
 
+def test_the_latency_lane_choice_is_in_the_streams_part():
+    lane = "lone batches of <= 8 on every core (a lone image: 24.6 ms on one stream)"
+    line = startup_line(config(), "openvino (fp32)", streams=2, decoders=2, cores=2, cpu=AVX2, lane=lane)
+    assert f"2 inference streams (the runtime's choice; inference on every core; {lane})" in line
+
+
 def test_choices_given_on_the_command_line_are_named_as_such():
     line = startup_line(config(inference_streams=4, inference_threads=8, decode_workers=3), "onnxruntime (fp32)",
                         streams=4, decoders=3, cores=16, cpu=AVX2)

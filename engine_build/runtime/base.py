@@ -145,6 +145,7 @@ class Backend(ABC):
     name: str = "?"
     concurrency: int = 1
     on_cpu: bool = True      # inference competes with decoding for the CPU's cores
+    lane: str = ""           # the latency lane's choice and what it rests on, where the runtime has one
 
     def __init__(self, path: Path, precision: str, max_batch: int) -> None:
         self.path = Path(path)

@@ -92,7 +92,10 @@ class OpenVinoBackend(Backend):
         except RuntimeError as exc:
             raise ModelFormatError(f"OpenVINO cannot run {path}: {str(exc).splitlines()[0]}") from exc
         self._small = max(1, max_batch // 4)   # the most a lone call may carry onto the latency lane
-        self._lane_asked = latency_lane and self.concurrency > 1
+        if latency_lane and self.concurrency > 1:
+            measured = f"a lone image: {self.lone_image_ms:.1f} ms on one stream"
+            self.lane = (f"lone batches of <= {self._small} on every core ({measured})" if lone is not None else
+                         f"no latency lane ({measured}, under {LANE_WORTH_MS:g})")
         hint = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         lowered = {"<Type: 'bfloat16'>": "bf16", "bf16": "bf16", "<Type: 'float16'>": "fp16", "f16": "fp16"}
         compute = lowered.get(hint, "fp32")
@@ -111,11 +114,8 @@ class OpenVinoBackend(Backend):
             raise ModelFormatError(f"OpenVINO cannot run {path}: {str(exc).splitlines()[0]}") from exc
 
     def describe(self) -> str:
-        lane = ""
-        if self._lane_asked:   # the start-up line shows the choice and what it rests on
-            lane = (f", lone batches of <= {self._small} on every core" if self._requests.has_lone else
-                    ", no latency lane") + f" (a lone image: {self.lone_image_ms:.1f} ms on one stream)"
-        return super().describe() + lane + ("" if self.pinned else ", threads unpinned")
+        return super().describe() + (f", {self.lane}" if self.lane else "") + \
+            ("" if self.pinned else ", threads unpinned")
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
         with self._requests.use(small=len(images) <= self._small) as request:
