@@ -578,8 +578,9 @@ def run_all(artifact: Path, workdir: Path, seconds: float, backlog: int, with_sw
             device_us: float = DEVICE_US_PER_IMAGE, feed_processes: list[int] | None = None,
             feed_only: bool = False, model: dict | None = None) -> tuple[dict, dict]:
     """Everything above, in one run (``with_sweep``: and :func:`sweep`; ``feed_only``: only
-    :func:`gpu_feed`; ``model``: see :class:`Bench`); returns (results, latency runs for the plot). Latency is measured at rates that
-    follow this machine's budget (0.2 and 0.5 of it), so its figures mean the same on any CPU."""
+    :func:`gpu_feed`; ``model``: see :class:`Bench`); returns (results, latency runs for the plot).
+    Latency is measured at rates that follow this machine's budget (0.2 and 0.5 of it), so its figures
+    mean the same on any CPU."""
     from stream.embedded_broker import EmbeddedBroker
     payloads = jpegs()
     workdir.mkdir(parents=True, exist_ok=True)

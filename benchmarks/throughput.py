@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                              "picks, INT8 where it passed its gate)")
     parser.add_argument("--exact-precision", action="store_true",
                         help="pipeline: compute in the file's own precision (no OpenVINO bf16); with --precision "
-                             "fp32 the budget is a quarter of INT8's on an AVX-512 VNNI machine (inference six "
+                             "fp32 the budget is a quarter of INT8's on an AMX Xeon (inference six "
                              "times the core-ms), standing in for a CPU where the model dominates, as INT8 does on "
                              "an AVX2-only one")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "cpu": cpu, "python": platform.python_version()},
               "placeholder": Manifest.read(artifact).model.placeholder,
-              "service_model_options": model, "model": rows, "int8_float_layers": float_cost, "decode": decoding, "pipeline": pipeline,
+              "service_model_options": model, "model": rows, "int8_float_layers": float_cost, "decode": decoding,
+              "pipeline": pipeline,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     suffix = "" if rows and pipeline else ("-gpu-feed" if args.gpu_feed else "-pipeline" if pipeline else "-models")
     suffix += variant if pipeline and not args.gpu_feed else ""

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine_build.errors import ConfigError
 from engine_build.options import Options, check_choices, option
+from engine_build.runtime.openvino_backend import LANE_WORTH_MS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
@@ -53,10 +54,13 @@ class StreamConfig:
                                        "1 = one call on every core; measured in docs/performance.md)")
     inference_threads: int = option(0, "CPU threads for inference, shared by the streams (0 = runtime default: "
                                        "every core)")
-    latency_lane: bool = option(True, "with several OpenVINO streams, where a lone image takes 10 ms or more on "
-                                      "one (measured at start-up), a batch of at most a quarter of --max-batch "
-                                      "that finds them all idle runs on every core at once: at low load each "
-                                      "answer comes in about half the time")
+    latency_lane: bool = option(True, f"with several OpenVINO streams, where a lone image takes {LANE_WORTH_MS:g} ms "
+                                      "or more on one (measured at start-up), a batch of at most a quarter of "
+                                      "--max-batch that finds every stream idle runs on all the inference threads: "
+                                      "its inference takes about half as long (p50 at 0.2 of the budget 28-30 ms "
+                                      "against 43-46 where the model dominates), for a second copy of the weights "
+                                      "(+221 MB for FP32 CaffeNet, +61 MB INT8) and a higher p50 near half the "
+                                      "budget; never in --processes children")
     max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")
     max_in_flight_bytes: int = option(256 * 1024 * 1024, "bytes of input values in flight before partitions are "
                                                           "paused (backpressure, with --max-in-flight); the "

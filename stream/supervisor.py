@@ -23,9 +23,11 @@ CHILD_INDEX = "STREAM_CHILD_INDEX"   # set in child i's environment; its log lin
 
 
 def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
-    """The command line of child ``index`` (later flags win in argparse)."""
+    """The command line of child ``index`` (later flags win in argparse). No child runs the latency lane:
+    it would judge the cores idle by its own streams alone and take them from its siblings'."""
     port = metrics_port + index if metrics_port else 0
-    return [sys.executable, "-m", "stream", *argv, "--processes", "1", "--metrics-port", str(port)]
+    return [sys.executable, "-m", "stream", *argv, "--processes", "1", "--metrics-port", str(port),
+            "--no-latency-lane"]
 
 
 ChildCommand = Callable[[Sequence[str], int, int], list[str]]   # (flags, index, metrics port) -> argv, as child_argv

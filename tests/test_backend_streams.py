@@ -156,11 +156,11 @@ def test_the_lone_handle_serves_a_small_call_only_when_nothing_else_runs_and_hol
         assert got and got[0] in ("a", "b")           # then a stream, held meanwhile
         with slots.use(small=True) as second:
             assert second in ("a", "b") and second != got[0]   # a stream is busy: a small call takes another
-        with slots.use() as big:
-            assert big in ("a", "b")                  # not small: never the lane
     finally:
         release.set()
     waiter.join(5)
+    with slots.use() as big:
+        assert big in ("a", "b")                      # nothing runs, but not small: never the lane
     slots.close(timeout=1)
     assert sorted(freed) == ["a", "b", "lane"]        # the lane freed with the idle ones
 
@@ -175,24 +175,71 @@ def test_a_lone_handle_out_at_close_is_freed_when_it_comes_back():
 
 
 @pytest.mark.parametrize("worth_ms", [0.0, float("inf")])
-def test_openvino_runs_lone_small_batches_on_every_core_when_its_measured_worth_it(small_artifact, photos,
-                                                                                 monkeypatch, worth_ms):
-    """Whether the lane opens rests on a lone image's measured time on one stream; its answers are the
-    streams' answers."""
-    from engine_build.runtime import openvino_backend
-    monkeypatch.setattr(openvino_backend, "LANE_WORTH_MS", worth_ms)
+def test_openvino_runs_lone_small_batches_on_the_lane_when_its_measured_worth_it(small_artifact, photos, worth_ms):
+    """Whether the lane opens rests on a lone image's measured time on one stream; a small batch then
+    runs on it, a larger one on a stream, and the answers are the streams' answers."""
+    from engine_build.runtime.openvino_backend import OpenVinoBackend
     path = small_artifact / "model.onnx"
     with open_backend("openvino", path, "fp32", exact=True, streams=2, latency_lane=False) as plain:
-        expected = [plain.infer(photos[i:i + 1]).probs for i in range(3)]
-        assert "lane" not in plain.describe()
-    with open_backend("openvino", path, "fp32", exact=True, streams=2) as backend:
+        expected = plain.infer(photos).probs
+        assert plain.lane == "" and not plain._requests.has_lone
+    with OpenVinoBackend(path, "fp32", 4, exact=True, streams=2, lane_worth_ms=worth_ms) as backend:
         opened = worth_ms == 0.0
         assert backend._requests.has_lone is opened
-        assert ("lone batches of <= 8 on every core" in backend.lane) is opened
+        assert ("lone batches of <= 1 on all inference threads" in backend.lane) is opened
         assert ("no latency lane" in backend.lane) is not opened
         assert "ms on one stream" in backend.lane and backend.lane in backend.describe()
+        calls = backend._requests.lone_calls
         for i in range(3):
-            np.testing.assert_allclose(backend.infer(photos[i:i + 1]).probs, expected[i], atol=1e-5)
+            np.testing.assert_allclose(backend.infer(photos[i:i + 1]).probs, expected[i:i + 1], atol=1e-5)
+        assert backend._requests.lone_calls == calls + 3 * opened       # each small batch on the lane
+        np.testing.assert_allclose(backend.infer(photos[:2]).probs, expected[:2], atol=1e-5)
+        assert backend._requests.lone_calls == calls + 3 * opened       # a batch above a quarter: a stream
+
+
+def test_callers_that_waited_behind_the_lone_handle_spread_over_the_streams():
+    """Small calls that overlap must not queue for the lone handle one by one (that is one stream)."""
+    slots = Slots(["a", "b"], lone="lane")
+    got: list[str] = []
+    both_in = threading.Barrier(3, timeout=10)
+
+    def small_call() -> None:
+        with slots.use(small=True) as handle:
+            got.append(handle)
+            both_in.wait()                            # both must hold a handle at once
+    with slots.use(small=True) as handle:
+        assert handle == "lane"
+        callers = [threading.Thread(target=small_call, daemon=True) for _ in range(2)]
+        for caller in callers:
+            caller.start()
+        time.sleep(0.05)
+        assert got == []                              # waiting behind the lane
+    both_in.wait()
+    for caller in callers:
+        caller.join(5)
+    assert sorted(got) == ["a", "b"] and slots.lone_calls == 1
+
+
+def test_the_lone_handle_comes_back_after_a_failed_call_and_close_wakes_its_waiters():
+    slots = Slots(["a"], lone="lane")
+    with pytest.raises(RuntimeError), slots.use(small=True):
+        raise RuntimeError("the runtime failed")
+    outcome: list[object] = []
+
+    def wait_for_a_handle() -> None:
+        try:
+            with slots.use() as handle:
+                outcome.append(handle)
+        except BackendClosed as exc:
+            outcome.append(exc)
+    with slots.use(small=True) as handle:
+        assert handle == "lane"                       # back after the failure
+        waiter = threading.Thread(target=wait_for_a_handle, daemon=True)
+        waiter.start()
+        time.sleep(0.05)
+        assert slots.close(timeout=0.05) == 1         # the lane is still out
+        waiter.join(5)
+        assert len(outcome) == 1 and isinstance(outcome[0], BackendClosed)
 
 
 @pytest.mark.parametrize(("threads", "cores", "unpinned"), [

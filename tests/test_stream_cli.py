@@ -181,9 +181,9 @@ def test_switches_have_a_no_form_and_their_twins_take_true_or_false():
 
 def test_processes_start_children_that_share_the_flags_and_their_failure_is_the_exit_code(tmp_path, capsys):
     from stream.supervisor import child_argv
-    assert child_argv(["--group-id", "g"], 2, 9108)[-6:] == ["--group-id", "g", "--processes", "1",
-                                                             "--metrics-port", "9110"]
-    assert child_argv([], 1, 0)[-1] == "0"
+    assert child_argv(["--group-id", "g"], 2, 9108)[-7:] == ["--group-id", "g", "--processes", "1",
+                                                             "--metrics-port", "9110", "--no-latency-lane"]
+    assert child_argv([], 1, 0)[-2] == "0"
     code = main(BASE + ["--artifact", str(tmp_path / "missing"), "--processes", "2"], {})
     assert code == 1
 

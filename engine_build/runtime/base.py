@@ -33,10 +33,11 @@ H = TypeVar("H")
 class Slots(Generic[H]):
     """One runtime handle per stream; each call borrows one, and callers beyond the streams wait.
 
-    ``lone``: a handle that runs one call on every core (OpenVINO's LATENCY hint), lent to a call
-    that says it is small when no stream is busy; while it is out, other callers wait for it (it
-    uses their cores). At low load each answer then takes about half as long as on one stream's
-    share; under load, calls are large or overlap and go to the streams.
+    ``lone``: a handle whose calls use every inference thread (OpenVINO's LATENCY hint), lent to a
+    call that says it is small when no stream is busy and no one is waiting; while it is out, other
+    callers wait for it (it uses their threads), and a caller that had to wait takes a stream, so
+    calls that overlap spread over the streams instead of queueing for the lone handle.
+    ``lone_calls`` counts the calls it served.
 
     :meth:`close` frees idle handles at once and borrowed ones as they come back (``free``, for
     runtimes whose handles hold memory of their own); a caller still waiting then gets
@@ -52,7 +53,9 @@ class Slots(Generic[H]):
         self._lone = lone
         self._lone_out = False
         self._busy = 0
+        self._waiting = 0
         self._closed = False
+        self.lone_calls = 0
         try:
             for handle in handles:
                 self._idle.append(handle)
@@ -66,17 +69,26 @@ class Slots(Generic[H]):
 
     @contextmanager
     def use(self, small: bool = False) -> Iterator[H]:
-        """Borrow a handle: the lone one when ``small`` and nothing else is running, else a stream's."""
+        """Borrow a handle: the lone one when ``small`` and no one else is running or waiting, else a
+        stream's."""
         with self._cond:
-            while (self._lone_out or not self._idle) and not self._closed:
-                self._cond.wait()
+            waited = False
+            self._waiting += 1
+            try:
+                while (self._lone_out or not self._idle) and not self._closed:
+                    waited = True
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
             if self._closed:
                 raise BackendClosed("the backend was closed while this call waited for a stream")
-            lone = small and self._lone is not None and self._busy == 0
+            alone = small and not waited and self._busy == 0 and self._waiting == 0
+            lone = self._lone if alone else None
             self._busy += 1
-            if lone:
+            if lone is not None:
                 self._lone_out = True
-                handle = self._lone
+                self.lone_calls += 1
+                handle = lone
             else:
                 handle = self._idle.pop()
         try:
@@ -85,7 +97,7 @@ class Slots(Generic[H]):
             with self._cond:
                 self._busy -= 1
                 try:
-                    if lone:
+                    if lone is not None:
                         self._lone_out = False
                         if self._closed:
                             self._free_lone()

@@ -11,14 +11,16 @@ split the cores between requests that callers run at once, each on fewer threads
 load that is cheaper per image: a one-thread request never waits for a sibling thread
 that another thread of the process (a decoder) has pre-empted.
 
-With several streams, ``latency_lane`` may also compile the model with the LATENCY hint (the
-weights are shared: a few MB more) and run on it a batch of at most a quarter of ``max_batch``
-that finds every stream idle, on every core at once (:class:`.base.Slots`). Whether it does is
-measured at open: a lone image's call on one stream must take at least ``LANE_WORTH_MS``. On a
-2-core Xeon with the service at 0.2 of its budget, FP32 computed exactly (24.6 ms a lone image
-on a stream, 12.6 on the lane) answered at p50 32-35 ms with the lane against 47-49 without;
-the INT8 file (4.7 against 2.1 ms) at 40-43 against 32-34: the lane's threads, waking and
-spinning for every short call, took the cores from decoding (1.91 cores busy against 1.65).
+With several streams, ``latency_lane`` may also compile the model with the LATENCY hint and run on
+it a batch of at most a quarter of ``max_batch`` that finds every stream idle and no caller
+waiting, on all the inference threads at once (:class:`.base.Slots`). Whether it does is measured
+at open: a lone image's call on one stream must take at least ``lane_worth_ms`` (default
+``LANE_WORTH_MS``). The second compile holds its own copy of the weights in the runtime's layout
+(see ``docs/performance.md`` for the measured memory). On a 2-core Xeon with the service at 0.2 of
+its budget, FP32 computed exactly (24.6 ms a lone image on a stream, 12.6 on the lane) answered at
+p50 32-35 ms with the lane against 47-49 without; the INT8 file (4.7 against 2.1 ms) at 40-43
+against 32-34: the lane's threads, waking and spinning for every short call, took the cores from
+decoding (1.91 cores busy against 1.65).
 
 Fewer threads than cores are left unpinned (see :func:`leave_unpinned`).
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,9 +50,14 @@ def leave_unpinned(threads: int | None, cores: int) -> bool:
 LANE_WORTH_MS = 10.0   # see the module's docstring: 4.7 ms was not worth a lane, 24.6 was
 
 
-def _timed_ms(request, images: np.ndarray, calls: int = 3) -> float:
-    """The median wall time of ``calls`` calls of ``request`` on ``images``, after one untimed call."""
-    request.infer({"images": images})
+def _first_call(request: Any, images: np.ndarray) -> None:
+    """A request's first call, reading its output's data as every later call does."""
+    np.array(request.infer({"images": images})["probs"])
+
+
+def _timed_ms(request: Any, images: np.ndarray, calls: int = 3) -> float:
+    """The median wall time of ``calls`` calls of ``request`` on ``images``, after an untimed first call."""
+    _first_call(request, images)
     times = []
     for _ in range(calls):
         started = time.perf_counter()
@@ -62,7 +70,8 @@ class OpenVinoBackend(Backend):
     name = "openvino"
 
     def __init__(self, path: Path, precision: str, max_batch: int, exact: bool = False,
-                 threads: int | None = None, streams: int = 1, latency_lane: bool = True) -> None:
+                 threads: int | None = None, streams: int = 1, latency_lane: bool = True,
+                 lane_worth_ms: float = LANE_WORTH_MS) -> None:
         super().__init__(path, precision, max_batch)
         import openvino as ov
 
@@ -82,20 +91,32 @@ class OpenVinoBackend(Backend):
             self._compiled = core.compile_model(model, "CPU", config)
             for name in ("probs", "logits"):
                 self._compiled.output(name)     # raises if the file lacks it
-            self.concurrency = max(1, int(self._compiled.get_property("NUM_STREAMS")))
-            requests = [self._compiled.create_infer_request() for _ in range(self.concurrency)]
-            self.lone_image_ms = _timed_ms(requests[0], np.zeros((1, *INPUT_SHAPE), np.uint8))
-            lone = None
-            if latency_lane and self.concurrency > 1 and self.lone_image_ms >= LANE_WORTH_MS:
-                lone = core.compile_model(model, "CPU", common | {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
-                lone.infer({"images": np.zeros((1, *INPUT_SHAPE), np.uint8)})
+        except RuntimeError as exc:
+            raise ModelFormatError(f"OpenVINO cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        self.concurrency = max(1, int(self._compiled.get_property("NUM_STREAMS")))
+        self._small = max(1, max_batch // 4)   # the most a lone call may carry onto the latency lane
+        requests = [self._compiled.create_infer_request() for _ in range(self.concurrency)]
+        lone = None
+        try:
+            # Calls before any caller may run two at once: the first ``tensor.data`` of a process
+            # initialises a C++ static that waits for the GIL inside its guard, and two threads making
+            # that first call together deadlock (seen with openvino 2026.4: both infer threads stuck
+            # at start-up, one in __cxa_guard_acquire, one waiting for the GIL).
+            first = np.zeros((1, *INPUT_SHAPE), np.uint8)
+            if latency_lane and self.concurrency > 1:
+                alone_ms = _timed_ms(requests[0], first)
+                measured = f"a lone image: {alone_ms:.1f} ms on one stream"
+                if alone_ms >= lane_worth_ms:
+                    lone = core.compile_model(model, "CPU", common | {"PERFORMANCE_HINT": "LATENCY"}) \
+                        .create_infer_request()
+                    _first_call(lone, first)
+                    self.lane = f"lone batches of <= {self._small} on all inference threads ({measured})"
+                else:
+                    self.lane = f"no latency lane ({measured}, under {lane_worth_ms:g} ms)"
+            else:
+                _first_call(requests[0], first)
         except RuntimeError as exc:
             raise ModelFormatError(f"OpenVINO cannot run {path}: {str(exc).splitlines()[0]}") from exc
-        self._small = max(1, max_batch // 4)   # the most a lone call may carry onto the latency lane
-        if latency_lane and self.concurrency > 1:
-            measured = f"a lone image: {self.lone_image_ms:.1f} ms on one stream"
-            self.lane = (f"lone batches of <= {self._small} on every core ({measured})" if lone is not None else
-                         f"no latency lane ({measured}, under {LANE_WORTH_MS:g})")
         hint = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         lowered = {"<Type: 'bfloat16'>": "bf16", "bf16": "bf16", "<Type: 'float16'>": "fp16", "f16": "fp16"}
         compute = lowered.get(hint, "fp32")
@@ -104,14 +125,6 @@ class OpenVinoBackend(Backend):
         self.compute_precision = compute
         self.pinned = bool(self._compiled.get_property("ENABLE_CPU_PINNING"))
         self._requests = Slots(requests, lone=lone)
-        try:
-            # One call before any caller may run two at once: the first ``tensor.data`` of a process
-            # initialises a C++ static that waits for the GIL inside its guard, and two threads making
-            # that first call together deadlock (seen with openvino 2026.4: both infer threads stuck
-            # at start-up, one in __cxa_guard_acquire, one waiting for the GIL).
-            self._infer_impl(np.zeros((1, *INPUT_SHAPE), np.uint8))
-        except RuntimeError as exc:
-            raise ModelFormatError(f"OpenVINO cannot run {path}: {str(exc).splitlines()[0]}") from exc
 
     def describe(self) -> str:
         return super().describe() + (f", {self.lane}" if self.lane else "") + \
