@@ -57,10 +57,9 @@ class StreamConfig:
     latency_lane: bool = option(True, f"with several OpenVINO streams, where a lone image takes {LANE_WORTH_MS:g} ms "
                                       "or more on one (measured at start-up), a batch of at most a quarter of "
                                       "--max-batch that finds every stream idle runs on all the inference threads: "
-                                      "its inference takes about half as long (p50 at 0.2 of the budget 28-30 ms "
+                                      "its inference takes about half as long (p50 at 0.2 of the budget 28-31 ms "
                                       "against 43-46 where the model dominates), for a second copy of the weights "
-                                      "(+221 MB for FP32 CaffeNet, +61 MB INT8) and a higher p50 near half the "
-                                      "budget; never in --processes children")
+                                      "(+221 MB for FP32 CaffeNet, +61 MB INT8); never in --processes children")
     max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")
     max_in_flight_bytes: int = option(256 * 1024 * 1024, "bytes of input values in flight before partitions are "
                                                           "paused (backpressure, with --max-in-flight); the "
