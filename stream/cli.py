@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
     holder.append(service)
     logging.getLogger("stream").info("%s", startup_line(cfg, str(service.model_info["runtime"]),
                                                         service.backend.concurrency, service.pipeline.decode_workers,
-                                                        usable_cores(), this_cpu(), service.backend.lane))
+                                                        usable_cores(), this_cpu(), service.backend.lane_choice))
     if received:
         service.stop()   # stopped while starting: run() closes at once
     if service.model_info["placeholder"]:

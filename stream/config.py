@@ -13,7 +13,7 @@ from typing import Any
 
 from engine_build.errors import ConfigError
 from engine_build.options import Options, check_choices, option
-from engine_build.runtime.openvino_backend import LANE_WORTH_MS
+from engine_build.runtime.base import LANE_WORTH_MS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
@@ -56,10 +56,10 @@ class StreamConfig:
                                        "every core)")
     latency_lane: bool = option(True, f"with several OpenVINO streams, where a lone image takes {LANE_WORTH_MS:g} ms "
                                       "or more on one (measured at start-up), a batch of at most a quarter of "
-                                      "--max-batch that finds every stream idle runs on all the inference threads: "
-                                      "its inference takes about half as long (p50 at 0.2 of the budget 28-31 ms "
-                                      "against 43-46 where the model dominates), for a second copy of the weights "
-                                      "(+221 MB for FP32 CaffeNet, +61 MB INT8); never in --processes children")
+                                      "--max-batch that finds every stream idle runs on all the inference threads, "
+                                      "so its inference takes about half as long (measured in "
+                                      "docs/performance.md), for a second copy of the weights in memory; never in "
+                                      "--processes children")
     max_in_flight: int = option(512, "messages in flight before partitions are paused (backpressure)")
     max_in_flight_bytes: int = option(256 * 1024 * 1024, "bytes of input values in flight before partitions are "
                                                           "paused (backpressure, with --max-in-flight); the "

@@ -1,8 +1,8 @@
 """``--processes N``: N consumer processes on one host, one consumer group.
 
 Each child is a plain ``python -m stream`` with the same flags and environment plus
-``--processes 1 --metrics-port BASE+i`` (and, given a transactional id, ``--transactional-id
-ID-i``): its own Kafka clients, backend and decode pool, so the Kafka client and decoding scale
+``--processes 1 --metrics-port BASE+i --no-latency-lane`` (and, given a transactional id,
+``--transactional-id ID-i``): its own Kafka clients, backend and decode pool, so the Kafka client and decoding scale
 past one interpreter's GIL while the group shares the partitions among the children. The
 supervisor forwards SIGTERM/SIGINT to every child and waits for their drains; if one child
 fails, the others are stopped and its exit code is returned, so the outer supervisor (systemd,

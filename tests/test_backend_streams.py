@@ -148,8 +148,8 @@ def test_the_lone_handle_serves_a_small_call_only_when_nothing_else_runs_and_hol
         with slots.use(small=True) as handle:
             assert handle == "lane"                   # alone and small: every core
             waiter.start()
-            time.sleep(0.05)
-            assert got == []                          # the lane uses the streams' cores: they wait for it
+            _until(lambda: slots.waiting == 1, "a large caller waits behind the lane")
+            assert got == []                          # the lane uses the streams' threads: they wait for it
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -182,19 +182,65 @@ def test_openvino_runs_lone_small_batches_on_the_lane_when_its_measured_worth_it
     path = small_artifact / "model.onnx"
     with open_backend("openvino", path, "fp32", exact=True, streams=2, latency_lane=False) as plain:
         expected = plain.infer(photos).probs
-        assert plain.lane == "" and not plain._requests.has_lone
+        assert plain.lane_choice == "no latency lane (--no-latency-lane)" and not plain._requests.has_lone
     with OpenVinoBackend(path, "fp32", 4, exact=True, streams=2, lane_worth_ms=worth_ms) as backend:
         opened = worth_ms == 0.0
         assert backend._requests.has_lone is opened
-        assert ("lone batches of <= 1 on all inference threads" in backend.lane) is opened
-        assert ("no latency lane" in backend.lane) is not opened
-        assert "ms on one stream" in backend.lane and backend.lane in backend.describe()
+        assert ("lone batches of <= 1 on all inference threads" in backend.lane_choice) is opened
+        assert ("no latency lane" in backend.lane_choice) is not opened
+        assert "ms on one stream" in backend.lane_choice and backend.lane_choice in backend.describe()
         calls = backend._requests.lone_calls
         for i in range(3):
             np.testing.assert_allclose(backend.infer(photos[i:i + 1]).probs, expected[i:i + 1], atol=1e-5)
         assert backend._requests.lone_calls == calls + 3 * opened       # each small batch on the lane
         np.testing.assert_allclose(backend.infer(photos[:2]).probs, expected[:2], atol=1e-5)
         assert backend._requests.lone_calls == calls + 3 * opened       # a batch above a quarter: a stream
+
+
+def _until(condition, what: str) -> None:
+    """Wait for another thread's progress (a caller reaching its wait), not for the clock."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.005)
+
+
+def test_a_small_caller_that_waited_behind_the_lone_handle_takes_a_stream():
+    slots = Slots(["a", "b"], lone="lane")
+    got: list[str] = []
+
+    def small_call() -> None:
+        with slots.use(small=True) as handle:
+            got.append(handle)
+    with slots.use(small=True) as handle:
+        assert handle == "lane"
+        caller = threading.Thread(target=small_call, daemon=True)
+        caller.start()
+        _until(lambda: slots.waiting == 1, "the small caller waits behind the lane")
+    caller.join(5)
+    assert got in (["a"], ["b"]) and slots.lone_calls == 1     # alone by then, but it waited: a stream
+
+
+def test_a_caller_back_for_the_lone_handle_at_once_cannot_keep_a_waiting_one_out():
+    """An inference thread making small calls back to back must not keep the other thread's batch waiting
+    (the one that returns the lone handle takes the lock again before the woken waiter runs)."""
+    slots = Slots(["a", "b"], lone="lane")
+    lone_calls_when_served: list[int] = []
+
+    def large_call() -> None:
+        with slots.use():
+            lone_calls_when_served.append(slots.lone_calls)
+    waiter = threading.Thread(target=large_call, daemon=True)
+    with slots.use(small=True):
+        waiter.start()
+        _until(lambda: slots.waiting == 1, "the large caller waits behind the lane")
+    for _ in range(1000):                             # back for a small call at once, again and again
+        if lone_calls_when_served:
+            break
+        with slots.use(small=True):
+            pass
+    waiter.join(5)
+    assert lone_calls_when_served == [1]              # no lone call while it waited
 
 
 def test_callers_that_waited_behind_the_lone_handle_spread_over_the_streams():
@@ -212,8 +258,8 @@ def test_callers_that_waited_behind_the_lone_handle_spread_over_the_streams():
         callers = [threading.Thread(target=small_call, daemon=True) for _ in range(2)]
         for caller in callers:
             caller.start()
-        time.sleep(0.05)
-        assert got == []                              # waiting behind the lane
+        _until(lambda: slots.waiting == 2, "both wait behind the lane")
+        assert got == []
     both_in.wait()
     for caller in callers:
         caller.join(5)
@@ -236,7 +282,7 @@ def test_the_lone_handle_comes_back_after_a_failed_call_and_close_wakes_its_wait
         assert handle == "lane"                       # back after the failure
         waiter = threading.Thread(target=wait_for_a_handle, daemon=True)
         waiter.start()
-        time.sleep(0.05)
+        _until(lambda: slots.waiting == 1, "a caller waits behind the lane")
         assert slots.close(timeout=0.05) == 1         # the lane is still out
         waiter.join(5)
         assert len(outcome) == 1 and isinstance(outcome[0], BackendClosed)
@@ -259,3 +305,17 @@ def test_openvino_compiles_a_share_of_the_cores_unpinned_and_says_so(small_artif
     with open_backend("openvino", small_artifact / "model.onnx", "fp32") as default, \
             open_backend("openvino", small_artifact / "model.onnx", "fp32", threads=usable_cores()) as every:
         assert every.pinned == default.pinned     # every core: OpenVINO's own choice stands
+
+
+@pytest.mark.parametrize("lane", [True, False])
+def test_the_service_config_reaches_the_backends_latency_lane(small_artifact, lane):
+    from stream.app import open_model
+    from stream.config import StreamConfig
+    cfg = StreamConfig(bootstrap_servers="localhost:9092", input_topic=("in",), output_topic="out",
+                       dead_letter_topic="dlq", artifact=small_artifact, backend="openvino", precision="fp32",
+                       exact_precision=True, inference_streams=2, latency_lane=lane)
+    _, _, backend = open_model(cfg)
+    with backend:
+        assert backend.concurrency == 2
+        assert ("--no-latency-lane" in backend.lane_choice) is not lane    # else measured: "a lone image: ..."
+        assert ("a lone image" in backend.lane_choice) is lane

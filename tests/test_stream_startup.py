@@ -25,7 +25,7 @@ def test_automatic_choices_say_they_were_automatic_and_name_the_cpu():
 
 
 def test_the_latency_lane_choice_is_in_the_streams_part():
-    lane = "lone batches of <= 8 on every core (a lone image: 24.6 ms on one stream)"
+    lane = "lone batches of <= 8 on all inference threads (a lone image: 25.6 ms on one stream)"
     line = startup_line(config(), "openvino (fp32)", streams=2, decoders=2, cores=2, cpu=AVX2, lane=lane)
     assert f"2 inference streams (the runtime's choice; inference on every core; {lane})" in line
 

@@ -27,6 +27,13 @@ from ..errors import BackendClosed
 from ..preprocess import IMAGE_SIZE
 
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+# The least time a lone image's call on one stream must take for a latency lane (see :class:`Slots`) to
+# pay, as measured when the model opens. On a 2-core Xeon, in the service at 0.2 of its budget: FP32
+# computed exactly (25.1-26.6 ms measured at open; 24.6 on a stream against 12.6 on the lane in a
+# steady loop) answered sooner with a lane, the INT8 file (6.4-7.2 ms at open; 4.7 against 2.1) later,
+# its lane's threads waking for every short call and taking the cores from decoding
+# (docs/performance.md, "fifth to eighth runs").
+LANE_WORTH_MS = 10.0
 H = TypeVar("H")
 
 
@@ -37,7 +44,7 @@ class Slots(Generic[H]):
     call that says it is small when no stream is busy and no one is waiting; while it is out, other
     callers wait for it (it uses their threads), and a caller that had to wait takes a stream, so
     calls that overlap spread over the streams instead of queueing for the lone handle.
-    ``lone_calls`` counts the calls it served.
+    ``lone_calls`` counts the calls it served and ``waiting`` the callers waiting now (both for tests).
 
     :meth:`close` frees idle handles at once and borrowed ones as they come back (``free``, for
     runtimes whose handles hold memory of their own); a caller still waiting then gets
@@ -66,6 +73,11 @@ class Slots(Generic[H]):
     @property
     def has_lone(self) -> bool:
         return self._lone is not None
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return self._waiting
 
     @contextmanager
     def use(self, small: bool = False) -> Iterator[H]:
@@ -157,7 +169,7 @@ class Backend(ABC):
     name: str = "?"
     concurrency: int = 1
     on_cpu: bool = True      # inference competes with decoding for the CPU's cores
-    lane: str = ""           # the latency lane's choice and what it rests on, where the runtime has one
+    lane_choice: str = ""    # whether a latency lane runs and what that rests on, where the runtime has one
 
     def __init__(self, path: Path, precision: str, max_batch: int) -> None:
         self.path = Path(path)

@@ -15,17 +15,14 @@ With several streams, ``latency_lane`` may also compile the model with the LATEN
 it a batch of at most a quarter of ``max_batch`` that finds every stream idle and no caller
 waiting, on all the inference threads at once (:class:`.base.Slots`). Whether it does is measured
 at open: a lone image's call on one stream must take at least ``lane_worth_ms`` (default
-``LANE_WORTH_MS``). The second compile holds its own copy of the weights in the runtime's layout
-(see ``docs/performance.md`` for the measured memory). On a 2-core Xeon with the service at 0.2 of
-its budget, FP32 computed exactly (24.6 ms a lone image on a stream, 12.6 on the lane) answered at
-p50 32-35 ms with the lane against 47-49 without; the INT8 file (4.7 against 2.1 ms) at 40-43
-against 32-34: the lane's threads, waking and spinning for every short call, took the cores from
-decoding (1.91 cores busy against 1.65).
+:data:`.base.LANE_WORTH_MS`, where the measurements behind it are). The second compile holds its own
+copy of the weights in the runtime's layout; a lane that fails to compile is left out, with a warning.
 
 Fewer threads than cores are left unpinned (see :func:`leave_unpinned`).
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -33,8 +30,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import INPUT_SHAPE, Backend, Outputs, Slots
+from .base import INPUT_SHAPE, LANE_WORTH_MS, Backend, Outputs, Slots
 from .cpu import usable_cores
+
+log = logging.getLogger(__name__)
 
 
 def leave_unpinned(threads: int | None, cores: int) -> bool:
@@ -45,9 +44,6 @@ def leave_unpinned(threads: int | None, cores: int) -> bool:
     242 img/s; unpinned, the OS placed them and they made 370, as one process does (pinning or
     not made no difference to one process that uses every core: 373 against 372 img/s)."""
     return threads is not None and 0 < threads < cores
-
-
-LANE_WORTH_MS = 10.0   # see the module's docstring: 4.7 ms was not worth a lane, 24.6 was
 
 
 def _first_call(request: Any, images: np.ndarray) -> None:
@@ -103,18 +99,13 @@ class OpenVinoBackend(Backend):
             # that first call together deadlock (seen with openvino 2026.4: both infer threads stuck
             # at start-up, one in __cxa_guard_acquire, one waiting for the GIL).
             first = np.zeros((1, *INPUT_SHAPE), np.uint8)
-            if latency_lane and self.concurrency > 1:
-                alone_ms = _timed_ms(requests[0], first)
-                measured = f"a lone image: {alone_ms:.1f} ms on one stream"
-                if alone_ms >= lane_worth_ms:
-                    lone = core.compile_model(model, "CPU", common | {"PERFORMANCE_HINT": "LATENCY"}) \
-                        .create_infer_request()
-                    _first_call(lone, first)
-                    self.lane = f"lone batches of <= {self._small} on all inference threads ({measured})"
-                else:
-                    self.lane = f"no latency lane ({measured}, under {lane_worth_ms:g} ms)"
+            if self.concurrency > 1 and latency_lane:
+                lone = self._open_lane(core, model, common | {"PERFORMANCE_HINT": "LATENCY"}, requests[0], first,
+                                       lane_worth_ms)
             else:
                 _first_call(requests[0], first)
+                if self.concurrency > 1:
+                    self.lane_choice = "no latency lane (--no-latency-lane)"
         except RuntimeError as exc:
             raise ModelFormatError(f"OpenVINO cannot run {path}: {str(exc).splitlines()[0]}") from exc
         hint = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
@@ -126,8 +117,27 @@ class OpenVinoBackend(Backend):
         self.pinned = bool(self._compiled.get_property("ENABLE_CPU_PINNING"))
         self._requests = Slots(requests, lone=lone)
 
+    def _open_lane(self, core: Any, model: Any, config: dict, stream: Any, first: np.ndarray,
+                   worth_ms: float) -> Any:
+        """The latency lane's request where a lone image on ``stream`` takes ``worth_ms`` or more, else None;
+        sets :attr:`lane_choice` to the choice and the time it rests on."""
+        alone_ms = _timed_ms(stream, first)
+        measured = f"a lone image: {alone_ms:.1f} ms on one stream"
+        if alone_ms < worth_ms:
+            self.lane_choice = f"no latency lane ({measured}, under {worth_ms:g} ms)"
+            return None
+        try:
+            lone = core.compile_model(model, "CPU", config).create_infer_request()
+            _first_call(lone, first)
+        except RuntimeError as exc:   # the streams serve without it
+            log.warning("the latency lane could not be compiled (%s); running without it", str(exc).splitlines()[0])
+            self.lane_choice = f"no latency lane (it failed to compile; {measured})"
+            return None
+        self.lane_choice = f"lone batches of <= {self._small} on all inference threads ({measured})"
+        return lone
+
     def describe(self) -> str:
-        return super().describe() + (f", {self.lane}" if self.lane else "") + \
+        return super().describe() + (f", {self.lane_choice}" if self.lane_choice else "") + \
             ("" if self.pinned else ", threads unpinned")
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
