@@ -242,7 +242,9 @@ def test_sigterm_with_the_broker_gone_still_ends_within_the_drain_timeout(small_
         broker.stop()
     text = log.read_text()
     assert took <= drain + 5 + 5, f"took {took:.1f} s"
-    assert ("shutdown did not finish" in text and "messages unfinished" in text) or \
+    # "shutdown did not finish" after the signal, or "closing did not finish" where the lost broker ended the
+    # run first (the member evicted when its heartbeats went unanswered): the same deadline, the same account
+    assert ("did not finish within" in text and "messages unfinished" in text) or \
         ("left for redelivery" in text and code == 0), text[-3000:]
     assert "Traceback" not in text
 

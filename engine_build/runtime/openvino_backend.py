@@ -51,15 +51,17 @@ def _first_call(request: Any, images: np.ndarray) -> None:
     np.array(request.infer({"images": images}, share_inputs=True)["probs"])
 
 
-def _timed_ms(request: Any, images: np.ndarray, calls: int = 3) -> float:
-    """The median wall time of ``calls`` calls of ``request`` on ``images``, after an untimed first call."""
+def _timed_ms(request: Any, images: np.ndarray, calls: int = 5) -> float:
+    """The shortest wall time of ``calls`` calls of ``request`` on ``images``, after an untimed first call:
+    the least, not the median, so that other load on the machine while the model opens (a test suite's
+    parallel workers made a 2-3 ms call read over 10 ms) does not pass for a slow model."""
     _first_call(request, images)
     times = []
     for _ in range(calls):
         started = time.perf_counter()
         request.infer({"images": images}, share_inputs=True)
         times.append(time.perf_counter() - started)
-    return float(np.median(times)) * 1000
+    return min(times) * 1000
 
 
 class OpenVinoBackend(Backend):
