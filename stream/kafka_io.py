@@ -480,9 +480,7 @@ class KafkaSink:
         if not self.transactional and attempt == 0 and self._isolation.take(record, on_ack, on_refused):
             return   # records isolated after a refusal go first: this one waits its turn behind them
         def ok(_metadata: Any) -> None:
-            with self._watch_lock:
-                self._sending.ok()
-                self.failing_since = None
+            self._sends_ok()
             if on_refused is not None:
                 self._refusals.ok()
             on_ack()
@@ -601,11 +599,12 @@ class KafkaSink:
                           lambda: self._producer.send_offsets_to_transaction(kafka_offsets, group_metadata))
             self._bounded("committing the transaction", limit, self._producer.commit_transaction)
         with kafka_errors("transaction commit failed"):
-            commit_unit(self._doomed, commit, self._committed, self.abort_transaction, KafkaError,
+            commit_unit(self._doomed, commit, self._sends_ok, self.abort_transaction, KafkaError,
                         self._fenced_check)
         self._begin()
 
-    def _committed(self) -> None:
+    def _sends_ok(self) -> None:
+        """A record acknowledged or a transaction committed: publishing is not failing (any more)."""
         with self._watch_lock:
             self._sending.ok()
             self.failing_since = None
@@ -690,9 +689,7 @@ class KafkaSink:
                           exc: BaseException | None) -> Outgoing | None:
         """What a record sent alone came to: acknowledged, or refused for good (its own fault)."""
         if exc is None:
-            with self._watch_lock:
-                self._sending.ok()
-                self.failing_since = None
+            self._sends_ok()
             on_ack()
             return None
         from kafka.errors import MessageSizeTooLargeError

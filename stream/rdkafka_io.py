@@ -318,9 +318,7 @@ class RdKafkaSink:
 
         def delivered(error: Any, _message: Any) -> None:   # on the producer-poll thread
             if error is None:
-                with self._lock:
-                    self._sending.ok()
-                    self.failing_since = None
+                self._sends_ok()
                 if on_refused is not None:
                     self._refusals.ok()
                 on_ack()
@@ -409,11 +407,12 @@ class RdKafkaSink:
             self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
             self._producer.commit_transaction(_left(limit))
         with kafka_errors("transaction commit failed"):
-            commit_unit(self._doomed, commit, self._committed, self.abort_transaction, KafkaException,
+            commit_unit(self._doomed, commit, self._sends_ok, self.abort_transaction, KafkaException,
                         lambda exc: self._fatal_check(exc, "committing the transaction"))
         self._begin()
 
-    def _committed(self) -> None:
+    def _sends_ok(self) -> None:
+        """A record delivered or a transaction committed: publishing is not failing (any more)."""
         with self._lock:
             self._sending.ok()
             self.failing_since = None
