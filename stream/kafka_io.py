@@ -11,6 +11,7 @@ the offset commit on the client's own event loop, so heartbeats go on meanwhile.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import threading
@@ -381,10 +382,10 @@ class KafkaSink:
     can finish, and :meth:`commit_transaction` then aborts it (the unit is redone after a rewind).
 
     Order (at least once): the client retries in order until its delivery timeout (120 s); a record it
-    gives up on, or that a refusal failed, is resent through one ordered queue (:mod:`.isolation`) that
-    every later record then waits behind. Where order can still break: a record already in flight when
-    an earlier one failed, and failing itself only later, joins that queue behind records handed over
-    in between (an outage past the delivery timeout, or a refusal, with several batches in flight)."""
+    gives up on, or that a refusal failed, is resent through one queue kept in hand-over order
+    (:mod:`.isolation`) that every later record then waits behind, and nothing leaves that queue while
+    the producer that failed it still holds records of its own (they fail after it, batch by batch, and
+    take their places in the queue)."""
 
     def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
@@ -422,6 +423,7 @@ class KafkaSink:
         self._refused: dict[bytes, BaseException] = {}
         self._transactional_id = transactional_id
         self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome)
+        self._handed = itertools.count()   # each record's hand-over number: the isolation's order
 
     def _new_producer(self) -> Any:
         from kafka import KafkaProducer
@@ -473,36 +475,47 @@ class KafkaSink:
         return True
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
-                attempt: int = 0) -> None:
+                order: int | None = None) -> None:
+        """``order``: the hand-over number of the record this one stands in for (a value-less fallback);
+        None for a record handed over now."""
         if self._refused and _fingerprint(record) in self._refused:   # exactly once: known to be refused
             self._refuse(record, on_refused, self._refused[_fingerprint(record)])
             return
-        if not self.transactional and attempt == 0 and self._isolation.take(record, on_ack, on_refused):
-            return   # records isolated after a refusal go first: this one waits its turn behind them
+        order = next(self._handed) if order is None else order
+        if not self.transactional and self._isolation.take(order, record, on_ack, on_refused):
+            return   # records isolated after a failure go first: this one waits its turn behind them
+        producer = self._producer
+        counted = not self.transactional   # at least once: the isolation waits for a failing producer's records
+
         def ok(_metadata: Any) -> None:
+            if counted:
+                self._isolation.answered(producer)
             self._sends_ok()
             if on_refused is not None:
                 self._refusals.ok()
             on_ack()
 
-        producer = self._producer
-
         def failed(exc: BaseException) -> None:   # on the producer's IO thread: never send from here
-            if not self.transactional and Refusals.stops(exc):   # the operator's to fix: no resend can help
-                self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
-                return
-            if not self.transactional and _async(exc):
-                # queued at once, before any record handed over after this failure: none overtakes it
-                self._isolation.add(record, on_ack, on_refused)
+            if counted and _async(exc) and not Refusals.stops(exc):
+                # queued at once, in its hand-over place, and nothing is sent until this producer's other
+                # records have come back: none overtakes it
+                self._isolation.add(order, record, on_ack, on_refused, producer)
                 self._delayed.later(0.0, lambda: self._after_failure(record, exc, producer))
                 return
-            self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, exc, producer))
+            if counted:
+                self._isolation.answered(producer)
+            if counted and Refusals.stops(exc):   # the operator's to fix: no resend can help
+                self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
+                return
+            self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, order, exc, producer))
 
         try:
             future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
         except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
-            self._failed(record, on_ack, on_refused, attempt, exc, producer)
+            self._failed(record, on_ack, on_refused, order, exc, producer)
             return
+        if counted:
+            self._isolation.sent(producer)
         future.add_callback(ok)
         future.add_errback(failed)
 
@@ -550,19 +563,19 @@ class KafkaSink:
                         "time, to find the record refused for good", record.topic, exc)
         self._on_retry()
 
-    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
+    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, order: int,
                 exc: BaseException, producer: Any) -> None:
         from kafka.errors import MessageSizeTooLargeError
         if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value or b""), record.topic)
-            self.publish(record.fallback, on_ack, on_refused)
+            self.publish(record.fallback, on_ack, on_refused, order)
             return
         if not self.transactional and refused_for_good(exc):
             self._renewed(exc, producer)   # the refusal left it fatal
             log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
                         "time, to find the record refused for good", record.topic, exc)
-            self._isolation.add(record, on_ack, on_refused)
+            self._isolation.add(order, record, on_ack, on_refused)
             return
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
             self._refuse(record, on_refused, exc)
@@ -585,7 +598,7 @@ class KafkaSink:
         log.debug("publish to %s failed (%s); resending it in order", record.topic, exc)
         self._on_retry()
         # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
-        self._isolation.add(record, on_ack, on_refused)
+        self._isolation.add(order, record, on_ack, on_refused)
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next.

@@ -192,3 +192,112 @@ def test_a_record_resent_after_an_outage_is_not_overtaken_by_later_ones():
     finally:
         sink.close()
     assert log == [b"0", b"1", b"2", b"3", b"4"]
+
+
+class _HeldFuture:
+    """A kafka-python future that stays out until the test answers it (its callbacks then run on the
+    answering thread, as kafka-python's run on its IO thread)."""
+
+    def __init__(self) -> None:
+        self.callbacks: list = []
+        self.errbacks: list = []
+        self.outcome: tuple[bool, BaseException | None] | None = None
+
+    def add_callback(self, callback) -> None:
+        if self.outcome is None:
+            self.callbacks.append(callback)
+        elif self.outcome[0]:
+            callback(None)
+
+    def add_errback(self, errback) -> None:
+        if self.outcome is None:
+            self.errbacks.append(errback)
+        elif not self.outcome[0]:
+            errback(self.outcome[1])
+
+    def fail(self, error: BaseException) -> None:
+        self.outcome = (False, error)
+        for errback in self.errbacks:
+            errback(error)
+
+
+class _FatalAfterRefusal:
+    """kafka-python's idempotent producer: what it is handed stays out; a refusal turns it fatal, and it
+    then fails every batch it holds, in no promised order (here the test fails them)."""
+
+    def __init__(self) -> None:
+        self.out: dict[bytes, _HeldFuture] = {}
+        self.fatal = False
+        self._transaction_manager = self   # what KafkaSink reads to tell a fatal producer
+
+    def has_fatal_error(self) -> bool:
+        return self.fatal
+
+    def send(self, topic, key=None, value=None, headers=None) -> _HeldFuture:
+        self.out[key] = _HeldFuture()
+        return self.out[key]
+
+    def flush(self, timeout=None) -> None:
+        pass
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+class _Alone:
+    """The producer that sends a record alone: refuses the one the broker refuses, logs the rest."""
+
+    def __init__(self, log: list, refused_key: bytes) -> None:
+        self.log, self.refused_key = log, refused_key
+
+    def send(self, topic, key=None, value=None, headers=None) -> _StubFuture:
+        from kafka.errors import InvalidRecordError
+        if key == self.refused_key:
+            return _StubFuture(InvalidRecordError("refused by the broker's policy"))
+        self.log.append(key)
+        return _StubFuture(None)
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+def test_records_a_refusal_failed_batch_by_batch_keep_their_order_behind_the_refused_one():
+    """A refusal leaves kafka-python's producer fatal, and it fails the batches it still holds one after
+    another, in any order. A record handed over meanwhile must not overtake them, nor may a later batch's
+    records overtake an earlier one's: the partition's output stays in hand-over order."""
+    from kafka.errors import InvalidRecordError
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+    log: list = []
+    first = _FatalAfterRefusal()
+    made: list = []
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            made.append(first if not made else _StubProducer(log, {"down": False}))
+            return made[-1]
+
+        def _new_probe(self):
+            return _Alone(log, refused_key=b"0")
+
+    sink = Sink("stub:9092", {})
+    acked, refused = threading.Semaphore(0), []
+    try:
+        for i in range(4):
+            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release, refused.append)
+        first.fatal = True
+        first.out[b"0"].fail(InvalidRecordError("refused by the broker's policy"))
+        deadline = time.monotonic() + 10
+        while len(made) < 2 and time.monotonic() < deadline:   # the fatal producer replaced
+            threading.Event().wait(0.005)
+        assert len(made) == 2, "the fatal producer is replaced"
+        sink.publish(Outgoing("out", b"4", b"v", []), acked.release, refused.append)
+        for key in (b"3", b"1", b"2"):   # the later batch's failure first
+            first.out[key].fail(InvalidRecordError("refused by the broker's policy"))
+        for _ in range(4):
+            assert acked.acquire(timeout=10), "every innocent record acknowledged"
+    finally:
+        sink.close()
+    assert len(refused) == 1, "the refused record alone is refused"
+    assert log == [b"1", b"2", b"3", b"4"], "in the order they were handed over"
