@@ -37,6 +37,7 @@ class FakeBroker:
         self.errors: list[BaseException] = []       # a sink's assertion, re-raised on the poll thread
         self.refuse_topics: set[str] = set()  # sends to these fail: TopicAuthorizationFailed (no WRITE ACL)
         self.fail_next_commits = 0            # make the next N transaction commits fail (and abort)
+        self.appended: list[tuple[str, Record]] = []   # every record as it was appended, across topics
         self._members: dict[str, list[FakeSource]] = defaultdict(list)
         self._generation: dict[str, int] = defaultdict(int)
 
@@ -51,6 +52,7 @@ class FakeBroker:
             parts = self.topics.setdefault(topic, [[]])
             index = partition if partition is not None else (zlib.crc32(key) % len(parts) if key else 0)
             parts[index].append((key, value, list(headers or [])))
+            self.appended.append((topic, parts[index][-1]))
             return len(parts[index]) - 1
 
     def records(self, topic: str) -> list[Record]:

@@ -330,6 +330,7 @@ class _AnsweringProducer:
 @pytest.mark.parametrize("error, said", [
     ("InvalidRequiredAcksError", "InvalidRequiredAcks"),
     ("TopicAuthorizationFailedError", "grant this service's principal WRITE on"),
+    ("UnsupportedCompressionTypeError", "UnsupportedCompressionType"),
 ])
 def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_letters_nothing(
         kafka_broker, error, said, transactional):

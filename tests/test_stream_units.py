@@ -554,20 +554,24 @@ def test_in_order_releases_each_partition_in_arrival_order():
     assert out[-1] == "a3"
 
 
-def test_results_are_published_in_each_partitions_offset_order():
-    """Large and small images decode at different speeds on four threads; the output keeps input order."""
+def test_results_and_dead_letters_are_published_in_each_partitions_offset_order():
+    """Large and small images decode at different speeds on four threads, and bad inputs among them fail
+    at once; results and dead letters together keep each partition's input order."""
     broker = FakeBroker()
     broker.create_topic("in", 2)
     images = good_images()
     names = ["jpeg_2048", "png", "jpeg_chelsea", "bmp", "jpeg_coins", "png16", "gray_png", "webp"] * 5
     for i, name in enumerate(names):
-        broker.produce("in", images[name], partition=i % 2, key=str(i).encode())
-    broker.produce("in", b"not an image", partition=0, key=b"bad")
-    service(broker, config(ARTIFACT, decode_workers=4, max_batch=3)).run(count=len(names) + 1, timeout=60)
-    got = sources(broker.records("out"))
+        value = b"not an image" if i % 5 == 2 else images[name]
+        broker.produce("in", value, partition=i % 2, key=str(i).encode())
+    service(broker, config(ARTIFACT, decode_workers=4, max_batch=3)).run(count=len(names), timeout=60)
+    published = [(json.loads(v)["source"]["partition"], json.loads(v)["source"]["offset"]) if topic == "out" else
+                 (int(dict(h)["source.partition"]), int(dict(h)["source.offset"]))
+                 for topic, (_, v, h) in broker.appended if topic in ("out", "dlq")]
+    assert len(broker.records("dlq")) == len(names) // 5
     for partition in (0, 1):
-        offsets = [o for p, o in got if p == partition]
-        assert offsets == sorted(offsets) and len(offsets) == len(names) // 2
+        offsets = [o for p, o in published if p == partition]
+        assert offsets == list(range(len(names) // 2)), f"partition {partition}: {offsets}"
 
 
 def test_client_chatter_is_rate_limited_and_counted():
