@@ -120,8 +120,9 @@ class StreamConfig:
     ssl_cafile: str | None = option(None, "CA bundle for TLS")
     ssl_certfile: str | None = option(None, "client certificate for TLS")
     ssl_keyfile: str | None = option(None, "client key for TLS")
-    sasl_mechanism: str | None = option(None, "SASL mechanism",
-                                        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"))
+    sasl_mechanism: str | None = option(None, "SASL mechanism (user name and password; OAUTHBEARER would need a "
+                                        "token provider the service does not take)",
+                                        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
     sasl_username: str | None = option(None, "SASL user name")
     sasl_password: str | None = option(None, "SASL password (prefer the environment variable; never printed)",
                                        secret=True)
