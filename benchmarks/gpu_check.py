@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine_build.errors import SentimentError  # noqa: E402
+from engine_build.errors import BackendUnavailable, SentimentError  # noqa: E402
 from engine_build.runtime import cuda_memory  # noqa: E402
 
 
@@ -175,6 +175,9 @@ def proved_tensorrt(artifact: Path, host: dict, rows: list[dict]) -> str:
             f"batches {batches} (peak {max(r['images_per_s'] for r in rows):.1f} img/s)")
 
 
+UNAVAILABLE = 2   # exit status: what the step needs is not installed here (cuda-python, TensorRT)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="step", required=True)
@@ -202,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             print(proved_cuda(result))
         else:
             return _tensorrt(args)
+    except BackendUnavailable as exc:   # not this host's to prove: scripts/gpu-check.sh says it was skipped
+        print(f"gpu_check {args.step}: {exc}", file=sys.stderr)
+        return UNAVAILABLE
     except SentimentError as exc:
         print(f"gpu_check {args.step}: {exc}", file=sys.stderr)
         return 1
