@@ -42,7 +42,7 @@ def test_every_test_the_readme_names_exists() -> None:
     readme = (ROOT / "README.md").read_text()
     named = re.findall(r"`(?:tests/)?(test_\w+\.py)::(\w+)`", readme)
     # the ``::name`` continuations after a file's name name tests in that same file
-    for block in re.findall(r"`(?:tests/)?(test_\w+\.py)::\w+`((?:,?\s*(?:\(and [^)]*\)\s*)?`::\w+`)+)", readme):
+    for block in re.findall(r"`(?:tests/)?(test_\w+\.py)::\w+`((?:,?\s*(?:\([^)]*\)\s*,?\s*)?`::\w+`)+)", readme):
         named += [(block[0], name) for name in re.findall(r"`::(\w+)`", block[1])]
     assert len(named) >= 20, f"only {len(named)} test names found in the README: has its way of naming them changed?"
     for file, name in named:
