@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import ConfigError
@@ -509,13 +510,19 @@ class KafkaSink:
                 return
             self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, order, exc, producer))
 
+        if counted:   # before the send: the producer's IO thread may fail earlier records before it returns
+            self._isolation.sent(producer)
         try:
             future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
         except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
+            if counted and retriable(exc):   # resent in its place, once the records the producer holds are back
+                self._isolation.add(order, record, on_ack, on_refused, producer)
+                self._delayed.later(0.0, partial(self._after_failure, record, exc, producer))
+                return
+            if counted:
+                self._isolation.answered(producer)
             self._failed(record, on_ack, on_refused, order, exc, producer)
             return
-        if counted:
-            self._isolation.sent(producer)
         future.add_callback(ok)
         future.add_errback(failed)
 

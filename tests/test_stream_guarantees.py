@@ -301,3 +301,79 @@ def test_records_a_refusal_failed_batch_by_batch_keep_their_order_behind_the_ref
         sink.close()
     assert len(refused) == 1, "the refused record alone is refused"
     assert log == [b"1", b"2", b"3", b"4"], "in the order they were handed over"
+
+
+def _sink_on(main, log: list, made: list | None = None):
+    """A KafkaSink whose first producer is ``main`` (then acknowledging stand-ins) and whose records sent
+    alone are logged."""
+    from stream.kafka_io import KafkaSink
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            producer = main if made is None or not made else _StubProducer(log, {"down": False})
+            if made is not None:
+                made.append(producer)
+            return producer
+
+        def _new_probe(self):
+            return _Alone(log, refused_key=b"never")
+    return Sink("stub:9092", {})
+
+
+def test_a_record_send_refuses_at_once_waits_for_the_records_its_producer_still_holds():
+    """send() raises at once (a metadata wait past max_block_ms) while an earlier record is still out on
+    the producer, being retried: the failed record is not resent alone ahead of it."""
+    from kafka.errors import KafkaTimeoutError
+
+    from stream.records import Outgoing
+
+    class Main(_FatalAfterRefusal):
+        def send(self, topic, key=None, value=None, headers=None):
+            if key == b"1":
+                raise KafkaTimeoutError("Failed to update metadata after 10.0 secs.")
+            return super().send(topic, key, value, headers)
+    main, log, acked = Main(), [], threading.Semaphore(0)
+    sink = _sink_on(main, log)
+    try:
+        sink.publish(Outgoing("out", b"0", b"v", []), acked.release)
+        sink.publish(Outgoing("out", b"1", b"v", []), acked.release)
+        # a check that something does not happen has to give it a while: half a second
+        assert not acked.acquire(timeout=0.5), "record 1 was resent while record 0 was still out"
+        main.out[b"0"].fail(KafkaTimeoutError("Expiring 1 record(s): 120000 ms has passed"))
+        for _ in range(2):
+            assert acked.acquire(timeout=10), "both records acknowledged"
+    finally:
+        sink.close()
+    assert log == [b"0", b"1"]
+
+
+def test_a_record_the_producer_fails_while_a_later_send_is_returning_waits_for_that_one():
+    """The fatal producer's IO thread fails an earlier record while send() of a later one has not yet
+    returned: the earlier one is not resent alone while the later one is still out (it would otherwise be
+    resent, the later one failed after it, and a record handed over in between overtake that)."""
+    from kafka.errors import InvalidRecordError
+
+    from stream.records import Outgoing
+
+    class Racy(_FatalAfterRefusal):
+        def send(self, topic, key=None, value=None, headers=None):
+            future = super().send(topic, key, value, headers)   # in the accumulator
+            if key == b"1":   # the IO thread's sweep fails record 0 before this send returns
+                self.fatal = True
+                sweep = threading.Thread(target=self.out[b"0"].fail, args=(InvalidRecordError("shared fate"),))
+                sweep.start()
+                sweep.join()
+            return future
+    racy, log, acked, made = Racy(), [], threading.Semaphore(0), []
+    sink = _sink_on(racy, log, made)
+    try:
+        sink.publish(Outgoing("out", b"0", b"v", []), acked.release)
+        sink.publish(Outgoing("out", b"1", b"v", []), acked.release)
+        # a check that something does not happen has to give it a while: half a second
+        assert not acked.acquire(timeout=0.5), "record 0 was resent while record 1 was still out"
+        racy.out[b"1"].fail(InvalidRecordError("shared fate"))
+        for _ in range(2):
+            assert acked.acquire(timeout=10), "both records acknowledged"
+    finally:
+        sink.close()
+    assert log == [b"0", b"1"]
