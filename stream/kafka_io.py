@@ -344,6 +344,12 @@ def _async(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError)
 
 
+def _fatal(producer: Any) -> bool:
+    """Whether a kafka-python producer is in its fatal state (it fails everything it is handed)."""
+    manager = getattr(producer, "_transaction_manager", None)   # kafka-python has no public fatal check
+    return bool(getattr(manager, "has_fatal_error", lambda: False)())
+
+
 def retriable(exc: BaseException) -> bool:
     """Whether sending again can succeed: a retriable Kafka error or an outage; never a bad record."""
     from kafka.errors import KafkaError
@@ -423,7 +429,8 @@ class KafkaSink:
         # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
         self._refused: dict[bytes, BaseException] = {}
         self._transactional_id = transactional_id
-        self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome)
+        self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome,
+                                    self._released)
         self._handed = itertools.count()   # each record's hand-over number: the isolation's order
 
     def _new_producer(self) -> Any:
@@ -456,24 +463,30 @@ class KafkaSink:
         (InitProducerId failed) that fails every later send; at least once, a new producer fixes it.
         True when ``exc`` came from such a state of ``producer`` (the one that sent the record: a
         fatal error fails its whole buffer at once), so the record is worth sending again."""
-        from kafka.errors import KafkaError, OutOfOrderSequenceNumberError, UnknownProducerIdError
-        manager = getattr(producer, "_transaction_manager", None)   # kafka-python has no public fatal check
-        fatal = bool(getattr(manager, "has_fatal_error", lambda: False)())
+        from kafka.errors import OutOfOrderSequenceNumberError, UnknownProducerIdError
+        fatal = _fatal(producer)
         if self.transactional or not (fatal or isinstance(exc, (UnknownProducerIdError,
                                                                  OutOfOrderSequenceNumberError))):
             return False
         if fatal:
-            with self._renew_lock:
-                if self._producer is producer and not self._closed:
-                    log.warning("the producer is in a fatal state (%s); replacing it with a new one", exc)
-                    try:
-                        self._producer = self._new_producer()
-                    except KafkaError as again:   # the broker is away: the retry will try again
-                        log.warning("making a new producer failed (%s); will retry", again)
-                        return True
-                    threading.Thread(target=close_producer, args=(producer, 30.0), name="old-producer-close",
-                                     daemon=True).start()
+            self._replace(producer, exc)
         return True
+
+    def _replace(self, producer: Any, why: object) -> None:
+        """Replace ``producer``, fatal, with a new one (unless that was done already); the old one is closed
+        on a thread of its own, failing what it still holds."""
+        from kafka.errors import KafkaError
+        with self._renew_lock:
+            if self._producer is not producer or self._closed:
+                return
+            log.warning("the producer is in a fatal state (%s); replacing it with a new one", why)
+            try:
+                self._producer = self._new_producer()
+            except KafkaError as again:   # the broker is away: the retry will try again
+                log.warning("making a new producer failed (%s); will retry", again)
+                return
+        threading.Thread(target=close_producer, args=(producer, 30.0), name="old-producer-close",
+                         daemon=True).start()
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
                 order: int | None = None) -> None:
@@ -485,6 +498,18 @@ class KafkaSink:
         order = next(self._handed) if order is None else order
         if not self.transactional and self._isolation.take(order, record, on_ack, on_refused):
             return   # records isolated after a failure go first: this one waits its turn behind them
+        self._send(order, record, on_ack, on_refused)
+
+    def _released(self, waited: list[tuple[int, Outgoing, Callable[[], None], Refused | None]]) -> None:
+        """Records that waited behind isolated ones, handed back to the producer in order (a new one where the
+        failure that queued them left it fatal and the replacement has not happened yet: it would only fail
+        them again)."""
+        if _fatal(self._producer):
+            self._replace(self._producer, "it failed the records these waited behind")
+        for order, record, on_ack, on_refused in waited:
+            self._send(order, record, on_ack, on_refused)
+
+    def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None) -> None:
         producer = self._producer
         counted = not self.transactional   # at least once: the isolation waits for a failing producer's records
 

@@ -215,7 +215,8 @@ class _HeldFuture:
         elif not self.outcome[0]:
             errback(self.outcome[1])
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException | None) -> None:
+        assert error is not None
         self.outcome = (False, error)
         for errback in self.errbacks:
             errback(error)
@@ -228,13 +229,19 @@ class _FatalAfterRefusal:
     def __init__(self) -> None:
         self.out: dict[bytes, _HeldFuture] = {}
         self.fatal = False
+        self.error: BaseException | None = None   # what made it fatal
         self._transaction_manager = self   # what KafkaSink reads to tell a fatal producer
 
     def has_fatal_error(self) -> bool:
         return self.fatal
 
+    def turn_fatal(self, error: BaseException) -> None:
+        self.fatal, self.error = True, error
+
     def send(self, topic, key=None, value=None, headers=None) -> _HeldFuture:
         self.out[key] = _HeldFuture()
+        if self.fatal:   # its sender aborts what it is handed now with the error that made it fatal
+            self.out[key].fail(self.error)
         return self.out[key]
 
     def flush(self, timeout=None) -> None:
@@ -286,7 +293,7 @@ def test_records_a_refusal_failed_batch_by_batch_keep_their_order_behind_the_ref
     try:
         for i in range(4):
             sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release, refused.append)
-        first.fatal = True
+        first.turn_fatal(InvalidRecordError("refused by the broker's policy"))
         first.out[b"0"].fail(InvalidRecordError("refused by the broker's policy"))
         deadline = time.monotonic() + 10
         while len(made) < 2 and time.monotonic() < deadline:   # the fatal producer replaced
@@ -303,9 +310,9 @@ def test_records_a_refusal_failed_batch_by_batch_keep_their_order_behind_the_ref
     assert log == [b"1", b"2", b"3", b"4"], "in the order they were handed over"
 
 
-def _sink_on(main, log: list, made: list | None = None):
+def _sink_on(main, log: list, made: list | None = None, alone: list | None = None):
     """A KafkaSink whose first producer is ``main`` (then acknowledging stand-ins) and whose records sent
-    alone are logged."""
+    alone are logged (and listed in ``alone``)."""
     from stream.kafka_io import KafkaSink
 
     class Sink(KafkaSink):
@@ -316,7 +323,7 @@ def _sink_on(main, log: list, made: list | None = None):
             return producer
 
         def _new_probe(self):
-            return _Alone(log, refused_key=b"never")
+            return _Alone(log, refused_key=b"never") if alone is None else _CountingAlone(log, alone)
     return Sink("stub:9092", {})
 
 
@@ -359,7 +366,7 @@ def test_a_record_the_producer_fails_while_a_later_send_is_returning_waits_for_t
         def send(self, topic, key=None, value=None, headers=None):
             future = super().send(topic, key, value, headers)   # in the accumulator
             if key == b"1":   # the IO thread's sweep fails record 0 before this send returns
-                self.fatal = True
+                self.turn_fatal(InvalidRecordError("shared fate"))
                 sweep = threading.Thread(target=self.out[b"0"].fail, args=(InvalidRecordError("shared fate"),))
                 sweep.start()
                 sweep.join()
@@ -377,3 +384,38 @@ def test_a_record_the_producer_fails_while_a_later_send_is_returning_waits_for_t
     finally:
         sink.close()
     assert log == [b"0", b"1"]
+
+
+def test_records_that_only_waited_behind_a_refusal_go_back_to_the_producer_not_one_at_a_time():
+    """After a refusal, the records handed over while the failed ones were being resent alone did not fail:
+    once nothing failed is ahead of them they go to the producer together, in order; only the failed ones
+    pay a round trip each (else a stream under load would stay in the one-at-a-time mode)."""
+    from kafka.errors import InvalidRecordError
+
+    from stream.records import Outgoing
+    first, log, acked, made, alone = _FatalAfterRefusal(), [], threading.Semaphore(0), [], []
+    sink = _sink_on(first, log, made, alone)
+    try:
+        for i in range(2):
+            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
+        first.turn_fatal(InvalidRecordError("refused by the broker's policy"))
+        first.out[b"0"].fail(InvalidRecordError("refused by the broker's policy"))
+        for i in range(2, 40):   # handed over while record 1 is still out on the fatal producer
+            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
+        first.out[b"1"].fail(InvalidRecordError("refused by the broker's policy"))
+        for _ in range(40):
+            assert acked.acquire(timeout=10), "every record acknowledged"
+    finally:
+        sink.close()
+    assert log == [str(i).encode() for i in range(40)], "in hand-over order"
+    assert alone == [b"0", b"1"], "only the two that failed were sent alone"
+
+
+class _CountingAlone(_Alone):
+    def __init__(self, log: list, alone: list) -> None:
+        super().__init__(log, refused_key=b"never")
+        self.alone = alone
+
+    def send(self, topic, key=None, value=None, headers=None) -> _StubFuture:
+        self.alone.append(key)
+        return super().send(topic, key, value, headers)
