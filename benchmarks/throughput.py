@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                              "fp32 the budget is a quarter of INT8's on an AMX Xeon (inference six "
                              "times the core-ms), standing in for a CPU where the model dominates, as INT8 does on "
                              "an AVX2-only one")
+    parser.add_argument("--max-cpu-isa", choices=["avx512_core", "avx512_core_vnni", "avx512_core_bf16"], default=None,
+                        help="cap OpenVINO's CPU kernels at this instruction set (oneDNN's ONEDNN_MAX_CPU_ISA, set "
+                             "for this process and every service it starts): avx512_core runs INT8 without VNNI, "
+                             "bf16 or AMX (3.4 times the core-ms on an AMX Xeon), standing in for a CPU where INT8 "
+                             "inference dominates; OpenVINO cannot compile this model capped at avx2")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
     parser.add_argument("--backlog", type=int, default=8000,
                         help="images in each backlog (throughput) run; rate and CPU are read over its steady middle")
@@ -293,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         args.skip_models, args.latency_seconds, args.backlog = True, min(args.latency_seconds, 8.0), 6000
     if args.gpu_feed:
         args.skip_models = True
+    if args.max_cpu_isa:   # before OpenVINO first runs: oneDNN reads it once
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.max_cpu_isa.upper()
     artifact, prototxt, caffemodel = prepare(args.artifact, args.workdir)
     cpu = this_cpu()
     print(f"machine: {cpu['model']} ({platform.machine()}: {' '.join(cpu['extensions'])}), "
-          f"{os.cpu_count()} CPUs; artifact {artifact}")
+          f"{os.cpu_count()} CPUs; artifact {artifact}"
+          + (f"; OpenVINO's kernels capped at {args.max_cpu_isa.upper()}" if args.max_cpu_isa else ""))
     rows: list[dict] = []
     decoding: list[dict] = []
     float_cost: list[dict] = []
@@ -317,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{cpu_kind(cpu)}-{os.cpu_count()}cpu"
     model = {"precision": args.precision} if args.precision else {}
     model |= {"exact_precision": True} if args.exact_precision else {}
-    variant = "".join(f"-{v}" for v in (args.precision, "exact" if args.exact_precision else None) if v)
+    variant = "".join(f"-{v}" for v in (args.precision, "exact" if args.exact_precision else None,
+                                        args.max_cpu_isa and args.max_cpu_isa.replace("_", "-")) if v)
     pipeline, plot = {}, None
     if not args.skip_pipeline:
         from benchmarks.service_bench import DEVICE_US_PER_IMAGE, histogram, run_all
@@ -331,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "cpu": cpu, "python": platform.python_version()},
               "placeholder": Manifest.read(artifact).model.placeholder,
-              "service_model_options": model, "model": rows, "int8_float_layers": float_cost, "decode": decoding,
+              "service_model_options": model, "max_cpu_isa": args.max_cpu_isa, "model": rows,
+              "int8_float_layers": float_cost, "decode": decoding,
               "pipeline": pipeline,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     suffix = "" if rows and pipeline else ("-gpu-feed" if args.gpu_feed else "-pipeline" if pipeline else "-models")
