@@ -23,6 +23,15 @@ CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 TRANSACTION_MARGIN_MS = 20_000
 BROKER_TRANSACTION_MAX_MS = 900_000   # transaction.max.timeout.ms, Kafka's default
 LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")   # what a Kafka broker accepts as a topic name
+# The most each setting may be: past these a client refuses it after the model has loaded (librdkafka's
+# ranges: fetch.wait.max.ms, linger.ms, max.poll.interval.ms, message.max.bytes; Kafka's default
+# group.max.session.timeout.ms), or the machine cannot give it (a batch of millions of images, a thread
+# per image).
+LIMITS = {"max_batch": 4096, "decode_workers": 256, "inference_streams": 64, "inference_threads": 256,
+          "fetch_max_wait_ms": 300_000, "linger_ms": 900_000, "session_timeout_ms": 1_800_000,
+          "max_poll_interval_ms": 86_400_000, "max_message_bytes": 1_000_000_000}
+PEM_MARKS = {"ssl_cafile": b"-----BEGIN CERTIFICATE-----", "ssl_certfile": b"-----BEGIN CERTIFICATE-----",
+             "ssl_keyfile": b"PRIVATE KEY-----"}   # what each TLS file must hold (PEM, as both clients read)
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,14 @@ class StreamConfig:
                 raise ConfigError(f"{flag(name)} must be > 0")
         if not 0 <= self.metrics_port <= 65535 or (self.metrics_port and self.metrics_port + self.processes > 65536):
             raise ConfigError(f"--metrics-port {self.metrics_port}: not a port")
+        for name, most in LIMITS.items():
+            if getattr(self, name) > most:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)}: at most {most}")
+        if self.session_timeout_ms < 1000:
+            raise ConfigError("--session-timeout-ms must be at least 1000 (heartbeats go every quarter of it)")
+        if self.stall_timeout_s < 1:
+            raise ConfigError("--stall-timeout-s must be at least 1: a member is judged stalled only after its "
+                              "batches have had time to finish")
         if self.max_poll_interval_ms < self.drain_timeout_s * 1000 + 5000:
             raise ConfigError("--max-poll-interval-ms must exceed --drain-timeout-s by 5 s or more: a revocation "
                               "drains within the group's rebalance timeout")
@@ -163,7 +180,8 @@ class StreamConfig:
     def _check_kafka(self) -> None:
         for server in self.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not host or any(c.isspace() for c in host) or "/" in host or not port.isdigit() \
+                    or not 0 < int(port) < 65536:
                 raise ConfigError(f"--bootstrap-servers {self.bootstrap_servers!r}: expected HOST:PORT[,HOST:PORT]")
         if not self.input_topic or not all(self.input_topic):
             raise ConfigError("--input-topic: at least one topic name")
@@ -175,13 +193,29 @@ class StreamConfig:
                                       f"'.', '_' and '-' (and not '.' or '..')")
         if self.output_topic in self.input_topic or self.dead_letter_topic in self.input_topic:
             raise ConfigError("the output and dead-letter topics must differ from the input topics")
+        if self.output_topic == self.dead_letter_topic:
+            raise ConfigError("--output-topic and --dead-letter-topic must differ: a reader could not tell a result "
+                              "from a dead letter")
+        if self.transactional_id and self.processing_guarantee != "exactly-once":
+            raise ConfigError("--transactional-id would be ignored without --processing-guarantee exactly-once")
+        self._check_unused_security()
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
             raise ConfigError(f"--security-protocol {self.security_protocol} needs --sasl-mechanism")
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if self.sasl_mechanism and not (self.sasl_username and self.sasl_password):
+            raise ConfigError(f"--sasl-mechanism {self.sasl_mechanism} needs --sasl-username and --sasl-password "
+                              f"(or STREAM_SASL_PASSWORD)")
+        for name, mark in PEM_MARKS.items():
             path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
+            if path is None:
+                continue
+            if not Path(path).is_file():
                 raise ConfigError(f"{flag(name)} {path}: no such file")
-        self._check_unused_security()
+            try:
+                pem = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{flag(name)} {path}: cannot be read ({exc.strerror})") from exc
+            if mark not in pem:
+                raise ConfigError(f"{flag(name)} {path}: no {mark.decode().strip('-')} in it (a PEM file)")
 
     def _check_unused_security(self) -> None:
         """SASL or TLS settings the chosen protocol would silently ignore (the client never uses them)."""

@@ -30,7 +30,8 @@ def test_environment_twins_fill_every_flag(tmp_path, capsys, small_artifact):
     environ = {"STREAM_BOOTSTRAP_SERVERS": "h:1", "STREAM_INPUT_TOPIC": "a, b", "STREAM_OUTPUT_TOPIC": "o",
                "STREAM_DEAD_LETTER_TOPIC": "d", "STREAM_ARTIFACT": str(small_artifact), "STREAM_MAX_BATCH": "4",
                "STREAM_EXACT_PRECISION": "true", "STREAM_SASL_PASSWORD": "s3cret",
-               "STREAM_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "STREAM_SASL_MECHANISM": "PLAIN"}
+               "STREAM_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "STREAM_SASL_MECHANISM": "PLAIN",
+               "STREAM_SASL_USERNAME": "u"}
     from stream.cli import parser
     from stream.config import from_args
     cfg = from_args(parser().parse_args(["--max-batch", "6"]), environ)
@@ -66,7 +67,21 @@ def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
     (["--input-codec", "nope"], "--input-codec nope: no such plugin"),
     (["--precision", "fp16", "--backend", "tensorrt"], "TensorRT"),
     (["--bootstrap-servers", "kafka:notaport"], "expected HOST:PORT"),
-    (["--ssl-cafile", "/nonexistent/ca.pem"], "--ssl-cafile /nonexistent/ca.pem: no such file"),
+    (["--security-protocol", "SSL", "--ssl-cafile", "/nonexistent/ca.pem"],
+     "--ssl-cafile /nonexistent/ca.pem: no such file"),
+    (["--security-protocol", "SSL", "--ssl-cafile", __file__], f"--ssl-cafile {__file__}: no BEGIN CERTIFICATE in it"),
+    (["--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "PLAIN"],
+     "--sasl-mechanism PLAIN needs --sasl-username and --sasl-password"),
+    (["--session-timeout-ms", "1"], "--session-timeout-ms must be at least 1000"),
+    (["--fetch-max-wait-ms", "99999999"], "--fetch-max-wait-ms 99999999: at most 300000"),
+    (["--max-batch", "100000000", "--max-in-flight", "100000000"], "--max-batch 100000000: at most 4096"),
+    (["--decode-workers", "100000"], "--decode-workers 100000: at most 256"),
+    (["--stall-timeout-s", "0.001"], "--stall-timeout-s must be at least 1"),
+    (["--bootstrap-servers", "127.0.0.1:1 127.0.0.2:1"], "expected HOST:PORT"),
+    (["--bootstrap-servers", "http://127.0.0.1:1"], "expected HOST:PORT"),
+    (["--dead-letter-topic", "out"], "--output-topic and --dead-letter-topic must differ"),
+    (["--transactional-id", "pod-a"],
+     "--transactional-id would be ignored without --processing-guarantee exactly-once"),
     (["--compression-type", "brotli"], "--compression-type brotli: choose from"),
     (["--max-batch", "many"], "--max-batch='many': expected int"),
     (["--no-such-flag"], "unrecognized arguments"),

@@ -77,7 +77,7 @@ def test_kafka_client_flag_env_twin_and_default(tmp_path):
 
 def test_tls_and_sasl_settings_keep_their_meaning(tmp_path):
     ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
     cfg = _cfg(tmp_path, security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="u",
                sasl_password="p", ssl_cafile=str(ca))
     assert rdkafka_io.client_settings(cfg) == {
