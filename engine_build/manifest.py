@@ -174,6 +174,17 @@ class Manifest:
             raise ArtifactError(f"{where} has format {found!r}, this version reads {FORMAT}")
         return cls(copy.deepcopy(dict(document)))
 
+    def _check_shape(self) -> None:
+        """Read every part once, so that a manifest.json of the right format but the wrong shape (a key missing,
+        a list where an object belongs) is refused when it is read, in one line, not met later as a KeyError."""
+        _ = self.model, self.input, self.preprocessing, self.tools, self.calibration, self.build
+        for key, entry in self.files.items():
+            for each in (entry, *entry.by_runtime.values()):
+                if not isinstance(each.file, str) or not isinstance(each.sha256, str):
+                    raise TypeError(f"files.{key}: 'file' and 'sha256' must be strings")
+        for check in self.validation.checks:
+            _ = check["variant"], check["runtime"], check["mode"]
+
     @classmethod
     def read(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
@@ -185,7 +196,13 @@ class Manifest:
             raise ArtifactError(f"{directory} has no {MANIFEST}: build it with python -m engine_build build") from exc
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{path} is unreadable: {exc}") from exc
-        return cls.from_dict(document, str(path))
+        manifest = cls.from_dict(document, str(path))
+        try:
+            manifest._check_shape()
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ArtifactError(f"{path} is malformed ({type(exc).__name__}: {exc}): rebuild the artifact with "
+                                f"python -m engine_build build") from exc
+        return manifest
 
     @classmethod
     def create(cls, *, model: ModelInfo, preprocessing: Preprocessing, files: Mapping[str, FileEntry],

@@ -140,6 +140,12 @@ def test_raw_is_a_copy_and_write_manifest_checks_the_format(tmp_path):
     ("{not json", "is unreadable"),
     (json.dumps({**DOCUMENT, "format": 2}), "has format 2, this version reads 1"),
     (json.dumps([1]), "has format 'list', this version reads 1"),
+    (json.dumps({k: v for k, v in DOCUMENT.items() if k != "files"}), r"is malformed \(KeyError: 'files'\)"),
+    (json.dumps({**DOCUMENT, "files": "x"}), r"is malformed \(AttributeError"),
+    (json.dumps({k: v for k, v in DOCUMENT.items() if k != "model"}), r"is malformed \(KeyError: 'model'\)"),
+    (json.dumps({**DOCUMENT, "validation": 5}), r"is malformed \(AttributeError"),
+    (json.dumps({**DOCUMENT, "files": {"fp32": {"file": 5, "sha256": "cc"}}}),
+     r"is malformed \(TypeError: files.fp32: 'file' and 'sha256' must be strings\)"),
 ])
 def test_a_bad_manifest_is_one_line(tmp_path, content, message):
     if content is not None:
