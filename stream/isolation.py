@@ -7,73 +7,92 @@ kafka-python's idempotent producer turns a refusal (InvalidRecord, MessageSizeTo
 and fails every batch in flight with the same error, so a failed record does not say whether it
 was refused itself. Sent alone, it does: acknowledged, it was innocent; refused, it is the one.
 
-Order: every record carries the number it was handed over with. While records wait here, every new
-record queues behind them; and once a producer has failed a record, nothing is sent (alone or on a
-producer) until every other record it still holds has come back, acknowledged or failed: its batches
-fail one after another, in no promised order, and a record of a later batch that came back first
-must not be resent ahead of an earlier one still out. The queue is kept in hand-over order.
+Order: every record carries the number it was handed over with, and is counted against the producer
+it is handed to, under the same lock that decides whether it may go there, until it comes back
+(acknowledged or failed). While records wait here, every new record queues behind them; and once a
+producer has failed a record, nothing is sent (alone or on a producer) until every other record it
+holds has come back: its batches fail one after another, in no promised order, and a record of a
+later batch that came back first must not be resent ahead of an earlier one still out. The queue is
+kept in hand-over order.
 
 Records that only waited (handed over while others were queued, never failed) need no test of their
-own: once nothing failed is ahead of them, they go back to the producer together, as one run
-(``release``), so a stream under load leaves the one-at-a-time mode once the failed records are
-through, instead of staying in it for as long as records keep arriving.
+own: once nothing failed is ahead of them, they go back to the producer one after another without
+waiting for the broker (``release``), each checked again first, so a stream under load leaves the
+one-at-a-time mode once the failed records are through instead of staying in it for as long as
+records keep arriving.
 """
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .ports import Refused
 from .records import Outgoing
 
-Item = tuple[int, Outgoing, Callable[[], None], "Refused | None", bool]
-"""(hand-over number, record, its acknowledgement, its refusal, whether it failed)"""
-Release = Callable[[list[tuple[int, Outgoing, Callable[[], None], "Refused | None"]]], None]
-"""Hands records that only waited back to the producer, in order, without waiting for the broker."""
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A record waiting here."""
+    order: int                       # its hand-over number
+    record: Outgoing
+    on_ack: Callable[[], None]
+    on_refused: Refused | None
+    failed: bool                     # it failed (resent alone) or only waited (handed back to a producer)
+
+
 Outcome = Callable[[Outgoing, Callable[[], None], "Refused | None", "BaseException | None"], "Outgoing | None"]
 """Told what a record sent alone came to (None: acknowledged); may return a record to send in its place."""
+Release = Callable[[Entry, object], None]
+"""Hands a record that only waited to the given producer (already counted against it), not waiting for it."""
 
 
 class Isolation:
+    """The ordered queue of a sink's failed records and those waiting behind them, and the count of
+    records each producer holds (see the module docstring)."""
+
     def __init__(self, send_alone: Callable[[Outgoing], BaseException | None], final: Callable[[BaseException], bool],
-                 outcome: Outcome, release: Release, max_backoff_s: float = 5.0) -> None:
+                 outcome: Outcome, release: Release, producer: Callable[[], object],
+                 max_backoff_s: float = 5.0) -> None:
+        """``producer``: the producer records go to now (may replace a fatal one first: called unlocked)."""
         self._send_alone, self._final, self._outcome, self._release = send_alone, final, outcome, release
+        self._producer = producer
         self._max_backoff_s = max_backoff_s
-        self._queue: list[Item] = []
+        self._queue: list[Entry] = []
         self._out: dict[object, int] = {}   # per producer: records handed to it, not yet come back
         self._failing: set[object] = set()  # producers that failed a record and still hold others
         self._sending = False               # the first record in the queue is out alone: it stays first
-        self._releasing = False             # records that waited are being handed back: new ones queue
+        self._releasing = False             # a record that waited is being handed back: new ones queue
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def sent(self, producer: object) -> None:
-        """A record was handed to ``producer`` (a token naming it); :meth:`answered` or :meth:`add` follows."""
+    def take(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+             producer: object) -> bool:
+        """Queue ``record`` (handed over as number ``order``) if records wait here or a failing producer still
+        holds some: True. Else count it against ``producer``, where the caller then sends it: False."""
         with self._cond:
+            if self._queue or self._held() or self._releasing:
+                self._insert(Entry(order, record, on_ack, on_refused, False))
+                return True
             self._out[producer] = self._out.get(producer, 0) + 1
+            return False
 
     def answered(self, producer: object) -> None:
         """A record ``producer`` held came back without joining the queue (acknowledged, or refused outright)."""
         with self._cond:
             self._back(producer)
 
-    def take(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None) -> bool:
-        """Queue ``record`` (handed over as number ``order``) if records wait here or a failing producer
-        still holds some; False (not taken: send it) otherwise."""
-        with self._cond:
-            if not self._queue and not self._held() and not self._releasing:
-                return False
-            self._insert((order, record, on_ack, on_refused, False))
-            return True
-
     def add(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
             producer: object = None) -> None:
-        """A record that failed: send it alone, in its hand-over place. ``producer``: the one that failed it
-        (None: it never held it), whose other records are then waited for before anything is sent."""
+        """A record that failed: send it alone, in its hand-over place. ``producer``: the one it was counted
+        against (None: none), whose other records are then waited for before anything is sent."""
         with self._cond:
-            self._insert((order, record, on_ack, on_refused, True))
+            self._insert(Entry(order, record, on_ack, on_refused, True))
             if producer is not None:
                 self._failing.add(producer)
                 self._back(producer)
@@ -83,16 +102,18 @@ class Isolation:
             self._cond.notify_all()
 
     def waiting(self) -> int:
+        """Records not yet handed to a producer or acknowledged alone."""
         with self._cond:
-            return len(self._queue)
+            return len(self._queue) + self._releasing
 
     def close(self) -> None:
+        """Stop the resending thread; what still waits stays unacknowledged (redelivered after a restart)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
 
-    def _insert(self, item: Item) -> None:
-        bisect.insort(self._queue, item, lo=1 if self._sending else 0, key=lambda queued: queued[0])
+    def _insert(self, entry: Entry) -> None:
+        bisect.insort(self._queue, entry, lo=1 if self._sending else 0, key=lambda queued: queued.order)
 
     def _back(self, producer: object) -> None:
         left = self._out.get(producer, 0) - 1
@@ -114,34 +135,43 @@ class Isolation:
                 self._cond.wait_for(lambda: self._closed or (bool(self._queue) and not self._held()))
                 if self._closed:
                     return
-                order, record, on_ack, on_refused, failed = self._queue[0]
-                if not failed:   # only waited: it and those after it that only waited go back together
-                    run = 0
-                    while run < len(self._queue) and not self._queue[run][4]:
-                        run += 1
-                    waited, self._queue = self._queue[:run], self._queue[run:]
-                    self._releasing = True
-                else:
-                    self._sending = True   # stays first until done: nothing overtakes it
-            if not failed:
-                try:
-                    self._release([item[:4] for item in waited])
-                finally:
+                head = self._queue[0]
+                self._sending = head.failed   # a record out alone stays first until done: nothing overtakes it
+            try:
+                if not head.failed:
+                    self._hand_back(head)
+                    continue
+                error = self._send_alone(head.record)
+                if error is not None and not self._final(error):   # an outage: the same record again, later
                     with self._cond:
-                        self._releasing = False
-                        self._cond.notify_all()
-                continue
-            error = self._send_alone(record)
-            if error is not None and not self._final(error):   # an outage: the same record again, later
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closed, min(self._max_backoff_s, 0.1 * 2 ** attempt))
-                attempt += 1
-                continue
-            attempt = 0
-            instead = self._outcome(record, on_ack, on_refused, error)
+                        self._cond.wait_for(lambda: self._closed, min(self._max_backoff_s, 0.1 * 2 ** attempt))
+                    attempt += 1
+                    continue
+                attempt = 0
+                instead = self._outcome(head.record, head.on_ack, head.on_refused, error)
+            except Exception:   # a bug past this point: said, and the thread goes on with the others
+                log.exception("resending %s failed; it stays unacknowledged (redelivered after a restart)",
+                              head.record.topic)
+                instead = None
             with self._cond:
                 if instead is not None:
-                    self._queue[0] = (order, instead, on_ack, on_refused, True)
-                else:
+                    self._queue[0] = Entry(head.order, instead, head.on_ack, head.on_refused, True)
+                elif self._queue and self._queue[0] is head:
                     self._queue.pop(0)
                 self._sending = False
+
+    def _hand_back(self, head: Entry) -> None:
+        """Hand ``head``, a record that only waited, to the producer, if it is still first and nothing holds it."""
+        producer = self._producer()
+        with self._cond:
+            if self._closed or not self._queue or self._queue[0] is not head or self._held():
+                return   # something failed meanwhile: the loop looks again
+            self._queue.pop(0)
+            self._out[producer] = self._out.get(producer, 0) + 1
+            self._releasing = True
+        try:
+            self._release(head, producer)
+        finally:
+            with self._cond:
+                self._releasing = False
+                self._cond.notify_all()

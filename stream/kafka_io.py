@@ -33,7 +33,7 @@ from .errors import (
     kafka_python_kind,
 )
 from .failures import FailureWatch, Refusals
-from .isolation import Isolation
+from .isolation import Entry, Isolation
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
 from .transactions import commit_unit
@@ -430,7 +430,7 @@ class KafkaSink:
         self._refused: dict[bytes, BaseException] = {}
         self._transactional_id = transactional_id
         self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome,
-                                    self._released)
+                                    self._released, self._current_producer)
         self._handed = itertools.count()   # each record's hand-over number: the isolation's order
 
     def _new_producer(self) -> Any:
@@ -496,22 +496,27 @@ class KafkaSink:
             self._refuse(record, on_refused, self._refused[_fingerprint(record)])
             return
         order = next(self._handed) if order is None else order
-        if not self.transactional and self._isolation.take(order, record, on_ack, on_refused):
-            return   # records isolated after a failure go first: this one waits its turn behind them
-        self._send(order, record, on_ack, on_refused)
-
-    def _released(self, waited: list[tuple[int, Outgoing, Callable[[], None], Refused | None]]) -> None:
-        """Records that waited behind isolated ones, handed back to the producer in order (a new one where the
-        failure that queued them left it fatal and the replacement has not happened yet: it would only fail
-        them again)."""
-        if _fatal(self._producer):
-            self._replace(self._producer, "it failed the records these waited behind")
-        for order, record, on_ack, on_refused in waited:
-            self._send(order, record, on_ack, on_refused)
-
-    def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None) -> None:
         producer = self._producer
-        counted = not self.transactional   # at least once: the isolation waits for a failing producer's records
+        if not self.transactional and self._isolation.take(order, record, on_ack, on_refused, producer):
+            return   # records isolated after a failure go first: this one waits its turn behind them
+        self._send(order, record, on_ack, on_refused, producer)
+
+    def _current_producer(self) -> Any:
+        """The producer records go to now: a new one where a failure left it fatal and the replacement has not
+        happened yet (it would only fail them again)."""
+        if _fatal(self._producer):
+            self._replace(self._producer, "it failed the records waiting to be sent")
+        return self._producer
+
+    def _released(self, entry: Entry, producer: Any) -> None:
+        """A record that waited behind isolated ones, handed back to ``producer`` (counted against it)."""
+        self._send(entry.order, entry.record, entry.on_ack, entry.on_refused, producer)
+
+    def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+              producer: Any) -> None:
+        """Send on ``producer``; at least once the record is already counted against it (:meth:`Isolation.take`),
+        and every way it comes back settles that count: acknowledged, refused, or queued to be resent."""
+        counted = not self.transactional
 
         def ok(_metadata: Any) -> None:
             if counted:
@@ -528,15 +533,12 @@ class KafkaSink:
                 self._isolation.add(order, record, on_ack, on_refused, producer)
                 self._delayed.later(0.0, lambda: self._after_failure(record, exc, producer))
                 return
-            if counted:
-                self._isolation.answered(producer)
             if counted and Refusals.stops(exc):   # the operator's to fix: no resend can help
+                self._isolation.answered(producer)
                 self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
                 return
             self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, order, exc, producer))
 
-        if counted:   # before the send: the producer's IO thread may fail earlier records before it returns
-            self._isolation.sent(producer)
         try:
             future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
         except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
@@ -544,8 +546,6 @@ class KafkaSink:
                 self._isolation.add(order, record, on_ack, on_refused, producer)
                 self._delayed.later(0.0, partial(self._after_failure, record, exc, producer))
                 return
-            if counted:
-                self._isolation.answered(producer)
             self._failed(record, on_ack, on_refused, order, exc, producer)
             return
         future.add_callback(ok)
@@ -597,19 +597,25 @@ class KafkaSink:
 
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, order: int,
                 exc: BaseException, producer: Any) -> None:
+        """A send that failed (at least once: counted against ``producer``, each branch settling it)."""
         from kafka.errors import MessageSizeTooLargeError
+        counted = not self.transactional
         if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value or b""), record.topic)
+            if counted:
+                self._isolation.answered(producer)
             self.publish(record.fallback, on_ack, on_refused, order)
             return
-        if not self.transactional and refused_for_good(exc):
-            self._renewed(exc, producer)   # the refusal left it fatal
+        if counted and refused_for_good(exc):
+            self._renewed(exc, producer)   # a broker's refusal leaves it fatal (send()'s own size check does not)
             log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
                         "time, to find the record refused for good", record.topic, exc)
-            self._isolation.add(order, record, on_ack, on_refused)
+            self._isolation.add(order, record, on_ack, on_refused, producer)
             return
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
+            if counted:
+                self._isolation.answered(producer)
             self._refuse(record, on_refused, exc)
             return
         if self.transactional and Refusals.stops(exc):
@@ -630,7 +636,7 @@ class KafkaSink:
         log.debug("publish to %s failed (%s); resending it in order", record.topic, exc)
         self._on_retry()
         # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
-        self._isolation.add(order, record, on_ack, on_refused)
+        self._isolation.add(order, record, on_ack, on_refused, producer)
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next.
@@ -714,13 +720,17 @@ class KafkaSink:
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
+        self._flush_producer(timeout)
+        while self.pending_retries() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._flush_producer(max(0.1, deadline - time.monotonic()))   # what the resends handed back to it
+        return not self.pending_retries()
+
+    def _flush_producer(self, timeout: float) -> None:
         try:
             self._producer.flush(timeout=max(0.1, timeout))
         except Exception as exc:
             log.warning("flush: %s", exc)
-        while self.pending_retries() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return not self.pending_retries()
 
     def close(self) -> None:
         self._closed = True

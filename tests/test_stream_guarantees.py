@@ -419,3 +419,51 @@ class _CountingAlone(_Alone):
     def send(self, topic, key=None, value=None, headers=None) -> _StubFuture:
         self.alone.append(key)
         return super().send(topic, key, value, headers)
+
+
+class _TimesOutOnce(_StubProducer):
+    """A producer whose send() of one record gives up waiting for metadata once (KafkaTimeoutError)."""
+
+    def __init__(self, log: list, key: bytes) -> None:
+        super().__init__(log, {"down": False})
+        self.key, self.tries = key, 0
+
+    def send(self, topic, key=None, value=None, headers=None) -> _StubFuture:
+        if key == self.key:
+            self.tries += 1
+            if self.tries == 1:
+                from kafka.errors import KafkaTimeoutError
+                raise KafkaTimeoutError("Failed to update metadata after 10.0 secs.")
+        return super().send(topic, key, value, headers)
+
+
+def test_a_record_handed_back_after_a_refusal_that_fails_at_once_keeps_its_place():
+    """Records that waited behind a refusal go back to the new producer one by one; when one of them fails
+    at once (send() gives up waiting for metadata), those after it wait behind its resend."""
+    from kafka.errors import InvalidRecordError
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+    first, log, acked, made = _FatalAfterRefusal(), [], threading.Semaphore(0), []
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            made.append(first if not made else _TimesOutOnce(log, b"2"))
+            return made[-1]
+
+        def _new_probe(self):
+            return _Alone(log, refused_key=b"never")
+    sink = Sink("stub:9092", {})
+    try:
+        for i in range(2):
+            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
+        first.turn_fatal(InvalidRecordError("refused by the broker's policy"))
+        first.out[b"0"].fail(InvalidRecordError("refused by the broker's policy"))
+        for i in range(2, 6):   # wait behind record 1, still out on the fatal producer
+            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
+        first.out[b"1"].fail(InvalidRecordError("refused by the broker's policy"))
+        for _ in range(6):
+            assert acked.acquire(timeout=10), "every record acknowledged"
+    finally:
+        sink.close()
+    assert log == [str(i).encode() for i in range(6)], "in hand-over order"
