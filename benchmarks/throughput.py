@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-cpu-isa", choices=["avx512_core", "avx512_core_vnni", "avx512_core_bf16"], default=None,
                         help="cap OpenVINO's CPU kernels at this instruction set (oneDNN's ONEDNN_MAX_CPU_ISA, set "
                              "for this process and every service it starts): avx512_core runs INT8 without VNNI, "
-                             "bf16 or AMX (3.4 times the core-ms on an AMX Xeon), standing in for a CPU where INT8 "
+                             "bf16 or AMX (4 to 5 times the core-ms on an AMX Xeon), standing in for a CPU where INT8 "
                              "inference dominates; OpenVINO cannot compile this model capped at avx2")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
     parser.add_argument("--backlog", type=int, default=8000,

@@ -25,22 +25,19 @@ trt_reason() {
 
 step_versions() {
     say "versions: host, driver, CUDA runtime, cuda-python, TensorRT, GPUs"
-    if command -v nvidia-smi >/dev/null; then
-        nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader \
-            || failed+=("nvidia-smi")
-    else
-        echo "nvidia-smi not found"
-    fi
     if ! command -v nvidia-smi >/dev/null; then
+        echo "nvidia-smi not found"
         skipped+=("versions and cuda-python buffers: no NVIDIA driver on this host (nvidia-smi not found)")
         return
     fi
+    nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader \
+        || failed+=("nvidia-smi")
     cuda_step versions "versions"
     say "versions: cuda-python pinned/device buffers, copies both ways, two streams"
     cuda_step cuda "cuda-python buffers/copies/streams"
 }
 
-cuda_step() {   # gpu_check.py STEP; its exit status 2: what it needs is not installed here (skipped, why said)
+cuda_step() {   # gpu_check.py STEP; its exit status 77: what it needs is not installed here (skipped, why said)
     local err rc
     err="$(mktemp)"
     "$PY" benchmarks/gpu_check.py "$1" 2>"$err"
@@ -48,7 +45,7 @@ cuda_step() {   # gpu_check.py STEP; its exit status 2: what it needs is not ins
     cat "$err" >&2
     case $rc in
         0) ;;
-        2) skipped+=("$2: $(tail -n 1 "$err" | sed 's/^gpu_check [a-z]*: //')") ;;
+        77) skipped+=("$2: $(tail -n 1 "$err" | sed 's/^gpu_check [a-z]*: //')") ;;
         *) failed+=("$2") ;;
     esac
     rm -f "$err"

@@ -75,11 +75,12 @@ def test_gpu_check_versions_skips_what_this_host_lacks_instead_of_failing(tmp_pa
     """No NVIDIA driver: the versions step is skipped, saying so; a driver without cuda-python: its two
     cuda-python parts are skipped with the install line; neither is a failure (exit 0)."""
     import importlib.util
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
-    if importlib.util.find_spec("cuda") is not None:
-        pytest.skip("cuda-python is installed here: the versions step runs for real")
+    if importlib.util.find_spec("cuda") is not None or shutil.which("nvidia-smi", path="/usr/bin:/bin"):
+        pytest.skip("cuda-python or an NVIDIA driver is installed here: the versions step runs for real")
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
     no_driver = subprocess.run(["bash", str(script), "versions"], capture_output=True, text=True, timeout=120,
                                env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
@@ -110,3 +111,20 @@ def test_kafka_clients_benchmark_runs_both_clients_and_names_the_cpu(tmp_path, c
     results = json.loads(out.read_text())
     assert results["cpu"]["model"] and set(results["runs"]) == {"kafka-python", "librdkafka"}
     assert all(r["core_ms_per_record"] > 0 for runs in results["runs"].values() for r in runs)
+
+
+def test_throughput_caps_openvinos_kernels_for_itself_and_says_so(small_artifact, tmp_path, capsys,
+                                                                  monkeypatch) -> None:
+    """--max-cpu-isa sets oneDNN's cap in the benchmark's environment, which every service it starts inherits,
+    names it in the machine line and records it in the results file."""
+    import json
+    import os
+
+    from benchmarks.throughput import main
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)   # restored after the test
+    assert main(["--artifact", str(small_artifact), "--skip-models", "--skip-pipeline", "--max-cpu-isa",
+                 "avx512_core", "--output", str(tmp_path)]) == 0
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+    assert "OpenVINO's kernels capped at AVX512_CORE" in capsys.readouterr().out
+    (written,) = tmp_path.glob("*.json")
+    assert json.loads(written.read_text())["max_cpu_isa"] == "avx512_core"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
@@ -38,15 +40,23 @@ def test_every_docs_page_is_linked_from_the_readme() -> None:
         assert f"docs/{page.name}" in linked, f"docs/{page.name} is not linked from the README"
 
 
-def test_every_test_the_readme_names_exists() -> None:
-    readme = (ROOT / "README.md").read_text()
-    named = re.findall(r"`(?:tests/)?(test_\w+\.py)::(\w+)`", readme)
-    # the ``::name`` continuations after a file's name name tests in that same file
-    for block in re.findall(r"`(?:tests/)?(test_\w+\.py)::\w+`((?:,?\s*(?:\([^)]*\)\s*,?\s*)?`::\w+`)+)", readme):
+def _named_tests(text: str) -> list[tuple[str, str]]:
+    """(file, test) for every ``test_x.py::name`` (or ``tests/test_x.py::name``) in ``text``, and the ``::name``
+    continuations after one, which name tests in that same file."""
+    named = re.findall(r"`(?:tests/)?(test_\w+\.py)::(\w+)`", text)
+    for block in re.findall(r"`(?:tests/)?(test_\w+\.py)::\w+`((?:,?\s*(?:\([^)]*\)\s*,?\s*)?`::\w+`)+)", text):
         named += [(block[0], name) for name in re.findall(r"`::(\w+)`", block[1])]
-    assert len(named) >= 20, f"only {len(named)} test names found in the README: has its way of naming them changed?"
+    return named
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))])
+def test_every_test_the_docs_name_exists(page: str) -> None:
+    named = _named_tests((ROOT / page).read_text())
+    if page == "README.md":
+        assert len(named) >= 20, f"only {len(named)} test names in the README: has its way of naming them changed?"
     for file, name in named:
-        assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{name} does not exist"
+        assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(), re.M), \
+            f"{page} names {file}::{name}, which does not exist"
 
 
 def test_every_flag_table_is_its_config() -> None:

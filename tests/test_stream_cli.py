@@ -80,6 +80,8 @@ def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
     (["--bootstrap-servers", "127.0.0.1:1 127.0.0.2:1"], "expected HOST:PORT"),
     (["--bootstrap-servers", "http://127.0.0.1:1"], "expected HOST:PORT"),
     (["--dead-letter-topic", "out"], "--output-topic and --dead-letter-topic must differ"),
+    (["--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "OAUTHBEARER", "--sasl-username", "u"],
+     "--sasl-mechanism OAUTHBEARER: choose from PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
     (["--transactional-id", "pod-a"],
      "--transactional-id would be ignored without --processing-guarantee exactly-once"),
     (["--compression-type", "brotli"], "--compression-type brotli: choose from"),
