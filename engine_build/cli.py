@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -228,8 +232,10 @@ def _placeholder(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .placeholder import write_placeholder
     if args.output.exists() and not args.output.is_dir():
         raise ConfigError(f"--output {args.output}: is a file; give a directory")
-    if args.logit_std <= 0:
-        raise ConfigError(f"--logit-std {args.logit_std:g}: must be above 0")
+    if not math.isfinite(args.logit_std) or args.logit_std <= 0:
+        raise ConfigError(f"--logit-std {args.logit_std:g}: must be a number above 0")
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed}: must be 0 or more")
     prototxt, caffemodel = write_placeholder(args.output, seed=args.seed, legacy_format=args.legacy_format,
                                              logit_std=args.logit_std)
     print(f"wrote {prototxt} and {caffemodel}")
@@ -242,6 +248,9 @@ def _fetch_weights(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .weights import PUBLISHED, WeightsSource, fetch_weights
     if args.dest.exists() and not args.dest.is_dir():
         raise ConfigError(f"--dest {args.dest}: is a file; give a directory")
+    for name, url in (("--prototxt-url", args.prototxt_url), ("--caffemodel-url", args.caffemodel_url)):
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
+            raise ConfigError(f"{name} {url}: not an http(s) or file URL")
     pinned = PUBLISHED.prototxt_sha256 if args.prototxt_url == PUBLISHED.prototxt_url else None
     source = WeightsSource(args.prototxt_url, args.caffemodel_url, pinned)
     prototxt, caffemodel = fetch_weights(args.dest, source)
@@ -336,6 +345,11 @@ def _add_fetch_weights(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """``environ``: where ``build``'s environment twins (``ENGINE_BUILD_<FIELD>``) are read (os.environ)."""
     environ = dict(os.environ if environ is None else environ)
+    with _sigterm_as_interrupt():
+        return _main(argv, environ)
+
+
+def _main(argv: list[str] | None, environ: dict[str, str]) -> int:
     try:
         args = parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -355,6 +369,27 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         except (AttributeError, OSError, ValueError):   # stdout is not a real file (tests)
             pass
         return 0
+    except OSError as exc:   # a file or folder the command cannot write or read (its own errors are UserErrors)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"engine_build: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("engine_build: interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM (``timeout``, a supervisor) ends it as Ctrl-C does, so a build removes
+    its staging folder instead of leaving hundreds of megabytes beside its output."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

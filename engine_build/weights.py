@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .errors import DownloadError, ModelFormatError
 PROTOTXT = "sentiment_deploy.prototxt"
 CAFFEMODEL = "twitter_finetuned_test4_iter_180.caffemodel"
 CHUNK = 1 << 20
+STALL_BYTES, STALL_S = 64 << 10, 120.0   # a download that moves less than this in this long has stalled
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ def _looks_like_html(head: bytes) -> bool:
 
 
 def download(url: str, dest: Path, *, progress: bool | None = None, timeout_s: float = 60.0,
-             opener: Callable[..., http.client.HTTPResponse] | None = None) -> Downloaded:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming what an earlier try left there."""
+             opener: Callable[..., http.client.HTTPResponse] | None = None,
+             clock: Callable[[], float] = time.monotonic) -> Downloaded:
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming what an earlier try left there. Each read
+    waits at most ``timeout_s``; a server that trickles (less than 64 KiB in 120 s) is given up on too."""
     from tqdm import tqdm
 
     if dest.exists():
@@ -97,6 +101,7 @@ def download(url: str, dest: Path, *, progress: bool | None = None, timeout_s: f
                     tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=f"downloading {dest.name}",
                          disable=None if progress is None else not progress, leave=False) as bar:
                 first = True
+                moved_at, moved_from = clock(), received
                 while True:
                     chunk = response.read(CHUNK)
                     if not chunk:
@@ -107,6 +112,11 @@ def download(url: str, dest: Path, *, progress: bool | None = None, timeout_s: f
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+                    if received - moved_from >= STALL_BYTES:
+                        moved_at, moved_from = clock(), received
+                    elif clock() - moved_at > STALL_S:
+                        raise DownloadError(f"{url}: download stalled at {received} bytes (under "
+                                            f"{STALL_BYTES >> 10} KiB in {STALL_S:.0f} s); run again to resume")
         except (http.client.HTTPException, OSError) as exc:
             raise DownloadError(f"{url}: download stopped at {received} bytes ({exc}); "
                                 f"run again to resume") from exc

@@ -126,6 +126,11 @@ def test_evaluate_on_a_folder_and_list(small_artifact, tmp_path, capsys):
      "--prototxt /nope.prototxt: no such file"),
     (["inspect", "/definitely/not/here"], "does not exist"),
     (["evaluate", "/definitely/not/here", "--images", "/tmp", "--list", "/nope.txt"], "cannot read list"),
+    (["placeholder-model", "--output", "/tmp/x", "--seed", "-1"], "--seed -1: must be 0 or more"),
+    (["placeholder-model", "--output", "/tmp/x", "--logit-std", "nan"], "--logit-std nan: must be a number above 0"),
+    (["fetch-weights", "--dest", "/tmp/x", "--prototxt-url", "notaurl"],
+     "--prototxt-url notaurl: not an http(s) or file URL"),
+    (["placeholder-model", "--output", "/proc/no-such-process/model"], "No such file or directory: /proc/"),
 ])
 def test_user_errors_are_one_line_exit_1(argv, message, capsys):
     assert main(argv) == 1
@@ -383,3 +388,26 @@ def test_build_shows_each_step_as_it_starts(small_model, tmp_path, capsys):
     assert -1 not in at and at == sorted(at), "\n".join(steps)
     assert captured.out.index("validating every variant") < captured.out.index("calibration 48 images")
     assert captured.err == ""
+
+
+def test_sigterm_during_a_build_removes_its_staging_folder(small_model, tmp_path):
+    """``timeout`` or a supervisor stops a build with SIGTERM: it ends as Ctrl-C does (exit 130) and leaves no
+    staging folder beside its output (326 MB for the full-size model)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    build = subprocess.Popen([sys.executable, "-m", "engine_build", "build", "--prototxt", str(small_model[0]),
+                              "--caffemodel", str(small_model[1]), "--output", str(tmp_path / "art")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".art.building-*")) and build.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(tmp_path.glob(".art.building-*")), "the build started staging"
+        build.send_signal(signal.SIGTERM)
+        _, err = build.communicate(timeout=60)
+    finally:
+        build.kill()
+    assert build.returncode == 130 and "engine_build: interrupted" in err, err
+    assert not list(tmp_path.glob(".art.building-*")) and not (tmp_path / "art").exists()

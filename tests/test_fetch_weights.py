@@ -191,3 +191,34 @@ def test_a_prototxt_other_than_the_published_one_is_refused(server, published, t
     source = WeightsSource(f"{url}/{PROTOTXT}", f"{url}/{CAFFEMODEL}", prototxt_sha256="0" * 64)
     with pytest.raises(DownloadError, match="is not the published prototxt's"):
         fetch_weights(tmp_path, source, say=lambda line: None)
+
+
+def test_a_server_that_trickles_is_given_up_on_and_the_part_kept_for_a_resume(tmp_path):
+    """One byte every 30 s never trips the per-read timeout; under 64 KiB in 120 s is a stall: one line,
+    and what arrived stays in the .part file for the next run to resume."""
+    from email.message import Message
+
+    from engine_build.errors import DownloadError
+    from engine_build.weights import download
+    now = [0.0]
+
+    class Trickle:
+        status = 200
+        headers = Message()
+        headers["Content-Type"] = "application/octet-stream"
+        headers["Content-Length"] = "1000000"
+
+        def __enter__(self) -> Trickle:
+            return self
+
+        def __exit__(self, *_exc: object) -> None:
+            pass
+
+        def read(self, _size: int) -> bytes:
+            now[0] += 30.0   # the server's pace, on the download's clock
+            return b"\x00"
+
+    with pytest.raises(DownloadError, match=r"download stalled at \d+ bytes \(under 64 KiB in 120 s\)"):
+        download("http://mirror/w.caffemodel", tmp_path / "w.caffemodel", progress=False,
+                 opener=lambda request, timeout: Trickle(), clock=lambda: now[0])
+    assert (tmp_path / "w.caffemodel.part").stat().st_size == 5 and not (tmp_path / "w.caffemodel").exists()
