@@ -6,10 +6,11 @@ Each child is a plain ``python -m stream`` with the same flags and environment p
 past one interpreter's GIL while the group shares the partitions among the children. The
 supervisor forwards SIGTERM/SIGINT to every child and waits for their drains; if one child
 fails, the others are stopped and its exit code is returned, so the outer supervisor (systemd,
-Kubernetes) restarts the whole set.
+Kubernetes) restarts the whole set; if the supervisor itself dies, its children get SIGTERM (Linux).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 CHILD_INDEX = "STREAM_CHILD_INDEX"   # set in child i's environment; its log lines carry [pi]
+PR_SET_PDEATHSIG = 1                 # prctl(2): the signal a process gets when its parent dies
 
 
 def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
@@ -44,6 +46,23 @@ def child_environ(index: int) -> dict[str, str]:
     return {**os.environ, CHILD_INDEX: str(index)}
 
 
+def die_with(parent: int) -> Callable[[], None] | None:
+    """A child's ``preexec_fn`` (Linux): it gets SIGTERM, and drains, when the supervisor dies however it dies
+    (kill -9, the OOM killer), instead of running on orphaned, consuming beside the set that replaces it.
+    None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def set_death_signal() -> None:   # in the child, between fork and exec: no locks, no logging
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:    # the supervisor died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+    return set_death_signal
+
+
 def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None,
               command: ChildCommand = child_argv) -> int:
     """Run ``processes`` children (``command`` makes each one's command line) until all have exited;
@@ -51,7 +70,7 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
     # Own sessions (so own process groups): a terminal's Ctrl-C reaches the children once, through
     # forward(), not twice (a second signal means "exit now" to a child).
     children = [subprocess.Popen(command(own_transactional_id(argv, i, transactional_id), i, metrics_port),
-                                 env=child_environ(i), start_new_session=True)
+                                 env=child_environ(i), start_new_session=True, preexec_fn=die_with(os.getpid()))
                 for i in range(processes)]
     log.info("started %d consumer processes (pids %s)%s", processes, ", ".join(str(c.pid) for c in children),
              f"; metrics on ports {metrics_port}..{metrics_port + processes - 1}" if metrics_port else "")

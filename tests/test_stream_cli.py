@@ -262,3 +262,39 @@ def test_metrics_include_the_standard_process_metrics():
     text = Metrics().render().decode()
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds"):
         assert f"\n{name} " in text, name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_children_end_when_their_supervisor_is_killed(tmp_path):
+    """kill -9 (or the OOM killer) of the --processes supervisor: its children get SIGTERM instead of consuming
+    on, orphaned, beside the set its restart starts."""
+    import os
+    import signal
+    import subprocess
+    child = f"import time; open({str(tmp_path / 'started')!r}, 'w').close(); time.sleep(120)"
+    script = ("import sys; from stream.supervisor import supervise; "
+              f"sys.exit(supervise([], 1, 0, command=lambda argv, i, port: [sys.executable, '-c', {child!r}]))")
+    supervisor = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        children = (f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
+        (pid,) = [int(p) for p in open(children).read().split()]
+        supervisor.send_signal(signal.SIGKILL)
+        supervisor.wait(10)
+
+        def ended() -> bool:   # gone, or a zombie not yet reaped by init
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    return stat.read().rsplit(") ", 1)[-1].startswith("Z")
+            except FileNotFoundError:
+                return True
+        deadline = time.monotonic() + 20
+        while not ended() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not ended():
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the child ran on after its supervisor was killed")
+    finally:
+        supervisor.kill()
