@@ -16,6 +16,7 @@ Existence is decided by listing the cluster's topics, never by a request that co
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import fields
@@ -25,7 +26,7 @@ from typing import Any
 from engine_build.errors import ConfigError, SentimentError
 from engine_build.options import OptionParser
 
-from .config import StreamConfig, env_name, flag
+from .config import LEGAL_TOPIC, StreamConfig, env_name, flag
 from .errors import kafka_errors
 
 SECURITY = ("security_protocol", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism", "sasl_username",
@@ -149,8 +150,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     try:
         args = parser().parse_args(argv)
         options = client_options(args, environ)
-        if args.command == "create" and args.partitions < 1:
-            raise ConfigError(f"--partitions {args.partitions}: must be at least 1")
+        _check(args)
         # the client's own errors (NoBrokersAvailable, TopicAuthorizationFailed, ...) as the project's
         with kafka_errors(options["bootstrap_servers"]):
             _run(args, options)
@@ -158,6 +158,26 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         print(f"stream.topics: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+MAX_PARTITIONS = 10_000   # far past any topic this service reads; a broker given millions dies (tansu did)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The arguments' own mistakes, in one line, before any request."""
+    topics = args.topics if args.command == "create" else [getattr(args, "topic", None)]
+    for topic in topics:
+        if topic is not None and (not LEGAL_TOPIC.fullmatch(topic) or topic in (".", "..")):
+            raise ConfigError(f"{topic!r}: a Kafka topic name is 1 to 249 of a-z, A-Z, 0-9, '.', '_' and '-' "
+                              f"(and not '.' or '..')")
+    if args.command == "create":
+        if not 1 <= args.partitions <= MAX_PARTITIONS:
+            raise ConfigError(f"--partitions {args.partitions}: from 1 to {MAX_PARTITIONS}")
+        if args.replication_factor == 0 or args.replication_factor < -1:
+            raise ConfigError(f"--replication-factor {args.replication_factor}: at least 1 (or -1, the broker's "
+                              f"default)")
+    if args.command == "read" and (not math.isfinite(args.idle_s) or args.idle_s <= 0 or args.max < 0):
+        raise ConfigError("read: --idle-s must be a number above 0 and --max 0 or more")
 
 
 def _run(args: argparse.Namespace, options: dict[str, Any]) -> None:

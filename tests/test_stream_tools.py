@@ -74,7 +74,13 @@ def test_topics_creates_lists_and_leaves_an_existing_topic_as_it_is(kafka_broker
 @pytest.mark.parametrize("argv,message", [
     (["list"], "missing --bootstrap-servers (or STREAM_BOOTSTRAP_SERVERS)"),
     (["--bootstrap-servers", "h:1", "create", "t"], "the following arguments are required: --partitions"),
-    (["--bootstrap-servers", "h:1", "create", "t", "--partitions", "0"], "--partitions 0: must be at least 1"),
+    (["--bootstrap-servers", "h:1", "create", "t", "--partitions", "0"], "--partitions 0: from 1 to 10000"),
+    (["--bootstrap-servers", "h:1", "create", "t", "--partitions", "100000000"], "--partitions 100000000: from 1"),
+    (["--bootstrap-servers", "h:1", "create", "bad topic!", "--partitions", "1"], "'bad topic!': a Kafka topic name"),
+    (["--bootstrap-servers", "h:1", "create", "t", "--partitions", "1", "--replication-factor", "0"],
+     "--replication-factor 0: at least 1"),
+    (["--bootstrap-servers", "h:1", "read", "t", "--idle-s", "nan"], "read: --idle-s must be a number above 0"),
+    (["--bootstrap-servers", "h:1", "read", "t", "--idle-s", "inf"], "read: --idle-s must be a number above 0"),
     (["--bootstrap-servers", "h:1", "--security-protocol", "SASL_SSL", "list"], "needs --sasl-mechanism"),
 ])
 def test_topics_usage_errors_are_one_line_exit_1(argv, message, capsys):
