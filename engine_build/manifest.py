@@ -188,6 +188,8 @@ class Manifest:
     @classmethod
     def read(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
+        if Path(directory).exists() and not Path(directory).is_dir():
+            raise ArtifactError(f"{directory} is a file: an artifact is the directory a build writes")
         if not Path(directory).is_dir():
             raise ArtifactError(f"artifact directory {directory} does not exist")
         try:

@@ -28,7 +28,7 @@ DESCRIPTION = """Consume encoded images from Kafka, decode them with OpenCV, bat
 sentiment with an artifact built by `python -m engine_build build`, and publish one JSON record per
 image (label, scores, source, model, timing) to the output topic; rejected inputs go to the
 dead-letter topic. At least once: an offset is committed only after every message at or below it
-has its record acknowledged by the broker (acks=all). SIGTERM/SIGINT drain, publish, commit, exit 0.
+has its record acknowledged by the broker (acks=all). SIGTERM/SIGINT/SIGHUP drain, publish, commit, exit 0.
 Every flag has an environment variable twin, shown in brackets."""
 
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
             holder[0].stop()
             threading.Thread(target=_exit_when_overdue, args=(holder[0], cfg.drain_timeout_s + SHUTDOWN_GRACE_S),
                              name="shutdown-deadline", daemon=True).start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # SIGHUP: its terminal went away
         signal.signal(sig, on_signal)
     from .app import build as build_service
     try:

@@ -157,8 +157,11 @@ class StreamConfig:
         for name in ("commit_interval_ms", "drain_timeout_s", "fail_after_s", "stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be > 0")
-        if not 0 <= self.metrics_port <= 65535 or (self.metrics_port and self.metrics_port + self.processes > 65536):
+        if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port}: not a port")
+        if self.metrics_port and self.metrics_port + self.processes > 65536:
+            raise ConfigError(f"--metrics-port {self.metrics_port} with --processes {self.processes}: the children's "
+                              f"ports {self.metrics_port}..{self.metrics_port + self.processes - 1} pass 65535")
         for name, most in LIMITS.items():
             if getattr(self, name) > most:
                 raise ConfigError(f"{flag(name)} {getattr(self, name)}: at most {most}")

@@ -4,7 +4,7 @@ Each child is a plain ``python -m stream`` with the same flags and environment p
 ``--processes 1 --metrics-port BASE+i --no-latency-lane`` (and, given a transactional id,
 ``--transactional-id ID-i``): its own Kafka clients, backend and decode pool, so the Kafka client and decoding scale
 past one interpreter's GIL while the group shares the partitions among the children. The
-supervisor forwards SIGTERM/SIGINT to every child and waits for their drains; if one child
+supervisor forwards SIGTERM/SIGINT/SIGHUP to every child and waits for their drains; if one child
 fails, the others are stopped and its exit code is returned, so the outer supervisor (systemd,
 Kubernetes) restarts the whole set; if the supervisor itself dies, its children get SIGTERM (Linux).
 """
@@ -81,7 +81,7 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     first_failure: int | None = None   # not a sibling's SIGTERM that the failure itself caused
     try:
         while True:

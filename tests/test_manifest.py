@@ -155,6 +155,9 @@ def test_a_bad_manifest_is_one_line(tmp_path, content, message):
     assert "\n" not in str(caught.value)
     with pytest.raises(ArtifactError, match="does not exist"):
         Manifest.read(tmp_path / "missing")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ArtifactError, match="a-file is a file: an artifact is the directory a build writes"):
+        Manifest.read(tmp_path / "a-file")
 
 
 def test_an_int8_entry_always_lists_its_runtimes_files_and_others_never_do():

@@ -80,6 +80,7 @@ def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
     (["--bootstrap-servers", "127.0.0.1:1 127.0.0.2:1"], "expected HOST:PORT"),
     (["--bootstrap-servers", "http://127.0.0.1:1"], "expected HOST:PORT"),
     (["--dead-letter-topic", "out"], "--output-topic and --dead-letter-topic must differ"),
+    (["--metrics-port", "65534", "--processes", "3"], "the children's ports 65534..65536 pass 65535"),
     (["--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "OAUTHBEARER", "--sasl-username", "u"],
      "--sasl-mechanism OAUTHBEARER: choose from PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
     (["--transactional-id", "pod-a"],
@@ -298,3 +299,22 @@ def test_children_end_when_their_supervisor_is_killed(tmp_path):
             pytest.fail("the child ran on after its supervisor was killed")
     finally:
         supervisor.kill()
+
+
+def test_sighup_drains_and_exits_0_as_sigterm_does(small_artifact, tmp_path):
+    """The terminal that started the service goes away (SIGHUP): it drains and exits 0, saying so, instead of
+    dying at once with no line (exit 129)."""
+    import signal
+    import subprocess
+    log = tmp_path / "service.log"
+    process = subprocess.Popen([sys.executable, "-m", "stream", *BASE, "--artifact", str(small_artifact),
+                                "--decode-workers", "1"], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "stream.failures" not in log.read_text():   # up, retrying Kafka
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGHUP)
+        code = process.wait(60)
+    text = log.read_text()
+    assert code == 0 and "SIGHUP: draining" in text, text[-2000:]
