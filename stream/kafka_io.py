@@ -17,7 +17,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,9 @@ from .delayed import Delayed
 from .errors import (
     OUTAGE,
     REFUSED,
+    BrokerUnavailable,
     KafkaPermanent,
+    KafkaTransient,
     fenced,
     kafka_errors,
     kafka_python_kind,
@@ -59,6 +62,23 @@ def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
         except (OSError, ValueError):
             continue
     return False
+
+
+@contextmanager
+def connecting(bootstrap: str, group: str = "") -> Iterator[None]:
+    """:func:`.errors.kafka_errors` for making a client. A bootstrap that fails while a broker accepts TCP
+    connections is no outage: the client cannot start a session there (TLS or SASL settings that do not
+    match the listener, wrong credentials, a port that is not Kafka's), so it is a :class:`KafkaTransient`,
+    said with that advice, which ``--fail-after-s`` ends instead of retrying for ever."""
+    try:
+        with kafka_errors(f"cannot reach Kafka at {bootstrap}", group):
+            yield
+    except BrokerUnavailable as exc:
+        if not reachable(bootstrap):
+            raise
+        raise KafkaTransient(f"{bootstrap} accepts connections, but the Kafka client cannot start a session "
+                             f"there ({exc.__cause__ or exc}): check --security-protocol, the TLS and SASL "
+                             f"settings and that the port is a Kafka listener") from exc
 
 
 def isolation_level(guarantee: str) -> str:
@@ -119,7 +139,7 @@ class KafkaSource:
         self._rebalance = rebalance
         self._session_s = cfg.session_timeout_ms / 1000
         self._joined_at = time.monotonic()   # the last join completed (the listener's assignment)
-        with kafka_errors(f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id):
+        with connecting(cfg.bootstrap_servers, cfg.group_id):
             self._consumer = KafkaConsumer(
                 bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id, enable_auto_commit=False,
                 auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.max_poll_records,
@@ -406,7 +426,7 @@ class KafkaSink:
         self._settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_block_ms=10_000,
                               bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
                               compression_type=compression_type, **extra, **client_options)
-        with kafka_errors(f"cannot reach Kafka at {bootstrap}"):
+        with connecting(bootstrap):
             self._producer = self._new_producer()
             if transactional_id:
                 self._producer.init_transactions()   # aborts what a predecessor with this id left open
@@ -813,7 +833,7 @@ def ensure_output_topics(cfg: StreamConfig) -> str:
     topic, the broker's default replication); one line saying which existed and which were made."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
-    with kafka_errors(f"cannot reach Kafka at {cfg.bootstrap_servers}"):
+    with connecting(cfg.bootstrap_servers):
         admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="sentiment-stream-admin",
                                  bootstrap_timeout_ms=5_000, **cfg.client_options())
     try:

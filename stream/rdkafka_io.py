@@ -34,7 +34,14 @@ from .errors import (
     librdkafka_name,
 )
 from .failures import FailureWatch, Refusals
-from .kafka_io import TRANSACTION_CALLS_S, ensure_output_topics, fetch_bytes, isolation_level, reachable
+from .kafka_io import (
+    TRANSACTION_CALLS_S,
+    connecting,
+    ensure_output_topics,
+    fetch_bytes,
+    isolation_level,
+    reachable,
+)
 from .ports import Partition, RebalanceHandler, Refused, show
 from .records import Message, Outgoing
 from .transactions import commit_unit
@@ -96,7 +103,7 @@ class RdKafkaSource:
             "isolation.level": isolation_level(cfg.processing_guarantee),
             "allow.auto.create.topics": False, "partition.assignment.strategy": assignment_strategy,
             **_QUIET, **client_settings(cfg)}
-        with kafka_errors(f"cannot reach Kafka at {cfg.bootstrap_servers}", cfg.group_id):
+        with connecting(cfg.bootstrap_servers, cfg.group_id):
             # a second client for the probe thread: the consumer's own list_topics waits while consume() runs
             self._admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
             self._consumer = Consumer(settings)
@@ -287,7 +294,7 @@ class RdKafkaSink:
                           **_QUIET, **extra, **settings}
         self.transactional, self._bootstrap = bool(transactional_id), bootstrap
         self._doomed: Any = None   # a send failed inside the open transaction
-        with kafka_errors(f"cannot reach Kafka at {bootstrap}"):
+        with connecting(bootstrap):
             self._producer = self._new_producer()
             if transactional_id:   # aborts what a predecessor with this id left open
                 self._producer.init_transactions(TRANSACTION_CALLS_S)

@@ -178,7 +178,10 @@ class Service:
                 return None
             except (BrokerUnavailable, KafkaTransient) as exc:
                 self.readiness.set(False, str(exc))
-                self._connecting.failed(exc)   # said once, and again only if the error changes
+                # said once, and again only if the error changes; one that is no outage ends the run past the limit
+                self._failure = self._past_the_limit(self._connecting, exc)
+                if self._failure is not None:
+                    return None
                 _broker_away(isinstance(exc, BrokerUnavailable))
                 log.debug("%s; retrying in %.1f s", exc, delay)
                 self._stop.wait(delay)

@@ -318,3 +318,34 @@ def test_sighup_drains_and_exits_0_as_sigterm_does(small_artifact, tmp_path):
         code = process.wait(60)
     text = log.read_text()
     assert code == 0 and "SIGHUP: draining" in text, text[-2000:]
+
+
+def test_a_listener_the_client_cannot_start_a_session_with_ends_the_run_past_the_limit(small_artifact, tmp_path):
+    """A port that accepts TCP but where the Kafka client cannot bootstrap (here: not Kafka at all; in
+    production a TLS or SASL mismatch) is no outage: said with what to check, and --fail-after-s ends it
+    instead of 'cannot reach Kafka; retrying' for ever."""
+    import socket
+    import subprocess
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def refuse_everything() -> None:   # accept and hang up: what a TLS listener does to a plaintext client
+        while True:
+            try:
+                listener.accept()[0].close()
+            except OSError:
+                return
+    threading.Thread(target=refuse_everything, daemon=True).start()
+    port = listener.getsockname()[1]
+    argv = [sys.executable, "-m", "stream", "--bootstrap-servers", f"127.0.0.1:{port}", "--input-topic", "in",
+            "--output-topic", "out", "--dead-letter-topic", "dlq", "--metrics-port", "0", "--artifact",
+            str(small_artifact), "--decode-workers", "1", "--fail-after-s", "2"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    finally:
+        listener.close()
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "accepts connections, but the Kafka client cannot start a session" in done.stderr
+    assert "past --fail-after-s 2" in done.stderr
