@@ -311,7 +311,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="show an artifact's manifest and validation table")
-    i.add_argument("artifact", type=Path)
+    i.add_argument("artifact", type=Path, help="artifact directory (what a build wrote)")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
     i.set_defaults(func=_inspect)
 
@@ -320,8 +320,8 @@ def _add_placeholder(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("placeholder-model", help="write a seeded placeholder model in the published architecture",
                        description="Write DIR/deploy.prototxt and DIR/placeholder.caffemodel: CaffeNet-Twitter with "
                                    "seeded weights, for demos and tests. " + PLACEHOLDER_BANNER + ".")
-    p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, required=True, help="folder to write the two files to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (0 or more; default 0)")
     p.add_argument("--legacy-format", action="store_true", help="write V1 'layers' records as pre-2015 Caffe did")
     p.add_argument("--logit-std", type=float, default=4.0,
                    help="spread of the final logit gap over the built-in photos (default 4); 0.3 makes a model "
