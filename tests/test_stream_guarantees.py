@@ -327,31 +327,39 @@ def _sink_on(main, log: list, made: list | None = None, alone: list | None = Non
     return Sink("stub:9092", {})
 
 
+def _nothing_resent_while_out(sink, producer, log: list, still_out: bytes, error: BaseException) -> None:
+    """Publish records 0 and 1 on ``sink``, whose first producer is ``producer``: one of them fails at once,
+    and nothing may be acknowledged while ``still_out`` is out on ``producer``; once that one fails with
+    ``error`` both are resent, in order."""
+    from stream.records import Outgoing
+    acked = threading.Semaphore(0)
+    try:
+        sink.publish(Outgoing("out", b"0", b"v", []), acked.release)
+        sink.publish(Outgoing("out", b"1", b"v", []), acked.release)
+        # a check that something does not happen has to give it a while: half a second
+        assert not acked.acquire(timeout=0.5), f"a record was resent while record {still_out!r} was still out"
+        producer.out[still_out].fail(error)
+        for _ in range(2):
+            assert acked.acquire(timeout=10), "both records acknowledged"
+    finally:
+        sink.close()
+    assert log == [b"0", b"1"]
+
+
 def test_a_record_send_refuses_at_once_waits_for_the_records_its_producer_still_holds():
     """send() raises at once (a metadata wait past max_block_ms) while an earlier record is still out on
     the producer, being retried: the failed record is not resent alone ahead of it."""
     from kafka.errors import KafkaTimeoutError
 
-    from stream.records import Outgoing
 
     class Main(_FatalAfterRefusal):
         def send(self, topic, key=None, value=None, headers=None):
             if key == b"1":
                 raise KafkaTimeoutError("Failed to update metadata after 10.0 secs.")
             return super().send(topic, key, value, headers)
-    main, log, acked = Main(), [], threading.Semaphore(0)
-    sink = _sink_on(main, log)
-    try:
-        sink.publish(Outgoing("out", b"0", b"v", []), acked.release)
-        sink.publish(Outgoing("out", b"1", b"v", []), acked.release)
-        # a check that something does not happen has to give it a while: half a second
-        assert not acked.acquire(timeout=0.5), "record 1 was resent while record 0 was still out"
-        main.out[b"0"].fail(KafkaTimeoutError("Expiring 1 record(s): 120000 ms has passed"))
-        for _ in range(2):
-            assert acked.acquire(timeout=10), "both records acknowledged"
-    finally:
-        sink.close()
-    assert log == [b"0", b"1"]
+    main, log = Main(), []
+    _nothing_resent_while_out(_sink_on(main, log), main, log, b"0",
+                              KafkaTimeoutError("Expiring 1 record(s): 120000 ms has passed"))
 
 
 def test_a_record_the_producer_fails_while_a_later_send_is_returning_waits_for_that_one():
@@ -360,7 +368,6 @@ def test_a_record_the_producer_fails_while_a_later_send_is_returning_waits_for_t
     resent, the later one failed after it, and a record handed over in between overtake that)."""
     from kafka.errors import InvalidRecordError
 
-    from stream.records import Outgoing
 
     class Racy(_FatalAfterRefusal):
         def send(self, topic, key=None, value=None, headers=None):
@@ -371,19 +378,8 @@ def test_a_record_the_producer_fails_while_a_later_send_is_returning_waits_for_t
                 sweep.start()
                 sweep.join()
             return future
-    racy, log, acked, made = Racy(), [], threading.Semaphore(0), []
-    sink = _sink_on(racy, log, made)
-    try:
-        sink.publish(Outgoing("out", b"0", b"v", []), acked.release)
-        sink.publish(Outgoing("out", b"1", b"v", []), acked.release)
-        # a check that something does not happen has to give it a while: half a second
-        assert not acked.acquire(timeout=0.5), "record 0 was resent while record 1 was still out"
-        racy.out[b"1"].fail(InvalidRecordError("shared fate"))
-        for _ in range(2):
-            assert acked.acquire(timeout=10), "both records acknowledged"
-    finally:
-        sink.close()
-    assert log == [b"0", b"1"]
+    racy, log = Racy(), []
+    _nothing_resent_while_out(_sink_on(racy, log, []), racy, log, b"1", InvalidRecordError("shared fate"))
 
 
 def test_records_that_only_waited_behind_a_refusal_go_back_to_the_producer_not_one_at_a_time():
