@@ -382,28 +382,36 @@ def test_a_record_the_producer_fails_while_a_later_send_is_returning_waits_for_t
     _nothing_resent_while_out(_sink_on(racy, log, []), racy, log, b"1", InvalidRecordError("shared fate"))
 
 
-def test_records_that_only_waited_behind_a_refusal_go_back_to_the_producer_not_one_at_a_time():
-    """After a refusal, the records handed over while the failed ones were being resent alone did not fail:
-    once nothing failed is ahead of them they go to the producer together, in order; only the failed ones
-    pay a round trip each (else a stream under load would stay in the one-at-a-time mode)."""
+def _refusal_with_records_waiting(sink, first, log: list, total: int) -> None:
+    """On ``sink``, whose first producer is ``first``: records 0 and 1 out; a refusal of 0 turns ``first``
+    fatal; records 2 .. total-1 are handed over while 1 is still out; then 1 fails too. Every record ends
+    acknowledged, logged in hand-over order. Closes the sink."""
     from kafka.errors import InvalidRecordError
 
     from stream.records import Outgoing
-    first, log, acked, made, alone = _FatalAfterRefusal(), [], threading.Semaphore(0), [], []
-    sink = _sink_on(first, log, made, alone)
+    acked = threading.Semaphore(0)
     try:
         for i in range(2):
             sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
         first.turn_fatal(InvalidRecordError("refused by the broker's policy"))
         first.out[b"0"].fail(InvalidRecordError("refused by the broker's policy"))
-        for i in range(2, 40):   # handed over while record 1 is still out on the fatal producer
+        for i in range(2, total):   # handed over while record 1 is still out on the fatal producer
             sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
         first.out[b"1"].fail(InvalidRecordError("refused by the broker's policy"))
-        for _ in range(40):
+        for _ in range(total):
             assert acked.acquire(timeout=10), "every record acknowledged"
     finally:
         sink.close()
-    assert log == [str(i).encode() for i in range(40)], "in hand-over order"
+    assert log == [str(i).encode() for i in range(total)], "in hand-over order"
+
+
+def test_records_that_only_waited_behind_a_refusal_go_back_to_the_producer_not_one_at_a_time():
+    """After a refusal, the records handed over while the failed ones were being resent alone did not fail:
+    once nothing failed is ahead of them they go to the producer together, in order; only the failed ones
+    pay a round trip each (else a stream under load would stay in the one-at-a-time mode)."""
+    first, log, made, alone = _FatalAfterRefusal(), [], [], []
+    sink = _sink_on(first, log, made, alone)
+    _refusal_with_records_waiting(sink, first, log, 40)
     assert alone == [b"0", b"1"], "only the two that failed were sent alone"
 
 
@@ -436,11 +444,9 @@ class _TimesOutOnce(_StubProducer):
 def test_a_record_handed_back_after_a_refusal_that_fails_at_once_keeps_its_place():
     """Records that waited behind a refusal go back to the new producer one by one; when one of them fails
     at once (send() gives up waiting for metadata), those after it wait behind its resend."""
-    from kafka.errors import InvalidRecordError
 
     from stream.kafka_io import KafkaSink
-    from stream.records import Outgoing
-    first, log, acked, made = _FatalAfterRefusal(), [], threading.Semaphore(0), []
+    first, log, made = _FatalAfterRefusal(), [], []
 
     class Sink(KafkaSink):
         def _new_producer(self):
@@ -450,16 +456,4 @@ def test_a_record_handed_back_after_a_refusal_that_fails_at_once_keeps_its_place
         def _new_probe(self):
             return _Alone(log, refused_key=b"never")
     sink = Sink("stub:9092", {})
-    try:
-        for i in range(2):
-            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
-        first.turn_fatal(InvalidRecordError("refused by the broker's policy"))
-        first.out[b"0"].fail(InvalidRecordError("refused by the broker's policy"))
-        for i in range(2, 6):   # wait behind record 1, still out on the fatal producer
-            sink.publish(Outgoing("out", str(i).encode(), b"v", []), acked.release)
-        first.out[b"1"].fail(InvalidRecordError("refused by the broker's policy"))
-        for _ in range(6):
-            assert acked.acquire(timeout=10), "every record acknowledged"
-    finally:
-        sink.close()
-    assert log == [str(i).encode() for i in range(6)], "in hand-over order"
+    _refusal_with_records_waiting(sink, first, log, 6)
