@@ -76,7 +76,7 @@ class Isolation:
         """Queue ``record`` (handed over as number ``order``) if records wait here or a failing producer still
         holds some: True. Else count it against ``producer``, where the caller then sends it: False."""
         with self._cond:
-            if self._queue or self._held() or self._releasing:
+            if self._retire_others(producer) or self._queue or self._held() or self._releasing:
                 self._insert(Entry(order, record, on_ack, on_refused, False))
                 return True
             self._out[producer] = self._out.get(producer, 0) + 1
@@ -128,6 +128,14 @@ class Isolation:
     def _held(self) -> bool:
         return any(self._out.get(producer, 0) > 0 for producer in self._failing)
 
+    def _retire_others(self, producer: object) -> bool:
+        """Records now go to ``producer``: another one that still holds records (replaced, its failures not
+        all back yet) is waited for as a failing one, since an earlier record it holds may still fail and
+        must not be resent behind a later one ``producer`` took. True when there is one."""
+        others = {other for other, held in self._out.items() if held > 0 and other is not producer}
+        self._failing |= others
+        return bool(others)
+
     def _run(self) -> None:
         attempt = 0
         while True:
@@ -137,10 +145,15 @@ class Isolation:
                     return
                 head = self._queue[0]
                 self._sending = head.failed   # a record out alone stays first until done: nothing overtakes it
-            try:
-                if not head.failed:
+            if not head.failed:
+                try:
                     self._hand_back(head)
-                    continue
+                except Exception:   # a bug past this point (making a producer): said; the record keeps its place
+                    log.exception("handing a record back to the producer failed; trying again")
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._closed, self._max_backoff_s)
+                continue
+            try:
                 error = self._send_alone(head.record)
                 if error is not None and not self._final(error):   # an outage: the same record again, later
                     with self._cond:
@@ -164,8 +177,9 @@ class Isolation:
         """Hand ``head``, a record that only waited, to the producer, if it is still first and nothing holds it."""
         producer = self._producer()
         with self._cond:
-            if self._closed or not self._queue or self._queue[0] is not head or self._held():
-                return   # something failed meanwhile: the loop looks again
+            if self._retire_others(producer) or self._closed or not self._queue or self._queue[0] is not head \
+                    or self._held():
+                return   # something failed or is still out meanwhile: the loop looks again
             self._queue.pop(0)
             self._out[producer] = self._out.get(producer, 0) + 1
             self._releasing = True

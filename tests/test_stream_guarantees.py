@@ -230,6 +230,7 @@ class _FatalAfterRefusal:
         self.out: dict[bytes, _HeldFuture] = {}
         self.fatal = False
         self.error: BaseException | None = None   # what made it fatal
+        self.fail_new_sends = True   # False: what it takes once fatal stays out until the test fails it
         self._transaction_manager = self   # what KafkaSink reads to tell a fatal producer
 
     def has_fatal_error(self) -> bool:
@@ -240,7 +241,7 @@ class _FatalAfterRefusal:
 
     def send(self, topic, key=None, value=None, headers=None) -> _HeldFuture:
         self.out[key] = _HeldFuture()
-        if self.fatal:   # its sender aborts what it is handed now with the error that made it fatal
+        if self.fatal and self.fail_new_sends:   # its sender aborts what it is handed now with the fatal error
             self.out[key].fail(self.error)
         return self.out[key]
 
@@ -457,3 +458,58 @@ def test_a_record_handed_back_after_a_refusal_that_fails_at_once_keeps_its_place
             return _Alone(log, refused_key=b"never")
     sink = Sink("stub:9092", {})
     _refusal_with_records_waiting(sink, first, log, 6)
+
+
+def test_a_record_handed_back_to_a_fatal_producer_is_not_overtaken_once_a_new_one_works():
+    """A broker restart: replacing the fatal producer fails while no broker answers, so a record that waited
+    goes back to the fatal one; once a replacement works, the next record must wait for that one to come back
+    (it fails there and is resent alone) instead of going to the new producer ahead of it."""
+    from kafka.errors import InvalidRecordError, KafkaConnectionError
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+    refused = InvalidRecordError("refused by the broker's policy")
+    first, log, acked, made, gate = _FatalAfterRefusal(), [], threading.Semaphore(0), [], threading.Event()
+    first.fail_new_sends = False   # kafka-python's sender fails what a fatal producer takes later, not at once
+
+    class Gated(_Alone):   # the first record sent alone waits at the gate, so the others queue behind it
+        def send(self, topic, key=None, value=None, headers=None) -> _StubFuture:
+            gate.wait(10)
+            return super().send(topic, key, value, headers)
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            made.append(None)
+            if len(made) == 1:
+                return first
+            if len(made) in (2, 3):
+                raise KafkaConnectionError("no broker answers yet")
+            return _StubProducer(log, {"down": False})
+
+        def _new_probe(self):
+            return Gated(log, refused_key=b"never")
+    sink = Sink("stub:9092", {})
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert condition()
+    try:
+        sink.publish(Outgoing("out", b"0", b"v", []), acked.release)
+        first.turn_fatal(refused)
+        first.out[b"0"].fail(refused)
+        for key in (b"1", b"2"):
+            sink.publish(Outgoing("out", key, b"v", []), acked.release)
+        until(lambda: len(made) == 2)          # the first replacement failed: no broker yet
+        gate.set()
+        until(lambda: b"1" in first.out)       # record 1 handed back to the fatal producer
+        until(lambda: len(made) >= 4)          # a replacement worked
+        # a check that something does not happen has to give it a while: record 2 must not be sent now
+        time.sleep(0.3)
+        first.out[b"1"].fail(refused)          # the fatal producer's sweep
+        for _ in range(3):
+            assert acked.acquire(timeout=10), "every record acknowledged"
+    finally:
+        sink.close()
+    assert log == [b"0", b"1", b"2"], "in hand-over order"
