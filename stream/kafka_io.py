@@ -30,7 +30,6 @@ from .errors import (
     REFUSED,
     BrokerUnavailable,
     KafkaPermanent,
-    KafkaTransient,
     fenced,
     kafka_errors,
     kafka_python_kind,
@@ -67,18 +66,18 @@ def reachable(bootstrap: str, timeout: float = 1.0) -> bool:
 @contextmanager
 def connecting(bootstrap: str, group: str = "") -> Iterator[None]:
     """:func:`.errors.kafka_errors` for making a client. A bootstrap that fails while a broker accepts TCP
-    connections is no outage: the client cannot start a session there (TLS or SASL settings that do not
-    match the listener, wrong credentials, a port that is not Kafka's), so it is a :class:`KafkaTransient`,
-    said with that advice, which ``--fail-after-s`` ends instead of retrying for ever."""
+    connections stays an outage (a broker starting, or a proxy in front of one, accepts before it serves),
+    but says what else it may be: TLS or SASL settings that do not match the listener, wrong credentials,
+    a port that is not Kafka's."""
     try:
         with kafka_errors(f"cannot reach Kafka at {bootstrap}", group):
             yield
     except BrokerUnavailable as exc:
         if not reachable(bootstrap):
             raise
-        raise KafkaTransient(f"{bootstrap} accepts connections, but the Kafka client cannot start a session "
-                             f"there ({exc.__cause__ or exc}): check --security-protocol, the TLS and SASL "
-                             f"settings and that the port is a Kafka listener") from exc
+        raise BrokerUnavailable(f"{exc}; {bootstrap} accepts connections but the Kafka client cannot start a "
+                                f"session there: a broker still starting, or check --security-protocol, the TLS "
+                                f"and SASL settings and that the port is a Kafka listener") from exc
 
 
 def isolation_level(guarantee: str) -> str:
