@@ -17,7 +17,7 @@ from engine_build.runtime.cpu import this_cpu, usable_cores
 
 from .config import StreamConfig, build_parser, from_args
 from .logs import configure as configure_logging
-from .supervisor import CHILD_INDEX, ChildCommand, child_argv
+from .supervisor import CHILD_INDEX, ChildCommand, child_argv, stop_signals
 
 if TYPE_CHECKING:
     from .service import Service
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
             holder[0].stop()
             threading.Thread(target=_exit_when_overdue, args=(holder[0], cfg.drain_timeout_s + SHUTDOWN_GRACE_S),
                              name="shutdown-deadline", daemon=True).start()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # SIGHUP: its terminal went away
+    for sig in stop_signals():
         signal.signal(sig, on_signal)
     from .app import build as build_service
     try:

@@ -46,6 +46,13 @@ def child_environ(index: int) -> dict[str, str]:
     return {**os.environ, CHILD_INDEX: str(index)}
 
 
+def stop_signals() -> list[signal.Signals]:
+    """The signals that drain and stop the service: SIGTERM, SIGINT, and SIGHUP (its terminal went away)
+    unless it was started ignoring SIGHUP (``nohup``), which then stays ignored."""
+    hangup = [] if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else [signal.SIGHUP]
+    return [signal.SIGTERM, signal.SIGINT, *hangup]
+
+
 def die_with(parent: int) -> Callable[[], None] | None:
     """A child's ``preexec_fn`` (Linux): it gets SIGTERM, and drains, when the supervisor dies however it dies
     (kill -9, the OOM killer), instead of running on orphaned, consuming beside the set that replaces it.
@@ -81,7 +88,7 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, forward) for sig in stop_signals()}
     first_failure: int | None = None   # not a sibling's SIGTERM that the failure itself caused
     try:
         while True:

@@ -355,3 +355,18 @@ def test_a_listener_the_client_cannot_start_a_session_with_is_said_with_what_to_
     text = log.read_text()
     assert "accepts connections but the Kafka client cannot start a session there" in text, text[-2000:]
     assert "check --security-protocol" in text and code == 0, text[-2000:]
+
+
+def test_a_service_started_under_nohup_keeps_ignoring_sighup():
+    """``nohup python -m stream ... &``: SIGHUP was ignored when it started and stays ignored (only SIGTERM and
+    SIGINT stop it); otherwise SIGHUP drains it as SIGTERM does."""
+    import subprocess
+    probe = ("import signal; from stream.supervisor import stop_signals; "
+             "print(sorted(s.name for s in stop_signals()))")
+    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    ignored = subprocess.run([sys.executable, "-c", "import signal, subprocess, sys; "
+                              "signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+                              f"sys.exit(subprocess.call([sys.executable, '-c', {probe!r}]))"],
+                             capture_output=True, text=True, timeout=60)
+    assert plain.stdout.strip() == "['SIGHUP', 'SIGINT', 'SIGTERM']", plain.stderr
+    assert ignored.stdout.strip() == "['SIGINT', 'SIGTERM']", ignored.stderr
