@@ -103,7 +103,7 @@ def download(url: str, dest: Path, *, progress: bool | None = None, timeout_s: f
                 first = True
                 moved_at, moved_from = clock(), received
                 while True:
-                    chunk = response.read(CHUNK)
+                    chunk = response.read1(CHUNK)   # what has arrived: read() waits for a whole chunk
                     if not chunk:
                         break
                     if first and start == 0 and _looks_like_html(chunk[:512]):

@@ -214,7 +214,7 @@ def test_a_server_that_trickles_is_given_up_on_and_the_part_kept_for_a_resume(tm
         def __exit__(self, *_exc: object) -> None:
             pass
 
-        def read(self, _size: int) -> bytes:
+        def read1(self, _size: int) -> bytes:   # what has arrived, as http.client's response gives it
             now[0] += 30.0   # the server's pace, on the download's clock
             return b"\x00"
 
