@@ -27,7 +27,7 @@ LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")   # what a Kafka broker accep
 # ranges: linger.ms, max.poll.interval.ms, message.max.bytes; kafka-python's fetch wait under its request
 # timeout; Kafka's default group.max.session.timeout.ms), or the machine cannot give it (a batch of
 # millions of images, a thread per image).
-LIMITS = {"max_batch": 4096, "decode_workers": 256, "inference_streams": 64, "inference_threads": 256,
+LIMITS = {"max_batch": 4096, "decode_workers": 1024, "inference_streams": 256, "inference_threads": 1024,
           "fetch_max_wait_ms": 29_000,   # under kafka-python's 30 s request timeout, which it must stay under
           "linger_ms": 900_000, "session_timeout_ms": 1_800_000, "max_poll_interval_ms": 86_400_000,
           "max_message_bytes": 1_000_000_000 - (64 << 10)}   # the producer's limit is this plus 64 KiB

@@ -59,12 +59,13 @@ def die_with(parent: int) -> Callable[[], None] | None:
     None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up here, not between fork and exec
+    except (OSError, AttributeError):
+        return None
 
     def set_death_signal() -> None:   # in the child, between fork and exec: no locks, no logging
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            return
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:    # the supervisor died before the signal was armed
             os.kill(os.getpid(), signal.SIGTERM)
     return set_death_signal

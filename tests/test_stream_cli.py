@@ -76,7 +76,7 @@ def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
     (["--fetch-max-wait-ms", "30000"], "--fetch-max-wait-ms 30000: at most 29000"),
     (["--max-message-bytes", "1000000000"], "--max-message-bytes 1000000000: at most 999934464"),
     (["--max-batch", "100000000", "--max-in-flight", "100000000"], "--max-batch 100000000: at most 4096"),
-    (["--decode-workers", "100000"], "--decode-workers 100000: at most 256"),
+    (["--decode-workers", "100000"], "--decode-workers 100000: at most 1024"),
     (["--stall-timeout-s", "0.001"], "--stall-timeout-s must be at least 1"),
     (["--bootstrap-servers", "127.0.0.1:1 127.0.0.2:1"], "expected HOST:PORT"),
     (["--bootstrap-servers", "http://127.0.0.1:1"], "expected HOST:PORT"),
