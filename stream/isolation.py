@@ -150,28 +150,35 @@ class Isolation:
                     self._hand_back(head)
                 except Exception:   # a bug past this point (making a producer): said; the record keeps its place
                     log.exception("handing a record back to the producer failed; trying again")
-                    with self._cond:
-                        self._cond.wait_for(lambda: self._closed, self._max_backoff_s)
+                    self._back_off(16)
                 continue
             try:
                 error = self._send_alone(head.record)
-                if error is not None and not self._final(error):   # an outage: the same record again, later
-                    with self._cond:
-                        self._cond.wait_for(lambda: self._closed, min(self._max_backoff_s, 0.1 * 2 ** attempt))
-                    attempt += 1
-                    continue
-                attempt = 0
+            except Exception:   # a bug past this point: said; the record keeps its place and is tried again
+                log.exception("resending a record to %s failed; trying again", head.record.topic)
+                self._back_off(16)
+                continue
+            if error is not None and not self._final(error):   # an outage: the same record again, later
+                self._back_off(attempt)
+                attempt = min(attempt + 1, 16)   # 0.1 s doubling up to the cap, however long the outage
+                continue
+            attempt = 0
+            try:
                 instead = self._outcome(head.record, head.on_ack, head.on_refused, error)
-            except Exception:   # a bug past this point: said, and the thread goes on with the others
-                log.exception("resending %s failed; it stays unacknowledged (redelivered after a restart)",
-                              head.record.topic)
+            except Exception:   # sent, but what follows failed: not sent again (it would repeat)
+                log.exception("after resending a record to %s: it stays unacknowledged (redelivered after a "
+                              "restart)", head.record.topic)
                 instead = None
             with self._cond:
                 if instead is not None:
                     self._queue[0] = Entry(head.order, instead, head.on_ack, head.on_refused, True)
-                elif self._queue and self._queue[0] is head:
+                else:
                     self._queue.pop(0)
                 self._sending = False
+
+    def _back_off(self, attempt: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed, min(self._max_backoff_s, 0.1 * 2 ** attempt))
 
     def _hand_back(self, head: Entry) -> None:
         """Hand ``head``, a record that only waited, to the producer, if it is still first and nothing holds it."""

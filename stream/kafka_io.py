@@ -464,6 +464,9 @@ class KafkaSink:
     def _send_alone(self, record: Outgoing) -> BaseException | None:
         """Send one record on a producer of its own and wait for the broker (bounded); the error or None.
         Not idempotent, one request at a time: a refusal fails that record alone, never the producer."""
+        from kafka.errors import KafkaError
+        if self._closed:   # no new producer after close (nothing would close it)
+            return KafkaError("the sink is closed")
         try:
             if self._probe is None:
                 self._probe = self._new_probe()
@@ -761,7 +764,11 @@ class KafkaSink:
 
     def _isolated_outcome(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
                           exc: BaseException | None) -> Outgoing | None:
-        """What a record sent alone came to: acknowledged, or refused for good (its own fault)."""
+        """What a record sent alone came to: acknowledged, or refused for good (its own fault). Once the sink is
+        closing, a failure is only that (closing its producer fails what it holds): the record stays
+        unacknowledged, its input redelivered after the restart, not dead-lettered."""
+        if exc is not None and self._closed:
+            return None
         if exc is None:
             self._sends_ok()
             on_ack()

@@ -513,3 +513,79 @@ def test_a_record_handed_back_to_a_fatal_producer_is_not_overtaken_once_a_new_on
     finally:
         sink.close()
     assert log == [b"0", b"1", b"2"], "in hand-over order"
+
+
+def test_an_outage_longer_than_a_thousand_resends_keeps_the_queued_records():
+    """Each resend alone that an outage fails doubles the wait, up to its cap, for as long as the outage lasts:
+    past 1,024 tries the doubling overflowed a float and every queued record was dropped, unacknowledged."""
+    from kafka.errors import KafkaConnectionError
+
+    from stream.isolation import Isolation
+    from stream.kafka_io import retriable
+    from stream.records import Outgoing
+    tries, acked, refused, done = [0], [], [], threading.Event()
+
+    def send_alone(_record):
+        tries[0] += 1
+        return KafkaConnectionError("broker down") if tries[0] <= 1100 else None
+
+    def outcome(_record, on_ack, _on_refused, exc):
+        assert exc is None
+        on_ack()
+        return None
+    isolation = Isolation(send_alone, lambda exc: not retriable(exc), outcome, lambda entry, producer: None,
+                          lambda: "producer", max_backoff_s=0.0)   # no waiting: the count is what matters
+    for i in range(3):
+        isolation.add(i, Outgoing("out", str(i).encode(), b"v", []),
+                      lambda i=i: (acked.append(i), len(acked) == 3 and done.set()), refused.append)
+    assert done.wait(60), f"after {tries[0]} tries: acknowledged {acked}, waiting {isolation.waiting()}"
+    isolation.close()
+    assert acked == [0, 1, 2] and not refused
+
+
+class _ClosedWhileOut:
+    """A probe whose record is out when the sink closes: kafka-python's close fails it ('Producer is closed
+    forcefully', not retriable)."""
+
+    def __init__(self) -> None:
+        self.closing = threading.Event()
+
+    def send(self, topic, key=None, value=None, headers=None) -> _ClosedWhileOut:
+        return self
+
+    def get(self, timeout: float) -> None:
+        from kafka.errors import IllegalStateError
+        self.closing.wait(timeout)
+        raise IllegalStateError("Producer is closed forcefully.")
+
+    def close(self, timeout=None) -> None:
+        self.closing.set()
+
+
+def test_closing_while_a_record_is_out_alone_dead_letters_nothing():
+    """A record the closing sink's probe failed was not refused by the broker: it stays unacknowledged (its
+    input redelivered after the restart) instead of being dead-lettered as refused for good."""
+    from kafka.errors import InvalidRecordError
+
+    from stream.kafka_io import KafkaSink
+    from stream.records import Outgoing
+    first, probe, refused, sent_alone = _FatalAfterRefusal(), _ClosedWhileOut(), [], threading.Event()
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            return first
+
+        def _new_probe(self):
+            sent_alone.set()
+            return probe
+    sink = Sink("stub:9092", {})
+    try:
+        sink.publish(Outgoing("out", b"0", b"v", []), lambda: None, refused.append)
+        first.out[b"0"].fail(InvalidRecordError("shared fate"))
+        assert sent_alone.wait(10), "the record is being sent alone"
+    finally:
+        sink.close()
+    deadline = time.monotonic() + 10
+    while sink.pending_retries() and time.monotonic() < deadline:   # the resend's outcome, after the close
+        time.sleep(0.01)
+    assert not sink.pending_retries() and not refused, f"an innocent record refused at close: {refused}"
