@@ -17,6 +17,12 @@ from .ports import Refused
 log = logging.getLogger(__name__)
 
 
+
+def doubling(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """``base`` doubled ``attempt`` times, at most ``cap``: a retry's wait, for however many attempts (the
+    exponent is bounded: 2 ** 1024 is past what a float holds)."""
+    return min(cap, base * 2 ** min(max(0, attempt), 64))
+
 class FailureWatch:
     """Tracks one kind of call (poll, publish, commit): failing since when, with what error."""
 
@@ -75,7 +81,7 @@ class FailureWatch:
 
     def backoff(self, base: float = 0.1, cap: float = 5.0) -> float:
         """Seconds to wait before the next attempt: doubling from ``base`` up to ``cap``."""
-        return min(cap, base * 2 ** max(0, self.count - 1))
+        return doubling(self.count - 1, base, cap)
 
 
 class Refusals:

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .failures import doubling
 from .ports import Refused
 from .records import Outgoing
 
@@ -160,7 +161,7 @@ class Isolation:
                 continue
             if error is not None and not self._final(error):   # an outage: the same record again, later
                 self._back_off(attempt)
-                attempt = min(attempt + 1, 16)   # 0.1 s doubling up to the cap, however long the outage
+                attempt += 1
                 continue
             attempt = 0
             try:
@@ -178,7 +179,7 @@ class Isolation:
 
     def _back_off(self, attempt: int) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._closed, min(self._max_backoff_s, 0.1 * 2 ** attempt))
+            self._cond.wait_for(lambda: self._closed, doubling(attempt, cap=self._max_backoff_s))
 
     def _hand_back(self, head: Entry) -> None:
         """Hand ``head``, a record that only waited, to the producer, if it is still first and nothing holds it."""

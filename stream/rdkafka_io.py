@@ -33,7 +33,7 @@ from .errors import (
     librdkafka_kind,
     librdkafka_name,
 )
-from .failures import FailureWatch, Refusals
+from .failures import FailureWatch, Refusals, doubling
 from .kafka_io import (
     TRANSACTION_CALLS_S,
     connecting,
@@ -383,7 +383,7 @@ class RdKafkaSink:
         with self._lock:
             self._sending.failed(exc)
             self.failing_since = self._sending.since
-        delay = min(5.0, 0.1 * 2 ** attempt)
+        delay = doubling(attempt)
         log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, error, delay)
         self._on_retry()
         self._delayed.later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))

@@ -932,3 +932,15 @@ def test_a_model_handed_to_build_stays_open_when_build_fails():
             build(config(ARTIFACT, metrics_port=port), connector=FakeBroker().connector(["in"], "g"),
                   model=stand_in(model))
     assert not model.closed
+
+
+def test_a_retry_s_wait_doubles_to_its_cap_however_many_attempts():
+    """Every retry loop (a poll or commit failing, a record resent alone, a librdkafka publish) waits
+    ``doubling(attempt)``: past 1,024 attempts of an outage, 0.1 * 2 ** attempt no longer fits a float."""
+    from stream.failures import FailureWatch, doubling
+    assert [doubling(a) for a in (0, 1, 2, 5, 6)] == [0.1, 0.2, 0.4, 3.2, 5.0]
+    assert doubling(5000) == 5.0 and doubling(5000, cap=0.0) == 0.0 and doubling(-3) == 0.1
+    watch = FailureWatch("polling")
+    for _ in range(2000):
+        watch.failed(RuntimeError("broker down"), outage=True)
+    assert watch.backoff() == 5.0
