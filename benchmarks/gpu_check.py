@@ -205,12 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             print(proved_cuda(result))
         else:
             return _tensorrt(args)
-    except BackendUnavailable as exc:   # not this host's to prove: scripts/gpu-check.sh says it was skipped
+    except SentimentError as exc:   # BackendUnavailable: not this host's to prove (gpu-check.sh: skipped)
         print(f"gpu_check {args.step}: {exc}", file=sys.stderr)
-        return UNAVAILABLE
-    except SentimentError as exc:
-        print(f"gpu_check {args.step}: {exc}", file=sys.stderr)
-        return 1
+        return UNAVAILABLE if isinstance(exc, BackendUnavailable) else 1
     return 0
 
 

@@ -23,6 +23,7 @@ CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 TRANSACTION_MARGIN_MS = 20_000
 BROKER_TRANSACTION_MAX_MS = 900_000   # transaction.max.timeout.ms, Kafka's default
 LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")   # what a Kafka broker accepts as a topic name
+TOPIC_RULE = "a Kafka topic name is 1 to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (and not '.' or '..')"
 # The most each setting may be: past these a client refuses it after the model has loaded (librdkafka's
 # ranges: linger.ms, max.poll.interval.ms, message.max.bytes; kafka-python's fetch wait under its request
 # timeout; Kafka's default group.max.session.timeout.ms), or the machine cannot give it (a batch of
@@ -33,6 +34,11 @@ LIMITS = {"max_batch": 4096, "decode_workers": 1024, "inference_streams": 256, "
           "max_message_bytes": 1_000_000_000 - (64 << 10)}   # the producer's limit is this plus 64 KiB
 PEM_MARKS = {"ssl_cafile": b"-----BEGIN CERTIFICATE-----", "ssl_certfile": b"-----BEGIN CERTIFICATE-----",
              "ssl_keyfile": b"PRIVATE KEY-----"}   # what each TLS file must hold (PEM, as both clients read)
+
+
+def legal_topic(name: str) -> bool:
+    """Whether a Kafka broker accepts ``name`` as a topic name (:data:`TOPIC_RULE`)."""
+    return bool(LEGAL_TOPIC.fullmatch(name)) and name not in (".", "..")
 
 
 @dataclass(frozen=True)
@@ -192,9 +198,8 @@ class StreamConfig:
         for name, topics in (("input_topic", self.input_topic), ("output_topic", (self.output_topic,)),
                              ("dead_letter_topic", (self.dead_letter_topic,))):
             for topic in topics:
-                if not LEGAL_TOPIC.fullmatch(topic) or topic in (".", ".."):
-                    raise ConfigError(f"{flag(name)} {topic!r}: a Kafka topic name is 1 to 249 of a-z, A-Z, 0-9, "
-                                      f"'.', '_' and '-' (and not '.' or '..')")
+                if not legal_topic(topic):
+                    raise ConfigError(f"{flag(name)} {topic!r}: {TOPIC_RULE}")
         if self.output_topic in self.input_topic or self.dead_letter_topic in self.input_topic:
             raise ConfigError("the output and dead-letter topics must differ from the input topics")
         if self.output_topic == self.dead_letter_topic:

@@ -17,11 +17,11 @@ from .ports import Refused
 log = logging.getLogger(__name__)
 
 
-
 def doubling(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
     """``base`` doubled ``attempt`` times, at most ``cap``: a retry's wait, for however many attempts (the
     exponent is bounded: 2 ** 1024 is past what a float holds)."""
     return min(cap, base * 2 ** min(max(0, attempt), 64))
+
 
 class FailureWatch:
     """Tracks one kind of call (poll, publish, commit): failing since when, with what error."""

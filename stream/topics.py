@@ -26,7 +26,7 @@ from typing import Any
 from engine_build.errors import ConfigError, SentimentError
 from engine_build.options import OptionParser
 
-from .config import LEGAL_TOPIC, StreamConfig, env_name, flag
+from .config import TOPIC_RULE, StreamConfig, env_name, flag, legal_topic
 from .errors import kafka_errors
 
 SECURITY = ("security_protocol", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism", "sasl_username",
@@ -167,9 +167,8 @@ def _check(args: argparse.Namespace) -> None:
     """The arguments' own mistakes, in one line, before any request."""
     topics = args.topics if args.command == "create" else [getattr(args, "topic", None)]
     for topic in topics:
-        if topic is not None and (not LEGAL_TOPIC.fullmatch(topic) or topic in (".", "..")):
-            raise ConfigError(f"{topic!r}: a Kafka topic name is 1 to 249 of a-z, A-Z, 0-9, '.', '_' and '-' "
-                              f"(and not '.' or '..')")
+        if topic is not None and not legal_topic(topic):
+            raise ConfigError(f"{topic!r}: {TOPIC_RULE}")
     if args.command == "create":
         if not 1 <= args.partitions <= MAX_PARTITIONS:
             raise ConfigError(f"--partitions {args.partitions}: from 1 to {MAX_PARTITIONS}")
