@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ class Isolation:
         self._producer = producer
         self._max_backoff_s = max_backoff_s
         self._queue: list[Entry] = []
-        self._out: dict[object, int] = {}   # per producer: records handed to it, not yet come back
+        self._out: Counter[object] = Counter()   # per producer: records handed to it, not yet come back
         self._failing: set[object] = set()  # producers that failed a record and still hold others
         self._sending = False               # the first record in the queue is out alone: it stays first
         self._releasing = False             # a record that waited is being handed back: new ones queue
@@ -80,7 +81,7 @@ class Isolation:
             if self._retire_others(producer) or self._queue or self._held() or self._releasing:
                 self._insert(Entry(order, record, on_ack, on_refused, False))
                 return True
-            self._out[producer] = self._out.get(producer, 0) + 1
+            self._out[producer] += 1
             return False
 
     def answered(self, producer: object) -> None:
@@ -117,17 +118,16 @@ class Isolation:
         bisect.insort(self._queue, entry, lo=1 if self._sending else 0, key=lambda queued: queued.order)
 
     def _back(self, producer: object) -> None:
-        left = self._out.get(producer, 0) - 1
-        if left > 0:
-            self._out[producer] = left
+        self._out[producer] -= 1
+        if self._out[producer] > 0:
             return
-        self._out.pop(producer, None)
+        del self._out[producer]
         if producer in self._failing:
             self._failing.discard(producer)
             self._cond.notify_all()
 
     def _held(self) -> bool:
-        return any(self._out.get(producer, 0) > 0 for producer in self._failing)
+        return any(self._out[producer] > 0 for producer in self._failing)
 
     def _retire_others(self, producer: object) -> bool:
         """Records now go to ``producer``: another one that still holds records (replaced, its failures not
@@ -151,16 +151,16 @@ class Isolation:
                     self._hand_back(head)
                 except Exception:   # a bug past this point (making a producer): said; the record keeps its place
                     log.exception("handing a record back to the producer failed; trying again")
-                    self._back_off(16)
+                    self._pause(self._max_backoff_s)
                 continue
             try:
                 error = self._send_alone(head.record)
             except Exception:   # a bug past this point: said; the record keeps its place and is tried again
                 log.exception("resending a record to %s failed; trying again", head.record.topic)
-                self._back_off(16)
+                self._pause(self._max_backoff_s)
                 continue
             if error is not None and not self._final(error):   # an outage: the same record again, later
-                self._back_off(attempt)
+                self._pause(doubling(attempt, cap=self._max_backoff_s))
                 attempt += 1
                 continue
             attempt = 0
@@ -177,9 +177,10 @@ class Isolation:
                     self._queue.pop(0)
                 self._sending = False
 
-    def _back_off(self, attempt: int) -> None:
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` before trying again, or until closed."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closed, doubling(attempt, cap=self._max_backoff_s))
+            self._cond.wait_for(lambda: self._closed, seconds)
 
     def _hand_back(self, head: Entry) -> None:
         """Hand ``head``, a record that only waited, to the producer, if it is still first and nothing holds it."""
@@ -189,7 +190,7 @@ class Isolation:
                     or self._held():
                 return   # something failed or is still out meanwhile: the loop looks again
             self._queue.pop(0)
-            self._out[producer] = self._out.get(producer, 0) + 1
+            self._out[producer] += 1
             self._releasing = True
         try:
             self._release(head, producer)

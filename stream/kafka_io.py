@@ -548,12 +548,15 @@ class KafkaSink:
                 self._refusals.ok()
             on_ack()
 
+        def resend_in_place(exc: BaseException) -> None:
+            """Queued at once, in its hand-over place, and nothing is sent until this producer's other records
+            have come back: none overtakes it."""
+            self._isolation.add(order, record, on_ack, on_refused, producer)
+            self._delayed.later(0.0, partial(self._after_failure, record, exc, producer))
+
         def failed(exc: BaseException) -> None:   # on the producer's IO thread: never send from here
             if counted and _async(exc) and not Refusals.stops(exc):
-                # queued at once, in its hand-over place, and nothing is sent until this producer's other
-                # records have come back: none overtakes it
-                self._isolation.add(order, record, on_ack, on_refused, producer)
-                self._delayed.later(0.0, lambda: self._after_failure(record, exc, producer))
+                resend_in_place(exc)
                 return
             if counted and Refusals.stops(exc):   # the operator's to fix: no resend can help
                 self._isolation.answered(producer)
@@ -565,8 +568,7 @@ class KafkaSink:
             future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
         except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
             if counted and retriable(exc):   # resent in its place, once the records the producer holds are back
-                self._isolation.add(order, record, on_ack, on_refused, producer)
-                self._delayed.later(0.0, partial(self._after_failure, record, exc, producer))
+                resend_in_place(exc)
                 return
             self._failed(record, on_ack, on_refused, order, exc, producer)
             return
