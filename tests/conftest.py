@@ -14,13 +14,6 @@ from engine_build.imaging import builtin_photos, decode
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The ``slow`` tests first, so that xdist's workers start on the longest ones (the full-size INT8
-    build alone takes two to three minutes) instead of meeting them near the end, one worker running
-    on while the others wait."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not (REFERENCE / "sentiment_deploy.prototxt").exists():
