@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from engine_build.runtime.cpu import this_cpu
     from stream.embedded_broker import EmbeddedBroker
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
     cpu = this_cpu()
     print(f"CPU: {cpu['model']} ({cpu['machine']}; {', '.join(cpu['extensions']) or 'no vector extensions'}), "

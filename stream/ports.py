@@ -1,8 +1,8 @@
 """The service's two ports to a broker, and the rebalance contract between them.
 
 :class:`Source` (a consumer-group member) and :class:`Sink` (a producer) are what the
-service needs from Kafka; :mod:`.kafka_io` implements them with kafka-python and
-:mod:`.fake` in memory. A :class:`Connector` makes both. A source calls its
+service needs from Kafka; :mod:`.kafka_io` and :mod:`.kafka_sink` implement them with kafka-python,
+:mod:`.rdkafka_io` with librdkafka and :mod:`.fake` in memory. A :class:`Connector` makes both. A source calls its
 :class:`RebalanceHandler` when partitions come and go; the handler is pure service
 logic (what is drained, what may be committed) and never touches a client.
 """

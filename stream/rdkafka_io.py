@@ -1,4 +1,5 @@
-"""The Kafka client, librdkafka's way (confluent-kafka): the same source and sink as :mod:`.kafka_io`.
+"""The Kafka client, librdkafka's way (confluent-kafka): the same source and sink as :mod:`.kafka_io` and
+:mod:`.kafka_sink`.
 
 Chosen with ``--kafka-client librdkafka``; nothing else imports confluent-kafka (but :mod:`.errors`,
 which classifies its errors). librdkafka's errors leave this module as the project's own, classified
@@ -34,7 +35,7 @@ from .errors import (
     librdkafka_name,
 )
 from .failures import FailureWatch, Refusals, doubling
-from .kafka_io import (
+from .kafka_common import (
     TRANSACTION_CALLS_S,
     connecting,
     ensure_output_topics,

@@ -9,7 +9,7 @@ import pytest
 from engine_build.errors import ConfigError, SentimentError, UserError
 from stream import errors
 from stream.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient, kafka_errors
-from stream.kafka_io import refused_for_good, retriable
+from stream.kafka_sink import refused_for_good, retriable
 
 PROJECT = {errors.OUTAGE: BrokerUnavailable, errors.TRANSIENT: KafkaTransient,
            errors.PERMANENT: KafkaPermanent, errors.REFUSED: KafkaPermanent}
@@ -60,7 +60,7 @@ def test_a_sample_of_each_kind_is_classified_as_the_service_relies_on(name, kind
 
 def test_the_table_agrees_with_kafka_pythons_own_retriable_flag():
     """What kafka-python retries itself is never a refusal or permanent; the sink's resend decision
-    (:func:`stream.kafka_io.retriable`) follows that flag and the table's outages."""
+    (:func:`stream.kafka_sink.retriable`) follows that flag and the table's outages."""
     for name, cls in kafka_python_classes().items():
         if getattr(cls, "retriable", False):
             assert errors.KAFKA_PYTHON[name] in (errors.OUTAGE, errors.TRANSIENT), name

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from stream.kafka_io import close_producer
+from stream.kafka_sink import close_producer
 
 from .kafka_helpers import committed, images, names, positions, produce, read_committed, start_service, stop
 

@@ -164,7 +164,7 @@ class _StubProducer:
 def test_a_record_resent_after_an_outage_is_not_overtaken_by_later_ones():
     """The client gave up on the first record while the broker was away; records handed over after
     the broker came back wait behind its resend, so the partition's output stays in offset order."""
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
     log: list = []
     state = {"down": True}
@@ -275,7 +275,7 @@ def test_records_a_refusal_failed_batch_by_batch_keep_their_order_behind_the_ref
     records overtake an earlier one's: the partition's output stays in hand-over order."""
     from kafka.errors import InvalidRecordError
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
     log: list = []
     first = _FatalAfterRefusal()
@@ -314,7 +314,7 @@ def test_records_a_refusal_failed_batch_by_batch_keep_their_order_behind_the_ref
 def _sink_on(main, log: list, made: list | None = None, alone: list | None = None):
     """A KafkaSink whose first producer is ``main`` (then acknowledging stand-ins) and whose records sent
     alone are logged (and listed in ``alone``)."""
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
 
     class Sink(KafkaSink):
         def _new_producer(self):
@@ -446,7 +446,7 @@ def test_a_record_handed_back_after_a_refusal_that_fails_at_once_keeps_its_place
     """Records that waited behind a refusal go back to the new producer one by one; when one of them fails
     at once (send() gives up waiting for metadata), those after it wait behind its resend."""
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     first, log, made = _FatalAfterRefusal(), [], []
 
     class Sink(KafkaSink):
@@ -466,7 +466,7 @@ def test_a_record_handed_back_to_a_fatal_producer_is_not_overtaken_once_a_new_on
     (it fails there and is resent alone) instead of going to the new producer ahead of it."""
     from kafka.errors import InvalidRecordError, KafkaConnectionError
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
     refused = InvalidRecordError("refused by the broker's policy")
     first, log, acked, made, gate = _FatalAfterRefusal(), [], threading.Semaphore(0), [], threading.Event()
@@ -521,7 +521,7 @@ def test_an_outage_longer_than_a_thousand_resends_keeps_the_queued_records():
     from kafka.errors import KafkaConnectionError
 
     from stream.isolation import Isolation
-    from stream.kafka_io import retriable
+    from stream.kafka_sink import retriable
     from stream.records import Outgoing
     tries, acked, refused, done = [0], [], [], threading.Event()
 
@@ -567,7 +567,7 @@ def test_closing_while_a_record_is_out_alone_dead_letters_nothing():
     input redelivered after the restart) instead of being dead-lettered as refused for good."""
     from kafka.errors import InvalidRecordError
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
     first, probe, refused, sent_alone = _FatalAfterRefusal(), _ClosedWhileOut(), [], threading.Event()
 

@@ -178,7 +178,7 @@ def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_ar
 def test_a_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker, kafka_client):
     import threading
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.rdkafka_io import RdKafkaSink
     from stream.records import Message, dead_letter
     t = names(kafka_broker, partitions=1)
@@ -198,7 +198,7 @@ def test_a_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker, 
 def test_a_tombstone_dead_letter_reaches_the_broker_with_a_null_value(kafka_broker):
     import threading
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Message, dead_letter
     t = names(kafka_broker, partitions=1)
     sink = KafkaSink(kafka_broker.bootstrap, {})
@@ -275,7 +275,7 @@ def test_results_the_broker_can_never_take_are_dead_lettered_not_retried_forever
 def test_kafka_sink_stops_when_even_a_dead_letter_is_refused(kafka_broker):
     import threading
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     t = names(kafka_broker, partitions=1)
     sink = KafkaSink(kafka_broker.bootstrap, {})
     refused, acked = [], threading.Event()
@@ -340,7 +340,7 @@ def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_let
     to grant), and the record stays unacknowledged (its input uncommitted, redelivered after the fix)."""
     import kafka.errors
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
 
     class Sink(KafkaSink):   # its producers, and the one it resends a failed record on alone
         def _new_producer(self) -> object:
@@ -362,7 +362,7 @@ def test_exactly_once_sends_timed_out_in_an_outage_keep_the_commit_an_outage(kaf
     from kafka.errors import KafkaTimeoutError
 
     from stream.errors import BrokerUnavailable
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
 
     class Sink(KafkaSink):
@@ -388,7 +388,7 @@ def test_exactly_once_a_producer_fenced_during_a_unit_says_fenced(kafka_broker):
 
     from kafka.errors import KafkaTimeoutError, ProducerFencedError
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
     class Sink(KafkaSink):
         def _new_producer(self) -> object:
@@ -414,7 +414,7 @@ def test_an_idempotent_producers_epoch_bump_is_no_reason_to_stop(kafka_broker):
 
     from kafka.errors import InvalidProducerEpochError
 
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
 
     class Sink(KafkaSink):

@@ -45,7 +45,7 @@ def test_a_transaction_commit_the_coordinator_never_answers_ends_within_its_boun
     has one, and past it the member ends instead of hanging at its commit point."""
     from stream.embedded_broker import EmbeddedBroker, free_port
     from stream.errors import KafkaPermanent
-    from stream.kafka_io import KafkaSink
+    from stream.kafka_sink import KafkaSink
 
     from .test_stream_faults import _FlakyProxy
     port = free_port()

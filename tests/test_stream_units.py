@@ -709,7 +709,7 @@ def test_a_producer_that_cannot_flush_yet_is_closed_by_trying_again():
     producer fail soon after, so closing is tried until they have, within the time given."""
     from kafka.errors import KafkaTimeoutError
 
-    from stream.kafka_io import close_producer
+    from stream.kafka_sink import close_producer
 
     class Producer:
         def __init__(self, failures: int) -> None:

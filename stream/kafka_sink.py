@@ -1,0 +1,476 @@
+"""The kafka-python sink: an acks=all producer, transactional for exactly once.
+
+Everything here runs kafka-python. A send that fails is resent in hand-over order through
+:mod:`.isolation`; a broker's refusal is found record by record and dead-lettered; a fatal producer
+is replaced (at least once) or ends the member (exactly once). Client errors leave as the project's
+own, through :func:`.errors.kafka_errors`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from .delayed import Delayed
+from .errors import OUTAGE, REFUSED, KafkaPermanent, fenced, kafka_errors, kafka_python_kind
+from .failures import FailureWatch, Refusals
+from .isolation import Entry, Isolation
+from .kafka_common import CLIENT_TIMEOUT_MS, TRANSACTION_CALLS_S, connecting, kafka_offsets
+from .ports import Partition, Refused
+from .records import Outgoing
+from .transactions import commit_unit
+
+log = logging.getLogger(__name__)
+
+
+def _async(exc: BaseException) -> bool:
+    """An error from the broker (the future's errback), as opposed to one send() raised at once."""
+    from kafka.errors import KafkaError
+    return isinstance(exc, KafkaError)
+
+
+def _fatal(producer: Any) -> bool:
+    """Whether a kafka-python producer is in its fatal state (it fails everything it is handed)."""
+    manager = getattr(producer, "_transaction_manager", None)   # kafka-python has no public fatal check
+    return bool(getattr(manager, "has_fatal_error", lambda: False)())
+
+
+def retriable(exc: BaseException) -> bool:
+    """Whether sending again can succeed: a retriable Kafka error or an outage; never a bad record."""
+    from kafka.errors import KafkaError
+    return isinstance(exc, KafkaError) and (exc.retriable or kafka_python_kind(exc) == OUTAGE)
+
+
+def _fingerprint(record: Outgoing) -> bytes:
+    """What names a record across a redo: the topic and the input it answers (its content where unknown:
+    a result's timings differ from one try to the next)."""
+    import hashlib
+    digest = hashlib.blake2b(record.topic.encode(), digest_size=16)
+    if record.source is not None:
+        digest.update(repr(record.source).encode())
+        return digest.digest()
+    for part in (record.key or b"", record.value or b""):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """A broker refusal no resend can change (REFUSED in :data:`.errors.KAFKA_PYTHON`: InvalidRecord, a
+    broker-side schema or policy check, MessageSizeTooLarge, ...). kafka-python's
+    idempotent producer turns such an error fatal and fails every batch in flight with it, so the
+    record that carries it may only have shared the refused one's fate. The one classification the
+    at-least-once and the exactly-once publishing paths both use."""
+    return kafka_python_kind(exc) == REFUSED and _async(exc)
+
+
+class KafkaSink:
+    """acks=all producer. A send that fails with a retriable Kafka error is retried with backoff until
+    acknowledged or closed; any other error refuses the record: its ``on_refused`` runs (the pipeline
+    dead-letters the input), and a refused record without one (a dead letter) sets :attr:`failure`.
+
+    With a ``transactional_id`` (exactly-once) every send goes into the open transaction; a send the
+    broker fails is not retried but dooms the transaction: the record counts as handled so the unit
+    can finish, and :meth:`commit_transaction` then aborts it (the unit is redone after a rewind).
+
+    Order (at least once): the client retries in order until its delivery timeout (120 s); a record it
+    gives up on, or that a refusal failed, is resent through one queue kept in hand-over order
+    (:mod:`.isolation`) that every later record then waits behind, and nothing leaves that queue while
+    the producer that failed it still holds records of its own (they fail after it, batch by batch, and
+    take their places in the queue)."""
+
+    def __init__(self, bootstrap: str, client_options: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
+                 linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000,
+                 transaction_calls_s: float = TRANSACTION_CALLS_S) -> None:
+        # At least once the client retries a send without a count (kafka-python's default), in order, until
+        # delivery_timeout_ms; a record it gives up on is resent through the ordered queue. In a transaction a
+        # failed send dooms the unit, so there it gives up after 5.
+        extra = ({"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms, "retries": 5}
+                 if transactional_id else {})
+        self._settings = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_block_ms=10_000,
+                              bootstrap_timeout_ms=5_000, max_request_size=max_request_size,
+                              compression_type=compression_type, **extra, **client_options)
+        with connecting(bootstrap):
+            self._producer = self._new_producer()
+            if transactional_id:
+                self._producer.init_transactions()   # aborts what a predecessor with this id left open
+                self._producer.begin_transaction()
+        self._renew_lock = threading.Lock()
+        self.transactional = bool(transactional_id)
+        self._calls_s = transaction_calls_s   # each commit point's transaction calls together, and an abort
+        self._doomed: BaseException | None = None   # a send failed inside the open transaction
+        self._on_retry = on_retry
+        # retries, and failure handling moved off the producer's IO thread
+        self._delayed = Delayed("publish-retry")
+        self._closed = False
+        self._watch_lock = threading.Lock()
+        self._sending = FailureWatch("publishing to Kafka")
+        self._refusals = Refusals()
+        self.failing_since: float | None = None
+        self._delayed.start()
+        self._probe: Any = None   # made at the first refusal
+        # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
+        # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
+        self._refused: dict[bytes, BaseException] = {}
+        self._transactional_id = transactional_id
+        self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome,
+                                    self._released, self._current_producer)
+        self._handed = itertools.count()   # each record's hand-over number: the isolation's order
+
+    def _new_producer(self) -> Any:
+        from kafka import KafkaProducer
+        return KafkaProducer(**self._settings)
+
+    def _new_probe(self) -> Any:
+        from kafka import KafkaProducer
+        return KafkaProducer(**{**self._settings, "enable_idempotence": False, "retries": 0,
+                                "max_in_flight_requests_per_connection": 1, "linger_ms": 0})
+
+    def _send_alone(self, record: Outgoing) -> BaseException | None:
+        """Send one record on a producer of its own and wait for the broker (bounded); the error or None.
+        Not idempotent, one request at a time: a refusal fails that record alone, never the producer."""
+        from kafka.errors import KafkaError
+        if self._closed:   # no new producer after close (nothing would close it)
+            return KafkaError("the sink is closed")
+        try:
+            if self._probe is None:
+                self._probe = self._new_probe()
+            self._probe.send(record.topic, key=record.key, value=record.value,
+                             headers=record.headers).get(timeout=CLIENT_TIMEOUT_MS / 1000 * 6)
+        except Exception as exc:
+            if retriable(exc):
+                with self._watch_lock:
+                    self._sending.failed(exc)
+                    self.failing_since = self._sending.since
+            return exc
+        return None
+
+    def _renewed(self, exc: BaseException, producer: Any) -> bool:
+        """After a broker restart kafka-python's idempotent producer can be left in a fatal state
+        (InitProducerId failed) that fails every later send; at least once, a new producer fixes it.
+        True when ``exc`` came from such a state of ``producer`` (the one that sent the record: a
+        fatal error fails its whole buffer at once), so the record is worth sending again."""
+        from kafka.errors import OutOfOrderSequenceNumberError, UnknownProducerIdError
+        fatal = _fatal(producer)
+        if self.transactional or not (fatal or isinstance(exc, (UnknownProducerIdError,
+                                                                 OutOfOrderSequenceNumberError))):
+            return False
+        if fatal:
+            self._replace(producer, exc)
+        return True
+
+    def _replace(self, producer: Any, why: object) -> None:
+        """Replace ``producer``, fatal, with a new one (unless that was done already); the old one is closed
+        on a thread of its own, failing what it still holds."""
+        from kafka.errors import KafkaError
+        with self._renew_lock:
+            if self._producer is not producer or self._closed:
+                return
+            log.warning("the producer is in a fatal state (%s); replacing it with a new one", why)
+            try:
+                self._producer = self._new_producer()
+            except KafkaError as again:   # the broker is away: the retry will try again
+                log.warning("making a new producer failed (%s); will retry", again)
+                return
+        threading.Thread(target=close_producer, args=(producer, 30.0), name="old-producer-close",
+                         daemon=True).start()
+
+    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
+                order: int | None = None) -> None:
+        """``order``: the hand-over number of the record this one stands in for (a value-less fallback);
+        None for a record handed over now."""
+        if self._refused and _fingerprint(record) in self._refused:   # exactly once: known to be refused
+            self._refuse(record, on_refused, self._refused[_fingerprint(record)])
+            return
+        order = next(self._handed) if order is None else order
+        producer = self._producer
+        if not self.transactional and self._isolation.take(order, record, on_ack, on_refused, producer):
+            return   # records isolated after a failure go first: this one waits its turn behind them
+        self._send(order, record, on_ack, on_refused, producer)
+
+    def _current_producer(self) -> Any:
+        """The producer records go to now: a new one where a failure left it fatal and the replacement has not
+        happened yet (it would only fail them again)."""
+        if _fatal(self._producer):
+            self._replace(self._producer, "it failed the records waiting to be sent")
+        return self._producer
+
+    def _released(self, entry: Entry, producer: Any) -> None:
+        """A record that waited behind isolated ones, handed back to ``producer`` (counted against it)."""
+        self._send(entry.order, entry.record, entry.on_ack, entry.on_refused, producer)
+
+    def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+              producer: Any) -> None:
+        """Send on ``producer``; at least once the record is already counted against it (:meth:`Isolation.take`),
+        and every way it comes back settles that count: acknowledged, refused, or queued to be resent."""
+        counted = not self.transactional
+
+        def ok(_metadata: Any) -> None:
+            if counted:
+                self._isolation.answered(producer)
+            self._sends_ok()
+            if on_refused is not None:
+                self._refusals.ok()
+            on_ack()
+
+        def resend_in_place(exc: BaseException) -> None:
+            """Queued at once, in its hand-over place, and nothing is sent until this producer's other records
+            have come back: none overtakes it."""
+            self._isolation.add(order, record, on_ack, on_refused, producer)
+            self._delayed.later(0.0, partial(self._after_failure, record, exc, producer))
+
+        def failed(exc: BaseException) -> None:   # on the producer's IO thread: never send from here
+            if counted and _async(exc) and not Refusals.stops(exc):
+                resend_in_place(exc)
+                return
+            if counted and Refusals.stops(exc):   # the operator's to fix: no resend can help
+                self._isolation.answered(producer)
+                self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
+                return
+            self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, order, exc, producer))
+
+        try:
+            future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
+        except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
+            if counted and retriable(exc):   # resent in its place, once the records the producer holds are back
+                resend_in_place(exc)
+                return
+            self._failed(record, on_ack, on_refused, order, exc, producer)
+            return
+        future.add_callback(ok)
+        future.add_errback(failed)
+
+    def _probe_in_transaction(self, record: Outgoing, exc: BaseException) -> None:
+        """Exactly once: send a record that failed with a refusal alone, in a transaction of its own that
+        is then aborted (a read_committed reader never sees it). Refused alone, it is remembered; the
+        records that merely shared its fate are redone with the unit."""
+        from kafka import KafkaProducer
+        if _fingerprint(record) in self._refused or self._closed:
+            return
+        settings = {**self._settings, "transactional_id": f"{self._transactional_id}-probe", "linger_ms": 0}
+        error: BaseException | None = None
+        try:
+            if self._probe is None:
+                self._probe = KafkaProducer(**settings)
+                self._probe.init_transactions()   # aborts what an earlier probe left open
+            self._probe.begin_transaction()
+            self._probe.send(record.topic, key=record.key, value=record.value,
+                             headers=record.headers).get(timeout=CLIENT_TIMEOUT_MS / 1000 * 6)
+        except Exception as failure:
+            error = failure
+        try:
+            self._probe.abort_transaction()
+        except Exception:   # left fatal by the refusal: the next probe starts afresh (and aborts this one)
+            probe, self._probe = self._probe, None
+            if probe is not None:
+                threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
+        if error is not None and refused_for_good(error):
+            log.warning("broker refuses a record for %s for good (%s); its input will be dead-lettered when "
+                        "the unit is redone", record.topic, error)
+            self._refused[_fingerprint(record)] = error
+        else:
+            log.info("a record for %s that failed with %s is accepted alone; it is redone with its unit",
+                     record.topic, exc)
+
+    def _after_failure(self, record: Outgoing, exc: BaseException, producer: Any) -> None:
+        """A broker failure whose record is already queued for an ordered resend: replace a producer
+        it left fatal, say it, count it."""
+        self._renewed(exc, producer)
+        with self._watch_lock:
+            self._sending.failed(exc)
+            self.failing_since = self._sending.since
+        if refused_for_good(exc):
+            log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
+                        "time, to find the record refused for good", record.topic, exc)
+        self._on_retry()
+
+    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, order: int,
+                exc: BaseException, producer: Any) -> None:
+        """A send that failed (at least once: counted against ``producer``, each branch settling it)."""
+        from kafka.errors import MessageSizeTooLargeError
+        counted = not self.transactional
+        if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
+            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
+                        len(record.value or b""), record.topic)
+            if counted:
+                self._isolation.answered(producer)
+            self.publish(record.fallback, on_ack, on_refused, order)
+            return
+        if counted and refused_for_good(exc):   # a broker's refusal leaves it fatal (send()'s own size check does not)
+            self._requeue(order, record, on_ack, on_refused, producer, exc)
+            return
+        if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
+            if counted:
+                self._isolation.answered(producer)
+            self._refuse(record, on_refused, exc)
+            return
+        if self.transactional and Refusals.stops(exc):
+            self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
+            return
+        if self.transactional:
+            # The open transaction cannot commit now; it will be aborted and this unit redone.
+            if refused_for_good(exc):   # find out, off this transaction, whether this record is the refused one
+                self._delayed.later(0.0, lambda: self._probe_in_transaction(record, exc))
+            with self._watch_lock:
+                self._sending.failed(exc)
+                self._doomed = exc if fenced(exc) else self._doomed or exc   # a fencing is the one to say
+            on_ack()
+            return
+        log.debug("publish to %s failed (%s); resending it in order", record.topic, exc)
+        self._requeue(order, record, on_ack, on_refused, producer, exc)
+
+    def _requeue(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+                 producer: Any, exc: BaseException) -> None:
+        """At least once: queue a failed record for its ordered resend (in the queue, not after a delay of its
+        own: a later record sent meanwhile would overtake it), then :meth:`_after_failure`."""
+        self._isolation.add(order, record, on_ack, on_refused, producer)
+        self._after_failure(record, exc, producer)
+
+    def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
+        """Add the consumed offsets to the open transaction, commit it and begin the next.
+        On failure the transaction is aborted (raises KafkaTransient) or, fenced, KafkaPermanent."""
+        from kafka.errors import KafkaError
+
+        def commit() -> None:
+            limit = time.monotonic() + self._calls_s
+            committed = kafka_offsets(offsets)
+            self._bounded("adding the offsets to the transaction", limit,
+                          lambda: self._producer.send_offsets_to_transaction(committed, group_metadata))
+            self._bounded("committing the transaction", limit, self._producer.commit_transaction)
+        with kafka_errors("transaction commit failed"):
+            commit_unit(self._doomed, commit, self._sends_ok, self.abort_transaction, KafkaError,
+                        self._fenced_check)
+        self._begin()
+
+    def _sends_ok(self) -> None:
+        """A record acknowledged or a transaction committed: publishing is not failing (any more)."""
+        with self._watch_lock:
+            self._sending.ok()
+            self.failing_since = None
+
+    def _bounded(self, what: str, limit: float, call: Callable[[], Any]) -> None:
+        """Run a transaction call that kafka-python lets wait on the coordinator without a bound on its
+        own thread, until ``limit`` (monotonic): past it the member ends (KafkaPermanent); the call's own
+        error is raised here."""
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                call()
+                outcome.append(None)
+            except BaseException as exc:   # handed to the caller's thread
+                outcome.append(exc)
+        worker = threading.Thread(target=run, name="transaction-call", daemon=True)
+        worker.start()
+        worker.join(max(0.0, limit - time.monotonic()))
+        if not outcome:
+            raise KafkaPermanent(f"{what}: the transaction coordinator did not answer within "
+                                 f"{self._calls_s:g} s; exiting so a restart makes a new producer")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _must(self, what: str, call: Callable[[], Any]) -> None:
+        """A transaction call whose failure only a new producer can fix (or that says it was fenced)."""
+        from kafka.errors import KafkaError
+        try:
+            call()
+        except KafkaError as exc:
+            self._fenced_check(exc)
+            raise KafkaPermanent(f"{what} failed ({exc}); exiting so a restart makes a new producer") from exc
+
+    def _begin(self) -> None:
+        self._must("beginning a transaction", self._producer.begin_transaction)
+
+    def abort_transaction(self) -> None:
+        try:
+            limit = time.monotonic() + self._calls_s
+            self._must("aborting a transaction",
+                       lambda: self._bounded("aborting a transaction", limit, self._producer.abort_transaction))
+        finally:
+            self._doomed = None
+        self._begin()
+
+    @staticmethod
+    def _fenced_check(exc: BaseException) -> None:
+        if fenced(exc):
+            raise KafkaPermanent(f"this member's producer was fenced ({type(exc).__name__}): another member "
+                                 f"took over its transactional id; stopping") from exc
+
+    @property
+    def failure(self) -> KafkaPermanent | None:
+        return self._refusals.failure
+
+    def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
+        self._refusals.refuse(record.topic, on_refused, exc, self._closed)
+
+    def pending_retries(self) -> int:
+        return self._delayed.pending() + self._isolation.waiting()
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        self._flush_producer(timeout)
+        while self.pending_retries() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._flush_producer(max(0.1, deadline - time.monotonic()))   # what the resends handed back to it
+        return not self.pending_retries()
+
+    def _flush_producer(self, timeout: float) -> None:
+        try:
+            self._producer.flush(timeout=max(0.1, timeout))
+        except Exception as exc:
+            log.warning("flush: %s", exc)
+
+    def close(self) -> None:
+        self._closed = True
+        self._delayed.close()
+        self._isolation.close()
+        if self._probe is not None:
+            close_producer(self._probe, CLIENT_TIMEOUT_MS / 1000)
+        close_producer(self._producer, CLIENT_TIMEOUT_MS / 1000)
+
+    def _isolated_outcome(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+                          exc: BaseException | None) -> Outgoing | None:
+        """What a record sent alone came to: acknowledged, or refused for good (its own fault). Once the sink is
+        closing, a failure is only that (closing its producer fails what it holds): the record stays
+        unacknowledged, its input redelivered after the restart, not dead-lettered."""
+        if exc is not None and self._closed:
+            return None
+        if exc is None:
+            self._sends_ok()
+            on_ack()
+            return None
+        from kafka.errors import MessageSizeTooLargeError
+        if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
+            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
+                        len(record.value or b""), record.topic)
+            return record.fallback
+        if not Refusals.stops(exc):   # that one stops the member, saying so itself
+            log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
+        self._refuse(record, on_refused, exc)
+        return None
+
+
+def close_producer(producer: Any, timeout: float) -> bool:
+    """Close a kafka-python producer within about ``timeout`` s; False when it still held records.
+
+    kafka-python's ``close`` flushes first and raises on a flush timeout before stopping its
+    thread, so a producer whose records are still failing (a fatal one being replaced, a
+    broker gone) is closed by trying again until they have failed or the time is up.
+    """
+    from kafka.errors import KafkaError
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            producer.close(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            return True
+        except KafkaError as exc:
+            if time.monotonic() >= deadline:
+                log.warning("a Kafka producer did not close within %.0f s (%s): the records it still held are "
+                            "given up (their inputs stay uncommitted and are redelivered)", timeout, exc)
+                return False
+            time.sleep(0.1)   # close may also fail at once: never spin
