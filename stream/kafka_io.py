@@ -1,8 +1,8 @@
 """The kafka-python connector: the source (a consumer-group member) and what makes it and the sink
 (:mod:`.kafka_sink`).
 
-Nothing else in the service imports kafka-python (but :mod:`.errors`, which classifies its
-exceptions, and :mod:`.kafka_common`). Client errors leave this module as the project's own,
+Nothing else in the service imports kafka-python but :mod:`.kafka_sink`, :mod:`.kafka_common` and
+:mod:`.errors`, which classifies its exceptions. Client errors leave this module as the project's own,
 through :func:`.errors.kafka_errors`: :class:`BrokerUnavailable` (an outage),
 :class:`KafkaTransient` (retry) or :class:`KafkaPermanent` (never succeeds).
 

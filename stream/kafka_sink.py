@@ -301,8 +301,11 @@ class KafkaSink:
                 self._isolation.answered(producer)
             self.publish(record.fallback, on_ack, on_refused, order)
             return
-        if counted and refused_for_good(exc):   # a broker's refusal leaves it fatal (send()'s own size check does not)
-            self._requeue(order, record, on_ack, on_refused, producer, exc)
+        if counted and refused_for_good(exc):   # raised by send() itself: a record fault, not publishing failing
+            self._renewed(exc, producer)
+            log.warning("a record for %s was refused (%s): resending it alone, to find whether it is refused for "
+                        "good", record.topic, exc)
+            self._isolation.add(order, record, on_ack, on_refused, producer)
             return
         if not retriable(exc) and not (self.transactional and _async(exc)) and not self._renewed(exc, producer):
             if counted:
@@ -322,12 +325,7 @@ class KafkaSink:
             on_ack()
             return
         log.debug("publish to %s failed (%s); resending it in order", record.topic, exc)
-        self._requeue(order, record, on_ack, on_refused, producer, exc)
-
-    def _requeue(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
-                 producer: Any, exc: BaseException) -> None:
-        """At least once: queue a failed record for its ordered resend (in the queue, not after a delay of its
-        own: a later record sent meanwhile would overtake it), then :meth:`_after_failure`."""
+        # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
         self._isolation.add(order, record, on_ack, on_refused, producer)
         self._after_failure(record, exc, producer)
 

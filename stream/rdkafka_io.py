@@ -36,6 +36,7 @@ from .errors import (
 )
 from .failures import FailureWatch, Refusals, doubling
 from .kafka_common import (
+    CLIENT_TIMEOUT_MS,
     TRANSACTION_CALLS_S,
     connecting,
     ensure_output_topics,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _DRAIN_STEP_S = 0.02
-_CLIENT_TIMEOUT_S = 5.0   # metadata, close: shutdown must end even with the broker gone
+_CLIENT_TIMEOUT_S = CLIENT_TIMEOUT_MS / 1000
 
 # librdkafka's own log, through logging, critical lines only: at its default level it writes a line for every
 # failed reconnect while the broker is away (the service says that once); errors reach the service as events
