@@ -81,6 +81,27 @@ def _offsets(offsets: dict[Partition, int]) -> list[Any]:
 HOLD_BEFORE_PAUSE_S = 2.0
 
 
+def consumer_settings(cfg: StreamConfig, assignment_strategy: str = "range") -> dict[str, Any]:
+    """librdkafka's consumer configuration for the service config."""
+    return {
+        "bootstrap.servers": cfg.bootstrap_servers, "group.id": cfg.group_id,
+        "client.id": f"sentiment-stream-{cfg.group_id}",
+        "enable.auto.commit": False, "enable.auto.offset.store": False,
+        "auto.offset.reset": cfg.auto_offset_reset, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
+        # what librdkafka prefetches while backpressure holds the loop (64 MB by default): within the byte budget
+        "queued.max.messages.kbytes": fetch_bytes(cfg.max_in_flight_bytes) // 1024,
+        # once that queue is full librdkafka puts off the next fetch this long (1 s by default). Every hold
+        # fills it, so after each one the pipeline ran dry for up to a second: one process fed a GPU
+        # stand-in 25-30 % slower (benchmarks/throughput.py --gpu-feed). Look again after the fetch wait.
+        "fetch.queue.backoff.ms": cfg.fetch_max_wait_ms,
+        "session.timeout.ms": cfg.session_timeout_ms,
+        "heartbeat.interval.ms": max(100, cfg.session_timeout_ms // 4),
+        "max.poll.interval.ms": cfg.max_poll_interval_ms,
+        "isolation.level": isolation_level(cfg.processing_guarantee),
+        "allow.auto.create.topics": False, "partition.assignment.strategy": assignment_strategy,
+        **_QUIET, **client_settings(cfg)}
+
+
 class RdKafkaSource:
     """A consumer-group member; every call, the rebalance callbacks included, comes from the poll thread."""
 
@@ -92,19 +113,7 @@ class RdKafkaSource:
         self._topics = list(cfg.input_topic)
         self._rebalance = rebalance
         self._cooperative = assignment_strategy == "cooperative-sticky"
-        settings = {
-            "bootstrap.servers": cfg.bootstrap_servers, "group.id": cfg.group_id,
-            "client.id": f"sentiment-stream-{cfg.group_id}",
-            "enable.auto.commit": False, "enable.auto.offset.store": False,
-            "auto.offset.reset": cfg.auto_offset_reset, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
-            # what librdkafka prefetches while backpressure holds the loop (64 MB by default): within the byte budget
-            "queued.max.messages.kbytes": fetch_bytes(cfg.max_in_flight_bytes) // 1024,
-            "session.timeout.ms": cfg.session_timeout_ms,
-            "heartbeat.interval.ms": max(100, cfg.session_timeout_ms // 4),
-            "max.poll.interval.ms": cfg.max_poll_interval_ms,
-            "isolation.level": isolation_level(cfg.processing_guarantee),
-            "allow.auto.create.topics": False, "partition.assignment.strategy": assignment_strategy,
-            **_QUIET, **client_settings(cfg)}
+        settings = consumer_settings(cfg, assignment_strategy)
         with connecting(cfg.bootstrap_servers, cfg.group_id):
             # a second client for the probe thread: the consumer's own list_topics waits while consume() runs
             self._admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
