@@ -114,9 +114,7 @@ class StreamConfig:
     auto_offset_reset: str = option("earliest", "where a new group starts", choices=("earliest", "latest"))
     max_poll_records: int = option(256, "records fetched per poll")
     fetch_max_wait_ms: int = option(10, "longest the broker holds a fetch waiting for data (kafka-python's 500 "
-                                        "ms default set the latency at moderate load); with librdkafka also how "
-                                        "soon a full prefetch queue is looked at again (its 1 s default starved "
-                                        "the pipeline after each backpressure hold)")
+                                        "ms default set the latency at moderate load)")
     linger_ms: int = option(5, "producer batching window for result records (5 ms: a small share of the "
                                "latency at 80 img/s; lower was not shown to help on this machine)")
     processes: int = option(1, "consumer processes on this host, one group, each with its own backend and "

@@ -79,6 +79,12 @@ def _offsets(offsets: dict[Partition, int]) -> list[Any]:
 # Backpressure holds records in librdkafka's queue this long before pausing the partitions (which drops
 # them): a hold usually ends within a second, and a rebalance waits for this member at most this long.
 HOLD_BEFORE_PAUSE_S = 2.0
+# Once its prefetch queue is full librdkafka puts off a partition's next fetch by fetch.queue.backoff.ms, 1 s
+# by default. Every hold fills that queue, so after each one the pipeline ran dry for up to a second: one
+# process fed a GPU stand-in a quarter slower (docs/performance.md, the tenth run). A full queue is looked at
+# again this often instead (not the fetch wait: an operator who raises that to cut empty fetches would
+# bring the starvation back; not 0: a held consumer would spin).
+FULL_QUEUE_RECHECK_MS = 10
 
 
 def consumer_settings(cfg: StreamConfig, assignment_strategy: str = "range") -> dict[str, Any]:
@@ -90,10 +96,7 @@ def consumer_settings(cfg: StreamConfig, assignment_strategy: str = "range") -> 
         "auto.offset.reset": cfg.auto_offset_reset, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
         # what librdkafka prefetches while backpressure holds the loop (64 MB by default): within the byte budget
         "queued.max.messages.kbytes": fetch_bytes(cfg.max_in_flight_bytes) // 1024,
-        # once that queue is full librdkafka puts off the next fetch this long (1 s by default). Every hold
-        # fills it, so after each one the pipeline ran dry for up to a second: one process fed a GPU
-        # stand-in 25-30 % slower (benchmarks/throughput.py --gpu-feed). Look again after the fetch wait.
-        "fetch.queue.backoff.ms": cfg.fetch_max_wait_ms,
+        "fetch.queue.backoff.ms": FULL_QUEUE_RECHECK_MS,
         "session.timeout.ms": cfg.session_timeout_ms,
         "heartbeat.interval.ms": max(100, cfg.session_timeout_ms // 4),
         "max.poll.interval.ms": cfg.max_poll_interval_ms,
