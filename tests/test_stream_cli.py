@@ -326,7 +326,7 @@ def test_a_listener_the_client_cannot_start_a_session_with_is_said_with_what_to_
     argv = [sys.executable, "-m", "stream", "--bootstrap-servers", f"127.0.0.1:{listener.getsockname()[1]}",
             "--input-topic", "in", "--output-topic", "out", "--dead-letter-topic", "dlq", "--metrics-port", "0",
             "--artifact", str(small_artifact), "--decode-workers", "1", "--fail-after-s", "2"]
-    process = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(_sighup_default(argv), stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "cannot start a session" not in log.read_text():
@@ -341,13 +341,20 @@ def test_a_listener_the_client_cannot_start_a_session_with_is_said_with_what_to_
     assert code == 0 and "SIGHUP: draining" in text, text[-2000:]
 
 
+def _sighup_default(argv: list[str]) -> list[str]:
+    """``argv`` run with SIGHUP's default disposition, whatever this test run inherited (a suite started under
+    nohup ignores it, and its children would too)."""
+    return [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+            "os.execv(sys.argv[1], sys.argv[1:])", *argv]
+
+
 def test_a_service_started_under_nohup_keeps_ignoring_sighup():
     """``nohup python -m stream ... &``: SIGHUP was ignored when it started and stays ignored (only SIGTERM and
     SIGINT stop it); otherwise SIGHUP drains it as SIGTERM does."""
     import subprocess
     probe = ("import signal; from stream.supervisor import stop_signals; "
              "print(sorted(s.name for s in stop_signals()))")
-    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    plain = subprocess.run(_sighup_default([sys.executable, "-c", probe]), capture_output=True, text=True, timeout=60)
     ignored = subprocess.run([sys.executable, "-c", "import signal, subprocess, sys; "
                               "signal.signal(signal.SIGHUP, signal.SIG_IGN); "
                               f"sys.exit(subprocess.call([sys.executable, '-c', {probe!r}]))"],
