@@ -21,7 +21,7 @@ from .failures import FailureWatch, Refusals
 from .isolation import Entry, Isolation
 from .kafka_common import CLIENT_TIMEOUT_MS, TRANSACTION_CALLS_S, connecting, kafka_offsets
 from .ports import Partition, Refused
-from .records import Outgoing
+from .records import Outgoing, fingerprint
 from .transactions import commit_unit
 
 log = logging.getLogger(__name__)
@@ -43,20 +43,6 @@ def retriable(exc: BaseException) -> bool:
     """Whether sending again can succeed: a retriable Kafka error or an outage; never a bad record."""
     from kafka.errors import KafkaError
     return isinstance(exc, KafkaError) and (exc.retriable or kafka_python_kind(exc) == OUTAGE)
-
-
-def _fingerprint(record: Outgoing) -> bytes:
-    """What names a record across a redo: the topic and the input it answers (its content where unknown:
-    a result's timings differ from one try to the next)."""
-    import hashlib
-    digest = hashlib.blake2b(record.topic.encode(), digest_size=16)
-    if record.source is not None:
-        digest.update(repr(record.source).encode())
-        return digest.digest()
-    for part in (record.key or b"", record.value or b""):
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    return digest.digest()
 
 
 def refused_for_good(exc: BaseException) -> bool:
@@ -184,8 +170,8 @@ class KafkaSink:
                 order: int | None = None) -> None:
         """``order``: the hand-over number of the record this one stands in for (a value-less fallback);
         None for a record handed over now."""
-        if self._refused and _fingerprint(record) in self._refused:   # exactly once: known to be refused
-            self._refuse(record, on_refused, self._refused[_fingerprint(record)])
+        if self._refused and fingerprint(record) in self._refused:   # exactly once: known to be refused
+            self._refuse(record, on_refused, self._refused[fingerprint(record)])
             return
         order = next(self._handed) if order is None else order
         producer = self._producer
@@ -250,7 +236,7 @@ class KafkaSink:
         is then aborted (a read_committed reader never sees it). Refused alone, it is remembered; the
         records that merely shared its fate are redone with the unit."""
         from kafka import KafkaProducer
-        if _fingerprint(record) in self._refused or self._closed:
+        if fingerprint(record) in self._refused or self._closed:
             return
         settings = {**self._settings, "transactional_id": f"{self._transactional_id}-probe", "linger_ms": 0}
         error: BaseException | None = None
@@ -272,7 +258,7 @@ class KafkaSink:
         if error is not None and refused_for_good(error):
             log.warning("broker refuses a record for %s for good (%s); its input will be dead-lettered when "
                         "the unit is redone", record.topic, error)
-            self._refused[_fingerprint(record)] = error
+            self._refused[fingerprint(record)] = error
         else:
             log.info("a record for %s that failed with %s is accepted alone; it is redone with its unit",
                      record.topic, exc)

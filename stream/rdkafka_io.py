@@ -14,19 +14,23 @@ reach the service while the poll thread drains.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import ConfigError
 
 from .delayed import Delayed
 from .errors import (
+    OUTAGE,
     PERMANENT,
     REFUSED,
+    TRANSIENT,
     KafkaPermanent,
     fenced,
     kafka_errors,
@@ -34,7 +38,8 @@ from .errors import (
     librdkafka_kind,
     librdkafka_name,
 )
-from .failures import FailureWatch, Refusals, doubling
+from .failures import FailureWatch, Refusals
+from .isolation import Entry, Isolation
 from .kafka_common import (
     CLIENT_TIMEOUT_MS,
     TRANSACTION_CALLS_S,
@@ -45,7 +50,7 @@ from .kafka_common import (
     reachable,
 )
 from .ports import Partition, RebalanceHandler, Refused, show
-from .records import Message, Outgoing
+from .records import Message, Outgoing, fingerprint
 from .transactions import commit_unit
 
 if TYPE_CHECKING:
@@ -291,11 +296,46 @@ class RdKafkaSource:
             log.warning("closing the consumer: %s", exc)
 
 
+def _exception(error: Any) -> BaseException:
+    """A librdkafka ``KafkaError`` as the exception the error tree classifies (other errors as they are)."""
+    from confluent_kafka import KafkaError, KafkaException
+    return KafkaException(error) if isinstance(error, KafkaError) else error
+
+
+def _retriable(error: Any) -> bool:
+    """Whether sending again can succeed: an outage, a transient error, a full local queue; never a bad record."""
+    found = librdkafka_error(error)
+    return found is not None and librdkafka_kind(found) in (OUTAGE, TRANSIENT)
+
+
+def _refused(error: Any) -> bool:
+    found = librdkafka_error(error)
+    return found is not None and librdkafka_kind(found) == REFUSED
+
+
+def _timed_out(error: Any) -> bool:
+    found = librdkafka_error(error)
+    return found is not None and librdkafka_name(found) == "_MSG_TIMED_OUT"
+
+
+def _producers_fault(error: Any, exc: BaseException) -> bool:
+    """A failure of the producer, not of the record: librdkafka's fatal state, or a fenced epoch (a delivery
+    report's error never says fatal(); its code does)."""
+    found = librdkafka_error(error)
+    return found is not None and librdkafka_kind(found) == PERMANENT and (found.fatal() or fenced(exc))
+
+
 class RdKafkaSink:
-    """Idempotent acks=all producer with delivery reports. A send that fails with a retriable error is
-    sent again with backoff until acknowledged or closed; a refusal (:data:`REFUSED`) runs
-    ``on_refused`` (the pipeline dead-letters the input), and a refused record without one (a dead
-    letter) sets :attr:`failure`. A fatal idempotence error replaces the producer."""
+    """Idempotent acks=all producer with delivery reports. A refusal (:data:`REFUSED`) runs ``on_refused``
+    (the pipeline dead-letters the input), and a refused record without one (a dead letter) sets
+    :attr:`failure`. A fatal idempotence error replaces the producer.
+
+    At least once, as the kafka-python sink (:mod:`.kafka_sink`): librdkafka keeps a partition's order
+    while it retries on its own, but a record whose delivery fails (refused, or given up on after
+    ``message.timeout.ms``) goes to one queue kept in hand-over order (:mod:`.isolation`), is resent
+    alone on a producer of its own (not idempotent: a refusal fails that record only, where a batch's
+    refusal fails every record in it), and every later record waits behind it. Exactly once a failed
+    delivery dooms the open transaction instead."""
 
     def __init__(self, bootstrap: str, settings: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
@@ -320,6 +360,14 @@ class RdKafkaSink:
         self._sending = FailureWatch("publishing to Kafka")
         self._refusals = Refusals()
         self.failing_since: float | None = None
+        self._probe: Any = None   # made at the first failed delivery: transactional exactly once
+        self._transactional_id = transactional_id
+        # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
+        # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
+        self._refused: dict[bytes, BaseException] = {}
+        self._isolation = Isolation(self._send_alone, lambda exc: not _retriable(exc), self._isolated_outcome,
+                                    self._released, lambda: self._producer)
+        self._handed = itertools.count()   # each record's hand-over number: the isolation's order
         self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
         self._poll_thread.start()
         self._delayed.start()
@@ -334,18 +382,40 @@ class RdKafkaSink:
             self._producer.poll(0.05)
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
-                attempt: int = 0) -> None:
+                order: int | None = None) -> None:
+        """``order``: the hand-over number of the record this one stands in for (a value-less fallback);
+        None for a record handed over now."""
+        if self._refused and fingerprint(record) in self._refused:   # exactly once: known to be refused
+            self._refuse(record, on_refused, self._refused[fingerprint(record)])
+            return
+        order = next(self._handed) if order is None else order
         producer = self._producer
+        if not self.transactional and self._isolation.take(order, record, on_ack, on_refused, producer):
+            return   # records queued after a failure go first: this one waits its turn behind them
+        self._send(order, record, on_ack, on_refused, producer)
+
+    def _released(self, entry: Entry, producer: Any) -> None:
+        """A record that waited behind failed ones, handed back to ``producer`` (counted against it)."""
+        self._send(entry.order, entry.record, entry.on_ack, entry.on_refused, producer)
+
+    def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+              producer: Any) -> None:
+        """Produce on ``producer``; at least once the record is already counted against it
+        (:meth:`Isolation.take`), and every way it comes back settles that count."""
+        counted = not self.transactional
 
         def delivered(error: Any, _message: Any) -> None:   # on the producer-poll thread
             if error is None:
+                if counted:
+                    self._isolation.answered(producer)
                 self._sends_ok()
                 if on_refused is not None:
                     self._refusals.ok()
                 on_ack()
+            elif counted:
+                self._requeue(order, record, on_ack, on_refused, error, producer)
             else:
-                self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, attempt, error, producer,
-                                                              True))
+                self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, error, order, True))
 
         try:
             # a plugin's str is a bug: librdkafka would send its UTF-8, kafka-python refuses it; refuse it here too
@@ -355,56 +425,163 @@ class RdKafkaSink:
             extra = {"headers": record.headers} if record.headers else {}
             producer.produce(record.topic, value=record.value, key=record.key, on_delivery=delivered, **extra)
         except BufferError as exc:   # the local queue is full: wait for deliveries, then send again
-            self._delayed.later(0.05, lambda: self.publish(record, on_ack, on_refused, attempt))
             log.debug("producer queue full (%s)", exc)
+            if counted:   # in its place, behind nothing and before every later record
+                from confluent_kafka import KafkaError
+                self._requeue(order, record, on_ack, on_refused, KafkaError(KafkaError._QUEUE_FULL), producer)
+            else:
+                self._delayed.later(0.05, lambda: self._send(order, record, on_ack, on_refused, producer))
         except Exception as exc:   # a KafkaException (too large, closed) or a bad value (TypeError)
-            self._failed(record, on_ack, on_refused, attempt, librdkafka_error(exc) or exc, producer)
+            error = librdkafka_error(exc) or exc
+            if counted and (_retriable(exc) or _producers_fault(error, exc)):   # closed, fatal: a new one sends it
+                self._requeue(order, record, on_ack, on_refused, error, producer)
+                return
+            if counted:
+                self._isolation.answered(producer)
+            self._failed(record, on_ack, on_refused, error, order)
 
-    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, attempt: int,
-                error: Any, producer: Any, reported: bool = False) -> None:
-        """``reported``: the error came in a delivery report (the broker's answer), not from ``produce``."""
-        from confluent_kafka import KafkaError, KafkaException
-        found = librdkafka_kind(error) if isinstance(error, KafkaError) else REFUSED
-        exc = KafkaException(error) if isinstance(error, KafkaError) else error
-        name = librdkafka_name(error) if isinstance(error, KafkaError) else None
-        too_large = name == "MSG_SIZE_TOO_LARGE"
+    def _requeue(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+                 error: Any, producer: Any) -> None:
+        """At least once, a record ``producer`` failed: an error only the operator can fix stops the member;
+        any other queues the record in its hand-over place, to be resent alone (never from the poll thread)."""
+        exc = _exception(error)
+        if Refusals.stops(exc) and not _producers_fault(error, exc):
+            self._isolation.answered(producer)
+            self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
+            return
+        self._isolation.add(order, record, on_ack, on_refused, producer)
+        self._delayed.later(0.0, partial(self._after_failure, record, error, producer))
+
+    def _after_failure(self, record: Outgoing, error: Any, producer: Any) -> None:
+        """A failed delivery whose record is queued for its ordered resend: replace a producer it left unable
+        to send, say it, count it."""
+        exc = _exception(error)
+        if _producers_fault(error, exc) or (_timed_out(error) and reachable(self._bootstrap)):
+            # timed out while the broker answers: after a broker restart that lost its state (a new in-memory
+            # broker) the idempotent producer can wait for ever on its old producer id; a new one starts afresh
+            self._renew(producer, error)
+        with self._lock:
+            self._sending.failed(exc)
+            self.failing_since = self._sending.since
+        if _refused(error):
+            log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
+                        "time, to find the record refused for good", record.topic, exc)
+        self._on_retry()
+
+    def _send_alone(self, record: Outgoing) -> BaseException | None:
+        """Send one record on a producer of its own and wait for the broker (bounded); the error or None. Not
+        idempotent, one request at a time: a refusal fails that record alone."""
+        from confluent_kafka import KafkaError, KafkaException, Producer
+        if self._closed:   # no new producer after close (nothing would close it)
+            return KafkaPermanent("the sink is closed")
+        answers: list[Any] = []
+        try:
+            if self._probe is None:
+                self._probe = Producer({**self._settings, "enable.idempotence": False,
+                                        "max.in.flight.requests.per.connection": 1, "linger.ms": 0})
+            extra = {"headers": record.headers} if record.headers else {}
+            self._probe.produce(record.topic, value=record.value, key=record.key,
+                                on_delivery=lambda error, _message: answers.append(error), **extra)
+            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + _CLIENT_TIMEOUT_S)
+        except (BufferError, KafkaException, TypeError) as exc:
+            return exc
+        error = answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
+        if error is None:
+            return None
+        if _retriable(error):
+            with self._lock:
+                self._sending.failed(_exception(error))
+                self.failing_since = self._sending.since
+        return _exception(error)
+
+    def _isolated_outcome(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
+                          exc: BaseException | None) -> Outgoing | None:
+        """What a record sent alone came to: acknowledged, or refused for good (its own fault). Once the sink is
+        closing, a failure is only that: the record stays unacknowledged, its input redelivered after the
+        restart, not dead-lettered."""
+        if exc is not None and self._closed:
+            return None
+        if exc is None:
+            self._sends_ok()
+            if on_refused is not None:
+                self._refusals.ok()
+            on_ack()
+            return None
+        error = librdkafka_error(exc)
+        if record.fallback is not None and error is not None and librdkafka_name(error) == "MSG_SIZE_TOO_LARGE":
+            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
+                        len(record.value or b""), record.topic)
+            return record.fallback
+        if not Refusals.stops(exc):   # that one stops the member, saying so itself
+            log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
+        self._refuse(record, on_refused, exc)
+        return None
+
+    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, error: Any,
+                order: int, reported: bool = False) -> None:
+        """A failed delivery in a transaction (``reported``: in its delivery report, the broker's answer), or a
+        record ``produce`` refused at once (at least once no longer counted against its producer)."""
+        from confluent_kafka import KafkaError
+        exc = _exception(error)
+        refused = not isinstance(error, KafkaError) or librdkafka_kind(error) == REFUSED   # a bad value too
         if self.transactional and Refusals.stops(exc):
             self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
             return
-        if self.transactional and (reported or found != REFUSED):
+        if self.transactional and (reported or not refused):
             # Any failed delivery makes librdkafka's open transaction abortable: it will be aborted and this
             # unit redone. A record produce() refused at once never entered it and is refused below.
+            if reported and refused:   # find out, off this transaction, whether this record is the refused one
+                self._delayed.later(0.0, lambda: self._probe_in_transaction(record, exc))
             with self._lock:
                 self._sending.failed(exc)
                 self._doomed = error if fenced(exc) else self._doomed or error   # a fencing is the one to say
             on_ack()
             return
-        if record.fallback is not None and too_large:
+        if record.fallback is not None and isinstance(error, KafkaError) and \
+                librdkafka_name(error) == "MSG_SIZE_TOO_LARGE":
             log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                         len(record.value or b""), record.topic)
-            self.publish(record.fallback, on_ack, on_refused)
+            self.publish(record.fallback, on_ack, on_refused, order)
             return
-        if found == PERMANENT and isinstance(error, KafkaError) and (error.fatal() or fenced(exc)):
-            # a delivery report's error never says fatal(): its code does (the idempotent producer's end)
-            self._renew(producer, error)
-        elif name == "_MSG_TIMED_OUT" and reachable(self._bootstrap):
-            # timed out while the broker answers: after a broker restart that lost its state (a new in-memory
-            # broker) the idempotent producer can wait for ever on its old producer id; a new one starts afresh
-            self._renew(producer, error)
-        elif found in (PERMANENT, REFUSED):
-            self._refuse(record, on_refused, exc)
+        self._refuse(record, on_refused, exc)
+
+    def _probe_in_transaction(self, record: Outgoing, exc: BaseException) -> None:
+        """Exactly once: send a record that failed with a refusal alone, in a transaction of its own that is
+        then aborted (a read_committed reader never sees it). Refused alone, it is remembered; the records
+        that merely shared its fate (a refusal fails its whole batch) are redone with the unit."""
+        from confluent_kafka import KafkaError, KafkaException, Producer
+        if fingerprint(record) in self._refused or self._closed:
             return
-        with self._lock:
-            self._sending.failed(exc)
-            self.failing_since = self._sending.since
-        delay = doubling(attempt)
-        log.debug("publish to %s failed (%s); retrying in %.1f s", record.topic, error, delay)
-        self._on_retry()
-        self._delayed.later(delay, lambda: self.publish(record, on_ack, on_refused, attempt + 1))
+        answers: list[Any] = []
+        error: Any = None
+        try:
+            if self._probe is None:
+                self._probe = Producer({**self._settings, "transactional.id": f"{self._transactional_id}-probe",
+                                        "linger.ms": 0})
+                self._probe.init_transactions(TRANSACTION_CALLS_S)   # aborts what an earlier probe left open
+            self._probe.begin_transaction()
+            extra = {"headers": record.headers} if record.headers else {}
+            self._probe.produce(record.topic, value=record.value, key=record.key,
+                                on_delivery=lambda failure, _message: answers.append(failure), **extra)
+            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + _CLIENT_TIMEOUT_S)
+            error = answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
+        except KafkaException as failure:
+            error = librdkafka_error(failure) or failure
+        try:
+            self._probe.abort_transaction(TRANSACTION_CALLS_S)
+        except Exception:   # left unusable by the refusal: the next probe starts afresh (and aborts this one)
+            self._probe = None
+        if error is not None and _refused(error):
+            log.warning("broker refuses a record for %s for good (%s); its input will be dead-lettered when "
+                        "the unit is redone", record.topic, error)
+            self._refused[fingerprint(record)] = _exception(error)
+        else:
+            log.info("a record for %s that failed with %s is accepted alone; it is redone with its unit",
+                     record.topic, exc)
 
     def _renew(self, producer: Any, error: Any) -> None:
-        """Replace a producer in librdkafka's fatal state (every later send would fail); its records are
-        sent again by their retries."""
+        """Replace a producer in librdkafka's fatal state (every later send would fail); its records fail as
+        its delivery reports are served and queue for their ordered resend (or, in a transaction, doom it)."""
         from confluent_kafka import KafkaException
         with self._lock:
             if self._producer is not producer or self._closed:
@@ -415,7 +592,6 @@ class RdKafkaSink:
             except KafkaException as exc:   # the retry will find the old one and try again
                 log.warning("making a new producer failed (%s); will retry", exc)
                 return
-        # the old one's records fail (and are retried) as its delivery reports are served
         threading.Thread(target=producer.flush, args=(30.0,), name="old-producer-flush", daemon=True).start()
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
@@ -474,7 +650,7 @@ class RdKafkaSink:
         self._refusals.refuse(record.topic, on_refused, exc, self._closed)
 
     def pending_retries(self) -> int:
-        return self._delayed.pending()
+        return self._delayed.pending() + self._isolation.waiting()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -488,7 +664,10 @@ class RdKafkaSink:
         self.flush(_CLIENT_TIMEOUT_S)
         self._closed = True
         self._delayed.close(timeout=1.0)
+        self._isolation.close()
         self._poll_thread.join(1.0)
+        if self._probe is not None:
+            self._probe.flush(0)
         left = self._producer.flush(0)
         if left:
             log.warning("the producer closed with %d records undelivered (their inputs stay uncommitted and are "

@@ -5,11 +5,12 @@ interface (:mod:`plugins.records`) and are named here too for the service's modu
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from plugins.records import Headers, Message, Prediction
 
-__all__ = ["Headers", "Message", "Prediction", "Outgoing", "dead_letter"]
+__all__ = ["Headers", "Message", "Prediction", "Outgoing", "dead_letter", "fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,19 @@ class Outgoing:
 
 HEADER_BUDGET = 64 * 1024
 """Input headers a dead letter's fallbacks keep, in bytes (names and values, in order)."""
+
+
+def fingerprint(record: Outgoing) -> bytes:
+    """What names a record across a redo: the topic and the input it answers (its content where unknown:
+    a result's timings differ from one try to the next)."""
+    digest = hashlib.blake2b(record.topic.encode(), digest_size=16)
+    if record.source is not None:
+        digest.update(repr(record.source).encode())
+        return digest.digest()
+    for part in (record.key or b"", record.value or b""):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
 
 
 def _within_budget(headers: Headers) -> tuple[Headers, list[str]]:

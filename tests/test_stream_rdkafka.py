@@ -288,6 +288,34 @@ class _RefusingProducer:
 
 
 @pytest.mark.kafka
+def test_a_record_librdkafka_gave_up_on_is_not_overtaken_by_later_ones(kafka_broker):
+    """A record whose delivery failed (timed out, as after an outage) is sent again before every record
+    handed over after the failure: librdkafka keeps order only while it retries on its own. Before, the
+    record was published again after a backoff of its own and the later ones went ahead of it."""
+    from confluent_kafka import KafkaError
+
+    class Sink(rdkafka_io.RdKafkaSink):
+        def _new_producer(self) -> object:
+            return _RefusingProducer(super()._new_producer(), KafkaError._MSG_TIMED_OUT, answers)
+    answers = [1]
+    t = names(kafka_broker, partitions=1)
+    failed = threading.Event()
+    sink = Sink(kafka_broker.bootstrap, {}, on_retry=failed.set)
+    acked = threading.Semaphore(0)
+    try:
+        sink.publish(Outgoing(t["output"], b"0", b"v", []), acked.release)
+        assert failed.wait(30), "the first delivery failed"
+        for i in range(1, 6):
+            sink.publish(Outgoing(t["output"], str(i).encode(), b"v", []), acked.release)
+        for _ in range(6):
+            assert acked.acquire(timeout=60), f"every record acknowledged: {sink.failure}"
+    finally:
+        sink.close()
+    keys = [r.key for r in read_all(kafka_broker.bootstrap, t["output"], 6)]
+    assert keys == [str(i).encode() for i in range(6)], f"in hand-over order, once each: {keys}"
+
+
+@pytest.mark.kafka
 @pytest.mark.parametrize("transactional", [False, True], ids=["at-least-once", "exactly-once"])
 @pytest.mark.parametrize("code, said", [
     ("INVALID_REQUIRED_ACKS", "INVALID_REQUIRED_ACKS"),
