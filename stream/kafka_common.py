@@ -1,6 +1,6 @@
-"""What the Kafka connectors share. Both: reaching the brokers, the read isolation, the fetch size, the
-output topics (made with kafka-python's admin client) and the client timeout. kafka-python's source and
-sink: its form of the project's offsets and the bound on its transaction calls.
+"""What the Kafka connectors share: reaching the brokers, the read isolation, the fetch size, the output
+topics (made with kafka-python's admin client), the client timeout, the drain's step and the bound on the
+transaction calls; and kafka-python's form of the project's offsets, for its source and sink.
 
 Client errors leave here as the project's own, through :func:`.errors.kafka_errors`.
 """
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from .config import StreamConfig
 
 CLIENT_TIMEOUT_MS = 5_000   # commit, metadata and close: shutdown must end even with the broker gone
+CLIENT_TIMEOUT_S = CLIENT_TIMEOUT_MS / 1000
+DRAIN_STEP_S = 0.02   # how often a revocation's drain looks whether the revoked work is done
 # kafka-python's transaction calls wait on the coordinator without a bound: each commit point's calls
 # together, and an abort, get this long (within the share the commit point keeps of the transaction timeout)
 TRANSACTION_CALLS_S = 8.0

@@ -1,10 +1,11 @@
 """The kafka-python connector: the source (a consumer-group member) and what makes it and the sink
 (:mod:`.kafka_sink`).
 
-Nothing else in the service imports kafka-python but :mod:`.kafka_sink`, :mod:`.kafka_common` and
-:mod:`.errors`, which classifies its exceptions. Client errors leave this module as the project's own,
-through :func:`.errors.kafka_errors`: :class:`BrokerUnavailable` (an outage),
-:class:`KafkaTransient` (retry) or :class:`KafkaPermanent` (never succeeds).
+The service's kafka-python clients are made here and in :mod:`.kafka_sink` (:mod:`.errors` classifies
+their exceptions; :mod:`.topics`, the demo and the embedded broker use its admin client on their own).
+Client errors leave this module as the project's own, through :func:`.errors.kafka_errors`:
+:class:`BrokerUnavailable` (an outage), :class:`KafkaTransient` (retry) or :class:`KafkaPermanent`
+(never succeeds).
 
 kafka-python 3 runs rebalance listeners on its IO thread, where a blocking client call
 is refused; the source's listener is therefore asynchronous: it awaits the drain and
@@ -24,6 +25,8 @@ from engine_build.errors import ConfigError
 from .errors import KafkaPermanent, kafka_errors
 from .kafka_common import (
     CLIENT_TIMEOUT_MS,
+    CLIENT_TIMEOUT_S,
+    DRAIN_STEP_S,
     TRANSACTION_CALLS_S,
     connecting,
     ensure_output_topics,
@@ -40,7 +43,6 @@ if TYPE_CHECKING:
     from .config import StreamConfig
 
 log = logging.getLogger(__name__)
-_DRAIN_STEP_S = 0.02
 
 
 def _refuse_topic_creation(consumer: Any) -> bool:
@@ -144,7 +146,7 @@ class KafkaSource:
         handler = self._rebalance
         deadline = time.monotonic() + handler.drain_timeout_s
         while not handler.drained(partitions) and time.monotonic() < deadline:
-            await self._loop_sleep(_DRAIN_STEP_S)
+            await self._loop_sleep(DRAIN_STEP_S)
         drained = handler.drained(partitions)
         transactions = handler.transactions
         offsets = {} if transactions is not None else handler.committable(partitions)
@@ -160,9 +162,9 @@ class KafkaSource:
         if offsets:   # awaited for at most the client timeout: a coordinator that never answers ends no wait
             try:
                 future = self._consumer.commit_async(kafka_offsets(offsets))
-                limit = time.monotonic() + CLIENT_TIMEOUT_MS / 1000
+                limit = time.monotonic() + CLIENT_TIMEOUT_S
                 while not future.is_done and time.monotonic() < limit:
-                    await self._loop_sleep(_DRAIN_STEP_S)
+                    await self._loop_sleep(DRAIN_STEP_S)
                 failed = future.exception if future.is_done else f"no answer within {CLIENT_TIMEOUT_MS // 1000} s"
             except KafkaError as exc:
                 failed = exc
@@ -203,7 +205,7 @@ class KafkaSource:
         bound = self._rebalance.drain_timeout_s + 2 * TRANSACTION_CALLS_S + 5
         limit = time.monotonic() + bound
         while worker.is_alive() and time.monotonic() < limit:
-            await self._loop_sleep(_DRAIN_STEP_S)
+            await self._loop_sleep(DRAIN_STEP_S)
         if worker.is_alive():
             return KafkaPermanent(f"{name}: the transaction step did not finish within {bound:g} s; exiting so a "
                                   f"restart makes new clients")

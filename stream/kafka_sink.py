@@ -19,7 +19,7 @@ from .delayed import Delayed
 from .errors import OUTAGE, REFUSED, KafkaPermanent, fenced, kafka_errors, kafka_python_kind
 from .failures import FailureWatch, Refusals
 from .isolation import Entry, Isolation
-from .kafka_common import CLIENT_TIMEOUT_MS, TRANSACTION_CALLS_S, connecting, kafka_offsets
+from .kafka_common import CLIENT_TIMEOUT_S, TRANSACTION_CALLS_S, connecting, kafka_offsets
 from .ports import Partition, Refused
 from .records import Outgoing, fingerprint
 from .transactions import commit_unit
@@ -127,7 +127,7 @@ class KafkaSink:
             if self._probe is None:
                 self._probe = self._new_probe()
             self._probe.send(record.topic, key=record.key, value=record.value,
-                             headers=record.headers).get(timeout=CLIENT_TIMEOUT_MS / 1000 * 6)
+                             headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as exc:
             if retriable(exc):
                 with self._watch_lock:
@@ -246,7 +246,7 @@ class KafkaSink:
                 self._probe.init_transactions()   # aborts what an earlier probe left open
             self._probe.begin_transaction()
             self._probe.send(record.topic, key=record.key, value=record.value,
-                             headers=record.headers).get(timeout=CLIENT_TIMEOUT_MS / 1000 * 6)
+                             headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as failure:
             error = failure
         try:
@@ -265,8 +265,12 @@ class KafkaSink:
 
     def _after_failure(self, record: Outgoing, exc: BaseException, producer: Any) -> None:
         """A broker failure whose record is already queued for an ordered resend: replace a producer
-        it left fatal, say it, count it."""
+        it left fatal, then :meth:`_count_failure`."""
         self._renewed(exc, producer)
+        self._count_failure(record, exc)
+
+    def _count_failure(self, record: Outgoing, exc: BaseException) -> None:
+        """Say a failure whose record is queued for its ordered resend, and count it."""
         with self._watch_lock:
             self._sending.failed(exc)
             self.failing_since = self._sending.since
@@ -313,7 +317,7 @@ class KafkaSink:
         log.debug("publish to %s failed (%s); resending it in order", record.topic, exc)
         # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
         self._isolation.add(order, record, on_ack, on_refused, producer)
-        self._after_failure(record, exc, producer)
+        self._count_failure(record, exc)   # the producer was renewed above where it is fatal
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next.
@@ -414,8 +418,8 @@ class KafkaSink:
         self._delayed.close()
         self._isolation.close()
         if self._probe is not None:
-            close_producer(self._probe, CLIENT_TIMEOUT_MS / 1000)
-        close_producer(self._producer, CLIENT_TIMEOUT_MS / 1000)
+            close_producer(self._probe, CLIENT_TIMEOUT_S)
+        close_producer(self._producer, CLIENT_TIMEOUT_S)
 
     def _isolated_outcome(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
                           exc: BaseException | None) -> Outgoing | None:

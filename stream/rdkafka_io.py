@@ -41,7 +41,8 @@ from .errors import (
 from .failures import FailureWatch, Refusals
 from .isolation import Entry, Isolation
 from .kafka_common import (
-    CLIENT_TIMEOUT_MS,
+    CLIENT_TIMEOUT_S,
+    DRAIN_STEP_S,
     TRANSACTION_CALLS_S,
     connecting,
     ensure_output_topics,
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
     from .config import StreamConfig
 
 log = logging.getLogger(__name__)
-_DRAIN_STEP_S = 0.02
-_CLIENT_TIMEOUT_S = CLIENT_TIMEOUT_MS / 1000
 
 # librdkafka's own log, through logging, critical lines only: at its default level it writes a line for every
 # failed reconnect while the broker is away (the service says that once); errors reach the service as events
@@ -150,7 +149,7 @@ class RdKafkaSource:
         handler = self._rebalance
         deadline = time.monotonic() + handler.drain_timeout_s
         while not handler.drained(revoked) and time.monotonic() < deadline:
-            time.sleep(_DRAIN_STEP_S)   # librdkafka heartbeats on its own thread meanwhile
+            time.sleep(DRAIN_STEP_S)   # librdkafka heartbeats on its own thread meanwhile
         drained = handler.drained(revoked)
         transactions = handler.transactions
         if transactions is not None:   # exactly-once: commit or abort the open transaction (bounded calls)
@@ -200,7 +199,7 @@ class RdKafkaSource:
         if not wanted:
             return
         with kafka_errors("rewinding after an aborted transaction", self._group):
-            for tp in self._consumer.committed(wanted, timeout=_CLIENT_TIMEOUT_S):
+            for tp in self._consumer.committed(wanted, timeout=CLIENT_TIMEOUT_S):
                 start = OFFSET_BEGINNING if self._reset == "earliest" else OFFSET_END
                 self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else start))
 
@@ -283,7 +282,7 @@ class RdKafkaSource:
         """Subscribed input topics the cluster does not have: asked by listing every topic, since
         asking for one topic's metadata makes some brokers (tansu) create it; None when the listing failed."""
         try:
-            existing = self._admin.list_topics(timeout=_CLIENT_TIMEOUT_S).topics
+            existing = self._admin.list_topics(timeout=CLIENT_TIMEOUT_S).topics
         except Exception as exc:   # KafkaException: a timeout, or an ACL refusing the listing while TCP connects
             log.debug("listing the topics: %s", exc)
             return None   # did not look: not "every input topic exists"
@@ -482,7 +481,7 @@ class RdKafkaSink:
             extra = {"headers": record.headers} if record.headers else {}
             self._probe.produce(record.topic, value=record.value, key=record.key,
                                 on_delivery=lambda error, _message: answers.append(error), **extra)
-            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + _CLIENT_TIMEOUT_S)
+            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + CLIENT_TIMEOUT_S)
         except (BufferError, KafkaException, TypeError) as exc:
             return exc
         error = answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
@@ -563,7 +562,7 @@ class RdKafkaSink:
             extra = {"headers": record.headers} if record.headers else {}
             self._probe.produce(record.topic, value=record.value, key=record.key,
                                 on_delivery=lambda failure, _message: answers.append(failure), **extra)
-            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + _CLIENT_TIMEOUT_S)
+            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + CLIENT_TIMEOUT_S)
             error = answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
         except KafkaException as failure:
             error = librdkafka_error(failure) or failure
@@ -661,7 +660,7 @@ class RdKafkaSink:
         return not self.pending_retries() and not len(self._producer)
 
     def close(self) -> None:
-        self.flush(_CLIENT_TIMEOUT_S)
+        self.flush(CLIENT_TIMEOUT_S)
         self._closed = True
         self._delayed.close(timeout=1.0)
         self._isolation.close()

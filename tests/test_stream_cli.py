@@ -302,6 +302,13 @@ def test_children_end_when_their_supervisor_is_killed(tmp_path):
         supervisor.kill()
 
 
+def _sighup_default(argv: list[str]) -> list[str]:
+    """``argv`` run with SIGHUP's default disposition, whatever this test run inherited (a suite started under
+    nohup ignores it, and its children would too)."""
+    return [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+            "os.execv(sys.argv[1], sys.argv[1:])", *argv]
+
+
 def test_a_listener_the_client_cannot_start_a_session_with_is_said_with_what_to_check(small_artifact, tmp_path):
     """A port that accepts TCP but where the Kafka client cannot bootstrap (here: not Kafka at all; in
     production a broker still starting, or a TLS or SASL mismatch) is waited out as an outage, and the line
@@ -339,13 +346,6 @@ def test_a_listener_the_client_cannot_start_a_session_with_is_said_with_what_to_
     assert "accepts connections but the Kafka client cannot start a session there" in text, text[-2000:]
     assert "check --security-protocol" in text, text[-2000:]
     assert code == 0 and "SIGHUP: draining" in text, text[-2000:]
-
-
-def _sighup_default(argv: list[str]) -> list[str]:
-    """``argv`` run with SIGHUP's default disposition, whatever this test run inherited (a suite started under
-    nohup ignores it, and its children would too)."""
-    return [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-            "os.execv(sys.argv[1], sys.argv[1:])", *argv]
 
 
 def test_a_service_started_under_nohup_keeps_ignoring_sighup():
