@@ -589,3 +589,36 @@ def test_closing_while_a_record_is_out_alone_dead_letters_nothing():
     while sink.pending_retries() and time.monotonic() < deadline:   # the resend's outcome, after the close
         time.sleep(0.01)
     assert not sink.pending_retries() and not refused, f"an innocent record refused at close: {refused}"
+
+
+def test_a_record_send_refuses_as_too_large_is_not_publishing_failing():
+    """kafka-python's send() checks a record's size itself: that refusal is the record's fault, resent alone to
+    be refused for good (dead-lettered), not Kafka failing: /readyz stays ready and no retry is counted."""
+    from kafka.errors import MessageSizeTooLargeError
+
+    from stream.kafka_sink import KafkaSink
+    from stream.records import Outgoing
+    log: list = []
+    retries: list = []
+
+    class TooLarge(_StubProducer):
+        def send(self, topic, key=None, value=None, headers=None) -> _StubFuture:
+            if key == b"huge":
+                raise MessageSizeTooLargeError("the record is larger than max_request_size")
+            return super().send(topic, key, value, headers)
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            return TooLarge(log, {"down": False})
+
+        def _new_probe(self):
+            return TooLarge(log, {"down": False})
+
+    sink = Sink("stub:9092", {}, on_retry=lambda: retries.append(1))
+    refused = threading.Event()
+    try:
+        sink.publish(Outgoing("out", b"huge", b"v" * 10, []), lambda: None, lambda exc: refused.set())
+        assert refused.wait(10), "refused for good when sent alone"
+        assert sink.failing_since is None and retries == [], "a record's fault, not publishing failing"
+    finally:
+        sink.close()
