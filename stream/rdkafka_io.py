@@ -98,8 +98,11 @@ def consumer_settings(cfg: StreamConfig, assignment_strategy: str = "range") -> 
         "client.id": f"sentiment-stream-{cfg.group_id}",
         "enable.auto.commit": False, "enable.auto.offset.store": False,
         "auto.offset.reset": cfg.auto_offset_reset, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
-        # what librdkafka prefetches while backpressure holds the loop (64 MB by default): within the byte budget
+        # what librdkafka prefetches while backpressure holds the loop (64 MB by default), and one fetch (50 MB): a
+        # sixteenth of the byte budget each, as kafka-python's fetch. A fetch that finds the queue below its limit
+        # may still add a record per partition past it (the first record of a partition always comes whole).
         "queued.max.messages.kbytes": fetch_bytes(cfg.max_in_flight_bytes) // 1024,
+        "fetch.max.bytes": fetch_bytes(cfg.max_in_flight_bytes),
         "fetch.queue.backoff.ms": FULL_QUEUE_RECHECK_MS,
         "session.timeout.ms": cfg.session_timeout_ms,
         "heartbeat.interval.ms": max(100, cfg.session_timeout_ms // 4),
@@ -140,6 +143,9 @@ class RdKafkaSource:
             consumer.assign(partitions)
         if self._paused and partitions:   # backpressure holds for partitions that arrive while paused
             consumer.pause(partitions)
+        elif partitions:   # librdkafka keeps a partition's pause through a revocation and a later assignment:
+            # one paused before an eager rebalance, resumed while the assignment was empty, came back paused
+            consumer.resume(partitions)
 
     def _revoke(self, consumer: Any, partitions: Any) -> None:
         """Drain the revoked partitions' work (up to the drain timeout), commit it, release them."""

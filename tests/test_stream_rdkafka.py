@@ -102,6 +102,7 @@ def test_a_full_prefetch_queue_is_looked_at_again_within_10_ms_not_a_second(tmp_
         settings = rdkafka_io.consumer_settings(cfg)
         assert settings["fetch.queue.backoff.ms"] == 10 and settings["fetch.wait.max.ms"] == wait
     assert settings["queued.max.messages.kbytes"] * 1024 <= cfg.max_in_flight_bytes, "within the byte budget"
+    assert settings["fetch.max.bytes"] <= cfg.max_in_flight_bytes // 8, "one fetch a small share of it too"
     Consumer(settings).close()
 
 
@@ -176,6 +177,45 @@ def test_source_reads_in_partition_order_pauses_commits_what_it_is_given_and_kno
         source.close()
     from .kafka_helpers import committed
     assert committed(kafka_broker.bootstrap, t["group"], t["input"]) in ({0: 1, 1: None}, {0: 1})
+
+
+@pytest.mark.kafka
+def test_partitions_paused_before_a_rebalance_are_consumed_again_when_they_come_back(kafka_broker, tmp_path):
+    """librdkafka keeps a partition's pause through an eager revocation and the next assignment. The service
+    resumes once its in-flight work drains, which a revocation does: between the revocation and the next
+    assignment the assignment is empty, the resume reached no partition, and the partitions came back
+    paused for good (the member consumed nothing more, with nothing in flight to call it stuck)."""
+    from confluent_kafka import Consumer
+
+    from stream.rdkafka_io import HOLD_BEFORE_PAUSE_S
+    t = names(kafka_broker, partitions=2)
+    produce(kafka_broker.bootstrap, t["input"], [(str(i).encode(), b"v") for i in range(400)])
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"], t["dlq"], tmp_path, group_id=t["group"],
+                       session_timeout_ms=SESSION_MS, kafka_client="librdkafka")
+    handler = Handler()
+    handler.done.set()   # nothing in flight: each revocation drains at once
+    source = rdkafka_io.RdKafkaSource(cfg, handler)
+    other = Consumer({**rdkafka_io.consumer_settings(cfg), "client.id": "other"})
+    try:
+        _poll_until(source, lambda got: len(got) >= 10)
+        source.pause_all()
+        source._held_since = time.monotonic() - HOLD_BEFORE_PAUSE_S   # held that long already: pause for real
+        assert source.poll(0.1, 100) == []
+        other.subscribe([t["input"]])   # a member joins: every partition is revoked, then shared out
+        resumed, deadline = False, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            other.poll(0.05)
+            assert source.poll(0.05, 100) == [] or resumed, "paused: it serves the rebalance, takes nothing"
+            if not resumed and any(e[0] == "released" for e in handler.events):
+                source.resume_all()   # drained: the service resumes now, with nothing assigned
+                resumed = True
+            if resumed and handler.events[-1][0] == "assigned" and handler.events[-1][1]:
+                break
+        assert resumed and handler.events[-1][0] == "assigned", handler.events
+        _poll_until(source, lambda got: len(got) >= 1, timeout=30)
+    finally:
+        other.close()
+        source.close()
 
 
 @pytest.mark.kafka
