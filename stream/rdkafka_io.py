@@ -366,6 +366,7 @@ class RdKafkaSink:
         self._refusals = Refusals()
         self.failing_since: float | None = None
         self._probe: Any = None   # made at the first failed delivery: transactional exactly once
+        self._retired: dict[Any, float] = {}   # replaced producers, by when: their reports are still served
         self._transactional_id = transactional_id
         # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
         # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
@@ -382,9 +383,18 @@ class RdKafkaSink:
         return Producer(self._settings)
 
     def _serve(self) -> None:
-        """Serve delivery reports (they call ``on_ack``) until closed."""
+        """Serve delivery reports (they call ``on_ack``) until closed: the producer's, and those of producers
+        it replaced for as long as they hold records (a record can still be handed to one that was just
+        replaced, and its report is what settles it), at least ``message.timeout.ms`` and a margin."""
         while not self._closed:
             self._producer.poll(0.05)
+            with self._lock:
+                retired = list(self._retired.items())
+            for old, since in retired:
+                old.poll(0)
+                if len(old) == 0 and time.monotonic() - since > self._settings["message.timeout.ms"] / 1000 + 5:
+                    with self._lock:
+                        self._retired.pop(old, None)
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
                 order: int | None = None) -> None:
@@ -597,7 +607,7 @@ class RdKafkaSink:
             except KafkaException as exc:   # the retry will find the old one and try again
                 log.warning("making a new producer failed (%s); will retry", exc)
                 return
-        threading.Thread(target=producer.flush, args=(30.0,), name="old-producer-flush", daemon=True).start()
+            self._retired[producer] = time.monotonic()   # served by _serve while it holds records
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the

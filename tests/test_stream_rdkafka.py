@@ -323,6 +323,9 @@ class _RefusingProducer:
             report(KafkaError(self._code), None)
         return len(reports) or self._real.poll(timeout)
 
+    def __len__(self) -> int:
+        return len(self._reports) + len(self._real)   # type: ignore[arg-type]
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
 
