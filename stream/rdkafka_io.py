@@ -387,14 +387,18 @@ class RdKafkaSink:
         it replaced for as long as they hold records (a record can still be handed to one that was just
         replaced, and its report is what settles it), at least ``message.timeout.ms`` and a margin."""
         while not self._closed:
-            self._producer.poll(0.05)
             with self._lock:
                 retired = list(self._retired.items())
-            for old, since in retired:
-                old.poll(0)
-                if len(old) == 0 and time.monotonic() - since > self._settings["message.timeout.ms"] / 1000 + 5:
+            for producer, since in [(self._producer, None), *retired]:
+                try:   # poll raises what a delivery callback raised: said, and the thread goes on serving
+                    producer.poll(0.05 if since is None else 0)
+                except Exception:
+                    log.exception("serving the producer's delivery reports")
+                    time.sleep(0.05)   # never spin on an error that repeats
+                if since is not None and len(producer) == 0 and \
+                        time.monotonic() - since > self._settings["message.timeout.ms"] / 1000 + 5:
                     with self._lock:
-                        self._retired.pop(old, None)
+                        self._retired.pop(producer, None)
 
     def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
                 order: int | None = None) -> None:

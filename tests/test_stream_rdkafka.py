@@ -180,6 +180,26 @@ def test_source_reads_in_partition_order_pauses_commits_what_it_is_given_and_kno
 
 
 @pytest.mark.kafka
+def test_a_delivery_callback_that_raises_does_not_stop_the_reports_after_it(kafka_broker):
+    """confluent-kafka's poll raises what a delivery callback raised; the thread serving the reports said it
+    and went on: before, it ended, and no later record was ever acknowledged."""
+    t = names(kafka_broker, partitions=1)
+    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {})
+    acked = threading.Semaphore(0)
+
+    def boom() -> None:
+        raise RuntimeError("a bug in what runs on an acknowledgement")
+    try:
+        sink.publish(Outgoing(t["output"], b"0", b"v", []), boom)
+        for i in range(1, 4):
+            sink.publish(Outgoing(t["output"], str(i).encode(), b"v", []), acked.release)
+        for _ in range(3):
+            assert acked.acquire(timeout=30), "every later record acknowledged"
+    finally:
+        sink.close()
+
+
+@pytest.mark.kafka
 def test_partitions_paused_before_a_rebalance_are_consumed_again_when_they_come_back(kafka_broker, tmp_path):
     """librdkafka keeps a partition's pause through an eager revocation and the next assignment. The service
     resumes once its in-flight work drains, which a revocation does: between the revocation and the next
