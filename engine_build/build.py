@@ -11,8 +11,8 @@ import os
 import platform
 import resource
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -292,8 +292,10 @@ def run_build(cfg: BuildConfig, quantize: Quantize = quantize_variants) -> Manif
     started = time.perf_counter()
     calibration, validation = check_inputs(cfg)
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.building-", dir=cfg.output.parent))
+    # named before it is made, so that an interrupt (SIGTERM) at any point after this line leaves no folder
+    staging = cfg.output.parent / f".{cfg.output.name}.building-{uuid.uuid4().hex[:8]}"
     try:
+        staging.mkdir(mode=0o700)
         manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started, quantize)
         _publish(staging, cfg.output)
     finally:
