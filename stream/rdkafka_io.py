@@ -313,7 +313,7 @@ def _retriable(error: Any) -> bool:
     return found is not None and librdkafka_kind(found) in (OUTAGE, TRANSIENT)
 
 
-def _refused(error: Any) -> bool:
+def _is_refusal(error: Any) -> bool:
     found = librdkafka_error(error)
     return found is not None and librdkafka_kind(found) == REFUSED
 
@@ -482,7 +482,7 @@ class RdKafkaSink:
         with self._lock:
             self._sending.failed(exc)
             self.failing_since = self._sending.since
-        if _refused(error):
+        if _is_refusal(error):
             log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
                         "time, to find the record refused for good", record.topic, exc)
         self._on_retry()
@@ -590,7 +590,7 @@ class RdKafkaSink:
             self._probe.abort_transaction(TRANSACTION_CALLS_S)
         except Exception:   # left unusable by the refusal: the next probe starts afresh (and aborts this one)
             self._probe = None
-        if error is not None and _refused(error):
+        if error is not None and _is_refusal(error):
             log.warning("broker refuses a record for %s for good (%s); its input will be dead-lettered when "
                         "the unit is redone", record.topic, error)
             self._refused[fingerprint(record)] = _exception(error)
