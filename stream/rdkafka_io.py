@@ -62,6 +62,17 @@ log = logging.getLogger(__name__)
 # librdkafka's own log, through logging, critical lines only: at its default level it writes a line for every
 # failed reconnect while the broker is away (the service says that once); errors reach the service as events
 _QUIET: dict[str, Any] = {"logger": logging.getLogger("stream.librdkafka"), "log_level": 2}
+
+
+def _not_gapless_fatal(record: logging.LogRecord) -> bool:
+    """librdkafka logs the fatal error that keeps its gapless guarantee as an emergency; to the sink it is a
+    refused batch, which it says itself (a warning), so it is left out here."""
+    return "Gap-less ordering would not be guaranteed" not in record.getMessage()
+
+
+_QUIET["logger"].addFilter(_not_gapless_fatal)
+
+
 def client_settings(cfg: StreamConfig) -> dict[str, Any]:
     """librdkafka's names for the TLS/SASL settings of ``cfg`` (only those that are set)."""
     options = {"security.protocol": cfg.security_protocol.lower(), "ssl.ca.location": cfg.ssl_cafile,
@@ -339,14 +350,20 @@ class RdKafkaSink:
     while it retries on its own, but a record whose delivery fails (refused, or given up on after
     ``message.timeout.ms``) goes to one queue kept in hand-over order (:mod:`.isolation`), is resent
     alone on a producer of its own (not idempotent: a refusal fails that record only, where a batch's
-    refusal fails every record in it), and every later record waits behind it. Exactly once a failed
-    delivery dooms the open transaction instead."""
+    refusal fails every record in it), and every later record waits behind it. That needs every batch
+    behind a refused one to fail too: with ``enable.gapless.guarantee`` the refusal turns the producer
+    fatal, its queue is purged, and the broker refuses what was in flight behind it out of sequence (the
+    replaced producer's queue is purged again as such batches come back for a retry). Exactly once a
+    failed delivery dooms the open transaction instead."""
 
     def __init__(self, bootstrap: str, settings: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
                  linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
                  transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
+        # At least once, a batch the broker refuses turns the producer fatal and fails every batch behind it
+        # (gapless), as kafka-python's does: by default librdkafka would bump its epoch and send the later
+        # batches on, acknowledged before the refused batch's innocent records are resent alone (out of order)
         extra = ({"transactional.id": transactional_id, "transaction.timeout.ms": transaction_timeout_ms}
-                 if transactional_id else {})
+                 if transactional_id else {"enable.gapless.guarantee": True})
         self._settings = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
                           "linger.ms": linger_ms, "message.max.bytes": max_request_size,
                           "compression.type": compression_type or "none", "message.timeout.ms": 30_000,
@@ -391,8 +408,16 @@ class RdKafkaSink:
                 retired = list(self._retired.items())
             for producer, since in [(self._producer, None), *retired]:
                 try:   # poll raises what a delivery callback raised: said, and the thread goes on serving
+                    if since is not None:   # it sends nothing more: what comes back to its queue (a batch
+                        # behind a refused one, answered out of order and queued for a retry) fails now, to
+                        # be resent in order, not after message.timeout.ms
+                        producer.purge(in_queue=True, in_flight=False, blocking=False)
                     producer.poll(0.05 if since is None else 0)
-                except Exception:
+                except Exception as exc:
+                    error = librdkafka_error(exc)
+                    if error is not None and error.fatal():   # raised once, where the error event was served
+                        self._delayed.later(0.0, partial(self._renew, producer, error))
+                        continue
                     log.exception("serving the producer's delivery reports")
                     time.sleep(0.05)   # never spin on an error that repeats
                 if since is not None and len(producer) == 0 and \
@@ -475,9 +500,10 @@ class RdKafkaSink:
         """A failed delivery whose record is queued for its ordered resend: replace a producer it left unable
         to send, say it, count it."""
         exc = _exception(error)
-        if _producers_fault(error, exc) or (_timed_out(error) and reachable(self._bootstrap)):
-            # timed out while the broker answers: after a broker restart that lost its state (a new in-memory
-            # broker) the idempotent producer can wait for ever on its old producer id; a new one starts afresh
+        # a refused batch left the producer fatal (gapless); so can a timeout while the broker answers: after a
+        # broker restart that lost its state (a new in-memory broker) the idempotent producer can wait for ever
+        # on its old producer id; a new producer starts afresh
+        if _producers_fault(error, exc) or _is_refusal(error) or (_timed_out(error) and reachable(self._bootstrap)):
             self._renew(producer, error)
         with self._lock:
             self._sending.failed(exc)
@@ -497,6 +523,7 @@ class RdKafkaSink:
         try:
             if self._probe is None:
                 self._probe = Producer({**self._settings, "enable.idempotence": False,
+                                        "enable.gapless.guarantee": False,   # it needs idempotence
                                         "max.in.flight.requests.per.connection": 1, "linger.ms": 0})
             extra = {"headers": record.headers} if record.headers else {}
             self._probe.produce(record.topic, value=record.value, key=record.key,
