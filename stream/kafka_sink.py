@@ -7,7 +7,6 @@ own, through :func:`.errors.kafka_errors`.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -15,13 +14,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .delayed import Delayed
 from .errors import OUTAGE, REFUSED, KafkaPermanent, fenced, kafka_errors, kafka_python_kind
-from .failures import FailureWatch, Refusals
-from .isolation import Entry, Isolation
+from .failures import Refusals
 from .kafka_common import CLIENT_TIMEOUT_S, TRANSACTION_CALLS_S, connecting, kafka_offsets
 from .ports import Partition, Refused
-from .records import Outgoing, fingerprint
+from .records import Outgoing
+from .sink_base import SinkBase
 from .transactions import commit_unit
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,7 @@ def refused_for_good(exc: BaseException) -> bool:
     return kafka_python_kind(exc) == REFUSED and _async(exc)
 
 
-class KafkaSink:
+class KafkaSink(SinkBase):
     """acks=all producer. A send that fails with a retriable Kafka error is retried with backoff until
     acknowledged or closed; any other error refuses the record: its ``on_refused`` runs (the pipeline
     dead-letters the input), and a refused record without one (a dead letter) sets :attr:`failure`.
@@ -86,27 +84,10 @@ class KafkaSink:
             if transactional_id:
                 self._producer.init_transactions()   # aborts what a predecessor with this id left open
                 self._producer.begin_transaction()
+        super().__init__(on_retry, transactional_id)
         self._renew_lock = threading.Lock()
-        self.transactional = bool(transactional_id)
         self._calls_s = transaction_calls_s   # each commit point's transaction calls together, and an abort
-        self._doomed: BaseException | None = None   # a send failed inside the open transaction
-        self._on_retry = on_retry
-        # retries, and failure handling moved off the producer's IO thread
-        self._delayed = Delayed("publish-retry")
-        self._closed = False
-        self._watch_lock = threading.Lock()
-        self._sending = FailureWatch("publishing to Kafka")
-        self._refusals = Refusals()
-        self.failing_since: float | None = None
         self._delayed.start()
-        self._probe: Any = None   # made at the first refusal
-        # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
-        # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
-        self._refused: dict[bytes, BaseException] = {}
-        self._transactional_id = transactional_id
-        self._isolation = Isolation(self._send_alone, lambda exc: not retriable(exc), self._isolated_outcome,
-                                    self._released, self._current_producer)
-        self._handed = itertools.count()   # each record's hand-over number: the isolation's order
 
     def _new_producer(self) -> Any:
         from kafka import KafkaProducer
@@ -130,11 +111,19 @@ class KafkaSink:
                              headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as exc:
             if retriable(exc):
-                with self._watch_lock:
-                    self._sending.failed(exc)
-                    self.failing_since = self._sending.since
+                self._failing(exc)
             return exc
         return None
+
+    def _retriable(self, exc: BaseException) -> bool:
+        return retriable(exc)
+
+    def _refused_for_good(self, exc: BaseException) -> bool:
+        return refused_for_good(exc)
+
+    def _too_large(self, exc: BaseException) -> bool:
+        from kafka.errors import MessageSizeTooLargeError
+        return isinstance(exc, MessageSizeTooLargeError)
 
     def _renewed(self, exc: BaseException, producer: Any) -> bool:
         """After a broker restart kafka-python's idempotent producer can be left in a fatal state
@@ -166,29 +155,12 @@ class KafkaSink:
         threading.Thread(target=close_producer, args=(producer, 30.0), name="old-producer-close",
                          daemon=True).start()
 
-    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
-                order: int | None = None) -> None:
-        """``order``: the hand-over number of the record this one stands in for (a value-less fallback);
-        None for a record handed over now."""
-        if self._refused and fingerprint(record) in self._refused:   # exactly once: known to be refused
-            self._refuse(record, on_refused, self._refused[fingerprint(record)])
-            return
-        order = next(self._handed) if order is None else order
-        producer = self._producer
-        if not self.transactional and self._isolation.take(order, record, on_ack, on_refused, producer):
-            return   # records isolated after a failure go first: this one waits its turn behind them
-        self._send(order, record, on_ack, on_refused, producer)
-
     def _current_producer(self) -> Any:
         """The producer records go to now: a new one where a failure left it fatal and the replacement has not
         happened yet (it would only fail them again)."""
         if _fatal(self._producer):
             self._replace(self._producer, "it failed the records waiting to be sent")
         return self._producer
-
-    def _released(self, entry: Entry, producer: Any) -> None:
-        """A record that waited behind isolated ones, handed back to ``producer`` (counted against it)."""
-        self._send(entry.order, entry.record, entry.on_ack, entry.on_refused, producer)
 
     def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
               producer: Any) -> None:
@@ -199,10 +171,7 @@ class KafkaSink:
         def ok(_metadata: Any) -> None:
             if counted:
                 self._isolation.answered(producer)
-            self._sends_ok()
-            if on_refused is not None:
-                self._refusals.ok()
-            on_ack()
+            self._acknowledged(on_ack, on_refused)
 
         def resend_in_place(exc: BaseException) -> None:
             """Queued at once, in its hand-over place, and nothing is sent until this producer's other records
@@ -231,13 +200,8 @@ class KafkaSink:
         future.add_callback(ok)
         future.add_errback(failed)
 
-    def _probe_in_transaction(self, record: Outgoing, exc: BaseException) -> None:
-        """Exactly once: send a record that failed with a refusal alone, in a transaction of its own that
-        is then aborted (a read_committed reader never sees it). Refused alone, it is remembered; the
-        records that merely shared its fate are redone with the unit."""
+    def _transact_alone(self, record: Outgoing) -> BaseException | None:
         from kafka import KafkaProducer
-        if fingerprint(record) in self._refused or self._closed:
-            return
         settings = {**self._settings, "transactional_id": f"{self._transactional_id}-probe", "linger_ms": 0}
         error: BaseException | None = None
         try:
@@ -255,13 +219,7 @@ class KafkaSink:
             probe, self._probe = self._probe, None
             if probe is not None:
                 threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
-        if error is not None and refused_for_good(error):
-            log.warning("broker refuses a record for %s for good (%s); its input will be dead-lettered when "
-                        "the unit is redone", record.topic, error)
-            self._refused[fingerprint(record)] = error
-        else:
-            log.info("a record for %s that failed with %s is accepted alone; it is redone with its unit",
-                     record.topic, exc)
+        return error
 
     def _after_failure(self, record: Outgoing, exc: BaseException, producer: Any) -> None:
         """A broker failure whose record is already queued for an ordered resend: replace a producer
@@ -269,27 +227,15 @@ class KafkaSink:
         self._renewed(exc, producer)
         self._count_failure(record, exc)
 
-    def _count_failure(self, record: Outgoing, exc: BaseException) -> None:
-        """Say a failure whose record is queued for its ordered resend, and count it."""
-        with self._watch_lock:
-            self._sending.failed(exc)
-            self.failing_since = self._sending.since
-        if refused_for_good(exc):
-            log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
-                        "time, to find the record refused for good", record.topic, exc)
-        self._on_retry()
-
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, order: int,
                 exc: BaseException, producer: Any) -> None:
         """A send that failed (at least once: counted against ``producer``, each branch settling it)."""
-        from kafka.errors import MessageSizeTooLargeError
         counted = not self.transactional
-        if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
-            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
-                        len(record.value or b""), record.topic)
+        instead = self._fallback(record, exc)
+        if instead is not None:
             if counted:
                 self._isolation.answered(producer)
-            self.publish(record.fallback, on_ack, on_refused, order)
+            self.publish(instead, on_ack, on_refused, order)
             return
         if counted and refused_for_good(exc):   # raised by send() itself: a record fault, not publishing failing
             self._renewed(exc, producer)
@@ -306,13 +252,7 @@ class KafkaSink:
             self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
             return
         if self.transactional:
-            # The open transaction cannot commit now; it will be aborted and this unit redone.
-            if refused_for_good(exc):   # find out, off this transaction, whether this record is the refused one
-                self._delayed.later(0.0, lambda: self._probe_in_transaction(record, exc))
-            with self._watch_lock:
-                self._sending.failed(exc)
-                self._doomed = exc if fenced(exc) else self._doomed or exc   # a fencing is the one to say
-            on_ack()
+            self._doom(record, on_ack, exc, exc, probe=refused_for_good(exc))
             return
         log.debug("publish to %s failed (%s); resending it in order", record.topic, exc)
         # in the ordered queue, not after a delay of its own: a later record sent meanwhile would overtake it
@@ -334,12 +274,6 @@ class KafkaSink:
             commit_unit(self._doomed, commit, self._sends_ok, self.abort_transaction, KafkaError,
                         self._fenced_check)
         self._begin()
-
-    def _sends_ok(self) -> None:
-        """A record acknowledged or a transaction committed: publishing is not failing (any more)."""
-        with self._watch_lock:
-            self._sending.ok()
-            self.failing_since = None
 
     def _bounded(self, what: str, limit: float, call: Callable[[], Any]) -> None:
         """Run a transaction call that kafka-python lets wait on the coordinator without a bound on its
@@ -389,16 +323,6 @@ class KafkaSink:
             raise KafkaPermanent(f"this member's producer was fenced ({type(exc).__name__}): another member "
                                  f"took over its transactional id; stopping") from exc
 
-    @property
-    def failure(self) -> KafkaPermanent | None:
-        return self._refusals.failure
-
-    def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
-        self._refusals.refuse(record.topic, on_refused, exc, self._closed)
-
-    def pending_retries(self) -> int:
-        return self._delayed.pending() + self._isolation.waiting()
-
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         self._flush_producer(timeout)
@@ -420,27 +344,6 @@ class KafkaSink:
         if self._probe is not None:
             close_producer(self._probe, CLIENT_TIMEOUT_S)
         close_producer(self._producer, CLIENT_TIMEOUT_S)
-
-    def _isolated_outcome(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
-                          exc: BaseException | None) -> Outgoing | None:
-        """What a record sent alone came to: acknowledged, or refused for good (its own fault). Once the sink is
-        closing, a failure is only that (closing its producer fails what it holds): the record stays
-        unacknowledged, its input redelivered after the restart, not dead-lettered."""
-        if exc is not None and self._closed:
-            return None
-        if exc is None:
-            self._sends_ok()
-            on_ack()
-            return None
-        from kafka.errors import MessageSizeTooLargeError
-        if record.fallback is not None and isinstance(exc, MessageSizeTooLargeError):
-            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
-                        len(record.value or b""), record.topic)
-            return record.fallback
-        if not Refusals.stops(exc):   # that one stops the member, saying so itself
-            log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
-        self._refuse(record, on_refused, exc)
-        return None
 
 
 def close_producer(producer: Any, timeout: float) -> bool:

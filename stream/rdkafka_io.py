@@ -14,7 +14,6 @@ reach the service while the poll thread drains.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import ConfigError
 
-from .delayed import Delayed
 from .errors import (
     OUTAGE,
     PERMANENT,
@@ -38,8 +36,7 @@ from .errors import (
     librdkafka_kind,
     librdkafka_name,
 )
-from .failures import FailureWatch, Refusals
-from .isolation import Entry, Isolation
+from .failures import Refusals
 from .kafka_common import (
     CLIENT_TIMEOUT_S,
     DRAIN_STEP_S,
@@ -51,7 +48,8 @@ from .kafka_common import (
     reachable,
 )
 from .ports import Partition, RebalanceHandler, Refused, show
-from .records import Message, Outgoing, fingerprint
+from .records import Message, Outgoing
+from .sink_base import SinkBase
 from .transactions import commit_unit
 
 if TYPE_CHECKING:
@@ -341,7 +339,7 @@ def _producers_fault(error: Any, exc: BaseException) -> bool:
     return found is not None and librdkafka_kind(found) == PERMANENT and (found.fatal() or fenced(exc))
 
 
-class RdKafkaSink:
+class RdKafkaSink(SinkBase):
     """Idempotent acks=all producer with delivery reports. A refusal (:data:`REFUSED`) runs ``on_refused``
     (the pipeline dead-letters the input), and a refused record without one (a dead letter) sets
     :attr:`failure`. A fatal idempotence error replaces the producer.
@@ -368,29 +366,15 @@ class RdKafkaSink:
                           "linger.ms": linger_ms, "message.max.bytes": max_request_size,
                           "compression.type": compression_type or "none", "message.timeout.ms": 30_000,
                           **_QUIET, **extra, **settings}
-        self.transactional, self._bootstrap = bool(transactional_id), bootstrap
-        self._doomed: Any = None   # a send failed inside the open transaction
+        self._bootstrap = bootstrap
         with connecting(bootstrap):
             self._producer = self._new_producer()
             if transactional_id:   # aborts what a predecessor with this id left open
                 self._producer.init_transactions(TRANSACTION_CALLS_S)
                 self._producer.begin_transaction()
-        self._on_retry = on_retry
-        self._lock = threading.Lock()
-        self._delayed = Delayed("publish-retry")   # retries, and failure handling off the producer-poll thread
-        self._closed = False
-        self._sending = FailureWatch("publishing to Kafka")
-        self._refusals = Refusals()
-        self.failing_since: float | None = None
-        self._probe: Any = None   # made at the first failed delivery: transactional exactly once
+        super().__init__(on_retry, transactional_id)
+        self._lock = threading.Lock()   # the producer's replacement, and the replaced ones still served
         self._retired: dict[Any, float] = {}   # replaced producers, by when: their reports are still served
-        self._transactional_id = transactional_id
-        # exactly once: records a broker refused when sent alone (in a probe transaction, aborted), by
-        # fingerprint; when the unit is redone they are refused at once and their inputs dead-lettered
-        self._refused: dict[bytes, BaseException] = {}
-        self._isolation = Isolation(self._send_alone, lambda exc: not _retriable(exc), self._isolated_outcome,
-                                    self._released, lambda: self._producer)
-        self._handed = itertools.count()   # each record's hand-over number: the isolation's order
         self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
         self._poll_thread.start()
         self._delayed.start()
@@ -425,23 +409,6 @@ class RdKafkaSink:
                     with self._lock:
                         self._retired.pop(producer, None)
 
-    def publish(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None = None,
-                order: int | None = None) -> None:
-        """``order``: the hand-over number of the record this one stands in for (a value-less fallback);
-        None for a record handed over now."""
-        if self._refused and fingerprint(record) in self._refused:   # exactly once: known to be refused
-            self._refuse(record, on_refused, self._refused[fingerprint(record)])
-            return
-        order = next(self._handed) if order is None else order
-        producer = self._producer
-        if not self.transactional and self._isolation.take(order, record, on_ack, on_refused, producer):
-            return   # records queued after a failure go first: this one waits its turn behind them
-        self._send(order, record, on_ack, on_refused, producer)
-
-    def _released(self, entry: Entry, producer: Any) -> None:
-        """A record that waited behind failed ones, handed back to ``producer`` (counted against it)."""
-        self._send(entry.order, entry.record, entry.on_ack, entry.on_refused, producer)
-
     def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
               producer: Any) -> None:
         """Produce on ``producer``; at least once the record is already counted against it
@@ -452,10 +419,7 @@ class RdKafkaSink:
             if error is None:
                 if counted:
                     self._isolation.answered(producer)
-                self._sends_ok()
-                if on_refused is not None:
-                    self._refusals.ok()
-                on_ack()
+                self._acknowledged(on_ack, on_refused)
             elif counted:
                 self._requeue(order, record, on_ack, on_refused, error, producer)
             else:
@@ -505,13 +469,7 @@ class RdKafkaSink:
         # on its old producer id; a new producer starts afresh
         if _producers_fault(error, exc) or _is_refusal(error) or (_timed_out(error) and reachable(self._bootstrap)):
             self._renew(producer, error)
-        with self._lock:
-            self._sending.failed(exc)
-            self.failing_since = self._sending.since
-        if _is_refusal(error):
-            log.warning("broker refused a record for %s (%s): resending it and what failed with it one at a "
-                        "time, to find the record refused for good", record.topic, exc)
-        self._on_retry()
+        self._count_failure(record, exc)
 
     def _send_alone(self, record: Outgoing) -> BaseException | None:
         """Send one record on a producer of its own and wait for the broker (bounded); the error or None. Not
@@ -535,33 +493,18 @@ class RdKafkaSink:
         if error is None:
             return None
         if _retriable(error):
-            with self._lock:
-                self._sending.failed(_exception(error))
-                self.failing_since = self._sending.since
+            self._failing(_exception(error))
         return _exception(error)
 
-    def _isolated_outcome(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
-                          exc: BaseException | None) -> Outgoing | None:
-        """What a record sent alone came to: acknowledged, or refused for good (its own fault). Once the sink is
-        closing, a failure is only that: the record stays unacknowledged, its input redelivered after the
-        restart, not dead-lettered."""
-        if exc is not None and self._closed:
-            return None
-        if exc is None:
-            self._sends_ok()
-            if on_refused is not None:
-                self._refusals.ok()
-            on_ack()
-            return None
+    def _retriable(self, exc: BaseException) -> bool:
+        return _retriable(exc)
+
+    def _refused_for_good(self, exc: BaseException) -> bool:
+        return _is_refusal(exc)
+
+    def _too_large(self, exc: BaseException) -> bool:
         error = librdkafka_error(exc)
-        if record.fallback is not None and error is not None and librdkafka_name(error) == "MSG_SIZE_TOO_LARGE":
-            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
-                        len(record.value or b""), record.topic)
-            return record.fallback
-        if not Refusals.stops(exc):   # that one stops the member, saying so itself
-            log.warning("broker refused a record for %s for good (%s)", record.topic, exc)
-        self._refuse(record, on_refused, exc)
-        return None
+        return error is not None and librdkafka_name(error) == "MSG_SIZE_TOO_LARGE"
 
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, error: Any,
                 order: int, reported: bool = False) -> None:
@@ -576,28 +519,16 @@ class RdKafkaSink:
         if self.transactional and (reported or not refused):
             # Any failed delivery makes librdkafka's open transaction abortable: it will be aborted and this
             # unit redone. A record produce() refused at once never entered it and is refused below.
-            if reported and refused:   # find out, off this transaction, whether this record is the refused one
-                self._delayed.later(0.0, lambda: self._probe_in_transaction(record, exc))
-            with self._lock:
-                self._sending.failed(exc)
-                self._doomed = error if fenced(exc) else self._doomed or error   # a fencing is the one to say
-            on_ack()
+            self._doom(record, on_ack, exc, error, probe=reported and refused)
             return
-        if record.fallback is not None and isinstance(error, KafkaError) and \
-                librdkafka_name(error) == "MSG_SIZE_TOO_LARGE":
-            log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
-                        len(record.value or b""), record.topic)
-            self.publish(record.fallback, on_ack, on_refused, order)
+        instead = self._fallback(record, exc)
+        if instead is not None:
+            self.publish(instead, on_ack, on_refused, order)
             return
         self._refuse(record, on_refused, exc)
 
-    def _probe_in_transaction(self, record: Outgoing, exc: BaseException) -> None:
-        """Exactly once: send a record that failed with a refusal alone, in a transaction of its own that is
-        then aborted (a read_committed reader never sees it). Refused alone, it is remembered; the records
-        that merely shared its fate (a refusal fails its whole batch) are redone with the unit."""
+    def _transact_alone(self, record: Outgoing) -> BaseException | None:
         from confluent_kafka import KafkaError, KafkaException, Producer
-        if fingerprint(record) in self._refused or self._closed:
-            return
         answers: list[Any] = []
         error: Any = None
         try:
@@ -617,13 +548,7 @@ class RdKafkaSink:
             self._probe.abort_transaction(TRANSACTION_CALLS_S)
         except Exception:   # left unusable by the refusal: the next probe starts afresh (and aborts this one)
             self._probe = None
-        if error is not None and _is_refusal(error):
-            log.warning("broker refuses a record for %s for good (%s); its input will be dead-lettered when "
-                        "the unit is redone", record.topic, error)
-            self._refused[fingerprint(record)] = _exception(error)
-        else:
-            log.info("a record for %s that failed with %s is accepted alone; it is redone with its unit",
-                     record.topic, exc)
+        return None if error is None else _exception(error)
 
     def _renew(self, producer: Any, error: Any) -> None:
         """Replace a producer in librdkafka's fatal state (every later send would fail); its records fail as
@@ -654,12 +579,6 @@ class RdKafkaSink:
                         lambda exc: self._fatal_check(exc, "committing the transaction"))
         self._begin()
 
-    def _sends_ok(self) -> None:
-        """A record delivered or a transaction committed: publishing is not failing (any more)."""
-        with self._lock:
-            self._sending.ok()
-            self.failing_since = None
-
     def abort_transaction(self) -> None:
         from confluent_kafka import KafkaException
         try:
@@ -687,16 +606,6 @@ class RdKafkaSink:
         if error is not None and (error.fatal() or librdkafka_kind(error) == PERMANENT):
             raise KafkaPermanent(f"{what}: {error.name()}: {error.str()}: this member's producer can send no more "
                                  f"(fenced when another member took over its transactional id); stopping") from exc
-
-    @property
-    def failure(self) -> KafkaPermanent | None:
-        return self._refusals.failure
-
-    def _refuse(self, record: Outgoing, on_refused: Refused | None, exc: BaseException) -> None:
-        self._refusals.refuse(record.topic, on_refused, exc, self._closed)
-
-    def pending_retries(self) -> int:
-        return self._delayed.pending() + self._isolation.waiting()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
