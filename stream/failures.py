@@ -108,10 +108,15 @@ class Refusals:
                 self._watch.failed(exc)
             on_refused(exc)
             return
+        self.stop(topic, exc, dead_letter=on_refused is None, closed=closed)
+
+    def stop(self, topic: str, exc: BaseException, dead_letter: bool = False, closed: bool = False) -> None:
+        """Stop the member (:attr:`failure`, said once): ``exc`` refused a dead letter for ``topic``, or is an
+        error only the operator can fix (a producer that no new one would cure)."""
         with self._lock:
             if self.failure is not None or closed:
                 return
-            self.failure = publish_failure(exc, topic, dead_letter=on_refused is None)
+            self.failure = publish_failure(exc, topic, dead_letter)
         log.error("%s", self.failure)
 
     def ok(self) -> None:

@@ -19,7 +19,9 @@ Records that only waited (handed over while others were queued, never failed) ne
 own: once nothing failed is ahead of them, they go back to the producer one after another without
 waiting for the broker (``release``), each checked again first, so a stream under load leaves the
 one-at-a-time mode once the failed records are through instead of staying in it for as long as
-records keep arriving.
+records keep arriving. So do records a client dropped unsent (librdkafka purges a failed producer's
+queue): they were never refused. A record to send alone waits until every record handed back ahead of
+it has come back.
 """
 from __future__ import annotations
 
@@ -90,11 +92,13 @@ class Isolation:
             self._back(producer)
 
     def add(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
-            producer: object = None) -> None:
+            producer: object = None, failed: bool = True) -> None:
         """A record that failed: send it alone, in its hand-over place. ``producer``: the one it was counted
-        against (None: none), whose other records are then waited for before anything is sent."""
+        against (None: none), whose other records are then waited for before anything is sent. ``failed``
+        False: the client dropped it unsent (purged from a failed producer's queue), so it goes back to a
+        producer in its place, as a record that only waited, not alone."""
         with self._cond:
-            self._insert(Entry(order, record, on_ack, on_refused, True))
+            self._insert(Entry(order, record, on_ack, on_refused, failed))
             if producer is not None:
                 self._failing.add(producer)
                 self._back(producer)
@@ -122,9 +126,8 @@ class Isolation:
         if self._out[producer] > 0:
             return
         del self._out[producer]
-        if producer in self._failing:
-            self._failing.discard(producer)
-            self._cond.notify_all()
+        self._failing.discard(producer)
+        self._cond.notify_all()   # a record to send alone may be waiting for this one
 
     def _held(self) -> bool:
         return any(self._out[producer] > 0 for producer in self._failing)
@@ -137,11 +140,17 @@ class Isolation:
         self._failing |= others
         return bool(others)
 
+    def _ready(self) -> bool:
+        """The first record may go: nothing a failing producer holds can still fail ahead of it, and a record
+        to send alone also waits for every record handed back ahead of it (they go without waiting for the
+        broker, and one sent alone must not be acknowledged before them)."""
+        return bool(self._queue) and not self._held() and (not self._queue[0].failed or not any(self._out.values()))
+
     def _run(self) -> None:
         attempt = 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or (bool(self._queue) and not self._held()))
+                self._cond.wait_for(lambda: self._closed or self._ready())
                 if self._closed:
                     return
                 head = self._queue[0]

@@ -333,10 +333,18 @@ def _timed_out(error: Any) -> bool:
 
 
 def _producers_fault(error: Any, exc: BaseException) -> bool:
-    """A failure of the producer, not of the record: librdkafka's fatal state, or a fenced epoch (a delivery
-    report's error never says fatal(); its code does)."""
+    """A failure of the producer, not of the record: librdkafka's fatal state (``produce`` on a fatal producer
+    raises _FATAL, which does not say fatal() itself), or a fenced epoch (a delivery report's error never says
+    fatal(); its code does)."""
     found = librdkafka_error(error)
-    return found is not None and librdkafka_kind(found) == PERMANENT and (found.fatal() or fenced(exc))
+    return found is not None and librdkafka_kind(found) == PERMANENT and \
+        (found.fatal() or fenced(exc) or librdkafka_name(found) == "_FATAL")
+
+
+def _name(error: Any) -> str | None:
+    """The librdkafka code's name of ``error`` (see :func:`librdkafka_name`), None for any other error."""
+    found = librdkafka_error(error)
+    return None if found is None else librdkafka_name(found)
 
 
 class RdKafkaSink(SinkBase):
@@ -375,6 +383,7 @@ class RdKafkaSink(SinkBase):
         super().__init__(on_retry, transactional_id)
         self._lock = threading.Lock()   # the producer's replacement, and the replaced ones still served
         self._retired: dict[Any, float] = {}   # replaced producers, by when: their reports are still served
+        self._dead: set[Any] = set()   # those replaced as fatal: nothing more can be handed to them
         self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
         self._poll_thread.start()
         self._delayed.start()
@@ -398,16 +407,31 @@ class RdKafkaSink(SinkBase):
                         producer.purge(in_queue=True, in_flight=False, blocking=False)
                     producer.poll(0.05 if since is None else 0)
                 except Exception as exc:
-                    error = librdkafka_error(exc)
-                    if error is not None and error.fatal():   # raised once, where the error event was served
-                        self._delayed.later(0.0, partial(self._renew, producer, error))
+                    if self._fatal(producer, exc):
                         continue
                     log.exception("serving the producer's delivery reports")
                     time.sleep(0.05)   # never spin on an error that repeats
-                if since is not None and len(producer) == 0 and \
-                        time.monotonic() - since > self._settings["message.timeout.ms"] / 1000 + 5:
+                if since is not None and len(producer) == 0 and (producer in self._dead or time.monotonic() - since
+                                                                  > self._settings["message.timeout.ms"] / 1000 + 5):
                     with self._lock:
                         self._retired.pop(producer, None)
+                        self._dead.discard(producer)
+
+    def _fatal(self, producer: Any, exc: BaseException) -> bool:
+        """Whether ``exc``, raised by ``poll`` or ``flush``, is librdkafka's fatal error (raised once, by the call
+        that serves its event). A refused batch's (gapless) replaces the producer; at least once, any other
+        (no IdempotentWrite ACL, a broker without idempotence: a new producer would fail alike) stops the
+        member; in a transaction the commit point says it."""
+        error = librdkafka_error(exc)
+        if error is None or not error.fatal():
+            return False
+        if self.transactional:
+            log.warning("the transactional producer is in a fatal state (%s)", error.str())
+        elif _name(error) == "_GAPLESS_GUARANTEE":
+            self._delayed.later(0.0, partial(self._renew, producer, error))
+        else:
+            self._refusals.stop("the output topics", _exception(error), closed=self._closed)
+        return True
 
     def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
               producer: Any) -> None:
@@ -457,7 +481,10 @@ class RdKafkaSink(SinkBase):
             self._isolation.answered(producer)
             self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
             return
-        self._isolation.add(order, record, on_ack, on_refused, producer)
+        # purged unsent from a failed producer's queue: never refused, so back to a producer in its place
+        self._isolation.add(order, record, on_ack, on_refused, producer, failed=_name(error) != "_PURGE_QUEUE")
+        if _timed_out(error):   # given up on: what the producer still queues behind it must not go out first
+            producer.purge(in_queue=True, in_flight=False, blocking=False)
         self._delayed.later(0.0, partial(self._after_failure, record, error, producer))
 
     def _after_failure(self, record: Outgoing, error: Any, producer: Any) -> None:
@@ -467,7 +494,7 @@ class RdKafkaSink(SinkBase):
         # a refused batch left the producer fatal (gapless); so can a timeout while the broker answers: after a
         # broker restart that lost its state (a new in-memory broker) the idempotent producer can wait for ever
         # on its old producer id; a new producer starts afresh
-        if _producers_fault(error, exc) or _is_refusal(error) or (_timed_out(error) and reachable(self._bootstrap)):
+        if fenced(exc) or _is_refusal(error) or (_timed_out(error) and reachable(self._bootstrap)):
             self._renew(producer, error)
         self._count_failure(record, exc)
 
@@ -513,7 +540,7 @@ class RdKafkaSink(SinkBase):
         from confluent_kafka import KafkaError
         exc = _exception(error)
         refused = not isinstance(error, KafkaError) or librdkafka_kind(error) == REFUSED   # a bad value too
-        if self.transactional and Refusals.stops(exc):
+        if self.transactional and Refusals.stops(exc) and not _producers_fault(error, exc):
             self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
             return
         if self.transactional and (reported or not refused):
@@ -564,6 +591,9 @@ class RdKafkaSink(SinkBase):
                 log.warning("making a new producer failed (%s); will retry", exc)
                 return
             self._retired[producer] = time.monotonic()   # served by _serve while it holds records
+            found = librdkafka_error(error)
+            if found is not None and (found.fatal() or _is_refusal(found)):   # fatal (a refusal is, gapless):
+                self._dead.add(producer)   # produce() on it fails, so nothing more can enter it
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
@@ -610,7 +640,13 @@ class RdKafkaSink(SinkBase):
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            left = self._producer.flush(max(0.0, min(0.1, deadline - time.monotonic())))
+            producer = self._producer
+            try:
+                left = producer.flush(max(0.0, min(0.1, deadline - time.monotonic())))
+            except Exception as exc:   # the fatal error's event, served here rather than on the poll thread
+                if not self._fatal(producer, exc):
+                    raise
+                continue
             if not left and not self.pending_retries():
                 return True
         return not self.pending_retries() and not len(self._producer)
@@ -623,7 +659,11 @@ class RdKafkaSink(SinkBase):
         self._poll_thread.join(1.0)
         if self._probe is not None:
             self._probe.flush(0)
-        left = self._producer.flush(0)
+        try:
+            left = self._producer.flush(0)
+        except Exception as exc:   # its fatal error, left unserved until now: said, and what it holds counted
+            log.warning("closing the producer: %s", exc)
+            left = len(self._producer)
         if left:
             log.warning("the producer closed with %d records undelivered (their inputs stay uncommitted and are "
                         "redelivered)", left)

@@ -30,6 +30,8 @@ def _library() -> ctypes.CDLL:
     lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
     lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
     lib.rd_kafka_mock_topic_create.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    lib.rd_kafka_mock_broker_set_down.argtypes = lib.rd_kafka_mock_broker_set_up.argtypes = [ctypes.c_void_p,
+                                                                                             ctypes.c_int32]
     lib.rd_kafka_mock_broker_set_rtt.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
     lib.rd_kafka_mock_push_request_errors_array.argtypes = [ctypes.c_void_p, ctypes.c_int16, ctypes.c_size_t,
                                                             ctypes.POINTER(ctypes.c_int)]
@@ -49,6 +51,10 @@ class MockCluster:
     def set_rtt(self, rtt_ms: int) -> None:
         """Answer every request ``rtt_ms`` late, so that several can be in flight at once."""
         self._lib.rd_kafka_mock_broker_set_rtt(self._cluster, 1, rtt_ms)
+
+    def set_down(self, down: bool) -> None:
+        """Take the broker down (its connections closed, new ones refused) or bring it back up."""
+        (self._lib.rd_kafka_mock_broker_set_down if down else self._lib.rd_kafka_mock_broker_set_up)(self._cluster, 1)
 
     def values(self, topic: str, expected: int, timeout_s: float = 30.0) -> list[bytes]:
         """The values in partition 0 of ``topic``, from the start, waiting until at least ``expected`` (read with

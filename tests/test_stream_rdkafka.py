@@ -16,7 +16,6 @@ from stream.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient  # n
 from stream.records import Outgoing  # noqa: E402
 
 from .kafka_helpers import assert_stops_without_dead_letter, names, produce, read_all  # noqa: E402
-from .rdkafka_mock import PRODUCE, mock_cluster  # noqa: E402
 
 KafkaError = confluent_kafka.KafkaError
 # a group join waits about half the session timeout on tansu; librdkafka heartbeats on its own threads
@@ -349,33 +348,6 @@ class _RefusingProducer:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
-
-
-def test_records_behind_a_refused_batch_are_not_published_ahead_of_its_innocent_ones():
-    """On a broker that, as Kafka does, takes librdkafka's epoch bump after a refused batch (librdkafka's mock
-    cluster; tansu fences the bump), the batch sent behind the refused one must not be acknowledged before
-    the refused batch's innocent records are resent alone. librdkafka's default bumps its epoch and sends the
-    later batch again: the log read [-1, 3, ..., 9, 0, 1, 2]. The mock checks idempotent sequence numbers only
-    for transactional producers, so the answer Kafka gives the batch behind a refused one is pushed too."""
-    with mock_cluster() as cluster:
-        cluster.create_topic("out")
-        sink = rdkafka_io.RdKafkaSink(cluster.bootstrap, {})
-        acked, refused = threading.Semaphore(0), []
-        try:
-            sink.publish(Outgoing("out", b"k", b"-1", []), acked.release, refused.append)
-            assert acked.acquire(timeout=30), "the producer is ready"
-            cluster.set_rtt(200)   # the two batches below are in flight together
-            cluster.fail_next(PRODUCE, KafkaError.INVALID_RECORD, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER)
-            for batch in ([0, 1, 2], [3, 4, 5, 6, 7, 8, 9]):
-                for i in batch:
-                    sink.publish(Outgoing("out", b"k", str(i).encode(), []), acked.release, refused.append)
-                time.sleep(0.05)   # past linger.ms: a batch, a request, of its own
-            assert all(acked.acquire(timeout=30) for _ in range(10)) and refused == [], "each accepted alone"
-        finally:
-            sink.close()
-        cluster.set_rtt(0)
-        values = cluster.values("out", 11)
-    assert [int(v) for v in values] == list(range(-1, 10)), "in hand-over order, once each"
 
 
 @pytest.mark.kafka

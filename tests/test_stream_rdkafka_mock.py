@@ -1,0 +1,237 @@
+"""The librdkafka sink against librdkafka's own mock cluster (tests/rdkafka_mock.py): a broker that takes
+librdkafka's epoch bump as Kafka does, answers late, goes down, and answers with errors a test pushes.
+tansu can do none of these. The mock checks idempotent sequence numbers only for transactional producers,
+so where a Kafka broker would refuse a batch sent behind a refused one out of sequence, the test pushes
+that answer too."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+confluent_kafka = pytest.importorskip("confluent_kafka")
+
+from stream import rdkafka_io  # noqa: E402
+from stream.errors import KafkaPermanent  # noqa: E402
+from stream.records import Outgoing  # noqa: E402
+
+from .rdkafka_mock import PRODUCE, MockCluster, mock_cluster  # noqa: E402
+
+KafkaError = confluent_kafka.KafkaError
+INIT_PRODUCER_ID = 22   # the Kafka protocol's ApiKey of an InitProducerId request
+
+
+class Handed:
+    """Records handed to a sink, each acknowledged or refused at most once; waited for by count."""
+
+    def __init__(self, sink: rdkafka_io.RdKafkaSink) -> None:
+        self.sink, self.acked, self.refused = sink, [], []
+        self._settled = threading.Semaphore(0)
+
+    def publish(self, value: bytes, key: bytes | None = b"k", on_ack: Callable[[], None] | None = None) -> None:
+        def ack() -> None:
+            if on_ack is not None:
+                on_ack()
+            self.acked.append(value)
+            self._settled.release()
+
+        def refuse(_exc: BaseException) -> None:
+            self.refused.append(value)
+            self._settled.release()
+        self.sink.publish(Outgoing("out", key, value, []), ack, refuse)
+
+    def settle(self, count: int, timeout_s: float = 30.0) -> bool:
+        """Whether ``count`` more records were acknowledged or refused, each within ``timeout_s``."""
+        return all(self._settled.acquire(timeout=timeout_s) for _ in range(count))
+
+
+def _ready(cluster: MockCluster, **settings: object) -> tuple[rdkafka_io.RdKafkaSink, Handed]:
+    """A sink on ``cluster``'s topic ``out`` whose producer has its id (a first record acknowledged)."""
+    cluster.create_topic("out")
+    sink = rdkafka_io.RdKafkaSink(cluster.bootstrap, dict(settings))
+    handed = Handed(sink)
+    handed.publish(b"-1")
+    assert handed.settle(1), "the producer is ready"
+    return sink, handed
+
+
+def _until(what: str, condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s:g} s: {what}"
+        time.sleep(0.02)
+
+
+def test_records_behind_a_refused_batch_are_not_published_ahead_of_its_innocent_ones():
+    """librdkafka's default bumps its epoch after a refused batch and sends the batch behind it again, which
+    the broker acknowledges before the refused batch's innocent records are resent alone: the log read
+    [-1, 3, ..., 9, 0, 1, 2]. With gapless, and the replaced producer's retry queue purged, it stays in order."""
+    with mock_cluster() as cluster:
+        sink, handed = _ready(cluster)
+        try:
+            cluster.set_rtt(200)   # the two batches below are in flight together
+            cluster.fail_next(PRODUCE, KafkaError.INVALID_RECORD, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER)
+            for batch in ([0, 1, 2], [3, 4, 5, 6, 7, 8, 9]):
+                for i in batch:
+                    handed.publish(str(i).encode())
+                time.sleep(0.05)   # past linger.ms: a batch, a request, of its own
+            assert handed.settle(10) and handed.refused == [], "each accepted alone"
+        finally:
+            sink.close()
+        cluster.set_rtt(0)
+        values = cluster.values("out", 11)
+    assert [int(v) for v in values] == list(range(-1, 10)), "in hand-over order, once each"
+
+
+def test_a_record_handed_to_a_producer_a_refusal_left_fatal_is_resent_and_flush_does_not_raise():
+    """Between a refused batch and the producer's replacement, produce() on it raises _FATAL (which does not
+    say fatal() itself): the record used to be refused as the operator's to fix, stopping the member. And
+    whichever thread serves the fatal error's event gets it raised: flush() on the pipeline's thread (its
+    shutdown drain) used to raise it. Here the poll thread is busy in an acknowledgement meanwhile."""
+    with mock_cluster() as cluster:
+        sink, handed = _ready(cluster)
+        try:
+            cluster.set_rtt(200)
+            cluster.fail_next(PRODUCE, KafkaError.NO_ERROR, KafkaError.INVALID_RECORD)
+            handed.publish(b"a", on_ack=lambda: time.sleep(1.0))   # the pipeline's work on the poll thread
+            time.sleep(0.05)
+            handed.publish(b"b")   # its batch is refused: the producer turns fatal
+            time.sleep(0.5)        # the refusal is back; the poll thread is still in a's acknowledgement
+            handed.publish(b"c")   # handed to the fatal producer
+            assert sink.flush(30), "everything settled"
+            assert handed.settle(3)
+            assert sink.failure is None, sink.failure
+            assert sorted(handed.acked[1:]) == [b"a", b"b", b"c"] and handed.refused == []
+        finally:
+            sink.close()
+
+
+def test_a_producer_no_new_one_would_cure_stops_the_member_instead_of_being_replaced_for_ever():
+    """Without the IdempotentWrite ACL every producer is fatal at once: one line naming what to grant, not a
+    new producer every few milliseconds (15 in 5 s, each with its threads, before)."""
+    made = []
+
+    class Sink(rdkafka_io.RdKafkaSink):
+        def _new_producer(self) -> object:
+            made.append(1)
+            return super()._new_producer()
+    with mock_cluster() as cluster:
+        cluster.create_topic("out")
+        cluster.fail_next(INIT_PRODUCER_ID, *[KafkaError.CLUSTER_AUTHORIZATION_FAILED] * 1000)
+        sink = Sink(cluster.bootstrap, {})
+        try:
+            Handed(sink).publish(b"0")
+            _until("the member stopped", lambda: sink.failure is not None)
+            assert isinstance(sink.failure, KafkaPermanent)
+            assert "CLUSTER_AUTHORIZATION_FAILED" in str(sink.failure) and "IDEMPOTENT_WRITE" in str(sink.failure)
+            assert len(made) == 1, f"{len(made)} producers made"
+        finally:
+            sink._closed = True   # close() would wait for the records the member leaves uncommitted
+            sink._isolation.close()
+
+
+def test_records_purged_unsent_behind_a_refusal_go_back_to_a_producer_not_one_at_a_time():
+    """A refusal purges everything the fatal producer still queued, on every partition; those records were
+    never refused, but each used to be resent alone, a round trip each (16.7 s for 3,000 at a 5 ms round
+    trip against 0.5 s). Counted here: how many records are sent alone."""
+    alone = []
+
+    class Sink(rdkafka_io.RdKafkaSink):
+        def _send_alone(self, record: Outgoing) -> BaseException | None:
+            alone.append(record.value)
+            return super()._send_alone(record)
+    with mock_cluster() as cluster:
+        cluster.create_topic("out")
+        sink = Sink(cluster.bootstrap, {"max.in.flight.requests.per.connection": 1})
+        handed = Handed(sink)
+        try:
+            handed.publish(b"w")
+            assert handed.settle(1)
+            cluster.set_rtt(300)
+            cluster.fail_next(PRODUCE, KafkaError.INVALID_RECORD)
+            for i in range(3):
+                handed.publish(f"a{i}".encode())
+            time.sleep(0.05)   # past linger.ms: the refused batch is out, the rest queue behind it
+            for i in range(300):
+                handed.publish(f"m{i}".encode())
+            cluster.set_rtt(0)
+            assert handed.settle(303)
+            assert handed.refused == []
+        finally:
+            sink.close()
+        values = cluster.values("out", 304)
+    assert sorted(alone) == [b"a0", b"a1", b"a2"], f"{len(alone)} sent alone"
+    assert values == [b"w", b"a0", b"a1", b"a2", *[f"m{i}".encode() for i in range(300)]]
+
+
+def test_producers_a_refusal_left_fatal_are_let_go_once_they_hold_nothing():
+    """A stream the broker refuses record by record (keyless records to a compacted topic) turns a producer
+    fatal with each refused batch; each was kept, with its threads, for message.timeout.ms and more (133
+    of them, 415 threads, within 12 s). Nothing can be handed to a fatal producer: it goes once empty."""
+    with mock_cluster() as cluster:
+        sink, handed = _ready(cluster)
+        try:
+            cluster.fail_next(PRODUCE, *[KafkaError.INVALID_RECORD] * 10_000)
+            for i in range(100):
+                handed.publish(f"m{i}".encode(), key=None)
+                if i % 10 == 9:
+                    time.sleep(0.01)   # several batches, several refusals
+            assert handed.settle(100)
+            assert len(handed.refused) == 100 and sink.failure is None
+            _until("no replaced producer kept", lambda: not sink._retired, timeout_s=10)
+        finally:
+            cluster.fail_next(PRODUCE)
+            sink.close()
+
+
+def test_records_queued_behind_ones_librdkafka_gave_up_on_do_not_overtake_them():
+    """The broker away: records time out in librdkafka's queue (message.timeout.ms) while later ones still
+    wait there. librdkafka sent the later ones once the broker was back, before the sink resent the given-up
+    ones: the log read w m3 m4 m5 m0 m1 m2. The queue behind a given-up record is purged into the ordered
+    resend."""
+    with mock_cluster() as cluster:
+        sink, handed = _ready(cluster, **{"message.timeout.ms": 4000})
+        try:
+            cluster.set_down(True)
+            time.sleep(0.5)   # the producer has seen its connection go
+            for i in range(3):
+                handed.publish(f"m{i}".encode())
+            time.sleep(2.5)
+            for i in range(3, 6):
+                handed.publish(f"m{i}".encode())
+            _until("the first three given up on", lambda: sink.pending_retries() >= 3)
+            time.sleep(0.5)   # the sink has made of it what it makes of it
+            cluster.set_down(False)
+            assert handed.settle(6, timeout_s=60) and handed.refused == []
+        finally:
+            sink.close()
+        values = cluster.values("out", 7)
+    assert values == [b"-1", *[f"m{i}".encode() for i in range(6)]]
+
+
+def test_a_fenced_transactional_producer_is_said_at_the_commit_not_as_a_refused_record():
+    """Exactly once, produce() on a fenced (fatal) transactional producer raises _FATAL: the record was
+    refused as the operator's to fix ("cannot publish even a dead letter"); the open transaction is doomed
+    instead, and the commit point ends the member naming the fencing."""
+    with mock_cluster() as cluster:
+        for topic in ("out", "other", "in"):
+            cluster.create_topic(topic)
+        sink = rdkafka_io.RdKafkaSink(cluster.bootstrap, {}, transactional_id="fenced-tx")
+        acked = threading.Semaphore(0)
+        consumer = confluent_kafka.Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "g"})
+        try:
+            sink.publish(Outgoing("out", b"k", b"0", []), acked.release)
+            assert acked.acquire(timeout=30)
+            cluster.fail_next(24, KafkaError.PRODUCER_FENCED)   # AddPartitionsToTxn, as Kafka answers a fenced one
+            sink.publish(Outgoing("other", b"k", b"1", []), acked.release)   # a new partition in the transaction
+            assert acked.acquire(timeout=30)
+            sink.publish(Outgoing("out", b"k", b"2", []), acked.release)
+            assert acked.acquire(timeout=30)
+            assert sink.failure is None, sink.failure
+            with pytest.raises(KafkaPermanent, match="fenced"):
+                sink.commit_transaction({("in", 0): 1}, consumer.consumer_group_metadata())
+        finally:
+            consumer.close()
+            sink.close()
