@@ -42,7 +42,6 @@ from .kafka_common import (
     DRAIN_STEP_S,
     TRANSACTION_CALLS_S,
     connecting,
-    ensure_output_topics,
     fetch_bytes,
     isolation_level,
     reachable,
@@ -667,6 +666,33 @@ class RdKafkaSink(SinkBase):
         if left:
             log.warning("the producer closed with %d records undelivered (their inputs stay uncommitted and are "
                         "redelivered)", left)
+
+
+def ensure_output_topics(cfg: StreamConfig) -> str:
+    """:func:`.kafka_common.ensure_output_topics` with librdkafka's admin client (kafka-python's cannot talk to
+    every broker librdkafka can: librdkafka's mock cluster answers it with ApiVersions it cannot decode)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+    with connecting(cfg.bootstrap_servers):
+        admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
+    wanted = {"output": cfg.output_topic, "dead-letter": cfg.dead_letter_topic}
+    with kafka_errors("checking the output topics"):
+        existing = admin.list_topics(timeout=CLIENT_TIMEOUT_S).topics
+    missing = [t for t in dict.fromkeys(wanted.values()) if t not in existing]
+    first = existing.get(cfg.input_topic[0])
+    partitions = max(1, len(first.partitions)) if first is not None and first.error is None else 1
+    for topic, future in (admin.create_topics([NewTopic(t, partitions) for t in missing],
+                                              request_timeout=CLIENT_TIMEOUT_S) if missing else {}).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            error = librdkafka_error(exc)
+            if error is not None and librdkafka_name(error) == "TOPIC_ALREADY_EXISTS":
+                continue   # another member made it first
+            raise KafkaPermanent(f"{topic}: missing and cannot be created ({exc}); create it (README: Topics) "
+                                 f"or grant CREATE") from exc
+    return "; ".join(f"{kind} topic {name!r} " + (f"created with {partitions} partitions" if name in missing
+                                                   else "exists") for kind, name in wanted.items())
 
 
 def _left(limit: float) -> float:
