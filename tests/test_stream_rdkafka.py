@@ -581,3 +581,28 @@ def test_backpressure_first_holds_records_in_the_client_and_pauses_only_if_the_h
     assert source.poll(0.0, 256) == [] and consumer.paused
     source.resume_all()
     assert not consumer.paused and source._held_since is None
+
+
+
+def test_the_output_topics_are_checked_with_librdkafka_not_kafka_python(tmp_path):
+    """kafka-python cannot decode librdkafka's mock cluster's answers (ApiVersions), so with the output topics
+    checked by kafka-python's admin client the librdkafka service never started there."""
+    with mock_cluster() as cluster:
+        for topic in ("in", "out", "dlq"):
+            cluster.create_topic(topic)
+        cfg = StreamConfig(cluster.bootstrap, ("in",), "out", "dlq", tmp_path, kafka_client="librdkafka")
+        assert rdkafka_io.ensure_output_topics(cfg) == "output topic 'out' exists; dead-letter topic 'dlq' exists"
+
+
+@pytest.mark.kafka
+def test_missing_output_topics_are_made_with_as_many_partitions_as_the_input(kafka_broker, tmp_path):
+    """(librdkafka's mock cluster has no controller to create topics.)"""
+    from confluent_kafka.admin import AdminClient
+    t = names(kafka_broker, partitions=3)
+    cfg = StreamConfig(kafka_broker.bootstrap, (t["input"],), t["output"] + "-new", t["dlq"], tmp_path,
+                       kafka_client="librdkafka")
+    made = t["output"] + "-new"
+    assert rdkafka_io.ensure_output_topics(cfg) == \
+        f"output topic '{made}' created with 3 partitions; dead-letter topic '{t['dlq']}' exists"
+    topics = AdminClient({"bootstrap.servers": kafka_broker.bootstrap}).list_topics(timeout=10).topics
+    assert len(topics[made].partitions) == 3
