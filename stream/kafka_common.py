@@ -1,5 +1,5 @@
-"""What the Kafka connectors share: reaching the brokers, the read isolation, the fetch size, the output
-topics (made with kafka-python's admin client), the client timeout, the drain's step and the bound on the
+"""What the Kafka connectors share: reaching the brokers, the read isolation, the fetch size, the line that
+says which output topics existed and which were made, the client timeout, the drain's step and the bound on the
 transaction calls; and kafka-python's form of the project's offsets, for its source and sink.
 
 Client errors leave here as the project's own, through :func:`.errors.kafka_errors`.
@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .errors import BrokerUnavailable, KafkaPermanent, kafka_errors
+from .errors import BrokerUnavailable, kafka_errors
 from .ports import Partition
 
 if TYPE_CHECKING:
-    from .config import StreamConfig
+    pass
 
 CLIENT_TIMEOUT_MS = 5_000   # commit, metadata and close: shutdown must end even with the broker gone
 CLIENT_TIMEOUT_S = CLIENT_TIMEOUT_MS / 1000
@@ -76,32 +76,7 @@ def kafka_offsets(offsets: dict[Partition, int]) -> dict[Any, Any]:
     return {TopicPartition(t, p): OffsetAndMetadata(o, *extra) for (t, p), o in offsets.items()}
 
 
-def ensure_output_topics(cfg: StreamConfig) -> str:
-    """Create the output and dead-letter topics if missing (as many partitions as the first input
-    topic, the broker's default replication); one line saying which existed and which were made."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import KafkaError, TopicAlreadyExistsError
-    with connecting(cfg.bootstrap_servers):
-        admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="sentiment-stream-admin",
-                                 bootstrap_timeout_ms=5_000, **cfg.client_options())
-    try:
-        with kafka_errors("checking the output topics", also=(ValueError,)):
-            existing = set(admin.list_topics())
-            wanted = {"output": cfg.output_topic, "dead-letter": cfg.dead_letter_topic}
-            missing = [t for t in dict.fromkeys(wanted.values()) if t not in existing]
-            partitions = 1
-            if cfg.input_topic[0] in existing:
-                (described,) = admin.describe_topics([cfg.input_topic[0]])
-                partitions = max(1, len(described.get("partitions", ())))
-            if missing:
-                try:
-                    admin.create_topics([NewTopic(t, partitions, -1) for t in missing])
-                except TopicAlreadyExistsError:
-                    pass   # another member made it first
-                except KafkaError as exc:
-                    raise KafkaPermanent(f"{', '.join(missing)}: missing and cannot be created ({exc}); create "
-                                         f"them (README: Topics) or grant CREATE") from exc
-    finally:
-        admin.close()
+def output_topics_line(wanted: dict[str, str], missing: list[str], partitions: int) -> str:
+    """One line saying which of the ``wanted`` topics (by kind) existed and which were made."""
     return "; ".join(f"{kind} topic {name!r} " + (f"created with {partitions} partitions" if name in missing
                                                    else "exists") for kind, name in wanted.items())

@@ -1,5 +1,5 @@
-"""The kafka-python connector: the source (a consumer-group member) and what makes it and the sink
-(:mod:`.kafka_sink`).
+"""The kafka-python connector: the source (a consumer-group member), the output topics, and what
+makes them and the sink (:mod:`.kafka_sink`).
 
 The service's kafka-python clients are made here and in :mod:`.kafka_sink` (:mod:`.errors` classifies
 their exceptions; :mod:`.topics`, the demo and the embedded broker use its admin client on their own).
@@ -29,10 +29,10 @@ from .kafka_common import (
     DRAIN_STEP_S,
     TRANSACTION_CALLS_S,
     connecting,
-    ensure_output_topics,
     fetch_bytes,
     isolation_level,
     kafka_offsets,
+    output_topics_line,
     reachable,
 )
 from .kafka_sink import KafkaSink
@@ -299,6 +299,36 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False, timeout_ms=CLIENT_TIMEOUT_MS)
+
+
+def ensure_output_topics(cfg: StreamConfig) -> str:
+    """Create the output and dead-letter topics if missing (as many partitions as the first input
+    topic, the broker's default replication); one line saying which existed and which were made."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    with connecting(cfg.bootstrap_servers):
+        admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="sentiment-stream-admin",
+                                 bootstrap_timeout_ms=5_000, **cfg.client_options())
+    try:
+        with kafka_errors("checking the output topics", also=(ValueError,)):
+            existing = set(admin.list_topics())
+            wanted = {"output": cfg.output_topic, "dead-letter": cfg.dead_letter_topic}
+            missing = [t for t in dict.fromkeys(wanted.values()) if t not in existing]
+            partitions = 1
+            if cfg.input_topic[0] in existing:
+                (described,) = admin.describe_topics([cfg.input_topic[0]])
+                partitions = max(1, len(described.get("partitions", ())))
+            if missing:
+                try:
+                    admin.create_topics([NewTopic(t, partitions, -1) for t in missing])
+                except TopicAlreadyExistsError:
+                    pass   # another member made it first
+                except KafkaError as exc:
+                    raise KafkaPermanent(f"{', '.join(missing)}: missing and cannot be created ({exc}); create "
+                                         f"them (README: Topics) or grant CREATE") from exc
+    finally:
+        admin.close()
+    return output_topics_line(wanted, missing, partitions)
 
 
 class KafkaConnector:

@@ -44,6 +44,7 @@ from .kafka_common import (
     connecting,
     fetch_bytes,
     isolation_level,
+    output_topics_line,
     reachable,
 )
 from .ports import Partition, RebalanceHandler, Refused, show
@@ -673,10 +674,9 @@ def ensure_output_topics(cfg: StreamConfig) -> str:
     every broker librdkafka can: librdkafka's mock cluster answers it with ApiVersions it cannot decode)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
-    with connecting(cfg.bootstrap_servers):
-        admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
+    admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
     wanted = {"output": cfg.output_topic, "dead-letter": cfg.dead_letter_topic}
-    with kafka_errors("checking the output topics"):
+    with connecting(cfg.bootstrap_servers):   # the first request: librdkafka's clients connect lazily
         existing = admin.list_topics(timeout=CLIENT_TIMEOUT_S).topics
     missing = [t for t in dict.fromkeys(wanted.values()) if t not in existing]
     first = existing.get(cfg.input_topic[0])
@@ -691,8 +691,7 @@ def ensure_output_topics(cfg: StreamConfig) -> str:
                 continue   # another member made it first
             raise KafkaPermanent(f"{topic}: missing and cannot be created ({exc}); create it (README: Topics) "
                                  f"or grant CREATE") from exc
-    return "; ".join(f"{kind} topic {name!r} " + (f"created with {partitions} partitions" if name in missing
-                                                   else "exists") for kind, name in wanted.items())
+    return output_topics_line(wanted, missing, partitions)
 
 
 def _left(limit: float) -> float:

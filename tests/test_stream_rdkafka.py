@@ -16,6 +16,7 @@ from stream.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient  # n
 from stream.records import Outgoing  # noqa: E402
 
 from .kafka_helpers import assert_stops_without_dead_letter, names, produce, read_all  # noqa: E402
+from .rdkafka_mock import mock_cluster  # noqa: E402
 
 KafkaError = confluent_kafka.KafkaError
 # a group join waits about half the session timeout on tansu; librdkafka heartbeats on its own threads
@@ -581,7 +582,6 @@ def test_backpressure_first_holds_records_in_the_client_and_pauses_only_if_the_h
     assert source.poll(0.0, 256) == [] and consumer.paused
     source.resume_all()
     assert not consumer.paused and source._held_since is None
-
 
 
 def test_the_output_topics_are_checked_with_librdkafka_not_kafka_python(tmp_path):
