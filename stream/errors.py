@@ -117,11 +117,13 @@ LIBRDKAFKA: dict[str, str] = {
                      "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
                      "COORDINATOR_LOAD_IN_PROGRESS", "LEADER_NOT_AVAILABLE", "NOT_LEADER_FOR_PARTITION",
                      "BROKER_NOT_AVAILABLE", "_TIMED_OUT_QUEUE"), OUTAGE),
+    # _INVALID_DIFFERENT_RECORD: the broker (Kafka >= 2.4) refused another record of the same batch; this one
+    # shared its fate, and is found innocent when resent alone
     **dict.fromkeys(("MSG_SIZE_TOO_LARGE", "INVALID_RECORD", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE",
-                     "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE"), REFUSED),
+                     "INVALID_TIMESTAMP", "_INVALID_ARG", "_INVALID_TYPE", "_INVALID_DIFFERENT_RECORD"), REFUSED),
     # the client's own verdicts: no broker code, nothing to agree with
     **dict.fromkeys(("_AUTHENTICATION", "_SSL", "_UNKNOWN_PROTOCOL", "_NOT_IMPLEMENTED", "_UNSUPPORTED_FEATURE",
-                     "_BAD_COMPRESSION", "_BAD_MSG", "_FATAL", "_FENCED", "_INVALID_DIFFERENT_RECORD"), PERMANENT),
+                     "_BAD_COMPRESSION", "_BAD_MSG", "_FATAL", "_FENCED"), PERMANENT),
     # broker codes kafka-python calls permanent: a setting only the operator can fix (acks, timeouts, group,
     # assignor, credentials, ACLs, topic settings), a broker too old, or a producer or member fenced for good
     **dict.fromkeys(("INVALID_MSG", "SASL_AUTHENTICATION_FAILED", "GROUP_AUTHORIZATION_FAILED",

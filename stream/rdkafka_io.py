@@ -332,6 +332,14 @@ def _timed_out(error: Any) -> bool:
     return found is not None and librdkafka_name(found) == "_MSG_TIMED_OUT"
 
 
+# librdkafka's fatal errors of an idempotent producer that a new one (a new id, sequences from 0) cures: a refused
+# batch (gapless), and a broker that lost the producer's state or disagrees on its sequence numbers
+_CURED_BY_A_NEW_PRODUCER = ("_GAPLESS_GUARANTEE", "OUT_OF_ORDER_SEQUENCE_NUMBER", "UNKNOWN_PRODUCER_ID",
+                            "_INCONSISTENT")
+# what librdkafka hands back unsent: purged from a failed producer's queue, or its local queue full
+_UNSENT = ("_PURGE_QUEUE", "_QUEUE_FULL")
+
+
 def _producers_fault(error: Any, exc: BaseException) -> bool:
     """A failure of the producer, not of the record: librdkafka's fatal state (``produce`` on a fatal producer
     raises _FATAL, which does not say fatal() itself), or a fenced epoch (a delivery report's error never says
@@ -419,15 +427,17 @@ class RdKafkaSink(SinkBase):
 
     def _fatal(self, producer: Any, exc: BaseException) -> bool:
         """Whether ``exc``, raised by ``poll`` or ``flush``, is librdkafka's fatal error (raised once, by the call
-        that serves its event). A refused batch's (gapless) replaces the producer; at least once, any other
-        (no IdempotentWrite ACL, a broker without idempotence: a new producer would fail alike) stops the
-        member; in a transaction the commit point says it."""
+        that serves its event). One a new producer cures (:data:`_CURED_BY_A_NEW_PRODUCER`) replaces it; at least
+        once, any other (no IdempotentWrite ACL, a broker without idempotence: a new producer would fail alike)
+        stops the member; in a transaction the commit point says it."""
         error = librdkafka_error(exc)
         if error is None or not error.fatal():
             return False
         if self.transactional:
             log.warning("the transactional producer is in a fatal state (%s)", error.str())
-        elif _name(error) == "_GAPLESS_GUARANTEE":
+        elif producer is not self._producer:   # replaced already (a timeout while the broker answered)
+            log.info("a replaced producer is in a fatal state (%s)", error.str())
+        elif _name(error) in _CURED_BY_A_NEW_PRODUCER:
             self._delayed.later(0.0, partial(self._renew, producer, error))
         else:
             self._refusals.stop("the output topics", _exception(error), closed=self._closed)
@@ -481,8 +491,10 @@ class RdKafkaSink(SinkBase):
             self._isolation.answered(producer)
             self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
             return
-        # purged unsent from a failed producer's queue: never refused, so back to a producer in its place
-        self._isolation.add(order, record, on_ack, on_refused, producer, failed=_name(error) != "_PURGE_QUEUE")
+        if _name(error) in _UNSENT:   # never refused: back to a producer in its place, not sent alone
+            self._isolation.add(order, record, on_ack, on_refused, producer, failed=False)
+            return
+        self._isolation.add(order, record, on_ack, on_refused, producer)
         if _timed_out(error):   # given up on: what the producer still queues behind it must not go out first
             producer.purge(in_queue=True, in_flight=False, blocking=False)
         self._delayed.later(0.0, partial(self._after_failure, record, error, producer))

@@ -41,7 +41,8 @@ def test_librdkafka_errors_map_into_the_project_tree(code, expected):
     assert code.lstrip("_") in str(translated) and "\n" not in str(translated)
 
 
-@pytest.mark.parametrize("code", ["MSG_SIZE_TOO_LARGE", "INVALID_RECORD", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE"])
+@pytest.mark.parametrize("code", ["MSG_SIZE_TOO_LARGE", "INVALID_RECORD", "POLICY_VIOLATION", "RECORD_LIST_TOO_LARGE",
+                                  "_INVALID_DIFFERENT_RECORD"])
 def test_records_the_broker_can_never_take_are_refusals(code):
     assert errors.librdkafka_kind(KafkaError(getattr(KafkaError, code))) == errors.REFUSED
 
