@@ -326,6 +326,61 @@ def librdkafka_kind(error: Any) -> str:
     return PERMANENT if error.fatal() else TRANSIENT
 
 
+# ---- what the librdkafka sink needs to know of an error (a ``KafkaError``, or a ``KafkaException`` carrying one) ----
+# librdkafka's fatal errors of an idempotent producer that a new one (a new id, sequences from 0) cures: a refused
+# batch (gapless), and a broker that lost the producer's state or disagrees on its sequence numbers
+LIBRDKAFKA_CURED_BY_A_NEW_PRODUCER = ("_GAPLESS_GUARANTEE", "OUT_OF_ORDER_SEQUENCE_NUMBER", "UNKNOWN_PRODUCER_ID",
+                                      "_INCONSISTENT")
+# what librdkafka hands back unsent: purged from a failed producer's queue, or turned away by its full local queue
+LIBRDKAFKA_UNSENT = ("_PURGE_QUEUE", "_QUEUE_FULL")
+
+
+def librdkafka_exception(error: Any) -> BaseException:
+    """A librdkafka ``KafkaError`` as the exception the error tree classifies (other errors as they are)."""
+    from confluent_kafka import KafkaError, KafkaException
+    return KafkaException(error) if isinstance(error, KafkaError) else error
+
+
+def librdkafka_code(error: Any) -> str | None:
+    """The name of ``error``'s librdkafka code (see :func:`librdkafka_name`), None for any other error."""
+    found = librdkafka_error(error)
+    return None if found is None else librdkafka_name(found)
+
+
+def librdkafka_retriable(error: Any) -> bool:
+    """Whether sending again can succeed: an outage, a transient error, a full local queue; never a bad record."""
+    found = librdkafka_error(error)
+    return found is not None and librdkafka_kind(found) in (OUTAGE, TRANSIENT)
+
+
+def librdkafka_refused(error: Any) -> bool:
+    """The broker refused the record, or a batch it was in (:data:`REFUSED`)."""
+    found = librdkafka_error(error)
+    return found is not None and librdkafka_kind(found) == REFUSED
+
+
+def librdkafka_timed_out(error: Any) -> bool:
+    """librdkafka gave up on the record (``message.timeout.ms``)."""
+    return librdkafka_code(error) == "_MSG_TIMED_OUT"
+
+
+def librdkafka_producers_fault(error: Any) -> bool:
+    """A failure of the producer, not of the record: librdkafka's fatal state (``produce`` on a fatal producer
+    raises _FATAL, which does not say fatal() itself), or a fenced epoch (a delivery report's error never says
+    fatal(); its code does)."""
+    found = librdkafka_error(error)
+    return found is not None and librdkafka_kind(found) == PERMANENT and \
+        (found.fatal() or fenced(found) or librdkafka_name(found) == "_FATAL")
+
+
+def too_large(exc: BaseException) -> bool:
+    """The broker (or the client) refused a record as too large, in either client's words."""
+    found = librdkafka_error(exc)
+    if found is not None:
+        return librdkafka_name(found) == "MSG_SIZE_TOO_LARGE"
+    return _is_kafka_python(exc) and any(cls.__name__ == "MessageSizeTooLargeError" for cls in type(exc).__mro__)
+
+
 def _from_librdkafka(error: Any, what: str, group: str) -> SentimentError:
     text = f"{error.name()}: {error.str()}"
     found = librdkafka_kind(error)

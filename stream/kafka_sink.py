@@ -87,7 +87,6 @@ class KafkaSink(SinkBase):
         super().__init__(on_retry, transactional_id)
         self._renew_lock = threading.Lock()
         self._calls_s = transaction_calls_s   # each commit point's transaction calls together, and an abort
-        self._delayed.start()
 
     def _new_producer(self) -> Any:
         from kafka import KafkaProducer
@@ -120,10 +119,6 @@ class KafkaSink(SinkBase):
 
     def _refused_for_good(self, exc: BaseException) -> bool:
         return refused_for_good(exc)
-
-    def _too_large(self, exc: BaseException) -> bool:
-        from kafka.errors import MessageSizeTooLargeError
-        return isinstance(exc, MessageSizeTooLargeError)
 
     def _renewed(self, exc: BaseException, producer: Any) -> bool:
         """After a broker restart kafka-python's idempotent producer can be left in a fatal state
@@ -338,9 +333,7 @@ class KafkaSink(SinkBase):
             log.warning("flush: %s", exc)
 
     def close(self) -> None:
-        self._closed = True
-        self._delayed.close()
-        self._isolation.close()
+        self._stop_resending()
         if self._probe is not None:
             close_producer(self._probe, CLIENT_TIMEOUT_S)
         close_producer(self._producer, CLIENT_TIMEOUT_S)

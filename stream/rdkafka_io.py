@@ -1,92 +1,52 @@
-"""The Kafka client, librdkafka's way (confluent-kafka): the same source and sink as :mod:`.kafka_io` and
-:mod:`.kafka_sink`.
+"""The Kafka client, librdkafka's way (confluent-kafka): the source and the connector, as :mod:`.kafka_io` is
+kafka-python's; the sink is :mod:`.rdkafka_sink`.
 
-Chosen with ``--kafka-client librdkafka``; nothing else imports confluent-kafka (but :mod:`.errors`,
-which classifies its errors). librdkafka's errors leave this module as the project's own, classified
+Chosen with ``--kafka-client librdkafka``; nothing else imports confluent-kafka (but the sink, and
+:mod:`.errors`, which classifies its errors). librdkafka's errors leave this module as the project's own, classified
 in one table (:data:`.errors.LIBRDKAFKA`) and raised through :func:`.errors.kafka_errors`:
 :class:`BrokerUnavailable` (an outage), :class:`KafkaTransient` (retry), :class:`KafkaPermanent`
 (never succeeds), and for a record the broker refuses for good, the sink's ``on_refused``.
 
 librdkafka calls the rebalance callbacks from ``consume()`` on the poll thread, so the drain on
 revocation may block there (up to the drain timeout; heartbeats run on librdkafka's own threads).
-Delivery reports are served by a thread of the sink polling the producer, so acknowledgements
-reach the service while the poll thread drains.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import ConfigError
 
 from .errors import (
-    OUTAGE,
-    PERMANENT,
-    REFUSED,
-    TRANSIENT,
     KafkaPermanent,
-    fenced,
     kafka_errors,
     librdkafka_error,
-    librdkafka_kind,
     librdkafka_name,
 )
-from .failures import Refusals
 from .kafka_common import (
     CLIENT_TIMEOUT_S,
     DRAIN_STEP_S,
-    TRANSACTION_CALLS_S,
     connecting,
     fetch_bytes,
     isolation_level,
     output_topics_line,
     reachable,
 )
-from .ports import Partition, RebalanceHandler, Refused, show
-from .records import Message, Outgoing
-from .sink_base import SinkBase
-from .transactions import commit_unit
+from .ports import Partition, RebalanceHandler, show
+from .rdkafka_common import QUIET, client_settings, topic_partitions
+from .rdkafka_sink import RdKafkaSink
+from .records import Message
 
 if TYPE_CHECKING:
     from .config import StreamConfig
 
 log = logging.getLogger(__name__)
 
-# librdkafka's own log, through logging, critical lines only: at its default level it writes a line for every
-# failed reconnect while the broker is away (the service says that once); errors reach the service as events
-_QUIET: dict[str, Any] = {"logger": logging.getLogger("stream.librdkafka"), "log_level": 2}
-
-
-def _not_gapless_fatal(record: logging.LogRecord) -> bool:
-    """librdkafka logs the fatal error that keeps its gapless guarantee as an emergency; to the sink it is a
-    refused batch, which it says itself (a warning), so it is left out here."""
-    return "Gap-less ordering would not be guaranteed" not in record.getMessage()
-
-
-_QUIET["logger"].addFilter(_not_gapless_fatal)
-
-
-def client_settings(cfg: StreamConfig) -> dict[str, Any]:
-    """librdkafka's names for the TLS/SASL settings of ``cfg`` (only those that are set)."""
-    options = {"security.protocol": cfg.security_protocol.lower(), "ssl.ca.location": cfg.ssl_cafile,
-               "ssl.certificate.location": cfg.ssl_certfile, "ssl.key.location": cfg.ssl_keyfile,
-               "sasl.mechanism": cfg.sasl_mechanism, "sasl.username": cfg.sasl_username,
-               "sasl.password": cfg.sasl_password}
-    return {k: v for k, v in options.items() if v is not None}
-
-
 def _tp_list(partitions: Any) -> list[Partition]:
     return sorted((tp.topic, tp.partition) for tp in partitions)
-
-
-def _offsets(offsets: dict[Partition, int]) -> list[Any]:
-    from confluent_kafka import TopicPartition
-    return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
 
 
 # Backpressure holds records in librdkafka's queue this long before pausing the partitions (which drops
@@ -118,7 +78,7 @@ def consumer_settings(cfg: StreamConfig, assignment_strategy: str = "range") -> 
         "max.poll.interval.ms": cfg.max_poll_interval_ms,
         "isolation.level": isolation_level(cfg.processing_guarantee),
         "allow.auto.create.topics": False, "partition.assignment.strategy": assignment_strategy,
-        **_QUIET, **client_settings(cfg)}
+        **QUIET, **client_settings(cfg)}
 
 
 class RdKafkaSource:
@@ -135,7 +95,7 @@ class RdKafkaSource:
         settings = consumer_settings(cfg, assignment_strategy)
         with connecting(cfg.bootstrap_servers, cfg.group_id):
             # a second client for the probe thread: the consumer's own list_topics waits while consume() runs
-            self._admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
+            self._admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **QUIET, **client_settings(cfg)})
             self._consumer = Consumer(settings)
             self._consumer.subscribe(self._topics, on_assign=self._assign, on_revoke=self._revoke,
                                      on_lost=self._lose)
@@ -177,7 +137,7 @@ class RdKafkaSource:
         offsets = handler.committable(revoked)
         if offsets:
             try:
-                consumer.commit(offsets=_offsets(offsets), asynchronous=False)
+                consumer.commit(offsets=topic_partitions(offsets), asynchronous=False)
                 handler.committed(offsets)
             except Exception as exc:   # a KafkaException: a revocation never raises into consume()
                 log.warning("revoked %s: commit failed (%s); their unacknowledged work will be redelivered",
@@ -252,7 +212,7 @@ class RdKafkaSource:
 
     def commit(self, offsets: dict[Partition, int]) -> None:
         with kafka_errors("commit failed", self._group):
-            self._consumer.commit(offsets=_offsets(offsets), asynchronous=False)
+            self._consumer.commit(offsets=topic_partitions(offsets), asynchronous=False)
 
     def pause_all(self) -> None:
         """Take no more records. librdkafka drops a paused partition's prefetched records and fetches them
@@ -310,383 +270,12 @@ class RdKafkaSource:
             log.warning("closing the consumer: %s", exc)
 
 
-def _exception(error: Any) -> BaseException:
-    """A librdkafka ``KafkaError`` as the exception the error tree classifies (other errors as they are)."""
-    from confluent_kafka import KafkaError, KafkaException
-    return KafkaException(error) if isinstance(error, KafkaError) else error
-
-
-def _retriable(error: Any) -> bool:
-    """Whether sending again can succeed: an outage, a transient error, a full local queue; never a bad record."""
-    found = librdkafka_error(error)
-    return found is not None and librdkafka_kind(found) in (OUTAGE, TRANSIENT)
-
-
-def _is_refusal(error: Any) -> bool:
-    found = librdkafka_error(error)
-    return found is not None and librdkafka_kind(found) == REFUSED
-
-
-def _timed_out(error: Any) -> bool:
-    found = librdkafka_error(error)
-    return found is not None and librdkafka_name(found) == "_MSG_TIMED_OUT"
-
-
-# librdkafka's fatal errors of an idempotent producer that a new one (a new id, sequences from 0) cures: a refused
-# batch (gapless), and a broker that lost the producer's state or disagrees on its sequence numbers
-_CURED_BY_A_NEW_PRODUCER = ("_GAPLESS_GUARANTEE", "OUT_OF_ORDER_SEQUENCE_NUMBER", "UNKNOWN_PRODUCER_ID",
-                            "_INCONSISTENT")
-# what librdkafka hands back unsent: purged from a failed producer's queue, or its local queue full
-_UNSENT = ("_PURGE_QUEUE", "_QUEUE_FULL")
-
-
-def _producers_fault(error: Any, exc: BaseException) -> bool:
-    """A failure of the producer, not of the record: librdkafka's fatal state (``produce`` on a fatal producer
-    raises _FATAL, which does not say fatal() itself), or a fenced epoch (a delivery report's error never says
-    fatal(); its code does)."""
-    found = librdkafka_error(error)
-    return found is not None and librdkafka_kind(found) == PERMANENT and \
-        (found.fatal() or fenced(exc) or librdkafka_name(found) == "_FATAL")
-
-
-def _name(error: Any) -> str | None:
-    """The librdkafka code's name of ``error`` (see :func:`librdkafka_name`), None for any other error."""
-    found = librdkafka_error(error)
-    return None if found is None else librdkafka_name(found)
-
-
-class RdKafkaSink(SinkBase):
-    """Idempotent acks=all producer with delivery reports. A refusal (:data:`REFUSED`) runs ``on_refused``
-    (the pipeline dead-letters the input), and a refused record without one (a dead letter) sets
-    :attr:`failure`. A fatal idempotence error replaces the producer.
-
-    At least once, as the kafka-python sink (:mod:`.kafka_sink`): librdkafka keeps a partition's order
-    while it retries on its own, but a record whose delivery fails (refused, or given up on after
-    ``message.timeout.ms``) goes to one queue kept in hand-over order (:mod:`.isolation`), is resent
-    alone on a producer of its own (not idempotent: a refusal fails that record only, where a batch's
-    refusal fails every record in it), and every later record waits behind it. That needs every batch
-    behind a refused one to fail too: with ``enable.gapless.guarantee`` the refusal turns the producer
-    fatal, its queue is purged, and the broker refuses what was in flight behind it out of sequence (the
-    replaced producer's queue is purged again as such batches come back for a retry). Exactly once a
-    failed delivery dooms the open transaction instead."""
-
-    def __init__(self, bootstrap: str, settings: dict[str, Any], on_retry: Callable[[], None] = lambda: None,
-                 linger_ms: int = 5, max_request_size: int = 1 << 20, compression_type: str | None = None,
-                 transactional_id: str | None = None, transaction_timeout_ms: int = 60_000) -> None:
-        # At least once, a batch the broker refuses turns the producer fatal and fails every batch behind it
-        # (gapless), as kafka-python's does: by default librdkafka would bump its epoch and send the later
-        # batches on, acknowledged before the refused batch's innocent records are resent alone (out of order)
-        extra = ({"transactional.id": transactional_id, "transaction.timeout.ms": transaction_timeout_ms}
-                 if transactional_id else {"enable.gapless.guarantee": True})
-        self._settings = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
-                          "linger.ms": linger_ms, "message.max.bytes": max_request_size,
-                          "compression.type": compression_type or "none", "message.timeout.ms": 30_000,
-                          **_QUIET, **extra, **settings}
-        self._bootstrap = bootstrap
-        with connecting(bootstrap):
-            self._producer = self._new_producer()
-            if transactional_id:   # aborts what a predecessor with this id left open
-                self._producer.init_transactions(TRANSACTION_CALLS_S)
-                self._producer.begin_transaction()
-        super().__init__(on_retry, transactional_id)
-        self._lock = threading.Lock()   # the producer's replacement, and the replaced ones still served
-        self._retired: dict[Any, float] = {}   # replaced producers, by when: their reports are still served
-        self._dead: set[Any] = set()   # those replaced as fatal: nothing more can be handed to them
-        self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
-        self._poll_thread.start()
-        self._delayed.start()
-
-    def _new_producer(self) -> Any:
-        from confluent_kafka import Producer
-        return Producer(self._settings)
-
-    def _serve(self) -> None:
-        """Serve delivery reports (they call ``on_ack``) until closed: the producer's, and those of producers
-        it replaced for as long as they hold records (a record can still be handed to one that was just
-        replaced, and its report is what settles it), at least ``message.timeout.ms`` and a margin."""
-        while not self._closed:
-            with self._lock:
-                retired = list(self._retired.items())
-            for producer, since in [(self._producer, None), *retired]:
-                try:   # poll raises what a delivery callback raised: said, and the thread goes on serving
-                    if since is not None:   # it sends nothing more: what comes back to its queue (a batch
-                        # behind a refused one, answered out of order and queued for a retry) fails now, to
-                        # be resent in order, not after message.timeout.ms
-                        producer.purge(in_queue=True, in_flight=False, blocking=False)
-                    producer.poll(0.05 if since is None else 0)
-                except Exception as exc:
-                    if self._fatal(producer, exc):
-                        continue
-                    log.exception("serving the producer's delivery reports")
-                    time.sleep(0.05)   # never spin on an error that repeats
-                if since is not None and len(producer) == 0 and (producer in self._dead or time.monotonic() - since
-                                                                  > self._settings["message.timeout.ms"] / 1000 + 5):
-                    with self._lock:
-                        self._retired.pop(producer, None)
-                        self._dead.discard(producer)
-
-    def _fatal(self, producer: Any, exc: BaseException) -> bool:
-        """Whether ``exc``, raised by ``poll`` or ``flush``, is librdkafka's fatal error (raised once, by the call
-        that serves its event). One a new producer cures (:data:`_CURED_BY_A_NEW_PRODUCER`) replaces it; at least
-        once, any other (no IdempotentWrite ACL, a broker without idempotence: a new producer would fail alike)
-        stops the member; in a transaction the commit point says it."""
-        error = librdkafka_error(exc)
-        if error is None or not error.fatal():
-            return False
-        if self.transactional:
-            log.warning("the transactional producer is in a fatal state (%s)", error.str())
-        elif producer is not self._producer:   # replaced already (a timeout while the broker answered)
-            log.info("a replaced producer is in a fatal state (%s)", error.str())
-        elif _name(error) in _CURED_BY_A_NEW_PRODUCER:
-            self._delayed.later(0.0, partial(self._renew, producer, error))
-        else:
-            self._refusals.stop("the output topics", _exception(error), closed=self._closed)
-        return True
-
-    def _send(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
-              producer: Any) -> None:
-        """Produce on ``producer``; at least once the record is already counted against it
-        (:meth:`Isolation.take`), and every way it comes back settles that count."""
-        counted = not self.transactional
-
-        def delivered(error: Any, _message: Any) -> None:   # on the producer-poll thread
-            if error is None:
-                if counted:
-                    self._isolation.answered(producer)
-                self._acknowledged(on_ack, on_refused)
-            elif counted:
-                self._requeue(order, record, on_ack, on_refused, error, producer)
-            else:
-                self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, error, order, True))
-
-        try:
-            # a plugin's str is a bug: librdkafka would send its UTF-8, kafka-python refuses it; refuse it here too
-            for name, part in (("key", record.key), ("value", record.value)):
-                if part is not None and not isinstance(part, bytes):
-                    raise TypeError(f"a record {name} must be bytes, not {type(part).__name__}")
-            extra = {"headers": record.headers} if record.headers else {}
-            producer.produce(record.topic, value=record.value, key=record.key, on_delivery=delivered, **extra)
-        except BufferError as exc:   # the local queue is full: wait for deliveries, then send again
-            log.debug("producer queue full (%s)", exc)
-            if counted:   # in its place, behind nothing and before every later record
-                from confluent_kafka import KafkaError
-                self._requeue(order, record, on_ack, on_refused, KafkaError(KafkaError._QUEUE_FULL), producer)
-            else:
-                self._delayed.later(0.05, lambda: self._send(order, record, on_ack, on_refused, producer))
-        except Exception as exc:   # a KafkaException (too large, closed) or a bad value (TypeError)
-            error = librdkafka_error(exc) or exc
-            if counted and (_retriable(exc) or _producers_fault(error, exc)):   # closed, fatal: a new one sends it
-                self._requeue(order, record, on_ack, on_refused, error, producer)
-                return
-            if counted:
-                self._isolation.answered(producer)
-            self._failed(record, on_ack, on_refused, error, order)
-
-    def _requeue(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
-                 error: Any, producer: Any) -> None:
-        """At least once, a record ``producer`` failed: an error only the operator can fix stops the member;
-        any other queues the record in its hand-over place, to be resent alone (never from the poll thread)."""
-        exc = _exception(error)
-        if Refusals.stops(exc) and not _producers_fault(error, exc):
-            self._isolation.answered(producer)
-            self._delayed.later(0.0, lambda: self._refuse(record, on_refused, exc))
-            return
-        if _name(error) in _UNSENT:   # never refused: back to a producer in its place, not sent alone
-            self._isolation.add(order, record, on_ack, on_refused, producer, failed=False)
-            return
-        self._isolation.add(order, record, on_ack, on_refused, producer)
-        if _timed_out(error):   # given up on: what the producer still queues behind it must not go out first
-            producer.purge(in_queue=True, in_flight=False, blocking=False)
-        self._delayed.later(0.0, partial(self._after_failure, record, error, producer))
-
-    def _after_failure(self, record: Outgoing, error: Any, producer: Any) -> None:
-        """A failed delivery whose record is queued for its ordered resend: replace a producer it left unable
-        to send, say it, count it."""
-        exc = _exception(error)
-        # a refused batch left the producer fatal (gapless); so can a timeout while the broker answers: after a
-        # broker restart that lost its state (a new in-memory broker) the idempotent producer can wait for ever
-        # on its old producer id; a new producer starts afresh
-        if fenced(exc) or _is_refusal(error) or (_timed_out(error) and reachable(self._bootstrap)):
-            self._renew(producer, error)
-        self._count_failure(record, exc)
-
-    def _send_alone(self, record: Outgoing) -> BaseException | None:
-        """Send one record on a producer of its own and wait for the broker (bounded); the error or None. Not
-        idempotent, one request at a time: a refusal fails that record alone."""
-        from confluent_kafka import KafkaError, KafkaException, Producer
-        if self._closed:   # no new producer after close (nothing would close it)
-            return KafkaPermanent("the sink is closed")
-        answers: list[Any] = []
-        try:
-            if self._probe is None:
-                self._probe = Producer({**self._settings, "enable.idempotence": False,
-                                        "enable.gapless.guarantee": False,   # it needs idempotence
-                                        "max.in.flight.requests.per.connection": 1, "linger.ms": 0})
-            extra = {"headers": record.headers} if record.headers else {}
-            self._probe.produce(record.topic, value=record.value, key=record.key,
-                                on_delivery=lambda error, _message: answers.append(error), **extra)
-            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + CLIENT_TIMEOUT_S)
-        except (BufferError, KafkaException, TypeError) as exc:
-            return exc
-        error = answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
-        if error is None:
-            return None
-        if _retriable(error):
-            self._failing(_exception(error))
-        return _exception(error)
-
-    def _retriable(self, exc: BaseException) -> bool:
-        return _retriable(exc)
-
-    def _refused_for_good(self, exc: BaseException) -> bool:
-        return _is_refusal(exc)
-
-    def _too_large(self, exc: BaseException) -> bool:
-        error = librdkafka_error(exc)
-        return error is not None and librdkafka_name(error) == "MSG_SIZE_TOO_LARGE"
-
-    def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, error: Any,
-                order: int, reported: bool = False) -> None:
-        """A failed delivery in a transaction (``reported``: in its delivery report, the broker's answer), or a
-        record ``produce`` refused at once (at least once no longer counted against its producer)."""
-        from confluent_kafka import KafkaError
-        exc = _exception(error)
-        refused = not isinstance(error, KafkaError) or librdkafka_kind(error) == REFUSED   # a bad value too
-        if self.transactional and Refusals.stops(exc) and not _producers_fault(error, exc):
-            self._refuse(record, on_refused, exc)   # the operator's to fix: each redone unit would fail alike
-            return
-        if self.transactional and (reported or not refused):
-            # Any failed delivery makes librdkafka's open transaction abortable: it will be aborted and this
-            # unit redone. A record produce() refused at once never entered it and is refused below.
-            self._doom(record, on_ack, exc, error, probe=reported and refused)
-            return
-        instead = self._fallback(record, exc)
-        if instead is not None:
-            self.publish(instead, on_ack, on_refused, order)
-            return
-        self._refuse(record, on_refused, exc)
-
-    def _transact_alone(self, record: Outgoing) -> BaseException | None:
-        from confluent_kafka import KafkaError, KafkaException, Producer
-        answers: list[Any] = []
-        error: Any = None
-        try:
-            if self._probe is None:
-                self._probe = Producer({**self._settings, "transactional.id": f"{self._transactional_id}-probe",
-                                        "linger.ms": 0})
-                self._probe.init_transactions(TRANSACTION_CALLS_S)   # aborts what an earlier probe left open
-            self._probe.begin_transaction()
-            extra = {"headers": record.headers} if record.headers else {}
-            self._probe.produce(record.topic, value=record.value, key=record.key,
-                                on_delivery=lambda failure, _message: answers.append(failure), **extra)
-            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + CLIENT_TIMEOUT_S)
-            error = answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
-        except KafkaException as failure:
-            error = librdkafka_error(failure) or failure
-        try:
-            self._probe.abort_transaction(TRANSACTION_CALLS_S)
-        except Exception:   # left unusable by the refusal: the next probe starts afresh (and aborts this one)
-            self._probe = None
-        return None if error is None else _exception(error)
-
-    def _renew(self, producer: Any, error: Any) -> None:
-        """Replace a producer in librdkafka's fatal state (every later send would fail); its records fail as
-        its delivery reports are served and queue for their ordered resend (or, in a transaction, doom it)."""
-        from confluent_kafka import KafkaException
-        with self._lock:
-            if self._producer is not producer or self._closed:
-                return
-            log.warning("the producer is in a fatal state (%s); replacing it with a new one", error.str())
-            try:
-                self._producer = self._new_producer()
-            except KafkaException as exc:   # the retry will find the old one and try again
-                log.warning("making a new producer failed (%s); will retry", exc)
-                return
-            self._retired[producer] = time.monotonic()   # served by _serve while it holds records
-            found = librdkafka_error(error)
-            if found is not None and (found.fatal() or _is_refusal(found)):   # fatal (a refusal is, gapless):
-                self._dead.add(producer)   # produce() on it fails, so nothing more can enter it
-
-    def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
-        """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
-        transaction is aborted (raises KafkaTransient or BrokerUnavailable) or, fenced, KafkaPermanent."""
-        from confluent_kafka import KafkaException
-
-        def commit() -> None:
-            limit = time.monotonic() + TRANSACTION_CALLS_S
-            self._producer.send_offsets_to_transaction(_offsets(offsets), group_metadata, _left(limit))
-            self._producer.commit_transaction(_left(limit))
-        with kafka_errors("transaction commit failed"):
-            commit_unit(self._doomed, commit, self._sends_ok, self.abort_transaction, KafkaException,
-                        lambda exc: self._fatal_check(exc, "committing the transaction"))
-        self._begin()
-
-    def abort_transaction(self) -> None:
-        from confluent_kafka import KafkaException
-        try:
-            self._producer.abort_transaction(TRANSACTION_CALLS_S)
-        except KafkaException as exc:
-            self._fatal_check(exc, "aborting a transaction")
-            raise KafkaPermanent(f"aborting a transaction failed ({exc}); exiting so a restart makes a new "
-                                 f"producer") from exc
-        finally:
-            self._doomed = None
-        self._begin()
-
-    def _begin(self) -> None:
-        from confluent_kafka import KafkaException
-        try:
-            self._producer.begin_transaction()
-        except KafkaException as exc:
-            raise KafkaPermanent(f"beginning a transaction failed ({exc}); exiting so a restart makes a new "
-                                 f"producer") from exc
-
-    @staticmethod
-    def _fatal_check(exc: BaseException, what: str) -> None:
-        """A fatal transaction error (fenced: another member took over the transactional id) ends the member."""
-        error = librdkafka_error(exc)
-        if error is not None and (error.fatal() or librdkafka_kind(error) == PERMANENT):
-            raise KafkaPermanent(f"{what}: {error.name()}: {error.str()}: this member's producer can send no more "
-                                 f"(fenced when another member took over its transactional id); stopping") from exc
-
-    def flush(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            producer = self._producer
-            try:
-                left = producer.flush(max(0.0, min(0.1, deadline - time.monotonic())))
-            except Exception as exc:   # the fatal error's event, served here rather than on the poll thread
-                if not self._fatal(producer, exc):
-                    raise
-                continue
-            if not left and not self.pending_retries():
-                return True
-        return not self.pending_retries() and not len(self._producer)
-
-    def close(self) -> None:
-        self.flush(CLIENT_TIMEOUT_S)
-        self._closed = True
-        self._delayed.close(timeout=1.0)
-        self._isolation.close()
-        self._poll_thread.join(1.0)
-        if self._probe is not None:
-            self._probe.flush(0)
-        try:
-            left = self._producer.flush(0)
-        except Exception as exc:   # its fatal error, left unserved until now: said, and what it holds counted
-            log.warning("closing the producer: %s", exc)
-            left = len(self._producer)
-        if left:
-            log.warning("the producer closed with %d records undelivered (their inputs stay uncommitted and are "
-                        "redelivered)", left)
-
-
 def ensure_output_topics(cfg: StreamConfig) -> str:
     """:func:`.kafka_common.ensure_output_topics` with librdkafka's admin client (kafka-python's cannot talk to
     every broker librdkafka can: librdkafka's mock cluster answers it with ApiVersions it cannot decode)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
-    admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **_QUIET, **client_settings(cfg)})
+    admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **QUIET, **client_settings(cfg)})
     wanted = {"output": cfg.output_topic, "dead-letter": cfg.dead_letter_topic}
     with connecting(cfg.bootstrap_servers):   # the first request: librdkafka's clients connect lazily
         existing = admin.list_topics(timeout=CLIENT_TIMEOUT_S).topics
@@ -704,11 +293,6 @@ def ensure_output_topics(cfg: StreamConfig) -> str:
             raise KafkaPermanent(f"{topic}: missing and cannot be created ({exc}); create it (README: Topics) "
                                  f"or grant CREATE") from exc
     return output_topics_line(wanted, missing, partitions)
-
-
-def _left(limit: float) -> float:
-    """Seconds until ``limit`` (monotonic), at least a little: librdkafka's own bound on a transaction call."""
-    return max(0.1, limit - time.monotonic())
 
 
 class RdKafkaConnector:

@@ -1,13 +1,13 @@
-"""What both Kafka sinks (kafka-python's :mod:`.kafka_sink`, librdkafka's :mod:`.rdkafka_io`) do alike
+"""What both Kafka sinks (kafka-python's :mod:`.kafka_sink`, librdkafka's :mod:`.rdkafka_sink`) do alike
 around a client: hand-over numbers and the ordered resend of failed records (:mod:`.isolation`), the
 failure watch behind ``/readyz`` and ``failing_since``, refusals and dead letters (:class:`.Refusals`),
 the value-less fallback of a record too large, and, exactly once, the open transaction a failed send
 dooms and the probe that tells a refused record from those that shared its fate.
 
-A subclass supplies the client: it makes the producer (``self._producer``) before calling
-``__init__`` here, sends (:meth:`_send`), sends one record alone (:meth:`_send_alone`) or alone in a
-transaction that is then aborted (:meth:`_transact_alone`), and classifies its client's errors
-(:meth:`_retriable`, :meth:`_refused_for_good`, :meth:`_too_large`). No Kafka here.
+A subclass supplies the client: it makes the producer (``self._producer``), sends (:meth:`_send`), sends
+one record alone (:meth:`_send_alone`) or alone in a transaction that is then aborted
+(:meth:`_transact_alone`), and classifies its client's errors (:meth:`_retriable`,
+:meth:`_refused_for_good`). No Kafka here.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .delayed import Delayed
-from .errors import KafkaPermanent, fenced
+from .errors import KafkaPermanent, fenced, too_large
 from .failures import FailureWatch, Refusals
 from .isolation import Entry, Isolation
 from .ports import Refused
@@ -36,7 +36,8 @@ class SinkBase(ABC):
     def __init__(self, on_retry: Callable[[], None], transactional_id: str | None) -> None:
         self.transactional, self._transactional_id = bool(transactional_id), transactional_id
         self._on_retry = on_retry
-        self._doomed: Any = None   # a send failed inside the open transaction: why
+        self._doomed: BaseException | Any = None   # a send failed inside the open transaction: why (the
+        # client's error: an exception, or librdkafka's KafkaError)
         self._delayed = Delayed("publish-retry")   # retries, and failure handling off the client's threads
         self._closed = False
         self._watch_lock = threading.Lock()
@@ -50,6 +51,7 @@ class SinkBase(ABC):
         self._isolation = Isolation(self._send_alone, lambda exc: not self._retriable(exc), self._isolated_outcome,
                                     self._released, self._current_producer)
         self._handed = itertools.count()   # each record's hand-over number: the isolation's order
+        self._delayed.start()
 
     # ---- the client's part ----
     @abstractmethod
@@ -75,10 +77,6 @@ class SinkBase(ABC):
     @abstractmethod
     def _refused_for_good(self, exc: BaseException) -> bool:
         """The broker refused the record (or a batch it was in): no resend of the same bytes can change that."""
-
-    @abstractmethod
-    def _too_large(self, exc: BaseException) -> bool:
-        """The broker (or the client) refused the record as too large."""
 
     def _current_producer(self) -> Any:
         """The producer records go to now."""
@@ -111,7 +109,7 @@ class SinkBase(ABC):
 
     def _fallback(self, record: Outgoing, exc: BaseException) -> Outgoing | None:
         """The value-less record to publish instead of one refused as too large, where it has one."""
-        if record.fallback is None or not self._too_large(exc):
+        if record.fallback is None or not too_large(exc):
             return None
         log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
                     len(record.value or b""), record.topic)
@@ -182,6 +180,13 @@ class SinkBase(ABC):
         else:
             log.info("a record for %s that failed with %s is accepted alone; it is redone with its unit",
                      record.topic, exc)
+
+    def _stop_resending(self, timeout_s: float = 0.0) -> None:
+        """Closing: no more retries or resends (waiting up to ``timeout_s`` for the one running); what still
+        waits stays unacknowledged, its input redelivered after the restart."""
+        self._closed = True
+        self._delayed.close(timeout=timeout_s)
+        self._isolation.close()
 
     # ---- state ----
     @property

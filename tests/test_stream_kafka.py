@@ -179,7 +179,7 @@ def test_a_sink_publishes_the_fallback_when_a_record_is_too_large(kafka_broker, 
     import threading
 
     from stream.kafka_sink import KafkaSink
-    from stream.rdkafka_io import RdKafkaSink
+    from stream.rdkafka_sink import RdKafkaSink
     from stream.records import Message, dead_letter
     t = names(kafka_broker, partitions=1)
     sink = (RdKafkaSink if kafka_client == "librdkafka" else KafkaSink)(kafka_broker.bootstrap, {},

@@ -10,7 +10,7 @@ import pytest
 confluent_kafka = pytest.importorskip("confluent_kafka")
 
 from engine_build.errors import ConfigError  # noqa: E402
-from stream import errors, rdkafka_io  # noqa: E402
+from stream import errors, rdkafka_common, rdkafka_io, rdkafka_sink  # noqa: E402
 from stream.config import StreamConfig, build_parser, from_args  # noqa: E402
 from stream.errors import BrokerUnavailable, KafkaPermanent, KafkaTransient  # noqa: E402
 from stream.records import Outgoing  # noqa: E402
@@ -82,15 +82,15 @@ def test_tls_and_sasl_settings_keep_their_meaning(tmp_path):
     ca.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
     cfg = _cfg(tmp_path, security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="u",
                sasl_password="p", ssl_cafile=str(ca))
-    assert rdkafka_io.client_settings(cfg) == {
+    assert rdkafka_common.client_settings(cfg) == {
         "security.protocol": "sasl_ssl", "ssl.ca.location": str(ca), "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.username": "u", "sasl.password": "p"}
     # librdkafka knows every name: it reads the CA file (not a certificate here) and says which setting failed
     with pytest.raises(KafkaPermanent, match="ssl.ca.location"):
-        rdkafka_io.RdKafkaSink("localhost:1", rdkafka_io.client_settings(cfg))
+        rdkafka_sink.RdKafkaSink("localhost:1", rdkafka_common.client_settings(cfg))
     plain = _cfg(tmp_path, security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u",
                  sasl_password="p")
-    rdkafka_io.RdKafkaSink("localhost:1", rdkafka_io.client_settings(plain)).close()
+    rdkafka_sink.RdKafkaSink("localhost:1", rdkafka_common.client_settings(plain)).close()
 
 
 def test_a_full_prefetch_queue_is_looked_at_again_within_10_ms_not_a_second(tmp_path):
@@ -186,7 +186,7 @@ def test_a_delivery_callback_that_raises_does_not_stop_the_reports_after_it(kafk
     """confluent-kafka's poll raises what a delivery callback raised; the thread serving the reports said it
     and went on: before, it ended, and no later record was ever acknowledged."""
     t = names(kafka_broker, partitions=1)
-    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {})
+    sink = rdkafka_sink.RdKafkaSink(kafka_broker.bootstrap, {})
     acked = threading.Semaphore(0)
 
     def boom() -> None:
@@ -301,7 +301,7 @@ def test_revocation_drains_on_the_poll_thread_then_commits_before_another_member
 @pytest.mark.kafka
 def test_sink_acknowledges_refuses_for_good_and_stops_on_a_refused_dead_letter(kafka_broker):
     t = names(kafka_broker, partitions=1)
-    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, max_request_size=1 << 20, compression_type="zstd")
+    sink = rdkafka_sink.RdKafkaSink(kafka_broker.bootstrap, {}, max_request_size=1 << 20, compression_type="zstd")
     acked, refused = threading.Semaphore(0), []
     try:
         for i in range(20):
@@ -359,7 +359,7 @@ def test_a_record_librdkafka_gave_up_on_is_not_overtaken_by_later_ones(kafka_bro
     record was published again after a backoff of its own and the later ones went ahead of it."""
     from confluent_kafka import KafkaError
 
-    class Sink(rdkafka_io.RdKafkaSink):
+    class Sink(rdkafka_sink.RdKafkaSink):
         def _new_producer(self) -> object:
             return _RefusingProducer(super()._new_producer(), KafkaError._MSG_TIMED_OUT, answers)
     answers = [1]
@@ -391,7 +391,7 @@ def test_a_publish_error_only_the_operator_can_fix_stops_the_member_and_dead_let
     """An error about the settings, not the record, would come back for every record: the sink stops the
     member in one line naming it instead of dead-lettering the input (or, exactly once, aborting and
     redoing the unit for ever), and leaves the record unacknowledged."""
-    class Sink(rdkafka_io.RdKafkaSink):
+    class Sink(rdkafka_sink.RdKafkaSink):
         def _new_producer(self) -> object:
             return _RefusingProducer(super()._new_producer(), getattr(KafkaError, code))
     t = names(kafka_broker, partitions=1)
@@ -408,7 +408,7 @@ def test_a_fenced_producer_in_a_delivery_report_is_no_reason_to_stop(kafka_broke
     doomed, to be aborted (the commit point says "fenced" where it is). The member is not stopped."""
     answers = [1]
 
-    class Sink(rdkafka_io.RdKafkaSink):
+    class Sink(rdkafka_sink.RdKafkaSink):
         def _new_producer(self) -> object:
             return _RefusingProducer(super()._new_producer(), KafkaError.INVALID_PRODUCER_EPOCH, answers)
     t = names(kafka_broker, partitions=1)
@@ -432,7 +432,7 @@ def test_exactly_once_a_failed_delivery_dooms_the_unit_and_its_commit_says_why(k
     point a fencing (a successor took the transactional id) stops the member saying fenced, not that a
     restart fixes it (the abort would time out); a delivery that timed out while the brokers were away keeps
     the failure an outage (retried without a limit), not a transient error counted toward --fail-after-s."""
-    class Sink(rdkafka_io.RdKafkaSink):
+    class Sink(rdkafka_sink.RdKafkaSink):
         def _new_producer(self) -> object:
             return _RefusingProducer(super()._new_producer(), getattr(KafkaError, code))
     t = names(kafka_broker, partitions=1)
@@ -459,7 +459,7 @@ def test_transactional_sink_commits_offsets_with_its_records_aborts_and_is_fence
     handler = Handler()
     handler.done.set()   # nothing in flight when the source closes
     source = rdkafka_io.RdKafkaSource(cfg, handler)
-    sink = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+    sink = rdkafka_sink.RdKafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
     successor = None
     acked = threading.Semaphore(0)
     try:
@@ -474,7 +474,7 @@ def test_transactional_sink_commits_offsets_with_its_records_aborts_and_is_fence
         sink.abort_transaction()
         sink.publish(Outgoing(t["output"], b"k", b"fenced", []), acked.release)
         assert acked.acquire(timeout=30)
-        successor = rdkafka_io.RdKafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
+        successor = rdkafka_sink.RdKafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-{t['group']}")
         with pytest.raises(KafkaPermanent, match="fenced|FENCED|EPOCH"):
             sink.commit_transaction({(t["input"], 0): 3}, source.group_metadata())
     finally:

@@ -13,7 +13,7 @@ import pytest
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 
-from stream import rdkafka_io  # noqa: E402
+from stream import rdkafka_sink  # noqa: E402
 from stream.errors import KafkaPermanent  # noqa: E402
 from stream.records import Outgoing  # noqa: E402
 
@@ -26,7 +26,7 @@ INIT_PRODUCER_ID = 22   # the Kafka protocol's ApiKey of an InitProducerId reque
 class Handed:
     """Records handed to a sink, each acknowledged or refused at most once; waited for by count."""
 
-    def __init__(self, sink: rdkafka_io.RdKafkaSink) -> None:
+    def __init__(self, sink: rdkafka_sink.RdKafkaSink) -> None:
         self.sink, self.acked, self.refused = sink, [], []
         self._settled = threading.Semaphore(0)
 
@@ -47,10 +47,10 @@ class Handed:
         return all(self._settled.acquire(timeout=timeout_s) for _ in range(count))
 
 
-def _ready(cluster: MockCluster, **settings: object) -> tuple[rdkafka_io.RdKafkaSink, Handed]:
+def _ready(cluster: MockCluster, **settings: object) -> tuple[rdkafka_sink.RdKafkaSink, Handed]:
     """A sink on ``cluster``'s topic ``out`` whose producer has its id (a first record acknowledged)."""
     cluster.create_topic("out")
-    sink = rdkafka_io.RdKafkaSink(cluster.bootstrap, dict(settings))
+    sink = rdkafka_sink.RdKafkaSink(cluster.bootstrap, dict(settings))
     handed = Handed(sink)
     handed.publish(b"-1")
     assert handed.settle(1), "the producer is ready"
@@ -113,7 +113,7 @@ def test_a_producer_no_new_one_would_cure_stops_the_member_instead_of_being_repl
     new producer every few milliseconds (15 in 5 s, each with its threads, before)."""
     made = []
 
-    class Sink(rdkafka_io.RdKafkaSink):
+    class Sink(rdkafka_sink.RdKafkaSink):
         def _new_producer(self) -> object:
             made.append(1)
             return super()._new_producer()
@@ -138,7 +138,7 @@ def test_records_purged_unsent_behind_a_refusal_go_back_to_a_producer_not_one_at
     trip against 0.5 s). Counted here: how many records are sent alone."""
     alone = []
 
-    class Sink(rdkafka_io.RdKafkaSink):
+    class Sink(rdkafka_sink.RdKafkaSink):
         def _send_alone(self, record: Outgoing) -> BaseException | None:
             alone.append(record.value)
             return super()._send_alone(record)
@@ -219,7 +219,7 @@ def test_a_fenced_transactional_producer_is_said_at_the_commit_not_as_a_refused_
     with mock_cluster() as cluster:
         for topic in ("out", "other", "in"):
             cluster.create_topic(topic)
-        sink = rdkafka_io.RdKafkaSink(cluster.bootstrap, {}, transactional_id="fenced-tx")
+        sink = rdkafka_sink.RdKafkaSink(cluster.bootstrap, {}, transactional_id="fenced-tx")
         acked = threading.Semaphore(0)
         consumer = confluent_kafka.Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "g"})
         try:
@@ -259,7 +259,7 @@ def test_innocent_records_of_a_batch_the_broker_refused_record_by_record_are_res
         def __getattr__(self, name: str) -> object:
             return getattr(self._real, name)
 
-    class Sink(rdkafka_io.RdKafkaSink):
+    class Sink(rdkafka_sink.RdKafkaSink):
         def _new_producer(self) -> object:
             return Producer(super()._new_producer())
     with mock_cluster() as cluster:
@@ -301,7 +301,7 @@ def test_records_librdkafkas_full_queue_turned_away_go_back_to_a_producer_not_on
     a round trip each, and counted as publishing failing."""
     alone = []
 
-    class Sink(rdkafka_io.RdKafkaSink):
+    class Sink(rdkafka_sink.RdKafkaSink):
         def _send_alone(self, record: Outgoing) -> BaseException | None:
             alone.append(record.value)
             return super()._send_alone(record)
