@@ -299,9 +299,10 @@ class RdKafkaConnector:
     """Makes the librdkafka source and sink from the service config.
 
     ``assignment_strategy`` is librdkafka's ``partition.assignment.strategy``: eager ``range`` by default.
-    ``cooperative-sticky`` (the source then adds and removes partitions incrementally) was tried against
-    tansu 0.6: a member leaving left the group unable to finish its rebalance, and offset commits failed
-    with ILLEGAL_GENERATION meanwhile, so it is not the default and not offered as a flag."""
+    ``cooperative-sticky`` (the source then adds and removes partitions incrementally) is not offered as a
+    flag yet: a member's synchronous commit waits behind its pending rejoin and holds its intake meanwhile
+    (docs/kafka-client.md, "Cooperative rebalancing"), and tansu 0.6 has left such a group unable to finish
+    a rebalance when a member left."""
 
     def __init__(self, cfg: StreamConfig, assignment_strategy: str = "range") -> None:
         try:   # its version is in the start-up line (stream.cli.client_version)

@@ -17,10 +17,9 @@ from stream import rdkafka_sink  # noqa: E402
 from stream.errors import KafkaPermanent  # noqa: E402
 from stream.records import Outgoing  # noqa: E402
 
-from .rdkafka_mock import PRODUCE, MockCluster, mock_cluster  # noqa: E402
+from .rdkafka_mock import ADD_PARTITIONS_TO_TXN, INIT_PRODUCER_ID, PRODUCE, MockCluster, mock_cluster  # noqa: E402
 
 KafkaError = confluent_kafka.KafkaError
-INIT_PRODUCER_ID = 22   # the Kafka protocol's ApiKey of an InitProducerId request
 
 
 class Handed:
@@ -64,7 +63,7 @@ def _until(what: str, condition: Callable[[], bool], timeout_s: float = 10.0) ->
         time.sleep(0.02)
 
 
-def test_records_behind_a_refused_batch_are_not_published_ahead_of_its_innocent_ones():
+def test_records_behind_a_refused_batch_are_not_published_ahead_of_its_innocent_ones(caplog):
     """librdkafka's default bumps its epoch after a refused batch and sends the batch behind it again, which
     the broker acknowledges before the refused batch's innocent records are resent alone: the log read
     [-1, 3, ..., 9, 0, 1, 2]. With gapless, and the replaced producer's retry queue purged, it stays in order."""
@@ -78,6 +77,7 @@ def test_records_behind_a_refused_batch_are_not_published_ahead_of_its_innocent_
                     handed.publish(str(i).encode())
                 time.sleep(0.05)   # past linger.ms: a batch, a request, of its own
             assert handed.settle(10) and handed.refused == [], "each accepted alone"
+            assert "unable to satisfy gap-less guarantee" in caplog.text, "the refusal turned the producer fatal"
         finally:
             sink.close()
         cluster.set_rtt(0)
@@ -85,7 +85,7 @@ def test_records_behind_a_refused_batch_are_not_published_ahead_of_its_innocent_
     assert [int(v) for v in values] == list(range(-1, 10)), "in hand-over order, once each"
 
 
-def test_a_record_handed_to_a_producer_a_refusal_left_fatal_is_resent_and_flush_does_not_raise():
+def test_a_record_handed_to_a_producer_a_refusal_left_fatal_is_resent_and_flush_does_not_raise(caplog):
     """Between a refused batch and the producer's replacement, produce() on it raises _FATAL (which does not
     say fatal() itself): the record used to be refused as the operator's to fix, stopping the member. And
     whichever thread serves the fatal error's event gets it raised: flush() on the pipeline's thread (its
@@ -104,6 +104,7 @@ def test_a_record_handed_to_a_producer_a_refusal_left_fatal_is_resent_and_flush_
             assert handed.settle(3)
             assert sink.failure is None, sink.failure
             assert sorted(handed.acked[1:]) == [b"a", b"b", b"c"] and handed.refused == []
+            assert "code=_FATAL" in caplog.text, "c was handed to the fatal producer"
         finally:
             sink.close()
 
@@ -183,7 +184,7 @@ def test_producers_a_refusal_left_fatal_are_let_go_once_they_hold_nothing():
             assert len(handed.refused) == 100 and sink.failure is None
             _until("no replaced producer kept", lambda: not sink._retired, timeout_s=10)
         finally:
-            cluster.fail_next(PRODUCE)
+            cluster.clear_errors(PRODUCE)
             sink.close()
 
 
@@ -202,8 +203,9 @@ def test_records_queued_behind_ones_librdkafka_gave_up_on_do_not_overtake_them()
             time.sleep(2.5)
             for i in range(3, 6):
                 handed.publish(f"m{i}".encode())
-            _until("the first three given up on", lambda: sink.pending_retries() >= 3)
-            time.sleep(0.5)   # the sink has made of it what it makes of it
+            # m0-m2 are given up on at about 4.5 s, m3-m5 not before 7 s: 6 waiting by 6 s means the purge
+            _until("the first three given up on, the three behind them purged", lambda: sink.pending_retries() >= 6,
+                   timeout_s=3)
             cluster.set_down(False)
             assert handed.settle(6, timeout_s=60) and handed.refused == []
         finally:
@@ -225,7 +227,7 @@ def test_a_fenced_transactional_producer_is_said_at_the_commit_not_as_a_refused_
         try:
             sink.publish(Outgoing("out", b"k", b"0", []), acked.release)
             assert acked.acquire(timeout=30)
-            cluster.fail_next(24, KafkaError.PRODUCER_FENCED)   # AddPartitionsToTxn, as Kafka answers a fenced one
+            cluster.fail_next(ADD_PARTITIONS_TO_TXN, KafkaError.PRODUCER_FENCED)   # as Kafka answers a fenced one
             sink.publish(Outgoing("other", b"k", b"1", []), acked.release)   # a new partition in the transaction
             assert acked.acquire(timeout=30)
             sink.publish(Outgoing("out", b"k", b"2", []), acked.release)
