@@ -46,10 +46,22 @@ class Handed:
         return all(self._settled.acquire(timeout=timeout_s) for _ in range(count))
 
 
-def _ready(cluster: MockCluster, **settings: object) -> tuple[rdkafka_sink.RdKafkaSink, Handed]:
-    """A sink on ``cluster``'s topic ``out`` whose producer has its id (a first record acknowledged)."""
+class _CountingAlone(rdkafka_sink.RdKafkaSink):
+    """Counts the records it sends alone (one round trip each)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.alone: list[bytes | None] = []
+        super().__init__(*args, **kwargs)   # type: ignore[arg-type]
+
+    def _send_alone(self, record: Outgoing) -> BaseException | None:
+        self.alone.append(record.value)
+        return super()._send_alone(record)
+
+
+def _ready(cluster: MockCluster, **settings: object) -> tuple[_CountingAlone, Handed]:
+    """A sink on ``cluster``'s topic ``out`` whose producer has its id (a first record, -1, acknowledged)."""
     cluster.create_topic("out")
-    sink = rdkafka_sink.RdKafkaSink(cluster.bootstrap, dict(settings))
+    sink = _CountingAlone(cluster.bootstrap, dict(settings))
     handed = Handed(sink)
     handed.publish(b"-1")
     assert handed.settle(1), "the producer is ready"
@@ -137,19 +149,9 @@ def test_records_purged_unsent_behind_a_refusal_go_back_to_a_producer_not_one_at
     """A refusal purges everything the fatal producer still queued, on every partition; those records were
     never refused, but each used to be resent alone, a round trip each (16.7 s for 3,000 at a 5 ms round
     trip against 0.5 s). Counted here: how many records are sent alone."""
-    alone = []
-
-    class Sink(rdkafka_sink.RdKafkaSink):
-        def _send_alone(self, record: Outgoing) -> BaseException | None:
-            alone.append(record.value)
-            return super()._send_alone(record)
     with mock_cluster() as cluster:
-        cluster.create_topic("out")
-        sink = Sink(cluster.bootstrap, {"max.in.flight.requests.per.connection": 1})
-        handed = Handed(sink)
+        sink, handed = _ready(cluster, **{"max.in.flight.requests.per.connection": 1})
         try:
-            handed.publish(b"w")
-            assert handed.settle(1)
             cluster.set_rtt(300)
             # librdkafka can send one more batch after the refusal turned it fatal: Kafka refuses it out of sequence
             cluster.fail_next(PRODUCE, KafkaError.INVALID_RECORD, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER)
@@ -164,8 +166,8 @@ def test_records_purged_unsent_behind_a_refusal_go_back_to_a_producer_not_one_at
         finally:
             sink.close()
         values = cluster.values("out", 304)
-    assert set(alone) == {b"a0", b"a1", b"a2"}, f"{len(alone)} sent alone"   # a0 twice where it met the second answer
-    assert values == [b"w", b"a0", b"a1", b"a2", *[f"m{i}".encode() for i in range(300)]]
+    assert set(sink.alone) == {b"a0", b"a1", b"a2"}, f"{len(sink.alone)} sent alone"   # a0 twice where it met
+    assert values == [b"-1", b"a0", b"a1", b"a2", *[f"m{i}".encode() for i in range(300)]]   # the second answer
 
 
 def test_producers_a_refusal_left_fatal_are_let_go_once_they_hold_nothing():
@@ -301,19 +303,9 @@ def test_a_producer_a_broker_lost_the_state_of_is_replaced_not_a_stop(answers):
 def test_records_librdkafkas_full_queue_turned_away_go_back_to_a_producer_not_one_at_a_time():
     """A record produce() turns away with a full local queue (BufferError) was never sent; it was resent alone,
     a round trip each, and counted as publishing failing."""
-    alone = []
-
-    class Sink(rdkafka_sink.RdKafkaSink):
-        def _send_alone(self, record: Outgoing) -> BaseException | None:
-            alone.append(record.value)
-            return super()._send_alone(record)
     with mock_cluster() as cluster:
-        cluster.create_topic("out")
-        sink = Sink(cluster.bootstrap, {"queue.buffering.max.messages": 50})
-        handed = Handed(sink)
+        sink, handed = _ready(cluster, **{"queue.buffering.max.messages": 50})
         try:
-            handed.publish(b"w")
-            assert handed.settle(1)
             cluster.set_rtt(5)
             for i in range(500):
                 handed.publish(f"m{i}".encode())
@@ -322,5 +314,5 @@ def test_records_librdkafkas_full_queue_turned_away_go_back_to_a_producer_not_on
             sink.close()
         cluster.set_rtt(0)
         values = cluster.values("out", 501)
-    assert alone == [], f"{len(alone)} sent alone"
-    assert values == [b"w", *[f"m{i}".encode() for i in range(500)]]
+    assert sink.alone == [], f"{len(sink.alone)} sent alone"
+    assert values == [b"-1", *[f"m{i}".encode() for i in range(500)]]
