@@ -30,7 +30,7 @@ from .errors import (
     librdkafka_retriable,
     librdkafka_timed_out,
 )
-from .failures import Refusals
+from .failures import Refusals, doubling
 from .kafka_common import CLIENT_TIMEOUT_S, TRANSACTION_CALLS_S, connecting, reachable
 from .ports import Partition, Refused
 from .rdkafka_common import QUIET, topic_partitions
@@ -78,6 +78,7 @@ class RdKafkaSink(SinkBase):
         self._lock = threading.Lock()   # the producer's replacement, and the replaced ones still served
         self._retired: dict[Any, float] = {}   # replaced producers, by when: their reports are still served
         self._dead: set[Any] = set()   # those replaced as fatal: nothing more can be handed to them
+        self._renewals_unacked = 0   # producers made since the last acknowledgement
         self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
         self._poll_thread.start()
 
@@ -122,8 +123,10 @@ class RdKafkaSink(SinkBase):
             log.warning("the transactional producer is in a fatal state (%s)", error.str())
         elif producer is not self._producer:   # replaced already (a timeout while the broker answered)
             log.info("a replaced producer is in a fatal state (%s)", error.str())
-        elif librdkafka_code(error) in LIBRDKAFKA_CURED_BY_A_NEW_PRODUCER:
-            self._delayed.later(0.0, partial(self._renew, producer, error))
+        elif librdkafka_code(error) in LIBRDKAFKA_CURED_BY_A_NEW_PRODUCER:   # at once, unless the producers made
+            # since the last acknowledgement fail alike: then after a doubling wait (a broker that fails every new one)
+            self._delayed.later(doubling(self._renewals_unacked - 1) if self._renewals_unacked else 0.0,
+                                partial(self._renew, producer, error))
         else:
             self._refusals.stop("the output topics", librdkafka_exception(error), closed=self._closed)
         return True
@@ -138,26 +141,34 @@ class RdKafkaSink(SinkBase):
             if error is None:
                 if counted:
                     self._isolation.answered(producer)
+                self._renewals_unacked = 0
                 self._acknowledged(on_ack, on_refused)
             elif counted:
                 self._requeue(order, record, on_ack, on_refused, error, producer)
             else:
                 self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, error, order, True))
 
-        try:
+        def produce() -> None:
             # a plugin's str is a bug: librdkafka would send its UTF-8, kafka-python refuses it; refuse it here too
             for name, part in (("key", record.key), ("value", record.value)):
                 if part is not None and not isinstance(part, bytes):
                     raise TypeError(f"a record {name} must be bytes, not {type(part).__name__}")
             extra = {"headers": record.headers} if record.headers else {}
             producer.produce(record.topic, value=record.value, key=record.key, on_delivery=delivered, **extra)
-        except BufferError as exc:   # the local queue is full: wait for deliveries, then send again
-            log.debug("producer queue full (%s)", exc)
-            if counted:   # in its place, behind nothing and before every later record
-                from confluent_kafka import KafkaError
-                self._requeue(order, record, on_ack, on_refused, KafkaError(KafkaError._QUEUE_FULL), producer)
-            else:
-                self._delayed.later(0.05, lambda: self._send(order, record, on_ack, on_refused, producer))
+
+        try:
+            try:
+                produce()
+            except BufferError as full:   # the local queue is full
+                log.debug("producer queue full (%s)", full)
+                too_big = self._never_fits(record)
+                if too_big is not None:
+                    raise too_big from full
+                if counted:   # waits in its place, behind nothing and before every later record
+                    from confluent_kafka import KafkaError
+                    self._requeue(order, record, on_ack, on_refused, KafkaError(KafkaError._QUEUE_FULL), producer)
+                else:   # in a transaction: here, so that no later record goes ahead of it in the unit
+                    self._wait_for_room(produce, record, on_ack, full)
         except Exception as exc:   # a KafkaException (too large, closed) or a bad value (TypeError)
             error = librdkafka_error(exc) or exc
             if counted and (librdkafka_retriable(exc) or librdkafka_producers_fault(error)):   # closed, fatal:
@@ -167,6 +178,31 @@ class RdKafkaSink(SinkBase):
             if counted:
                 self._isolation.answered(producer)
             self._failed(record, on_ack, on_refused, error, order)
+
+    def _never_fits(self, record: Outgoing) -> BaseException | None:
+        """A refusal as too large for a record larger than librdkafka's whole local queue (no wait makes room for
+        it; it would be turned away for ever), else None."""
+        from confluent_kafka import KafkaError, KafkaException
+        size = len(record.value or b"") + len(record.key or b"") + sum(len(k) + len(v) for k, v in record.headers)
+        limit = int(self._settings.get("queue.buffering.max.kbytes", 1 << 20)) * 1024
+        if size <= limit:
+            return None
+        return KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, f"a {size}-byte record is larger than the "
+                                         f"producer's local queue (queue.buffering.max.kbytes {limit // 1024})"))
+
+    def _wait_for_room(self, produce: Callable[[], None], record: Outgoing, on_ack: Callable[[], None],
+                       full: BufferError) -> None:
+        """In a transaction, produce again once the poll thread's delivery reports make room in the local queue;
+        given up after ``message.timeout.ms``, the transaction is doomed (the unit is redone)."""
+        deadline = time.monotonic() + self._settings["message.timeout.ms"] / 1000
+        while not self._closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+            try:
+                produce()
+                return
+            except BufferError as again:
+                full = again
+        self._doom(record, on_ack, full, full, probe=False)
 
     def _requeue(self, order: int, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None,
                  error: Any, producer: Any) -> None:
@@ -285,6 +321,7 @@ class RdKafkaSink(SinkBase):
                 log.warning("making a new producer failed (%s); will retry", exc)
                 return
             self._retired[producer] = time.monotonic()   # served by _serve while it holds records
+            self._renewals_unacked += 1
             found = librdkafka_error(error)
             if found is not None and (found.fatal() or librdkafka_refused(found)):   # fatal (a refusal is, gapless):
                 self._dead.add(producer)   # produce() on it fails, so nothing more can enter it
