@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 class RdKafkaSink(SinkBase):
     """Idempotent acks=all producer with delivery reports. A refusal (:data:`REFUSED`) runs ``on_refused``
     (the pipeline dead-letters the input), and a refused record without one (a dead letter) sets
-    :attr:`failure`. A fatal idempotence error replaces the producer.
+    :attr:`failure`. A fatal error a new producer cures replaces the producer (:meth:`_fatal`); any other
+    stops the member.
 
     At least once, as the kafka-python sink (:mod:`.kafka_sink`): librdkafka keeps a partition's order
     while it retries on its own, but a record whose delivery fails (refused, or given up on after
