@@ -20,6 +20,7 @@ Neither client is imported here unless its exceptions are already about (``sys.m
 """
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -226,6 +227,24 @@ def fenced(exc: Any) -> bool:
         return librdkafka_name(error) in _FENCED_LIBRDKAFKA
     return _is_kafka_python(exc) and any(cls.__module__ == "kafka.errors" and cls.__name__ in _FENCED_KAFKA_PYTHON
                                          for cls in type(exc).__mro__)
+
+
+def kafka_python_gave_up(exc: BaseException) -> bool:
+    """kafka-python gave up on the record (its batch expired: ``delivery_timeout_ms``)."""
+    return _is_kafka_python(exc) and type(exc).__name__ == "KafkaTimeoutError"
+
+
+def kafka_python_cause(exc: BaseException) -> BaseException:
+    """The broker error a plain kafka-python ``KafkaError`` wraps by its text ("Unexpected error in
+    InitProducerIdResponse: [Error 31] ClusterAuthorizationFailedError", the idempotent producer's fatal
+    error without the IdempotentWrite ACL), as its own class; ``exc`` itself otherwise."""
+    if not _is_kafka_python(exc) or type(exc).__name__ != "KafkaError":
+        return exc
+    found = re.search(r"\[Error (-?\d+)\]", str(exc))
+    if found is None:
+        return exc
+    from kafka.errors import for_code
+    return for_code(int(found.group(1)))()
 
 
 def publish_failure(exc: BaseException, topic: str, dead_letter: bool) -> KafkaPermanent:

@@ -14,7 +14,16 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .errors import OUTAGE, REFUSED, KafkaPermanent, fenced, kafka_errors, kafka_python_kind
+from .errors import (
+    OUTAGE,
+    REFUSED,
+    KafkaPermanent,
+    fenced,
+    kafka_errors,
+    kafka_python_cause,
+    kafka_python_gave_up,
+    kafka_python_kind,
+)
 from .failures import Refusals
 from .kafka_common import CLIENT_TIMEOUT_S, TRANSACTION_CALLS_S, connecting, kafka_offsets
 from .ports import Partition, Refused
@@ -35,6 +44,25 @@ def _fatal(producer: Any) -> bool:
     """Whether a kafka-python producer is in its fatal state (it fails everything it is handed)."""
     manager = getattr(producer, "_transaction_manager", None)   # kafka-python has no public fatal check
     return bool(getattr(manager, "has_fatal_error", lambda: False)())
+
+
+def _fatal_cause(producer: Any) -> BaseException | None:
+    """Why a kafka-python producer is fatal: its transaction manager's last error, unwrapped."""
+    error = getattr(getattr(producer, "_transaction_manager", None), "last_error", None)
+    return kafka_python_cause(error) if isinstance(error, BaseException) else None
+
+
+class _Withdrawn(Exception):
+    """A record taken back unsent from a producer's queue (:func:`_withdraw_unsent`)."""
+
+
+def _withdraw_unsent(producer: Any) -> None:
+    """Fail the batches ``producer`` has not sent yet with :class:`_Withdrawn` (in-flight ones get the broker's
+    answer), as librdkafka's purge does: kafka-python expires batches by age, one partition at a time, and
+    sends the later ones on, ahead of the expired ones' resend. Private API: kafka-python has no public one."""
+    accumulator = getattr(producer, "_accumulator", None)
+    if accumulator is not None:
+        accumulator.abort_undrained_batches(_Withdrawn("taken back unsent, to be resent in order"))
 
 
 def retriable(exc: BaseException) -> bool:
@@ -138,6 +166,12 @@ class KafkaSink(SinkBase):
         """Replace ``producer``, fatal, with a new one (unless that was done already); the old one is closed
         on a thread of its own, failing what it still holds."""
         from kafka.errors import KafkaError
+        cause = _fatal_cause(producer)
+        if cause is not None and Refusals.stops(cause):
+            # no new producer would do better (an ACL): the member stops; the record is not refused, its input
+            # stays uncommitted and is redelivered
+            self._refusals.stop("the output topics", cause, closed=self._closed)
+            return
         with self._renew_lock:
             if self._producer is not producer or self._closed:
                 return
@@ -175,6 +209,11 @@ class KafkaSink(SinkBase):
             self._delayed.later(0.0, partial(self._after_failure, record, exc, producer))
 
         def failed(exc: BaseException) -> None:   # on the producer's IO thread: never send from here
+            if counted and isinstance(exc, _Withdrawn):   # never sent: back to a producer in its place
+                self._isolation.add(order, record, on_ack, on_refused, producer, failed=False)
+                return
+            if counted and kafka_python_gave_up(exc):   # given up on (delivery_timeout_ms): what the
+                self._delayed.later(0.0, partial(_withdraw_unsent, producer))   # producer still queues waits
             if counted and _async(exc) and not Refusals.stops(exc):
                 resend_in_place(exc)
                 return

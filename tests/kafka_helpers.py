@@ -244,3 +244,71 @@ def raw_batches(bootstrap: str, topic: str, timeout: float = 60.0) -> list[tuple
 
 def _left_ms(deadline: float) -> int:
     return max(100, int((deadline - time.monotonic()) * 1000))
+
+
+class FlakyProxy:
+    """A TCP proxy between the service and the broker that delays every chunk, can cut every open
+    connection at once, and while ``down`` refuses new ones (a broker away)."""
+
+    def __init__(self, upstream: int, delay_s: float = 0.01) -> None:
+        import socket
+        import threading
+
+        from stream.embedded_broker import free_port
+        self.port, self.upstream, self.delay_s = free_port(), upstream, delay_s
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._lock = threading.Lock()
+        self._open: list = []
+        self.cuts = 0
+        self.down = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self.down:
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(self.delay_s)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        import socket
+        with self._lock:
+            doomed, self._open = self._open, []
+        for s in doomed:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+        self.cuts += 1
+
+    def close(self) -> None:
+        self._server.close()
+        self.cut()

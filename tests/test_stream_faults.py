@@ -11,6 +11,7 @@ import pytest
 
 from .images import good_images
 from .kafka_helpers import (
+    FlakyProxy,
     committed,
     finished,
     images,
@@ -129,75 +130,11 @@ def test_kill_9_three_times_exactly_once_read_committed_sees_each_input_once(kaf
           f"read_uncommitted")
 
 
-class _FlakyProxy:
-    """A TCP proxy between the service and the broker that delays every chunk and can cut
-    every open connection at once."""
-
-    def __init__(self, upstream: int, delay_s: float = 0.01) -> None:
-        import socket
-        import threading
-
-        from stream.embedded_broker import free_port
-        self.port, self.upstream, self.delay_s = free_port(), upstream, delay_s
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        self._lock = threading.Lock()
-        self._open: list = []
-        self.cuts = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.upstream))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._open += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src, dst) -> None:
-        try:
-            while data := src.recv(65536):
-                time.sleep(self.delay_s)
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        import socket
-        with self._lock:
-            doomed, self._open = self._open, []
-        for s in doomed:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-        self.cuts += 1
-
-    def close(self) -> None:
-        self._server.close()
-        self.cut()
-
-
 @pytest.mark.slow
 def test_connections_delayed_and_cut_mid_stream_lose_nothing(small_artifact, tmp_path):
     from stream.embedded_broker import EmbeddedBroker, free_port
     port = free_port()
-    proxy = _FlakyProxy(port)
+    proxy = FlakyProxy(port)
     broker = EmbeddedBroker(port=port, advertised_port=proxy.port, log_path=tmp_path / "tansu.log").start()
     total, metrics = 300, free_port()
     log = tmp_path / "service.log"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from stream.errors import KafkaPermanent
 
 from .images import bad_images, good_images
 from .kafka_helpers import (
+    FlakyProxy,
     assert_stops_without_dead_letter,
     committed,
     images,
@@ -485,3 +487,75 @@ def test_a_typo_in_the_input_topic_is_not_created_and_stays_not_ready_until_it_e
     lines = [line.split(": ", 1)[-1] for line in log.read_text().splitlines()]
     assert "every input topic exists" in lines and "ready" in lines
     assert lines.index("ready") > lines.index("every input topic exists"), "ready only once the topic exists"
+
+
+@pytest.mark.kafka
+def test_kafka_python_without_the_idempotent_write_acl_stops_the_member_instead_of_a_producer_per_record(
+        kafka_broker, monkeypatch):
+    """kafka-python wraps the broker's ClusterAuthorizationFailed at InitProducerId (no IdempotentWrite ACL) in a
+    plain KafkaError, which read as transient: every record made a new producer, fatal at once, and went out
+    alone on the probe (400 producers for 400 records), and the member never stopped. The broker's answer is
+    rewritten here (tansu checks no ACLs); the rest is real kafka-python against tansu."""
+    from kafka.producer import transaction_manager
+
+    from stream.kafka_sink import KafkaSink
+    from stream.records import Outgoing
+    answer = transaction_manager.InitProducerIdHandler.handle_response
+
+    def refused(handler, response):
+        response.error_code = 31   # CLUSTER_AUTHORIZATION_FAILED
+        return answer(handler, response)
+    monkeypatch.setattr(transaction_manager.InitProducerIdHandler, "handle_response", refused)
+    t, made = names(kafka_broker, partitions=1), []
+
+    class Sink(KafkaSink):
+        def _new_producer(self):
+            made.append(1)
+            return super()._new_producer()
+    sink = Sink(kafka_broker.bootstrap, {})
+    try:
+        for i in range(20):
+            sink.publish(Outgoing(t["output"], b"k", b"%d" % i, []), lambda: None, lambda _exc: None)
+            time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while sink.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sink.failure is not None, f"{len(made)} producers made, the member still going"
+        assert "IDEMPOTENT_WRITE" in str(sink.failure) and len(made) == 1, (len(made), str(sink.failure))
+    finally:
+        sink.close()
+
+
+@pytest.mark.kafka
+def test_kafka_python_records_queued_behind_ones_it_gave_up_on_do_not_overtake_them(tmp_path):
+    """kafka-python expires batches by age, one partition at a time, and sends the later ones once the broker
+    is back, ahead of the expired ones' resend: the log read m-1 m3 m0 m1 m2 m4 m5. What the producer has not
+    sent yet is taken back when a record is given up on, and goes back in its place."""
+    from stream.embedded_broker import EmbeddedBroker, free_port
+    from stream.kafka_sink import KafkaSink
+    from stream.records import Outgoing
+    port = free_port()
+    proxy = FlakyProxy(port, delay_s=0.0)
+    broker = EmbeddedBroker(port=port, advertised_port=proxy.port, log_path=tmp_path / "tansu.log").start()
+    try:
+        broker.create_topics({"out": 1})
+        sink = KafkaSink(f"127.0.0.1:{proxy.port}", {"delivery_timeout_ms": 4000, "request_timeout_ms": 1000,
+                                                     "batch_size": 100, "reconnect_backoff_max_ms": 200})
+        acked = threading.Semaphore(0)
+        try:
+            sink.publish(Outgoing("out", b"k", b"m-1", []), acked.release)
+            assert acked.acquire(timeout=30)
+            proxy.down = True   # the broker away
+            proxy.cut()
+            for i in range(6):   # one a second: each in a batch of its own; m0 and m1 expire before m5 is in
+                sink.publish(Outgoing("out", b"k", b"m%d" % i, []), acked.release)
+                time.sleep(1.0)
+            proxy.down = False
+            assert all(acked.acquire(timeout=60) for _ in range(6))
+        finally:
+            sink.close()
+        values = [r.value for r in read_all(broker.bootstrap, "out", 7, timeout=30)]
+    finally:
+        proxy.close()
+        broker.kill()
+    assert list(dict.fromkeys(values)) == [b"m-1", *[b"m%d" % i for i in range(6)]], values

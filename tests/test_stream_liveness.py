@@ -47,9 +47,9 @@ def test_a_transaction_commit_the_coordinator_never_answers_ends_within_its_boun
     from stream.errors import KafkaPermanent
     from stream.kafka_sink import KafkaSink
 
-    from .test_stream_faults import _FlakyProxy
+    from .kafka_helpers import FlakyProxy
     port = free_port()
-    proxy = _FlakyProxy(port, delay_s=0.0)
+    proxy = FlakyProxy(port, delay_s=0.0)
     broker = EmbeddedBroker(port=port, advertised_port=proxy.port, log_path=tmp_path / "tansu.log").start()
     sink = None
     try:
