@@ -12,6 +12,8 @@ from engine_build.runtime import open_backend
 from engine_build.runtime.base import Slots
 from engine_build.runtime.cpu import usable_cores
 
+from .waiting import wait_until
+
 
 @pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
 def test_streams_serve_parallel_callers_with_the_single_call_results(small_artifact, photos, runtime):
@@ -148,7 +150,7 @@ def test_the_lone_handle_serves_a_small_call_only_when_nothing_else_runs_and_hol
         with slots.use(small=True) as handle:
             assert handle == "lane"                   # alone and small: every core
             waiter.start()
-            _until(lambda: slots.waiting == 1, "a large caller waits behind the lane")
+            wait_until(lambda: slots.waiting == 1, "a large caller waits behind the lane", timeout=10)
             assert got == []                          # the lane uses the streams' threads: they wait for it
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
@@ -197,12 +199,6 @@ def test_openvino_runs_lone_small_batches_on_the_lane_when_its_measured_worth_it
         assert backend._requests.lone_calls == calls + 3 * opened       # a batch above a quarter: a stream
 
 
-def _until(condition, what: str) -> None:
-    """Wait for another thread's progress (a caller reaching its wait), not for the clock."""
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.005)
 
 
 def test_a_small_caller_that_waited_behind_the_lone_handle_takes_a_stream():
@@ -216,7 +212,7 @@ def test_a_small_caller_that_waited_behind_the_lone_handle_takes_a_stream():
         assert handle == "lane"
         caller = threading.Thread(target=small_call, daemon=True)
         caller.start()
-        _until(lambda: slots.waiting == 1, "the small caller waits behind the lane")
+        wait_until(lambda: slots.waiting == 1, "the small caller waits behind the lane", timeout=10)
     caller.join(5)
     assert got in (["a"], ["b"]) and slots.lone_calls == 1     # alone by then, but it waited: a stream
 
@@ -233,7 +229,7 @@ def test_a_caller_back_for_the_lone_handle_at_once_cannot_keep_a_waiting_one_out
     waiter = threading.Thread(target=large_call, daemon=True)
     with slots.use(small=True):
         waiter.start()
-        _until(lambda: slots.waiting == 1, "the large caller waits behind the lane")
+        wait_until(lambda: slots.waiting == 1, "the large caller waits behind the lane", timeout=10)
     for _ in range(1000):                             # back for a small call at once, again and again
         if lone_calls_when_served:
             break
@@ -258,7 +254,7 @@ def test_callers_that_waited_behind_the_lone_handle_spread_over_the_streams():
         callers = [threading.Thread(target=small_call, daemon=True) for _ in range(2)]
         for caller in callers:
             caller.start()
-        _until(lambda: slots.waiting == 2, "both wait behind the lane")
+        wait_until(lambda: slots.waiting == 2, "both wait behind the lane", timeout=10)
         assert got == []
     both_in.wait()
     for caller in callers:
@@ -282,7 +278,7 @@ def test_the_lone_handle_comes_back_after_a_failed_call_and_close_wakes_its_wait
         assert handle == "lane"                       # back after the failure
         waiter = threading.Thread(target=wait_for_a_handle, daemon=True)
         waiter.start()
-        _until(lambda: slots.waiting == 1, "a caller waits behind the lane")
+        wait_until(lambda: slots.waiting == 1, "a caller waits behind the lane", timeout=10)
         assert slots.close(timeout=0.05) == 1         # the lane is still out
         waiter.join(5)
         assert len(outcome) == 1 and isinstance(outcome[0], BackendClosed)

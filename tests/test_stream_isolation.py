@@ -7,6 +7,8 @@ from collections.abc import Callable
 from stream.isolation import Entry, Isolation
 from stream.records import Outgoing
 
+from .waiting import wait_until
+
 
 class _Stand:
     """An isolation whose resends alone and hand-backs are recorded, in the order they happen."""
@@ -33,17 +35,6 @@ class _Stand:
         self.isolation.add(order, Outgoing("out", b"k", str(order).encode(), []), on_ack, None, producer, failed)
 
 
-def _until(condition: Callable[[], bool]) -> None:
-    done = threading.Event()
-
-    def watch() -> None:
-        while not condition():
-            done.wait(0.005)
-        done.set()
-    threading.Thread(target=watch, daemon=True).start()
-    assert done.wait(10)
-
-
 def test_records_a_client_dropped_unsent_go_back_to_a_producer_and_only_failed_ones_go_alone():
     stand = _Stand()
     stand.isolation.take(0, Outgoing("out", b"k", b"x", []), lambda: None, None, "old")   # counted against "old"
@@ -52,7 +43,7 @@ def test_records_a_client_dropped_unsent_go_back_to_a_producer_and_only_failed_o
     stand.add(0, "old", failed=True)    # refused
     stand.add(2, "old", failed=False)   # purged unsent
     stand.add(1, "old", failed=False)   # purged unsent, back out of order
-    _until(lambda: len(stand.events) == 3)
+    wait_until(lambda: len(stand.events) == 3, "the isolation thread acted", timeout=10)
     stand.isolation.close()
     assert stand.events == ["alone 0", "back 1 to new", "back 2 to new"]
 
@@ -66,12 +57,12 @@ def test_a_record_to_send_alone_waits_for_records_handed_back_ahead_of_it():
     stand.add(1, "old", failed=False)   # purged: handed back to "new", counted against it
     stand.add(0, "old", failed=False)
     stand.add(2, "old", failed=True)    # then one to send alone
-    _until(lambda: len(stand.events) == 2)
+    wait_until(lambda: len(stand.events) == 2, "the isolation thread acted", timeout=10)
     assert stand.events == ["back 0 to new", "back 1 to new"]
     assert stand.isolation.waiting() == 1, "the record to send alone waits for the two handed back"
     stand.isolation.answered("new")
     assert stand.isolation.waiting() == 1 and stand.events[2:] == []
     stand.isolation.answered("new")   # both back
-    _until(lambda: len(stand.events) == 3)
+    wait_until(lambda: len(stand.events) == 3, "the isolation thread acted", timeout=10)
     stand.isolation.close()
     assert stand.events[2] == "alone 2"

@@ -30,6 +30,7 @@ from .kafka_helpers import (
     wait_for_outputs,
 )
 from .standins import stand_in
+from .waiting import wait_until
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,13 +129,6 @@ def readyz(port: int) -> tuple[int, str]:
         return 0, str(exc)
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
@@ -149,8 +143,8 @@ def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_ar
     service = start_service(broker, t, small_artifact, log, metrics_port=metrics, kafka_client=kafka_client,
                             session_timeout_ms=SESSION_MS)
     try:
-        wait_until(lambda: readyz(metrics) [0] == 503 and "cannot reach Kafka" in readyz(metrics)[1], 60,
-                   "/readyz to answer 503 'cannot reach Kafka' while Kafka is away")
+        wait_until(lambda: readyz(metrics)[0] == 503 and "cannot reach Kafka" in readyz(metrics)[1],
+                   "/readyz to answer 503 'cannot reach Kafka' while Kafka is away", timeout=60, step=0.3)
         # it has failed to connect; results once the broker is up show it kept retrying (and
         # wait_finished fails at once if it exits instead)
         assert service.poll() is None, "the service must keep retrying, not exit"
@@ -160,9 +154,10 @@ def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_ar
         produce(broker.bootstrap, "images", [(str(i).encode(), image) for i in range(20)])
         wait_finished(service, metrics, 20, log)
         wait_for_outputs(broker, "labels", 20, timeout=120)
-        wait_until(lambda: readyz(metrics)[0] == 200, 30, "/readyz to answer 200 once connected")
+        wait_until(lambda: readyz(metrics)[0] == 200, "/readyz to answer 200 once connected", timeout=30, step=0.3)
         broker.kill()   # gone at once (a graceful stop answers for 3 more seconds first)
-        wait_until(lambda: readyz(metrics)[0] == 503, 30, "/readyz to answer 503 after the broker vanished")
+        wait_until(lambda: readyz(metrics)[0] == 503, "/readyz to answer 503 after the broker vanished",
+                   timeout=30, step=0.3)
         assert service.poll() is None, "the service must survive the broker going away"
         broker.start()
         broker.create_topics({"images": 1, "labels": 1, "dead": 1})
@@ -170,7 +165,8 @@ def test_broker_unreachable_then_back_then_gone_then_back_never_crashes(small_ar
         wait_finished(service, metrics, 40, log)
         again = wait_for_outputs(broker, "labels", 20, timeout=120)
         assert {r.key for r in again} >= {f"again-{i}".encode() for i in range(20)}
-        wait_until(lambda: readyz(metrics)[0] == 200, 30, "/readyz to answer 200 once the broker is back")
+        wait_until(lambda: readyz(metrics)[0] == 200, "/readyz to answer 200 once the broker is back",
+                   timeout=30, step=0.3)
     finally:
         stop(service, log)
         broker.stop()
@@ -471,16 +467,18 @@ def test_a_typo_in_the_input_topic_is_not_created_and_stays_not_ready_until_it_e
     try:
         # Consuming for a while (the old code had joined its group and made the topic within 3 s of it):
         # four looks, a second apart, span 3 s.
-        wait_until(lambda: log.read_text().count("not joining group") >= 4 or typo in admin.list_topics(), 90,
-                   "the member to look four times")
+        wait_until(lambda: log.read_text().count("not joining group") >= 4 or typo in admin.list_topics(),
+                   "the member to look four times", timeout=90, step=0.3)
         assert typo not in admin.list_topics(), "the typo'd topic was created"
-        wait_until(lambda: "does not exist" in readyz(metrics)[1], 30, "/readyz to name the missing topic")
+        wait_until(lambda: "does not exist" in readyz(metrics)[1], "/readyz to name the missing topic",
+                   timeout=30, step=0.3)
         assert readyz(metrics)[0] == 503
         kafka_broker.create_topics({typo: 1})
         produce(kafka_broker.bootstrap, typo, [(b"late", good_images()["jpeg_rocket"])])
         wait_for_outputs(kafka_broker, t["output"], 1)
         # the topics are looked at every 3 s for /readyz, every second for joining: ready may come later
-        wait_until(lambda: readyz(metrics)[0] == 200, 30, "/readyz to answer 200 once the topic exists")
+        wait_until(lambda: readyz(metrics)[0] == 200, "/readyz to answer 200 once the topic exists",
+                   timeout=30, step=0.3)
     finally:
         admin.close()
         stop(service, log)

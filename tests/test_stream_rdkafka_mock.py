@@ -18,6 +18,7 @@ from stream.errors import KafkaPermanent  # noqa: E402
 from stream.records import Outgoing  # noqa: E402
 
 from .rdkafka_mock import ADD_PARTITIONS_TO_TXN, INIT_PRODUCER_ID, PRODUCE, MockCluster, mock_cluster  # noqa: E402
+from .waiting import wait_until  # noqa: E402
 
 KafkaError = confluent_kafka.KafkaError
 
@@ -68,11 +69,6 @@ def _ready(cluster: MockCluster, **settings: object) -> tuple[_CountingAlone, Ha
     return sink, handed
 
 
-def _until(what: str, condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s:g} s: {what}"
-        time.sleep(0.02)
 
 
 def test_records_behind_a_refused_batch_are_not_published_ahead_of_its_innocent_ones(caplog):
@@ -136,7 +132,7 @@ def test_a_producer_no_new_one_would_cure_stops_the_member_instead_of_being_repl
         sink = Sink(cluster.bootstrap, {})
         try:
             Handed(sink).publish(b"0")
-            _until("the member stopped", lambda: sink.failure is not None)
+            wait_until(lambda: sink.failure is not None, "the member stopped", timeout=10)
             assert isinstance(sink.failure, KafkaPermanent)
             assert "CLUSTER_AUTHORIZATION_FAILED" in str(sink.failure) and "IDEMPOTENT_WRITE" in str(sink.failure)
             assert len(made) == 1, f"{len(made)} producers made"
@@ -185,7 +181,7 @@ def test_producers_a_refusal_left_fatal_are_let_go_once_they_hold_nothing():
                     time.sleep(0.01)   # several batches, several refusals
             assert handed.settle(100)
             assert len(handed.refused) == 100 and sink.failure is None
-            _until("no replaced producer kept", lambda: not sink._retired, timeout_s=10)
+            wait_until(lambda: not sink._retired, "no replaced producer kept", timeout=10)
         finally:
             cluster.clear_errors(PRODUCE)
             sink.close()
@@ -207,8 +203,8 @@ def test_records_queued_behind_ones_librdkafka_gave_up_on_do_not_overtake_them()
             for i in range(3, 6):
                 handed.publish(f"m{i}".encode())
             # m0-m2 are given up on at about 4.5 s, m3-m5 not before 7 s: 6 waiting by 6 s means the purge
-            _until("the first three given up on, the three behind them purged", lambda: sink.pending_retries() >= 6,
-                   timeout_s=3)
+            wait_until(lambda: sink.pending_retries() >= 6, "the first three given up on, the three behind them purged",
+                       timeout=3)
             cluster.set_down(False)
             assert handed.settle(6, timeout_s=60) and handed.refused == []
         finally:
@@ -381,12 +377,12 @@ def test_producers_that_fail_alike_before_any_acknowledgement_are_replaced_after
             for _ in range(4):
                 before = sink._producer
                 assert sink._fatal(before, fatal)
-                _until("replaced", lambda before=before: sink._producer is not before)
+                wait_until(lambda before=before: sink._producer is not before, "replaced", timeout=10)
             handed.publish(b"acknowledged")
             assert handed.settle(1)
             before = sink._producer
             sink._fatal(before, fatal)
-            _until("replaced", lambda: sink._producer is not before)
+            wait_until(lambda: sink._producer is not before, "replaced", timeout=10)
         finally:
             sink.close()
     assert waits == [0.0, 0.1, 0.2, 0.4, 0.0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 
 import pytest
 
@@ -23,6 +22,7 @@ from stream.transactions import Transactions
 from .images import good_images
 from .standins import ARTIFACT, PixelModel, stand_in
 from .test_stream_units import config, sources
+from .waiting import wait_until
 
 GROUP = "sentiment-stream"
 
@@ -43,12 +43,6 @@ def fill(broker: FakeBroker, total: int) -> None:
     for i in range(total):
         broker.produce("in", good_images()["png"], partition=i % 2, key=str(i).encode())
 
-
-def wait_until(condition, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not reached within {timeout:g} s: {what}"
-        time.sleep(0.005)
 
 
 def start(svc: Service) -> tuple[threading.Thread, list[BaseException]]:
