@@ -9,13 +9,10 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import BrokerUnavailable, kafka_errors
 from .ports import Partition
-
-if TYPE_CHECKING:
-    pass
 
 CLIENT_TIMEOUT_MS = 5_000   # commit, metadata and close: shutdown must end even with the broker gone
 CLIENT_TIMEOUT_S = CLIENT_TIMEOUT_MS / 1000

@@ -271,7 +271,7 @@ class RdKafkaSource:
 
 
 def ensure_output_topics(cfg: StreamConfig) -> str:
-    """:func:`.kafka_common.ensure_output_topics` with librdkafka's admin client (kafka-python's cannot talk to
+    """:func:`.kafka_io.ensure_output_topics` with librdkafka's admin client (kafka-python's cannot talk to
     every broker librdkafka can: librdkafka's mock cluster answers it with ApiVersions it cannot decode)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
