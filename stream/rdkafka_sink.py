@@ -77,8 +77,8 @@ class RdKafkaSink(SinkBase):
                 self._producer.begin_transaction()
         super().__init__(on_retry, transactional_id)
         self._lock = threading.Lock()   # the producer's replacement, and the replaced ones still served
-        self._retired: dict[Any, float] = {}   # replaced producers, by when: their reports are still served
-        self._dead: set[Any] = set()   # those replaced as fatal: nothing more can be handed to them
+        # replaced producers, and until when they are kept once empty: their reports are still served
+        self._retired: dict[Any, float] = {}
         self._renewals_unacked = 0   # producers made since the last acknowledgement
         self._poll_thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
         self._poll_thread.start()
@@ -89,28 +89,25 @@ class RdKafkaSink(SinkBase):
 
     def _serve(self) -> None:
         """Serve delivery reports (they call ``on_ack``) until closed: the producer's, and those of producers
-        it replaced for as long as they hold records (a record can still be handed to one that was just
-        replaced, and its report is what settles it), at least ``message.timeout.ms`` and a margin."""
+        it replaced for as long as they hold records, and until their time is up (:meth:`_renew`)."""
         while not self._closed:
             with self._lock:
                 retired = list(self._retired.items())
-            for producer, since in [(self._producer, None), *retired]:
+            for producer, kept_until in [(self._producer, None), *retired]:
                 try:   # poll raises what a delivery callback raised: said, and the thread goes on serving
-                    if since is not None:   # it sends nothing more: what comes back to its queue (a batch
+                    if kept_until is not None:   # it sends nothing more: what comes back to its queue (a batch
                         # behind a refused one, answered out of order and queued for a retry) fails now, to
                         # be resent in order, not after message.timeout.ms
                         producer.purge(in_queue=True, in_flight=False, blocking=False)
-                    producer.poll(0.05 if since is None else 0)
+                    producer.poll(0.05 if kept_until is None else 0)
                 except Exception as exc:
                     if self._fatal(producer, exc):
                         continue
                     log.exception("serving the producer's delivery reports")
                     time.sleep(0.05)   # never spin on an error that repeats
-                if since is not None and len(producer) == 0 and (producer in self._dead or time.monotonic() - since
-                                                                  > self._settings["message.timeout.ms"] / 1000 + 5):
+                if kept_until is not None and len(producer) == 0 and time.monotonic() > kept_until:
                     with self._lock:
                         self._retired.pop(producer, None)
-                        self._dead.discard(producer)
 
     def _fatal(self, producer: Any, exc: BaseException) -> bool:
         """Whether ``exc``, raised by ``poll`` or ``flush``, is librdkafka's fatal error (raised once, by the call
@@ -233,25 +230,31 @@ class RdKafkaSink(SinkBase):
             self._renew(producer, error)
         self._count_failure(record, exc)
 
+    def _deliver_alone(self, producer: Any, record: Outgoing) -> Any:
+        """Produce ``record`` alone on a probe ``producer`` and wait for its delivery report (bounded): its error,
+        None when delivered."""
+        from confluent_kafka import KafkaError
+        answers: list[Any] = []
+        extra = {"headers": record.headers} if record.headers else {}
+        producer.produce(record.topic, value=record.value, key=record.key,
+                         on_delivery=lambda error, _message: answers.append(error), **extra)
+        producer.flush(self._settings["message.timeout.ms"] / 1000 + CLIENT_TIMEOUT_S)
+        return answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
+
     def _send_alone(self, record: Outgoing) -> BaseException | None:
         """Send one record on a producer of its own and wait for the broker (bounded); the error or None. Not
         idempotent, one request at a time: a refusal fails that record alone."""
-        from confluent_kafka import KafkaError, KafkaException, Producer
+        from confluent_kafka import KafkaException, Producer
         if self._closed:   # no new producer after close (nothing would close it)
             return KafkaPermanent("the sink is closed")
-        answers: list[Any] = []
         try:
             if self._probe is None:
                 self._probe = Producer({**self._settings, "enable.idempotence": False,
                                         "enable.gapless.guarantee": False,   # it needs idempotence
                                         "max.in.flight.requests.per.connection": 1, "linger.ms": 0})
-            extra = {"headers": record.headers} if record.headers else {}
-            self._probe.produce(record.topic, value=record.value, key=record.key,
-                                on_delivery=lambda error, _message: answers.append(error), **extra)
-            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + CLIENT_TIMEOUT_S)
+            error = self._deliver_alone(self._probe, record)
         except (BufferError, KafkaException, TypeError) as exc:
             return exc
-        error = answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
         if error is None:
             return None
         if librdkafka_retriable(error):
@@ -286,8 +289,7 @@ class RdKafkaSink(SinkBase):
         self._refuse(record, on_refused, exc)
 
     def _transact_alone(self, record: Outgoing) -> BaseException | None:
-        from confluent_kafka import KafkaError, KafkaException, Producer
-        answers: list[Any] = []
+        from confluent_kafka import KafkaException, Producer
         error: Any = None
         try:
             if self._probe is None:
@@ -295,11 +297,7 @@ class RdKafkaSink(SinkBase):
                                         "linger.ms": 0})
                 self._probe.init_transactions(TRANSACTION_CALLS_S)   # aborts what an earlier probe left open
             self._probe.begin_transaction()
-            extra = {"headers": record.headers} if record.headers else {}
-            self._probe.produce(record.topic, value=record.value, key=record.key,
-                                on_delivery=lambda failure, _message: answers.append(failure), **extra)
-            self._probe.flush(self._settings["message.timeout.ms"] / 1000 + CLIENT_TIMEOUT_S)
-            error = answers[0] if answers else KafkaError(KafkaError._MSG_TIMED_OUT)
+            error = self._deliver_alone(self._probe, record)
         except KafkaException as failure:
             error = librdkafka_error(failure) or failure
         try:
@@ -321,11 +319,14 @@ class RdKafkaSink(SinkBase):
             except KafkaException as exc:   # the retry will find the old one and try again
                 log.warning("making a new producer failed (%s); will retry", exc)
                 return
-            self._retired[producer] = time.monotonic()   # served by _serve while it holds records
-            self._renewals_unacked += 1
+            # served by _serve while it holds records. A fatal one (a refusal is, gapless) is let go once empty:
+            # produce() on it fails, so nothing more can enter it. Any other is kept message.timeout.ms and a
+            # margin, since a record can still be handed to it just as it is replaced
             found = librdkafka_error(error)
-            if found is not None and (found.fatal() or librdkafka_refused(found)):   # fatal (a refusal is, gapless):
-                self._dead.add(producer)   # produce() on it fails, so nothing more can enter it
+            fatal = found is not None and (found.fatal() or librdkafka_refused(found))
+            margin = 0.0 if fatal else self._settings["message.timeout.ms"] / 1000 + 5
+            self._retired[producer] = time.monotonic() + margin
+            self._renewals_unacked += 1
 
     def commit_transaction(self, offsets: dict[Partition, int], group_metadata: Any) -> None:
         """Add the consumed offsets to the open transaction, commit it and begin the next. On failure the
