@@ -5,6 +5,7 @@ so where a Kafka broker would refuse a batch sent behind a refused one out of se
 that answer too."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +76,7 @@ def test_records_behind_a_refused_batch_are_not_published_ahead_of_its_innocent_
     """librdkafka's default bumps its epoch after a refused batch and sends the batch behind it again, which
     the broker acknowledges before the refused batch's innocent records are resent alone: the log read
     [-1, 3, ..., 9, 0, 1, 2]. With gapless, and the replaced producer's retry queue purged, it stays in order."""
+    caplog.set_level(logging.WARNING, logger="stream")   # whatever level an earlier test left on the root
     with mock_cluster() as cluster:
         sink, handed = _ready(cluster)
         try:
@@ -98,6 +100,7 @@ def test_a_record_handed_to_a_producer_a_refusal_left_fatal_is_resent_and_flush_
     say fatal() itself): the record used to be refused as the operator's to fix, stopping the member. And
     whichever thread serves the fatal error's event gets it raised: flush() on the pipeline's thread (its
     shutdown drain) used to raise it. Here the poll thread is busy in an acknowledgement meanwhile."""
+    caplog.set_level(logging.WARNING, logger="stream")   # whatever level an earlier test left on the root
     with mock_cluster() as cluster:
         sink, handed = _ready(cluster)
         try:
