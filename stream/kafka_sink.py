@@ -23,6 +23,7 @@ from .errors import (
     kafka_python_cause,
     kafka_python_gave_up,
     kafka_python_kind,
+    too_large,
 )
 from .failures import Refusals
 from .kafka_common import CLIENT_TIMEOUT_S, TRANSACTION_CALLS_S, connecting, kafka_offsets
@@ -129,11 +130,12 @@ class KafkaSink(SinkBase):
         """Send one record on a producer of its own and wait for the broker (bounded); the error or None.
         Not idempotent, one request at a time: a refusal fails that record alone, never the producer."""
         from kafka.errors import KafkaError
-        if self._closed:   # no new producer after close (nothing would close it)
-            return KafkaError("the sink is closed")
         try:
-            if self._probe is None:
-                self._probe = self._new_probe()
+            with self._renew_lock:   # no new producer after close (nothing would close it)
+                if self._closed:
+                    return KafkaError("the sink is closed")
+                if self._probe is None:
+                    self._probe = self._new_probe()
             self._probe.send(record.topic, key=record.key, value=record.value,
                              headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as exc:
@@ -229,10 +231,27 @@ class KafkaSink(SinkBase):
             if counted and retriable(exc):   # resent in its place, once the records the producer holds are back
                 resend_in_place(exc)
                 return
+            if too_large(exc):   # measured by send() against max_request_size: no broker saw it, and no
+                self._too_large_here(record, on_ack, on_refused, order, exc, producer)   # resend can change it
+                return
             self._failed(record, on_ack, on_refused, order, exc, producer)
             return
         future.add_callback(ok)
         future.add_errback(failed)
+
+    def _too_large_here(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, order: int,
+                        exc: BaseException, producer: Any) -> None:
+        """send() refused ``record`` itself as too large: it never entered the producer (nor an open
+        transaction), so it is refused at once, or its value-less fallback published instead."""
+        if not self.transactional:
+            self._isolation.answered(producer)
+        instead = self._fallback(record, exc)
+        if instead is not None:
+            self.publish(instead, on_ack, on_refused, order)
+            return
+        log.warning("a record for %s is larger than this producer's max_request_size (%s): refused", record.topic,
+                    exc)
+        self._refuse(record, on_refused, exc)
 
     def _transact_alone(self, record: Outgoing) -> BaseException | None:
         from kafka import KafkaProducer
@@ -373,6 +392,8 @@ class KafkaSink(SinkBase):
 
     def close(self) -> None:
         self._stop_resending()
+        with self._renew_lock:   # a replacement or probe being made now is made first, then closed here
+            pass
         if self._probe is not None:
             close_producer(self._probe, CLIENT_TIMEOUT_S)
         close_producer(self._producer, CLIENT_TIMEOUT_S)

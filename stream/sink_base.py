@@ -111,7 +111,7 @@ class SinkBase(ABC):
         """The value-less record to publish instead of one refused as too large, where it has one."""
         if record.fallback is None or not too_large(exc):
             return None
-        log.warning("broker refused a %d-byte record for %s as too large; publishing it without its value",
+        log.warning("a %d-byte record for %s was refused as too large; publishing it without its value",
                     len(record.value or b""), record.topic)
         return record.fallback
 

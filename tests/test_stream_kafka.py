@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import threading
@@ -557,3 +558,58 @@ def test_kafka_python_records_queued_behind_ones_it_gave_up_on_do_not_overtake_t
         proxy.close()
         broker.kill()
     assert list(dict.fromkeys(values)) == [b"m-1", *[b"m%d" % i for i in range(6)]], values
+
+
+def test_kafka_python_close_waits_for_a_producer_replacement_under_way_and_closes_the_new_producer(kafka_broker):
+    """A fatal producer is replaced on the retry thread; close() during that replacement must close the new
+    producer too, or it is left running (its IO thread, its connections) with nothing to close it."""
+    from stream.kafka_sink import KafkaSink
+    from tests.waiting import wait_until
+    sink = KafkaSink(kafka_broker.bootstrap, {})
+    made: list = []
+    entered, release = threading.Event(), threading.Event()
+    real_new = sink._new_producer
+
+    def slow_new_producer():
+        entered.set()
+        release.wait(30)
+        made.append(real_new())
+        return made[-1]
+    sink._new_producer = slow_new_producer
+    replacing = threading.Thread(target=sink._replace, args=(sink._producer, "a test"))
+    replacing.start()
+    try:
+        assert entered.wait(30), "the replacement started"
+        closing = threading.Thread(target=sink.close)
+        closing.start()
+        wait_until(lambda: sink._closed, "close() has begun")
+    finally:
+        release.set()
+        replacing.join(30)
+    closing.join(60)
+    assert not closing.is_alive() and len(made) == 1
+    assert made[0]._closed, "the producer made during close() was closed by it"
+
+
+@pytest.mark.parametrize("transactional", [False, True])
+def test_kafka_python_a_record_larger_than_max_request_size_is_refused_at_once_not_probed_as_a_broker_refusal(
+        kafka_broker, caplog, transactional):
+    """send() itself refuses a record over max_request_size: no broker saw it and no resend can change it, so it
+    is refused at once (its dead letter follows) without a probe producer or a doomed transaction."""
+    from stream.kafka_sink import KafkaSink
+    from stream.records import Outgoing
+    t = names(kafka_broker, partitions=1)
+    sink = KafkaSink(kafka_broker.bootstrap, {}, max_request_size=2_000,
+                     transactional_id=f"tx-size-{t['group']}" if transactional else None)
+    refused: list[BaseException] = []
+    try:
+        with caplog.at_level(logging.INFO, logger="stream"):
+            sink.publish(Outgoing(t["output"], b"k", b"x" * 10_000, []), lambda: None, refused.append)
+            wait_until(lambda: refused, "the record was refused")
+        assert "MessageSizeTooLarge" in type(refused[0]).__name__ and sink.failure is None
+        assert sink._probe is None, "no probe producer was made for a refusal send() made itself"
+        assert "resending it alone" not in caplog.text and "max_request_size" in caplog.text, caplog.text
+        if transactional:
+            assert sink._doomed is None, "the open transaction is not doomed by a record that never entered it"
+    finally:
+        sink.close()
