@@ -27,6 +27,7 @@ from .caffe_net import Net, attach_weights, build_net
 from .config import PRECISIONS, BuildConfig
 from .errors import ArtifactError, ConfigError, ValidationFailed
 from .imagesets import ImageSet, load_sets
+from .interrupts import checkpoint, stop_at_checkpoints
 from .manifest import (
     ENGINE_FILE,
     MANIFEST,
@@ -136,6 +137,7 @@ def emit_onnx(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool
         raise ConfigError("the FP16 range audit needs calibration images")
     log.info("FP16 range audit: %s on %d calibration images", VARIANT_FILES["fp32"], len(calibration.images))
     ranges = audit(paths["fp32"], calibration.images)
+    checkpoint()
     model = emit("float16", {**meta, "precision": "fp16"}, float32_tensors=[r.tensor for r in ranges if r.near_limit])
     float32 = kept_float32(model, ranges)
     for tensor, why in float32.items():
@@ -290,16 +292,20 @@ def run_build(cfg: BuildConfig, quantize: Quantize = quantize_variants) -> Manif
     manifest records the failure, so that the failing variant is never used.
     """
     started = time.perf_counter()
-    calibration, validation = check_inputs(cfg)
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    # named before it is made, so that an interrupt (SIGTERM) at any point after this line leaves no folder
-    staging = cfg.output.parent / f".{cfg.output.name}.building-{uuid.uuid4().hex[:8]}"
-    try:
-        staging.mkdir(mode=0o700)
-        manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started, quantize)
-        _publish(staging, cfg.output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with stop_at_checkpoints():   # SIGTERM or Ctrl-C: the build stops at its next checkpoint, publishing nothing
+        calibration, validation = check_inputs(cfg)
+        checkpoint()
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        # named before it is made, so that an interrupt at any point after this line leaves no folder
+        staging = cfg.output.parent / f".{cfg.output.name}.building-{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir(mode=0o700)
+            manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started,
+                                 quantize)
+            checkpoint()
+            _publish(staging, cfg.output)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     failures = [c.failure() for c in blocking_failures(_checks(manifest))]
     if failures:
         raise ValidationFailed("validation failed: " + failures[0]
@@ -318,8 +324,10 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
     """The whole build into ``cfg.output``, a fresh staging folder that will become ``final``."""
     previous = _carry_engine(final, cfg.output)
     model, placeholder = import_source(cfg)
+    checkpoint()
     emitted, fp16_range = emit_onnx(cfg, model, placeholder, calibration)
     del model
+    checkpoint()
     variants: dict[str, dict[str, Path]] = {k: {"*": p} for k, p in emitted.items()}
     quantizers: dict = {}
     int8_record: dict | None = None
@@ -327,8 +335,10 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
         if calibration is None:
             raise ConfigError("INT8 quantisation needs calibration images")
         variants["int8"], quantizers, int8_record = quantize(cfg, emitted["fp32"], calibration)
+        checkpoint()
     notes: list[str] = []
     engine = maybe_engine(cfg, emitted.get("fp16"), previous, notes)
+    checkpoint()
     if not engine:
         (cfg.output / ENGINE_FILE).unlink(missing_ok=True)
     log.info("validating every variant on every runtime against ONNX Runtime FP32, %d images",

@@ -11,9 +11,7 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from .errors import ConfigError, UserError
+from .interrupts import signals_stop_commands
 from .options import OptionParser
 
 if TYPE_CHECKING:
@@ -345,7 +344,7 @@ def _add_fetch_weights(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """``environ``: where ``build``'s environment twins (``ENGINE_BUILD_<FIELD>``) are read (os.environ)."""
     environ = dict(os.environ if environ is None else environ)
-    with _sigterm_as_interrupt():
+    with signals_stop_commands():
         return _main(argv, environ)
 
 
@@ -376,20 +375,3 @@ def _main(argv: list[str] | None, environ: dict[str, str]) -> int:
     except KeyboardInterrupt:
         print("engine_build: interrupted", file=sys.stderr)
         return 130
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While a command runs, SIGTERM (``timeout``, a supervisor) ends it as Ctrl-C does, so a build removes
-    its staging folder instead of leaving hundreds of megabytes beside its output."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

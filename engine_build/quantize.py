@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelFormatError
+from .interrupts import checkpoint
 
 log = logging.getLogger(__name__)
 QUANTIZERS = ("nncf", "minmax")
@@ -110,7 +111,10 @@ def quantize_nncf(fp32_path: Path, int8_path: Path, calibration: np.ndarray,
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     model = onnx.load(str(fp32_path))
-    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))], lambda x: {"images": x})
+    def feed(image: np.ndarray) -> dict[str, np.ndarray]:
+        checkpoint()   # NNCF asks for each image in turn: a stop lands here, in Python, not in its native code
+        return {"images": image}
+    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))], feed)
     log.info("calibrating INT8 (NNCF, fast bias correction) on %d images%s", len(calibration), _kept(float_layers))
     nncf.set_log_level(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
     ignored = nncf.IgnoredScope(names=[*float_layers, *head_nodes(model.graph)], validate=False)
@@ -149,6 +153,7 @@ def quantize_minmax(fp32_path: Path, int8_path: Path, calibration: np.ndarray,
             self._batches = iter([calibration[i:i + batch] for i in range(0, len(calibration), batch)])
 
         def get_next(self) -> dict | None:
+            checkpoint()
             images = next(self._batches, None)
             return None if images is None else {"images": images}
 

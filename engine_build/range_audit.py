@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .interrupts import checkpoint
+
 FP16_MAX = float(np.finfo(np.float16).max)   # 65504
 MARGIN = 2.0
 _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -83,6 +85,7 @@ def audit(model_path: Path, images: np.ndarray, batch: int = 4) -> list[TensorRa
     peaks = dict.fromkeys(producers, 0.0)
     windows = dict.fromkeys(lrn_sizes, 0.0)
     for start in range(0, len(images), batch):
+        checkpoint()
         values = dict(zip(names, session.run(names, {"images": images[start:start + batch]}), strict=True))
         for name, value in values.items():
             if name in peaks:

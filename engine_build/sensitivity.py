@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .imagesets import ImageSet
+from .interrupts import checkpoint
 
 log = logging.getLogger(__name__)
 Quantizer = Callable[[Path, Path, np.ndarray, Sequence[str]], dict]
@@ -79,6 +80,7 @@ def held_out_error(fp32: Path, quantize: Quantizer, runtime: str, layers: Sequen
     from .runtime import open_backend
     path = workdir / "probe.int8.onnx"
     quantize(fp32, path, fit, [layer for layer in layers if layer in set(float_layers)])
+    checkpoint()
     with open_backend(runtime, path, "int8", 16, exact=True) as backend:
         probs = backend.infer(held).probs
     path.unlink()

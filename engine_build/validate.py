@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendUnavailable, ModelFormatError
+from .interrupts import checkpoint
 from .runtime import open_backend
 from .runtime.base import Outputs
 from .runtime.cpu import this_cpu
@@ -153,8 +154,10 @@ def run_checks(variants: dict[str, dict[str, Path]], engine: Path | None, images
                gate: Gate, max_batch: int = 16) -> tuple[np.ndarray, list[Check]]:
     """Reference probabilities and one Check per (variant, runtime, mode)."""
     reference = reference_probs(variants["fp32"]["*"], images, max_batch)
-    checks = [check_one(variant, path, runtime, exact, reference, images, names, gate, max_batch)
-              for variant, path, runtime, _, exact in _plan(variants, engine)]
+    checks = []
+    for variant, path, runtime, _, exact in _plan(variants, engine):
+        checkpoint()
+        checks.append(check_one(variant, path, runtime, exact, reference, images, names, gate, max_batch))
     return reference, checks
 
 

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -354,6 +355,35 @@ def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifac
     with pytest.raises(RuntimeError):
         run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=fresh), quantize=crash)
     assert not fresh.exists()
+
+
+def test_a_sigterm_in_a_build_step_stops_the_build_after_that_step_not_inside_it(small_model, tmp_path):
+    """An exception raised from the signal handler landed wherever the main thread was: inside the import of a
+    native module it read "ImportError: initialization failed" (exit 1, not 130), elsewhere the process died by
+    SIGINT after saying it was interrupted. The first SIGTERM now only asks: the step under way (here the INT8
+    step, which signals its own process) runs to its end, and the build stops at its next checkpoint, leaving
+    nothing behind."""
+    import os
+    import signal
+
+    from engine_build.build import run_build
+    from engine_build.config import BuildConfig
+    from engine_build.interrupts import signals_stop_commands
+    finished: list[str] = []
+
+    def signalled_mid_step(cfg, fp32, calibration):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(20):   # where the handler's exception used to land: pure Python between two calls
+            time.sleep(0.01)
+        finished.append("int8 step")
+        return {"*": fp32}, {}, {}
+    out = tmp_path / "art"
+    with signals_stop_commands(), pytest.raises(KeyboardInterrupt):
+        run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=out),
+                  quantize=signalled_mid_step)
+    assert finished == ["int8 step"], "the step the signal came in ran to its end"
+    assert list(tmp_path.iterdir()) == [], "no staging folder and no artifact"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers are put back"
 
 
 def test_evaluate_by_default_runs_what_the_service_would(small_artifact, tmp_path, capsys):
