@@ -72,8 +72,8 @@ def one_round(bootstrap: str, client: str, topic: str, records: int, tmp: Path,
                 sink.publish(Outgoing(cfg.output_topic, m.key, label, []), acked.release)
                 offsets[(m.topic, m.partition)] = m.offset + 1
                 done += 1
-                if done % 1000 == 0:
-                    source.commit(dict(offsets))
+                if done % 1000 == 0:   # as the service's periodic commit, which need not wait
+                    source.commit(dict(offsets), wait=False)
         for _ in range(done):
             if not acked.acquire(timeout=60):
                 raise RuntimeError("a label record was never acknowledged")

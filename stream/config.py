@@ -131,6 +131,12 @@ class StreamConfig:
                                                "a third to an eighth of kafka-python's CPU per record, and the "
                                                "lower latency near full load)",
                                choices=("kafka-python", "librdkafka"))
+    assignment_strategy: str = option("range", "how the group shares partitions: range (eager: every rebalance "
+                                               "stops every member's partitions) or, with librdkafka, "
+                                               "cooperative-sticky (only the partitions that change owner stop); "
+                                               "every member of a group must name the same, so change it with "
+                                               "the whole group stopped",
+                                      choices=("range", "cooperative-sticky"))
     security_protocol: str = option("PLAINTEXT", "Kafka security protocol",
                                     choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
     ssl_cafile: str | None = option(None, "CA bundle for TLS")
@@ -205,6 +211,9 @@ class StreamConfig:
         if self.output_topic == self.dead_letter_topic:
             raise ConfigError("--output-topic and --dead-letter-topic must differ: a reader could not tell a result "
                               "from a dead letter")
+        if self.assignment_strategy == "cooperative-sticky" and self.kafka_client != "librdkafka":
+            raise ConfigError("--assignment-strategy cooperative-sticky needs --kafka-client librdkafka "
+                              "(kafka-python has no cooperative rebalancing)")
         if self.transactional_id and self.processing_guarantee != "exactly-once":
             raise ConfigError("--transactional-id would be ignored without --processing-guarantee exactly-once")
         self._check_unused_security()

@@ -195,7 +195,7 @@ class FakeSource:
                         progress = True
         return out
 
-    def commit(self, offsets: dict[Partition, int]) -> None:
+    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:   # always waits
         with self.broker.lock:
             self.broker.committed[self.group].update(offsets)
 

@@ -244,7 +244,7 @@ class KafkaSource:
         return [Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp, now)
                 for records in batches.values() for r in records]
 
-    def commit(self, offsets: dict[Partition, int]) -> None:
+    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:   # always waits
         with kafka_errors("commit failed", self._group):
             self._consumer.commit(kafka_offsets(offsets), timeout_ms=CLIENT_TIMEOUT_MS)
 

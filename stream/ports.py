@@ -81,7 +81,12 @@ class Source(Protocol):
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]: ...
 
-    def commit(self, offsets: dict[Partition, int]) -> None: ...
+    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:
+        """Commit ``offsets``. ``wait=False`` (the periodic commit) may return before the broker answers:
+        then what it does not accept goes again with the next commit, and an error it answered is raised
+        by the next commit; ``wait=True`` (the last one) returns once these and every earlier offset are
+        accepted."""
+        ...
 
     def pause_all(self) -> None: ...
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import ConfigError
 
+from .commits import UnansweredCommits
 from .errors import (
     KafkaPermanent,
     kafka_errors,
@@ -60,7 +61,7 @@ HOLD_BEFORE_PAUSE_S = 2.0
 FULL_QUEUE_RECHECK_MS = 10
 
 
-def consumer_settings(cfg: StreamConfig, assignment_strategy: str = "range") -> dict[str, Any]:
+def consumer_settings(cfg: StreamConfig) -> dict[str, Any]:
     """librdkafka's consumer configuration for the service config."""
     return {
         "bootstrap.servers": cfg.bootstrap_servers, "group.id": cfg.group_id,
@@ -77,22 +78,22 @@ def consumer_settings(cfg: StreamConfig, assignment_strategy: str = "range") -> 
         "heartbeat.interval.ms": max(100, cfg.session_timeout_ms // 4),
         "max.poll.interval.ms": cfg.max_poll_interval_ms,
         "isolation.level": isolation_level(cfg.processing_guarantee),
-        "allow.auto.create.topics": False, "partition.assignment.strategy": assignment_strategy,
+        "allow.auto.create.topics": False, "partition.assignment.strategy": cfg.assignment_strategy,
         **QUIET, **client_settings(cfg)}
 
 
 class RdKafkaSource:
     """A consumer-group member; every call, the rebalance callbacks included, comes from the poll thread."""
 
-    def __init__(self, cfg: StreamConfig, rebalance: RebalanceHandler,
-                 assignment_strategy: str = "range") -> None:
+    def __init__(self, cfg: StreamConfig, rebalance: RebalanceHandler) -> None:
         from confluent_kafka import Consumer
         from confluent_kafka.admin import AdminClient
         self._bootstrap, self._group, self._reset = cfg.bootstrap_servers, cfg.group_id, cfg.auto_offset_reset
         self._topics = list(cfg.input_topic)
         self._rebalance = rebalance
-        self._cooperative = assignment_strategy == "cooperative-sticky"
-        settings = consumer_settings(cfg, assignment_strategy)
+        self._cooperative = cfg.assignment_strategy == "cooperative-sticky"
+        self._unanswered = UnansweredCommits()   # commits sent without waiting (see commit)
+        settings = {**consumer_settings(cfg), "on_commit": self._answered}
         with connecting(cfg.bootstrap_servers, cfg.group_id):
             # a second client for the probe thread: the consumer's own list_topics waits while consume() runs
             self._admin = AdminClient({"bootstrap.servers": cfg.bootstrap_servers, **QUIET, **client_settings(cfg)})
@@ -134,7 +135,11 @@ class RdKafkaSource:
                 handler.fail(failure)
             handler.released(revoked, lost=False)
             return
-        offsets = handler.committable(revoked)
+        # with what earlier commits sent for these partitions and the broker has not accepted yet
+        wanted = set(revoked)
+        offsets = {p: o for p, o in self._unanswered.with_unanswered(handler.committable(revoked)).items()
+                   if p in wanted}
+        self._unanswered.drop(revoked)
         if offsets:
             try:
                 consumer.commit(offsets=topic_partitions(offsets), asynchronous=False)
@@ -152,6 +157,7 @@ class RdKafkaSource:
         (exactly once, the open transaction is aborted first and the member ends)."""
         lost = _tp_list(partitions)
         self._lost = True
+        self._unanswered.drop(lost)
         transactions = self._rebalance.transactions
         if transactions is not None and lost:
             self._rebalance.fail(transactions.lost(lost))
@@ -210,9 +216,30 @@ class RdKafkaSource:
     def assigned(self) -> list[Partition]:
         return _tp_list(self._consumer.assignment())
 
-    def commit(self, offsets: dict[Partition, int]) -> None:
+    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:
+        """``wait=False`` sends without waiting for the answer (:mod:`.commits`); the offsets of earlier such
+        commits the broker has not accepted go again with this one, and an error it answered is raised here."""
+        offsets = self._unanswered.with_unanswered(offsets)
+        earlier = self._unanswered.take_error()
         with kafka_errors("commit failed", self._group):
-            self._consumer.commit(offsets=topic_partitions(offsets), asynchronous=False)
+            if wait:
+                self._consumer.commit(offsets=topic_partitions(offsets), asynchronous=False)
+                self._unanswered.accepted(offsets)
+                return
+            self._unanswered.sent(offsets)
+            self._consumer.commit(offsets=topic_partitions(offsets), asynchronous=True)
+            if earlier is not None:
+                raise earlier
+
+    def _answered(self, error: Any, partitions: Any) -> None:
+        """librdkafka's answer to a commit sent without waiting (served by poll() and close())."""
+        from confluent_kafka import KafkaException
+        failed = error or next((tp.error for tp in partitions if tp.error is not None), None)
+        if failed is not None:
+            log.debug("a commit failed (%s); its offsets go again with the next", failed)
+            self._unanswered.failed(KafkaException(failed))
+            return
+        self._unanswered.accepted({(tp.topic, tp.partition): tp.offset for tp in partitions})
 
     def pause_all(self) -> None:
         """Take no more records. librdkafka drops a paused partition's prefetched records and fetches them
@@ -296,24 +323,19 @@ def ensure_output_topics(cfg: StreamConfig) -> str:
 
 
 class RdKafkaConnector:
-    """Makes the librdkafka source and sink from the service config.
+    """Makes the librdkafka source and sink from the service config; the source's rebalancing is
+    ``cfg.assignment_strategy`` (librdkafka's ``partition.assignment.strategy``)."""
 
-    ``assignment_strategy`` is librdkafka's ``partition.assignment.strategy``: eager ``range`` by default.
-    ``cooperative-sticky`` (the source then adds and removes partitions incrementally) is not offered as a
-    flag yet: a member's synchronous commit waits behind its pending rejoin and holds its intake meanwhile
-    (docs/kafka-client.md, "Cooperative rebalancing"), and tansu 0.6 has left such a group unable to finish
-    a rebalance when a member left."""
-
-    def __init__(self, cfg: StreamConfig, assignment_strategy: str = "range") -> None:
+    def __init__(self, cfg: StreamConfig) -> None:
         try:   # its version is in the start-up line (stream.cli.client_version)
             import confluent_kafka  # noqa: F401
         except ImportError as exc:
             raise ConfigError("--kafka-client librdkafka needs confluent-kafka "
                               "(pip install 'sentiment-stream[librdkafka]')") from exc
-        self.cfg, self.assignment_strategy = cfg, assignment_strategy
+        self.cfg = cfg
 
     def source(self, rebalance: RebalanceHandler) -> RdKafkaSource:
-        return RdKafkaSource(self.cfg, rebalance, self.assignment_strategy)
+        return RdKafkaSource(self.cfg, rebalance)
 
     def sink(self, on_retry: Callable[[], None]) -> RdKafkaSink:
         cfg = self.cfg

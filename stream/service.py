@@ -189,19 +189,20 @@ class Service:
         return None
 
     # ---- committing ----
-    def _commit(self, ports: Ports, offsets: dict[Partition, int] | None = None) -> None:
+    def _commit(self, ports: Ports, wait: bool) -> None:
+        """``wait``: the last commit, answered before it returns (the periodic one need not be:
+        :meth:`.ports.Source.commit`)."""
         owned = self.rebalance.owned()
         # never for a partition revoked meanwhile: a commit is not checked for ownership and could
         # move the new owner's committed offset past work it has not finished
-        offsets = {p: o for p, o in (self.tracker.committable() if offsets is None else offsets).items()
-                   if p in owned}
+        offsets = {p: o for p, o in self.tracker.committable().items() if p in owned}
         if not offsets:
             return
         try:
             if ports.transactions is not None:
                 offsets = ports.transactions.commit()
             else:
-                ports.source.commit(offsets)
+                ports.source.commit(offsets, wait=wait)
         except KafkaPermanent as exc:   # a refusal the sink stopped on is the cause (the commit only waited on it)
             self._failure = self._failure or ports.sink.failure or exc
             return
@@ -301,7 +302,7 @@ class Service:
                 processor.submit(message)
             stats.consumed += len(kept)
             if time.monotonic() - last_commit >= self.cfg.commit_interval_ms / 1000:
-                self._commit(ports)
+                self._commit(ports, wait=False)
                 last_commit = time.monotonic()
                 self._update_readiness(ports)
             if time.monotonic() - last_report >= self.dead_letter_report_s:
@@ -411,7 +412,7 @@ class Service:
         ports.sink.flush(self._left())
         if ports.transactions is not None:
             ports.transactions.drain_timeout_s = self._left()
-        self._commit(ports)
+        self._commit(ports, wait=True)
 
     def _settle(self) -> None:
         """After the last commit (and the transactions' close), before the source closes."""

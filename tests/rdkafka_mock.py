@@ -21,6 +21,7 @@ import pytest
 
 # the Kafka protocol's ApiKeys of the requests tests make fail
 PRODUCE = 0
+OFFSET_COMMIT = 8
 INIT_PRODUCER_ID = 22
 ADD_PARTITIONS_TO_TXN = 24
 

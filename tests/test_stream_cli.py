@@ -87,6 +87,8 @@ def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
     (["--transactional-id", "pod-a"],
      "--transactional-id would be ignored without --processing-guarantee exactly-once"),
     (["--compression-type", "brotli"], "--compression-type brotli: choose from"),
+    (["--assignment-strategy", "cooperative-sticky"],
+     "--assignment-strategy cooperative-sticky needs --kafka-client librdkafka"),
     (["--max-batch", "many"], "--max-batch='many': expected int"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--sasl-mechanism", "PLAIN", "--sasl-username", "bob"],

@@ -29,20 +29,6 @@ def wait_assigned(log, timeout: float = 60) -> None:
     raise AssertionError(f"{log.name} was never assigned a partition:\n{log.read_text()[-3000:]}")
 
 
-def assignments(log) -> int:
-    return log.read_text().count("partitions assigned:")
-
-
-def wait_reassigned(logs: list, before: dict, timeout: float = 90) -> None:
-    """Until every member in ``logs`` has been assigned again since ``before`` (the rebalance ended)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(assignments(log) > before[log] for log in logs):
-            return
-        time.sleep(0.2)
-    raise AssertionError("the group did not finish rebalancing:\n" + "\n".join(log.read_text()[-1500:] for log in logs))
-
-
 def settled(log) -> bool:
     """The member's last rebalance step was an assignment: it is not inside a rebalance."""
     steps = [line for line in log.read_text().splitlines()
@@ -50,9 +36,24 @@ def settled(log) -> bool:
     return bool(steps) and "partitions assigned:" in steps[-1]
 
 
-def wait_settled(logs: list, timeout: float = 90) -> None:
+def owned(log) -> set[str]:
+    """The partitions the member holds, from its log: an eager rebalance revokes all and assigns the new
+    set; a cooperative one revokes and adds only what moves."""
+    held: set[str] = set()
+    for line in log.read_text().splitlines():
+        named = set(re.findall(r"[\w.-]+\[\d+\]", line.split(";")[0]))
+        if "partitions assigned:" in line:
+            held |= named
+        elif "partitions revoked:" in line or "partitions lost" in line:
+            held -= named
+    return held
+
+
+def wait_settled(logs: list, partitions: int, timeout: float = 90) -> None:
+    """Until every member's last step is an assignment and together they hold every partition: a cooperative
+    rebalance assigns what it revoked in a second round, which a member leaving must not interrupt on tansu."""
     deadline = time.monotonic() + timeout
-    while not all(settled(log) for log in logs):
+    while not (all(settled(log) for log in logs) and len(set().union(*(owned(log) for log in logs))) == partitions):
         assert time.monotonic() < deadline, "the group did not settle:\n" + "\n".join(
             log.read_text()[-1500:] for log in logs)
         time.sleep(0.1)
@@ -75,8 +76,15 @@ def finished_when_stopped(log) -> int:
     return int(count)
 
 
-def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small_artifact, tmp_path, kafka_client):
-    """Each change waits for the rebalance before it to end: tansu 0.6 never completes a rebalance
+@pytest.mark.parametrize("kafka_client,strategy,guarantee", [
+    ("kafka-python", "range", "at-least-once"), ("librdkafka", "range", "at-least-once"),
+    ("librdkafka", "cooperative-sticky", "at-least-once"), ("librdkafka", "cooperative-sticky", "exactly-once")])
+def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small_artifact, tmp_path, kafka_client,
+                                                             strategy, guarantee):
+    """Cooperative rebalancing (``strategy``) must lose nothing either, and a member leaving must stop none
+    of the partitions the others keep.
+
+    Each change waits for the rebalance before it to end: tansu 0.6 never completes a rebalance
     whose elected leader leaves during it (it keeps naming the departed member leader; Kafka
     removes it), which a leave landing mid-rebalance can hit whatever the clients do.
 
@@ -91,7 +99,8 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
     logs = {name: tmp_path / f"{name}.log" for name in "abc"}
     ports = {name: free_port() for name in "abc"}
     started = {"a": start_service(kafka_broker, t, small_artifact, logs["a"], metrics_port=ports["a"],
-                                      kafka_client=kafka_client, session_timeout_ms=SESSION_MS)}
+                                      kafka_client=kafka_client, session_timeout_ms=SESSION_MS,
+                                      assignment_strategy=strategy, processing_guarantee=guarantee)}
     stopped: dict[str, int] = {}
     events = []
 
@@ -110,7 +119,8 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
         for name in "bc":                                   # two joins, each mid-stream
             members = {n: (started[n], logs[n].read_text().count("partitions revoked")) for n in started}
             started[name] = start_service(kafka_broker, t, small_artifact, logs[name], metrics_port=ports[name],
-                                           kafka_client=kafka_client, session_timeout_ms=SESSION_MS)
+                                           kafka_client=kafka_client, session_timeout_ms=SESSION_MS,
+                                           assignment_strategy=strategy, processing_guarantee=guarantee)
             wait_logged(started[name], logs[name], "connected to")   # its next poll joins the group
             more_input()
             for n, (process, revoked) in members.items():
@@ -118,10 +128,10 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
             more_input()
             wait_assigned(logs[name])
             events.append((f"join {name}", unfinished()))
-            wait_settled([logs[n] for n in started])        # every member assigned: the next change starts clean
+            wait_settled([logs[n] for n in started], 6)     # every partition held: the next change starts clean
         for name in "ab":                                   # two leaves, each mid-stream
             remaining = [logs[n] for n in started if n != name]
-            before = {log: assignments(log) for log in remaining}
+            kept = {log: log.read_text().count("partitions revoked") for log in remaining}
             process = started.pop(name)
             more_input()
             process.send_signal(signal.SIGTERM)
@@ -134,7 +144,10 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
                 raise AssertionError(f"{name} did not stop within 60 s of SIGTERM") from None
             stopped[name] = finished_when_stopped(logs[name])
             events.append((f"leave {name}", unfinished()))
-            wait_reassigned(remaining, before)
+            wait_settled(remaining, 6)   # the leaver's partitions held by the others again
+            if strategy == "cooperative-sticky":
+                revoked = {log.name: log.read_text().count("partitions revoked") - kept[log] for log in remaining}
+                assert not any(revoked.values()), f"{name} left and the others gave partitions back: {revoked}"
         inputs = read_all(kafka_broker.bootstrap, t["input"], total)
         ends = {}
         for r in inputs:
@@ -154,7 +167,8 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka_broker, small
     assert {p: marks.get(p) for p in ends} == ends, "committed offsets reach the end of every partition"
     results = positions(read_all(kafka_broker.bootstrap, t["output"], total))
     done = set(results)
-    print(f"{kafka_client}: {len(results) - len(done)} duplicate results over 4 rebalances")
+    print(f"{kafka_client}, {strategy}, {guarantee}: {len(results) - len(done)} duplicate results over 4 "
+          f"rebalances")
     missing = {(r.partition, r.offset) for r in inputs} - done
     assert not missing, f"{len(missing)} inputs without a result"
     for name, log in logs.items():

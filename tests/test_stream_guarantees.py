@@ -23,7 +23,7 @@ class _Audited(FakeSource):
 
     violations: list[str]
 
-    def commit(self, offsets: dict[Partition, int]) -> None:
+    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:
         with self.broker.lock:
             done = set(sources(self.broker.records("out")))
             for (topic, partition), offset in offsets.items():
@@ -31,7 +31,7 @@ class _Audited(FakeSource):
                 if missing:
                     self.violations.append(f"{topic}[{partition}] committed at {offset} while {len(missing)} "
                                            f"below it had no record (first {missing[0]})")
-            super().commit(offsets)
+            super().commit(offsets, wait)
 
 
 class _AuditedConnector(FakeConnector):

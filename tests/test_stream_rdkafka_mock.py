@@ -1,5 +1,6 @@
-"""The librdkafka sink against librdkafka's own mock cluster (tests/rdkafka_mock.py): a broker that takes
-librdkafka's epoch bump as Kafka does, answers late, goes down, and answers with errors a test pushes.
+"""The librdkafka sink, and the source's commits, against librdkafka's own mock cluster
+(tests/rdkafka_mock.py): a broker that takes librdkafka's epoch bump as Kafka does, answers late, goes down,
+and answers with errors a test pushes.
 tansu can do none of these. The mock checks idempotent sequence numbers only for transactional producers,
 so where a Kafka broker would refuse a batch sent behind a refused one out of sequence, the test pushes
 that answer too."""
@@ -18,7 +19,14 @@ from stream import rdkafka_sink  # noqa: E402
 from stream.errors import KafkaPermanent  # noqa: E402
 from stream.records import Outgoing  # noqa: E402
 
-from .rdkafka_mock import ADD_PARTITIONS_TO_TXN, INIT_PRODUCER_ID, PRODUCE, MockCluster, mock_cluster  # noqa: E402
+from .rdkafka_mock import (  # noqa: E402
+    ADD_PARTITIONS_TO_TXN,
+    INIT_PRODUCER_ID,
+    OFFSET_COMMIT,
+    PRODUCE,
+    MockCluster,
+    mock_cluster,
+)
 from .waiting import wait_until  # noqa: E402
 
 KafkaError = confluent_kafka.KafkaError
@@ -389,3 +397,43 @@ def test_producers_that_fail_alike_before_any_acknowledgement_are_replaced_after
         finally:
             sink.close()
     assert waits == [0.0, 0.1, 0.2, 0.4, 0.0]
+
+
+def test_offsets_of_a_commit_sent_without_waiting_that_the_broker_refused_go_again_with_the_next(tmp_path, caplog):
+    """The periodic commit does not wait for its answer (a synchronous one waits behind a pending rejoin and
+    holds the member's intake). One the broker refuses is said at the next commit, as a synchronous commit
+    would have raised it, and its offsets go again with the next ones: here the last commit carries only
+    partition 1, and partition 0's refused offset still ends up committed."""
+    from stream import rdkafka_io
+    from stream.config import StreamConfig
+    from stream.errors import KafkaTransient
+
+    from .test_stream_rdkafka import Handler
+    with mock_cluster() as cluster:
+        cluster.create_topic("in", 2)
+        producer = confluent_kafka.Producer({"bootstrap.servers": cluster.bootstrap})
+        for i in range(20):
+            producer.produce("in", value=b"x", partition=i % 2)
+        producer.flush(10)
+        cfg = StreamConfig(cluster.bootstrap, ("in",), "out", "dlq", tmp_path, group_id="g", kafka_client="librdkafka",
+                           session_timeout_ms=6000)
+        source = rdkafka_io.RdKafkaSource(cfg, Handler(drain_timeout_s=0.5))
+        try:
+            got: list = []
+            wait_until(lambda: len(got) >= 20 or bool(got.extend(source.poll(0.1, 100))), "every record consumed")
+            cluster.fail_next(OFFSET_COMMIT, KafkaError.OFFSET_METADATA_TOO_LARGE)
+            with caplog.at_level(logging.DEBUG, logger="stream.rdkafka_io"):
+                source.commit({("in", 0): 5}, wait=False)
+                wait_until(lambda: "a commit failed" in caplog.text or bool(source.poll(0.05, 10)),
+                           "the refusal answered")
+            with pytest.raises(KafkaTransient, match="OFFSET_METADATA_TOO_LARGE"):
+                source.commit({("in", 1): 3}, wait=False)
+            source.commit({("in", 1): 4}, wait=True)
+        finally:
+            source.close()
+        reader = confluent_kafka.Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "g"})
+        try:
+            marks = reader.committed([confluent_kafka.TopicPartition("in", p) for p in (0, 1)], timeout=10)
+        finally:
+            reader.close()
+        assert [(tp.partition, tp.offset) for tp in marks] == [(0, 5), (1, 4)]
