@@ -27,7 +27,7 @@ from .caffe_net import Net, attach_weights, build_net
 from .config import PRECISIONS, BuildConfig
 from .errors import ArtifactError, ConfigError, ValidationFailed
 from .imagesets import ImageSet, load_sets
-from .interrupts import checkpoint, stop_at_checkpoints
+from .interrupts import checkpoint, stop_at_checkpoints, uninterrupted
 from .manifest import (
     ENGINE_FILE,
     MANIFEST,
@@ -303,7 +303,8 @@ def run_build(cfg: BuildConfig, quantize: Quantize = quantize_variants) -> Manif
             manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started,
                                  quantize)
             checkpoint()
-            _publish(staging, cfg.output)
+            with uninterrupted():   # never half published: a signal now leaves the build complete
+                _publish(staging, cfg.output)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     failures = [c.failure() for c in blocking_failures(_checks(manifest))]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from .errors import ConfigError, UserError
-from .interrupts import signals_stop_commands
+from .interrupts import stop_on_signals
 from .options import OptionParser
 
 if TYPE_CHECKING:
@@ -344,7 +344,7 @@ def _add_fetch_weights(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """``environ``: where ``build``'s environment twins (``ENGINE_BUILD_<FIELD>``) are read (os.environ)."""
     environ = dict(os.environ if environ is None else environ)
-    with signals_stop_commands():
+    with stop_on_signals():
         return _main(argv, environ)
 
 
@@ -373,5 +373,8 @@ def _main(argv: list[str] | None, environ: dict[str, str]) -> int:
         print(f"engine_build: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("engine_build: interrupted", file=sys.stderr)
+        try:
+            print("engine_build: interrupted", file=sys.stderr)
+        except OSError:   # stderr is gone (its reader quit): the exit status still says it
+            pass
         return 130

@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import ConfigError, DecodeError
 from .imaging import builtin_photos, decode, list_images, photo_views, view_names
+from .interrupts import checkpoint
 from .manifest import ImagesUsed, sha256
 
 
@@ -45,6 +46,7 @@ def folder_set(folder: Path, flag: str) -> ImageSet:
         raise ConfigError(f"{flag} {folder}: no JPEG/PNG/WebP/BMP/TIFF files there")
     images = []
     for path in paths:
+        checkpoint()
         try:
             images.append(decode(path.read_bytes()))
         except (OSError, DecodeError) as exc:

@@ -6,7 +6,9 @@ raised from the handler lands anywhere: inside the import of a native module (wh
 dies by SIGINT after printing that it was interrupted), or where it leaves a library unable to shut down (a
 build that never exited). Inside :func:`stop_at_checkpoints` the first signal therefore only asks for a stop,
 and the work raises :class:`KeyboardInterrupt` itself at its next :func:`checkpoint`: between a build's steps
-and in its loops over images, so within about a batch's time. A second signal stops it at once, as before.
+and in its loops over images and batches. Some steps have no loop of the build's own to check in (a TensorRT
+engine build, NNCF's bias correction, compiling a model), so a stop waits for the one under way. A second
+signal stops the build at once, as before.
 """
 from __future__ import annotations
 
@@ -19,11 +21,15 @@ from typing import Any
 
 _asked = threading.Event()
 _deferring = 0   # how many stop_at_checkpoints() blocks the main thread is in
+_holding = 0     # how many uninterrupted() blocks
+_stopping = False   # a KeyboardInterrupt is on its way: the cleanup it runs must not be cut by another
 
 
 def checkpoint() -> None:
     """Raise KeyboardInterrupt if a stop was asked for; cheap, for loops."""
+    global _stopping
     if _asked.is_set():
+        _stopping = True
         raise KeyboardInterrupt
 
 
@@ -34,26 +40,54 @@ def stop_at_checkpoints() -> Iterator[None]:
     global _deferring
     _deferring += 1
     try:
-        yield   # work that finished is kept: a stop asked for after its last checkpoint is not raised here
+        yield
+        if _asked.is_set():   # asked after the last checkpoint: the work is complete, and kept
+            _say(b"the stop came after the last step: the work is complete\n")
     finally:
         _deferring -= 1
         if not _deferring:
             _asked.clear()
 
 
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Inside, every signal is only noted, a second one too: for what must not be cut half way (moving a
+    finished artifact into place)."""
+    global _holding
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+
+
+def _say(line: bytes) -> None:
+    """os.write, not print: the main thread may be inside a write to stderr (print would raise); and a
+    stderr that is gone must not turn into an exception here."""
+    try:
+        os.write(2, line)
+    except OSError:
+        pass
+
+
 def _on_signal(_signum: int, _frame: Any) -> None:
-    if _deferring and not _asked.is_set():
-        _asked.set()
-        # os.write, not print: the main thread may be inside a write to stderr (print would raise)
-        os.write(2, b"stopping after the current step (send it again to stop at once)\n")
+    global _stopping
+    if _stopping:   # already stopping: its cleanup (the staging folder's removal) runs to its end
         return
+    if _holding or (_deferring and not _asked.is_set()):
+        if not _asked.is_set():
+            _say(b"stopping after the current step (send it again to stop at once)\n")
+        _asked.set()
+        return
+    _stopping = True
     raise KeyboardInterrupt
 
 
 @contextmanager
-def signals_stop_commands() -> Iterator[None]:
+def stop_on_signals() -> Iterator[None]:
     """While a command runs, SIGTERM (``timeout``, a supervisor) ends it as Ctrl-C does, and both honour
     :func:`stop_at_checkpoints`. Only in the main thread (handlers cannot be set elsewhere)."""
+    global _stopping
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -63,3 +97,4 @@ def signals_stop_commands() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _stopping = False

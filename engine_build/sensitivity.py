@@ -78,11 +78,12 @@ def held_out_error(fp32: Path, quantize: Quantizer, runtime: str, layers: Sequen
                    fit: np.ndarray, held: np.ndarray, reference: np.ndarray, workdir: Path) -> float:
     """max |dp| on ``held``, run on ``runtime``, of a file quantised on ``fit`` with ``float_layers`` in float."""
     from .runtime import open_backend
+    from .validate import stoppable_infer
     path = workdir / "probe.int8.onnx"
     quantize(fp32, path, fit, [layer for layer in layers if layer in set(float_layers)])
     checkpoint()
     with open_backend(runtime, path, "int8", 16, exact=True) as backend:
-        probs = backend.infer(held).probs
+        probs = stoppable_infer(backend, held).probs
     path.unlink()
     return float(np.nanmax(np.abs(probs - reference))) if not np.isnan(probs).any() else float("inf")
 

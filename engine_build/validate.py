@@ -23,7 +23,7 @@ import numpy as np
 from .errors import BackendUnavailable, ModelFormatError
 from .interrupts import checkpoint
 from .runtime import open_backend
-from .runtime.base import Outputs
+from .runtime.base import Backend, Outputs
 from .runtime.cpu import this_cpu
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,18 @@ def _plan(variants: dict[str, dict[str, Path]], engine: Path | None) -> list[tup
     return plan
 
 
+def stoppable_infer(backend: Backend, images: np.ndarray) -> Outputs:
+    """``backend.infer(images)`` a batch at a time, with a :func:`.interrupts.checkpoint` between batches."""
+    parts = []
+    for start in range(0, max(len(images), 1), backend.max_batch):
+        checkpoint()
+        parts.append(backend.infer(images[start:start + backend.max_batch]))
+    return Outputs(np.concatenate([p.probs for p in parts]), np.concatenate([p.logits for p in parts]))
+
+
 def reference_probs(fp32: Path, images: np.ndarray, max_batch: int = 16) -> np.ndarray:
     with open_backend("onnxruntime", fp32, "fp32", max_batch) as ref:
-        return ref.infer(images).probs
+        return stoppable_infer(ref, images).probs
 
 
 def run_checks(variants: dict[str, dict[str, Path]], engine: Path | None, images: np.ndarray, names: list[str],
@@ -168,7 +177,7 @@ def check_one(variant: str, path: Path, runtime: str, exact: bool, reference: np
     mode = "exact" if exact or runtime != "openvino" else "default"
     try:
         with open_backend(runtime, path, precision, max_batch, exact=exact) as backend:
-            outputs: Outputs = backend.infer(images)
+            outputs = stoppable_infer(backend, images)
             compute = backend.compute_precision
     except (BackendUnavailable, ModelFormatError) as exc:
         return Check(variant, runtime, mode, "-", len(images), float("nan"), 0.0, False, False,

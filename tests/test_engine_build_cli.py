@@ -357,7 +357,8 @@ def test_failed_build_leaves_no_half_written_artifact(small_model, small_artifac
     assert not fresh.exists()
 
 
-def test_a_sigterm_in_a_build_step_stops_the_build_after_that_step_not_inside_it(small_model, tmp_path):
+def test_a_sigterm_in_a_build_step_stops_the_build_after_that_step_not_inside_it(small_model, tmp_path,
+                                                                                  monkeypatch):
     """An exception raised from the signal handler landed wherever the main thread was: inside the import of a
     native module it read "ImportError: initialization failed" (exit 1, not 130), elsewhere the process died by
     SIGINT after saying it was interrupted. The first SIGTERM now only asks: the step under way (here the INT8
@@ -368,7 +369,7 @@ def test_a_sigterm_in_a_build_step_stops_the_build_after_that_step_not_inside_it
 
     from engine_build.build import run_build
     from engine_build.config import BuildConfig
-    from engine_build.interrupts import signals_stop_commands
+    from engine_build.interrupts import stop_on_signals
     finished: list[str] = []
 
     def signalled_mid_step(cfg, fp32, calibration):
@@ -378,12 +379,53 @@ def test_a_sigterm_in_a_build_step_stops_the_build_after_that_step_not_inside_it
         finished.append("int8 step")
         return {"*": fp32}, {}, {}
     out = tmp_path / "art"
-    with signals_stop_commands(), pytest.raises(KeyboardInterrupt):
+    validated: list[object] = []
+    monkeypatch.setattr("engine_build.build.run_checks", lambda *args, **kwargs: validated.append(args))
+    with stop_on_signals(), pytest.raises(KeyboardInterrupt):
         run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=out),
                   quantize=signalled_mid_step)
     assert finished == ["int8 step"], "the step the signal came in ran to its end"
+    assert not validated, "and the build stopped at the next checkpoint, before validating"
     assert list(tmp_path.iterdir()) == [], "no staging folder and no artifact"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers are put back"
+
+
+def test_signals_while_an_artifact_is_moved_into_place_or_while_stopping_never_cut_it_short(small_model, tmp_path,
+                                                                                             monkeypatch):
+    """Two signals during the move of a finished artifact into place left it half published (the new fp16 file
+    beside the old manifest); two during the stop's cleanup cut the cleanup and the process died by the
+    signal. Now a signal in either only notes the stop."""
+    import os
+    import signal
+
+    from engine_build import build as build_module
+    from engine_build.build import run_build
+    from engine_build.config import BuildConfig
+    from engine_build.interrupts import stop_on_signals
+    real_publish = build_module._publish
+
+    def signalled_publish(staging, output):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(20):
+            time.sleep(0.005)
+        real_publish(staging, output)
+    monkeypatch.setattr(build_module, "_publish", signalled_publish)
+    out = tmp_path / "art"
+    with stop_on_signals():
+        run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=out, precisions=("fp32",)))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"], "published whole"
+
+    def signalled_twice(cfg, fp32, calibration):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {"*": fp32}, {}, {}
+    removed: list[str] = []
+    monkeypatch.setattr(build_module.shutil, "rmtree", lambda path, **kw: (os.kill(os.getpid(), signal.SIGTERM),
+                                                                         removed.append(str(path))))
+    with stop_on_signals(), pytest.raises(KeyboardInterrupt):
+        run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=tmp_path / "b"),
+                  quantize=signalled_twice)
+    assert len(removed) == 1, "the cleanup ran to its end despite a second signal in it"
 
 
 def test_evaluate_by_default_runs_what_the_service_would(small_artifact, tmp_path, capsys):
