@@ -231,36 +231,23 @@ class KafkaSink(SinkBase):
             if counted and retriable(exc):   # resent in its place, once the records the producer holds are back
                 resend_in_place(exc)
                 return
-            if too_large(exc):   # measured by send() against max_request_size: no broker saw it, and no
-                self._too_large_here(record, on_ack, on_refused, order, exc, producer)   # resend can change it
-                return
-            self._failed(record, on_ack, on_refused, order, exc, producer)
+            self._failed(record, on_ack, on_refused, order, exc, producer, sent=False)
             return
         future.add_callback(ok)
         future.add_errback(failed)
 
-    def _too_large_here(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, order: int,
-                        exc: BaseException, producer: Any) -> None:
-        """send() refused ``record`` itself as too large: it never entered the producer (nor an open
-        transaction), so it is refused at once, or its value-less fallback published instead."""
-        if not self.transactional:
-            self._isolation.answered(producer)
-        instead = self._fallback(record, exc)
-        if instead is not None:
-            self.publish(instead, on_ack, on_refused, order)
-            return
-        log.warning("a record for %s is larger than this producer's max_request_size (%s): refused", record.topic,
-                    exc)
-        self._refuse(record, on_refused, exc)
-
     def _transact_alone(self, record: Outgoing) -> BaseException | None:
         from kafka import KafkaProducer
+        from kafka.errors import KafkaError
         settings = {**self._settings, "transactional_id": f"{self._transactional_id}-probe", "linger_ms": 0}
         error: BaseException | None = None
         try:
-            if self._probe is None:
-                self._probe = KafkaProducer(**settings)
-                self._probe.init_transactions()   # aborts what an earlier probe left open
+            with self._renew_lock:   # no new producer after close (nothing would close it)
+                if self._closed:
+                    return KafkaError("the sink is closed")
+                if self._probe is None:
+                    self._probe = KafkaProducer(**settings)
+                    self._probe.init_transactions()   # aborts what an earlier probe left open
             self._probe.begin_transaction()
             self._probe.send(record.topic, key=record.key, value=record.value,
                              headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
@@ -281,14 +268,21 @@ class KafkaSink(SinkBase):
         self._count_failure(record, exc)
 
     def _failed(self, record: Outgoing, on_ack: Callable[[], None], on_refused: Refused | None, order: int,
-                exc: BaseException, producer: Any) -> None:
-        """A send that failed (at least once: counted against ``producer``, each branch settling it)."""
+                exc: BaseException, producer: Any, sent: bool = True) -> None:
+        """A send that failed (at least once: counted against ``producer``, each branch settling it);
+        ``sent=False``: send() itself raised ``exc``, and the record never entered the producer."""
         counted = not self.transactional
         instead = self._fallback(record, exc)
         if instead is not None:
             if counted:
                 self._isolation.answered(producer)
             self.publish(instead, on_ack, on_refused, order)
+            return
+        if not sent and too_large(exc):   # measured by send() against max_request_size: no broker saw it, no
+            if counted:                   # resend can change it, and no open transaction holds it
+                self._isolation.answered(producer)
+            log.warning("a record for %s is larger than this producer's max_request_size: refused", record.topic)
+            self._refuse(record, on_refused, exc)
             return
         if counted and refused_for_good(exc):   # raised by send() itself: a record fault, not publishing failing
             self._renewed(exc, producer)
@@ -391,12 +385,12 @@ class KafkaSink(SinkBase):
             log.warning("flush: %s", exc)
 
     def close(self) -> None:
-        self._stop_resending()
-        with self._renew_lock:   # a replacement or probe being made now is made first, then closed here
-            pass
-        if self._probe is not None:
-            close_producer(self._probe, CLIENT_TIMEOUT_S)
-        close_producer(self._producer, CLIENT_TIMEOUT_S)
+        self._stop_resending()   # no producer is made after this (each is made under the lock, if not closed)
+        with self._renew_lock:   # one being made now is made first, and closed here
+            probe, producer = self._probe, self._producer
+        if probe is not None:
+            close_producer(probe, CLIENT_TIMEOUT_S)
+        close_producer(producer, CLIENT_TIMEOUT_S)
 
 
 def close_producer(producer: Any, timeout: float) -> bool:
