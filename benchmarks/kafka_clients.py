@@ -77,7 +77,7 @@ def one_round(bootstrap: str, client: str, topic: str, records: int, tmp: Path,
         for _ in range(done):
             if not acked.acquire(timeout=60):
                 raise RuntimeError("a label record was never acknowledged")
-        source.commit(dict(offsets))
+        source.commit(dict(offsets), wait=True)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     finally:
         source.close()

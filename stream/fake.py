@@ -37,6 +37,11 @@ class FakeBroker:
         self.errors: list[BaseException] = []       # a sink's assertion, re-raised on the poll thread
         self.refuse_topics: set[str] = set()  # sends to these fail: TopicAuthorizationFailed (no WRITE ACL)
         self.fail_next_commits = 0            # make the next N transaction commits fail (and abort)
+        # as librdkafka: a commit that does not wait is answered at the member's next poll, refused where
+        # refuse_commit says so (refused_commits counts them)
+        self.commits_answered_later = False
+        self.refuse_commit: Callable[[dict[Partition, int]], bool] = lambda offsets: False
+        self.refused_commits = 0
         self.appended: list[tuple[str, Record]] = []   # every record as it was appended, across topics
         self._members: dict[str, list[FakeSource]] = defaultdict(list)
         self._generation: dict[str, int] = defaultdict(int)
@@ -105,9 +110,12 @@ class FakeSource:
         self.closed = False
         self.evicted = False
         self.joined = False   # like the Kafka source: no group membership until every input topic exists
+        self._unanswered: list[dict[Partition, int]] = []   # commits sent without waiting (commits_answered_later)
+        self._answered_error: KafkaTransient | None = None
         broker._join(self)
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
+        self._answer_commits()
         with self.broker.lock:
             if self.broker.errors:
                 raise self.broker.errors.pop(0)
@@ -172,7 +180,7 @@ class FakeSource:
             return
         offsets = self.rebalance.committable(partitions)
         if offsets:
-            self.commit(offsets)
+            self.commit(offsets, wait=True)
             self.rebalance.committed(offsets)
         self.rebalance.released(partitions, lost=False)
 
@@ -195,9 +203,31 @@ class FakeSource:
                         progress = True
         return out
 
-    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:   # always waits
-        with self.broker.lock:
-            self.broker.committed[self.group].update(offsets)
+    def commit(self, offsets: dict[Partition, int], *, wait: bool) -> dict[Partition, int]:
+        """Committed at once; with ``commits_answered_later``, one that does not wait is answered at the next
+        poll, and a refusal there is raised by the next commit."""
+        if wait or not self.broker.commits_answered_later:
+            with self.broker.lock:
+                self.broker.committed[self.group].update(offsets)
+            return offsets
+        error, self._answered_error = self._answered_error, None
+        self._unanswered.append(dict(offsets))
+        if error is not None:
+            raise error
+        return {}
+
+    def _answer_commits(self) -> None:
+        sent, self._unanswered = self._unanswered, []
+        for offsets in sent:
+            with self.broker.lock:
+                refused = self.broker.refuse_commit(offsets)
+                self.broker.refused_commits += refused
+                if not refused:
+                    self.broker.committed[self.group].update(offsets)
+            if refused:
+                self._answered_error = KafkaTransient("commit failed: refused by the fake broker")
+            else:
+                self.rebalance.committed(offsets)
 
     def group_metadata(self) -> tuple[int, int]:
         """(generation, member id); (-1, 0) once evicted, as kafka-python's after a heartbeat reset."""

@@ -244,9 +244,10 @@ class KafkaSource:
         return [Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp, now)
                 for records in batches.values() for r in records]
 
-    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:   # always waits
+    def commit(self, offsets: dict[Partition, int], *, wait: bool) -> dict[Partition, int]:   # always waits
         with kafka_errors("commit failed", self._group):
             self._consumer.commit(kafka_offsets(offsets), timeout_ms=CLIENT_TIMEOUT_MS)
+        return offsets
 
     def group_metadata(self) -> Any:
         return self._consumer.group_metadata()

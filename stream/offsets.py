@@ -47,9 +47,15 @@ class OffsetTracker:
             return out
 
     def committed(self, offsets: dict[Partition, int]) -> None:
+        """The broker accepted ``offsets`` (from the committing thread, or from a client's answer later)."""
         with self._lock:
             for partition, offset in offsets.items():
                 self._committed[partition] = max(offset, self._committed.get(partition, -1))
+
+    def committed_offsets(self) -> dict[Partition, int]:
+        """Per partition, the highest offset the broker accepted."""
+        with self._lock:
+            return dict(self._committed)
 
     def wait_idle(self, timeout: float, partitions: list[Partition] | None = None) -> bool:
         """Block until nothing is in flight (for ``partitions``, or all); False on timeout."""

@@ -81,11 +81,11 @@ class Source(Protocol):
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]: ...
 
-    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:
-        """Commit ``offsets``. ``wait=False`` (the periodic commit) may return before the broker answers:
-        then what it does not accept goes again with the next commit, and an error it answered is raised
-        by the next commit; ``wait=True`` (the last one) returns once these and every earlier offset are
-        accepted."""
+    def commit(self, offsets: dict[Partition, int], *, wait: bool) -> dict[Partition, int]:
+        """Commit ``offsets``; the offsets the broker has accepted by the time it returns (all of them
+        when it waits). Without ``wait`` (the periodic commit) a client may return before the broker
+        answers: it reports what the broker accepts through :meth:`RebalanceHandler.committed`, and
+        raises an error the broker answered at the next commit."""
         ...
 
     def pause_all(self) -> None: ...

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from engine_build.errors import ConfigError
 
-from .commits import UnansweredCommits
 from .errors import (
     KafkaPermanent,
     kafka_errors,
@@ -92,7 +91,8 @@ class RdKafkaSource:
         self._topics = list(cfg.input_topic)
         self._rebalance = rebalance
         self._cooperative = cfg.assignment_strategy == "cooperative-sticky"
-        self._unanswered = UnansweredCommits()   # commits sent without waiting (see commit)
+        self._commit_error: BaseException | None = None   # answered to a commit sent without waiting
+        self._commit_out = False   # a commit sent without waiting is not answered yet
         settings = {**consumer_settings(cfg), "on_commit": self._answered}
         with connecting(cfg.bootstrap_servers, cfg.group_id):
             # a second client for the probe thread: the consumer's own list_topics waits while consume() runs
@@ -123,11 +123,14 @@ class RdKafkaSource:
         if not revoked:
             return
         handler = self._rebalance
-        deadline = time.monotonic() + handler.drain_timeout_s
-        while not handler.drained(revoked) and time.monotonic() < deadline:
-            time.sleep(DRAIN_STEP_S)   # librdkafka heartbeats on its own thread meanwhile
-        drained = handler.drained(revoked)
         transactions = handler.transactions
+        # exactly once the open transaction holds every partition's work: a cooperative revocation keeps some,
+        # and their results must not commit before their offsets can
+        waited = revoked if transactions is None else sorted(set(revoked) | set(_tp_list(consumer.assignment())))
+        deadline = time.monotonic() + handler.drain_timeout_s
+        while not handler.drained(waited) and time.monotonic() < deadline:
+            time.sleep(DRAIN_STEP_S)   # librdkafka heartbeats on its own thread meanwhile
+        drained = handler.drained(waited)
         if transactions is not None:   # exactly-once: commit or abort the open transaction (bounded calls)
             try:
                 handler.committed(transactions.end_for_revocation(drained))
@@ -135,11 +138,7 @@ class RdKafkaSource:
                 handler.fail(failure)
             handler.released(revoked, lost=False)
             return
-        # with what earlier commits sent for these partitions and the broker has not accepted yet
-        wanted = set(revoked)
-        offsets = {p: o for p, o in self._unanswered.with_unanswered(handler.committable(revoked)).items()
-                   if p in wanted}
-        self._unanswered.drop(revoked)
+        offsets = handler.committable(revoked)   # what the broker has not accepted yet, sent or not
         if offsets:
             try:
                 consumer.commit(offsets=topic_partitions(offsets), asynchronous=False)
@@ -157,7 +156,6 @@ class RdKafkaSource:
         (exactly once, the open transaction is aborted first and the member ends)."""
         lost = _tp_list(partitions)
         self._lost = True
-        self._unanswered.drop(lost)
         transactions = self._rebalance.transactions
         if transactions is not None and lost:
             self._rebalance.fail(transactions.lost(lost))
@@ -216,30 +214,53 @@ class RdKafkaSource:
     def assigned(self) -> list[Partition]:
         return _tp_list(self._consumer.assignment())
 
-    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:
-        """``wait=False`` sends without waiting for the answer (:mod:`.commits`); the offsets of earlier such
-        commits the broker has not accepted go again with this one, and an error it answered is raised here."""
-        offsets = self._unanswered.with_unanswered(offsets)
-        earlier = self._unanswered.take_error()
+    def commit(self, offsets: dict[Partition, int], *, wait: bool) -> dict[Partition, int]:
+        """With cooperative rebalancing and without ``wait``, the commit is sent and librdkafka's answer
+        comes later, from :meth:`poll` (:meth:`_answered`): a synchronous commit made while the member's
+        rejoin is pending waits behind the rejoin, on this thread, which is the one that would serve it,
+        and the partitions the member keeps would stop meanwhile (docs/kafka-client.md, "Cooperative
+        rebalancing"; under eager rebalancing every partition stops anyway, so the commit waits). An error
+        it answers is raised here, at the next commit. One such commit is out at a time, and the last one
+        waits for it: librdkafka retries a refused commit on its own, so two could land out of order and
+        move the group's offset back."""
+        earlier, self._commit_error = self._commit_error, None
         with kafka_errors("commit failed", self._group):
-            if wait:
+            if wait or not self._cooperative:
+                self._answer_the_commit_out()
                 self._consumer.commit(offsets=topic_partitions(offsets), asynchronous=False)
-                self._unanswered.accepted(offsets)
-                return
-            self._unanswered.sent(offsets)
-            self._consumer.commit(offsets=topic_partitions(offsets), asynchronous=True)
+                return offsets
             if earlier is not None:
                 raise earlier
+            if not self._commit_out:   # else these offsets stay committable: the next commit carries them
+                self._consumer.commit(offsets=topic_partitions(offsets), asynchronous=True)
+                self._commit_out = True
+        return {}
+
+    def _answer_the_commit_out(self) -> None:
+        """Before the last commit: wait (bounded) for the answer to the one still out. Its records are not
+        wanted now, so the partitions are paused first (librdkafka then drops what it prefetched)."""
+        if not self._commit_out:
+            return
+        self._paused = True
+        self._consumer.pause(self._consumer.assignment())
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while self._commit_out and time.monotonic() < deadline:
+            self._consumer.poll(0.05)   # serves the answer; a record it might still return is redelivered later
 
     def _answered(self, error: Any, partitions: Any) -> None:
-        """librdkafka's answer to a commit sent without waiting (served by poll() and close())."""
+        """librdkafka's answer to a commit sent without waiting: what it accepted is committed for the
+        service (the rest stays committable and goes again); an error for partitions this member still
+        holds is kept for the next commit to raise."""
         from confluent_kafka import KafkaException
+        self._commit_out = False
         failed = error or next((tp.error for tp in partitions if tp.error is not None), None)
-        if failed is not None:
+        accepted = {(tp.topic, tp.partition): tp.offset for tp in partitions if error is None and tp.error is None}
+        if accepted:
+            self._rebalance.committed(accepted)
+        held = set(self.assigned())
+        if failed is not None and any((tp.topic, tp.partition) in held for tp in partitions):
             log.debug("a commit failed (%s); its offsets go again with the next", failed)
-            self._unanswered.failed(KafkaException(failed))
-            return
-        self._unanswered.accepted({(tp.topic, tp.partition): tp.offset for tp in partitions})
+            self._commit_error = KafkaException(failed)
 
     def pause_all(self) -> None:
         """Take no more records. librdkafka drops a paused partition's prefetched records and fetches them

@@ -10,7 +10,9 @@ messages already fetched, so any of them still in the pipeline (a drain that did
 finish in time) must go on holding that partition's commits back until acknowledged.
 Only at the assignment is a partition's state dropped: for those that went elsewhere,
 and for those new to the member (they start again from the committed offset). Lost
-partitions (an eviction drops the client's positions) are dropped at once.
+partitions (an eviction drops the client's positions) are dropped at once. Under the
+cooperative protocol (librdkafka's cooperative-sticky) a rebalance revokes and assigns only the
+partitions that move; the rules above hold as they are, the kept partitions untouched.
 """
 from __future__ import annotations
 

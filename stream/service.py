@@ -191,7 +191,7 @@ class Service:
     # ---- committing ----
     def _commit(self, ports: Ports, wait: bool) -> None:
         """``wait``: the last commit, answered before it returns (the periodic one need not be:
-        :meth:`.ports.Source.commit`)."""
+        :meth:`.ports.Source.commit`; what the broker has not accepted stays committable and goes again)."""
         owned = self.rebalance.owned()
         # never for a partition revoked meanwhile: a commit is not checked for ownership and could
         # move the new owner's committed offset past work it has not finished
@@ -200,9 +200,11 @@ class Service:
             return
         try:
             if ports.transactions is not None:
-                offsets = ports.transactions.commit()
+                accepted = ports.transactions.commit()
+                if not accepted:   # nothing was committed: the unit is still publishing
+                    return
             else:
-                ports.source.commit(offsets, wait=wait)
+                accepted = ports.source.commit(offsets, wait=wait)
         except KafkaPermanent as exc:   # a refusal the sink stopped on is the cause (the commit only waited on it)
             self._failure = self._failure or ports.sink.failure or exc
             return
@@ -211,13 +213,11 @@ class Service:
             # the transaction's records) ends here
             self._failure = self._failure or self._past_the_limit(self._commits, exc)
             return
-        if not offsets:
-            return
         self._commits.ok()
-        self.tracker.committed(offsets)
+        self.tracker.committed(accepted)
         ends = ports.source.end_offsets()
-        for (topic, partition), offset in offsets.items():
-            if (topic, partition) in ends:
+        for (topic, partition), offset in self.tracker.committed_offsets().items():
+            if (topic, partition) in ends and (topic, partition) in owned:
                 self.metrics.lag.labels(topic, str(partition)).set(max(0, ends[(topic, partition)] - offset))
 
     # ---- the loop ----

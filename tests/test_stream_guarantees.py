@@ -23,7 +23,7 @@ class _Audited(FakeSource):
 
     violations: list[str]
 
-    def commit(self, offsets: dict[Partition, int], wait: bool = True) -> None:
+    def commit(self, offsets: dict[Partition, int], *, wait: bool) -> dict[Partition, int]:
         with self.broker.lock:
             done = set(sources(self.broker.records("out")))
             for (topic, partition), offset in offsets.items():
@@ -31,7 +31,7 @@ class _Audited(FakeSource):
                 if missing:
                     self.violations.append(f"{topic}[{partition}] committed at {offset} while {len(missing)} "
                                            f"below it had no record (first {missing[0]})")
-            super().commit(offsets, wait)
+            return super().commit(offsets, wait=wait)
 
 
 class _AuditedConnector(FakeConnector):

@@ -168,7 +168,7 @@ def test_source_reads_in_partition_order_pauses_commits_what_it_is_given_and_kno
         assert source.missing_topics() == ["never-made-" + t["group"]], "asking did not create it"
         ends = source.end_offsets()
         assert sum(ends.values()) == 40
-        source.commit({(t["input"], 0): 1})   # only what it is handed: not the whole position
+        source.commit({(t["input"], 0): 1}, wait=True)   # only what it is handed: not the whole position
         produce(kafka_broker.bootstrap, t["input"], items[:4])
         source.pause_all()
         assert sum(len(source.poll(0.3, 100)) for _ in range(5)) == 0, "paused: nothing fetched"

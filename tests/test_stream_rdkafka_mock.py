@@ -399,11 +399,11 @@ def test_producers_that_fail_alike_before_any_acknowledgement_are_replaced_after
     assert waits == [0.0, 0.1, 0.2, 0.4, 0.0]
 
 
-def test_offsets_of_a_commit_sent_without_waiting_that_the_broker_refused_go_again_with_the_next(tmp_path, caplog):
-    """The periodic commit does not wait for its answer (a synchronous one waits behind a pending rejoin and
-    holds the member's intake). One the broker refuses is said at the next commit, as a synchronous commit
-    would have raised it, and its offsets go again with the next ones: here the last commit carries only
-    partition 1, and partition 0's refused offset still ends up committed."""
+def test_a_commit_sent_without_waiting_reports_what_the_broker_accepted_and_raises_what_it_refused(tmp_path, caplog):
+    """With cooperative rebalancing the periodic commit does not wait for its answer (a synchronous one waits
+    behind a pending rejoin and holds the intake of the partitions the member keeps). What the broker accepts
+    is reported to the service when the answer comes (before that the offsets stay committable, and go
+    again); a refusal is raised at the next commit, as a synchronous commit would have raised it."""
     from stream import rdkafka_io
     from stream.config import StreamConfig
     from stream.errors import KafkaTransient
@@ -416,19 +416,24 @@ def test_offsets_of_a_commit_sent_without_waiting_that_the_broker_refused_go_aga
             producer.produce("in", value=b"x", partition=i % 2)
         producer.flush(10)
         cfg = StreamConfig(cluster.bootstrap, ("in",), "out", "dlq", tmp_path, group_id="g", kafka_client="librdkafka",
-                           session_timeout_ms=6000)
-        source = rdkafka_io.RdKafkaSource(cfg, Handler(drain_timeout_s=0.5))
+                           session_timeout_ms=6000, assignment_strategy="cooperative-sticky")
+        handler = Handler(drain_timeout_s=0.5)
+        source = rdkafka_io.RdKafkaSource(cfg, handler)
         try:
             got: list = []
             wait_until(lambda: len(got) >= 20 or bool(got.extend(source.poll(0.1, 100))), "every record consumed")
             cluster.fail_next(OFFSET_COMMIT, KafkaError.OFFSET_METADATA_TOO_LARGE)
             with caplog.at_level(logging.DEBUG, logger="stream.rdkafka_io"):
-                source.commit({("in", 0): 5}, wait=False)
-                wait_until(lambda: "a commit failed" in caplog.text or bool(source.poll(0.05, 10)),
+                assert source.commit({("in", 0): 5}, wait=False) == {}, "nothing is known accepted yet"
+                wait_until(lambda: source.poll(0.05, 10) == [] and "a commit failed" in caplog.text,
                            "the refusal answered")
+            assert not [e for e in handler.events if e[0] == "committed"], "a refused commit is not reported made"
             with pytest.raises(KafkaTransient, match="OFFSET_METADATA_TOO_LARGE"):
-                source.commit({("in", 1): 3}, wait=False)
-            source.commit({("in", 1): 4}, wait=True)
+                source.commit({("in", 0): 5, ("in", 1): 3}, wait=False)
+            assert source.commit({("in", 0): 5, ("in", 1): 3}, wait=False) == {}   # the service's next commit
+            wait_until(lambda: source.poll(0.05, 10) == [] and ("committed", {("in", 0): 5, ("in", 1): 3})
+                       in handler.events, "the accepted commit reported")
+            assert source.commit({("in", 1): 4}, wait=True) == {("in", 1): 4}
         finally:
             source.close()
         reader = confluent_kafka.Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "g"})
@@ -437,3 +442,43 @@ def test_offsets_of_a_commit_sent_without_waiting_that_the_broker_refused_go_aga
         finally:
             reader.close()
         assert [(tp.partition, tp.offset) for tp in marks] == [(0, 5), (1, 4)]
+
+
+def test_exactly_once_a_cooperative_revocation_commits_the_transaction_only_once_every_partitions_work_is_in(
+        tmp_path):
+    """The open transaction holds the work of every partition, kept ones too: committing it once only the
+    revoked partitions had drained would make a kept partition's results visible without its input offsets
+    (a kill before the next commit answers those inputs twice). Under eager rebalancing every partition is
+    revoked, so this only shows with cooperative-sticky, where the member keeps some."""
+    from stream import rdkafka_io
+    from stream.config import StreamConfig
+
+    from .test_stream_rdkafka import Handler
+
+    class Transactions:
+        def __init__(self) -> None:
+            self.ended: list[bool] = []
+
+        def end_for_revocation(self, drained: bool) -> dict:
+            self.ended.append(drained)
+            return {}
+
+    class KeptPartitionBusy(Handler):
+        def drained(self, partitions):   # partition 1, which the member keeps, has work in flight
+            return ("in", 1) not in partitions
+
+    with mock_cluster() as cluster:
+        cluster.create_topic("in", 2)
+        cfg = StreamConfig(cluster.bootstrap, ("in",), "out", "dlq", tmp_path, group_id="g", kafka_client="librdkafka",
+                           session_timeout_ms=6000, assignment_strategy="cooperative-sticky",
+                           processing_guarantee="exactly-once")
+        handler = KeptPartitionBusy(drain_timeout_s=0.2)
+        handler.transactions = Transactions()
+        source = rdkafka_io.RdKafkaSource(cfg, handler)
+        try:
+            wait_until(lambda: len(source.assigned()) == 2 or bool(source.poll(0.1, 10)), "both partitions assigned")
+            source._revoke(source._consumer, [confluent_kafka.TopicPartition("in", 0)])   # as librdkafka would
+        finally:
+            handler.drain_timeout_s = 0.0
+            source.close()
+        assert handler.transactions.ended[0] is False, "not committed while the kept partition's work was out"

@@ -31,6 +31,7 @@ from stream.service import Service
 
 from .images import bad_images, good_images
 from .standins import ARTIFACT, PixelModel, stand_in
+from .waiting import wait_until
 
 
 def test_batch_closes_at_max_batch_or_delay():
@@ -173,6 +174,26 @@ def test_failed_publishes_are_retried_not_lost():
     svc.run(count=good + bad, timeout=60)
     assert len(broker.records("out")) + len(broker.records("dlq")) == good + bad
     assert "sentiment_publish_retries_total 7.0" in svc.metrics.render().decode()
+    assert broker.committed["sentiment-stream"] == {("in", 0): good + bad}
+
+
+def test_a_periodic_commit_the_broker_refused_is_still_made_by_the_last_commit():
+    """A periodic commit need not wait for its answer (librdkafka's): one the broker refuses must leave its
+    offsets committable, so that the next commit, and at the latest the last one, carries them. The service
+    once counted such a commit as made when it was sent: here the broker refuses every commit that reaches
+    the end of the input, and nothing past what it accepted before was committed at the end."""
+    broker = FakeBroker()
+    good, bad = fill(broker, partitions=1)
+    broker.commits_answered_later = True
+    broker.refuse_commit = lambda offsets: offsets.get(("in", 0), 0) >= good + bad
+    svc = service(broker, config(ARTIFACT))
+    running = threading.Thread(target=svc.run, kwargs={"timeout": 120})
+    running.start()
+    try:
+        wait_until(lambda: broker.refused_commits > 0, "a periodic commit covering every input refused")
+    finally:
+        svc.stop()
+        running.join(60)
     assert broker.committed["sentiment-stream"] == {("in", 0): good + bad}
 
 
