@@ -381,13 +381,15 @@ def test_a_sigterm_in_a_build_step_stops_the_build_after_that_step_not_inside_it
     out = tmp_path / "art"
     validated: list[object] = []
     monkeypatch.setattr("engine_build.build.run_checks", lambda *args, **kwargs: validated.append(args))
+    # what the worker had before (an in-process `python -m stream` test leaves its own handlers behind)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with stop_on_signals(), pytest.raises(KeyboardInterrupt):
         run_build(BuildConfig(prototxt=small_model[0], caffemodel=small_model[1], output=out),
                   quantize=signalled_mid_step)
     assert finished == ["int8 step"], "the step the signal came in ran to its end"
     assert not validated, "and the build stopped at the next checkpoint, before validating"
     assert list(tmp_path.iterdir()) == [], "no staging folder and no artifact"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers are put back"
+    assert {sig: signal.getsignal(sig) for sig in before} == before, "the handlers are put back"
 
 
 def test_signals_while_an_artifact_is_moved_into_place_or_while_stopping_never_cut_it_short(small_model, tmp_path,
