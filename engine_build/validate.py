@@ -151,7 +151,7 @@ def stoppable_infer(backend: Backend, images: np.ndarray) -> Outputs:
     for start in range(0, max(len(images), 1), backend.max_batch):
         checkpoint()
         parts.append(backend.infer(images[start:start + backend.max_batch]))
-    return Outputs(np.concatenate([p.probs for p in parts]), np.concatenate([p.logits for p in parts]))
+    return Outputs.joined(parts)
 
 
 def reference_probs(fp32: Path, images: np.ndarray, max_batch: int = 16) -> np.ndarray:

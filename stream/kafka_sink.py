@@ -131,18 +131,26 @@ class KafkaSink(SinkBase):
         Not idempotent, one request at a time: a refusal fails that record alone, never the producer."""
         from kafka.errors import KafkaError
         try:
-            with self._renew_lock:   # no new producer after close (nothing would close it)
-                if self._closed:
-                    return KafkaError("the sink is closed")
-                if self._probe is None:
-                    self._probe = self._new_probe()
-            self._probe.send(record.topic, key=record.key, value=record.value,
-                             headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
+            probe = self._probe_unless_closed(self._new_probe)
+            if probe is None:
+                return KafkaError("the sink is closed")
+            probe.send(record.topic, key=record.key, value=record.value,
+                       headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as exc:
             if retriable(exc):
                 self._failing(exc)
             return exc
         return None
+
+    def _probe_unless_closed(self, make: Callable[[], Any]) -> Any:
+        """The probe producer, made by ``make`` where there is none yet; None once the sink is closed (nothing
+        would close a producer made after close())."""
+        with self._renew_lock:
+            if self._closed:
+                return None
+            if self._probe is None:
+                self._probe = make()
+            return self._probe
 
     def _retriable(self, exc: BaseException) -> bool:
         return retriable(exc)
@@ -241,16 +249,18 @@ class KafkaSink(SinkBase):
         from kafka.errors import KafkaError
         settings = {**self._settings, "transactional_id": f"{self._transactional_id}-probe", "linger_ms": 0}
         error: BaseException | None = None
+
+        def transactional_probe() -> Any:
+            probe = KafkaProducer(**settings)
+            probe.init_transactions()   # aborts what an earlier probe left open
+            return probe
         try:
-            with self._renew_lock:   # no new producer after close (nothing would close it)
-                if self._closed:
-                    return KafkaError("the sink is closed")
-                if self._probe is None:
-                    self._probe = KafkaProducer(**settings)
-                    self._probe.init_transactions()   # aborts what an earlier probe left open
-            self._probe.begin_transaction()
-            self._probe.send(record.topic, key=record.key, value=record.value,
-                             headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
+            probe = self._probe_unless_closed(transactional_probe)
+            if probe is None:
+                return KafkaError("the sink is closed")
+            probe.begin_transaction()
+            probe.send(record.topic, key=record.key, value=record.value,
+                       headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as failure:
             error = failure
         try:

@@ -241,8 +241,7 @@ class RdKafkaSource:
         wanted now, so the partitions are paused first (librdkafka then drops what it prefetched)."""
         if not self._commit_out:
             return
-        self._paused = True
-        self._consumer.pause(self._consumer.assignment())
+        self._pause()
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
         while self._commit_out and time.monotonic() < deadline:
             self._consumer.poll(0.05)   # serves the answer; a record it might still return is redelivered later
@@ -257,8 +256,7 @@ class RdKafkaSource:
         accepted = {(tp.topic, tp.partition): tp.offset for tp in partitions if error is None and tp.error is None}
         if accepted:
             self._rebalance.committed(accepted)
-        held = set(self.assigned())
-        if failed is not None and any((tp.topic, tp.partition) in held for tp in partitions):
+        if failed is not None and {(tp.topic, tp.partition) for tp in partitions} & set(self.assigned()):
             log.debug("a commit failed (%s); its offsets go again with the next", failed)
             self._commit_error = KafkaException(failed)
 
@@ -282,9 +280,12 @@ class RdKafkaSource:
             return False
         if time.monotonic() - self._held_since < HOLD_BEFORE_PAUSE_S:
             return True
+        self._pause()
+        return False
+
+    def _pause(self) -> None:
         self._paused = True
         self._consumer.pause(self._consumer.assignment())
-        return False
 
     def end_offsets(self) -> dict[Partition, int]:
         """Last known log-end offsets (librdkafka's cache from fetch responses; no extra request)."""

@@ -164,6 +164,13 @@ class Outputs:
     probs: np.ndarray
     logits: np.ndarray
 
+    @staticmethod
+    def joined(parts: list[Outputs]) -> Outputs:
+        """The outputs of consecutive parts of one input, in order, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        return Outputs(np.concatenate([p.probs for p in parts]), np.concatenate([p.logits for p in parts]))
+
 
 class Backend(ABC):
     name: str = "?"
@@ -190,11 +197,8 @@ class Backend(ABC):
         if len(images) == 0:
             empty = np.zeros((0, 2), np.float32)
             return Outputs(empty, empty.copy())
-        parts = [self._infer_impl(np.ascontiguousarray(images[i:i + self.max_batch]))
-                 for i in range(0, len(images), self.max_batch)]
-        if len(parts) == 1:
-            return parts[0]
-        return Outputs(np.concatenate([p.probs for p in parts]), np.concatenate([p.logits for p in parts]))
+        return Outputs.joined([self._infer_impl(np.ascontiguousarray(images[i:i + self.max_batch]))
+                               for i in range(0, len(images), self.max_batch)])
 
     def input_buffer(self, rows: int) -> np.ndarray:
         """An array for ``rows`` images that a caller fills and hands to :meth:`infer` (a leading slice
