@@ -592,6 +592,44 @@ def test_kafka_python_close_waits_for_a_producer_replacement_under_way_and_close
 
 
 @pytest.mark.parametrize("transactional", [False, True])
+def test_kafka_python_close_waits_for_a_probe_producer_under_way_and_closes_it(kafka_broker, monkeypatch,
+                                                                              transactional):
+    """A record sent alone makes its probe producer on the resending thread (exactly once, a transactional one
+    whose init_transactions waits for the broker); close() during that must close the probe too, or it is left
+    running with nothing to close it."""
+    import kafka
+
+    from stream.kafka_sink import KafkaSink
+    from stream.records import Outgoing
+    t = names(kafka_broker, partitions=1)
+    sink = KafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-probe-{t['group']}" if transactional else None)
+    made: list = []
+    entered, release = threading.Event(), threading.Event()
+    real = kafka.KafkaProducer
+
+    def slow_producer(**settings):
+        entered.set()
+        release.wait(30)
+        made.append(real(**settings))
+        return made[-1]
+    monkeypatch.setattr(kafka, "KafkaProducer", slow_producer)
+    alone = sink._transact_alone if transactional else sink._send_alone
+    probing = threading.Thread(target=alone, args=(Outgoing(t["output"], b"k", b"v", []),))
+    probing.start()
+    try:
+        assert entered.wait(30), "the probe is being made"
+        closing = threading.Thread(target=sink.close)
+        closing.start()
+        wait_until(lambda: sink._closed, "close() has begun")
+    finally:
+        release.set()
+        probing.join(60)
+    closing.join(60)
+    assert not closing.is_alive() and not probing.is_alive() and len(made) == 1
+    assert made[0]._closed, "the probe made during close() was closed by it"
+
+
+@pytest.mark.parametrize("transactional", [False, True])
 def test_kafka_python_a_record_larger_than_max_request_size_is_refused_at_once_not_probed_as_a_broker_refusal(
         kafka_broker, caplog, transactional):
     """send() itself refuses a record over max_request_size: no broker saw it and no resend can change it, so it
