@@ -8,11 +8,13 @@ from typing import Protocol
 
 from engine_build.errors import DecodeError
 
+from .records import Headers
+
 
 class InputCodec(Protocol):
     name: str
 
-    def unpack(self, value: bytes | None, headers: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
+    def unpack(self, value: bytes | None, headers: Headers) -> tuple[bytes, dict]:
         """Raise DecodeError(reason, message) for values that carry no usable image."""
         ...
 
@@ -22,7 +24,7 @@ class RawCodec:
 
     name = "raw"
 
-    def unpack(self, value: bytes | None, headers: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
+    def unpack(self, value: bytes | None, headers: Headers) -> tuple[bytes, dict]:
         if not value:
             raise DecodeError("empty", "message has no value")
         return value, {}
@@ -33,7 +35,7 @@ class JsonEnvelopeCodec:
 
     name = "json"
 
-    def unpack(self, value: bytes | None, headers: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
+    def unpack(self, value: bytes | None, headers: Headers) -> tuple[bytes, dict]:
         try:
             envelope = json.loads(value or b"")
         except (ValueError, UnicodeDecodeError) as exc:

@@ -6,13 +6,13 @@ from typing import Protocol
 
 from engine_build.preprocess import LABELS
 
-from .records import Prediction
+from .records import Headers, Prediction
 
 
 class OutputEncoder(Protocol):
     name: str
 
-    def encode(self, prediction: Prediction) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]: ...
+    def encode(self, prediction: Prediction) -> tuple[bytes | None, bytes, Headers]: ...
 
 
 class JsonEncoder:
@@ -20,7 +20,7 @@ class JsonEncoder:
 
     name = "json"
 
-    def encode(self, prediction: Prediction) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    def encode(self, prediction: Prediction) -> tuple[bytes | None, bytes, Headers]:
         m = prediction.message
         probs = [float(p) for p in prediction.probs]
         record = {

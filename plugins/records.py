@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, bytes | None]]
+"""A record's headers: Kafka allows a null value (a Java producer's ``headers.add(key, null)``)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Message:
     headers: Headers = field(default_factory=list)
     timestamp_ms: int | None = None
     received: float = field(default_factory=time.monotonic)
+    # why the client could not read its headers (then ``headers`` is empty, and the service dead-letters it)
+    unreadable_headers: str | None = None
 
     @property
     def position(self) -> tuple[str, int, int]:

@@ -308,6 +308,10 @@ def _kafka_python_advice(exc: BaseException, where: str, group: str) -> str | No
         return (f"{where}: {exc}: records there are compressed with a codec this installation cannot "
                 f"decode; install the service's codec libraries (pip install lz4 zstandard python-snappy) "
                 f"and restart")
+    if isinstance(exc, e.CorruptRecordError) and "UnicodeDecodeError" in str(exc):   # all kafka-python decodes
+        return (f"{where}: {exc}: a record with a header key that is not UTF-8, which kafka-python cannot read; "
+                f"--kafka-client librdkafka dead-letters such a record, or move the group {group!r} past it "
+                f"(kafka-consumer-groups --reset-offsets) and restart")
     if isinstance(exc, e.CorruptRecordError):
         return (f"{where}: {exc}: a corrupt record batch the client cannot skip; move the group "
                 f"{group!r} past it (kafka-consumer-groups --reset-offsets) and restart")

@@ -229,8 +229,9 @@ class KafkaSource:
         """The partition whose records the client was parsing when it raised (best effort)."""
         records = getattr(getattr(self._consumer, "_fetcher", None), "_next_partition_records", None)
         tp = getattr(records, "topic_partition", None)
-        if tp is not None:
-            return f"{tp.topic}[{tp.partition}]"
+        if tp is not None:   # and the offset it had come to: the record it could not parse, where it raised on one
+            at = getattr(records, "next_fetch_offset", None)
+            return f"{tp.topic}[{tp.partition}]" + (f" at offset {at}" if isinstance(at, int) else "")
         return f"one of {show(_tp_list(self._consumer.assignment()))}"
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:

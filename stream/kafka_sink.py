@@ -134,8 +134,7 @@ class KafkaSink(SinkBase):
             probe = self._probe_unless_closed(self._new_probe)
             if probe is None:
                 return KafkaError("the sink is closed")
-            probe.send(record.topic, key=record.key, value=record.value,
-                       headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
+            _send_on(probe, record).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as exc:
             if retriable(exc):
                 self._failing(exc)
@@ -234,7 +233,7 @@ class KafkaSink(SinkBase):
             self._delayed.later(0.0, lambda: self._failed(record, on_ack, on_refused, order, exc, producer))
 
         try:
-            future = producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
+            future = _send_on(producer, record)
         except Exception as exc:  # KafkaTimeoutError while the broker is away, a closed producer, a bad record
             if counted and retriable(exc):   # resent in its place, once the records the producer holds are back
                 resend_in_place(exc)
@@ -259,8 +258,7 @@ class KafkaSink(SinkBase):
             if probe is None:
                 return KafkaError("the sink is closed")
             probe.begin_transaction()
-            probe.send(record.topic, key=record.key, value=record.value,
-                       headers=record.headers).get(timeout=CLIENT_TIMEOUT_S * 6)
+            _send_on(probe, record).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as failure:
             error = failure
         try:
@@ -401,6 +399,14 @@ class KafkaSink(SinkBase):
         if probe is not None:
             close_producer(probe, CLIENT_TIMEOUT_S)
         close_producer(producer, CLIENT_TIMEOUT_S)
+
+
+def _send_on(producer: Any, record: Outgoing) -> Any:
+    """``producer.send`` of ``record``, its future. kafka-python refuses a null header value, which Kafka carries
+    (a Java producer's ``headers.add(key, null)``) and an input can hand on to its result and dead letter: it
+    goes as empty bytes, the nearest kafka-python can send."""
+    headers = [(key, b"" if value is None else value) for key, value in record.headers]
+    return producer.send(record.topic, key=record.key, value=record.value, headers=headers)
 
 
 def close_producer(producer: Any, timeout: float) -> bool:

@@ -211,6 +211,9 @@ class Processor:
 
     def _decode(self, message: Message, taken_at: float) -> None:
         """Unpack and decode one message, or hand it to the large lane."""
+        if message.unreadable_headers is not None:   # its result could not carry the headers it came with
+            self._rejected_input(message, DecodeError("bad_headers", message.unreadable_headers))
+            return
         try:
             data, metadata = self.codec.unpack(message.value, message.headers)
         except DecodeError as exc:

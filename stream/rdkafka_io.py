@@ -60,6 +60,17 @@ HOLD_BEFORE_PAUSE_S = 2.0
 FULL_QUEUE_RECHECK_MS = 10
 
 
+def _headers(message: Any) -> tuple[list[tuple[str, bytes | None]], str | None]:
+    """A consumed record's headers, and why they could not be read (then none): confluent-kafka decodes each key
+    as UTF-8, as Kafka's protocol says it is, and a producer that ignored that makes ``headers()`` raise
+    (a SystemError from a UnicodeDecodeError) for the whole record."""
+    try:
+        return list(message.headers() or []), None
+    except (SystemError, UnicodeDecodeError) as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        return [], f"its headers cannot be read: a header key is not UTF-8 ({cause})"
+
+
 def consumer_settings(cfg: StreamConfig) -> dict[str, Any]:
     """librdkafka's consumer configuration for the service config."""
     return {
@@ -201,8 +212,9 @@ class RdKafkaSource:
             error = m.error()
             if error is None:
                 message: Any = m   # confluent-kafka's stubs allow None where a consumed record has a value
+                headers, unreadable = _headers(message)
                 out.append(Message(message.topic(), message.partition(), message.offset(), message.key(),
-                                   message.value(), list(message.headers() or []), message.timestamp()[1], now))
+                                   message.value(), headers, message.timestamp()[1], now, unreadable))
             elif error.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
                                       KafkaError._UNKNOWN_TOPIC):   # a missing topic: missing_topics says so
                 errors.append(error)

@@ -181,7 +181,8 @@ class RdKafkaSink(SinkBase):
         """A refusal as too large for a record larger than librdkafka's whole local queue (no wait makes room for
         it; it would be turned away for ever), else None."""
         from confluent_kafka import KafkaError, KafkaException
-        size = len(record.value or b"") + len(record.key or b"") + sum(len(k) + len(v) for k, v in record.headers)
+        size = len(record.value or b"") + len(record.key or b"") + sum(len(k) + len(v or b"")
+                                                                       for k, v in record.headers)
         limit = int(self._settings.get("queue.buffering.max.kbytes", 1 << 20)) * 1024
         if size <= limit:
             return None

@@ -70,7 +70,7 @@ def dead_letter(message: Message, topic: str, reason: str, text: str) -> Outgoin
     only when there are such), then also the value (``error.value_dropped``: its length). An input
     with megabytes of headers thus still ends as a dead letter, never as a member that cannot go on.
     """
-    about = [
+    about: Headers = [
         ("error.reason", reason.encode()),
         ("error.message", text.encode("utf-8", "replace")[:1000]),
         ("source.topic", message.topic.encode()),

@@ -291,3 +291,74 @@ def test_exactly_once_a_record_the_broker_refuses_for_good_is_dead_lettered_and_
     dead = [r for r in read_committed(schema_broker.bootstrap, t["dlq"]) if r.key is not None]
     assert sorted(int(dict(r.headers)["source.offset"]) for r in dead) == sorted(bad)
     assert all(r.value == images[int(dict(r.headers)["source.offset"]) % 6] for r in dead), "the original bytes"
+
+
+def test_a_null_header_value_goes_on_to_the_result_and_the_dead_letter(kafka_broker, small_artifact, tmp_path,
+                                                                       kafka_client):
+    """Kafka carries a null header value (a Java producer's ``headers.add(key, null)``); kafka-python's producer
+    refuses one, so handing the input's headers on used to refuse the result and then its dead letter: the
+    member stopped, and every restart stopped again on the same record. kafka-python sends it as empty bytes."""
+    from confluent_kafka import Producer
+    t = names(kafka_broker, partitions=1)
+    image = good_images()["jpeg_clock"]
+    producer = Producer({"bootstrap.servers": kafka_broker.bootstrap})
+    for key, value in ((b"null-header", image), (b"not-an-image", b"plain text"), (b"after", image)):
+        producer.produce(t["input"], key=key, value=value, headers=[("trace", None), ("id", b"7")])
+    assert producer.flush(30) == 0
+    log = tmp_path / "null-header.log"
+    process = start_service(kafka_broker, t, small_artifact, log, kafka_client=kafka_client)
+    try:
+        _wait("every input committed", lambda: (committed(kafka_broker.bootstrap, t["group"], t["input"]).get(0)
+                                                or 0) >= 3, process, log)
+    finally:
+        stop(process, log)
+    null = None if kafka_client == "librdkafka" else b""
+    results, (dead,) = read_all(kafka_broker.bootstrap, t["output"], 2), read_all(kafka_broker.bootstrap, t["dlq"], 1)
+    assert [(r.key, r.headers) for r in results] == [(b"null-header", [("trace", null), ("id", b"7")]),
+                                                     (b"after", [("trace", null), ("id", b"7")])]
+    assert dead.key == b"not-an-image" and dead.headers[:2] == [("trace", null), ("id", b"7")]
+
+
+class _RawKey(str):
+    """A header key that kafka-python's producer writes as these bytes: not UTF-8, which Kafka's protocol says a
+    header key is; a producer that does not check can send one."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> _RawKey:
+        key = super().__new__(cls, "?")
+        key.raw = raw
+        return key
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+def test_a_record_whose_header_key_is_not_utf8(kafka_broker, small_artifact, tmp_path, kafka_client):
+    """librdkafka cannot read such a record's headers (``headers()`` raised a SystemError out of the poll loop: a
+    traceback, exit 1, every restart again): it is dead-lettered with its key and value, and the partition goes
+    on. kafka-python cannot parse the record at all: the member stops with one line naming the partition, the
+    offset and what to do."""
+    t = names(kafka_broker, partitions=1)
+    image = good_images()["jpeg_clock"]
+    produce(kafka_broker.bootstrap, t["input"], [(b"before", image)])
+    produce(kafka_broker.bootstrap, t["input"], [(b"bad-key", image)], headers=[(_RawKey(b"\xff\xfeid"), b"1")])
+    produce(kafka_broker.bootstrap, t["input"], [(b"after", image)])
+    log = tmp_path / "header-key.log"
+    process = start_service(kafka_broker, t, small_artifact, log, kafka_client=kafka_client)
+    if kafka_client == "kafka-python":
+        assert process.wait(120) == 1, log.read_text()[-3000:]
+        last = log.read_text().strip().splitlines()[-1]
+        assert last.startswith(f"stream: error: consuming {t['input']}[0] at offset 1: ") and \
+            "a header key that is not UTF-8" in last and "--kafka-client librdkafka" in last, last
+        return
+    try:
+        _wait("every input committed", lambda: (committed(kafka_broker.bootstrap, t["group"], t["input"]).get(0)
+                                                or 0) >= 3, process, log)
+    finally:
+        stop(process, log)
+    (dead,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
+    assert dead.key == b"bad-key" and dead.value == image
+    assert dict(dead.headers)["error.reason"] == b"bad_headers", dead.headers
+    assert b"not UTF-8" in dict(dead.headers)["error.message"]
+    assert [r.key for r in read_all(kafka_broker.bootstrap, t["output"], 2)] == [b"before", b"after"]
