@@ -2,7 +2,8 @@
 
 Subcommands are small functions; user errors, usage errors included, print one line and exit 1
 (as ``python -m stream`` does); bugs keep their traceback; a reader that closes the pipe early
-(``inspect DIR | head``) ends it quietly. Nothing here imports TensorRT or CUDA unless a build asks for it.
+(``inspect DIR | head``) ends the output quietly, and a build still exits as it ended (1 for a failed gate).
+Nothing here imports TensorRT or CUDA unless a build asks for it.
 """
 from __future__ import annotations
 
@@ -53,6 +54,43 @@ class _Progress(logging.StreamHandler):
         else:
             super().emit(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A reader that quit (``build | head -1``) is no error: the build goes on, its output to os.devnull."""
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            _reader_quit(self.stream)
+        else:
+            super().handleError(record)
+
+
+def _reader_quit(stream: TextIO) -> None:
+    """``stream``'s reader has gone: send what is still to come there to os.devnull, so that neither a later
+    write nor Python's flush at exit fails again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):   # not a real file (tests)
+        pass
+
+
+@contextmanager
+def _unless_reader_quit() -> Iterator[None]:
+    """Print what is inside to stdout, or nothing if its reader has gone (see :func:`_reader_quit`)."""
+    try:
+        yield
+    except BrokenPipeError:
+        _reader_quit(sys.stdout)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, unless its reader has gone too (the exit status still says it)."""
+    try:
+        print(message, file=sys.stderr)
+    except OSError:
+        _reader_quit(sys.stderr)
+
 
 @contextmanager
 def build_progress(out: TextIO | None = None) -> Iterator[None]:
@@ -89,7 +127,9 @@ def _build(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             manifest = run_build(cfg)
     except ValidationFailed as exc:
         if exc.manifest:
-            _print_build_report(Manifest.from_dict(exc.manifest))
+            with _unless_reader_quit():    # the failure, not the closed pipe, is what the exit status says
+                _print_build_report(Manifest.from_dict(exc.manifest))
+                sys.stdout.flush()          # here, not at exit, where a reader that has gone fails Python
         raise
     _print_build_report(manifest)
     print(f"artifact written to {cfg.output} in {manifest.build.seconds} s "
@@ -358,23 +398,17 @@ def _main(argv: list[str] | None, environ: dict[str, str]) -> int:
         sys.stdout.flush()    # here, not at exit, so a reader that has gone is seen below
         return code
     except UserError as exc:
-        print(f"engine_build: error: {exc}", file=sys.stderr)
+        _say(f"engine_build: error: {exc}")
         return 1
     except BrokenPipeError:
-        # The reader went away (``inspect --json | head``): it has what it wanted, so end quietly, as
-        # ``python -m stream`` does, and stop Python from failing again while flushing stdout at exit.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (AttributeError, OSError, ValueError):   # stdout is not a real file (tests)
-            pass
+        # The reader went away (``inspect --json | head``) after the command's work was done: it has what it
+        # wanted, so end quietly, as ``python -m stream`` does (a build's failure is raised past its report).
+        _reader_quit(sys.stdout)
         return 0
     except OSError as exc:   # a file or folder the command cannot write or read (its own errors are UserErrors)
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"engine_build: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        _say(f"engine_build: error: {exc.strerror or exc}{where}")
         return 1
     except KeyboardInterrupt:
-        try:
-            print("engine_build: interrupted", file=sys.stderr)
-        except OSError:   # stderr is gone (its reader quit): the exit status still says it
-            pass
+        _say("engine_build: interrupted")
         return 130

@@ -485,3 +485,58 @@ def test_sigterm_during_a_build_removes_its_staging_folder(small_model, tmp_path
         build.kill()
     assert build.returncode == 130 and "engine_build: interrupted" in err, err
     assert not list(tmp_path.glob(".art.building-*")) and not (tmp_path / "art").exists()
+
+
+def tiny_classifier(path: Path, nan: bool = False, batch: int | str = "N") -> Path:
+    """A two-score ONNX classifier over Caffe's data blob (pool, flatten, one Gemm) that builds in about a second
+    with ``--precision fp32``; ``nan`` puts a NaN in its weights (the gate fails); ``batch`` 1 writes it as an
+    export without dynamic axes does (a fixed batch dimension and a ``Reshape`` to [1, 3])."""
+    from onnx import TensorProto, helper, numpy_helper
+    weights = np.random.default_rng(0).normal(0, 0.05, (2, 3)).astype(np.float32)
+    if nan:
+        weights[0, 0] = np.nan
+    inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.zeros(2, np.float32), "B")]
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"])]
+    if batch == 1:
+        inits.append(numpy_helper.from_array(np.array([1, 3], np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["g", "shape"], ["f"]))
+    else:
+        nodes.append(helper.make_node("Flatten", ["g"], ["f"]))
+    nodes.append(helper.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 227, 227])
+    graph = helper.make_graph(nodes, "tiny", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+FAILED_GATE = "engine_build: error: validation failed: fp32 on openvino"
+
+
+@pytest.mark.parametrize("nan,last_read,stderr_too,code,err", [
+    (True, "importing", False, 1, FAILED_GATE),
+    (True, "checked fp32 on openvino (default)", False, 1, FAILED_GATE),   # quits before the report
+    (True, "importing", True, 1, ""),                                      # 2>&1 | head -1: the status says it
+    (False, "importing", False, 0, "")])
+def test_a_build_into_a_reader_that_quits_exits_as_the_build_ended_without_tracebacks(tmp_path, nan, last_read,
+                                                                                      stderr_too, code, err):
+    """``build ... | head``: a failed gate still exits 1 and says so on stderr (its report to the closed
+    stdout had raised BrokenPipeError in its place, and exit 0 followed); a passing build exits 0; neither
+    prints a traceback (each progress line after the reader quit printed a logging error)."""
+    model = tiny_classifier(tmp_path / "tiny.onnx", nan=nan)
+    with open(tmp_path / "stderr", "w+") as stderr:
+        build = subprocess.Popen([sys.executable, "-m", "engine_build", "build", "--onnx", str(model),
+                                  "--output", str(tmp_path / "art"), "--precision", "fp32"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT if stderr_too else stderr,
+                                 text=True, cwd=Path(__file__).resolve().parents[1])
+        try:
+            assert build.stdout is not None
+            while last_read not in (line := build.stdout.readline()):
+                assert line, f"the build ended before saying {last_read!r}"
+            build.stdout.close()          # as head does, with the build's next lines still to come
+            assert build.wait(timeout=120) == code
+        finally:
+            build.kill()
+        stderr.seek(0)
+        text = stderr.read()
+    assert text.startswith(err) and text.count("\n") == (1 if err else 0), text
