@@ -59,29 +59,57 @@ def _pair(repeated: Iterable[int], single_h: int, single_w: int, has_h: bool, de
     raise ValueError(f"expected 1 or 2 values, got {len(values)} (only 2-D nets are supported)")
 
 
+def _shown(values: tuple[int, ...]) -> str:
+    return "/".join(map(str, values)) if len(set(values)) > 1 else str(values[0])
+
+
+def _named(field: str, has_hw: bool, single: str = "") -> str:
+    """``stride``, or ``stride_h/stride_w`` where the prototxt gave the pair."""
+    return f"{field}_h/{field}_w" if has_hw else single or field
+
+
+def _at_least_1(fields: dict[str, tuple[int, ...]]) -> None:
+    """Caffe's CHECK_GT(x, 0) for kernel, stride, dilation, group and num_output: one line for the first that fails
+    (a 0 divided the shape rules, a traceback)."""
+    for name, values in fields.items():
+        if min(values) < 1:
+            raise ValueError(f"{name} {_shown(values)}: must be at least 1")
+
+
 def _conv_params(p: Any) -> dict:
     if p.axis != 1:
         raise ValueError("convolution axis other than 1 is not supported")
-    kernel = _pair(p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h"), 0)
-    if 0 in kernel:
+    kernel_hw, stride_hw = p.HasField("kernel_h"), p.HasField("stride_h")
+    if not kernel_hw and not len(p.kernel_size):
         raise ValueError("kernel_size is missing")
+    kernel = _pair(p.kernel_size, p.kernel_h, p.kernel_w, kernel_hw, 0)
+    stride = _pair(p.stride, p.stride_h, p.stride_w, stride_hw, 1)
+    dilation = _pair(p.dilation, 0, 0, False, 1)
+    _at_least_1({_named("kernel", kernel_hw, "kernel_size"): kernel, _named("stride", stride_hw): stride,
+                 "dilation": dilation, "group": (int(p.group),), "num_output": (int(p.num_output),)})
     return dict(num_output=int(p.num_output), bias_term=bool(p.bias_term), kernel=kernel,
                 pad=_pair(p.pad, p.pad_h, p.pad_w, p.HasField("pad_h") or p.HasField("pad_w"), 0),
-                stride=_pair(p.stride, p.stride_h, p.stride_w, p.HasField("stride_h"), 1),
-                dilation=_pair(p.dilation, 0, 0, False, 1), group=int(p.group))
+                stride=stride, dilation=dilation, group=int(p.group))
 
 
 def _pool_params(p: Any) -> dict:
     pool = {0: "MAX", 1: "AVE"}.get(p.pool)
     if pool is None:
         raise ValueError("STOCHASTIC pooling is not supported (it is random at train time only)")
-    pad = (p.pad_h, p.pad_w) if (p.HasField("pad_h") or p.HasField("pad_w")) else (p.pad, p.pad)
-    kernel = (p.kernel_h, p.kernel_w) if p.HasField("kernel_h") else (p.kernel_size, p.kernel_size)
-    stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
-    if not p.global_pooling and 0 in kernel:
-        raise ValueError("kernel_size is missing")
-    return dict(pool=pool, pad=tuple(map(int, pad)), kernel=tuple(map(int, kernel)),
-                stride=tuple(map(int, stride)), global_pooling=bool(p.global_pooling))
+    pad_hw = p.HasField("pad_h") or p.HasField("pad_w")
+    kernel_hw, stride_hw = p.HasField("kernel_h"), p.HasField("stride_h")
+    pad = (int(p.pad_h), int(p.pad_w)) if pad_hw else (int(p.pad),) * 2
+    kernel = (int(p.kernel_h), int(p.kernel_w)) if kernel_hw else (int(p.kernel_size),) * 2
+    stride = (int(p.stride_h), int(p.stride_w)) if stride_hw else (int(p.stride),) * 2
+    if not p.global_pooling:
+        if not kernel_hw and not p.HasField("kernel_size"):
+            raise ValueError("kernel_size is missing")
+        kernel_name = _named("kernel", kernel_hw, "kernel_size")
+        _at_least_1({kernel_name: kernel, _named("stride", stride_hw): stride})
+        if any(pd >= k for pd, k in zip(pad, kernel, strict=True)):   # Caffe's CHECK_LT(pad, kernel)
+            raise ValueError(f"{_named('pad', pad_hw)} {_shown(pad)}: must be smaller than "
+                             f"{kernel_name} {_shown(kernel)}")
+    return dict(pool=pool, pad=pad, kernel=kernel, stride=stride, global_pooling=bool(p.global_pooling))
 
 
 def _params(kind: str, layer: Any) -> dict:
@@ -91,6 +119,7 @@ def _params(kind: str, layer: Any) -> dict:
         p = layer.inner_product_param
         if p.axis != 1:
             raise ValueError("inner product axis other than 1 is not supported")
+        _at_least_1({"num_output": (int(p.num_output),)})
         return dict(num_output=int(p.num_output), bias_term=bool(p.bias_term), transpose=bool(p.transpose))
     if kind == "Pooling":
         return _pool_params(layer.pooling_param)
@@ -100,6 +129,9 @@ def _params(kind: str, layer: Any) -> dict:
             raise ValueError("LRN WITHIN_CHANNEL is not supported (only ACROSS_CHANNELS)")
         if p.local_size % 2 == 0:
             raise ValueError("LRN local_size must be odd")
+        for name in ("alpha", "beta"):
+            if not getattr(p, name) > 0:       # ONNX Runtime refuses the model otherwise
+                raise ValueError(f"{name} {getattr(p, name):g}: must be above 0")
         return dict(local_size=int(p.local_size), alpha=float(p.alpha), beta=float(p.beta), k=float(p.k))
     if kind == "ReLU":
         return dict(negative_slope=float(layer.relu_param.negative_slope))
@@ -185,8 +217,9 @@ def _infer(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
 def build_net(proto: Message) -> Net:
     """Resolve a parsed deploy prototxt into an ordered chain of supported layers."""
     input_name, dims, raw_layers = _input_spec(proto)
-    if len(dims) != 4:
-        raise ModelFormatError(f"input '{input_name}' must be 4-D N,C,H,W, got {list(dims)}")
+    if len(dims) != 4 or min(dims[1:]) < 1:
+        raise ModelFormatError(f"input '{input_name}' must be 4-D N,C,H,W with C, H and W at least 1, "
+                               f"got {list(dims)}")
     shape = tuple(int(d) for d in dims[1:])
     layers: list[Layer] = []
     current = input_name

@@ -136,6 +136,46 @@ def test_unsupported_layer_names_the_layer(tmp_path, small_model):
         build_net(load_prototxt(tmp_path / "bad.prototxt"))
 
 
+def _in_layer(text: str, layer: str, old: str, new: str) -> str:
+    """``text`` with ``old`` replaced by ``new`` once, inside layer ``layer``'s braces."""
+    start = text.index(f'name: "{layer}"')
+    end = text.index("\n}\n", start)
+    assert old in text[start:end], (layer, old)
+    return text[:start] + text[start:end].replace(old, new, 1) + text[end:]
+
+
+@pytest.mark.parametrize("layer,old,new,message", [
+    ("conv1", "stride: 4", "stride: 0", "stride 0: must be at least 1"),
+    ("conv1", "stride: 4", "stride_h: 0 stride_w: 4", "stride_h/stride_w 0/4: must be at least 1"),
+    ("pool1", "stride: 2", "stride: 0", "stride 0: must be at least 1"),
+    ("pool1", "stride: 2", "stride_h: 2 stride_w: 0", "stride_h/stride_w 2/0: must be at least 1"),
+    ("conv2", "group: 2", "group: 0", "group 0: must be at least 1"),
+    ("conv1", "kernel_size: 11", "kernel_size: 0", "kernel_size 0: must be at least 1"),
+    ("pool1", "kernel_size: 3", "kernel_size: 0", "kernel_size 0: must be at least 1"),
+    ("conv1", "num_output: 24", "num_output: 0", "num_output 0: must be at least 1"),
+    ("fc6", "num_output: 1024", "num_output: 0", "num_output 0: must be at least 1"),
+    ("conv1", "stride: 4", "stride: 4 dilation: 0", "dilation 0: must be at least 1"),
+    ("pool1", "stride: 2", "stride: 2 pad: 3", "pad 3: must be smaller than kernel_size 3"),
+    ("norm1", "beta: 0.75", "beta: -3", "beta -3: must be above 0"),
+    ("norm1", "alpha: 0.0001", "alpha: 0", "alpha 0: must be above 0"),
+    (None, "input_dim: 3\n", "input_dim: 0\n", r"input 'data' must be 4-D N,C,H,W with C, H and W at least 1, "
+                                                r"got \[10, 0, 227, 227\]"),
+    (None, "input_dim: 227\n", "input_dim: -2\n", r"input 'data' .* got \[10, 3, -2, 227\]"),
+])
+def test_zero_or_negative_layer_parameters_are_one_line_naming_the_layer_and_field(tmp_path, small_model, layer, old,
+                                                                                    new, message):
+    """Caffe refuses these (CHECK_GT / CHECK_LT); a 0 stride or group divided by zero in the shape rules
+    (ZeroDivisionError, a traceback), the others passed the import and failed later, far from their cause:
+    a weights shape mismatch in fc6, or ONNX Runtime refusing the LRN."""
+    text = small_model[0].read_text()
+    text = _in_layer(text, layer, old, new) if layer else text.replace(old, new, 1)
+    (tmp_path / "bad.prototxt").write_text(text)
+    where = rf"layer '{layer}' \(\w+\): " if layer else ""
+    with pytest.raises(ModelFormatError, match=where + message) as info:
+        build_net(load_prototxt(tmp_path / "bad.prototxt"))
+    assert "\n" not in str(info.value)
+
+
 def test_missing_weights_name_the_layer(tmp_path, small_model):
     text = small_model[0].read_text().replace('name: "fc7"', 'name: "fc7_renamed"')
     (tmp_path / "renamed.prototxt").write_text(text)
