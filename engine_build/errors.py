@@ -23,10 +23,16 @@
 
 The Kafka branch lives in the package that raises it, :mod:`stream.errors` (drawn there too, with
 the tables that classify both Kafka clients' errors); it subclasses the classes here, so the tree
-stays one. Third-party exceptions are translated at the boundary (``raise Ours(...) from exc``).
+stays one. Third-party exceptions are translated at the boundary (``raise Ours(...) from exc``);
+ONNX Runtime's, which several modules run into, by :func:`onnxruntime_errors` here.
 Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+ONNXRUNTIME_ERRORS = "onnxruntime.capi.onnxruntime_pybind11_state"   # the module of ONNX Runtime's exceptions
 
 
 class SentimentError(Exception):
@@ -95,3 +101,17 @@ class CudaError(InferenceError):
 
 class BackendClosed(InferenceError):
     """``infer`` after ``close``: the backend's buffers are gone."""
+
+
+@contextmanager
+def onnxruntime_errors(doing: str) -> Iterator[None]:
+    """ONNX Runtime's exceptions raised inside (Fail, InvalidArgument, RuntimeException...: classes of its
+    pybind11 module, none a RuntimeError, so named by module, and onnxruntime is not imported here) become
+    ``ModelFormatError(f"{doing}: {its first line}")``: the model declares what it does not do (a Reshape to a
+    batch of 1 in a model declaring N), and the user fixes the model."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__ != ONNXRUNTIME_ERRORS:
+            raise
+        raise ModelFormatError(f"{doing}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc

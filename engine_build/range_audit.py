@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .errors import onnxruntime_errors
 from .interrupts import checkpoint
 
 FP16_MAX = float(np.finfo(np.float16).max)   # 65504
@@ -80,13 +81,18 @@ def audit(model_path: Path, images: np.ndarray, batch: int = 4) -> list[TensorRa
     lrn_sizes = {node.output[0]: next(a.i for a in node.attribute if a.name == "size")
                  for node in producers.values() if node.op_type == "LRN"}
     lrn_inputs = {node.input[0]: node.output[0] for node in producers.values() if node.op_type == "LRN"}
-    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    with onnxruntime_errors(f"FP16 range audit: ONNX Runtime cannot load {model_path.name}"):
+        session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs() if o.name in producers or o.name in lrn_inputs]
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4   # a failed run is said once, by the exception it raises
     peaks = dict.fromkeys(producers, 0.0)
     windows = dict.fromkeys(lrn_sizes, 0.0)
     for start in range(0, len(images), batch):
         checkpoint()
-        values = dict(zip(names, session.run(names, {"images": images[start:start + batch]}), strict=True))
+        with onnxruntime_errors(f"FP16 range audit: ONNX Runtime cannot run {model_path.name}"):
+            outputs = session.run(names, {"images": images[start:start + batch]}, quiet)
+        values = dict(zip(names, outputs, strict=True))
         for name, value in values.items():
             if name in peaks:
                 peaks[name] = max(peaks[name], float(np.abs(value).max(initial=0.0)))

@@ -487,19 +487,20 @@ def test_sigterm_during_a_build_removes_its_staging_folder(small_model, tmp_path
     assert not list(tmp_path.glob(".art.building-*")) and not (tmp_path / "art").exists()
 
 
-def tiny_classifier(path: Path, nan: bool = False, batch: int | str = "N") -> Path:
+def tiny_classifier(path: Path, nan: bool = False, batch: int | str = "N", reshape_to: int | None = None) -> Path:
     """A two-score ONNX classifier over Caffe's data blob (pool, flatten, one Gemm) that builds in about a second
-    with ``--precision fp32``; ``nan`` puts a NaN in its weights (the gate fails); ``batch`` 1 writes it as an
-    export without dynamic axes does (a fixed batch dimension and a ``Reshape`` to [1, 3])."""
+    with ``--precision fp32``; ``nan`` puts a NaN in its weights (the gate fails); ``batch``: the batch dimension
+    it declares; ``reshape_to``: a Reshape to [reshape_to, 3] in place of the Flatten, as an export without
+    dynamic axes writes (with ``batch`` 1)."""
     from onnx import TensorProto, helper, numpy_helper
     weights = np.random.default_rng(0).normal(0, 0.05, (2, 3)).astype(np.float32)
     if nan:
         weights[0, 0] = np.nan
     inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.zeros(2, np.float32), "B")]
     nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"])]
-    if batch == 1:
-        inits.append(numpy_helper.from_array(np.array([1, 3], np.int64), "shape"))
-        nodes.append(helper.make_node("Reshape", ["g", "shape"], ["f"]))
+    if reshape_to is not None:
+        inits.append(numpy_helper.from_array(np.array([reshape_to, 3], np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["g", "shape"], ["f"], name="flatten"))
     else:
         nodes.append(helper.make_node("Flatten", ["g"], ["f"]))
     nodes.append(helper.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1))
@@ -508,6 +509,17 @@ def tiny_classifier(path: Path, nan: bool = False, batch: int | str = "N") -> Pa
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+@pytest.mark.parametrize("precision,step", [("fp32", ""), ("fp16", "FP16 range audit: ")])
+def test_a_classifier_onnx_runtime_cannot_run_is_one_line_naming_the_node(tmp_path, precision, step, capfd):
+    """A classifier declaring a dynamic batch that its Reshape does not keep: ONNX Runtime's own exception (and its
+    own log line on stderr) became a traceback from whichever step ran it first."""
+    model = tiny_classifier(tmp_path / "lies.onnx", reshape_to=1)
+    assert main(["build", "--onnx", str(model), "--output", str(tmp_path / "o"), "--precision", precision]) == 1
+    err = capfd.readouterr().err
+    assert err.startswith(f"engine_build: error: {step}ONNX Runtime cannot run model.onnx: ") and err.count("\n") == 1
+    assert "Reshape node. Name:'classifier/flatten'" in err
 
 
 FAILED_GATE = "engine_build: error: validation failed: fp32 on openvino"

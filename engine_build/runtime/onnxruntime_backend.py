@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, onnxruntime_errors
 from .base import Backend, Outputs, Slots, split_threads
 from .cpu import usable_cores
 
@@ -21,7 +21,11 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, path: Path, precision: str, max_batch: int, threads: int | None = None,
                  streams: int = 1) -> None:
+        import onnxruntime as ort
+
         super().__init__(path, precision, max_batch)
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4   # a failed run is said once, by the exception it raises
         cores = usable_cores()
         self.concurrency = streams or min(cores, 4)
         shares = split_threads(threads or cores, self.concurrency)
@@ -42,8 +46,8 @@ class OnnxRuntimeBackend(Backend):
             raise ModelFormatError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
-        with self._sessions.use() as session:
-            probs, logits = session.run(["probs", "logits"], {"images": images})
+        with self._sessions.use() as session, onnxruntime_errors(f"ONNX Runtime cannot run {self.path.name}"):
+            probs, logits = session.run(["probs", "logits"], {"images": images}, self._run_options)
         return Outputs(probs, logits)
 
     def _close_impl(self) -> None:
