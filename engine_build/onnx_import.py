@@ -48,6 +48,11 @@ def load_classifier(path: Path) -> onnx.ModelProto:
     if len(out_dims) != 2 or out_dims[1] != 2:
         raise ModelFormatError(f"--onnx {path}: output '{graph.output[0].name}' must be [N,2] "
                                f"(negative, positive), got {out_dims}")
+    for what, value in ((f"input '{inputs[0].name}'", dims[0]), (f"output '{graph.output[0].name}'", out_dims[0])):
+        if isinstance(value, int) and value:   # the build, the evaluation and the service run batches
+            raise ModelFormatError(f"--onnx {path}: {what} has a fixed batch dimension {value}; it must be dynamic: "
+                                   f"export with dynamic axes (torch.onnx.export(..., dynamic_axes="
+                                   f"{{'{inputs[0].name}': {{0: 'N'}}, '{graph.output[0].name}': {{0: 'N'}}}}))")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
     if opset != OPSET:
         try:

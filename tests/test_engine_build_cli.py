@@ -511,6 +511,18 @@ def tiny_classifier(path: Path, nan: bool = False, batch: int | str = "N", resha
     return path
 
 
+@pytest.mark.parametrize("precision", [["fp32"], ["fp16"]])
+def test_an_onnx_classifier_with_a_fixed_batch_dimension_is_refused_in_one_line(tmp_path, precision, capfd):
+    """An export without dynamic axes ([1,3,227,227], a Reshape to [1, 3]) was accepted and then failed in ONNX
+    Runtime on the first batch of 4 or 16 (the FP16 range audit or the FP32 reference): a 46-line traceback."""
+    model = tiny_classifier(tmp_path / "batch1.onnx", batch=1, reshape_to=1)
+    assert main(["build", "--onnx", str(model), "--output", str(tmp_path / "o"), "--precision", *precision]) == 1
+    err = capfd.readouterr().err
+    assert err == (f"engine_build: error: --onnx {model}: input 'x' has a fixed batch dimension 1; it must be dynamic: "
+                   "export with dynamic axes (torch.onnx.export(..., dynamic_axes={'x': {0: 'N'}, 'y': {0: 'N'}}))\n")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("precision,step", [("fp32", ""), ("fp16", "FP16 range audit: ")])
 def test_a_classifier_onnx_runtime_cannot_run_is_one_line_naming_the_node(tmp_path, precision, step, capfd):
     """A classifier declaring a dynamic batch that its Reshape does not keep: ONNX Runtime's own exception (and its
