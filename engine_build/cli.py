@@ -288,7 +288,12 @@ def _fetch_weights(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.dest.exists() and not args.dest.is_dir():
         raise ConfigError(f"--dest {args.dest}: is a file; give a directory")
     for name, url in (("--prototxt-url", args.prototxt_url), ("--caffemodel-url", args.caffemodel_url)):
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            _ = parts.port         # parsed only when asked for
+        except ValueError as exc:  # an unclosed IPv6 bracket, a port that is not a number or out of range
+            raise ConfigError(f"{name} {url}: not a valid URL ({exc})") from exc
+        if parts.scheme not in ("http", "https", "file"):
             raise ConfigError(f"{name} {url}: not an http(s) or file URL")
     pinned = PUBLISHED.prototxt_sha256 if args.prototxt_url == PUBLISHED.prototxt_url else None
     source = WeightsSource(args.prototxt_url, args.caffemodel_url, pinned)

@@ -85,6 +85,8 @@ def download(url: str, dest: Path, *, progress: bool | None = None, timeout_s: f
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DownloadError(f"{url}: cannot connect: {reason}") from exc
+    except http.client.InvalidURL as exc:   # a space or control character in the host or path
+        raise DownloadError(f"{url}: not a valid URL ({exc})") from exc
     with response:
         kind = response.headers.get_content_type()
         if kind == "text/html":

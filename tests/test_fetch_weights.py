@@ -136,6 +136,21 @@ def test_a_404_is_one_line(server, published, tmp_path, capsys):
     assert fetched(tmp_path) is None
 
 
+@pytest.mark.parametrize("flag,url,message", [
+    ("--prototxt-url", "http://[::1", "--prototxt-url http://[::1: not a valid URL (Invalid IPv6 URL)"),
+    ("--caffemodel-url", "http://host:abc/m", "--caffemodel-url http://host:abc/m: not a valid URL (Port could not"),
+    ("--prototxt-url", "http://host:70000/p", "--prototxt-url http://host:70000/p: not a valid URL (Port out of range"),
+    ("--prototxt-url", "http://exa mple.com/p", "http://exa mple.com/p: not a valid URL (URL can't contain control"),
+    ("--prototxt-url", "http://host/a b", "http://host/a b: not a valid URL (URL can't contain control"),
+])
+def test_a_malformed_url_is_one_line(tmp_path, flag, url, message, capsys):
+    """urllib's own refusals (ValueError from urlsplit, http.client.InvalidURL from urlopen) were tracebacks;
+    each is refused before any connection is tried, so no server is needed."""
+    assert main(["fetch-weights", "--dest", str(tmp_path), flag, url]) == 1
+    assert _one_line(capsys).startswith(f"engine_build: error: {message}")
+    assert fetched(tmp_path) is None
+
+
 def test_an_html_page_instead_of_the_model_is_one_line(server, published, tmp_path, capsys):
     files, url = server
     _serve(files, published)
