@@ -1,8 +1,8 @@
 """The build as small steps over one frozen config: import, emit, quantise, compile, validate, record.
 
 Steps log and return values; only the CLI prints. The artifact is made in a staging folder
-beside ``output`` and moved into place only when complete, so a build that fails on the way
-(a bad file, an interrupt, a crash) leaves the previous artifact, or nothing, behind.
+inside ``output`` (:mod:`.staging`) and moved into place only when complete, so a build that fails
+on the way (a bad file, an interrupt, a crash) leaves the previous artifact, or nothing, behind.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import platform
 import resource
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -47,6 +46,7 @@ from .manifest import (
 from .onnx_graph import build_onnx
 from .placeholder import PLACEHOLDER_NAME
 from .preprocess import CROP_SIZE, IMAGE_SIZE, LABELS, MEAN_BGR
+from .staging import staging_folder
 from .validate import as_records, blocking_failures, run_checks
 
 log = logging.getLogger(__name__)
@@ -295,18 +295,12 @@ def run_build(cfg: BuildConfig, quantize: Quantize = quantize_variants) -> Manif
     with stop_at_checkpoints():   # SIGTERM or Ctrl-C: the build stops at its next checkpoint, publishing nothing
         calibration, validation = check_inputs(cfg)
         checkpoint()
-        cfg.output.parent.mkdir(parents=True, exist_ok=True)
-        # named before it is made, so that an interrupt at any point after this line leaves no folder
-        staging = cfg.output.parent / f".{cfg.output.name}.building-{uuid.uuid4().hex[:8]}"
-        try:
-            staging.mkdir(mode=0o700)
+        with staging_folder(cfg.output) as staging:   # inside the output: on its file system, whatever it is
             manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started,
                                  quantize)
             checkpoint()
             with uninterrupted():   # never half published: a signal now leaves the build complete
                 _publish(staging, cfg.output)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     failures = [c.failure() for c in blocking_failures(_checks(manifest))]
     if failures:
         raise ValidationFailed("validation failed: " + failures[0]

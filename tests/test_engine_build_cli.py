@@ -466,7 +466,7 @@ def test_build_shows_each_step_as_it_starts(small_model, tmp_path, capsys):
 
 def test_sigterm_during_a_build_removes_its_staging_folder(small_model, tmp_path):
     """``timeout`` or a supervisor stops a build with SIGTERM: it ends as Ctrl-C does (exit 130) and leaves no
-    staging folder beside its output (326 MB for the full-size model)."""
+    staging folder in its output (326 MB for the full-size model)."""
     import signal
     import subprocess
     import sys
@@ -476,15 +476,15 @@ def test_sigterm_during_a_build_removes_its_staging_folder(small_model, tmp_path
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".art.building-*")) and build.poll() is None and time.monotonic() < deadline:
+        while not list(tmp_path.glob("art/.building-*")) and build.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert list(tmp_path.glob(".art.building-*")), "the build started staging"
+        assert list(tmp_path.glob("art/.building-*")), "the build started staging"
         build.send_signal(signal.SIGTERM)
         _, err = build.communicate(timeout=60)
     finally:
         build.kill()
     assert build.returncode == 130 and "engine_build: interrupted" in err, err
-    assert not list(tmp_path.glob(".art.building-*")) and not (tmp_path / "art").exists()
+    assert not list(tmp_path.glob("art/.building-*")) and not (tmp_path / "art").exists()
 
 
 def tiny_classifier(path: Path, nan: bool = False, batch: int | str = "N", reshape_to: int | None = None) -> Path:

@@ -1,0 +1,101 @@
+"""Where a build writes: ``--output`` on another file system."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from engine_build.cli import main
+from engine_build.manifest import read_manifest
+
+PHOTOS = Path(__file__).resolve().parents[1] / "engine_build" / "photos"
+
+
+def caffe(small_model: tuple[Path, Path]) -> list[str]:
+    return ["--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1])]
+
+
+@pytest.fixture(scope="module")
+def classifier(small_model, tmp_path_factory) -> bytes:
+    """The small model as an ONNX classifier file's bytes (what ``--onnx`` takes)."""
+    from engine_build.caffe_io import iter_caffemodel, load_prototxt
+    from engine_build.caffe_net import attach_weights, build_net
+    from engine_build.onnx_graph import build_classifier_onnx
+    net = build_net(load_prototxt(small_model[0]))
+    attach_weights(net, iter_caffemodel(small_model[1], progress=False))
+    return build_classifier_onnx(net).SerializeToString()
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() if p.is_file() else b"<dir>" for p in folder.iterdir()}
+
+
+# --- bug: --output on another file system --------------------------------------------------------------------
+
+
+def test_a_build_into_a_symlink_to_another_file_system_publishes(small_model, tmp_path, capsys):
+    """``--output`` linked to a folder on another file system (here /dev/shm): the staging folder sat beside the
+    link, on this one, and the last step failed with 'Invalid cross-device link' after all the work."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the test's temp folder")
+    target = shm / f"engine-build-test-{uuid.uuid4().hex[:8]}"
+    target.mkdir()
+    try:
+        (tmp_path / "art").symlink_to(target)
+        assert main(["build", *caffe(small_model), "--output", str(tmp_path / "art"), "--precision", "fp32"]) == 0, \
+            capsys.readouterr().err
+        assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "model.onnx"], "no staging folder left"
+        assert [p.name for p in tmp_path.iterdir()] == ["art"]
+        read_manifest(target)
+    finally:
+        shutil.rmtree(target)
+
+
+def test_a_build_into_a_mount_point_publishes_and_replaces_the_previous_artifact(small_model, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """``--output /artifacts`` on a Docker or Kubernetes volume: a mount point, where the kernel refuses every
+    rename from outside it (EXDEV). Here os.replace and os.rename refuse as the kernel does across ``mnt``."""
+    mount = (tmp_path / "mnt").resolve()
+    mount.mkdir()
+    (mount / "model.int8.onnx").write_bytes(b"an earlier build's")      # a file this build does not make
+    real_replace, real_rename = os.replace, os.rename
+
+    def across(real):
+        def move(src, dst, *args, **kwargs):
+            inside = [Path(os.path.abspath(p)).resolve().is_relative_to(mount) for p in (src, dst)]
+            if inside[0] != inside[1]:
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
+            return real(src, dst, *args, **kwargs)
+        return move
+    monkeypatch.setattr(os, "replace", across(real_replace))
+    monkeypatch.setattr(os, "rename", across(real_rename))
+    assert main(["build", *caffe(small_model), "--output", str(mount), "--precision", "fp32"]) == 0, \
+        capsys.readouterr().err
+    assert sorted(p.name for p in mount.iterdir()) == ["manifest.json", "model.onnx"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mnt"], "no staging folder beside it"
+
+
+def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_but_a_running_ones_is_not(small_model,
+                                                                                               tmp_path):
+    """A build killed by SIGKILL or the OOM killer leaves its staging folder (326 MB for the full-size model)
+    inside the output; the next build removes it, but not one a running build holds."""
+    out = tmp_path / "art"
+    out.mkdir()
+    dead, live = out / ".building-deadbeef", out / ".building-0badcafe"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"half written")
+        os.utime(folder, (0, 0))
+    held = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["build", *caffe(small_model), "--output", str(out), "--precision", "fp32"]) == 0
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in out.iterdir()) == [live.name, "manifest.json", "model.onnx"]
