@@ -56,6 +56,8 @@ __all__ = ["BuildConfig", "PRECISIONS", "run_build", "ensure_artifact"]
 SENSITIVITY_MARGIN = 0.75
 # Every file a build may write; files of an earlier build that this one did not make are removed.
 ARTIFACT_FILES = (*VARIANT_FILES.values(), *RUNTIME_FILES.values(), ENGINE_FILE, MANIFEST)
+# Every file a build may replace in its output: those, and the timing cache it carries on.
+WRITTEN_FILES = (*ARTIFACT_FILES, TIMING_CACHE)
 
 
 def check_inputs(cfg: BuildConfig) -> tuple[ImageSet | None, ImageSet]:
@@ -65,9 +67,21 @@ def check_inputs(cfg: BuildConfig) -> tuple[ImageSet | None, ImageSet]:
             raise ConfigError(f"{flag} {path}: no such file")
     if cfg.output.exists() and not cfg.output.is_dir():
         raise ConfigError(f"--output {cfg.output}: is a file; give a directory for the artifact")
+    for path, flag in ((cfg.prototxt, "--prototxt"), (cfg.caffemodel, "--caffemodel"), (cfg.onnx, "--onnx")):
+        name = written_over(path, cfg.output) if path is not None else None
+        if name:
+            raise ConfigError(f"{flag} {path}: the build would overwrite or delete it (it is {name} of --output "
+                              f"{cfg.output}); move it out of that folder or give another --output")
     # calibration images feed INT8 quantisation and the FP16 range audit
     return load_sets(cfg.calibration_images, cfg.validation_images, bool({"fp16", "int8"} & set(cfg.precisions)),
                      disjoint="int8" in cfg.precisions)
+
+
+def written_over(path: Path, output: Path) -> str | None:
+    """The name of the file a build into ``output`` would replace or remove that ``path`` is, symlinks followed
+    (both the link's own place and the file it leads to), else None."""
+    names = {output.resolve() / name: name for name in WRITTEN_FILES}
+    return names.get(path.parent.resolve() / path.name) or names.get(path.resolve())
 
 
 def caffe_files(cfg: BuildConfig) -> tuple[Path, Path]:

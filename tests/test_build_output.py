@@ -1,4 +1,4 @@
-"""Where a build writes: ``--output`` on another file system."""
+"""Where a build writes: ``--output`` on another file system, inputs inside the output."""
 from __future__ import annotations
 
 import errno
@@ -99,3 +99,40 @@ def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_but_a_runni
     finally:
         os.close(held)
     assert sorted(p.name for p in out.iterdir()) == [live.name, "manifest.json", "model.onnx"]
+
+
+# --- bug: inputs inside the output --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["input-in-output", "input-linked-from-elsewhere", "output-linked-to-inputs",
+                                    "input-a-file-the-build-deletes"])
+def test_an_input_the_build_would_overwrite_or_delete_is_refused_before_any_work(classifier, tmp_path, layout,
+                                                                                capsys):
+    """``--onnx x/model.onnx --output x`` replaced the user's classifier with the wrapped artifact (exit 0; a
+    rerun then failed); an input named like a file the build does not make was deleted. Symlinks resolved."""
+    folder = tmp_path / "x"
+    folder.mkdir()
+    name = "model.int8.onnx" if layout == "input-a-file-the-build-deletes" else "model.onnx"
+    (folder / name).write_bytes(classifier)
+    given, output = folder / name, folder
+    if layout == "input-linked-from-elsewhere":
+        given = tmp_path / "classifier.onnx"
+        given.symlink_to(folder / name)
+    elif layout == "output-linked-to-inputs":
+        output = tmp_path / "out"
+        output.symlink_to(folder)
+    before = contents(folder)
+    assert main(["build", "--onnx", str(given), "--output", str(output), "--precision", "fp32"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--onnx {given}: the build would overwrite or delete it" in err, err
+    assert contents(folder) == before, "the input is as it was, and nothing was written"
+
+
+def test_caffe_files_the_build_would_overwrite_are_refused(small_model, tmp_path, capsys):
+    out = tmp_path / "art"
+    out.mkdir()
+    shutil.copy(small_model[1], out / "model.fp16.onnx")     # an odd name, but the user's file
+    before = contents(out)
+    assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(out / "model.fp16.onnx"),
+                 "--output", str(out), "--precision", "fp32"]) == 1
+    assert "--caffemodel" in capsys.readouterr().err and contents(out) == before
