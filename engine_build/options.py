@@ -17,6 +17,7 @@ import argparse
 import math
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, field, fields
+from pathlib import Path
 from typing import Any, Generic, NoReturn, TypeVar, get_type_hints
 
 from .errors import ConfigError
@@ -133,6 +134,8 @@ class Options(Generic[C]):
             raise ConfigError(f"{source}={text!r}: expected one of {', '.join(TRUE + FALSE)}")
         if kind is tuple:
             return tuple(t.strip() for t in text.split(",") if t.strip())
+        if kind is Path and not text.strip():   # Path("") is the current folder: never what an empty "$VAR" meant
+            raise ConfigError(f"{source} is empty (an unset variable?): give a path")
         try:
             value = kind(text)
         except ValueError as exc:

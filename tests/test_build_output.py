@@ -1,4 +1,4 @@
-"""Where a build writes: ``--output`` on another file system, inputs inside the output."""
+"""Where a build writes: ``--output`` on another file system, inputs inside the output, an empty ``--output``."""
 from __future__ import annotations
 
 import errno
@@ -136,3 +136,22 @@ def test_caffe_files_the_build_would_overwrite_are_refused(small_model, tmp_path
     assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(out / "model.fp16.onnx"),
                  "--output", str(out), "--precision", "fp32"]) == 1
     assert "--caffemodel" in capsys.readouterr().err and contents(out) == before
+
+
+# --- bug: --output "" ---------------------------------------------------------------------------------------
+
+
+def test_an_empty_output_flag_is_refused_like_an_empty_environment_twin(small_model, tmp_path, monkeypatch,
+                                                                        capsys):
+    """``--output "$OUT"`` with OUT unset built into the current folder and deleted the artifact-named files
+    there; ``ENGINE_BUILD_OUTPUT=`` already said 'missing --output'."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("model.int8.onnx", "engine.plan"):
+        (tmp_path / name).write_bytes(b"someone's")
+    before = contents(tmp_path)
+    assert main(["build", *caffe(small_model), "--output", "", "--precision", "fp32"], {}) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--output is empty" in err, err
+    assert contents(tmp_path) == before
+    assert main(["build", *caffe(small_model), "--precision", "fp32"], {"ENGINE_BUILD_OUTPUT": ""}) == 1
+    assert "missing --output (or ENGINE_BUILD_OUTPUT)" in capsys.readouterr().err

@@ -62,6 +62,7 @@ def test_an_empty_environment_twin_is_unset_but_for_a_list_where_it_means_none()
     (["--path"], {}, "expected one argument (see toy --help)"),
     (["--path", "p", "--wait-s", "nan"], {}, "--wait-s='nan': expected a finite number"),
     (["--path", "p"], {"TOY_WAIT_S": "inf"}, "TOY_WAIT_S='inf': expected a finite number"),
+    (["--path", ""], {}, "--path is empty (an unset variable?): give a path"),    # not Path(""), the current folder
 ])
 def test_every_bad_value_is_one_config_error(argv, environ, message):
     with pytest.raises(ConfigError) as caught:
