@@ -72,9 +72,16 @@ def check_inputs(cfg: BuildConfig) -> tuple[ImageSet | None, ImageSet]:
         if name:
             raise ConfigError(f"{flag} {path}: the build would overwrite or delete it (it is {name} of --output "
                               f"{cfg.output}); move it out of that folder or give another --output")
-    # calibration images feed INT8 quantisation and the FP16 range audit
-    return load_sets(cfg.calibration_images, cfg.validation_images, bool({"fp16", "int8"} & set(cfg.precisions)),
-                     disjoint="int8" in cfg.precisions)
+    # calibration images feed INT8 quantisation and the FP16 range audit; given to an fp32 build, they are
+    # checked all the same (a mistyped folder in a deploy script shows at once, not at its first int8 build)
+    needed = bool({"fp16", "int8"} & set(cfg.precisions))
+    sets = load_sets(cfg.calibration_images, cfg.validation_images, needed, disjoint="int8" in cfg.precisions)
+    if cfg.calibration_images and not needed:
+        log.info("--calibration-images %s: checked, not read (an fp32 build calibrates nothing)",
+                 cfg.calibration_images)
+    if cfg.int8_float_layers is not None and "int8" not in cfg.precisions:
+        log.info("--int8-float-layers: not used without int8 in --precision (its names are still checked)")
+    return sets
 
 
 def written_over(path: Path, output: Path) -> str | None:
@@ -125,41 +132,58 @@ def import_source(cfg: BuildConfig) -> tuple[Net | onnx.ModelProto, bool]:
     return model, placeholder
 
 
-def emit_onnx(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool,
-              calibration: ImageSet | None = None) -> tuple[dict[str, Path], dict | None]:
-    """model.onnx and model.fp16.onnx from an imported Caffe ``Net`` or an ONNX classifier.
-
-    The FP16 file follows the FP16 range audit of model.onnx on the calibration images; returns
-    the paths and the audit's manifest record (None without FP16).
-    """
+def emit_variant(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool, dtype: str,
+                 float32_tensors: Collection[str] = ()) -> onnx.ModelProto:
+    """The whole graph, preprocessing folded in, from an imported Caffe ``Net`` or an ONNX classifier."""
     from .onnx_import import wrap_classifier
-    from .range_audit import audit, kept_float32, record
     meta = {"placeholder": str(placeholder).lower(), "labels": ",".join(LABELS),
-            "oversample": str(cfg.oversample).lower()}
+            "oversample": str(cfg.oversample).lower(), "precision": "fp32" if dtype == "float32" else "fp16"}
+    if isinstance(source, Net):
+        return build_onnx(source, cfg.oversample, dtype, meta, float32_tensors=float32_tensors)
+    return wrap_classifier(source, cfg.oversample, dtype, meta, float32_tensors=float32_tensors)
 
-    def emit(dtype: str, metadata: dict[str, str], float32_tensors: Collection[str] = ()) -> onnx.ModelProto:
-        if isinstance(source, Net):
-            return build_onnx(source, cfg.oversample, dtype, metadata, float32_tensors=float32_tensors)
-        return wrap_classifier(source, cfg.oversample, dtype, metadata, float32_tensors=float32_tensors)
 
-    paths = {"fp32": cfg.output / VARIANT_FILES["fp32"]}
-    log.info("writing %s (FP32, the authors' preprocessing folded in)", VARIANT_FILES["fp32"])
-    onnx.save(emit("float32", {**meta, "precision": "fp32"}), paths["fp32"])
-    if "fp16" not in cfg.precisions:
-        return paths, None
-    if calibration is None:
-        raise ConfigError("the FP16 range audit needs calibration images")
-    log.info("FP16 range audit: %s on %d calibration images", VARIANT_FILES["fp32"], len(calibration.images))
-    ranges = audit(paths["fp32"], calibration.images)
+def emit_fp32(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool) -> Path:
+    """model.onnx, the FP32 reference every other variant is judged against."""
+    path = cfg.output / VARIANT_FILES["fp32"]
+    log.info("writing %s (FP32, the authors' preprocessing folded in)", path.name)
+    onnx.save(emit_variant(cfg, source, placeholder, "float32"), path)
+    return path
+
+
+def emit_fp16(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool, fp32: Path,
+              calibration: ImageSet) -> tuple[Path, dict]:
+    """model.fp16.onnx, after the FP16 range audit of model.onnx on the calibration images; returns its
+    path and the audit's manifest record."""
+    from .range_audit import audit, kept_float32, record
+    log.info("FP16 range audit: %s on %d calibration images", fp32.name, len(calibration.images))
+    ranges = audit(fp32, calibration.images)
     checkpoint()
-    model = emit("float16", {**meta, "precision": "fp16"}, float32_tensors=[r.tensor for r in ranges if r.near_limit])
+    model = emit_variant(cfg, source, placeholder, "float16",
+                         float32_tensors=[r.tensor for r in ranges if r.near_limit])
     float32 = kept_float32(model, ranges)
     for tensor, why in float32.items():
         (log.warning if why.startswith("NOT") else log.info)("FP16 range audit: %s: %s", tensor, why)
-    paths["fp16"] = cfg.output / VARIANT_FILES["fp16"]
-    log.info("writing %s (FP16, %d tensors kept float32)", VARIANT_FILES["fp16"], len(float32))
-    onnx.save(model, paths["fp16"])
-    return paths, record(ranges, len(calibration.images), calibration.source, model, float32)
+    path = cfg.output / VARIANT_FILES["fp16"]
+    log.info("writing %s (FP16, %d tensors kept float32)", path.name, len(float32))
+    onnx.save(model, path)
+    return path, record(ranges, len(calibration.images), calibration.source, model, float32)
+
+
+def check_float_layers(cfg: BuildConfig, fp32: Path) -> None:
+    """``--int8-float-layers`` names only quantisable layers of model.onnx, whatever the precision: checked
+    as soon as model.onnx exists, before the FP16 range audit and any quantisation."""
+    if cfg.int8_float_layers:
+        from .quantize import quantizable_layers
+        graph = onnx.load(str(fp32), load_external_data=False).graph
+        refuse_unknown_layers(cfg.int8_float_layers, quantizable_layers(graph), fp32.name)
+
+
+def refuse_unknown_layers(names: Collection[str], layers: list[str], file: str) -> None:
+    unknown = [name for name in names if name not in layers]
+    if unknown:
+        raise ConfigError(f"--int8-float-layers {unknown[0]}: not a quantisable layer of {file} "
+                          f"(its layers: {', '.join(layers)})")
 
 
 def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tuple[dict[str, Path], dict, dict]:
@@ -186,10 +210,7 @@ def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tu
         record = {"chosen_by": "sensitivity pass", "float_layers": {k: list(v) for k, v in float_layers.items()},
                   "passes": {name: p.record() for name, p in passes.items()}}
     else:
-        unknown = [name for name in cfg.int8_float_layers if name not in layers]
-        if unknown:
-            raise ConfigError(f"--int8-float-layers {unknown[0]}: not a quantisable layer of {fp32.name} "
-                              f"(its layers: {', '.join(layers)})")
+        refuse_unknown_layers(cfg.int8_float_layers, layers, fp32.name)
         float_layers = {name: cfg.int8_float_layers for name in used}
         record = {"chosen_by": "--int8-float-layers",
                   "float_layers": {name: list(cfg.int8_float_layers) for name in used}}
@@ -334,7 +355,14 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
     previous = _carry_engine(final, cfg.output)
     model, placeholder = import_source(cfg)
     checkpoint()
-    emitted, fp16_range = emit_onnx(cfg, model, placeholder, calibration)
+    emitted = {"fp32": emit_fp32(cfg, model, placeholder)}
+    check_float_layers(cfg, emitted["fp32"])
+    checkpoint()
+    fp16_range: dict | None = None
+    if "fp16" in cfg.precisions:
+        if calibration is None:
+            raise ConfigError("the FP16 range audit needs calibration images")
+        emitted["fp16"], fp16_range = emit_fp16(cfg, model, placeholder, emitted["fp32"], calibration)
     del model
     checkpoint()
     variants: dict[str, dict[str, Path]] = {k: {"*": p} for k, p in emitted.items()}

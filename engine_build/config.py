@@ -64,6 +64,10 @@ class BuildConfig:
         object.__setattr__(self, "precisions", tuple(dict.fromkeys(self.precisions)))
         if self.int8_float_layers is not None:
             object.__setattr__(self, "int8_float_layers", tuple(dict.fromkeys(self.int8_float_layers)))
+            for name in self.int8_float_layers:   # which names the model has is checked right after the import
+                if not name or any(c.isspace() or c == "," for c in name):
+                    raise ConfigError(f"--int8-float-layers {name!r}: a layer name has no spaces or commas (give "
+                                      "names as separate words, or comma-separated in ENGINE_BUILD_INT8_FLOAT_LAYERS)")
         if bool(self.onnx) == bool(self.prototxt or self.caffemodel) or bool(self.prototxt) != bool(self.caffemodel):
             raise ConfigError("give either --prototxt and --caffemodel, or --onnx")
         if not self.precisions:

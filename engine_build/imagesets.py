@@ -36,14 +36,20 @@ def builtin_set(subset: str) -> ImageSet:
                     {p.name: sha256(p) for p in paths})
 
 
-def folder_set(folder: Path, flag: str) -> ImageSet:
-    """Every image file in ``folder``; a file that does not decode is a one-line error naming it."""
-    folder = Path(folder)
+def image_files(folder: Path, flag: str) -> list[Path]:
+    """The image files in ``folder`` (not read); a missing folder or one without images is a one-line error."""
     if not folder.is_dir():
         raise ConfigError(f"{flag} {folder}: no such folder")
     paths = list_images(folder)
     if not paths:
         raise ConfigError(f"{flag} {folder}: no JPEG/PNG/WebP/BMP/TIFF files there")
+    return paths
+
+
+def folder_set(folder: Path, flag: str) -> ImageSet:
+    """Every image file in ``folder``; a file that does not decode is a one-line error naming it."""
+    folder = Path(folder)
+    paths = image_files(folder, flag)
     images = []
     for path in paths:
         checkpoint()
@@ -57,10 +63,13 @@ def folder_set(folder: Path, flag: str) -> ImageSet:
 def load_sets(calibration: Path | None, validation: Path | None, need_calibration: bool,
               disjoint: bool = True) -> tuple[ImageSet | None, ImageSet]:
     """The calibration set (when needed) and the validation set, checked to be disjoint when
-    ``disjoint`` (INT8 is calibrated on them; the FP16 range audit only reads them)."""
+    ``disjoint`` (INT8 is calibrated on them; the FP16 range audit only reads them). A calibration
+    folder given but not needed is checked all the same (it exists and holds images), not read."""
     cal = None
     if need_calibration:
         cal = folder_set(calibration, "--calibration-images") if calibration else builtin_set("calibration")
+    elif calibration:
+        image_files(Path(calibration), "--calibration-images")
     val = folder_set(validation, "--validation-images") if validation else builtin_set("validation")
     if cal is not None and disjoint:
         by_sha = {sha: name for name, sha in cal.files.items()}

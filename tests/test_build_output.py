@@ -1,4 +1,5 @@
-"""Where a build writes: ``--output`` on another file system, inputs inside the output, an empty ``--output``."""
+"""Where a build writes and what it reads: ``--output`` on another file system, inputs inside the output,
+an empty ``--output``, inputs a build would not use."""
 from __future__ import annotations
 
 import errno
@@ -155,3 +156,37 @@ def test_an_empty_output_flag_is_refused_like_an_empty_environment_twin(small_mo
     assert contents(tmp_path) == before
     assert main(["build", *caffe(small_model), "--precision", "fp32"], {"ENGINE_BUILD_OUTPUT": ""}) == 1
     assert "missing --output (or ENGINE_BUILD_OUTPUT)" in capsys.readouterr().err
+
+
+# --- bug: inputs a build would not use were not checked -----------------------------------------------------
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--calibration-images", "/definitely/not/here"], "--calibration-images /definitely/not/here: no such folder"),
+    (["--calibration-images", "{empty}"], "no JPEG/PNG/WebP/BMP/TIFF files there"),
+    (["--int8-float-layers", "fc7 fc8"], "--int8-float-layers 'fc7 fc8': a layer name has no spaces"),
+])
+def test_every_given_input_is_checked_before_any_work_whatever_the_precision(small_model, tmp_path, extra,
+                                                                             message, capsys):
+    """An fp32 build ignored a missing --calibration-images; docs: 'Every input file and folder is checked
+    before any work'. A malformed --int8-float-layers is refused before any work too."""
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "never"
+    extra = [e.replace("{empty}", str(tmp_path / "empty")) for e in extra]
+    assert main(["build", *caffe(small_model), "--output", str(out), "--precision", "fp32", *extra]) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1, captured.err
+    assert not out.exists() and "importing" not in captured.out, "refused before any work"
+
+
+@pytest.mark.parametrize("precisions", [["fp32"], ["fp32", "fp16", "int8"]])
+def test_an_unknown_int8_float_layer_is_refused_right_after_the_import(small_model, tmp_path, precisions, capsys):
+    """A layer the model lacks was ignored by an fp32 build, and refused only after the FP16 range audit (and,
+    for a full-size model, minutes of work) by an int8 one: now right after the FP32 model is made."""
+    out = tmp_path / "never"
+    assert main(["build", *caffe(small_model), "--output", str(out), "--precision", *precisions,
+                 "--int8-float-layers", "fc9"]) == 1
+    captured = capsys.readouterr()
+    assert "--int8-float-layers fc9: not a quantisable layer of model.onnx" in captured.err, captured.err
+    assert "writing model.onnx" in captured.out and "FP16 range audit" not in captured.out, captured.out
+    assert not out.exists()
