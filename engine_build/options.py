@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
@@ -155,16 +156,32 @@ class Options(Generic[C]):
                 values[f.name] = tuple(t for item in given for t in self.parse(f.name, item, flag(f)))
             elif given is not None:
                 values[f.name] = self.parse(f.name, given, flag(f))
-            elif environ.get(env, "") != "" or (env in environ and self.kind(f.name) is tuple):
-                # an empty twin is unset (FOO= in a unit file), but for a list, where it means none
+            elif self._twin_set(f, environ):
                 values[f.name] = self.parse(f.name, environ[env], env)
             elif f.default is MISSING:
                 raise ConfigError(f"missing {flag(f)} (or {env})")
         return values
 
+    def _twin_set(self, f: Field, environ: Mapping[str, str]) -> bool:
+        """An empty twin is unset (FOO= in a unit file), but for a list, where it means none."""
+        env = self.env_name(f.name)
+        return environ.get(env, "") != "" or (env in environ and self.kind(f.name) is tuple)
+
     def from_args(self, args: argparse.Namespace, environ: Mapping[str, str]) -> C:
-        """The config from parsed flags, then environment twins, then defaults (validated as it is made)."""
-        return self.config(**self.values(args, environ))
+        """The config from parsed flags, then environment twins, then defaults (validated as it is made).
+
+        The config's own checks name flags; where a flag named in one came from its environment twin, the
+        error says so (``--onnx`` given in the environment, ``--prototxt`` on the command line)."""
+        values = self.values(args, environ)
+        try:
+            return self.config(**values)
+        except ConfigError as exc:
+            from_env = [f"{flag(f)} from {self.env_name(f.name)}" for f in self.fields
+                        if getattr(args, f.name) is None and self._twin_set(f, environ)
+                        and re.search(rf"(?<![\w-]){re.escape(flag(f))}(?![\w-])", str(exc))]
+            if not from_env:
+                raise
+            raise ConfigError(f"{exc} (given by the environment: {', '.join(from_env)})") from exc
 
     def markdown_table(self) -> str:
         """A table of every flag, its environment twin, default and meaning (a test keeps the docs equal to it)."""

@@ -1,5 +1,5 @@
 """Where a build writes and what it reads: ``--output`` on another file system, inputs inside the output,
-an empty ``--output``, inputs a build would not use."""
+an empty ``--output``, inputs a build would not use, and which flag came from where."""
 from __future__ import annotations
 
 import errno
@@ -190,3 +190,21 @@ def test_an_unknown_int8_float_layer_is_refused_right_after_the_import(small_mod
     assert "--int8-float-layers fc9: not a quantisable layer of model.onnx" in captured.err, captured.err
     assert "writing model.onnx" in captured.out and "FP16 range audit" not in captured.out, captured.out
     assert not out.exists()
+
+
+# --- bug: the environment twin unnamed in a combination error -----------------------------------------------
+
+
+def test_a_combination_error_names_the_environment_twin_a_value_came_from(small_model, tmp_path, capsys):
+    """ENGINE_BUILD_ONNX set and --prototxt/--caffemodel given said only 'give either --prototxt and
+    --caffemodel, or --onnx', leaving the user to find the variable (and the reverse)."""
+    argv = ["build", "--output", str(tmp_path / "o")]
+    assert main([*argv, *caffe(small_model)], {"ENGINE_BUILD_ONNX": "m.onnx"}) == 1
+    err = capsys.readouterr().err
+    assert "give either --prototxt and --caffemodel, or --onnx" in err and err.count("\n") == 1
+    assert "--onnx from ENGINE_BUILD_ONNX" in err and "--prototxt from" not in err, err
+    assert main([*argv, "--onnx", "m.onnx"], {"ENGINE_BUILD_PROTOTXT": str(small_model[0]),
+                                             "ENGINE_BUILD_CAFFEMODEL": str(small_model[1])}) == 1
+    err = capsys.readouterr().err
+    assert "--prototxt from ENGINE_BUILD_PROTOTXT" in err and "--caffemodel from ENGINE_BUILD_CAFFEMODEL" in err
+    assert "--onnx from" not in err and err.count("\n") == 1, err

@@ -70,6 +70,16 @@ def test_every_bad_value_is_one_config_error(argv, environ, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_check_of_the_config_names_the_environment_twin_a_flag_came_from():
+    """The config's checks name flags: a flag given by its twin was left for the user to find."""
+    with pytest.raises(ConfigError) as caught:
+        parse(["--path", "p", "--size", "m"], {"TOY_MODE": "c", "TOY_SIZE": "xl", "TOY_PATH": "q"})
+    assert str(caught.value) == "--mode c: choose from a, b (given by the environment: --mode from TOY_MODE)"
+    with pytest.raises(ConfigError) as caught:
+        parse(["--path", "p", "--mode", "c"], {"TOY_MODE": "b"})
+    assert str(caught.value) == "--mode c: choose from a, b", "a flag given on the command line is not annotated"
+
+
 def test_help_and_table_name_every_twin_and_default(capsys):
     with pytest.raises(SystemExit):
         TOY.parser("toy", "").parse_args(["--help"])
