@@ -152,8 +152,11 @@ def _validation_summary(manifest: Manifest) -> str:
     if c:
         lines.append(f"calibration {c.images} images from {c.source} ({len(c.image_sha256)} source files)")
     gate = v.gate
+    calibrated = set(c.image_sha256.values()) if c else set()   # an fp16 build may read one folder for both
+    shared = sum(sha in calibrated for sha in v.image_sha256.values())
     lines.append(f"validation  {v.images} images from {v.source} ({len(v.image_sha256)} source files, "
-                 f"none used for calibration), reference {v.reference}")
+                 f"{f'{shared} of them also calibration images' if shared else 'none used for calibration'}), "
+                 f"reference {v.reference}")
     if gate:
         bounds = ", ".join(f"{k} max|dp| <= {b['max_abs_diff']:g}, mean <= {b['mean_abs_diff']:g}"
                            for k, b in gate["bounds"].items())

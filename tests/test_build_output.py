@@ -1,5 +1,5 @@
 """Where a build writes and what it reads: ``--output`` on another file system, inputs inside the output,
-an empty ``--output``, inputs a build would not use, and which flag came from where."""
+inputs a build would not use, and which flag came from where."""
 from __future__ import annotations
 
 import errno
@@ -208,3 +208,23 @@ def test_a_combination_error_names_the_environment_twin_a_value_came_from(small_
     err = capsys.readouterr().err
     assert "--prototxt from ENGINE_BUILD_PROTOTXT" in err and "--caffemodel from ENGINE_BUILD_CAFFEMODEL" in err
     assert "--onnx from" not in err and err.count("\n") == 1, err
+
+
+# --- bug: the summary's claim about the validation images ---------------------------------------------------
+
+
+def test_the_summary_says_so_when_the_validation_images_are_the_calibration_images(small_model, tmp_path, capsys):
+    """An fp16 build may read one folder for both (the FP16 range audit only reads the calibration images),
+    but the summary said 'none used for calibration'."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("coffee.jpg", "rocket.jpg"):
+        shutil.copy(PHOTOS / name, images / name)
+    assert main(["build", *caffe(small_model), "--output", str(tmp_path / "art"), "--precision", "fp32", "fp16",
+                 "--calibration-images", str(images), "--validation-images", str(images)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("validation "))
+    assert "none used for calibration" not in line and "2 source files, 2 of them also calibration images" in line, line
+    assert main(["inspect", str(tmp_path / "art")]) == 0
+    assert "2 of them also calibration images" in capsys.readouterr().out
+
