@@ -15,17 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelFormatError
 from .onnx_graph import FLOAT32_ONLY_OPS, OPSET, GraphBuilder, add_preprocessing, finish_model
 from .preprocess import CROP_SIZE
 
 PREFIX = "classifier/"   # the classifier's tensor and node names inside the wrapped model
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
 
 def load_classifier(path: Path) -> onnx.ModelProto:
-    """Read, check and convert to our opset; one clear line for each way it can be unfit."""
+    """Read, check and convert to our opset; one clear line for each way it can be unfit (a weight that is
+    NaN or infinite, as in a Caffe import, included)."""
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
@@ -53,6 +55,9 @@ def load_classifier(path: Path) -> onnx.ModelProto:
             raise ModelFormatError(f"--onnx {path}: {what} has a fixed batch dimension {value}; it must be dynamic: "
                                    f"export with dynamic axes (torch.onnx.export(..., dynamic_axes="
                                    f"{{'{inputs[0].name}': {{0: 'N'}}, '{graph.output[0].name}': {{0: 'N'}}}}))")
+    for init in graph.initializer:
+        if init.data_type in _FLOATS and not np.isfinite(numpy_helper.to_array(init)).all():
+            raise ModelFormatError(f"--onnx {path}: initializer '{init.name}' holds NaN or infinite values")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
     if opset != OPSET:
         try:

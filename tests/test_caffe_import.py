@@ -193,6 +193,29 @@ def test_shape_mismatch_names_the_layer(small_model, tmp_path):
         attach_weights(net, iter_caffemodel(small_model[1], progress=False))
 
 
+def _with_value(caffemodel, out, layer: str, blob: int, value: float):
+    """A copy of ``caffemodel`` with one value of one blob of ``layer`` replaced."""
+    from engine_build.caffe_io import write_caffemodel
+    records = [(r.name, r.type, [b.copy() for b in r.blobs]) for r in iter_caffemodel(caffemodel, progress=False)]
+    dict((name, blobs) for name, _, blobs in records)[layer][blob].flat[7] = value
+    write_caffemodel(out, "with-value", records)
+    return out
+
+
+@pytest.mark.parametrize("layer,blob,value", [("fc8_twitter", 0, np.nan), ("conv1", 1, np.inf),
+                                              ("fc7", 0, -np.inf)])
+def test_non_finite_weights_name_the_layer_and_blob(small_model, tmp_path, layer, blob, value):
+    """A NaN weight went through the import and gave NaN probabilities (an INT8 build ended in a
+    61-line traceback from ONNX Runtime's quantiser); now the import refuses it in one line."""
+    bad = _with_value(small_model[1], tmp_path / "bad.caffemodel", layer, blob, value)
+    net = build_net(load_prototxt(small_model[0]))
+    what = ("weights", "bias")[blob]
+    with pytest.raises(ModelFormatError, match=f"^layer '{layer}': {what} hold NaN or infinite values$"):
+        attach_weights(net, iter_caffemodel(bad, progress=False))
+    fine = _with_value(small_model[1], tmp_path / "fine.caffemodel", layer, blob, 3e38)
+    attach_weights(build_net(load_prototxt(small_model[0])), iter_caffemodel(fine, progress=False))
+
+
 def test_truncated_caffemodel_names_the_offset(small_model, tmp_path):
     data = small_model[1].read_bytes()
     cut = tmp_path / "cut.caffemodel"

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from engine_build.caffe_io import iter_caffemodel
 from engine_build.cli import main
 from engine_build.errors import ArtifactError
 from engine_build.manifest import read_manifest, verify_file
@@ -218,6 +219,40 @@ def test_onnx_classifier_with_wrong_input_is_one_line(tmp_path, shape, message, 
     assert main(["build", "--onnx", str(tmp_path / "bad.onnx"), "--output", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert __import__("re").search(message, err) and err.count("\n") == 1
+
+
+def _tiny_classifier(path: Path, weights: np.ndarray, declared: list) -> Path:
+    """An ONNX classifier of Caffe's data blob: mean of each channel, then one Gemm with ``weights``
+    [classes, 3]; its output declared ``declared``."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1)]
+    data = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 227, 227])
+    graph = helper.make_graph(nodes, "tiny", [data], [helper.make_tensor_value_info("y", TensorProto.FLOAT, declared)],
+                              [numpy_helper.from_array(weights.astype(np.float32), "W"),
+                               numpy_helper.from_array(np.zeros(len(weights), np.float32), "B")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_at_import_in_one_line(small_model, tmp_path, value, capsys):
+    """NaN weights were imported and validated against a NaN reference; the build failed, but its artifact
+    replaced a good one and ONNX Runtime FP32 was served, NaN for every image. Now the import refuses them,
+    Caffe or ONNX, before anything is written."""
+    from engine_build.caffe_io import write_caffemodel
+    records = [(r.name, r.type, [b.copy() for b in r.blobs]) for r in iter_caffemodel(small_model[1], progress=False)]
+    records[-1][2][0][0, 0] = value
+    write_caffemodel(tmp_path / "bad.caffemodel", "bad", records)
+    weights = np.full((2, 3), 0.1)
+    weights[1, 2] = value
+    for source in (["--prototxt", str(small_model[0]), "--caffemodel", str(tmp_path / "bad.caffemodel")],
+                   ["--onnx", str(_tiny_classifier(tmp_path / "bad.onnx", weights, ["N", 2]))]):
+        assert main(["build", *source, "--output", str(tmp_path / "never"), "--precision", "fp32"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "NaN or infinite values" in err, err
+        assert ("layer 'fc8_twitter': weights" if "--onnx" not in source else "initializer 'W'") in err
+        assert not (tmp_path / "never").exists()
 
 
 def test_build_needs_one_kind_of_source(tmp_path, capsys, small_model):
