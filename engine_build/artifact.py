@@ -13,6 +13,7 @@ from .errors import ArtifactError, ConfigError
 from .manifest import Manifest, verify_file
 from .recheck import needs_recheck, recheck
 from .runtime import Backend, available_backends, open_backend
+from .validate import REFERENCE, Check
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "tensorrt", "openvino", "onnxruntime")
@@ -31,11 +32,18 @@ class Selection:
 
 
 def gate_passed(manifest: Manifest, variant: str, runtime: str, exact: bool) -> bool | None:
-    """Did (variant, runtime, mode) pass validation? None when it was never checked."""
-    if variant == "fp32" and runtime == "onnxruntime":
-        return True   # the reference itself
+    """Did (variant, runtime, mode) pass validation? None when it was never checked (the reference,
+    FP32 on ONNX Runtime, included: a manifest written before it had a check of its own has no record)."""
     record = manifest.check_record(variant, runtime, exact)
-    return None if record is None else bool(record["passed"])
+    return None if record is None else record["passed"] is True
+
+
+def _refuse_a_failed_reference(directory: Path, manifest: Manifest) -> None:
+    """A one-line refusal of an artifact whose reference failed its check: no variant was compared with it."""
+    record = manifest.check_record(*REFERENCE, True)
+    if record is not None and record["passed"] is not True:
+        raise ArtifactError(f"{directory} failed validation when it was built: {Check.from_record(record).failure()}; "
+                            "nothing in it may run: rebuild it from a model whose outputs are finite")
 
 
 def _tensorrt_choice(directory: Path, manifest: Manifest, explicit: bool, max_batch: int | None) -> Selection | None:
@@ -68,6 +76,7 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: choose from {', '.join(BACKENDS)}")
     manifest = Manifest.read(directory)
+    _refuse_a_failed_reference(directory, manifest)
     files = manifest.files
     if backend in ("auto", "tensorrt") and precision in (None, "fp16"):
         choice = _tensorrt_choice(directory, manifest, backend == "tensorrt", max_batch)

@@ -47,7 +47,7 @@ from .onnx_graph import build_onnx
 from .placeholder import PLACEHOLDER_NAME
 from .preprocess import CROP_SIZE, IMAGE_SIZE, LABELS, MEAN_BGR
 from .staging import staging_folder
-from .validate import as_records, blocking_failures, run_checks
+from .validate import as_records, blocking_failures, check_reference, run_checks
 
 log = logging.getLogger(__name__)
 __all__ = ["BuildConfig", "PRECISIONS", "run_build", "ensure_artifact"]
@@ -365,25 +365,32 @@ def _build_in(cfg: BuildConfig, final: Path, calibration: ImageSet | None, valid
         emitted["fp16"], fp16_range = emit_fp16(cfg, model, placeholder, emitted["fp32"], calibration)
     del model
     checkpoint()
+    gate = cfg.gate()
+    log.info("checking the reference, ONNX Runtime on %s, on %d validation images", VARIANT_FILES["fp32"],
+             len(validation.images))
+    reference, checked = check_reference(emitted["fp32"], validation.images, validation.names, gate)
+    checks = [checked]
+    checkpoint()
     variants: dict[str, dict[str, Path]] = {k: {"*": p} for k, p in emitted.items()}
     quantizers: dict = {}
     int8_record: dict | None = None
-    if "int8" in cfg.precisions:
-        if calibration is None:
-            raise ConfigError("INT8 quantisation needs calibration images")
-        variants["int8"], quantizers, int8_record = quantize(cfg, emitted["fp32"], calibration)
-        checkpoint()
     notes: list[str] = []
-    engine = maybe_engine(cfg, emitted.get("fp16"), previous, notes)
-    checkpoint()
+    engine = None
+    if checked.passed:      # else nothing can be compared with it: the manifest records the failure
+        if "int8" in cfg.precisions:
+            if calibration is None:
+                raise ConfigError("INT8 quantisation needs calibration images")
+            variants["int8"], quantizers, int8_record = quantize(cfg, emitted["fp32"], calibration)
+            checkpoint()
+        engine = maybe_engine(cfg, emitted.get("fp16"), previous, notes)
+        checkpoint()
+        log.info("validating every variant on every runtime against ONNX Runtime FP32, %d images",
+                 len(validation.images))
+        checks += run_checks(variants, cfg.output / ENGINE_FILE if engine else None, reference, validation.images,
+                             validation.names, gate)
     if not engine:
         (cfg.output / ENGINE_FILE).unlink(missing_ok=True)
-    log.info("validating every variant on every runtime against ONNX Runtime FP32, %d images",
-             len(validation.images))
-    _, checks = run_checks(variants, cfg.output / ENGINE_FILE if engine else None, validation.images,
-                           validation.names, cfg.gate())
     files = file_entries(variants, quantizers, engine, cfg.output)
-    gate = cfg.gate()
     used = validation.record()
     validation_record = Validation(used.source, used.images, used.image_sha256, "onnxruntime model.onnx",
                                    {"confident_margin": gate.confident_margin,

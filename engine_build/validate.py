@@ -8,9 +8,11 @@ check passes when
 - no label flips where the reference is confident (|p - 0.5| >= ``Gate.confident_margin``),
 - max and mean |Δp| (over both probabilities) stay within the bounds for the precision
   actually computed (INT8, or FP16/bf16), and
-- nothing is NaN;
+- nothing is NaN or infinite;
 
-and it reports raw agreement, the number of near-ties and how many of them flipped.
+and it reports raw agreement, the number of near-ties and how many of them flipped. The reference
+has a check of its own, run first (:func:`check_reference`): nothing NaN or infinite, else the
+build fails before anything is compared with it, and the service refuses the artifact.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .runtime.base import Backend, Outputs
 from .runtime.cpu import this_cpu
 
 log = logging.getLogger(__name__)
+REFERENCE = ("fp32", "onnxruntime")     # (variant, runtime) that every other check is compared with
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class Check:
         what = f"{self.variant} on {self.runtime} ({self.mode}, {self.file or '?'})"
         reasons = []
         if self.nan:
-            reasons.append("NaN in its output")
+            reasons.append("NaN or infinity in its output")
         if self.confident_flips:
             shown = ", ".join(f"{f['image']} (FP32 p(positive) {f['reference_p']:.3f})"
                               for f in self.confident_flips[:5])
@@ -101,8 +104,9 @@ class Check:
 
 
 def compare(reference: np.ndarray, probs: np.ndarray, names: list[str], gate: Gate, compute: str) -> dict:
-    """The gate's measurements of ``probs`` against ``reference`` (both [N, 2])."""
-    nan = bool(np.isnan(probs).any())
+    """The gate's measurements of ``probs`` against ``reference`` (both [N, 2]). ``nan``: NaN or infinity
+    in ``probs``, or in the reference, which nothing can be compared with."""
+    nan = not (np.isfinite(probs).all() and np.isfinite(reference).all())
     diff = np.abs(probs - reference)
     ref_p = reference[:, 1]
     near = np.abs(ref_p - 0.5) < gate.confident_margin
@@ -136,8 +140,8 @@ def _plan(variants: dict[str, dict[str, Path]], engine: Path | None) -> list[tup
     for variant, by_runtime in variants.items():
         for runtime, mode, exact in (("onnxruntime", "exact", True), ("openvino", "exact", True),
                                      ("openvino", "default", False)):
-            if variant == "fp32" and runtime == "onnxruntime":
-                continue    # the reference itself
+            if (variant, runtime) == REFERENCE:
+                continue    # checked by check_reference
             path = by_runtime[runtime] if runtime in by_runtime else by_runtime["*"]
             plan.append((variant, path, runtime, mode, exact))
     if engine is not None:
@@ -159,15 +163,24 @@ def reference_probs(fp32: Path, images: np.ndarray, max_batch: int = 16) -> np.n
         return stoppable_infer(ref, images).probs
 
 
-def run_checks(variants: dict[str, dict[str, Path]], engine: Path | None, images: np.ndarray, names: list[str],
-               gate: Gate, max_batch: int = 16) -> tuple[np.ndarray, list[Check]]:
-    """Reference probabilities and one Check per (variant, runtime, mode)."""
-    reference = reference_probs(variants["fp32"]["*"], images, max_batch)
+def check_reference(fp32: Path, images: np.ndarray, names: list[str], gate: Gate,
+                    max_batch: int = 16) -> tuple[np.ndarray, Check]:
+    """The reference's probabilities and its own check, which passes when they are all finite: every other
+    check compares with them, so a reference with NaN or infinity in it fails the build and no variant runs."""
+    reference = reference_probs(fp32, images, max_batch)
+    measured = compare(reference, reference, names, gate, "fp32")
+    return reference, Check(*REFERENCE, "exact", "fp32", len(images), file=Path(fp32).name, cpu=this_cpu(),
+                            **measured)
+
+
+def run_checks(variants: dict[str, dict[str, Path]], engine: Path | None, reference: np.ndarray, images: np.ndarray,
+               names: list[str], gate: Gate, max_batch: int = 16) -> list[Check]:
+    """One Check per (variant, runtime, mode) but the reference's (:func:`check_reference`)."""
     checks = []
     for variant, path, runtime, _, exact in _plan(variants, engine):
         checkpoint()
         checks.append(check_one(variant, path, runtime, exact, reference, images, names, gate, max_batch))
-    return reference, checks
+    return checks
 
 
 def check_one(variant: str, path: Path, runtime: str, exact: bool, reference: np.ndarray, images: np.ndarray,

@@ -87,6 +87,57 @@ def test_failing_gate_fails_the_build(small_model, tmp_path, capsys):
     assert (tmp_path / "a" / "manifest.json").exists(), "the manifest records the failed gate"
 
 
+def test_a_reference_that_gives_nan_fails_the_build_and_the_artifact_is_refused(small_model, small_artifact, tmp_path,
+                                                                                 capsys):
+    """Weights finite but so large that model.onnx gives NaN: nothing checked the reference itself, so a build
+    into a folder holding a good artifact failed on OpenVINO's check only, and ONNX Runtime FP32 was then served
+    NaN for every image (with default precisions the INT8 quantisers ended in a traceback first). Now the
+    reference is checked first; the artifact records the failure (docs/model.md) and is refused whole."""
+    import shutil
+
+    from engine_build.artifact import open_artifact
+    from engine_build.caffe_io import write_caffemodel
+    records = [(r.name, r.type, [b.copy() for b in r.blobs]) for r in iter_caffemodel(small_model[1], progress=False)]
+    records[-1][2][0][...] = 3e38          # fc8: every logit overflows float32
+    write_caffemodel(tmp_path / "huge.caffemodel", "huge", records)
+    out = tmp_path / "art"
+    shutil.copytree(small_artifact, out)
+    assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(tmp_path / "huge.caffemodel"),
+                 "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("engine_build: error: validation failed: fp32 on onnxruntime (exact, model.onnx): "
+                   "NaN or infinity in its output\n")
+    (reference,) = [c for c in read_manifest(out)["validation"]["checks"] if c["runtime"] == "onnxruntime"]
+    assert reference["variant"] == "fp32" and reference["nan"] and reference["passed"] is False
+    for backend, precision in (("auto", None), ("onnxruntime", "fp32"), ("openvino", None), ("onnxruntime", "int8")):
+        with pytest.raises(ArtifactError, match=r"art failed validation when it was built: fp32 on onnxruntime "
+                                                r"\(exact, model.onnx\): NaN or infinity in its output; nothing in it "
+                                                r"may run") as caught:
+            open_artifact(out, backend, precision)
+        assert "\n" not in str(caught.value)
+    photo = next((Path(__file__).parents[1] / "engine_build" / "photos").glob("*.jpg"))
+    (tmp_path / "list.txt").write_text(f"{photo.name} 1\n")
+    assert main(["evaluate", str(out), "--images", str(photo.parent), "--list", str(tmp_path / "list.txt")]) == 1
+    assert "failed validation when it was built" in capsys.readouterr().err
+
+
+def test_fp32_on_onnxruntime_runs_only_where_the_reference_passed_its_check(small_artifact, tmp_path):
+    """FP32 on ONNX Runtime was trusted whatever the manifest said; it now needs its record, like every variant."""
+    import json
+    import shutil
+
+    from engine_build.artifact import select
+    out = tmp_path / "art"
+    shutil.copytree(small_artifact, out)
+    assert select(out, "onnxruntime", "fp32")[1].reason == "explicit request"
+    document = json.loads((out / "manifest.json").read_text())
+    document["validation"]["checks"] = [c for c in document["validation"]["checks"]
+                                        if (c["variant"], c["runtime"]) != ("fp32", "onnxruntime")]
+    (out / "manifest.json").write_text(json.dumps(document))
+    with pytest.raises(ArtifactError, match="fp32 on onnxruntime: never validated"):
+        select(out, "onnxruntime", "fp32")
+
+
 def test_tensorrt_missing_is_one_line_and_cpu_artifacts_still_built(small_model, tmp_path, capsys):
     code = main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(small_model[1]),
                  "--output", str(tmp_path / "t"), "--precision", "fp32", "fp16", "--tensorrt",
