@@ -12,6 +12,8 @@ from .imaging import decode
 from .preprocess import LABELS
 from .runtime.base import Backend
 
+NON_FINITE = "non_finite_output"     # the reason an image whose probabilities are NaN or infinite is skipped
+
 
 @dataclass
 class Evaluation:
@@ -31,9 +33,13 @@ class Evaluation:
         for i, name in enumerate(LABELS):
             lines.append(f"{name:>10}{self.confusion[i, 0]:>10}{self.confusion[i, 1]:>10}{self.confusion[i].sum():>8}")
         missing = [name for name, why in self.skipped if why == "missing"]
-        unreadable = [(name, why) for name, why in self.skipped if why != "missing"]
+        no_answer = [name for name, why in self.skipped if why == NON_FINITE]
+        unreadable = [(name, why) for name, why in self.skipped if why not in ("missing", NON_FINITE)]
         if missing:
             lines.append(f"skipped {len(missing)} listed images missing from the folder: {_first(missing)}")
+        if no_answer:
+            lines.append(f"skipped {len(no_answer)} images the model gave NaN or infinite probabilities for "
+                         f"(no class): {_first(no_answer)}")
         if unreadable:
             lines.append(f"skipped {len(unreadable)} unreadable images: "
                          + _first([f"{name} ({why})" for name, why in unreadable]))
@@ -65,22 +71,26 @@ def read_list(path: Path) -> list[tuple[str, int]]:
 
 def evaluate(backend: Backend, images_dir: Path, entries: list[tuple[str, int]], batch: int = 16,
              progress: bool | None = None) -> Evaluation:
-    """Accuracy and confusion of ``backend`` on the listed images; missing and unreadable ones are counted apart."""
+    """Accuracy and confusion of ``backend`` on the listed images; missing and unreadable ones, and those
+    whose probabilities are NaN or infinite (no class, where argmax would say 0), are counted apart."""
     confusion = np.zeros((2, 2), dtype=int)
     skipped: list[tuple[str, str]] = []
-    pending: list[tuple[np.ndarray, int]] = []
+    pending: list[tuple[str, np.ndarray, int]] = []
 
     def flush() -> None:
         if pending:
-            predicted = backend.infer(np.stack([p[0] for p in pending])).probs.argmax(1)
-            for (_, truth), guess in zip(pending, predicted, strict=True):
-                confusion[truth, guess] += 1
+            probs = backend.infer(np.stack([p[1] for p in pending])).probs
+            for (name, _, truth), row in zip(pending, probs, strict=True):
+                if np.isfinite(row).all():
+                    confusion[truth, row.argmax()] += 1
+                else:
+                    skipped.append((name, NON_FINITE))
             pending.clear()
 
     for name, label in tqdm(entries, desc="evaluating", unit="img", disable=None if progress is None else not progress):
         path = Path(images_dir) / name
         try:
-            pending.append((decode(path.read_bytes()), label))
+            pending.append((name, decode(path.read_bytes()), label))
         except (FileNotFoundError, IsADirectoryError):
             skipped.append((name, "missing"))
         except DecodeError as exc:
@@ -90,7 +100,8 @@ def evaluate(backend: Backend, images_dir: Path, entries: list[tuple[str, int]],
     flush()
     if not confusion.sum():
         missing = sum(why == "missing" for _, why in skipped)
-        raise ConfigError(f"none of the {len(entries)} listed images could be read from {images_dir}: "
-                          f"{missing} missing, {len(skipped) - missing} unreadable "
-                          f"(first: {skipped[0][0]}, {skipped[0][1]})")
+        no_answer = sum(why == NON_FINITE for _, why in skipped)
+        raise ConfigError(f"none of the {len(entries)} listed images could be evaluated from {images_dir}: "
+                          f"{missing} missing, {len(skipped) - missing - no_answer} unreadable, {no_answer} with NaN "
+                          f"or infinite probabilities (first: {skipped[0][0]}, {skipped[0][1]})")
     return Evaluation(int(confusion.sum()), int(np.trace(confusion)), confusion, skipped)

@@ -14,7 +14,7 @@ import pytest
 
 from engine_build.caffe_io import iter_caffemodel
 from engine_build.cli import main
-from engine_build.errors import ArtifactError
+from engine_build.errors import ArtifactError, ConfigError
 from engine_build.manifest import read_manifest, verify_file
 from engine_build.runtime import open_backend
 
@@ -172,6 +172,32 @@ def test_evaluate_on_a_folder_and_list(small_artifact, tmp_path, capsys):
     assert "skipped 1 listed images missing from the folder: missing.jpg" in out
     assert "skipped 1 unreadable images: broken.jpg (not_an_image)" in out
     assert "onnxruntime int8 file" in out and "PLACEHOLDER" in out
+
+
+def test_evaluate_counts_no_class_for_nan_probabilities(tmp_path):
+    """argmax of a NaN row is 0: evaluate counted every NaN answer as 'negative'. Such images are now
+    counted apart, named, and in neither class."""
+    import cv2
+
+    from engine_build.evaluate import evaluate
+    from tests.standins import PixelModel
+
+    class DarkIsNaN(PixelModel):
+        def _infer_impl(self, images):
+            out = super()._infer_impl(images)
+            out.probs[out.probs[:, 1] < 0.2] = np.nan
+            return out
+    entries = []
+    for name, level, label in (("black.png", 0, 0), ("dark.png", 20, 0), ("white.png", 255, 1), ("grey.png", 200, 0)):
+        cv2.imwrite(str(tmp_path / name), np.full((256, 256, 3), level, np.uint8))
+        entries.append((name, label))
+    result = evaluate(DarkIsNaN(), tmp_path, entries, batch=3, progress=False)
+    assert (result.total, result.correct, result.confusion.tolist()) == (2, 1, [[0, 1], [0, 1]])
+    assert "skipped 2 images the model gave NaN or infinite probabilities for (no class): black.png, dark.png" \
+        in result.report()
+    with pytest.raises(ConfigError, match="none of the 2 listed images could be evaluated from .*: 0 missing, "
+                                          "0 unreadable, 2 with NaN or infinite probabilities"):
+        evaluate(DarkIsNaN(), tmp_path, entries[:2], progress=False)
 
 
 @pytest.mark.parametrize("argv,message", [
