@@ -11,8 +11,9 @@ check passes when
 - nothing is NaN or infinite;
 
 and it reports raw agreement, the number of near-ties and how many of them flipped. The reference
-has a check of its own, run first (:func:`check_reference`): nothing NaN or infinite, else the
-build fails before anything is compared with it, and the service refuses the artifact.
+has a check of its own, run first (:func:`check_reference`): it must give [N, 2] probabilities,
+else the model is refused, and nothing NaN or infinite, else the build fails before anything is
+compared with it and the service refuses the artifact.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from .errors import BackendUnavailable, ModelFormatError
 from .interrupts import checkpoint
+from .preprocess import LABELS
 from .runtime import open_backend
 from .runtime.base import Backend, Outputs
 from .runtime.cpu import this_cpu
@@ -159,8 +161,15 @@ def stoppable_infer(backend: Backend, images: np.ndarray) -> Outputs:
 
 
 def reference_probs(fp32: Path, images: np.ndarray, max_batch: int = 16) -> np.ndarray:
+    """ONNX Runtime's probabilities from ``fp32``, [N, 2]; a model that computes another shape (an ONNX
+    classifier may declare [N, 2] and compute [N, 3]) is a one-line ModelFormatError."""
     with open_backend("onnxruntime", fp32, "fp32", max_batch) as ref:
-        return stoppable_infer(ref, images).probs
+        probs = stoppable_infer(ref, images).probs
+    if probs.shape != (len(images), len(LABELS)):
+        raise ModelFormatError(f"the model computes probabilities of shape {list(probs.shape)} for {len(images)} "
+                               f"images ({Path(fp32).name} on ONNX Runtime): a sentiment model gives "
+                               f"[N, {len(LABELS)}] ({', '.join(LABELS)}), whatever its output declares")
+    return probs
 
 
 def check_reference(fp32: Path, images: np.ndarray, names: list[str], gate: Gate,

@@ -332,6 +332,25 @@ def test_non_finite_weights_are_refused_at_import_in_one_line(small_model, tmp_p
         assert not (tmp_path / "never").exists()
 
 
+def test_a_classifier_that_computes_another_shape_than_it_declares_is_refused(small_artifact, tmp_path, capsys):
+    """A classifier declaring [N,2] and computing [N,3] built with exit 0 and served [N,3] probabilities. The
+    reference run now checks the computed shape: one line, nothing written, the previous artifact kept."""
+    import shutil
+    lying = _tiny_classifier(tmp_path / "lying.onnx", np.full((3, 3), 0.1), ["N", 2])
+    out = tmp_path / "art"
+    shutil.copytree(small_artifact, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["build", "--onnx", str(lying), "--output", str(out), "--precision", "fp32"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("engine_build: error: the model computes probabilities of shape [48, 3] for 48 images "
+                   "(model.onnx on ONNX Runtime): a sentiment model gives [N, 2] (negative, positive), "
+                   "whatever its output declares\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no staging folder left"
+    honest = _tiny_classifier(tmp_path / "honest.onnx", np.full((2, 3), 0.1), ["N", 2])
+    assert main(["build", "--onnx", str(honest), "--output", str(tmp_path / "ok"), "--precision", "fp32"]) == 0
+
+
 def test_build_needs_one_kind_of_source(tmp_path, capsys, small_model):
     assert main(["build", "--prototxt", str(small_model[0]), "--onnx", str(small_model[1]),
                  "--output", str(tmp_path)]) == 1
