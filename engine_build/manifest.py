@@ -2,7 +2,8 @@
 
 :class:`Manifest` is the one place that spells the file's keys: the build makes one with
 :meth:`Manifest.create`, every reader (the service, ``inspect``, ``evaluate``, the benchmarks)
-gets one from :meth:`Manifest.read`, which checks the format, and reads it through typed views
+gets one from :meth:`Manifest.read`, which checks the format and the shape (:mod:`.manifest_shape`:
+every key a reader uses, with its type), and reads it through typed views
 (:class:`ModelInfo`, :class:`FileEntry`, ...). The service refuses files whose sha256 differ from
 it; the engine's identity in it (GPU, TensorRT version, batch range) is compared by
 :mod:`.runtime.identity`.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
+from .manifest_shape import MANIFEST_SHAPE, mismatch
 from .preprocess import IMAGE_SIZE
 
 MANIFEST = "manifest.json"
@@ -174,17 +176,6 @@ class Manifest:
             raise ArtifactError(f"{where} has format {found!r}, this version reads {FORMAT}")
         return cls(copy.deepcopy(dict(document)))
 
-    def _check_shape(self) -> None:
-        """Read every part once, so that a manifest.json of the right format but the wrong shape (a key missing,
-        a list where an object belongs) is refused when it is read, in one line, not met later as a KeyError."""
-        _ = self.model, self.input, self.preprocessing, self.tools, self.calibration, self.build
-        for key, entry in self.files.items():
-            for each in (entry, *entry.by_runtime.values()):
-                if not isinstance(each.file, str) or not isinstance(each.sha256, str):
-                    raise TypeError(f"files.{key}: 'file' and 'sha256' must be strings")
-        for check in self.validation.checks:
-            _ = check["variant"], check["runtime"], check["mode"]
-
     @classmethod
     def read(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
@@ -199,11 +190,12 @@ class Manifest:
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{path} is unreadable: {exc}") from exc
         manifest = cls.from_dict(document, str(path))
-        try:
-            manifest._check_shape()
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise ArtifactError(f"{path} is malformed ({type(exc).__name__}: {exc}): rebuild the artifact with "
-                                f"python -m engine_build build") from exc
+        # a file of the right format but the wrong shape is refused here, in one line, not met later as a
+        # KeyError or read as the wrong value: every key the readers use is declared in .manifest_shape
+        problem = mismatch(document, MANIFEST_SHAPE)
+        if problem:
+            raise ArtifactError(f"{path} is malformed ({problem}): rebuild the artifact with "
+                                f"python -m engine_build build")
         return manifest
 
     @classmethod

@@ -1,10 +1,13 @@
 """The manifest type: format 1 read and written unchanged, typed views, one-line errors."""
 from __future__ import annotations
 
+import copy
 import json
+import operator
 
 import pytest
 
+from engine_build.cli import main
 from engine_build.errors import ArtifactError
 from engine_build.manifest import (
     MANIFEST,
@@ -46,14 +49,20 @@ DOCUMENT = {
     "calibration": {"source": "built-in", "images": 12, "image_sha256": {"a.jpg": "x"}},
     "validation": {"reference": "onnxruntime model.onnx", "source": "built-in", "images": 6,
                    "image_sha256": {"b.jpg": "y"},
-                   "gate": {"confident_margin": 0.05, "bounds": {"int8": {"max_abs_diff": 0.035,
-                                                                          "mean_abs_diff": 0.01}}},
-                   "checks": [{"variant": "int8", "runtime": "openvino", "mode": "default", "passed": True},
-                              {"variant": "int8", "runtime": "openvino", "mode": "exact", "passed": False,
-                               "note": "informational"}]},
+                   "gate": {"confident_margin": 0.05,
+                            "bounds": {"int8": {"max_abs_diff": 0.035, "mean_abs_diff": 0.01},
+                                       "fp16": {"max_abs_diff": 0.02, "mean_abs_diff": 0.004}}},
+                   "checks": [{"variant": "int8", "runtime": "openvino", "mode": "default", "compute": "int8+bf16",
+                               "images": 6, "max_abs_diff": 0.01, "agreement": 1.0, "nan": False, "passed": True,
+                               "cpu": {"model": "C", "machine": "x86_64", "extensions": ["avx2"]}},
+                              {"variant": "int8", "runtime": "openvino", "mode": "exact", "compute": "-", "images": 6,
+                               "max_abs_diff": None, "agreement": 0.0, "nan": False, "passed": False,
+                               "note": "informational", "cpu": {}}]},
     "build": {"seconds": 1.5, "notes": ["TensorRT engine skipped"], "peak_rss_mib": 10.0,
               "created": "2026-01-01T00:00:00+00:00"},
-    "fp16_range": {"limit": 65504.0, "tensors": []},
+    "fp16_range": {"limit": 65504.0, "margin": 2.0, "images": 12, "source": "built-in", "largest_fp16": 712.0,
+                   "tensors": [{"tensor": "conv1", "op": "Conv", "max_abs": 712.0, "window_sum_sq": None,
+                                "near_limit": False, "fp16_file": "float16", "float32": None}]},
     "int8": {"chosen_by": "sensitivity pass", "float_layers": {"nncf": ["fc8"]}},
 }
 
@@ -140,12 +149,12 @@ def test_raw_is_a_copy_and_write_manifest_checks_the_format(tmp_path):
     ("{not json", "is unreadable"),
     (json.dumps({**DOCUMENT, "format": 2}), "has format 2, this version reads 1"),
     (json.dumps([1]), "has format 'list', this version reads 1"),
-    (json.dumps({k: v for k, v in DOCUMENT.items() if k != "files"}), r"is malformed \(KeyError: 'files'\)"),
-    (json.dumps({**DOCUMENT, "files": "x"}), r"is malformed \(AttributeError"),
-    (json.dumps({k: v for k, v in DOCUMENT.items() if k != "model"}), r"is malformed \(KeyError: 'model'\)"),
-    (json.dumps({**DOCUMENT, "validation": 5}), r"is malformed \(AttributeError"),
+    (json.dumps({k: v for k, v in DOCUMENT.items() if k != "files"}), r"is malformed \(files: missing\)"),
+    (json.dumps({**DOCUMENT, "files": "x"}), r'is malformed \(files: expected an object, got "x"\)'),
+    (json.dumps({k: v for k, v in DOCUMENT.items() if k != "model"}), r"is malformed \(model: missing\)"),
+    (json.dumps({**DOCUMENT, "validation": 5}), r"is malformed \(validation: expected an object, got 5\)"),
     (json.dumps({**DOCUMENT, "files": {"fp32": {"file": 5, "sha256": "cc"}}}),
-     r"is malformed \(TypeError: files.fp32: 'file' and 'sha256' must be strings\)"),
+     r"is malformed \(files.fp32.file: expected a file name in the artifact directory, got 5\)"),
 ])
 def test_a_bad_manifest_is_one_line(tmp_path, content, message):
     if content is not None:
@@ -166,3 +175,91 @@ def test_an_int8_entry_always_lists_its_runtimes_files_and_others_never_do():
         {"file": "model.int8.onnx", "precision": "int8", "sha256": "i8", "quantizer": made, "by_runtime": {}}
     assert FileEntry("model.onnx", "f32", "fp32").record() == {"file": "model.onnx", "precision": "fp32",
                                                                "sha256": "f32"}
+
+
+def _at(document: dict, path: str) -> tuple:
+    """The container of the key at dotted ``path`` (list indices as numbers), and that key."""
+    *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for key in parents:
+        document = document[key]
+    return document, last
+
+
+def _set(path: str, value: object):
+    return lambda document: operator.setitem(*_at(document, path), value)
+
+
+def _drop(path: str):
+    return lambda document: operator.delitem(*_at(document, path))
+
+
+def _both(*edits):
+    def edit(document: dict) -> None:
+        for each in edits:
+            each(document)
+    return edit
+
+
+# The adversarial tester's tamperings (inspect or evaluate ended in a traceback, or "false" counted as passed),
+# and the neighbours of each: every one is refused by Manifest.read, naming the key.
+TAMPERED = {
+    "gate-missing-bounds": (_drop("validation.gate.bounds"), "validation.gate.bounds: missing"),
+    "gate-missing-fp16-bounds": (_drop("validation.gate.bounds.fp16"), "validation.gate.bounds.fp16: missing"),
+    "gate-string": (_set("validation.gate", "x"), 'validation.gate: expected an object, got "x"'),
+    "int8-record-empty": (_set("int8", {}), "int8.chosen_by: missing"),
+    "fp16-range-empty": (_set("fp16_range", {}), "fp16_range.limit: missing"),
+    "fp16-range-tensor-max-str": (_set("fp16_range.tensors.0.max_abs", "big"),
+                                  'fp16_range.tensors[0].max_abs: expected a number, got "big"'),
+    "quantizer-string": (_set("files.int8.quantizer", "nncf"),
+                         'files.int8.quantizer: expected an object, got "nncf"'),
+    "runtime-file-quantizer-string": (_set("files.int8.by_runtime.onnxruntime.quantizer", "minmax"),
+                                      'files.int8.by_runtime.onnxruntime.quantizer: expected an object'),
+    "check-cpu-string": (_set("validation.checks.0.cpu", "x"),
+                         'validation.checks[0].cpu: expected an object, got "x"'),
+    "check-cpu-no-extensions": (_drop("validation.checks.0.cpu.extensions"),
+                                "validation.checks[0].cpu.extensions: missing"),
+    "check-max-diff-string": (_set("validation.checks.0.max_abs_diff", "x"),
+                              'validation.checks[0].max_abs_diff: expected a number, got "x"'),
+    "check-passed-string-false": (_set("validation.checks.0.passed", "false"),
+                                  'validation.checks[0].passed: expected true or false, got "false"'),
+    "check-images-true": (_set("validation.checks.1.images", True),
+                          "validation.checks[1].images: expected an integer, got true"),
+    "check-without-compute": (_drop("validation.checks.0.compute"), "validation.checks[0].compute: missing"),
+    "foreign-cpu-and-no-bounds": (_both(_set("validation.checks.0.cpu.extensions", ["avx512f"]),
+                                        _drop("validation.gate.bounds")), "validation.gate.bounds: missing"),
+    "placeholder-string": (_set("model.placeholder", "false"),
+                           'model.placeholder: expected true or false, got "false"'),
+    "labels-int": (_set("model.labels", 5), "model.labels: expected a list, got 5"),
+    "notes-null": (_set("build.notes", None), "build.notes: expected a list, got null"),
+    "files-list": (_set("files", []), "files: expected an object, got []"),
+    "files-without-fp32": (_drop("files.fp32"), "files.fp32: missing"),
+    "file-outside-the-artifact": (_set("files.fp32.file", "/elsewhere/model.onnx"),
+                                  'files.fp32.file: expected a file name in the artifact directory'),
+    "engine-batch-string": (_set("files.tensorrt.identity.max_batch", "32"),
+                            'files.tensorrt.identity.max_batch: expected an integer, got "32"'),
+    "calibration-images-string": (_set("calibration.images", "12"),
+                                  'calibration.images: expected an integer, got "12"'),
+}
+
+
+@pytest.mark.parametrize("name", TAMPERED)
+def test_a_tampered_manifest_is_refused_when_read_in_one_line_naming_the_key(tmp_path, name, capsys):
+    """Manifest.read promised a malformed manifest is refused when read, "not met later as a KeyError"; it read
+    a few parts, so these reached inspect and evaluate (the service's path) as tracebacks, or read
+    "passed": "false" as passed. The shape of every key a reader uses is now declared and checked."""
+    edit, problem = TAMPERED[name]
+    document = copy.deepcopy(DOCUMENT)
+    edit(document)
+    _write(tmp_path, document)
+    with pytest.raises(ArtifactError) as caught:
+        Manifest.read(tmp_path)
+    assert f"manifest.json is malformed ({problem}" in str(caught.value) and "\n" not in str(caught.value)
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert problem in err and err.count("\n") == 1
+
+
+def test_the_untampered_document_is_read_and_inspected(tmp_path, capsys):
+    _write(tmp_path, DOCUMENT)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "int8     openvino  default" in capsys.readouterr().out
