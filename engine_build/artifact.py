@@ -106,8 +106,10 @@ def select(directory: Path, backend: str = "auto", precision: str | None = None,
                       (f", {runtime} chosen automatically" if backend == "auto" else "")
                 entry = manifest.variant_entry(variant, runtime)
                 return manifest, Selection(runtime, variant, directory / entry.file, exact, why, entry.sha256)
+            unchecked = "never validated" + (" (the artifact predates the reference's own check: rebuild it)"
+                                             if (variant, runtime) == REFERENCE else "")
             refused.append(f"{variant} on {runtime}{'' if exact or runtime != 'openvino' else ' (lowered precision)'}: "
-                           + ("failed its validation gate" if passed is False else "never validated"))
+                           + ("failed its validation gate" if passed is False else unchecked))
     hint = "" if exact else "; --exact-precision runs the file's own precision"
     raise ArtifactError(f"nothing in {directory} may run here: {'; '.join(refused)}{hint}")
 
