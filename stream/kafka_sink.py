@@ -261,12 +261,14 @@ class KafkaSink(SinkBase):
             _send_on(probe, record).get(timeout=CLIENT_TIMEOUT_S * 6)
         except Exception as failure:
             error = failure
-        try:
-            self._probe.abort_transaction()
-        except Exception:   # left fatal by the refusal: the next probe starts afresh (and aborts this one)
-            probe, self._probe = self._probe, None
-            if probe is not None:
-                threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
+        probe = self._probe
+        if probe is None or self._closed:   # close() closed it: an abort on a closed producer waits for ever
+            return error
+        try:   # bounded, as kafka-python's abort waits on the coordinator without a bound of its own
+            self._bounded("aborting the probe's transaction", time.monotonic() + self._calls_s, probe.abort_transaction)
+        except Exception:   # left fatal by the refusal, or unanswered: the next probe starts afresh (and aborts this)
+            self._probe = None
+            threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
         return error
 
     def _after_failure(self, record: Outgoing, exc: BaseException, producer: Any) -> None:

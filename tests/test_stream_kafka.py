@@ -596,21 +596,30 @@ def test_kafka_python_close_waits_for_a_probe_producer_under_way_and_closes_it(k
                                                                               transactional):
     """A record sent alone makes its probe producer on the resending thread (exactly once, a transactional one
     whose init_transactions waits for the broker); close() during that must close the probe too, or it is left
-    running with nothing to close it."""
+    running with nothing to close it. The probe's send then meets it closed (held back here until close() is
+    done, the order a loaded machine gave once in CI): exactly once, its abort_transaction on the closed producer
+    waited for ever, and the resending thread with it."""
     import kafka
 
     from stream.kafka_sink import KafkaSink
     from stream.records import Outgoing
     t = names(kafka_broker, partitions=1)
-    sink = KafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-probe-{t['group']}" if transactional else None)
+    sink = KafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-probe-{t['group']}" if transactional else None,
+                     transaction_calls_s=5)
     made: list = []
-    entered, release = threading.Event(), threading.Event()
+    entered, release, closed = threading.Event(), threading.Event(), threading.Event()
     real = kafka.KafkaProducer
 
     def slow_producer(**settings):
         entered.set()
         release.wait(30)
         made.append(real(**settings))
+        send = made[-1].send
+
+        def send_once_closed(*args, **kwargs):
+            closed.wait(60)
+            return send(*args, **kwargs)
+        made[-1].send = send_once_closed
         return made[-1]
     monkeypatch.setattr(kafka, "KafkaProducer", slow_producer)
     alone = sink._transact_alone if transactional else sink._send_alone
@@ -623,8 +632,9 @@ def test_kafka_python_close_waits_for_a_probe_producer_under_way_and_closes_it(k
         wait_until(lambda: sink._closed, "close() has begun")
     finally:
         release.set()
+        closing.join(60)
+        closed.set()
         probing.join(60)
-    closing.join(60)
     assert not closing.is_alive() and not probing.is_alive() and len(made) == 1
     assert made[0]._closed, "the probe made during close() was closed by it"
 
