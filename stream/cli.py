@@ -90,6 +90,14 @@ def startup_line(cfg: StreamConfig, runtime: str, streams: int, decoders: int, c
             f"pid {os.getpid()}")
 
 
+def check_plugins(cfg: StreamConfig) -> None:
+    """Load the codec and encoder plugins once and drop them: a :class:`ConfigError` if either cannot
+    be loaded or made (each ``--processes`` child loads its own again)."""
+    import plugins
+    plugins.load(plugins.INPUT_GROUP, cfg.input_codec)
+    plugins.load(plugins.OUTPUT_GROUP, cfg.output_codec)
+
+
 def parser() -> argparse.ArgumentParser:
     return build_parser("python -m stream", DESCRIPTION)
 
@@ -108,6 +116,11 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
     configure_logging(cfg.log_level, environ.get(CHILD_INDEX))
     if cfg.processes > 1:
         from .supervisor import supervise
+        try:   # a plugin that cannot load: one line from here, before any child starts
+            check_plugins(cfg)
+        except UserError as exc:
+            print(f"stream: error: {exc}", file=sys.stderr)
+            return 1
         return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
                          cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None,
                          child_command)

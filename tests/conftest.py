@@ -102,3 +102,36 @@ def trt_double():
         yield double.machine()
     finally:
         double.uninstall(replaced)
+
+
+BROKEN_PLUGINS = {   # name -> (entry point target, what the user's one line says)
+    "missingmod": ("no_such_module_xyz:Codec", "No module named 'no_such_module_xyz'"),
+    "missingattr": ("userplugs:NoSuchClass", "has no attribute 'NoSuchClass'"),
+    "syntaxerr": ("userplugs_broken:Codec", "SyntaxError: invalid syntax"),
+    "raisesinit": ("userplugs:RaisesInInit", "making RaisesInInit failed (RuntimeError: no /etc/mycodec.yaml)"),
+    "nomethod": ("userplugs:NoMethod", "NoMethod has no unpack() method"),
+}
+
+
+@pytest.fixture
+def broken_plugins(tmp_path, monkeypatch):
+    """An installed package (a dist-info on sys.path) declaring the input codecs of :data:`BROKEN_PLUGINS`,
+    each broken its own way, and one that works (``upper``)."""
+    import importlib
+    import sys
+    dist = tmp_path / "userplugs-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: userplugs\nVersion: 1.0\n")
+    points = "".join(f"{name} = {target}\n" for name, (target, _) in BROKEN_PLUGINS.items())
+    (dist / "entry_points.txt").write_text(f"[sentiment_stream.input_codecs]\nupper = userplugs:Upper\n{points}")
+    (tmp_path / "userplugs.py").write_text(
+        "class Upper:\n    def unpack(self, value, headers):\n        return value, {}\n"
+        "class RaisesInInit:\n    def __init__(self):\n"
+        "        raise RuntimeError('no /etc/mycodec.yaml\\nsecond line')\n"
+        "class NoMethod:\n    pass\n")
+    (tmp_path / "userplugs_broken.py").write_text("def broken(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield BROKEN_PLUGINS
+    for module in ("userplugs", "userplugs_broken"):
+        sys.modules.pop(module, None)

@@ -104,6 +104,17 @@ def test_bad_config_is_one_line(extra, message, capsys, small_artifact):
     assert code == 1 and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_plugin_that_cannot_load_is_one_line_and_no_child_starts(broken_plugins, processes, capsys, small_artifact):
+    def no_child(argv, index, port):
+        raise AssertionError("a child was started")
+    for name in broken_plugins:
+        code = main(BASE + ["--artifact", str(small_artifact), "--input-codec", name, "--processes", processes], {},
+                    child_command=no_child)
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith(f"stream: error: --input-codec {name}: ") and err.count("\n") == 1, err
+
+
 def test_tampered_artifact_is_refused_before_consuming(small_artifact, tmp_path, capsys):
     from engine_build.artifact import select
     copy = tmp_path / "art"

@@ -357,6 +357,23 @@ def test_a_users_plugin_is_found_through_entry_points(tmp_path, monkeypatch):
     sys.modules.pop("userplug_mod", None)
 
 
+@pytest.mark.parametrize("name", ["missingmod", "missingattr", "syntaxerr", "raisesinit", "nomethod"])
+def test_a_plugin_that_cannot_be_loaded_or_made_is_one_config_error_line(broken_plugins, name):
+    import plugins
+    with pytest.raises(ConfigError) as info:
+        plugins.load(plugins.INPUT_GROUP, name)
+    assert str(info.value).startswith(f"--input-codec {name}: ") and "\n" not in str(info.value)
+    assert broken_plugins[name][1] in str(info.value)
+
+
+def test_the_unknown_plugin_line_sets_apart_those_that_cannot_be_loaded(broken_plugins):
+    import plugins
+    with pytest.raises(ConfigError, match=r"--input-codec nope: no such plugin \(available: json, nomethod, "
+                                          r"raisesinit, raw, upper; missingattr, missingmod, syntaxerr cannot be "
+                                          r"loaded\)$"):
+        plugins.load(plugins.INPUT_GROUP, "nope")
+
+
 def test_failing_or_nan_inference_becomes_dead_letters_not_a_crash():
     """One bad image gets its own error; the rest of its batch is published."""
     broker = FakeBroker()
