@@ -69,6 +69,19 @@ def stage_times(received: float, decode_started: float, decoded: float, batch_st
     return {**stages, "total": (now - received) * 1000}
 
 
+def codec_result(result: object) -> tuple[bytes, dict]:
+    """A codec's ``unpack`` result checked against its contract, ``(image bytes, metadata dict)``
+    (a bytearray or memoryview is taken as its bytes); a TypeError saying what came instead."""
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise TypeError(f"unpack returned {type(result).__name__}, not a (bytes, dict) pair")
+    data, metadata = result
+    if isinstance(data, bytearray | memoryview):
+        data = bytes(data)
+    if not isinstance(data, bytes) or not isinstance(metadata, dict):
+        raise TypeError(f"unpack returned ({type(data).__name__}, {type(metadata).__name__}), not (bytes, dict)")
+    return data, metadata
+
+
 class _Stacker:
     """One inference thread's input array, filled batch after batch: each image is copied once, from
     its decoder into this array, which is what the runtime reads (the backend's
@@ -215,11 +228,11 @@ class Processor:
             self._rejected_input(message, DecodeError("bad_headers", message.unreadable_headers))
             return
         try:
-            data, metadata = self.codec.unpack(message.value, message.headers)
+            data, metadata = codec_result(self.codec.unpack(message.value, message.headers))
         except DecodeError as exc:
             self._rejected_input(message, exc)
             return
-        except Exception as exc:  # a codec plugin's bug must not sink the service
+        except Exception as exc:  # a codec plugin's bug (or a result of the wrong type) must not sink the service
             log.exception("input codec failed on %s", message.position)
             self._reject(message, "codec_error", f"{type(exc).__name__}: {exc}")
             return
@@ -227,6 +240,9 @@ class Processor:
             info: ImageInfo | None = probe(data, self.cfg.limits)
         except DecodeError:
             info = None   # not large: the decoder rejects it at once, saying why
+        except Exception as exc:  # reading the header failed some other way: as the decoder's failure
+            self._decoder_failed(message, exc)
+            return
         unpacked = _Unpacked(message, data, metadata, info)
         if info is not None and info.width * info.height // (info.scale * info.scale) > self.cfg.large_pixels:
             self._large.put(unpacked)   # its decode works on more than large_pixels
@@ -241,11 +257,15 @@ class Processor:
             self._rejected_input(item.message, exc)
             return
         except Exception as exc:  # the decoder's bug (or out of memory) on this input must not stall its partition
-            log.exception("decoding failed on %s", item.message.position)
-            self.metrics.decode_failures.labels("decode_error").inc()
-            self._reject(item.message, "decode_error", f"{type(exc).__name__}: {exc}")
+            self._decoder_failed(item.message, exc)
             return
         self._decoded.put(_Decoded(item.message, image, item.metadata, started, time.monotonic()))
+
+    def _decoder_failed(self, message: Message, exc: Exception) -> None:
+        """Decoding raised something other than a DecodeError: the input is dead-lettered (decode_error)."""
+        log.exception("decoding failed on %s", message.position)
+        self.metrics.decode_failures.labels("decode_error").inc()
+        self._reject(message, "decode_error", f"{type(exc).__name__}: {exc}")
 
     def _rejected_input(self, message: Message, exc: DecodeError) -> None:
         self.metrics.decode_failures.labels(exc.reason).inc()

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 from engine_build.imaging import DecodeLimits, ImageInfo, decode
 from engine_build.runtime.base import Outputs
@@ -138,6 +139,59 @@ def test_a_decoder_that_raises_dead_letters_its_input_and_the_partition_goes_on(
     assert dict(sink.published[0].headers)["error.reason"] == b"decode_error"
     assert tracker.committable() == {("in", 0): 2}
     assert "decoding failed on ('in', 0, 0)" in caplog.text
+
+
+class _Returns:
+    """A codec whose unpack returns ``results[value]`` for the values it names and unpacks the rest as raw."""
+
+    name = "returns"
+
+    def __init__(self, results: dict[bytes, object]) -> None:
+        self.results = results
+
+    def unpack(self, value: bytes | None, headers: list[tuple[str, bytes]]) -> object:
+        return self.results[value] if value in self.results else RawCodec().unpack(value, headers)
+
+
+class _HeaderBomb(bytes):
+    """Image bytes whose header read raises what no image reader should: not a DecodeError."""
+
+    def rfind(self, *args: object) -> int:
+        raise MemoryError("no room for this header")
+
+
+@pytest.mark.parametrize(("result", "reason", "says"), [
+    (("a decoded str", {}), "codec_error", "TypeError: unpack returned (str, dict), not (bytes, dict)"),
+    ((42, {}), "codec_error", "TypeError: unpack returned (int, dict), not (bytes, dict)"),
+    ((good_images()["png"], ["not", "a", "dict"]), "codec_error", "unpack returned (bytes, list)"),
+    ((good_images()["png"], {}, "extra"), "codec_error", "unpack returned tuple, not a (bytes, dict) pair"),
+    ((_HeaderBomb(good_images()["png"]), {}), "decode_error", "MemoryError: no room for this header"),
+])
+def test_a_codec_result_of_the_wrong_kind_is_a_dead_letter_and_the_partition_goes_on(result, reason, says):
+    """Before: a codec returning (str, {}) raised a TypeError outside the codec's guard; the message
+    stayed unacknowledged and its partition stopped committing until the stall timeout."""
+    tracker, sink = OffsetTracker(), _Sink()
+    processor = Processor(PixelModel(), _Returns({b"poison": result}), JsonEncoder(), sink, tracker, Metrics(),
+                          {"name": "test"}, PipelineConfig("out", "dlq", decode_workers=1)).start()
+    processor.submit(Message("in", 0, 0, b"bad", b"poison"))
+    processor.submit(Message("in", 0, 1, b"good", good_images()["png"]))
+    assert processor.stop(30)
+    assert [(r.topic, r.key) for r in sink.published] == [("dlq", b"bad"), ("out", b"good")]
+    headers = dict(sink.published[0].headers)
+    assert headers["error.reason"] == reason.encode() and says in headers["error.message"].decode()
+    assert tracker.committable() == {("in", 0): 2}
+
+
+def test_a_codec_may_return_a_bytearray_or_memoryview():
+    png = good_images()["png"]
+    sink = _Sink()
+    codec = _Returns({b"a": (bytearray(png), {}), b"b": (memoryview(png), {})})
+    processor = Processor(PixelModel(), codec, JsonEncoder(), sink, OffsetTracker(), Metrics(), {"name": "test"},
+                          PipelineConfig("out", "dlq", decode_workers=1)).start()
+    processor.submit(Message("in", 0, 0, b"a", b"a"))
+    processor.submit(Message("in", 0, 1, b"b", b"b"))
+    assert processor.stop(30)
+    assert [(r.topic, r.key) for r in sink.published] == [("out", b"a"), ("out", b"b")]
 
 
 def test_each_image_header_is_read_once():
