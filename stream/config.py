@@ -25,13 +25,20 @@ BROKER_TRANSACTION_MAX_MS = 900_000   # transaction.max.timeout.ms, Kafka's defa
 LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")   # what a Kafka broker accepts as a topic name
 TOPIC_RULE = "a Kafka topic name is 1 to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (and not '.' or '..')"
 # The most each setting may be: past these a client refuses it after the model has loaded (librdkafka's
-# ranges: linger.ms, max.poll.interval.ms, message.max.bytes; kafka-python's fetch wait under its request
-# timeout; Kafka's default group.max.session.timeout.ms), or the machine cannot give it (a batch of
-# millions of images, a thread per image).
+# ranges: linger.ms, max.poll.interval.ms, message.max.bytes, consume()'s batch; kafka-python's fetch wait
+# under its request timeout; Kafka's default group.max.session.timeout.ms), OpenCV refuses the image
+# (CV_IO_MAX_IMAGE_PIXELS, 2^30), or the machine cannot give it (a batch of millions of images, a thread
+# per image). Times are bounded too: a wait built from them must stay under threading.TIMEOUT_MAX (a
+# --max-delay-ms of 1e16 passed and then killed the inference thread), and past these bounds a setting
+# only hides a hang (a batch held a minute, a drain or a commit interval past an hour, a stall or a
+# failing client noticed after a day).
 LIMITS = {"max_batch": 4096, "decode_workers": 1024, "inference_streams": 256, "inference_threads": 1024,
           "fetch_max_wait_ms": 29_000,   # under kafka-python's 30 s request timeout, which it must stay under
           "linger_ms": 900_000, "session_timeout_ms": 1_800_000, "max_poll_interval_ms": 86_400_000,
-          "max_message_bytes": 1_000_000_000 - (64 << 10)}   # the producer's limit is this plus 64 KiB
+          "max_message_bytes": 1_000_000_000 - (64 << 10),   # the producer's limit is this plus 64 KiB
+          "max_poll_records": 1_000_000, "max_in_flight": 1_000_000, "max_in_flight_bytes": 64 << 30,
+          "max_pixels": 1 << 30, "processes": 256, "max_delay_ms": 60_000, "commit_interval_ms": 3_600_000,
+          "drain_timeout_s": 3600, "fail_after_s": 86_400, "stall_timeout_s": 86_400}
 PEM_MARKS = {"ssl_cafile": b"-----BEGIN CERTIFICATE-----", "ssl_certfile": b"-----BEGIN CERTIFICATE-----",
              "ssl_keyfile": b"PRIVATE KEY-----"}   # what each TLS file must hold (PEM, as both clients read)
 
@@ -186,6 +193,9 @@ class StreamConfig:
         if self.max_poll_interval_ms < self.drain_timeout_s * 1000 + 5000:
             raise ConfigError("--max-poll-interval-ms must exceed --drain-timeout-s by 5 s or more: a revocation "
                               "drains within the group's rebalance timeout")
+        if self.max_delay_ms >= self.stall_timeout_s * 1000:
+            raise ConfigError("--max-delay-ms must be below --stall-timeout-s: a batch held that long finishes "
+                              "nothing, and the member would be judged stalled")
         if self.max_in_flight < self.max_batch:
             raise ConfigError("--max-in-flight must be at least --max-batch")
         if self.processing_guarantee == "exactly-once" and self.transaction_timeout_ms() > BROKER_TRANSACTION_MAX_MS:

@@ -115,6 +115,40 @@ def test_a_plugin_that_cannot_load_is_one_line_and_no_child_starts(broken_plugin
         assert code == 1 and err.startswith(f"stream: error: --input-codec {name}: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--max-delay-ms", "1e16", "--no-adaptive-batching"], "--max-delay-ms 1e+16: at most 60000"),
+    (["--max-delay-ms", "5000", "--stall-timeout-s", "5"], "--max-delay-ms must be below --stall-timeout-s"),
+    (["--commit-interval-ms", "1e300"], "--commit-interval-ms 1e+300: at most 3600000"),
+    (["--drain-timeout-s", "7200", "--max-poll-interval-ms", "86400000"], "--drain-timeout-s 7200.0: at most 3600"),
+    (["--fail-after-s", "1e10"], "--fail-after-s 10000000000.0: at most 86400"),
+    (["--stall-timeout-s", "1e10"], "--stall-timeout-s 10000000000.0: at most 86400"),
+    (["--max-in-flight", "10000000000"], "--max-in-flight 10000000000: at most 1000000"),
+    (["--max-in-flight-bytes", "100000000000"], "--max-in-flight-bytes 100000000000: at most 68719476736"),
+    (["--max-pixels", "2000000000"], "--max-pixels 2000000000: at most 1073741824"),
+    (["--max-poll-records", "2000000"], "--max-poll-records 2000000: at most 1000000"),
+    (["--processes", "100000"], "--processes 100000: at most 256"),
+])
+def test_a_time_or_size_past_its_bound_is_one_line_before_the_model_loads(extra, message, capsys):
+    """Before: each of these passed validation; --max-delay-ms 1e16 then killed the inference thread
+    (OverflowError in its queue wait) and the member exited as stalled."""
+    def accepted(*args):
+        raise AssertionError(f"accepted: {extra}")
+    code = main(BASE + ["--artifact", "a"] + extra, {}, build=accepted, child_command=accepted)
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and err.count("\n") == 1, err
+
+
+def test_every_number_option_has_a_bound():
+    """Every size and time is bounded (a wait built from one must stay under threading.TIMEOUT_MAX);
+    the metrics port has its own check."""
+    import threading
+
+    from stream.config import LIMITS, OPTIONS
+    numbers = {f.name for f in OPTIONS.fields if OPTIONS.kind(f.name) in (int, float)} - {"metrics_port"}
+    assert sorted(numbers - set(LIMITS)) == []
+    assert all(LIMITS[n] / (1 if n.endswith("_s") else 1000) < threading.TIMEOUT_MAX for n in numbers)
+
+
 def test_tampered_artifact_is_refused_before_consuming(small_artifact, tmp_path, capsys):
     from engine_build.artifact import select
     copy = tmp_path / "art"
