@@ -73,11 +73,13 @@ def client_version(kafka_client: str) -> str:
 
 
 def startup_line(cfg: StreamConfig, runtime: str, streams: int, decoders: int, cores: int, cpu: dict,
-                 lane: str = "") -> str:
+                 lane: str = "", streams_note: str = "") -> str:
     """What this process runs with: the processing guarantee, the Kafka client, the runtime and how
     the machine's cores were split (each count with where it came from; ``lane``: the runtime's latency
-    lane choice), and the CPU."""
-    streams_from = f"--inference-streams {cfg.inference_streams}" if cfg.inference_streams else "the runtime's choice"
+    lane choice; ``streams_note``: why the runtime granted fewer streams than asked, where it did), and
+    the CPU."""
+    streams_from = streams_note or (f"--inference-streams {cfg.inference_streams}" if cfg.inference_streams
+                                    else "the runtime's choice")
     threads = f"{cfg.inference_threads} inference threads" if cfg.inference_threads else "inference on every core"
     decoders_from = f"--decode-workers {cfg.decode_workers}" if cfg.decode_workers else f"auto for {cores} cores"
     extensions = ", ".join(cpu.get("extensions", ())) or "no vector extensions that change kernels"
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
     holder.append(service)
     logging.getLogger("stream").info("%s", startup_line(cfg, str(service.model_info["runtime"]),
                                                         service.backend.concurrency, service.pipeline.decode_workers,
-                                                        usable_cores(), this_cpu(), service.backend.lane_choice))
+                                                        usable_cores(), this_cpu(), service.backend.lane_choice,
+                                                        service.backend.streams_note))
     if received:
         service.stop()   # stopped while starting: run() closes at once
     if service.model_info["placeholder"]:

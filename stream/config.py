@@ -74,9 +74,12 @@ class StreamConfig:
     inference_streams: int = option(0, "inference calls running at once, each forming its own batches with its "
                                        "share of the cores (0 = the runtime chooses: OpenVINO's throughput hint "
                                        "for this CPU, one per core up to 4 on ONNX Runtime, 2 TensorRT contexts; "
-                                       "1 = one call on every core; measured in docs/performance.md)")
-    inference_threads: int = option(0, "CPU threads for inference, shared by the streams (0 = runtime default: "
-                                       "every core)")
+                                       "1 = one call on every core; measured in docs/performance.md). On CPU at "
+                                       "most one per inference thread: more than --inference-threads is refused, "
+                                       "and where the runtime grants fewer (OpenVINO's own limit, more than the "
+                                       "usable cores) the start-up line says so")
+    inference_threads: int = option(0, "CPU threads for inference in all, shared by the streams, at least one "
+                                       "each (0 = runtime default: every usable core)")
     latency_lane: bool = option(True, f"with several OpenVINO streams, where a lone image takes {LANE_WORTH_MS:g} ms "
                                       "or more on one (measured at start-up), a batch of at most a quarter of "
                                       "--max-batch that finds every stream idle runs on all the inference threads, "
@@ -196,6 +199,10 @@ class StreamConfig:
         if self.max_delay_ms >= self.stall_timeout_s * 1000:
             raise ConfigError("--max-delay-ms must be below --stall-timeout-s: a batch held that long finishes "
                               "nothing, and the member would be judged stalled")
+        if 0 < self.inference_threads < self.inference_streams and self.backend != "tensorrt":
+            raise ConfigError(f"--inference-streams {self.inference_streams} with --inference-threads "
+                              f"{self.inference_threads}: each stream needs an inference thread of its own (the "
+                              f"streams share the threads); ask for fewer streams or more threads")
         if self.max_in_flight < self.max_batch:
             raise ConfigError("--max-in-flight must be at least --max-batch")
         if self.processing_guarantee == "exactly-once" and self.transaction_timeout_ms() > BROKER_TRANSACTION_MAX_MS:

@@ -1,6 +1,7 @@
 """Backend streams: parallel callers, the handle pool, thread sharing and pinning, refilled input arrays."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -48,6 +49,35 @@ def test_an_input_array_refilled_between_calls_gives_each_call_its_own_results(s
         np.testing.assert_allclose(first.probs, expected[0], atol=1e-6)    # not changed by the second call
         np.testing.assert_allclose(first.probs, kept)
         np.testing.assert_allclose(second.probs, expected[1], atol=1e-6)
+
+
+def test_onnx_runtime_runs_no_more_streams_than_inference_threads_and_says_why(small_artifact):
+    """Before: 8 streams asked with 2 threads made 8 one-thread sessions, 8 threads in all, and the
+    automatic choice ignored --inference-threads."""
+    path = small_artifact / "model.onnx"
+
+    def threads(backend) -> int:
+        return sum(s.get_session_options().intra_op_num_threads for s in backend._sessions._idle)
+    with open_backend("onnxruntime", path, "fp32", threads=2, streams=8) as capped:
+        assert (capped.concurrency, threads(capped)) == (2, 2)
+        assert capped.streams_note == "asked 8; ONNX Runtime gives each stream a thread of its own, and 2 threads " \
+                                      "allow 2"
+    with open_backend("onnxruntime", path, "fp32", threads=1, streams=0) as auto:
+        assert (auto.concurrency, threads(auto), auto.streams_note) == (1, 1, "")   # its own choice, within 1
+    cores = usable_cores()
+    with open_backend("onnxruntime", path, "fp32", streams=cores + 1) as every_core:   # threads: every core
+        assert every_core.concurrency == cores and every_core.streams_note.startswith(f"asked {cores + 1}; ")
+
+
+def test_openvino_streams_below_those_asked_say_what_it_allowed(small_artifact):
+    """Before: OpenVINO's cap on 64 streams asked was said nowhere; the start-up line credited the flag."""
+    with open_backend("openvino", small_artifact / "model.onnx", "fp32", exact=True, streams=64,
+                      latency_lane=False) as backend:
+        assert backend.concurrency < 64
+        assert re.fullmatch(rf"asked 64; OpenVINO allows {backend.concurrency} with \d+ threads?",
+                            backend.streams_note), backend.streams_note
+    with open_backend("openvino", small_artifact / "model.onnx", "fp32", exact=True, streams=1) as one:
+        assert one.streams_note == ""
 
 
 def test_threads_are_shared_out_between_streams():

@@ -127,15 +127,23 @@ def test_a_plugin_that_cannot_load_is_one_line_and_no_child_starts(broken_plugin
     (["--max-pixels", "2000000000"], "--max-pixels 2000000000: at most 1073741824"),
     (["--max-poll-records", "2000000"], "--max-poll-records 2000000: at most 1000000"),
     (["--processes", "100000"], "--processes 100000: at most 256"),
+    (["--inference-streams", "3", "--inference-threads", "1"],
+     "--inference-streams 3 with --inference-threads 1: each stream needs an inference thread of its own"),
 ])
-def test_a_time_or_size_past_its_bound_is_one_line_before_the_model_loads(extra, message, capsys):
+def test_a_value_the_config_refuses_is_one_line_before_anything_is_built(extra, message, capsys):
     """Before: each of these passed validation; --max-delay-ms 1e16 then killed the inference thread
-    (OverflowError in its queue wait) and the member exited as stalled."""
+    (OverflowError in its queue wait) and the member exited as stalled, and 3 streams asked with 1
+    thread ran 1 stream on OpenVINO (said nowhere) or 3 one-thread sessions on ONNX Runtime."""
     def accepted(*args):
         raise AssertionError(f"accepted: {extra}")
     code = main(BASE + ["--artifact", "a"] + extra, {}, build=accepted, child_command=accepted)
     err = capsys.readouterr().err
     assert code == 1 and message in err and err.count("\n") == 1, err
+
+
+def test_streams_beyond_the_threads_are_refused_only_where_threads_bound_them():
+    StreamConfig(bootstrap_servers="h:1", input_topic=("in",), output_topic="out", dead_letter_topic="dlq",
+                 artifact="a", backend="tensorrt", inference_streams=3, inference_threads=1)   # GPU contexts
 
 
 def test_every_number_option_has_a_bound():

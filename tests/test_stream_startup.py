@@ -41,3 +41,37 @@ def test_the_librdkafka_client_is_named_with_its_version():
     confluent_kafka = pytest.importorskip("confluent_kafka")
     line = startup_line(config(kafka_client="librdkafka"), "openvino (int8)", 1, 1, 2, AVX2)
     assert f"Kafka client librdkafka {confluent_kafka.libversion()[0]}" in line and "kafka-python" not in line
+
+
+def test_streams_the_runtime_granted_below_those_asked_are_said_with_why():
+    note = "asked 64; OpenVINO allows 2 with 2 threads"
+    line = startup_line(config(inference_streams=64), "openvino (int8)", streams=2, decoders=2, cores=2, cpu=AVX2,
+                        streams_note=note)
+    assert f"2 inference streams ({note}; inference on every core)" in line and "--inference-streams 64" not in line
+
+
+def test_the_start_up_line_takes_the_streams_note_from_the_backend(caplog):
+    """Before: the line credited --inference-streams 64 for the 2 streams OpenVINO granted."""
+    import logging
+
+    from stream.app import build
+    from stream.cli import main
+    from stream.fake import FakeBroker
+
+    from .standins import PixelModel, stand_in
+
+    model = PixelModel(concurrency=2)
+    model.streams_note = "asked 64; OpenVINO allows 2 with 2 threads"
+    broker = FakeBroker()
+    broker.create_topic("in", 1)
+
+    def stopped_service(cfg):   # a service stopped before it runs: run() closes at once
+        service = build(cfg, connector=broker.connector(list(cfg.input_topic), cfg.group_id), model=stand_in(model))
+        service.stop()
+        return service
+    caplog.set_level(logging.INFO, "stream")
+    assert main(["--bootstrap-servers", "fake:9092", "--input-topic", "in", "--output-topic", "out",
+                 "--dead-letter-topic", "dlq", "--artifact", "a", "--metrics-port", "0", "--inference-streams", "64"],
+                {}, build=stopped_service) == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting: ")]
+    assert "2 inference streams (asked 64; OpenVINO allows 2 with 2 threads; inference on every core)" in line

@@ -5,7 +5,8 @@ A backend runs one artifact file (``model.onnx``, ``model.fp16.onnx``,
 ``logits`` float32 [N,2] out. :meth:`Backend.infer` checks the input and splits
 batches above ``max_batch``; subclasses implement :meth:`Backend._infer_impl` (and
 :meth:`Backend._close_impl` when they hold resources). ``concurrency`` says how many
-threads may call ``infer`` at once with benefit: the number of streams resolved at open.
+threads may call ``infer`` at once with benefit: the number of streams resolved at open; on CPU at
+most one per inference thread, and where that is fewer than asked, ``streams_note`` says why.
 After :meth:`Backend.close`, ``infer`` raises :class:`~engine_build.errors.BackendClosed`.
 
 The concrete backends live in their own modules and are found by name through
@@ -152,6 +153,17 @@ class Slots(Generic[H]):
             raise failures[0]
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def cpu_streams(asked: int, chosen: int, threads: int) -> int:
+    """How many streams a CPU runtime runs: those ``asked`` (0: its own choice, ``chosen``), at most one
+    per inference thread (``threads`` in all): a stream with no thread of its own would add threads
+    beyond those granted to inference."""
+    return max(1, min(asked or chosen, threads))
+
+
 def split_threads(total: int, streams: int) -> list[int]:
     """``total`` threads shared out between ``streams`` as evenly as can be, at least one each."""
     return [max(1, total // streams + (i < total % streams)) for i in range(streams)]
@@ -177,6 +189,7 @@ class Backend(ABC):
     concurrency: int = 1
     on_cpu: bool = True      # inference competes with decoding for the CPU's cores
     lane_choice: str = ""    # whether a latency lane runs and what that rests on, where the runtime has one
+    streams_note: str = ""   # where ``concurrency`` is fewer than the streams asked: what was asked and why
 
     def __init__(self, path: Path, precision: str, max_batch: int) -> None:
         self.path = Path(path)

@@ -2,7 +2,9 @@
 
 Each of ``streams`` callers runs on its own session with its share of the threads
 (the sessions of one process would otherwise share one intra-op pool); ``0`` means one
-stream per core, at most four. Every session holds its own copy of the weights.
+stream per core, at most four. There are never more streams than threads (``threads``,
+else every usable core): the threads are the inference's in all, and each session needs
+one. Every session holds its own copy of the weights.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError, onnxruntime_errors
-from .base import Backend, Outputs, Slots, split_threads
+from .base import Backend, Outputs, Slots, cpu_streams, plural, split_threads
 from .cpu import usable_cores
 
 
@@ -27,8 +29,12 @@ class OnnxRuntimeBackend(Backend):
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4   # a failed run is said once, by the exception it raises
         cores = usable_cores()
-        self.concurrency = streams or min(cores, 4)
-        shares = split_threads(threads or cores, self.concurrency)
+        total = threads or cores
+        self.concurrency = cpu_streams(streams, min(cores, 4), total)
+        if streams > self.concurrency:
+            self.streams_note = (f"asked {streams}; ONNX Runtime gives each stream a thread of its own, and "
+                                 f"{plural(total, 'thread')} allow {self.concurrency}")
+        shares = split_threads(total, self.concurrency)
         self._sessions = Slots(self._session(path, share if threads or self.concurrency > 1 else 0)
                                for share in shares)
 

@@ -9,7 +9,8 @@ single call); more streams (THROUGHPUT hint, ``0`` lets OpenVINO choose for this
 on 2 cores two one-thread requests, on larger CPUs fewer streams of several threads)
 split the cores between requests that callers run at once, each on fewer threads. Under
 load that is cheaper per image: a one-thread request never waits for a sibling thread
-that another thread of the process (a decoder) has pre-empted.
+that another thread of the process (a decoder) has pre-empted. OpenVINO grants at most one
+stream per inference thread; fewer than asked are said in ``streams_note``.
 
 With several streams, ``latency_lane`` may also compile the model with the LATENCY hint and run on
 it a batch of at most a quarter of ``max_batch`` that finds every stream idle and no caller
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import INPUT_SHAPE, LANE_WORTH_MS, Backend, Outputs, Slots
+from .base import INPUT_SHAPE, LANE_WORTH_MS, Backend, Outputs, Slots, plural
 from .cpu import usable_cores
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class OpenVinoBackend(Backend):
         except RuntimeError as exc:
             raise ModelFormatError(f"OpenVINO cannot load {path}: {str(exc).splitlines()[0]}") from exc
         self.concurrency = max(1, int(self._compiled.get_property("NUM_STREAMS")))
+        if streams > self.concurrency:   # OpenVINO grants at most one stream per inference thread
+            granted = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
+            self.streams_note = f"asked {streams}; OpenVINO allows {self.concurrency} with {plural(granted, 'thread')}"
         self._small = max(1, max_batch // 4)   # the most a lone call may carry onto the latency lane
         requests = [self._compiled.create_infer_request() for _ in range(self.concurrency)]
         lone = None

@@ -56,9 +56,11 @@ def open_backend(kind: str, path: Path, precision: str, max_batch: int = 32, exa
     ``exact`` makes runtimes that would silently lower precision (OpenVINO's bf16 on
     CPUs that have it) compute in the file's own precision. ``streams`` is how many
     ``infer`` calls may run at once, each with its share of the CPU threads (``threads``
-    in all, but at least one each) or its own TensorRT execution context: 1 (one call at a time, on every core)
-    suits a single caller; 0 lets the runtime choose for this machine. ``latency_lane`` (OpenVINO, with
-    several streams): a small batch that finds every stream idle runs on all the inference threads at once.
+    in all, else every usable core; a CPU runtime runs at most one stream per thread, and says in
+    ``streams_note`` why it runs fewer than asked) or its own TensorRT execution context: 1 (one call at
+    a time, on every core) suits a single caller; 0 lets the runtime choose for this machine.
+    ``latency_lane`` (OpenVINO, with several streams): a small batch that finds every stream idle runs on
+    all the inference threads at once.
     """
     if streams < 0:
         raise ConfigError(f"streams must be 0 (the runtime chooses) or more, not {streams}")
