@@ -329,6 +329,66 @@ def test_health_server_answers():
         server.close()
 
 
+def _raw(port: int, request: bytes) -> bytes:
+    """Send ``request`` and read until the server closes the connection (10 s at most); b"" for a connection
+    closed unanswered."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        try:
+            conn.sendall(request)
+            while chunk := conn.recv(65536):
+                answer += chunk
+        except ConnectionResetError:   # closed before the request arrived
+            pass
+    return answer
+
+
+def test_health_endpoints_ignore_the_query_string_and_answer_head():
+    """Before: /readyz?x and /metrics?x answered 404, and HEAD 501."""
+    from stream.embedded_broker import free_port
+    from stream.metrics import HealthServer, Metrics
+    server = HealthServer(Metrics(), free_port(), host="127.0.0.1").start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        server.set_ready(True)
+        assert urllib.request.urlopen(base + "/readyz?verbose=1").read() == b"ready\n"
+        assert b"sentiment_ready 1.0" in urllib.request.urlopen(base + "/metrics?x").read()
+        head = _raw(server.port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        status, _, rest = head.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.0 200") and body == b"", head
+        assert int(dict(h.split(b": ", 1) for h in headers.split(b"\r\n"))[b"Content-Length"]) > 0
+        assert _raw(server.port, b"HEAD /nowhere HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 404")
+    finally:
+        server.close()
+
+
+def test_an_idle_connection_is_closed_and_connections_beyond_the_bound_are_refused():
+    """Before: a half-sent request held its thread for ever, and 300 of them 300 threads."""
+    from stream.embedded_broker import free_port
+    from stream.metrics import HealthServer, Metrics
+    quick = HealthServer(Metrics(), free_port(), host="127.0.0.1", timeout_s=0.2).start()
+    try:   # the server closes it without an answer: recv sees the end, well before its own 10 s
+        assert _raw(quick.port, b"GET /metrics HTTP/1.1\r\n") == b""
+    finally:
+        quick.close()
+    server = HealthServer(Metrics(), free_port(), host="127.0.0.1", connections=2).start()
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    try:
+        for conn in held:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")      # half a request: its thread waits for the rest
+        # accepted after those two (one thread accepts, in order): closed unanswered
+        assert _raw(server.port, b"GET /healthz HTTP/1.0\r\n\r\n") == b""
+        for conn in held:
+            conn.close()
+        wait_until(lambda: _raw(server.port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200"),
+                   "served again once the idle ones went", 10)
+    finally:
+        for conn in held:
+            conn.close()
+        server.close()
+
+
 def test_plugins_are_discovered_by_entry_point_and_unknown_names_fail():
     import plugins
     assert {"raw", "json"} <= set(plugins.available(plugins.INPUT_GROUP))
