@@ -75,9 +75,10 @@ class StreamConfig:
                                        "share of the cores (0 = the runtime chooses: OpenVINO's throughput hint "
                                        "for this CPU, one per core up to 4 on ONNX Runtime, 2 TensorRT contexts; "
                                        "1 = one call on every core; measured in docs/performance.md). On CPU at "
-                                       "most one per inference thread: more than --inference-threads is refused, "
-                                       "and where the runtime grants fewer (OpenVINO's own limit, more than the "
-                                       "usable cores) the start-up line says so")
+                                       "most one per inference thread: more than --inference-threads is refused "
+                                       "with --backend openvino or onnxruntime, and where the runtime grants fewer "
+                                       "(auto on a CPU host, OpenVINO's own limit, more than the usable cores) the "
+                                       "start-up line says so")
     inference_threads: int = option(0, "CPU threads for inference in all, shared by the streams, at least one "
                                        "each (0 = runtime default: every usable core)")
     latency_lane: bool = option(True, f"with several OpenVINO streams, where a lone image takes {LANE_WORTH_MS:g} ms "
@@ -173,10 +174,10 @@ class StreamConfig:
                      "max_poll_records", "session_timeout_ms", "max_poll_interval_ms", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1")
-        if min(self.decode_workers, self.inference_streams, self.inference_threads, self.max_delay_ms,
-               self.fetch_max_wait_ms, self.linger_ms) < 0:
-            raise ConfigError("--decode-workers, --inference-streams, --inference-threads, --max-delay-ms, "
-                              "--fetch-max-wait-ms and --linger-ms must be >= 0")
+        for name in ("decode_workers", "inference_streams", "inference_threads", "max_delay_ms", "fetch_max_wait_ms",
+                     "linger_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag(name)} must be >= 0")
         for name in ("commit_interval_ms", "drain_timeout_s", "fail_after_s", "stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{flag(name)} must be > 0")
@@ -199,7 +200,9 @@ class StreamConfig:
         if self.max_delay_ms >= self.stall_timeout_s * 1000:
             raise ConfigError("--max-delay-ms must be below --stall-timeout-s: a batch held that long finishes "
                               "nothing, and the member would be judged stalled")
-        if 0 < self.inference_threads < self.inference_streams and self.backend != "tensorrt":
+        # a CPU backend named: with auto a GPU host runs TensorRT (streams are GPU contexts), a CPU one caps the
+        # streams at the threads and says so in the start-up line
+        if 0 < self.inference_threads < self.inference_streams and self.backend in ("openvino", "onnxruntime"):
             raise ConfigError(f"--inference-streams {self.inference_streams} with --inference-threads "
                               f"{self.inference_threads}: each stream needs an inference thread of its own (the "
                               f"streams share the threads); ask for fewer streams or more threads")

@@ -119,7 +119,7 @@ def publish(options: dict[str, Any], topic: str, files: list[Path]) -> int:
 
 def _shown(record: Any) -> str:
     key = record.key.decode(errors="replace") if record.key else "-"
-    headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
+    headers = {k: (v or b"").decode(errors="replace") for k, v in record.headers or []}
     if "error.reason" in headers:
         return f"{key}\tdead letter: {headers['error.reason']}: {headers.get('error.message', '')}"
     try:

@@ -59,8 +59,8 @@ def test_help_lists_the_allowed_values_of_every_flag_that_has_them(capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--max-batch", "0"], "--max-batch must be at least 1"),
-    (["--inference-streams", "-1"], "--inference-streams, --inference-threads, --max-delay-ms"),
-    (["--decode-workers", "-1"], "--decode-workers, --inference-streams"),
+    (["--inference-streams", "-1"], "--inference-streams must be >= 0"),
+    (["--decode-workers", "-1"], "--decode-workers must be >= 0"),
     (["--output-topic", "in"], "must differ from the input topics"),
     (["--input-topic", "photos:new"], "--input-topic 'photos:new': a Kafka topic name is 1 to 249 of a-z"),
     (["--dead-letter-topic", "x" * 250], "--dead-letter-topic 'xxxx"),
@@ -127,7 +127,7 @@ def test_a_plugin_that_cannot_load_is_one_line_and_no_child_starts(broken_plugin
     (["--max-pixels", "2000000000"], "--max-pixels 2000000000: at most 1073741824"),
     (["--max-poll-records", "2000000"], "--max-poll-records 2000000: at most 1000000"),
     (["--processes", "100000"], "--processes 100000: at most 256"),
-    (["--inference-streams", "3", "--inference-threads", "1"],
+    (["--backend", "openvino", "--inference-streams", "3", "--inference-threads", "1"],
      "--inference-streams 3 with --inference-threads 1: each stream needs an inference thread of its own"),
 ])
 def test_a_value_the_config_refuses_is_one_line_before_anything_is_built(extra, message, capsys):
@@ -141,9 +141,20 @@ def test_a_value_the_config_refuses_is_one_line_before_anything_is_built(extra, 
     assert code == 1 and message in err and err.count("\n") == 1, err
 
 
-def test_streams_beyond_the_threads_are_refused_only_where_threads_bound_them():
+@pytest.mark.parametrize("backend", ["tensorrt", "auto"])
+def test_streams_beyond_the_threads_are_refused_only_where_threads_bound_them(backend):
+    """TensorRT's streams are GPU contexts; auto may run TensorRT, and on a CPU host the runtime caps the streams at
+    the threads and the start-up line says so (auto was refused: a valid GPU setting could not start)."""
     StreamConfig(bootstrap_servers="h:1", input_topic=("in",), output_topic="out", dead_letter_topic="dlq",
-                 artifact="a", backend="tensorrt", inference_streams=3, inference_threads=1)   # GPU contexts
+                 artifact="a", backend=backend, inference_streams=3, inference_threads=1)
+
+
+def test_an_env_twin_is_named_only_for_the_flag_the_error_is_about(capsys):
+    """A check that named six flags at once blamed whichever of them came from the environment: a valid
+    STREAM_LINGER_MS was named for a bad --decode-workers."""
+    code = main(BASE + ["--artifact", "a", "--decode-workers", "-1"], {"STREAM_LINGER_MS": "5"})
+    err = capsys.readouterr().err
+    assert code == 1 and "--decode-workers must be >= 0" in err and "STREAM_LINGER_MS" not in err, err
 
 
 def test_every_number_option_has_a_bound():

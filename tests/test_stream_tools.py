@@ -113,3 +113,13 @@ def test_reading_or_publishing_a_missing_topic_is_one_line_and_creates_nothing(k
     assert err.count("topic 'tools-typo' does not exist") == 2 and err.count("\n") == 2, err
     assert topics([*base, "list"]) == 0
     assert "tools-typo" not in capsys.readouterr().out
+
+
+def test_topics_read_shows_a_dead_letter_with_a_null_header_value():
+    """A null header value goes on to a dead letter (librdkafka keeps it null); showing it raised AttributeError."""
+    from types import SimpleNamespace
+
+    from stream.topics import _shown
+    record = SimpleNamespace(key=b"k", value=b"v", headers=[("error.reason", b"not_an_image"), ("trace", None),
+                                                            ("error.message", b"no image")])
+    assert _shown(record) == "k\tdead letter: not_an_image: no image"
