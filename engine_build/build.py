@@ -47,7 +47,7 @@ from .onnx_graph import build_onnx
 from .placeholder import PLACEHOLDER_NAME
 from .preprocess import CROP_SIZE, IMAGE_SIZE, LABELS, MEAN_BGR
 from .staging import staging_folder
-from .validate import as_records, blocking_failures, check_reference, run_checks
+from .validate import REFERENCE, as_records, blocking_failures, check_reference, run_checks
 
 log = logging.getLogger(__name__)
 __all__ = ["BuildConfig", "PRECISIONS", "run_build", "ensure_artifact"]
@@ -324,7 +324,8 @@ def run_build(cfg: BuildConfig, quantize: Quantize = quantize_variants) -> Manif
     (:func:`quantize_variants`; a test hands in one that fails, to fail a build half way).
 
     Raises ValidationFailed (carrying the manifest) after writing a complete artifact whose
-    manifest records the failure, so that the failing variant is never used.
+    manifest records the failure, so that the failing variant is never used. Where the reference itself
+    failed nothing in the artifact could run: nothing is published, and a previous artifact stays.
     """
     started = time.perf_counter()
     with stop_at_checkpoints():   # SIGTERM or Ctrl-C: the build stops at its next checkpoint, publishing nothing
@@ -334,14 +335,20 @@ def run_build(cfg: BuildConfig, quantize: Quantize = quantize_variants) -> Manif
             manifest = _build_in(replace(cfg, output=staging), cfg.output, calibration, validation, started,
                                  quantize)
             checkpoint()
-            with uninterrupted():   # never half published: a signal now leaves the build complete
-                _publish(staging, cfg.output)
-    failures = [c.failure() for c in blocking_failures(_checks(manifest))]
+            checks = _checks(manifest)
+            if _reference_passed(checks):   # else it would replace a previous artifact with one nothing runs of
+                with uninterrupted():   # never half published: a signal now leaves the build complete
+                    _publish(staging, cfg.output)
+    failures = [c.failure() for c in blocking_failures(checks)]
     if failures:
         raise ValidationFailed("validation failed: " + failures[0]
                                + (f" (and {len(failures) - 1} more failing checks)" if len(failures) > 1 else ""),
                                manifest=manifest.raw)
     return manifest
+
+
+def _reference_passed(checks: list) -> bool:
+    return any((c.variant, c.runtime) == REFERENCE and c.passed for c in checks)
 
 
 def _checks(manifest: Manifest) -> list:

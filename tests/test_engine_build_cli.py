@@ -87,12 +87,14 @@ def test_failing_gate_fails_the_build(small_model, tmp_path, capsys):
     assert (tmp_path / "a" / "manifest.json").exists(), "the manifest records the failed gate"
 
 
-def test_a_reference_that_gives_nan_fails_the_build_and_the_artifact_is_refused(small_model, small_artifact, tmp_path,
-                                                                                 capsys):
+def test_a_reference_that_gives_nan_fails_the_build_and_a_previous_artifact_stays(small_model, small_artifact,
+                                                                                  tmp_path, capsys):
     """Weights finite but so large that model.onnx gives NaN: nothing checked the reference itself, so a build
     into a folder holding a good artifact failed on OpenVINO's check only, and ONNX Runtime FP32 was then served
     NaN for every image (with default precisions the INT8 quantisers ended in a traceback first). Now the
-    reference is checked first; the artifact records the failure (docs/model.md) and is refused whole."""
+    reference is checked first, and an artifact nothing in could run is not published: the good one stays (it
+    was replaced by one every reader refused, an outage at the service's next restart)."""
+    import json
     import shutil
 
     from engine_build.artifact import open_artifact
@@ -102,17 +104,25 @@ def test_a_reference_that_gives_nan_fails_the_build_and_the_artifact_is_refused(
     write_caffemodel(tmp_path / "huge.caffemodel", "huge", records)
     out = tmp_path / "art"
     shutil.copytree(small_artifact, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["build", "--prototxt", str(small_model[0]), "--caffemodel", str(tmp_path / "huge.caffemodel"),
                  "--output", str(out)]) == 1
     err = capsys.readouterr().err
     assert err == ("engine_build: error: validation failed: fp32 on onnxruntime (exact, model.onnx): "
                    "NaN or infinity in its output\n")
-    (reference,) = [c for c in read_manifest(out)["validation"]["checks"] if c["runtime"] == "onnxruntime"]
-    assert reference["variant"] == "fp32" and reference["nan"] and reference["passed"] is False
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the previous artifact stays as it was"
+    open_artifact(out, "onnxruntime", "fp32")[2].close()
+
+    # an artifact whose reference failed (written by an older build, or by hand) is refused whole, in one line
+    manifest = json.loads((out / "manifest.json").read_text())
+    (reference,) = [c for c in manifest["validation"]["checks"] if (c["variant"], c["runtime"]) == ("fp32",
+                                                                                                   "onnxruntime")]
+    reference.update(nan=True, passed=False, max_abs_diff=float("nan"))
+    (out / "manifest.json").write_text(json.dumps(manifest))
     for backend, precision in (("auto", None), ("onnxruntime", "fp32"), ("openvino", None), ("onnxruntime", "int8")):
         with pytest.raises(ArtifactError, match=r"art failed validation when it was built: fp32 on onnxruntime "
-                                                r"\(exact, model.onnx\): NaN or infinity in its output; nothing in it "
-                                                r"may run") as caught:
+                                                r"\(exact, model.onnx\): NaN or infinity in its output; nothing in "
+                                                r"it may run") as caught:
             open_artifact(out, backend, precision)
         assert "\n" not in str(caught.value)
     photo = next((Path(__file__).parents[1] / "engine_build" / "photos").glob("*.jpg"))
