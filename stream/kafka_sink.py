@@ -266,7 +266,11 @@ class KafkaSink(SinkBase):
             return error
         try:   # bounded, as kafka-python's abort waits on the coordinator without a bound of its own
             self._bounded("aborting the probe's transaction", time.monotonic() + self._calls_s, probe.abort_transaction)
-        except Exception:   # left fatal by the refusal, or unanswered: the next probe starts afresh (and aborts this)
+        except Exception as exc:   # left fatal by the refusal, or unanswered: the next probe starts afresh (and
+            # aborts this one)
+            why = f"no answer within {self._calls_s:g} s" if isinstance(exc, KafkaPermanent) else str(exc)
+            log.warning("aborting the probe producer's transaction failed (%s); the next record sent alone makes a "
+                        "new one", why)
             self._probe = None
             threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
         return error
