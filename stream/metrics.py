@@ -1,6 +1,8 @@
 """Prometheus metrics plus ``/healthz`` and ``/readyz`` on one port."""
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections import deque
@@ -103,8 +105,8 @@ class _BoundedServer(ThreadingHTTPServer):
 
 class HealthServer:
     """Serves /metrics, /healthz (the loop is alive) and /readyz (broker reachable, consuming), to GET and
-    HEAD, whatever the query string. A connection that sends nothing for ``timeout_s`` is closed, and at
-    most ``connections`` are served at once (300 idle half-sent requests once held 316 threads)."""
+    HEAD, whatever the query string. A connection is closed ``timeout_s`` after it opened, answered or not,
+    and at most ``connections`` are served at once (300 idle half-sent requests once held 316 threads)."""
 
     def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0", timeout_s: float = 5.0,
                  connections: int = 32) -> None:
@@ -117,6 +119,22 @@ class HealthServer:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = timeout_s   # each read and write on the connection (StreamRequestHandler)
+
+            def setup(self) -> None:
+                super().setup()
+                # and the whole connection (one request: HTTP/1.0), so a client trickling a byte at a time
+                # cannot hold its slot: cut at the timeout, its read then ends
+                self._cut = threading.Timer(timeout_s, self._shut)
+                self._cut.daemon = True
+                self._cut.start()
+
+            def finish(self) -> None:
+                self._cut.cancel()
+                super().finish()
+
+            def _shut(self) -> None:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 self._send(*self._answer())

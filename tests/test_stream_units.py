@@ -389,6 +389,31 @@ def test_an_idle_connection_is_closed_and_connections_beyond_the_bound_are_refus
         server.close()
 
 
+def test_a_client_trickling_its_request_is_cut_off_at_the_connection_timeout():
+    """The timeout bounded each read, so a client sending a byte at a time held its slot for as long as it went
+    on; 32 such held every slot and a probe was closed unanswered. Now it bounds the whole request."""
+    from stream.embedded_broker import free_port
+    from stream.metrics import HealthServer, Metrics
+    server = HealthServer(Metrics(), free_port(), host="127.0.0.1", timeout_s=0.5).start()
+    conn = socket.create_connection(("127.0.0.1", server.port))
+    conn.settimeout(0.05)
+    try:
+        for sent in range(200):   # a byte every 0.1 s: 20 s, forty times the timeout
+            try:
+                conn.sendall(b"G" if sent == 0 else b"x")
+                if conn.recv(1) == b"":
+                    break   # closed by the server
+            except TimeoutError:
+                time.sleep(0.05)
+                continue
+            except OSError:   # reset by the server
+                break
+        assert sent < 40, f"still open after {sent} bytes"
+    finally:
+        conn.close()
+        server.close()
+
+
 def test_plugins_are_discovered_by_entry_point_and_unknown_names_fail():
     import plugins
     assert {"raw", "json"} <= set(plugins.available(plugins.INPUT_GROUP))
