@@ -108,21 +108,21 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
          child_command: ChildCommand = child_argv) -> int:
     """``build``: makes the service from the config (default :func:`.app.build`; a benchmark hands in
     its own, with a stand-in model or decoder). ``child_command``: with ``--processes`` above 1, each
-    child's command line (default :func:`.supervisor.child_argv`)."""
-    environ = dict(os.environ if environ is None else environ)
+    child's command line (default :func:`.supervisor.child_argv`). A user's error (bad config, artifact,
+    plugin, what the broker refuses for good) is one line and exit 1."""
     try:
-        cfg = from_args(parser().parse_args(argv), environ)
+        return _run(argv, dict(os.environ if environ is None else environ), build, child_command)
     except UserError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _run(argv: list[str] | None, environ: dict, build: Build | None, child_command: ChildCommand) -> int:
+    cfg = from_args(parser().parse_args(argv), environ)
     configure_logging(cfg.log_level, environ.get(CHILD_INDEX))
     if cfg.processes > 1:
         from .supervisor import supervise
-        try:   # a plugin that cannot load: one line from here, before any child starts
-            check_plugins(cfg)
-        except UserError as exc:
-            print(f"stream: error: {exc}", file=sys.stderr)
-            return 1
+        check_plugins(cfg)   # a plugin that cannot load: one line from here, before any child starts
         return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
                          cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None,
                          child_command)
@@ -144,11 +144,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
     for sig in stop_signals():
         signal.signal(sig, on_signal)
     from .app import build as build_service
-    try:
-        service = (build or build_service)(cfg)
-    except UserError as exc:
-        print(f"stream: error: {exc}", file=sys.stderr)
-        return 1
+    service = (build or build_service)(cfg)
     holder.append(service)
     logging.getLogger("stream").info("%s", startup_line(cfg, str(service.model_info["runtime"]),
                                                         service.backend.concurrency, service.pipeline.decode_workers,
@@ -164,9 +160,6 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
                      name="closing-deadline", daemon=True).start()
     try:
         stats = service.run()
-    except UserError as exc:
-        print(f"stream: error: {exc}", file=sys.stderr)
-        return 1
     finally:
         finished.set()
     logging.getLogger("stream").info("exiting: consumed %d, finished %d in %.1f s", stats.consumed, stats.finished,
