@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFormatError, onnxruntime_errors
+from ..errors import onnxruntime_errors
 from .base import Backend, Outputs, Slots, cpu_streams, plural, split_threads
 from .cpu import usable_cores
 
@@ -46,10 +46,8 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
+        with onnxruntime_errors(f"ONNX Runtime cannot load {path}"):
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-            raise ModelFormatError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
 
     def _infer_impl(self, images: np.ndarray) -> Outputs:
         with self._sessions.use() as session, onnxruntime_errors(f"ONNX Runtime cannot run {self.path.name}"):
