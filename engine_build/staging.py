@@ -5,9 +5,12 @@ one file system. ``--output`` is often a mount point (``/artifacts`` on a Docker
 symlink to another file system; a staging folder beside it, as before, made the last step fail with
 'Invalid cross-device link' after all the work. Inside it, the moves never cross a file system.
 
-A build holds an exclusive ``flock`` on its staging folder while it runs. A build killed where it could not
-clean up (SIGKILL, the OOM killer) leaves its folder behind, unheld: the next build into the same output
-removes it. A folder created the moment before is spared (its maker may not hold it yet).
+A build holds an exclusive ``flock`` on its staging folder while it runs, taken before the folder gets its
+``.building-`` name (made as ``.making-*``, locked, then renamed: the lock stays with the folder). So every
+``.building-*`` folder no build holds is a killed build's (SIGKILL, the OOM killer), and the next build into
+the same output removes it at once; a ``.making-*`` folder only once it is a minute old (its maker may be
+between the two steps). The lock holds between builds on one host. Output folders a failed build made
+(parents included) are removed again while empty.
 """
 from __future__ import annotations
 
@@ -23,52 +26,69 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 PREFIX = ".building-"
-ABANDONED_AFTER_S = 60     # an unheld staging folder untouched this long is a killed build's
+MAKING = ".making-"
+ABANDONED_AFTER_S = 60     # a .making-* folder untouched this long was left between its mkdir and its lock
 
 
 @contextlib.contextmanager
 def staging_folder(output: Path) -> Iterator[Path]:
     """A fresh staging folder inside ``output`` (made, with its parents, if missing), held while inside;
-    removed on the way out whatever happens, and ``output`` too if this made it and nothing was published."""
-    made_output = not output.is_dir()
-    # named before it is made, so that an interrupt at any point after this line leaves no folder
-    staging = output / f"{PREFIX}{uuid.uuid4().hex[:8]}"
+    removed on the way out whatever happens, and the folders this made too if nothing was published."""
+    made = [folder for folder in (output, *output.parents) if not folder.exists()]   # deepest first
+    name = uuid.uuid4().hex[:8]
+    # named before they are made, so that an interrupt at any point after this line leaves no folder
+    making, staging = output / f"{MAKING}{name}", output / f"{PREFIX}{name}"
     held = -1
     try:
         output.mkdir(parents=True, exist_ok=True)
         remove_abandoned(output)
-        staging.mkdir(mode=0o700)
-        held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        making.mkdir(mode=0o700)
+        held = os.open(making, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)   # no other build locks a .making-* folder
+        making.rename(staging)
         yield staging
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for folder in (staging, making):
+            shutil.rmtree(folder, ignore_errors=True)
         if held >= 0:
             os.close(held)
-        if made_output:
-            with contextlib.suppress(OSError):   # only while empty: not once an artifact is published
-                output.rmdir()
+        for folder in made:   # only while empty: not once an artifact is published
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def remove_abandoned(output: Path) -> list[Path]:
-    """Remove the staging folders in ``output`` that no build holds and none touched for a while; returns them."""
-    removed = []
-    for folder in output.glob(f"{PREFIX}*"):
-        try:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:   # gone meanwhile, or not a folder of ours
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if time.time() - os.fstat(fd).st_mtime < ABANDONED_AFTER_S:
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-        except BlockingIOError:   # a running build's
-            continue
-        finally:
-            os.close(fd)
+    """Remove the staging folders in ``output`` of builds that were killed; returns them."""
+    removed = [folder for folder in output.glob(f"{PREFIX}*") if _unheld(folder) and _removed(folder)]
+    removed += [folder for folder in output.glob(f"{MAKING}*") if _old(folder) and _removed(folder)]
     if removed:
         log.info("removed %d staging folder(s) of builds that were killed: %s", len(removed),
                  ", ".join(p.name for p in removed))
     return removed
+
+
+def _unheld(folder: Path) -> bool:
+    """No build holds ``folder`` (its lock, taken and let go at once here, was free)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:   # gone meanwhile, or not a folder of ours
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:   # a running build's
+        return False
+    finally:
+        os.close(fd)
+
+
+def _old(folder: Path) -> bool:
+    try:
+        return time.time() - folder.lstat().st_mtime >= ABANDONED_AFTER_S and folder.is_dir()
+    except OSError:
+        return False
+
+
+def _removed(folder: Path) -> bool:
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()

@@ -85,21 +85,58 @@ def test_a_build_into_a_mount_point_publishes_and_replaces_the_previous_artifact
 def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_but_a_running_ones_is_not(small_model,
                                                                                                tmp_path):
     """A build killed by SIGKILL or the OOM killer leaves its staging folder (326 MB for the full-size model)
-    inside the output; the next build removes it, but not one a running build holds."""
+    inside the output; the next build removes it at once (a rebuild seconds after an OOM kill kept it while it
+    was under a minute old), but not one a running build holds, nor a .making-* folder under a minute old
+    (its build may be between making it and locking it)."""
     out = tmp_path / "art"
     out.mkdir()
-    dead, live = out / ".building-deadbeef", out / ".building-0badcafe"
-    for folder in (dead, live):
+    dead, live, young, stale = (out / ".building-deadbeef", out / ".building-0badcafe", out / ".making-12345678",
+                                out / ".making-87654321")
+    for folder in (dead, live, young, stale):
         folder.mkdir()
         (folder / "model.onnx").write_bytes(b"half written")
-        os.utime(folder, (0, 0))
+    os.utime(stale, (0, 0))
     held = os.open(live, os.O_RDONLY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["build", *caffe(small_model), "--output", str(out), "--precision", "fp32"]) == 0
     finally:
         os.close(held)
-    assert sorted(p.name for p in out.iterdir()) == [live.name, "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [live.name, young.name, "manifest.json", "model.onnx"]
+
+
+def test_builds_starting_together_never_fail_each_other(tmp_path):
+    """A build's clean-up locked another's young staging folder for a moment to read its age; when that fell
+    between the other's mkdir and its own non-blocking lock, that build failed ('Resource temporarily
+    unavailable': 2 of 12,000 entries from 4 processes). Now a folder is locked before it gets the name the
+    clean-up looks at."""
+    import multiprocessing
+    out = tmp_path / "art"
+    out.mkdir()
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        failures = sum(pool.map(_enter_staging, [(out, 1500)] * 4))
+    assert failures == 0 and not list(out.iterdir())
+
+
+def _enter_staging(job: tuple[Path, int]) -> int:
+    from engine_build.staging import staging_folder
+    out, times = job
+    failures = 0
+    for _ in range(times):
+        try:
+            with staging_folder(out):
+                pass
+        except OSError:
+            failures += 1
+    return failures
+
+
+def test_a_failed_build_removes_the_output_folders_it_made(tmp_path, capsys):
+    """Only the last folder was removed: --output a/b/c left a/b behind."""
+    out = tmp_path / "a" / "b" / "c"
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    assert main(["build", "--onnx", str(tmp_path / "bad.onnx"), "--output", str(out), "--precision", "fp32"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
 # --- bug: inputs inside the output --------------------------------------------------------------------------
