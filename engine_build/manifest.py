@@ -319,7 +319,10 @@ def verify_file(directory: Path, entry: FileEntry | Mapping[str, Any]) -> Path:
     path = Path(directory) / entry.file
     if not path.exists():
         raise ArtifactError(f"{path} is listed in the manifest but missing")
-    actual = sha256(path)
+    try:
+        actual = sha256(path)
+    except OSError as exc:   # a folder (a bind mount of a missing file makes one), unreadable
+        raise ArtifactError(f"{path} is listed in the manifest but cannot be read: {exc.strerror or exc}") from exc
     if actual != entry.sha256:
         raise ArtifactError(f"{path} does not match its manifest (sha256 {actual[:12]}..., "
                             f"manifest says {entry.sha256[:12]}...): the artifact was modified; rebuild it")

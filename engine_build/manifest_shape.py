@@ -24,10 +24,11 @@ from typing import Any
 @dataclass(frozen=True)
 class Scalar:
     """A JSON value of one of ``types`` (true/false is never taken for a number); a string may have to
-    match ``pattern`` whole."""
+    match ``pattern`` whole, a number be above ``above`` (a divisor)."""
     types: tuple[type, ...]
     what: str
     pattern: str = ""
+    above: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ Shape = Scalar | Obj | ListOf | MapOf | Nullable | AnyOf
 STR = Scalar((str,), "a string")
 INT = Scalar((int,), "an integer")
 NUM = Scalar((int, float), "a number")
+POSITIVE = Scalar((int, float), "a number above 0", above=0)
 BOOL = Scalar((bool,), "true or false")
 # a file of the artifact: a name inside its directory, never a path that leads out of it
 FILE_NAME = Scalar((str,), "a file name in the artifact directory", r"(?!\.\.?$)[^/\\\x00]+")
@@ -86,7 +88,7 @@ SENSITIVITY_PASS = Obj({
 INT8 = Obj({"chosen_by": STR, "float_layers": MapOf(ListOf(STR)), "passes?": MapOf(SENSITIVITY_PASS)})
 # :func:`.range_audit.record`
 FP16_RANGE = Obj({
-    "limit": NUM, "margin": NUM, "images": INT, "source": STR, "largest_fp16": NUM,
+    "limit": POSITIVE, "margin": NUM, "images": INT, "source": STR, "largest_fp16": NUM,
     "tensors": ListOf(Obj({"tensor": STR, "op": STR, "max_abs": NUM, "fp16_file": STR, "float32": Nullable(STR),
                            "window_sum_sq?": Nullable(NUM), "near_limit?": BOOL}))})
 # :class:`.runtime.identity.EngineIdentity` (an incomplete one reads as none) and the timing cache's record
@@ -130,6 +132,8 @@ def mismatch(value: Any, shape: Shape, where: str = "") -> str | None:
     if isinstance(shape, Scalar):
         fits = isinstance(value, shape.types) and (bool in shape.types or not isinstance(value, bool))
         if fits and shape.pattern and not re.fullmatch(shape.pattern, value):
+            fits = False
+        if fits and shape.above is not None and not value > shape.above:
             fits = False
         return None if fits else _expected(where, shape.what, value)
     if isinstance(shape, ListOf):

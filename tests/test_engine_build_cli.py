@@ -72,6 +72,22 @@ def test_tampered_file_is_refused(small_artifact, tmp_path):
         verify_file(copy, manifest["files"]["int8"])
 
 
+def test_an_artifact_file_that_is_a_folder_is_refused_in_one_line(small_artifact, tmp_path):
+    """A bind mount of a missing file makes a folder in its place: reading it for its checksum raised
+    IsADirectoryError, a traceback from python -m stream."""
+    import shutil
+
+    from engine_build.artifact import open_artifact
+    copy = tmp_path / "copy"
+    shutil.copytree(small_artifact, copy)
+    (copy / "model.onnx").unlink()
+    (copy / "model.onnx").mkdir()
+    with pytest.raises(ArtifactError, match=r"model.onnx is listed in the manifest but cannot be read: Is a "
+                                            r"directory") as caught:
+        open_artifact(copy, "onnxruntime", "fp32")
+    assert "\n" not in str(caught.value)
+
+
 def test_failing_gate_fails_the_build(small_model, tmp_path, capsys):
     """INT8 calibrated on one flat grey image saturates on real photos: the gate must catch it."""
     import cv2

@@ -208,6 +208,7 @@ TAMPERED = {
     "gate-string": (_set("validation.gate", "x"), 'validation.gate: expected an object, got "x"'),
     "int8-record-empty": (_set("int8", {}), "int8.chosen_by: missing"),
     "fp16-range-empty": (_set("fp16_range", {}), "fp16_range.limit: missing"),
+    "fp16-range-limit-zero": (_set("fp16_range.limit", 0), "fp16_range.limit: expected a number above 0, got 0"),
     "fp16-range-tensor-max-str": (_set("fp16_range.tensors.0.max_abs", "big"),
                                   'fp16_range.tensors[0].max_abs: expected a number, got "big"'),
     "quantizer-string": (_set("files.int8.quantizer", "nncf"),
