@@ -73,14 +73,20 @@ def client_version(kafka_client: str) -> str:
 
 
 def startup_line(cfg: StreamConfig, runtime: str, streams: int, decoders: int, cores: int, cpu: dict,
-                 lane: str = "", streams_note: str = "") -> str:
+                 lane: str = "", streams_note: str = "", threads_run: int = 0) -> str:
     """What this process runs with: the processing guarantee, the Kafka client, the runtime and how
     the machine's cores were split (each count with where it came from; ``lane``: the runtime's latency
-    lane choice; ``streams_note``: why the runtime granted fewer streams than asked, where it did), and
-    the CPU."""
+    lane choice; ``streams_note``: why the runtime granted fewer streams than asked, where it did;
+    ``threads_run``: the inference threads the runtime says it runs, 0 where it says none), and the CPU."""
     streams_from = streams_note or (f"--inference-streams {cfg.inference_streams}" if cfg.inference_streams
                                     else "the runtime's choice")
-    threads = f"{cfg.inference_threads} inference threads" if cfg.inference_threads else "inference on every core"
+    if threads_run and threads_run != cfg.inference_threads:   # the runtime's count, where the flag is not it
+        asked = f" (asked {cfg.inference_threads})" if cfg.inference_threads else ""
+        threads = f"{threads_run} inference thread{'s' * (threads_run != 1)}{asked}"
+    elif cfg.inference_threads:
+        threads = f"{cfg.inference_threads} inference threads"
+    else:
+        threads = "inference on every core"
     decoders_from = f"--decode-workers {cfg.decode_workers}" if cfg.decode_workers else f"auto for {cores} cores"
     extensions = ", ".join(cpu.get("extensions", ())) or "no vector extensions that change kernels"
     rebalancing = ", cooperative rebalancing" if cfg.assignment_strategy == "cooperative-sticky" else ""
@@ -149,7 +155,7 @@ def _run(argv: list[str] | None, environ: dict, build: Build | None, child_comma
     logging.getLogger("stream").info("%s", startup_line(cfg, str(service.model_info["runtime"]),
                                                         service.backend.concurrency, service.pipeline.decode_workers,
                                                         usable_cores(), this_cpu(), service.backend.lane_choice,
-                                                        service.backend.streams_note))
+                                                        service.backend.streams_note, service.backend.threads))
     if received:
         service.stop()   # stopped while starting: run() closes at once
     if service.model_info["placeholder"]:

@@ -62,6 +62,7 @@ def test_the_start_up_line_takes_the_streams_note_from_the_backend(caplog):
 
     model = PixelModel(concurrency=2)
     model.streams_note = "asked 64; OpenVINO allows 2 with 2 threads"
+    model.threads = 2
     broker = FakeBroker()
     broker.create_topic("in", 1)
 
@@ -74,4 +75,14 @@ def test_the_start_up_line_takes_the_streams_note_from_the_backend(caplog):
                  "--dead-letter-topic", "dlq", "--artifact", "a", "--metrics-port", "0", "--inference-streams", "64"],
                 {}, build=stopped_service) == 0
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting: ")]
-    assert "2 inference streams (asked 64; OpenVINO allows 2 with 2 threads; inference on every core)" in line
+    assert "2 inference streams (asked 64; OpenVINO allows 2 with 2 threads; 2 inference threads)" in line
+
+
+def test_the_start_up_line_gives_the_threads_the_runtime_runs_not_the_flag():
+    """--inference-threads 3 on a 2-core machine: OpenVINO runs 2, and the line said 3."""
+    line = startup_line(config(inference_threads=3), "openvino (int8)", streams=1, decoders=1, cores=2, cpu=AVX2,
+                        threads_run=2)
+    assert "1 inference stream (the runtime's choice; 2 inference threads (asked 3))" in line
+    line = startup_line(config(inference_threads=2), "openvino (int8)", streams=1, decoders=1, cores=2, cpu=AVX2,
+                        threads_run=2)
+    assert "(the runtime's choice; 2 inference threads)" in line

@@ -190,6 +190,7 @@ class Backend(ABC):
     on_cpu: bool = True      # inference competes with decoding for the CPU's cores
     lane_choice: str = ""    # whether a latency lane runs and what that rests on, where the runtime has one
     streams_note: str = ""   # where ``concurrency`` is fewer than the streams asked: what was asked and why
+    threads: int = 0         # the CPU inference threads the runtime runs, as it says (0: not a CPU runtime)
 
     def __init__(self, path: Path, precision: str, max_batch: int) -> None:
         self.path = Path(path)

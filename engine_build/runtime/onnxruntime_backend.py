@@ -35,6 +35,7 @@ class OnnxRuntimeBackend(Backend):
             self.streams_note = (f"asked {streams}; ONNX Runtime gives each stream a thread of its own, and "
                                  f"{plural(total, 'thread')} allow {self.concurrency}")
         shares = split_threads(total, self.concurrency)
+        self.threads = sum(shares)
         self._sessions = Slots(self._session(path, share if threads or self.concurrency > 1 else 0)
                                for share in shares)
 

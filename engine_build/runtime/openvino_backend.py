@@ -93,9 +93,10 @@ class OpenVinoBackend(Backend):
         except RuntimeError as exc:
             raise ModelFormatError(f"OpenVINO cannot load {path}: {str(exc).splitlines()[0]}") from exc
         self.concurrency = max(1, int(self._compiled.get_property("NUM_STREAMS")))
+        self.threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))   # what it runs, whatever asked
         if streams > self.concurrency:   # OpenVINO grants at most one stream per inference thread
-            granted = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
-            self.streams_note = f"asked {streams}; OpenVINO allows {self.concurrency} with {plural(granted, 'thread')}"
+            self.streams_note = (f"asked {streams}; OpenVINO allows {self.concurrency} with "
+                                 f"{plural(self.threads, 'thread')}")
         self._small = max(1, max_batch // 4)   # the most a lone call may carry onto the latency lane
         requests = [self._compiled.create_infer_request() for _ in range(self.concurrency)]
         lone = None
