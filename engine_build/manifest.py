@@ -1,12 +1,13 @@
 """``manifest.json``: what an artifact holds and how far it can be trusted.
 
-:class:`Manifest` is the one place that spells the file's keys: the build makes one with
+:class:`Manifest` is the one place that reads and writes the file: the build makes one with
 :meth:`Manifest.create`, every reader (the service, ``inspect``, ``evaluate``, the benchmarks)
 gets one from :meth:`Manifest.read`, which checks the format and the shape (:mod:`.manifest_shape`:
 every key a reader uses, with its type), and reads it through typed views
-(:class:`ModelInfo`, :class:`FileEntry`, ...). The service refuses files whose sha256 differ from
-it; the engine's identity in it (GPU, TensorRT version, batch range) is compared by
-:mod:`.runtime.identity`.
+(:class:`ModelInfo`, :class:`FileEntry`, ...). The keys are spelled twice, in the views and in the shape:
+a key a view reads must be declared there too, or its absence is met as a KeyError again. The service
+refuses files whose sha256 differ from it; the engine's identity in it (GPU, TensorRT version, batch
+range) is compared by :mod:`.runtime.identity`.
 
 A ``Manifest`` wraps the JSON document rather than replacing it: what is written is exactly the
 document read or created, so files on disk keep their shape and key order, and the records that
