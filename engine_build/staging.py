@@ -34,15 +34,21 @@ ABANDONED_AFTER_S = 60     # a .making-* folder untouched this long was left bet
 def staging_folder(output: Path) -> Iterator[Path]:
     """A fresh staging folder inside ``output`` (made, with its parents, if missing), held while inside;
     removed on the way out whatever happens, and the folders this made too if nothing was published."""
-    made = [folder for folder in (output, *output.parents) if not folder.exists()]   # deepest first
+    made = _missing(output)
     name = uuid.uuid4().hex[:8]
     # named before they are made, so that an interrupt at any point after this line leaves no folder
     making, staging = output / f"{MAKING}{name}", output / f"{PREFIX}{name}"
     held = -1
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(output)
-        making.mkdir(mode=0o700)
+        for attempt in range(1, 6):
+            try:
+                output.mkdir(parents=True, exist_ok=True)
+                remove_abandoned(output)
+                making.mkdir(mode=0o700)
+                break
+            except FileNotFoundError:   # a build beside this one that had made (part of) the output removed it,
+                if attempt == 5:        # empty, between the two steps: make it again
+                    raise
         held = os.open(making, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)   # no other build locks a .making-* folder
         making.rename(staging)
@@ -55,6 +61,15 @@ def staging_folder(output: Path) -> Iterator[Path]:
         for folder in made:   # only while empty: not once an artifact is published
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+def _missing(output: Path) -> list[Path]:
+    """The folders making ``output`` will make, deepest first: those it leads to (``new/../old/out`` leads to
+    ``old``, which may be there already), and those the path passes through on the way (``new``)."""
+    where = output.resolve()
+    missing = [folder for folder in (where, *where.parents) if not folder.exists()]
+    return missing + [folder for folder in output.parents if ".." not in folder.parts and not folder.exists()
+                      and folder.resolve() not in missing]
 
 
 def remove_abandoned(output: Path) -> list[Path]:

@@ -64,6 +64,11 @@ def test_onnx_runtime_runs_no_more_streams_than_inference_threads_and_says_why(s
                                       "allow 2"
     with open_backend("onnxruntime", path, "fp32", threads=1, streams=0) as auto:
         assert (auto.concurrency, threads(auto), auto.streams_note) == (1, 1, "")   # its own choice, within 1
+        assert auto.threads == 1
+    with open_backend("onnxruntime", path, "fp32", streams=1) as default:
+        # one session on ONNX Runtime's own count (0), which it does not say and which need not be the usable
+        # cores (it counted 2 under taskset -c 0): the start-up line says nothing rather than a wrong count
+        assert (threads(default), default.threads) == (0, 0)
     cores = usable_cores()
     with open_backend("onnxruntime", path, "fp32", streams=cores + 1) as every_core:   # threads: every core
         assert every_core.concurrency == cores and every_core.streams_note.startswith(f"asked {cores + 1}; ")

@@ -105,17 +105,31 @@ def test_a_killed_builds_staging_folder_is_removed_by_the_next_build_but_a_runni
     assert sorted(p.name for p in out.iterdir()) == [live.name, young.name, "manifest.json", "model.onnx"]
 
 
-def test_builds_starting_together_never_fail_each_other(tmp_path):
+@pytest.mark.parametrize("new_output", [False, True])
+def test_builds_starting_together_never_fail_each_other(tmp_path, new_output):
     """A build's clean-up locked another's young staging folder for a moment to read its age; when that fell
     between the other's mkdir and its own non-blocking lock, that build failed ('Resource temporarily
     unavailable': 2 of 12,000 entries from 4 processes). Now a folder is locked before it gets the name the
-    clean-up looks at."""
+    clean-up looks at. Into an output none had made, one build removing it (empty, its own) between another's
+    making it and making its staging folder in it failed that one (FileNotFoundError, 1-2 of 6,000)."""
     import multiprocessing
-    out = tmp_path / "art"
-    out.mkdir()
+    out = tmp_path / "a" / "b" / "art" if new_output else tmp_path / "art"
+    if not new_output:
+        out.mkdir()
     with multiprocessing.get_context("fork").Pool(4) as pool:
         failures = sum(pool.map(_enter_staging, [(out, 1500)] * 4))
-    assert failures == 0 and not list(out.iterdir())
+    assert failures == 0 and not list(out.glob(".*"))
+
+
+def test_a_failed_build_keeps_a_folder_its_output_path_only_passed_through(tmp_path, monkeypatch):
+    """--output new/../existing/out with new/ missing: the path's new/.. did not exist, so the clean-up counted
+    it as made and removed existing/, an empty folder that was there before (a mount point, say)."""
+    from engine_build.staging import staging_folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(RuntimeError), staging_folder(Path("new/../existing/out")):
+        raise RuntimeError("the build failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and not list((tmp_path / "existing").iterdir())
 
 
 def _enter_staging(job: tuple[Path, int]) -> int:

@@ -639,6 +639,32 @@ def test_kafka_python_close_waits_for_a_probe_producer_under_way_and_closes_it(k
     assert made[0]._closed, "the probe made during close() was closed by it"
 
 
+def test_kafka_python_a_probe_abort_the_coordinator_never_answers_stops_the_member(kafka_broker, monkeypatch):
+    """kafka-python's abort_transaction waits on the coordinator without a bound; the sink's bound left its thread
+    waiting for ever, one more for each record sent alone while the coordinator stayed silent. As with the main
+    producer's unanswered transaction calls, the member now stops (a restart makes new producers)."""
+    import kafka
+
+    from stream.kafka_sink import KafkaSink
+    from stream.records import Outgoing
+    t = names(kafka_broker, partitions=1)
+    sink = KafkaSink(kafka_broker.bootstrap, {}, transactional_id=f"tx-silent-{t['group']}", transaction_calls_s=0.3)
+    real = kafka.KafkaProducer
+    never = threading.Event()
+
+    def silent_coordinator(**settings):
+        probe = real(**settings)
+        probe.abort_transaction = lambda: never.wait()
+        return probe
+    monkeypatch.setattr(kafka, "KafkaProducer", silent_coordinator)
+    try:
+        assert sink._transact_alone(Outgoing(t["output"], b"k", b"v", [])) is None, "the record itself was accepted"
+        assert sink.failure is not None and "did not answer within 0.3 s" in str(sink.failure), sink.failure
+    finally:
+        never.set()
+        sink.close()
+
+
 @pytest.mark.parametrize("transactional", [False, True])
 def test_kafka_python_a_record_larger_than_max_request_size_is_refused_at_once_not_probed_as_a_broker_refusal(
         kafka_broker, caplog, transactional):

@@ -35,9 +35,10 @@ class OnnxRuntimeBackend(Backend):
             self.streams_note = (f"asked {streams}; ONNX Runtime gives each stream a thread of its own, and "
                                  f"{plural(total, 'thread')} allow {self.concurrency}")
         shares = split_threads(total, self.concurrency)
+        if not (threads or self.concurrency > 1):   # one session on ONNX Runtime's own count, which it does not say
+            shares = [0]
         self.threads = sum(shares)
-        self._sessions = Slots(self._session(path, share if threads or self.concurrency > 1 else 0)
-                               for share in shares)
+        self._sessions = Slots(self._session(path, share) for share in shares)
 
     @staticmethod
     def _session(path: Path, threads: int) -> Any:
