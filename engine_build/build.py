@@ -172,18 +172,14 @@ def emit_fp16(cfg: BuildConfig, source: Net | onnx.ModelProto, placeholder: bool
 
 def check_float_layers(cfg: BuildConfig, fp32: Path) -> None:
     """``--int8-float-layers`` names only quantisable layers of model.onnx, whatever the precision: checked
-    as soon as model.onnx exists, before the FP16 range audit and any quantisation."""
+    as soon as model.onnx exists, before the FP16 range audit and any quantisation (which relies on it)."""
     if cfg.int8_float_layers:
         from .quantize import quantizable_layers
-        graph = onnx.load(str(fp32), load_external_data=False).graph
-        refuse_unknown_layers(cfg.int8_float_layers, quantizable_layers(graph), fp32.name)
-
-
-def refuse_unknown_layers(names: Collection[str], layers: list[str], file: str) -> None:
-    unknown = [name for name in names if name not in layers]
-    if unknown:
-        raise ConfigError(f"--int8-float-layers {unknown[0]}: not a quantisable layer of {file} "
-                          f"(its layers: {', '.join(layers)})")
+        layers = quantizable_layers(onnx.load(str(fp32), load_external_data=False).graph)
+        unknown = [name for name in cfg.int8_float_layers if name not in layers]
+        if unknown:
+            raise ConfigError(f"--int8-float-layers {unknown[0]}: not a quantisable layer of {fp32.name} "
+                              f"(its layers: {', '.join(layers)})")
 
 
 def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tuple[dict[str, Path], dict, dict]:
@@ -209,8 +205,7 @@ def quantize_variants(cfg: BuildConfig, fp32: Path, calibration: ImageSet) -> tu
         float_layers = {name: p.float_layers for name, p in passes.items()}
         record = {"chosen_by": "sensitivity pass", "float_layers": {k: list(v) for k, v in float_layers.items()},
                   "passes": {name: p.record() for name, p in passes.items()}}
-    else:
-        refuse_unknown_layers(cfg.int8_float_layers, layers, fp32.name)
+    else:   # names checked by check_float_layers, right after model.onnx was written
         float_layers = {name: cfg.int8_float_layers for name in used}
         record = {"chosen_by": "--int8-float-layers",
                   "float_layers": {name: list(cfg.int8_float_layers) for name in used}}
