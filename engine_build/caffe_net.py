@@ -267,7 +267,7 @@ def expected_blob_shapes(layer: Layer) -> list[tuple[int, ...]]:
     return [weight, (p["num_output"],)] if p["bias_term"] else [weight]
 
 
-def _finite(values: np.ndarray) -> bool:
+def all_finite(values: np.ndarray) -> bool:
     """No NaN and no infinity in ``values``: max and min propagate NaN and reach an infinity without the
     mask ``np.isfinite`` would allocate (a quarter of fc6's bytes, over a memory-mapped file)."""
     return values.size == 0 or bool(np.isfinite(values.max()) and np.isfinite(values.min()))
@@ -301,7 +301,7 @@ def attach_weights(net: Net, records: Iterable[CaffeLayerWeights]) -> list[str]:
             if not match:
                 raise ModelFormatError(f"layer '{layer.name}': {what} shape {list(shape)} in the caffemodel, "
                                        f"the prototxt needs {list(want)}")
-            if not _finite(blob):
+            if not all_finite(blob):
                 raise ModelFormatError(f"layer '{layer.name}': {what} hold NaN or infinite values")
             arrays.append(blob.reshape(want))
         layer.weights = arrays

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .caffe_net import all_finite
 from .errors import ModelFormatError
 from .onnx_graph import FLOAT32_ONLY_OPS, OPSET, GraphBuilder, add_preprocessing, finish_model
 from .preprocess import CROP_SIZE
@@ -56,7 +57,7 @@ def load_classifier(path: Path) -> onnx.ModelProto:
                                    f"export with dynamic axes (torch.onnx.export(..., dynamic_axes="
                                    f"{{'{inputs[0].name}': {{0: 'N'}}, '{graph.output[0].name}': {{0: 'N'}}}}))")
     for init in graph.initializer:
-        if init.data_type in _FLOATS and not np.isfinite(numpy_helper.to_array(init)).all():
+        if init.data_type in _FLOATS and not all_finite(numpy_helper.to_array(init)):
             raise ModelFormatError(f"--onnx {path}: initializer '{init.name}' holds NaN or infinite values")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
     if opset != OPSET:
