@@ -266,14 +266,13 @@ class KafkaSink(SinkBase):
             return error
         try:   # bounded, as kafka-python's abort waits on the coordinator without a bound of its own
             self._bounded("aborting the probe's transaction", time.monotonic() + self._calls_s, probe.abort_transaction)
-        except KafkaPermanent as unanswered:   # its call waits on for ever, a thread each time: as the main
-            # producer's unanswered transaction calls do, the member stops, and a restart makes new producers
-            self._refusals.stop(record.topic, unanswered, closed=self._closed)
-            self._probe = None
-            threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
-        except Exception as exc:   # left fatal by the refusal: the next probe starts afresh (and aborts this one)
-            log.warning("aborting the probe producer's transaction failed (%s); the next record sent alone makes a "
-                        "new one", exc)
+        except Exception as exc:   # the next probe starts afresh (and aborts this one)
+            if isinstance(exc, KafkaPermanent):   # unanswered: its call waits on for ever, a thread each time; as
+                # with the main producer's unanswered transaction calls the member stops (a restart makes new ones)
+                self._refusals.stop(record.topic, exc, closed=self._closed)
+            else:   # left fatal by the refusal
+                log.warning("aborting the probe producer's transaction failed (%s); the next record sent alone "
+                            "makes a new one", exc)
             self._probe = None
             threading.Thread(target=close_producer, args=(probe, 5.0), daemon=True).start()
         return error
