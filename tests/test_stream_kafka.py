@@ -560,11 +560,23 @@ def test_kafka_python_records_queued_behind_ones_it_gave_up_on_do_not_overtake_t
     assert list(dict.fromkeys(values)) == [b"m-1", *[b"m%d" % i for i in range(6)]], values
 
 
+def _close_while_a_producer_is_made(sink, entered: threading.Event, release: threading.Event) -> threading.Thread:
+    """Once ``entered`` says a producer is being made (held until ``release``), start ``sink.close()`` on a thread
+    of its own; let the making go on once close() has begun. The closing thread."""
+    try:
+        assert entered.wait(30), "a producer is being made"
+        closing = threading.Thread(target=sink.close)
+        closing.start()
+        wait_until(lambda: sink._closed, "close() has begun")
+    finally:
+        release.set()
+    return closing
+
+
 def test_kafka_python_close_waits_for_a_producer_replacement_under_way_and_closes_the_new_producer(kafka_broker):
     """A fatal producer is replaced on the retry thread; close() during that replacement must close the new
     producer too, or it is left running (its IO thread, its connections) with nothing to close it."""
     from stream.kafka_sink import KafkaSink
-    from tests.waiting import wait_until
     sink = KafkaSink(kafka_broker.bootstrap, {})
     made: list = []
     entered, release = threading.Event(), threading.Event()
@@ -578,14 +590,8 @@ def test_kafka_python_close_waits_for_a_producer_replacement_under_way_and_close
     sink._new_producer = slow_new_producer
     replacing = threading.Thread(target=sink._replace, args=(sink._producer, "a test"))
     replacing.start()
-    try:
-        assert entered.wait(30), "the replacement started"
-        closing = threading.Thread(target=sink.close)
-        closing.start()
-        wait_until(lambda: sink._closed, "close() has begun")
-    finally:
-        release.set()
-        replacing.join(30)
+    closing = _close_while_a_producer_is_made(sink, entered, release)
+    replacing.join(30)
     closing.join(60)
     assert not closing.is_alive() and len(made) == 1
     assert made[0]._closed, "the producer made during close() was closed by it"
@@ -626,13 +632,9 @@ def test_kafka_python_close_waits_for_a_probe_producer_under_way_and_closes_it(k
     probing = threading.Thread(target=alone, args=(Outgoing(t["output"], b"k", b"v", []),))
     probing.start()
     try:
-        assert entered.wait(30), "the probe is being made"
-        closing = threading.Thread(target=sink.close)
-        closing.start()
-        wait_until(lambda: sink._closed, "close() has begun")
-    finally:
-        release.set()
+        closing = _close_while_a_producer_is_made(sink, entered, release)
         closing.join(60)
+    finally:
         closed.set()
         probing.join(60)
     assert not closing.is_alive() and not probing.is_alive() and len(made) == 1
