@@ -23,6 +23,16 @@ def _wait(what: str, check, process, log, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def _stop_once_committed(broker, t: dict, count: int, process, log, timeout: float = 120) -> None:
+    """Wait until the group has committed ``count`` inputs of partition 0 (the service still running), then stop
+    the service, whatever the wait came to."""
+    try:
+        _wait(f"{count} inputs committed", lambda: (committed(broker.bootstrap, t["group"], t["input"]).get(0)
+                                                    or 0) >= count, process, log, timeout)
+    finally:
+        stop(process, log)
+
+
 def spans(positions: set[tuple[int, int]]) -> str:
     """``p0: 3-9, 12; p1: 4`` for an assertion message."""
     out: dict[int, list[list[int]]] = {}
@@ -129,11 +139,7 @@ def test_a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_partition
     log = tmp_path / "refused.log"
     process = start_service(schema_broker, t, small_artifact, log, session_timeout_ms=SESSION_MS,
                             kafka_client=kafka_client)
-    try:
-        _wait("every input committed", lambda: (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0)
-                                                or 0) >= total, process, log, timeout=180)
-    finally:
-        stop(process, log)
+    _stop_once_committed(schema_broker, t, total, process, log, timeout=180)
     results = read_all(schema_broker.bootstrap, t["output"], total - 9)
     dead = read_all(schema_broker.bootstrap, t["dlq"], 9)
     got = [o for _, o in positions(results)]
@@ -184,11 +190,7 @@ def test_an_input_with_megabytes_of_headers_is_dead_lettered_without_them(kafka_
     log = tmp_path / "headers.log"
     process = start_service(kafka_broker, t, small_artifact, log, max_message_bytes=1 << 20,
                             session_timeout_ms=SESSION_MS)
-    try:
-        _wait("both inputs committed", lambda: (committed(kafka_broker.bootstrap, t["group"], t["input"]).get(0)
-                                                or 0) >= 2, process, log)
-    finally:
-        stop(process, log)
+    _stop_once_committed(kafka_broker, t, 2, process, log)
     (dead,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
     headers = dict(dead.headers)
     assert dead.key == b"heavy" and dead.value == image and "blob" not in headers
@@ -281,11 +283,7 @@ def test_exactly_once_a_record_the_broker_refuses_for_good_is_dead_lettered_and_
     process = start_service(schema_broker, t, small_artifact, log, processing_guarantee="exactly-once",
                             transactional_id=f"eos-{t['group']}", session_timeout_ms=SESSION_MS,
                             kafka_client=kafka_client)
-    try:
-        _wait("every input committed", lambda: (committed(schema_broker.bootstrap, t["group"], t["input"]).get(0)
-                                                or 0) >= total, process, log, timeout=240)
-    finally:
-        stop(process, log)
+    _stop_once_committed(schema_broker, t, total, process, log, timeout=240)
     results = collections.Counter(o for _, o in positions(read_committed(schema_broker.bootstrap, t["output"])))
     assert results == collections.Counter(i for i in range(total) if i not in bad), "each innocent result once"
     dead = [r for r in read_committed(schema_broker.bootstrap, t["dlq"]) if r.key is not None]
@@ -307,11 +305,7 @@ def test_a_null_header_value_goes_on_to_the_result_and_the_dead_letter(kafka_bro
     assert producer.flush(30) == 0
     log = tmp_path / "null-header.log"
     process = start_service(kafka_broker, t, small_artifact, log, kafka_client=kafka_client)
-    try:
-        _wait("every input committed", lambda: (committed(kafka_broker.bootstrap, t["group"], t["input"]).get(0)
-                                                or 0) >= 3, process, log)
-    finally:
-        stop(process, log)
+    _stop_once_committed(kafka_broker, t, 3, process, log)
     null = None if kafka_client == "librdkafka" else b""
     results, (dead,) = read_all(kafka_broker.bootstrap, t["output"], 2), read_all(kafka_broker.bootstrap, t["dlq"], 1)
     assert [(r.key, r.headers) for r in results] == [(b"null-header", [("trace", null), ("id", b"7")]),
@@ -352,11 +346,7 @@ def test_a_record_whose_header_key_is_not_utf8(kafka_broker, small_artifact, tmp
         assert last.startswith(f"stream: error: consuming {t['input']}[0] at offset 1: ") and \
             "a header key that is not UTF-8" in last and "--kafka-client librdkafka" in last, last
         return
-    try:
-        _wait("every input committed", lambda: (committed(kafka_broker.bootstrap, t["group"], t["input"]).get(0)
-                                                or 0) >= 3, process, log)
-    finally:
-        stop(process, log)
+    _stop_once_committed(kafka_broker, t, 3, process, log)
     (dead,) = read_all(kafka_broker.bootstrap, t["dlq"], 1)
     assert dead.key == b"bad-key" and dead.value == image
     assert dict(dead.headers)["error.reason"] == b"bad_headers", dead.headers
