@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.arguments import COUNT, number, run  # noqa: E402
 from engine_build.imaging import builtin_photos  # noqa: E402
 
 
@@ -63,9 +64,9 @@ def one_run(broker, artifact: Path, messages: int, guarantee: str, interval_ms: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, help="artifact to run (default: build a full-size placeholder)")
-    parser.add_argument("--messages", type=int, default=600)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--intervals-ms", type=float, nargs="+", default=[100, 300, 1000, 3000])
+    parser.add_argument("--messages", type=COUNT, default=600)
+    parser.add_argument("--repeats", type=COUNT, default=3)
+    parser.add_argument("--intervals-ms", type=number(float, 0, above=True), nargs="+", default=[100, 300, 1000, 3000])
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -103,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main, "exactly_once.py"))

@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.arguments import COUNT, number, run  # noqa: E402
 from engine_build.errors import BackendUnavailable, SentimentError  # noqa: E402
 from engine_build.runtime import cuda_memory  # noqa: E402
 
@@ -183,15 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="step", required=True)
     sub.add_parser("versions")
     c = sub.add_parser("cuda")
-    c.add_argument("--mib", type=int, default=64)
+    c.add_argument("--mib", type=COUNT, default=64)
     t = sub.add_parser("tensorrt")
     t.add_argument("--artifact", type=Path, help="artifact with an engine (default: build a full-size placeholder)")
-    t.add_argument("--max-batch", type=int, default=64)
-    t.add_argument("--repeats", type=int, default=20)
+    t.add_argument("--max-batch", type=COUNT, default=64)
+    t.add_argument("--repeats", type=COUNT, default=20)
     t.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     t.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work",
                    help="where the default placeholder artifact is built and kept between runs")
-    t.add_argument("--width", type=float, default=1.0,
+    t.add_argument("--width", type=number(float, 0, above=True), default=1.0,
                    help="width of the default placeholder model (1 = the full-size network)")
     args = parser.parse_args(argv)
     try:
@@ -212,4 +213,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "gpu_check.py"))

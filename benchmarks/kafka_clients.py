@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.arguments import COUNT, number, run
+
 CLIENTS = ("kafka-python", "librdkafka")
 
 
@@ -89,11 +91,11 @@ def one_round(bootstrap: str, client: str, topic: str, records: int, tmp: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=5000)
-    parser.add_argument("--value-bytes", type=int, default=52_000, help="input record size (a typical JPEG)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--records", type=COUNT, default=5000)
+    parser.add_argument("--value-bytes", type=number(int, 0), default=52_000, help="input record size (a typical JPEG)")
+    parser.add_argument("--rounds", type=COUNT, default=2)
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
-    parser.add_argument("--session-timeout-ms", type=int, default=10_000,
+    parser.add_argument("--session-timeout-ms", type=COUNT, default=10_000,
                         help="the group session timeout of each round's consumer (default: the service's); "
                              "each round's join waits about half of it, so a short run (a test) gives less")
     args = parser.parse_args(argv)
@@ -135,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main, "kafka_clients"))

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.arguments import COUNT, run  # noqa: E402
 from engine_build.imaging import DecodeLimits, ImageInfo  # noqa: E402
 from engine_build.runtime.base import Backend, Outputs  # noqa: E402
 from plugins.codecs import RawCodec  # noqa: E402
@@ -111,8 +112,8 @@ def one_run(messages: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=20_000, help="messages per run (default 20,000)")
-    parser.add_argument("--runs", type=int, default=5, help="runs after a warm-up; the median is reported "
+    parser.add_argument("--messages", type=COUNT, default=20_000, help="messages per run (default 20,000)")
+    parser.add_argument("--runs", type=COUNT, default=5, help="runs after a warm-up; the median is reported "
                                                               "(default 5)")
     args = parser.parse_args(argv)
     one_run(min(args.messages, 2_000))    # warm-up: first allocations, imports, thread start-up
@@ -123,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "processor_overhead.py"))

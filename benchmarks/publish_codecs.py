@@ -10,6 +10,8 @@ import json
 import statistics
 import time
 
+from benchmarks.arguments import COUNT, run
+
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
@@ -47,8 +49,8 @@ def measure(bootstrap: str, codec: str, records: list[bytes]) -> tuple[float, fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--records", type=COUNT, default=20_000)
+    parser.add_argument("--repeats", type=COUNT, default=3)
     args = parser.parse_args(argv)
     from stream.embedded_broker import EmbeddedBroker
     records = label_records(args.records)
@@ -62,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main, "publish_codecs"))

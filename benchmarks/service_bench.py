@@ -255,6 +255,24 @@ def percentiles(latencies: list[float]) -> dict:
             "samples": len(ms)}
 
 
+def _ahead(processes: int, options: dict) -> int:
+    """How many messages the members run ahead of their results (max_in_flight + max_poll_records each)."""
+    from stream.config import StreamConfig
+    return processes * (int(options.get("max_in_flight", StreamConfig.max_in_flight))
+                        + int(options.get("max_poll_records", StreamConfig.max_poll_records)))
+
+
+def steady_window(messages: int, processes: int = 1, **options: object) -> tuple[int, int]:
+    """The results [lo, hi) of a backlog of ``messages`` that :meth:`Bench.backlog` reads its rate over."""
+    ahead = _ahead(processes, options)
+    return max(int(0.1 * messages), 3 * ahead), min(int(0.9 * messages), messages - 2 * ahead)
+
+
+def least_backlog(processes: int = 1, **options: object) -> int:
+    """The smallest backlog whose steady window holds 0.3 of it: [3 x ahead, m - 2 x ahead] binds there."""
+    return int(5 * _ahead(processes, options) / 0.7) + 1
+
+
 # ---------------------------------------------------------------- the runs
 class Bench:
     def __init__(self, broker, artifact: Path, payloads: list[bytes], workdir: Path, partitions: int = 4,
@@ -351,13 +369,10 @@ class Bench:
         service (decode calls against results over the window), a 4,000-image run read over
         [ahead, end - ahead] decoded 6.5 % fewer images than it answered, the old 10-90 % window of
         3,000 4.5 % fewer, and [3 x ahead, end - 2 x ahead] of 8,000 1.6 % more: that window is used."""
-        from stream.config import StreamConfig
-        ahead = processes * (int(options.get("max_in_flight", StreamConfig.max_in_flight))
-                             + int(options.get("max_poll_records", StreamConfig.max_poll_records)))
-        lo, hi = max(int(0.1 * messages), 3 * ahead), min(int(0.9 * messages), messages - 2 * ahead)
+        lo, hi = steady_window(messages, processes, **options)
         if hi - lo < 0.3 * messages:
             raise ValueError(f"a backlog of {messages} leaves too few steady results for {processes} member(s): "
-                             f"use at least {int(5 * ahead / 0.7) + 1}")
+                             f"use at least {least_backlog(processes, **options)}")
         topic = self.topic(f"backlog-{mode.replace(':', '-').replace('.', '_')}")
         for i in range(messages):
             self.prod.send(topic, self.payloads[i % len(self.payloads)], i)

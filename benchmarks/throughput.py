@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.arguments import COUNT, SECONDS, number, run  # noqa: E402
+from benchmarks.service_bench import least_backlog  # noqa: E402
 from engine_build.imaging import DecodeLimits, builtin_photos, decode, photo_views  # noqa: E402
 from engine_build.manifest import Manifest  # noqa: E402
 from engine_build.runtime import available_backends, open_backend  # noqa: E402
@@ -251,11 +253,14 @@ def cpu_kind(cpu: dict) -> str:
     return f"{vendor}-{widest}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked and with the defaults that depend on other options filled in; a bad
+    one is argparse's one-line usage error (exit 2) before anything is built or measured."""
+    parser = argparse.ArgumentParser(prog="throughput.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, help="artifact to measure (default: build a full-size placeholder)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch-sizes", type=COUNT, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=COUNT, default=7)
     parser.add_argument("--variants", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"],
                         help="variants to measure (default all; e.g. --variants int8 to compare the INT8 files)")
     parser.add_argument("--opencv", action=argparse.BooleanOptionalAction, default=True,
@@ -263,17 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-models", action="store_true", help="skip the runtime/precision matrix")
     parser.add_argument("--skip-pipeline", action="store_true", help="skip the whole-service runs")
     parser.add_argument("--quick", action="store_true",
-                        help="--skip-models, 8 s latency runs, a 6000-image backlog")
+                        help="--skip-models, 8 s latency runs, a 6000-image backlog (unless given)")
     parser.add_argument("--sweep", action="store_true",
                         help="also vary each service default one at a time (fetch wait, linger, batching window, "
                              "decode workers, inference streams, batch size; about 8 more minutes)")
     parser.add_argument("--gpu-feed", action="store_true",
                         help="only the GPU feed: the service with a device stand-in (no CPU used for inference), "
                              "each Kafka client, 1 to N processes")
-    parser.add_argument("--device-us", type=float, default=None,
+    parser.add_argument("--device-us", type=number(float, 0), default=None,
                         help="GPU feed: device time per image in microseconds (default 25: an H100's FP16 "
-                             "CaffeNet, estimated)")
-    parser.add_argument("--feed-processes", type=int, nargs="+", default=None,
+                             "CaffeNet, estimated; 0: the host alone)")
+    parser.add_argument("--feed-processes", type=COUNT, nargs="+", default=None,
                         help="GPU feed: process counts to run (default 1 and the CPU count)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
                         help="pipeline: the variant the service and its budget run (default: what the service "
@@ -288,16 +293,36 @@ def main(argv: list[str] | None = None) -> int:
                              "for this process and every service it starts): avx512_core runs INT8 without VNNI, "
                              "bf16 or AMX (4 to 5 times the core-ms on an AMX Xeon), standing in for a CPU where INT8 "
                              "inference dominates; OpenVINO cannot compile this model capped at avx2")
-    parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of each paced latency run")
-    parser.add_argument("--backlog", type=int, default=8000,
-                        help="images in each backlog (throughput) run; rate and CPU are read over its steady middle")
+    parser.add_argument("--latency-seconds", type=SECONDS, default=None,
+                        help="length of each paced latency run (default 20; 8 with --quick)")
+    parser.add_argument("--backlog", type=COUNT, default=None,
+                        help=f"images in each backlog (throughput) run, at least {least_backlog()}; rate and CPU are "
+                             "read over its steady middle (default 8000; 6000 with --quick)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.skip_models, args.latency_seconds, args.backlog = True, min(args.latency_seconds, 8.0), 6000
-    if args.gpu_feed:
+    if args.quick or args.gpu_feed:
         args.skip_models = True
+    if args.skip_models and args.skip_pipeline:
+        parser.error("nothing to measure: --skip-pipeline with --skip-models, --quick or --gpu-feed")
+    if args.gpu_feed and args.sweep:
+        parser.error("--sweep varies the CPU host's defaults, which --gpu-feed does not run")
+    args.latency_seconds = args.latency_seconds or (8.0 if args.quick else 20.0)
+    args.backlog = args.backlog or (6000 if args.quick else 8000)
+    if not args.skip_pipeline and args.backlog < least_backlog():
+        parser.error(f"--backlog {args.backlog} leaves too few steady results to read a rate from: use at least "
+                     f"{least_backlog()}")
+    try:   # here, not after minutes of measuring
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--output {args.output}: {exc.strerror or exc}")
+    if not os.access(args.output, os.W_OK):
+        parser.error(f"--output {args.output} is not writable")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = options(argv)
     if args.max_cpu_isa:   # before OpenVINO first runs: oneDNN reads it once
         os.environ["ONEDNN_MAX_CPU_ISA"] = args.max_cpu_isa.upper()
     artifact, prototxt, caffemodel = prepare(args.artifact, args.workdir)
@@ -321,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
             rows += opencv_dnn_runs(prototxt, caffemodel, images, args.batch_sizes, max(3, args.repeats // 2))
         print("decoding (one thread):")
         decoding = decode_runs(args.repeats)
-    args.output.mkdir(parents=True, exist_ok=True)
     name = f"{cpu_kind(cpu)}-{os.cpu_count()}cpu"
     model = {"precision": args.precision} if args.precision else {}
     model |= {"exact_precision": True} if args.exact_precision else {}
@@ -331,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_pipeline:
         from benchmarks.service_bench import DEVICE_US_PER_IMAGE, histogram, run_all
         pipeline, runs = run_all(artifact, args.workdir / "service", args.latency_seconds, args.backlog,
-                                 args.sweep, args.device_us or DEVICE_US_PER_IMAGE, args.feed_processes,
+                                 args.sweep, DEVICE_US_PER_IMAGE if args.device_us is None else args.device_us,
+                                 args.feed_processes,
                                  feed_only=args.gpu_feed, model=model)
         if runs:
             plot = args.output / f"{name}{variant}-latency.png"
@@ -354,4 +379,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "throughput.py"))

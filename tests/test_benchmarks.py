@@ -122,9 +122,71 @@ def test_throughput_caps_openvinos_kernels_for_itself_and_says_so(small_artifact
 
     from benchmarks.throughput import main
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)   # restored after the test
-    assert main(["--artifact", str(small_artifact), "--skip-models", "--skip-pipeline", "--max-cpu-isa",
-                 "avx512_core", "--output", str(tmp_path)]) == 0
+    assert main(["--artifact", str(small_artifact), "--skip-pipeline", "--variants", "fp32", "--batch-sizes", "1",
+                 "--repeats", "1", "--no-opencv", "--max-cpu-isa", "avx512_core", "--output", str(tmp_path)]) == 0
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
     assert "OpenVINO's kernels capped at AVX512_CORE" in capsys.readouterr().out
     (written,) = tmp_path.glob("*.json")
     assert json.loads(written.read_text())["max_cpu_isa"] == "avx512_core"
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--gpu-feed", "--feed-processes", "0"], "argument --feed-processes: 0 is not allowed: must be at least 1"),
+    (["--gpu-feed", "--device-us", "-5"], "argument --device-us: -5 is not allowed: must be at least 0"),
+    (["--quick", "--latency-seconds", "0"], "argument --latency-seconds: 0 is not allowed: must be more than 0"),
+    (["--quick", "--latency-seconds", "nan"], "argument --latency-seconds: nan is not allowed"),
+    (["--skip-pipeline", "--batch-sizes", "0"], "argument --batch-sizes: 0 is not allowed: must be at least 1"),
+    (["--skip-pipeline", "--repeats", "0"], "argument --repeats: 0 is not allowed: must be at least 1"),
+    (["--quick", "--backlog", "100"], "--backlog 100 leaves too few steady results to read a rate from"),
+    (["--quick", "--skip-pipeline"], "nothing to measure"),
+    (["--gpu-feed", "--sweep"], "--sweep varies the CPU host's defaults, which --gpu-feed does not run"),
+])
+def test_throughput_refuses_a_bad_option_in_one_line_before_building_or_measuring_anything(
+        argv: list[str], said: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each of these ran for minutes and then raised a traceback (ZeroDivisionError, IndexError, an empty
+    max(), a backlog too small for a steady window) or measured nothing (a negative device time)."""
+    from benchmarks.throughput import main
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--workdir", str(work), "--output", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("throughput.py: error: ") and said in last, last
+    assert not work.exists(), "nothing was built"
+
+
+def test_throughput_quick_keeps_an_explicit_backlog_and_latency_length(tmp_path) -> None:
+    """--quick shortened the runs by overwriting --backlog and --latency-seconds even when they were given."""
+    from benchmarks.throughput import options
+    given = options(["--quick", "--backlog", "9000", "--latency-seconds", "3", "--output", str(tmp_path)])
+    assert (given.backlog, given.latency_seconds, given.skip_models) == (9000, 3.0, True)
+    default = options(["--quick", "--output", str(tmp_path)])
+    assert (default.backlog, default.latency_seconds) == (6000, 8.0)
+    assert (options(["--output", str(tmp_path)]).backlog, options(["--output", str(tmp_path)]).latency_seconds) \
+        == (8000, 20.0)
+
+
+@pytest.mark.parametrize("script", ["throughput", "exactly_once"])
+def test_a_benchmark_says_a_missing_artifact_in_one_line(script: str, tmp_path) -> None:
+    """A missing --artifact was an ArtifactError traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / f"{script}.py"), "--artifact",
+                           str(tmp_path / "absent"), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == f"{script}.py: error: artifact directory {tmp_path / 'absent'} does not exist"
+
+
+def test_throughput_refuses_an_output_it_cannot_make_before_measuring(tmp_path, capsys) -> None:
+    """An --output that could not be made failed with a traceback after the whole run (minutes)."""
+    from benchmarks.throughput import main
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--skip-pipeline", "--output", str(blocker / "out"), "--workdir", str(tmp_path / "work")])
+    assert exit_.value.code == 2
+    assert "throughput.py: error: --output" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
