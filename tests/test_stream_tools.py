@@ -51,6 +51,39 @@ def test_the_broker_command_serves_until_ctrl_c_then_stops_and_frees_its_port(ca
     assert _port_free(port), "the broker process is gone with the command"
 
 
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_the_broker_ends_with_the_process_that_started_it_however_that_ends(how):
+    """The broker (tansu, a child process holding every record in memory) outlived a parent killed with
+    SIGKILL, or with SIGTERM where the parent has no handler for it (a test run or a benchmark stopped by a
+    timeout): eight were found still running after one morning's runs."""
+    import time
+    script = ("import time; from stream.embedded_broker import EmbeddedBroker; "
+              "print(EmbeddedBroker().start()._process.pid, flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        broker = int(_lines(child.stdout).get(timeout=60))
+        assert _alive(broker)
+        child.send_signal(how)
+        child.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(broker):
+            assert time.monotonic() < deadline, "the broker outlived the process that started it"
+            time.sleep(0.1)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (not ended, not a zombie awaiting its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_a_port_in_use_is_one_line(kafka_broker, capsys):
     from stream.broker import main as broker
     assert broker(["--port", str(kafka_broker.port)]) == 1
