@@ -570,9 +570,11 @@ def gpu_feed(bench: Bench, backlog: int, device_us: float, processes: list[int])
     """The host side of a GPU host, measured with no GPU: the service with a :class:`DeviceStandIn`
     (real Kafka, real decoding) draining a backlog, for each client and process count; images per second
     and core-ms per image by part. From these: the cores a GPU of a given speed needs on this CPU."""
-    out: dict = {"device_us_per_image": device_us, "device_images_per_s": round(1e6 / device_us), "runs": {}}
-    print(f"GPU feed: a device stand-in holding each batch {device_us:g} us an image (about "
-          f"{1e6 / device_us:,.0f} img/s), real Kafka and decoding, max batch 64:")
+    device_rate = round(1e6 / device_us) if device_us else None   # 0: no device time, the host alone
+    out: dict = {"device_us_per_image": device_us, "device_images_per_s": device_rate, "runs": {}}
+    holding = (f"holding each batch {device_us:g} us an image (about {device_rate:,} img/s)" if device_rate
+               else "taking no device time (the host alone)")
+    print(f"GPU feed: a device stand-in {holding}, real Kafka and decoding, max batch 64:")
     for client in ("kafka-python", "librdkafka"):
         for count in processes:
             run = bench.backlog(backlog * count, f"gpu:{device_us:g}", processes=count, label=f"{client[:8]}",

@@ -190,3 +190,19 @@ def test_throughput_refuses_an_output_it_cannot_make_before_measuring(tmp_path, 
     assert exit_.value.code == 2
     assert "throughput.py: error: --output" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_the_gpu_feed_with_no_device_time_measures_the_host_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    """--device-us 0 ("the host alone", as its help says) was let through to the GPU feed, which divided
+    by it: a ZeroDivisionError once the broker was up (after the whole CPU-host run, without --gpu-feed)."""
+    from benchmarks.service_bench import gpu_feed
+
+    class Drained:   # what Bench.backlog reports, without a broker or a service
+        def backlog(self, messages: int, mode: str, processes: int, **_: object) -> dict:
+            assert mode == "gpu:0"
+            return {"images_per_s": 1000.0, "thread_core_ms_per_image": {"decode": 0.9, "poll-loop": 0.1},
+                    "broker_core_ms_per_image": 0.1}
+    out = gpu_feed(Drained(), 6000, 0.0, [1])   # type: ignore[arg-type]
+    assert out["device_us_per_image"] == 0 and out["device_images_per_s"] is None
+    assert out["runs"]["kafka-python x1"]["service_core_ms_per_image"] == 1.0
+    assert "no device time" in capsys.readouterr().out
