@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from engine_build.errors import UserError
 
@@ -30,6 +32,17 @@ def number(kind: type[int] | type[float], minimum: float, *, above: bool = False
 
 COUNT = number(int, 1)             # images, repeats, rounds, processes: one or more
 SECONDS = number(float, 0, above=True)
+
+
+def output_folder(parser: argparse.ArgumentParser, option: str, folder: Path) -> None:
+    """Make ``folder`` (the results folder ``option`` names) now, before anything is measured; one it
+    cannot make or write is argparse's one-line usage error (exit 2), not a traceback after the run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"{option} {folder}: {exc.strerror or exc}")
+    if not os.access(folder, os.W_OK):
+        parser.error(f"{option} {folder} is not writable")
 
 
 def run(main: Callable[[], int], prog: str) -> int:

@@ -23,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.arguments import COUNT, number, run  # noqa: E402
+from benchmarks.arguments import COUNT, number, output_folder, run  # noqa: E402
 from engine_build.imaging import builtin_photos  # noqa: E402
+
+BATCH = 32   # the service's largest batch in these runs
 
 
 def one_run(broker, artifact: Path, messages: int, guarantee: str, interval_ms: float) -> dict:
@@ -42,7 +44,7 @@ def one_run(broker, artifact: Path, messages: int, guarantee: str, interval_ms: 
     producer.flush()
     producer.close()
     cfg = StreamConfig(broker.bootstrap, (topics["in"],), topics["out"], topics["dlq"], artifact,
-                       group_id=f"bench-{run}", metrics_port=0, max_batch=32, max_delay_ms=20,
+                       group_id=f"bench-{run}", metrics_port=0, max_batch=BATCH, max_delay_ms=20,
                        session_timeout_ms=6000,
                        commit_interval_ms=interval_ms, processing_guarantee=guarantee)
     service = build(cfg)
@@ -64,12 +66,15 @@ def one_run(broker, artifact: Path, messages: int, guarantee: str, interval_ms: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, help="artifact to run (default: build a full-size placeholder)")
-    parser.add_argument("--messages", type=COUNT, default=600)
+    parser.add_argument("--messages", type=number(int, 2 * BATCH), default=600,
+                        help=f"messages per run, at least {2 * BATCH}: the rate is timed from the first finished "
+                             f"batch (of up to {BATCH}), so one batch alone has none (default 600)")
     parser.add_argument("--repeats", type=COUNT, default=3)
     parser.add_argument("--intervals-ms", type=number(float, 0, above=True), nargs="+", default=[100, 300, 1000, 3000])
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    output_folder(parser, "--output", args.output)
     import logging
     logging.basicConfig(level=logging.ERROR)
     artifact = args.artifact
@@ -95,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]["median_images_per_s"]
     for row in rows[1:]:
         row["cost_vs_at_least_once"] = round(1 - row["median_images_per_s"] / base, 3)
-    args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / "exactly_once.json"
     out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "artifact": str(artifact),
                                "rows": rows}, indent=2))

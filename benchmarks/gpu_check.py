@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.arguments import COUNT, number, run  # noqa: E402
+from benchmarks.arguments import COUNT, number, output_folder, run  # noqa: E402
 from engine_build.errors import BackendUnavailable, SentimentError  # noqa: E402
 from engine_build.runtime import cuda_memory  # noqa: E402
 
@@ -128,7 +128,6 @@ def _tensorrt(args: argparse.Namespace) -> int:
         print(f"tensorrt fp16 batch {row['batch']:>3}: {row['images_per_s']:>9.1f} img/s, median {row['median_ms']} ms")
     host = versions()
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", host["gpus"][0]["name"]).strip("-").lower() if host["gpus"] else "gpu"
-    args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / f"gpu-{gpu}.json"
     path.write_text(json.dumps({"host": host, "artifact": str(artifact), "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
@@ -195,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--width", type=number(float, 0, above=True), default=1.0,
                    help="width of the default placeholder model (1 = the full-size network)")
     args = parser.parse_args(argv)
+    if args.step == "tensorrt":
+        output_folder(t, "--output", args.output)
     try:
         if args.step == "versions":
             host = versions()

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.arguments import COUNT, SECONDS, number, run  # noqa: E402
+from benchmarks.arguments import COUNT, SECONDS, number, output_folder, run  # noqa: E402
 from benchmarks.service_bench import least_backlog  # noqa: E402
 from engine_build.imaging import DecodeLimits, builtin_photos, decode, photo_views  # noqa: E402
 from engine_build.manifest import Manifest  # noqa: E402
@@ -312,12 +312,7 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.skip_pipeline and args.backlog < least_backlog():
         parser.error(f"--backlog {args.backlog} leaves too few steady results to read a rate from: use at least "
                      f"{least_backlog()}")
-    try:   # here, not after minutes of measuring
-        args.output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        parser.error(f"--output {args.output}: {exc.strerror or exc}")
-    if not os.access(args.output, os.W_OK):
-        parser.error(f"--output {args.output} is not writable")
+    output_folder(parser, "--output", args.output)
     return args
 
 

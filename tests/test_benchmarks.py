@@ -206,3 +206,35 @@ def test_the_gpu_feed_with_no_device_time_measures_the_host_alone(capsys: pytest
     assert out["device_us_per_image"] == 0 and out["device_images_per_s"] is None
     assert out["runs"]["kafka-python x1"]["service_core_ms_per_image"] == 1.0
     assert "no device time" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--messages", "32"], "argument --messages: 32 is not allowed: must be at least 64"),
+    (["--output", "{blocker}/out"], "--output {blocker}/out: Not a directory"),
+])
+def test_exactly_once_refuses_a_bad_option_in_one_line_before_starting_anything(
+        argv: list[str], said: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--messages of one batch or less (32) ran every configuration at 0 img/s (the rate is timed from
+    the first finished batch) and then raised a ZeroDivisionError; an --output it could not make was a
+    traceback after the whole run."""
+    from benchmarks.exactly_once import main
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = [a.format(blocker=blocker) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--artifact", str(tmp_path / "absent"), "--output", str(tmp_path / "out"), *argv])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert said.format(blocker=blocker) in last, last
+
+
+def test_gpu_check_refuses_an_output_it_cannot_make_before_building(tmp_path, capsys) -> None:
+    """An --output it could not make was a traceback after the engine was built and timed."""
+    from benchmarks.gpu_check import main
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["tensorrt", "--output", str(blocker / "out"), "--work", str(tmp_path / "work")])
+    assert exit_.value.code == 2
+    assert f"--output {blocker / 'out'}: Not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
