@@ -45,16 +45,22 @@ class _Handler:
         raise failure
 
 
+def round_config(bootstrap: str, client: str, topic: str, tmp: Path, session_timeout_ms: int) -> Any:
+    """The service's config for one round's consumer and producer (a new group each time); checked as the
+    service checks it, so a bad setting is a :class:`~engine_build.errors.ConfigError`."""
+    from stream.config import StreamConfig
+    return StreamConfig(bootstrap, (topic,), f"{topic}-out", f"{topic}-dlq", tmp,
+                        group_id=f"bench-{uuid.uuid4().hex[:8]}", kafka_client=client, metrics_port=0,
+                        compression_type="zstd", session_timeout_ms=session_timeout_ms)
+
+
 def one_round(bootstrap: str, client: str, topic: str, records: int, tmp: Path,
               session_timeout_ms: int = 10_000) -> dict[str, float]:
     """Consume ``records`` from ``topic`` with a new group, publish and acknowledge a label record for each,
     commit every 1,000 and at the end; the process CPU and wall time that took. Joining the new group
     waits about half of ``session_timeout_ms`` (the service's default, 10 s, unless told otherwise)."""
-    from stream.config import StreamConfig
     from stream.records import Outgoing
-    cfg = StreamConfig(bootstrap, (topic,), f"{topic}-out", f"{topic}-dlq", tmp,
-                       group_id=f"bench-{uuid.uuid4().hex[:8]}", kafka_client=client, metrics_port=0,
-                       compression_type="zstd", session_timeout_ms=session_timeout_ms)
+    cfg = round_config(bootstrap, client, topic, tmp, session_timeout_ms)
     if client == "librdkafka":
         from stream.rdkafka_io import RdKafkaConnector
         connector: Any = RdKafkaConnector(cfg)
@@ -90,7 +96,8 @@ def one_round(bootstrap: str, client: str, topic: str, records: int, tmp: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="kafka_clients.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=COUNT, default=5000)
     parser.add_argument("--value-bytes", type=number(int, 0), default=52_000, help="input record size (a typical JPEG)")
     parser.add_argument("--rounds", type=COUNT, default=2)
@@ -99,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the group session timeout of each round's consumer (default: the service's); "
                              "each round's join waits about half of it, so a short run (a test) gives less")
     args = parser.parse_args(argv)
+    from engine_build.errors import ConfigError
+    try:   # here, before the broker starts and takes every record, not when the first round begins
+        round_config("127.0.0.1:9092", CLIENTS[0], "bench", Path("."), args.session_timeout_ms)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.out is not None and not (args.out.parent.is_dir() and os.access(args.out.parent, os.W_OK)):
+        parser.error(f"--out {args.out}: cannot write in {args.out.parent}")
     from engine_build.runtime.cpu import this_cpu
     from stream.embedded_broker import EmbeddedBroker
     from stream.kafka_sink import KafkaSink
@@ -137,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main, "kafka_clients"))
+    raise SystemExit(run(main, "kafka_clients.py"))

@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main, "publish_codecs"))
+    raise SystemExit(run(main, "publish_codecs.py"))

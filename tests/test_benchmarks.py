@@ -238,3 +238,22 @@ def test_gpu_check_refuses_an_output_it_cannot_make_before_building(tmp_path, ca
     assert exit_.value.code == 2
     assert f"--output {blocker / 'out'}: Not a directory" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--session-timeout-ms", "999"], "--session-timeout-ms must be at least 1000"),
+    (["--session-timeout-ms", "1800001"], "--session-timeout-ms 1800001: at most 1800000"),
+    (["--out", "{blocker}/out.json"], "--out {blocker}/out.json: cannot write in {blocker}"),
+])
+def test_kafka_clients_refuses_a_bad_option_in_one_line_before_starting_the_broker(
+        argv: list[str], said: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The service's own check refused these only once each round built its consumer: after the broker had
+    started and taken every record (260 MB by default), and an --out it could not write after every round."""
+    from benchmarks import kafka_clients
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        kafka_clients.main(["--records", "1", *(a.format(blocker=blocker) for a in argv)])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("kafka_clients.py: error: ") and said.format(blocker=blocker) in last, last
