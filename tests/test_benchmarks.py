@@ -180,15 +180,20 @@ def test_a_benchmark_says_a_missing_artifact_in_one_line(script: str, tmp_path) 
     assert done.stderr.strip() == f"{script}.py: error: artifact directory {tmp_path / 'absent'} does not exist"
 
 
-def test_throughput_refuses_an_output_it_cannot_make_before_measuring(tmp_path, capsys) -> None:
-    """An --output that could not be made failed with a traceback after the whole run (minutes)."""
-    from benchmarks.throughput import main
+@pytest.mark.parametrize(("script", "argv"), [("throughput", ["--skip-pipeline", "--workdir"]),
+                                              ("gpu_check", ["tensorrt", "--work"])])
+def test_a_benchmark_refuses_an_output_it_cannot_make_before_measuring(script: str, argv: list[str], tmp_path,
+                                                                        capsys) -> None:
+    """An --output that could not be made failed with a traceback after the whole run (minutes; gpu_check:
+    after the engine was built and timed)."""
+    import importlib
+    main = importlib.import_module(f"benchmarks.{script}").main
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(SystemExit) as exit_:
-        main(["--skip-pipeline", "--output", str(blocker / "out"), "--workdir", str(tmp_path / "work")])
+        main([*argv, str(tmp_path / "work"), "--output", str(blocker / "out")])
     assert exit_.value.code == 2
-    assert "throughput.py: error: --output" in capsys.readouterr().err
+    assert f"--output {blocker / 'out'}: Not a directory" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
 
 
@@ -227,17 +232,6 @@ def test_exactly_once_refuses_a_bad_option_in_one_line_before_starting_anything(
     last = capsys.readouterr().err.splitlines()[-1]
     assert said.format(blocker=blocker) in last, last
 
-
-def test_gpu_check_refuses_an_output_it_cannot_make_before_building(tmp_path, capsys) -> None:
-    """An --output it could not make was a traceback after the engine was built and timed."""
-    from benchmarks.gpu_check import main
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(SystemExit) as exit_:
-        main(["tensorrt", "--output", str(blocker / "out"), "--work", str(tmp_path / "work")])
-    assert exit_.value.code == 2
-    assert f"--output {blocker / 'out'}: Not a directory" in capsys.readouterr().err
-    assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.parametrize(("argv", "said"), [
