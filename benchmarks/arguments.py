@@ -31,7 +31,6 @@ def number(kind: type[int] | type[float], minimum: float, *, above: bool = False
 
 
 COUNT = number(int, 1)             # images, repeats, rounds, processes: one or more
-SECONDS = number(float, 0, above=True)
 
 
 def output_folder(parser: argparse.ArgumentParser, option: str, folder: Path) -> None:

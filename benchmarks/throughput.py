@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.arguments import COUNT, SECONDS, number, output_folder, run  # noqa: E402
+from benchmarks.arguments import COUNT, number, output_folder, run  # noqa: E402
 from benchmarks.service_bench import least_backlog  # noqa: E402
 from engine_build.imaging import DecodeLimits, builtin_photos, decode, photo_views  # noqa: E402
 from engine_build.manifest import Manifest  # noqa: E402
@@ -293,8 +293,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
                              "for this process and every service it starts): avx512_core runs INT8 without VNNI, "
                              "bf16 or AMX (4 to 5 times the core-ms on an AMX Xeon), standing in for a CPU where INT8 "
                              "inference dominates; OpenVINO cannot compile this model capped at avx2")
-    parser.add_argument("--latency-seconds", type=SECONDS, default=None,
-                        help="length of each paced latency run (default 20; 8 with --quick)")
+    parser.add_argument("--latency-seconds", type=number(float, 1), default=None,
+                        help="length of each paced latency run, 1 s or more (default 20; 8 with --quick)")
     parser.add_argument("--backlog", type=COUNT, default=None,
                         help=f"images in each backlog (throughput) run, at least {least_backlog()}; rate and CPU are "
                              "read over its steady middle (default 8000; 6000 with --quick)")

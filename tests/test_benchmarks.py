@@ -133,7 +133,8 @@ def test_throughput_caps_openvinos_kernels_for_itself_and_says_so(small_artifact
 @pytest.mark.parametrize(("argv", "said"), [
     (["--gpu-feed", "--feed-processes", "0"], "argument --feed-processes: 0 is not allowed: must be at least 1"),
     (["--gpu-feed", "--device-us", "-5"], "argument --device-us: -5 is not allowed: must be at least 0"),
-    (["--quick", "--latency-seconds", "0"], "argument --latency-seconds: 0 is not allowed: must be more than 0"),
+    (["--quick", "--latency-seconds", "0"], "argument --latency-seconds: 0 is not allowed: must be at least 1"),
+    (["--quick", "--latency-seconds", "0.01"], "argument --latency-seconds: 0.01 is not allowed: must be at least 1"),
     (["--quick", "--latency-seconds", "nan"], "argument --latency-seconds: nan is not allowed"),
     (["--skip-pipeline", "--batch-sizes", "0"], "argument --batch-sizes: 0 is not allowed: must be at least 1"),
     (["--skip-pipeline", "--repeats", "0"], "argument --repeats: 0 is not allowed: must be at least 1"),
