@@ -71,6 +71,16 @@ def die_with(parent: int) -> Callable[[], None] | None:
     return set_death_signal
 
 
+def how_it_ended(code: int) -> str:
+    """A child's exit status as a log line says it: ``exited 3``, ``was killed by SIGKILL``."""
+    if code >= 0:
+        return f"exited {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
 def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None,
               command: ChildCommand = child_argv) -> int:
     """Run ``processes`` children (``command`` makes each one's command line) until all have exited;
@@ -97,10 +107,11 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
             if all(code is not None for code in codes):
                 code = first_failure if first_failure is not None else next((c for c in codes if c), 0)
                 return 128 - code if code < 0 else code   # killed by signal N: the shell's 128 + N
-            failed = next((code for code in codes if code), None)
+            failed = next(((i, code) for i, code in enumerate(codes) if code), None)
             if failed is not None and not stopping:
-                first_failure = failed
-                log.error("a consumer process exited %d; stopping the others", failed)
+                index, first_failure = failed
+                log.error("consumer process p%d (pid %d) %s; stopping the others", index, children[index].pid,
+                          how_it_ended(first_failure))
                 forward(signal.SIGTERM, None)
             time.sleep(0.2)
     finally:
