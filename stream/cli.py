@@ -33,6 +33,7 @@ Every flag has an environment variable twin, shown in brackets."""
 
 
 SHUTDOWN_GRACE_S = 5.0   # beyond --drain-timeout-s, for the commit and closing the clients
+CHILD_STOP_MARGIN_S = 5.0   # beyond a --processes child's own deadline, before its supervisor kills it
 
 
 def _exit_when_overdue(service: Service, seconds: float) -> None:
@@ -131,7 +132,7 @@ def _run(argv: list[str] | None, environ: dict, build: Build | None, child_comma
         check_plugins(cfg)   # a plugin that cannot load: one line from here, before any child starts
         return supervise(sys.argv[1:] if argv is None else argv, cfg.processes, cfg.metrics_port,
                          cfg.transactional_id if cfg.processing_guarantee == "exactly-once" else None,
-                         child_command)
+                         child_command, cfg.drain_timeout_s + SHUTDOWN_GRACE_S + CHILD_STOP_MARGIN_S)
     # Signals are handled from here on: one that arrives while the model loads ends the start cleanly.
     received: list[int] = []
     holder: list[Service] = []

@@ -4,8 +4,9 @@ Each child is a plain ``python -m stream`` with the same flags and environment p
 ``--processes 1 --metrics-port BASE+i --no-latency-lane`` (and, given a transactional id,
 ``--transactional-id ID-i``): its own Kafka clients, backend and decode pool, so the Kafka client and decoding scale
 past one interpreter's GIL while the group shares the partitions among the children. The
-supervisor forwards SIGTERM/SIGINT/SIGHUP to every child and waits for their drains; if one child
-fails, the others are stopped and its exit code is returned, so the outer supervisor (systemd,
+supervisor forwards SIGTERM/SIGINT/SIGHUP to every child and waits for their drains (a child still
+running past its own shutdown deadline and a margin is killed); if one child fails, the others are
+stopped and its exit code is returned, so the outer supervisor (systemd,
 Kubernetes) restarts the whole set; if the supervisor itself dies, its children get SIGTERM (Linux).
 """
 from __future__ import annotations
@@ -81,10 +82,21 @@ def how_it_ended(code: int) -> str:
         return f"was killed by signal {-code}"
 
 
+def kill_overdue(children: Sequence[subprocess.Popen], seconds: float) -> None:
+    """SIGKILL the children still running ``seconds`` after they were told to stop, saying which."""
+    for index, child in enumerate(children):
+        if child.poll() is None:
+            log.error("consumer process p%d (pid %d) did not exit within %g s of being stopped; killing it "
+                      "(its uncommitted work is redelivered)", index, child.pid, seconds)
+            child.kill()
+
+
 def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactional_id: str | None = None,
-              command: ChildCommand = child_argv) -> int:
+              command: ChildCommand = child_argv, stop_within_s: float = 60.0) -> int:
     """Run ``processes`` children (``command`` makes each one's command line) until all have exited;
-    returns the first failure's code, else 0."""
+    returns the first failure's code, else 0. Children still running ``stop_within_s`` after they were told
+    to stop (a signal, or a sibling's failure) are killed: a child hung past its own shutdown deadline
+    must not keep the set from ending, and so from being restarted."""
     # Own sessions (so own process groups): a terminal's Ctrl-C reaches the children once, through
     # forward(), not twice (a second signal means "exit now" to a child).
     children = [subprocess.Popen(command(own_transactional_id(argv, i, transactional_id), i, metrics_port),
@@ -101,8 +113,14 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
                 child.send_signal(signum)
     previous = {sig: signal.signal(sig, forward) for sig in stop_signals()}
     first_failure: int | None = None   # not a sibling's SIGTERM that the failure itself caused
+    overdue_at: float | None = None    # when children told to stop are killed
     try:
         while True:
+            if stopping and overdue_at is None:
+                overdue_at = time.monotonic() + stop_within_s
+            elif overdue_at is not None and time.monotonic() >= overdue_at:
+                kill_overdue(children, stop_within_s)
+                overdue_at = float("inf")
             codes = [c.poll() for c in children]
             if all(code is not None for code in codes):
                 code = first_failure if first_failure is not None else next((c for c in codes if c), 0)

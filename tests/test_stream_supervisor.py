@@ -17,3 +17,39 @@ def test_a_child_s_failure_is_said_naming_the_child_and_the_signal_that_killed_i
         assert supervise([], 2, 0, command=lambda argv, index, port: commands[index]) == 128 + 9
     pid = caplog.text.split("pids ")[1].split(", ")[1].split(")")[0]
     assert f"consumer process p1 (pid {pid}) was killed by SIGKILL; stopping the others" in caplog.text
+
+
+def test_a_child_that_does_not_stop_is_killed_and_the_failure_that_stopped_the_set_is_the_exit_code(tmp_path):
+    """One child fails while a sibling does not end on SIGTERM (hung in native code, its own shutdown deadline
+    never running): the supervisor must not wait for it for ever, leaving the set half dead and never restarted.
+    Past the drain's deadline and a margin it kills the sibling, saying so, and exits with the failure's code."""
+    import os
+    import signal
+    import subprocess
+    ready, pid_file = tmp_path / "ignoring", tmp_path / "pid"
+    hung = (f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); os.rename({str(pid_file)!r}, {str(ready)!r}); "
+            "time.sleep(600)")
+    failing = f"import os, time\nwhile not os.path.exists({str(ready)!r}): time.sleep(0.02)\nraise SystemExit(3)"
+    script = ("import sys; from stream.cli import main; "
+              f"commands = [[sys.executable, '-c', {hung!r}], [sys.executable, '-c', {failing!r}]]; "
+              "sys.exit(main(['--bootstrap-servers', '127.0.0.1:1', '--input-topic', 'in', '--output-topic', 'out', "
+              "'--dead-letter-topic', 'dlq', '--metrics-port', '0', '--artifact', 'unused', '--processes', '2', "
+              "'--drain-timeout-s', '0.1'], {}, child_command=lambda argv, index, port: commands[index]))")
+    log = tmp_path / "supervisor.log"   # a file, not a pipe: a hung child would hold a pipe open
+    supervisor = subprocess.Popen([sys.executable, "-c", script], stderr=open(log, "wb"))
+    try:
+        supervisor.wait(60)
+    except subprocess.TimeoutExpired:
+        supervisor.kill()
+        supervisor.wait()
+    finally:
+        if ready.exists():
+            try:
+                os.kill(int(ready.read_text()), signal.SIGKILL)   # gone already where the supervisor killed it
+            except ProcessLookupError:
+                pass
+    err = log.read_text()
+    assert supervisor.returncode == 3, err
+    pid = ready.read_text()
+    assert f"consumer process p0 (pid {pid}) did not exit within" in err and "killing it" in err, err
