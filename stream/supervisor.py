@@ -4,7 +4,7 @@ Each child is a plain ``python -m stream`` with the same flags and environment p
 ``--processes 1 --metrics-port BASE+i --no-latency-lane`` (and, given a transactional id,
 ``--transactional-id ID-i``): its own Kafka clients, backend and decode pool, so the Kafka client and decoding scale
 past one interpreter's GIL while the group shares the partitions among the children. The
-supervisor forwards SIGTERM/SIGINT/SIGHUP to every child and waits for their drains (a child still
+supervisor passes SIGTERM/SIGINT/SIGHUP on to every child as SIGTERM and waits for their drains (a child still
 running past its own shutdown deadline and a margin is killed); if one child fails, the others are
 stopped and its exit code is returned, so the outer supervisor (systemd,
 Kubernetes) restarts the whole set; if the supervisor itself dies, its children get SIGTERM (Linux).
@@ -106,11 +106,18 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
              f"; metrics on ports {metrics_port}..{metrics_port + processes - 1}" if metrics_port else "")
     stopping: list[int] = []
 
-    def forward(signum: int, _frame: object) -> None:
-        stopping.append(signum)
+    def stop_all() -> None:
+        """SIGTERM to every child still running, whatever stopped the set: one still starting (no handler
+        yet) dies of it quietly, where a forwarded SIGINT would end it in a KeyboardInterrupt traceback."""
         for child in children:
             if child.poll() is None:
-                child.send_signal(signum)
+                child.send_signal(signal.SIGTERM)
+
+    def forward(signum: int, _frame: object) -> None:
+        if not stopping:
+            log.info("%s: stopping %d consumer processes", signal.Signals(signum).name, len(children))
+        stopping.append(signum)
+        stop_all()
     previous = {sig: signal.signal(sig, forward) for sig in stop_signals()}
     first_failure: int | None = None   # not a sibling's SIGTERM that the failure itself caused
     overdue_at: float | None = None    # when children told to stop are killed
@@ -123,14 +130,17 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
                 overdue_at = float("inf")
             codes = [c.poll() for c in children]
             if all(code is not None for code in codes):
-                code = first_failure if first_failure is not None else next((c for c in codes if c), 0)
+                # dead of the SIGTERM it was sent: still starting, with no handler yet (that drains and exits 0)
+                stopped = -signal.SIGTERM if stopping else None   # so a clean stop, nothing consumed
+                code = first_failure if first_failure is not None else next((c for c in codes if c and c != stopped), 0)
                 return 128 - code if code < 0 else code   # killed by signal N: the shell's 128 + N
             failed = next(((i, code) for i, code in enumerate(codes) if code), None)
             if failed is not None and not stopping:
                 index, first_failure = failed
                 log.error("consumer process p%d (pid %d) %s; stopping the others", index, children[index].pid,
                           how_it_ended(first_failure))
-                forward(signal.SIGTERM, None)
+                stopping.append(signal.SIGTERM)
+                stop_all()
             time.sleep(0.2)
     finally:
         for sig, handler in previous.items():

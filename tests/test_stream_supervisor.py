@@ -53,3 +53,30 @@ def test_a_child_that_does_not_stop_is_killed_and_the_failure_that_stopped_the_s
     assert supervisor.returncode == 3, err
     pid = ready.read_text()
     assert f"consumer process p0 (pid {pid}) did not exit within" in err and "killing it" in err, err
+
+
+def test_a_stop_while_the_children_still_start_is_a_clean_stop(tmp_path):
+    """Ctrl-C (or SIGTERM) a moment after start, while the children are still importing and have no handler
+    yet: a child dies of the signal the supervisor passed on. Nothing was consumed, so that is a clean stop:
+    exit 0 with a line saying why, not exit 130 (143) after one KeyboardInterrupt traceback per child."""
+    import signal
+    import subprocess
+    import time
+    starting = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+    script = ("import signal, sys; from stream.logs import configure; from stream.supervisor import supervise; "
+              "signal.signal(signal.SIGINT, signal.default_int_handler); configure('INFO'); "   # as in a terminal
+              f"sys.exit(supervise([], 2, 0, command=lambda argv, index, port: [sys.executable, '-c', {starting!r}, "
+              f"{str(tmp_path)!r} + f'/started-{{index}}']))")
+    log = tmp_path / "supervisor.log"
+    supervisor = subprocess.Popen([sys.executable, "-c", script], stderr=open(log, "wb"))
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"started-{i}").exists() for i in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        supervisor.send_signal(signal.SIGINT)
+        code = supervisor.wait(60)
+    finally:
+        supervisor.kill()
+    text = log.read_text()
+    assert code == 0 and "Traceback" not in text, text
+    assert "SIGINT: stopping 2 consumer processes" in text, text
