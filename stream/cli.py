@@ -136,14 +136,18 @@ def _run(argv: list[str] | None, environ: dict, build: Build | None, child_comma
     # Signals are handled from here on: one that arrives while the model loads ends the start cleanly.
     received: list[int] = []
     holder: list[Service] = []
+    # A --processes child gets one stop twice where its whole unit is signalled (systemd's default KillMode):
+    # from there and from its supervisor, which alone says "exit at once" (it kills the children).
+    again = "signal the supervisor again" if environ.get(CHILD_INDEX) else "signal again"
 
     def on_signal(signum: int, _frame: object) -> None:
         received.append(signum)
         if len(received) > 1:
+            if environ.get(CHILD_INDEX):
+                return
             os._exit(128 + signum)
-        logging.getLogger("stream").info("%s: draining for up to %g s (signal again to exit at once; "
-                                         "uncommitted work is redelivered)", signal.Signals(signum).name,
-                                         cfg.drain_timeout_s)
+        logging.getLogger("stream").info("%s: draining for up to %g s (%s to exit at once; uncommitted work is "
+                                         "redelivered)", signal.Signals(signum).name, cfg.drain_timeout_s, again)
         if holder:
             holder[0].stop()
             threading.Thread(target=_exit_when_overdue, args=(holder[0], cfg.drain_timeout_s + SHUTDOWN_GRACE_S),

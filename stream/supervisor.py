@@ -98,7 +98,7 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
     to stop (a signal, or a sibling's failure) are killed: a child hung past its own shutdown deadline
     must not keep the set from ending, and so from being restarted."""
     # Own sessions (so own process groups): a terminal's Ctrl-C reaches the children once, through
-    # forward(), not twice (a second signal means "exit now" to a child).
+    # forward(), not twice.
     children = [subprocess.Popen(command(own_transactional_id(argv, i, transactional_id), i, metrics_port),
                                  env=child_environ(i), start_new_session=True, preexec_fn=die_with(os.getpid()))
                 for i in range(processes)]
@@ -113,11 +113,23 @@ def supervise(argv: Sequence[str], processes: int, metrics_port: int, transactio
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    signalled: list[int] = []
+
     def forward(signum: int, _frame: object) -> None:
-        if not stopping:
-            log.info("%s: stopping %d consumer processes", signal.Signals(signum).name, len(children))
-        stopping.append(signum)
-        stop_all()
+        """The first stop signal drains the children; a second kills them (a child takes a repeated
+        SIGTERM for the same stop arriving twice, as from systemd's SIGTERM to every process of the unit)."""
+        signalled.append(signum)
+        if len(signalled) == 1:
+            log.info("%s: stopping %d consumer processes (signal again to kill them at once)",
+                     signal.Signals(signum).name, len(children))
+            stopping.append(signum)
+            stop_all()
+            return
+        log.warning("%s again: killing the consumer processes (uncommitted work is redelivered)",
+                    signal.Signals(signum).name)
+        for child in children:
+            if child.poll() is None:
+                child.kill()
     previous = {sig: signal.signal(sig, forward) for sig in stop_signals()}
     first_failure: int | None = None   # not a sibling's SIGTERM that the failure itself caused
     overdue_at: float | None = None    # when children told to stop are killed

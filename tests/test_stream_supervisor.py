@@ -80,3 +80,34 @@ def test_a_stop_while_the_children_still_start_is_a_clean_stop(tmp_path):
     text = log.read_text()
     assert code == 0 and "Traceback" not in text, text
     assert "SIGINT: stopping 2 consumer processes" in text, text
+
+
+def test_systemd_s_sigterm_to_every_process_of_the_unit_drains_the_children_once(small_artifact, tmp_path):
+    """systemd's default KillMode=control-group sends SIGTERM to every process of the unit at once: each
+    child gets it from systemd and again from its supervisor. That is one stop, not an operator's 'signal
+    again to exit at once': each child drains and exits 0, and so does the supervisor (before: each child
+    exited at once, 143, abandoning its in-flight work, and the unit failed)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    log = tmp_path / "supervisor.log"
+    argv = [sys.executable, "-m", "stream", "--bootstrap-servers", "127.0.0.1:1", "--input-topic", "in",
+            "--output-topic", "out", "--dead-letter-topic", "dlq", "--metrics-port", "0",
+            "--artifact", str(small_artifact), "--processes", "2", "--decode-workers", "1"]
+    supervisor = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        # each child running (its handler installed): it says once that connecting fails and it retries
+        while time.monotonic() < deadline and not all(f"[p{i}] stream.failures" in log.read_text() for i in (0, 1)):
+            time.sleep(0.2)
+        children = [int(p) for p in open(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read().split()]
+        for pid in [supervisor.pid, *children]:
+            os.kill(pid, signal.SIGTERM)
+        code = supervisor.wait(60)
+    finally:
+        supervisor.kill()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    for i in (0, 1):
+        assert f"[p{i}] stream: exiting:" in text, text[-3000:]
