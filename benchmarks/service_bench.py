@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # imported, and run as a script: the service child (see child_main)
 from benchmarks.harness import Producer, Reader, paced  # noqa: E402
 from engine_build.runtime.base import Backend, Outputs  # noqa: E402
+from stream.death_signal import die_with  # noqa: E402
 
 # kafka-python's consumer default fetch wait and the old producer linger, batching without the adaptive
 # rule, one inference call on every core
@@ -202,7 +203,7 @@ def start_service(bootstrap: str, topic: str, group: str, artifact: Path, log: P
         name = key.replace("_", "-")
         argv += [f"--{name}" if value else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
     return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, *argv], cwd=ROOT,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, preexec_fn=die_with(os.getpid()))
 
 
 def stop(process: subprocess.Popen) -> None:

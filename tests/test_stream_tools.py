@@ -14,6 +14,8 @@ import pytest
 from stream.embedded_broker import free_port
 from stream.topics import main as topics
 
+from .waiting import running, wait_until
+
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,32 +58,19 @@ def test_the_broker_ends_with_the_process_that_started_it_however_that_ends(how)
     """The broker (tansu, a child process holding every record in memory) outlived a parent killed with
     SIGKILL, or with SIGTERM where the parent has no handler for it (a test run or a benchmark stopped by a
     timeout): eight were found still running after one morning's runs."""
-    import time
     script = ("import time; from stream.embedded_broker import EmbeddedBroker; "
               "print(EmbeddedBroker().start()._process.pid, flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         broker = int(_lines(child.stdout).get(timeout=60))
-        assert _alive(broker)
+        assert running(broker)
         child.send_signal(how)
         child.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _alive(broker):
-            assert time.monotonic() < deadline, "the broker outlived the process that started it"
-            time.sleep(0.1)
+        wait_until(lambda: not running(broker), "the broker to end with the process that started it", 30, 0.1)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process runs (not ended, not a zombie awaiting its parent)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_port_in_use_is_one_line(kafka_broker, capsys):
