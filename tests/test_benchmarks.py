@@ -10,7 +10,7 @@ import pytest
 import stream.pipeline
 from benchmarks import processor_overhead
 
-from .waiting import running, wait_until
+from .waiting import ends_with_its_parent
 
 
 def test_processor_overhead_runs_and_every_message_is_acknowledged(capsys: pytest.CaptureFixture[str]) -> None:
@@ -259,23 +259,9 @@ def test_kafka_clients_refuses_a_bad_option_in_one_line_before_starting_the_brok
 def test_a_service_the_benchmark_started_ends_when_the_benchmark_is_killed(small_artifact, tmp_path) -> None:
     """A benchmark stopped with SIGKILL left its service running, retrying a broker that had gone with it."""
     import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     script = ("import sys, time; sys.path.insert(0, '.'); from pathlib import Path; "
               "from benchmarks.service_bench import start_service; "
               f"p = start_service('127.0.0.1:9', 'in', 'g', Path({str(small_artifact)!r}), "
               f"Path({str(tmp_path / 'service.log')!r})); print(p.pid, flush=True); time.sleep(600)")
-    bench = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
-    try:
-        service = int(bench.stdout.readline())
-        bench.send_signal(signal.SIGKILL)
-        bench.wait(timeout=30)
-        wait_until(lambda: not running(service), "the service to end with the benchmark that started it", 60, 0.1)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
+    ends_with_its_parent(script, signal.SIGKILL, "the service")
 

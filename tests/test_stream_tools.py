@@ -14,7 +14,7 @@ import pytest
 from stream.embedded_broker import free_port
 from stream.topics import main as topics
 
-from .waiting import running, wait_until
+from .waiting import ends_with_its_parent
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,17 +60,7 @@ def test_the_broker_ends_with_the_process_that_started_it_however_that_ends(how)
     timeout): eight were found still running after one morning's runs."""
     script = ("import time; from stream.embedded_broker import EmbeddedBroker; "
               "print(EmbeddedBroker().start()._process.pid, flush=True); time.sleep(600)")
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        broker = int(_lines(child.stdout).get(timeout=60))
-        assert running(broker)
-        child.send_signal(how)
-        child.wait(timeout=30)
-        wait_until(lambda: not running(broker), "the broker to end with the process that started it", 30, 0.1)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    ends_with_its_parent(script, how, "the broker", timeout=30)
 
 
 def test_a_port_in_use_is_one_line(kafka_broker, capsys):

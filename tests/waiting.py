@@ -2,6 +2,8 @@
 at again and again, and only a test that never gets there waits the whole ``timeout``."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,3 +24,20 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def ends_with_its_parent(script: str, how: int, what: str, timeout: float = 60.0) -> None:
+    """Run ``script`` (Python that starts a process, prints its pid and sleeps) in a process from the
+    repository root, end that process with signal ``how``, and wait for the started one (``what``) to end."""
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())   # type: ignore[union-attr]
+        assert running(child)
+        parent.send_signal(how)
+        parent.wait(timeout=30)
+        wait_until(lambda: not running(child), f"{what} to end with the process that started it", timeout, 0.1)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
