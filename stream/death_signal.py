@@ -1,6 +1,6 @@
 """Children that end with their parent: a consumer process of ``--processes N`` (it drains and stops,
-instead of consuming on beside the set that replaces it) and the embedded broker (instead of holding
-every record in memory with nobody to use them)."""
+instead of consuming on beside the set that replaces it), the embedded broker (instead of holding
+every record in memory with nobody to use them), and the services a benchmark starts."""
 from __future__ import annotations
 
 import ctypes
@@ -25,6 +25,6 @@ def die_with(parent: int) -> Callable[[], None] | None:
 
     def set_death_signal() -> None:   # in the child, between fork and exec: no locks, no logging
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:    # the parent died before the signal was armed
-            os.kill(os.getpid(), signal.SIGTERM)
+        if os.getppid() != parent:    # the parent died before the signal was armed: nothing has run yet
+            os._exit(1)               # (a SIGTERM here would meet the parent's Python handler, copied by fork)
     return set_death_signal

@@ -7,6 +7,8 @@ import sys
 
 from stream.supervisor import supervise
 
+from .waiting import wait_until
+
 
 def test_a_child_s_failure_is_said_naming_the_child_and_the_signal_that_killed_it(caplog):
     """The OOM killer's SIGKILL of one child: the supervisor's line names that child (its index, as its own
@@ -61,7 +63,6 @@ def test_a_stop_while_the_children_still_start_is_a_clean_stop(tmp_path):
     exit 0 with a line saying why, not exit 130 (143) after one KeyboardInterrupt traceback per child."""
     import signal
     import subprocess
-    import time
     starting = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
     script = ("import signal, sys; from stream.logs import configure; from stream.supervisor import supervise; "
               "signal.signal(signal.SIGINT, signal.default_int_handler); configure('INFO'); "   # as in a terminal
@@ -70,9 +71,8 @@ def test_a_stop_while_the_children_still_start_is_a_clean_stop(tmp_path):
     log = tmp_path / "supervisor.log"
     supervisor = subprocess.Popen([sys.executable, "-c", script], stderr=open(log, "wb"))
     try:
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"started-{i}").exists() for i in (0, 1)) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: all((tmp_path / f"started-{i}").exists() for i in (0, 1)), "both children to start",
+                   60, 0.02)
         supervisor.send_signal(signal.SIGINT)
         code = supervisor.wait(60)
     finally:
@@ -90,17 +90,15 @@ def test_systemd_s_sigterm_to_every_process_of_the_unit_drains_the_children_once
     import os
     import signal
     import subprocess
-    import time
     log = tmp_path / "supervisor.log"
     argv = [sys.executable, "-m", "stream", "--bootstrap-servers", "127.0.0.1:1", "--input-topic", "in",
             "--output-topic", "out", "--dead-letter-topic", "dlq", "--metrics-port", "0",
             "--artifact", str(small_artifact), "--processes", "2", "--decode-workers", "1"]
     supervisor = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
         # each child running (its handler installed): it says once that connecting fails and it retries
-        while time.monotonic() < deadline and not all(f"[p{i}] stream.failures" in log.read_text() for i in (0, 1)):
-            time.sleep(0.2)
+        wait_until(lambda: all(f"[p{i}] stream.failures" in log.read_text() for i in (0, 1)),
+                   "both children to run", 120, 0.2)
         children = [int(p) for p in open(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read().split()]
         for pid in [supervisor.pid, *children]:
             os.kill(pid, signal.SIGTERM)
@@ -111,3 +109,16 @@ def test_systemd_s_sigterm_to_every_process_of_the_unit_drains_the_children_once
     assert code == 0, text[-3000:]
     for i in (0, 1):
         assert f"[p{i}] stream: exiting:" in text, text[-3000:]
+
+
+def test_a_child_whose_parent_is_already_gone_never_runs_even_where_the_parent_handles_sigterm():
+    """The death signal armed after the parent died (die_with given a pid that is not the parent): the child
+    must not run. It sent itself SIGTERM, which met the Python handler fork had copied from the parent (the
+    broker command's, the supervisor's), so it ran on with nobody left to end it."""
+    import subprocess
+    script = ("import signal, subprocess, sys; from stream.death_signal import die_with; "
+              "signal.signal(signal.SIGTERM, lambda *_: None); "
+              "child = subprocess.run([sys.executable, '-c', 'print(7)'], capture_output=True, text=True, "
+              "preexec_fn=die_with(1)); print(child.returncode, repr(child.stdout))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["1", "''"], done.stdout + done.stderr
