@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None, environ: dict | None = None, build: Buil
 
 def _run(argv: list[str] | None, environ: dict, build: Build | None, child_command: ChildCommand) -> int:
     cfg = from_args(parser().parse_args(argv), environ)
-    configure_logging(cfg.log_level, environ.get(CHILD_INDEX))
+    child = environ.get(CHILD_INDEX)   # this is a --processes child: its index
+    configure_logging(cfg.log_level, child)
     if cfg.processes > 1:
         from .supervisor import supervise
         check_plugins(cfg)   # a plugin that cannot load: one line from here, before any child starts
@@ -138,12 +139,12 @@ def _run(argv: list[str] | None, environ: dict, build: Build | None, child_comma
     holder: list[Service] = []
     # A --processes child gets one stop twice where its whole unit is signalled (systemd's default KillMode):
     # from there and from its supervisor, which alone says "exit at once" (it kills the children).
-    again = "signal the supervisor again" if environ.get(CHILD_INDEX) else "signal again"
+    again = "signal the supervisor again" if child else "signal again"
 
     def on_signal(signum: int, _frame: object) -> None:
         received.append(signum)
         if len(received) > 1:
-            if environ.get(CHILD_INDEX):
+            if child:
                 return
             os._exit(128 + signum)
         logging.getLogger("stream").info("%s: draining for up to %g s (%s to exit at once; uncommitted work is "
